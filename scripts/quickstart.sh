@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One command: set up the environment and run the quickstart.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/tidal sft configs/sft_arithmetic.yaml "$@"

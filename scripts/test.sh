@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One command: set up the environment and run the test suite (extra args go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check tidal tests bench
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,44 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tidal(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tidal.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_check_prints_resolved_config_with_overrides() -> None:
+    r = tidal("check", "configs/sft_arithmetic.yaml", "trainer.lr=2e-5", "model.preset=tiny-glm4-moe")
+    assert r.returncode == 0, r.stderr
+    resolved = yaml.safe_load(r.stdout)
+    assert resolved["trainer"]["lr"] == pytest.approx(2e-5)
+    assert resolved["model"]["preset"] == "tiny-glm4-moe"
+    assert resolved["rollout"]["temperature"] == 1.0  # defaults are filled in
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["configs/sft_arithmetic.yaml", "trainer.lrr=1"], "trainer.lrr"),
+        (["configs/sft_arithmetic.yaml", "trainer.zero_stage=x"], "trainer.zero_stage"),
+        (["configs/missing.yaml"], "does not exist"),
+        (["configs/sft_arithmetic.yaml", "model.path=/no/such/dir"], "model.path"),
+        (["configs/sft_arithmetic.yaml", "data.source.type=files", "data.source.train_files=[/x.jsonl]",
+          "data.source.digits=null"], "data.source.digits"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str) -> None:
+    for command in ("check", "sft"):
+        r = tidal(command, *args)
+        assert r.returncode == 2
+        assert r.stdout == ""
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tidal: error:") and needle in lines[0], r.stderr
+        assert "Traceback" not in r.stderr

@@ -1,0 +1,134 @@
+from pathlib import Path
+
+import pytest
+
+from tidal.config import ConfigError, FileData, RunConfig, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "examples").rglob("*.yaml"))
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name
+
+
+def test_shipped_configs_exist() -> None:
+    assert any(p.name == "sft_arithmetic.yaml" for p in SHIPPED)
+
+
+def test_defaults_without_file() -> None:
+    cfg = load_config(None)
+    assert cfg.model.preset == "tiny-qwen3-moe" and cfg.model.path is None
+    assert cfg.trainer.zero_stage == 0
+
+
+def test_dotted_overrides_any_depth(tmp_path: Path) -> None:
+    cfg = load_config(
+        REPO / "configs/sft_arithmetic.yaml",
+        ["trainer.lr=2e-5", "model.preset=tiny-glm4-moe", "trainer.schedule.warmup_steps=7", "rollout.stop=[x, y]"],
+    )
+    assert cfg.trainer.lr == pytest.approx(2e-5)
+    assert cfg.model.preset == "tiny-glm4-moe"
+    assert cfg.trainer.schedule.warmup_steps == 7
+    assert cfg.rollout.stop == ["x", "y"]
+
+
+def test_path_override_replaces_preset(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs/sft_arithmetic.yaml", [f"model.path={tmp_path}"])
+    assert cfg.model.path == str(tmp_path) and cfg.model.preset is None
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trainer.lrr=1", "unknown config key 'trainer.lrr'"),
+        ("trainer.lr=abc", "config key 'trainer.lr'"),
+        ("trainer.zero_stage=4", "config key 'trainer.zero_stage': Input should be less than or equal to 3"),
+        ("data.source.digits=9", "config key 'data.source.digits'"),
+        ("model.preset=gpt5", "config key 'model.preset'"),
+        ("nonsense", "is not of the form key.path=value"),
+        ("trainer.lr.x=1", "trainer.lr is a value, not a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/sft_arithmetic.yaml", [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_nested_key_in_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  schedule:\n    warmup: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.schedule.warmup'"):
+        load_config(f)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("trainer: [1,\n")
+    with pytest.raises(ConfigError, match="malformed YAML at line"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(f)
+
+
+def test_missing_data_file_and_bad_suffix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data file '.*nope.jsonl' does not exist"):
+        load_config(None, ["data.source.type=files", f"data.source.train_files=[{tmp_path}/nope.jsonl]"])
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b\n")
+    with pytest.raises(ConfigError, match="expected a .json, .jsonl or .parquet"):
+        load_config(None, ["data.source.type=files", f"data.source.train_files=[{csv}]"])
+
+
+def test_model_path_must_exist_and_excludes_preset(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a directory"):
+        load_config(None, [f"model.path={tmp_path}/none"])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"model:\n  path: {tmp_path}\n  preset: tiny-glm4-moe\n")
+    with pytest.raises(ConfigError, match="set only one of model.path"):
+        load_config(f)
+
+
+def test_parse_overrides_types() -> None:
+    assert parse_overrides(["a.b=1", "a.c=1e-3", "a.d=true", "a.e=[1, 2]", "a.f=hello", "a.g="]) == [
+        ("a.b", 1), ("a.c", 1e-3), ("a.d", True), ("a.e", [1, 2]), ("a.f", "hello"), ("a.g", ""),
+    ]  # fmt: skip
+
+
+def test_every_field_has_a_docstring() -> None:
+    """The README's field reference is generated from these; an undocumented field is a bug."""
+    from pydantic import BaseModel
+
+    seen: set[type] = set()
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no docstring"
+            for sub in _models_in(field.annotation):
+                walk(sub, f"{prefix}{name}.")
+
+    walk(RunConfig, "")
+    assert FileData in seen
+
+
+def _models_in(annotation: object) -> list[type]:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _models_in(a)]

@@ -1,0 +1,138 @@
+"""Prompt data: the built-in arithmetic task and local json / jsonl / parquet files, through HF `datasets`.
+
+A row is a plain mapping with at least `prompt` and `answer` (strings); configured metadata columns
+ride along for reward functions.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, Value, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+from tidal.config import ArithmeticData, ConfigError, DataConfig, FileData
+
+datasets.disable_progress_bars()
+
+_INT = re.compile(r"\s*(-?\d+)")
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+
+
+def _problem(rng: random.Random, cfg: ArithmeticData) -> tuple[str, str]:
+    hi = 10**cfg.digits - 1
+    operands = [rng.randint(0, hi) for _ in range(cfg.num_operands)]
+    ops = [rng.choice(cfg.ops) for _ in range(cfg.num_operands - 1)]
+    expr = str(operands[0]) + "".join(f"{op}{x}" for op, x in zip(ops, operands[1:], strict=True))
+    # eval is safe here: the string is built from integers and operators above.
+    return f"{expr}=", str(eval(expr))  # noqa: S307
+
+
+def arithmetic_splits(cfg: ArithmeticData) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train and held-out problems; held-out problems never appear in train."""
+    rng = random.Random(cfg.seed)
+    space = (10**cfg.digits) ** cfg.num_operands * len(cfg.ops) ** (cfg.num_operands - 1)
+    if cfg.eval_size > space // 2:
+        raise ConfigError(
+            f"data.source.eval_size={cfg.eval_size} is more than half of the {space} distinct problems; "
+            "raise data.source.digits or lower eval_size"
+        )
+    held: dict[str, str] = {}
+    while len(held) < cfg.eval_size:
+        p, a = _problem(rng, cfg)
+        held[p] = a
+    train: list[dict[str, str]] = []
+    while len(train) < cfg.train_size:
+        p, a = _problem(rng, cfg)
+        if p not in held:
+            train.append({"prompt": p, "answer": a})
+    return train, [{"prompt": p, "answer": a} for p, a in held.items()]
+
+
+def parse_int_answer(completion: str) -> int | None:
+    m = _INT.match(completion)
+    return int(m.group(1)) if m else None
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    """Exact verifier: the completion, up to its end, is the answer (surrounding spaces allowed).
+
+    Used for the arithmetic task, whose answers are unique integers written one way."""
+    return completion.strip() == answer.strip()
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _load_files(files: list[str], cfg: FileData, split: str) -> Dataset:
+    suffixes = {Path(f).suffix for f in files}
+    builder = "parquet" if suffixes == {".parquet"} else "json"
+    if builder == "json" and ".parquet" in suffixes:
+        raise ConfigError(f"data.source.{split}_files mixes parquet and json files; use one format per split")
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"data file {f!r} does not exist")
+    try:
+        ds = load_dataset(builder, data_files=[str(Path(f).resolve()) for f in files], split="train")
+    except Exception as e:  # datasets raises many types for a malformed file; the user needs one line.
+        raise ConfigError(f"cannot read data.source.{split}_files {files}: {type(e).__name__}: {e}") from None
+    needed = [cfg.prompt_field, cfg.answer_field, *cfg.metadata_fields]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise ConfigError(
+            f"data.source.{split}_files: column(s) {missing} not found; the files have {ds.column_names} "
+            "(set data.source.prompt_field / answer_field / metadata_fields)"
+        )
+    renames = {cfg.prompt_field: "prompt", cfg.answer_field: "answer"}
+    ds = ds.select_columns(needed)
+    ds = ds.rename_columns({k: v for k, v in renames.items() if k != v})
+    for col in ("prompt", "answer"):
+        if ds.features[col] != Value("string"):
+            ds = ds.cast_column(col, Value("string"))
+    return ds
+
+
+def load_splits(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out) HF datasets for the configured source; held-out is None when there is none."""
+    src = cfg.source
+    if isinstance(src, ArithmeticData):
+        train, held = arithmetic_splits(src)
+        return Dataset.from_list(train), Dataset.from_list(held)
+    train_ds = _load_files(src.train_files, src, "train")
+    eval_ds = _load_files(src.eval_files, src, "eval") if src.eval_files else None
+    return train_ds, eval_ds
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> str:
+    """The text the model sees for `prompt` (optionally wrapped in the tokenizer's chat template)."""
+    if not chat_template:
+        return prompt
+    if tokenizer.chat_template is None:
+        raise ConfigError("data.chat_template is true but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: DataConfig
+) -> list[list[int]]:
+    """Token ids of each row's prompt; a prompt over `data.max_prompt_tokens` is an error, not a cut."""
+    out = []
+    for row in rows:
+        ids = tokenizer(format_prompt(tokenizer, row["prompt"], cfg.chat_template), add_special_tokens=False)[
+            "input_ids"
+        ]
+        if len(ids) > cfg.max_prompt_tokens:
+            raise ConfigError(
+                f"a prompt has {len(ids)} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens}: "
+                f"{row['prompt'][:60]!r}..."
+            )
+        out.append(ids)
+    return out

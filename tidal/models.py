@@ -1,0 +1,170 @@
+"""Load any Hugging Face causal LM + tokenizer; build tiny MoE presets for CPU work.
+
+A preset is materialised once as a real save_pretrained directory (model + tokenizer), cached per
+name and seed, so every later stage loads it exactly as it would load a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from tidal.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, USER, ASSISTANT]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<eos>"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII, built in-process with `tokenizers`.
+
+    Character level suits the arithmetic task (one digit, one token) and needs no training data.
+    """
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        additional_special_tokens=[USER, ASSISTANT],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _moe_common(vocab_size: int, tok: PreTrainedTokenizerBase) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        initializer_range=0.02,
+    )
+
+
+def preset_config(name: str, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """Model config of a tiny MoE preset (a few hundred thousand parameters, CPU friendly)."""
+    common = _moe_common(len(tok), tok)
+    if name == "tiny-qwen3-moe":
+        return AutoConfig.for_model(
+            "qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+            router_aux_loss_coef=0.01, **common,
+        )  # fmt: skip
+    if name == "tiny-glm4-moe":
+        return AutoConfig.for_model(
+            "glm4_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+            partial_rotary_factor=0.5, use_qk_norm=False, **common,
+        )  # fmt: skip
+    if name == "tiny-glm5-moe":
+        return AutoConfig.for_model(
+            "glm_moe_dsa", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+            head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=1.0, index_topk=64, index_head_dim=32, index_n_heads=4, **common,
+        )  # fmt: skip
+    raise ValueError(f"unknown model preset {name!r}")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TIDAL_CACHE", Path.home() / ".cache" / "tidal"))
+
+
+def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Path:
+    """Build preset `name` with init seed `seed` and save it (model + tokenizer); return its directory."""
+    tok = build_char_tokenizer()
+    config = preset_config(name, tok)
+    digest = hashlib.sha256(
+        json.dumps([config.to_dict(), tok.get_vocab(), CHAT_TEMPLATE], sort_keys=True, default=str).encode()
+    ).hexdigest()[:10]
+    out = (root or cache_root() / "presets") / f"{name}-s{seed}-{digest}"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # another process built the same preset meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    log.info("built preset %s (%.2fM params) at %s", name, model.num_parameters() / 1e6, out)
+    return out
+
+
+def resolve_model_dir(cfg: ModelConfig) -> Path:
+    """The save_pretrained directory that `cfg` names (materialising a preset if needed)."""
+    if cfg.path is not None:
+        return Path(cfg.path)
+    assert cfg.preset is not None
+    return materialize_preset(cfg.preset, cfg.init_seed)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        # Many causal LMs ship without a pad token; padding is always masked, so eos is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    from tidal.patches import apply_model_fixes
+
+    apply_model_fixes(model)
+    return model
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = resolve_model_dir(cfg)
+    if dtype is None:
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    return load_model(path, dtype), load_tokenizer(path)

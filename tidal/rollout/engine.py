@@ -1,0 +1,156 @@
+"""Batched generation with transformers: left padding, KV cache, temperature / top-p / top-k, stops.
+
+Our own decode loop rather than `model.generate`, because RL needs what generate hides or
+processes away: the behavior log-prob of each sampled token under logits / temperature taken from
+the raw logits, per-row finish reasons, and (later) a chunk boundary where new weights can be
+swapped in between tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from tidal.types import Completion, SamplingParams
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (padding gets 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (B, V) logits outside the top-k set and outside the top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class TransformersEngine:
+    """Generates completions for batches of tokenized prompts with a transformers causal LM."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, version: int = 0) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.version = version
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        ids = set(params.stop_token_ids)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt (repeat a prompt to get a group)."""
+        if not prompts:
+            return []
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        stop_ids = self._stop_ids(params)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        pos = positions(mask)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        n = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logps: list[list[float]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        for step in range(params.max_new_tokens):
+            logits = out.logits[:, -1, :].float()  # (B, V)
+            tok, lp = self._sample(logits, params, gen)
+            tok = tok.masked_fill(done, self.pad_id)
+            for i in (~done).nonzero().flatten().tolist():
+                t = int(tok[i])
+                tokens[i].append(t)
+                logps[i].append(float(lp[i]))
+                if t in stop_ids or self._hits_stop_string(tokens[i], params.stop):
+                    finish[i] = "stop"
+                    done[i] = True
+            if bool(done.all()) or step == params.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True)  # fmt: skip
+        return [
+            Completion(
+                prompt_ids=list(p),
+                token_ids=t,
+                text=self.tokenizer.decode(t, skip_special_tokens=True),
+                finish_reason=f or "length",  # type: ignore[arg-type]
+                logprobs=lp,
+                version=self.version,
+            )
+            for p, t, lp, f in zip(prompts, tokens, logps, finish, strict=True)
+        ]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, behavior log-prob), each (B,). Log-probs come from the raw logits / temperature."""
+        if params.temperature == 0.0:
+            tok = logits.argmax(-1)
+            return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+        scaled = logits / params.temperature
+        logp = scaled.log_softmax(-1)
+        probs = F.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+    def _hits_stop_string(self, toks: list[int], stop: list[str]) -> bool:
+        if not stop:
+            return False
+        # Each token decodes to at least one character, so this tail covers any stop string.
+        tail = self.tokenizer.decode(toks[-max(len(s) for s in stop) - 1 :], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(
+    model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """Log-probs of each completion's tokens under one full forward pass (left-padded batch)."""
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
+    logp = (logits[:, :-1] / (temperature if temperature > 0 else 1.0)).log_softmax(-1)  # (B, T-1, V)
+    tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    width = ids.shape[1]
+    return [tok_logp[i, width - len(c) - 1 : width - 1].cpu() for i, c in enumerate(completions)]
+
+
+def logp_mismatch(behavior: list[list[float]], recomputed: list[torch.Tensor]) -> dict[str, float]:
+    """Train/inference mismatch: mean and max |behavior - recomputed| log-prob over all tokens."""
+    diffs = [(torch.tensor(b) - r).abs() for b, r in zip(behavior, recomputed, strict=True) if len(b)]
+    if not diffs:
+        return {"logp_mismatch_mean": 0.0, "logp_mismatch_max": 0.0}
+    flat = torch.cat(diffs)
+    return {"logp_mismatch_mean": float(flat.mean()), "logp_mismatch_max": float(flat.max())}
