@@ -132,3 +132,12 @@ def _models_in(annotation: object) -> list[type]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [m for a in get_args(annotation) for m in _models_in(a)]
+
+
+def test_readme_config_reference_is_current() -> None:
+    from tidal.docs import BEGIN, END, reference
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(BEGIN) : text.index(END) + len(END)]
+    assert section == reference(), "README config reference is stale: run `python -m tidal.docs`"
+    assert "`trainer.schedule.warmup_steps`" in section and "`data.source.train_files`" in section

@@ -61,7 +61,9 @@ class TransformersEngine:
         return next(self.model.parameters()).device
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
-        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
         ids = set(params.stop_token_ids)
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids
@@ -71,8 +73,11 @@ class TransformersEngine:
         """One completion per prompt (repeat a prompt to get a group)."""
         if not prompts:
             return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS token)")
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        # An unseeded call seeds only its own generator, never torch's global one.
+        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         stop_ids = self._stop_ids(params)
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         pos = positions(mask)
@@ -128,8 +133,10 @@ class TransformersEngine:
     def _hits_stop_string(self, toks: list[int], stop: list[str]) -> bool:
         if not stop:
             return False
-        # Each token decodes to at least one character, so this tail covers any stop string.
-        tail = self.tokenizer.decode(toks[-max(len(s) for s in stop) - 1 :], skip_special_tokens=True)
+        # A window of tokens, not the whole text, keeps the check O(1) per step on long generations;
+        # it is generous because special tokens and byte-level fragments decode to no character.
+        window = 4 * max(len(s) for s in stop) + 16
+        tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=True)
         return any(s in tail for s in stop)
 
 
