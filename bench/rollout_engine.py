@@ -71,9 +71,7 @@ def bench_preset(name: str, args: argparse.Namespace) -> tuple[float, float]:
 
     def run_engine() -> int:
         step["seed"] += 1
-        params = SamplingParams(
-            temperature=args.temperature, max_new_tokens=args.new_tokens, seed=step["seed"]
-        )
+        params = SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens, seed=step["seed"])
         return sum(len(c.token_ids) for c in engine.generate(prompts, params))
 
     @torch.no_grad()

@@ -12,7 +12,10 @@ from tidal.config import ConfigError, dump_config, load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidal", description="Asynchronous RL post-training for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [("check", "validate a run config and print it resolved"), ("sft", "supervised fine-tuning")]:
+    for name, help_ in [
+        ("check", "validate a run config and print it resolved"),
+        ("sft", "supervised fine-tuning"),
+    ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=2e-5")

@@ -283,7 +283,10 @@ def _format_error(err: ValidationError, tree: dict[str, Any]) -> str:
         else:
             parts.append(f"config key '{loc}': {msg} (got {e.get('input')!r})")
     if unknown:
-        parts.insert(0, f"unknown config key {', '.join(unknown)} (check the spelling; `tidal check` prints the known keys)")
+        parts.insert(
+            0,
+            f"unknown config key {', '.join(unknown)} (check the spelling; `tidal check` prints the known keys)",
+        )
     return "; ".join(parts)
 
 

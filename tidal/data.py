@@ -120,9 +120,7 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template
     )
 
 
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: DataConfig
-) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: DataConfig) -> list[list[int]]:
     """Token ids of each row's prompt; a prompt over `data.max_prompt_tokens` is an error, not a cut."""
     out = []
     for row in rows:

@@ -22,7 +22,7 @@ from tidal.models import load_model, load_tokenizer, resolve_model_dir
 from tidal.monitor import Monitor
 from tidal.rollout.engine import TransformersEngine
 from tidal.rollout.evaluate import evaluate
-from tidal.types import TokenBatch
+from tidal.trainer.losses_sft import TokenBatch
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     monitor.log(summary, step=cfg.sft.steps)
     monitor.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    acc_b, acc_a = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
+    acc_b, acc_a = (
+        summary.get("eval/accuracy_before", float("nan")),
+        summary.get("eval/accuracy", float("nan")),
+    )
     print(f"sft done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {acc_b:.1%} -> {acc_a:.1%}; "
           f"checkpoint at {ckpt}")  # fmt: skip
     return summary

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 FinishReason = Literal["stop", "length"]
 
 
@@ -37,22 +35,3 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[float]
     version: int = 0
-
-
-@dataclass
-class TokenBatch:
-    """A batch of token sequences for the trainer, right-padded, all (B, T).
-
-    `loss_mask[b, t]` is 1 where token t is a training target (predicted from position t - 1);
-    prompt and padding positions are 0.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    loss_mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def slice(self, start: int, stop: int) -> TokenBatch:
-        return TokenBatch(self.input_ids[start:stop], self.attention_mask[start:stop], self.loss_mask[start:stop])

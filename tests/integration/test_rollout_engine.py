@@ -170,9 +170,7 @@ def test_stop_string_ends_the_completion_right_after_it(qwen: Loaded) -> None:
         stop = m.tok.decode(ids[j : j + width])
         assert len(stop) == width
         # Where the greedy text first contains the stop string, the stopped completion must end.
-        end = next(
-            k for k in range(1, len(ids) + 1) if stop in m.tok.decode(ids[:k], skip_special_tokens=True)
-        )
+        end = next(k for k in range(1, len(ids) + 1) if stop in m.tok.decode(ids[:k], skip_special_tokens=True))
         out = m.engine.generate(m.prompts, SamplingParams(**{**vars(params), "stop": [stop]}))
         assert out[2].finish_reason == "stop"
         assert out[2].token_ids == ids[:end]
@@ -209,9 +207,7 @@ def test_same_seed_same_samples_other_seed_other_samples(qwen: Loaded) -> None:
     assert [x.logprobs for x in a] == [x.logprobs for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
     # A random model at temperature 1 is close to uniform: two seeds agree on few tokens.
-    same = sum(
-        x == y for r, s in zip(a, c, strict=True) for x, y in zip(r.token_ids, s.token_ids, strict=False)
-    )
+    same = sum(x == y for r, s in zip(a, c, strict=True) for x, y in zip(r.token_ids, s.token_ids, strict=False))
     assert same < 10
 
 

@@ -30,8 +30,15 @@ def test_check_prints_resolved_config_with_overrides() -> None:
         (["configs/sft_arithmetic.yaml", "trainer.zero_stage=x"], "trainer.zero_stage"),
         (["configs/missing.yaml"], "does not exist"),
         (["configs/sft_arithmetic.yaml", "model.path=/no/such/dir"], "model.path"),
-        (["configs/sft_arithmetic.yaml", "data.source.type=files", "data.source.train_files=[/x.jsonl]",
-          "data.source.digits=null"], "data.source.digits"),
+        (
+            [
+                "configs/sft_arithmetic.yaml",
+                "data.source.type=files",
+                "data.source.train_files=[/x.jsonl]",
+                "data.source.digits=null",
+            ],
+            "data.source.digits",
+        ),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str) -> None:

@@ -30,7 +30,12 @@ def test_defaults_without_file() -> None:
 def test_dotted_overrides_any_depth(tmp_path: Path) -> None:
     cfg = load_config(
         REPO / "configs/sft_arithmetic.yaml",
-        ["trainer.lr=2e-5", "model.preset=tiny-glm4-moe", "trainer.schedule.warmup_steps=7", "rollout.stop=[x, y]"],
+        [
+            "trainer.lr=2e-5",
+            "model.preset=tiny-glm4-moe",
+            "trainer.schedule.warmup_steps=7",
+            "rollout.stop=[x, y]",
+        ],
     )
     assert cfg.trainer.lr == pytest.approx(2e-5)
     assert cfg.model.preset == "tiny-glm4-moe"

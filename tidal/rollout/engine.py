@@ -15,7 +15,9 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from tidal.types import Completion, SamplingParams
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T), padded on the left."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -119,7 +121,9 @@ class TransformersEngine:
         ]
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(
+        logits: torch.Tensor, params: SamplingParams, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(token, behavior log-prob), each (B,). Log-probs come from the raw logits / temperature."""
         if params.temperature == 0.0:
             tok = logits.argmax(-1)
@@ -142,7 +146,11 @@ class TransformersEngine:
 
 @torch.no_grad()
 def teacher_forced_logprobs(
-    model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float = 1.0
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
 ) -> list[torch.Tensor]:
     """Log-probs of each completion's tokens under one full forward pass (left-padded batch)."""
     seqs = [p + c for p, c in zip(prompts, completions, strict=True)]

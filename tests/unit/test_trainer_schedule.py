@@ -1,0 +1,67 @@
+"""Pure pieces of the trainer: lr schedule, micro-batch split, next-token NLL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tidal.config import ScheduleConfig
+from tidal.trainer.engine import lr_factor, split_micro_batches
+from tidal.trainer.losses_sft import TokenBatch, next_token_nll, num_targets, position_ids_from_mask
+
+pytestmark = pytest.mark.unit
+
+
+def test_constant_with_warmup() -> None:
+    s = ScheduleConfig(type="constant", warmup_steps=3)
+    assert [lr_factor(i, s, None) for i in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_no_warmup_starts_at_peak() -> None:
+    assert lr_factor(0, ScheduleConfig(), None) == 1.0
+
+
+def test_cosine_reaches_floor_on_last_step_and_stays() -> None:
+    s = ScheduleConfig(type="cosine", warmup_steps=1, total_steps=6, min_lr_ratio=0.2)
+    got = [lr_factor(i, s, 6) for i in range(8)]
+    # Decay over steps 1..5: progress 0, 1/4, 1/2, 3/4, 1.
+    want = [0.5] + [0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * p)) for p in (0, 0.25, 0.5, 0.75, 1)] + [0.2, 0.2]
+    assert got == pytest.approx(want)
+
+
+def test_linear_decay() -> None:
+    s = ScheduleConfig(type="linear", total_steps=5)
+    assert [lr_factor(i, s, 5) for i in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_decay_without_length_fails_fast() -> None:
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_factor(0, ScheduleConfig(type="cosine"), None)
+
+
+def test_split_micro_batches_keeps_rows_together() -> None:
+    ids = torch.arange(15).view(5, 3)
+    batch = TokenBatch(ids, torch.ones_like(ids), ids % 2)
+    micros = split_micro_batches(batch, 2)
+    assert [m.input_ids.shape[0] for m in micros] == [2, 2, 1]
+    assert torch.equal(torch.cat([m.loss_mask for m in micros]), batch.loss_mask)
+    assert torch.equal(micros[2].input_ids, ids[4:])
+
+
+def test_next_token_nll_by_hand() -> None:
+    # Vocabulary of 2; position t predicts token t + 1. Logits (0, 0) give ln 2, (ln 3, 0) give
+    # p(0) = 3/4. Targets: token 1 at t=1 (from logits[0]) and token 0 at t=2 (from logits[1]).
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [5.0, -5.0]]])  # (1, 3, 2)
+    ids = torch.tensor([[0, 1, 0]])
+    mask = torch.tensor([[0, 1, 1]])
+    assert next_token_nll(logits, ids, mask).item() == pytest.approx(math.log(2) - math.log(0.75))
+    assert num_targets(mask).item() == 2
+    # A masked target contributes nothing.
+    assert next_token_nll(logits, ids, torch.tensor([[0, 0, 1]])).item() == pytest.approx(-math.log(0.75))
+
+
+def test_position_ids_skip_left_padding() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
