@@ -32,7 +32,8 @@ class ModelConfig(Strict):
     path: str | None = None
     """A Hugging Face causal-LM directory (save_pretrained format, with its tokenizer). Exclusive with `preset`."""
     preset: Literal["tiny-glm4-moe", "tiny-glm5-moe", "tiny-qwen3-moe"] | None = None
-    """A tiny MoE built from config for CPU work: GLM-4.5 (`glm4_moe`), GLM-5 (`glm_moe_dsa`, with
+    """A tiny MoE built from config for CPU work (`tiny-qwen3-moe` when `path` is unset):
+    GLM-4.5 (`glm4_moe`), GLM-5 (`glm_moe_dsa`, with
     DeepSeek sparse attention) or Qwen3-MoE, with a character-level tokenizer built in-process."""
     init_seed: int = 0
     """Seed of the random initialisation of a preset (presets are cached per name and seed)."""
