@@ -22,7 +22,7 @@ import torch
 
 
 def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
-    from tidal.trainer.losses_sft import TokenBatch
+    from tidal.types import TokenBatch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(6, vocab, (batch, seq), generator=g)

@@ -307,12 +307,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of config sections, got {type(loaded).__name__}")
         tree = loaded or {}
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         _set_dotted(tree, key, value)
     # A preset override replaces a path from the file (and vice versa), as a user expects.
     model = tree.get("model")
-    if isinstance(model, dict) and overrides:
-        keys = {k for k, _ in parse_overrides(overrides)}
+    if isinstance(model, dict) and parsed:
+        keys = {k for k, _ in parsed}
         if "model.preset" in keys and "model.path" not in keys:
             model.pop("path", None)
         if "model.path" in keys and "model.preset" not in keys:

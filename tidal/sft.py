@@ -22,7 +22,7 @@ from tidal.models import load_model, load_tokenizer, resolve_model_dir
 from tidal.monitor import Monitor
 from tidal.rollout.engine import TransformersEngine
 from tidal.rollout.evaluate import evaluate
-from tidal.trainer.losses_sft import TokenBatch
+from tidal.types import TokenBatch
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _evaluate_dir(model_dir: Path, eval_rows: list[dict[str, Any]], cfg: RunConf
 
 def run_sft(cfg: RunConfig) -> dict[str, float]:
     """Train, evaluate before/after, save; returns the final summary metrics."""
-    from tidal.trainer.engine import DeepSpeedTrainer, init_distributed
+    from tidal.trainer.engine import DeepSpeedTrainer
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,6 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     before = _evaluate_dir(model_dir, eval_rows, cfg) if eval_rows else {}
     monitor.log({f"{k}_before" if k.startswith("eval/") else k: v for k, v in before.items()}, step=0)
 
-    init_distributed(cfg.trainer.backend)
     trainer = DeepSpeedTrainer(load_model(model_dir), cfg.trainer, total_steps=cfg.sft.steps)
     per_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum
     order = list(range(len(examples)))

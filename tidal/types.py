@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -35,3 +37,20 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[float]
     version: int = 0
+
+
+@dataclass
+class TokenBatch:
+    """Left- or right-padded token sequences with a mask of the positions that are trained on.
+
+    Every tensor field has the batch dimension first, so a batch splits into micro-batches field
+    by field; RL batches extend this with per-token fields (log-probs, advantages) of shape (B, T).
+    """
+
+    input_ids: torch.Tensor
+    """(B, T) token ids."""
+    attention_mask: torch.Tensor
+    """(B, T) 1 on real tokens, 0 on padding."""
+    loss_mask: torch.Tensor
+    """(B, T) 1 where the token at t is a target, predicted from position t - 1 (prompt and
+    padding are 0; position 0 is never a target)."""

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from tidal.config import ScheduleConfig, TrainerConfig
 from tidal.models import load_model, load_tokenizer, materialize_preset
 from tidal.trainer.engine import DeepSpeedTrainer, lr_factor
-from tidal.trainer.losses_sft import TokenBatch, forward_logits, next_token_nll
+from tidal.trainer.losses_sft import forward_logits, next_token_nll
+from tidal.types import TokenBatch
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tidal.config import ScheduleConfig
+from tidal.rollout.engine import positions
 from tidal.trainer.engine import lr_factor, split_micro_batches
-from tidal.trainer.losses_sft import TokenBatch, next_token_nll, num_targets, position_ids_from_mask
+from tidal.trainer.losses_sft import next_token_nll, num_targets
+from tidal.types import TokenBatch
 
 pytestmark = pytest.mark.unit
 
@@ -64,4 +66,4 @@ def test_next_token_nll_by_hand() -> None:
 
 def test_position_ids_skip_left_padding() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]

@@ -31,7 +31,7 @@ def left_pad(
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 at each row's first real token (padding gets 0)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

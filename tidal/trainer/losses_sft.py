@@ -1,4 +1,4 @@
-"""Supervised fine-tuning loss and the token batch it reads.
+"""Supervised fine-tuning loss over a `tidal.types.TokenBatch`.
 
 Loss functions plugged into `DeepSpeedTrainer.train_step` share one shape: `loss_fn(model, micro)
 -> (loss_sum, metrics)`, where `loss_sum` is a *sum* over the micro-batch's target tokens (the
@@ -9,32 +9,11 @@ reported by the trainer as token means.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class TokenBatch:
-    """Left- or right-padded token sequences with a mask of the positions that are trained on.
-
-    Every tensor field has the batch dimension first, so a batch splits into micro-batches field
-    by field; RL batches extend this with per-token fields (log-probs, advantages) of shape (B, T).
-    """
-
-    input_ids: torch.Tensor
-    """(B, T) token ids."""
-    attention_mask: torch.Tensor
-    """(B, T) 1 on real tokens, 0 on padding."""
-    loss_mask: torch.Tensor
-    """(B, T) 1 where the token at t is a target, predicted from position t - 1 (prompt and
-    padding are 0; position 0 is never a target)."""
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counted over real tokens only, as generation assigns them with left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from tidal.rollout.engine import positions
+from tidal.types import TokenBatch
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,7 +21,7 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=positions(attention_mask),
         use_cache=False,
     )
     return out.logits
