@@ -1,4 +1,4 @@
-"""`tidal check | sft CONFIG [key=value ...]`: parse the config, then import the heavy modules."""
+"""`tidal check | sft | train CONFIG [key=value ...]`: parse the config, then import the heavy modules."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_ in [
         ("check", "validate a run config and print it resolved"),
         ("sft", "supervised fine-tuning"),
+        ("train", "RL training (rollout workers, buffer and DeepSpeed trainer on Ray)"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config")
@@ -26,12 +27,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             print(dump_config(cfg), end="")
             return 0
-        from tidal.sft import run_sft
+        if args.command == "sft":
+            from tidal.sft import run_sft
 
-        run_sft(cfg)
+            run_sft(cfg)
+        else:
+            from tidal.train import run_train
+
+            run_train(cfg)
     except ConfigError as e:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from tidal.runtime import RunError
+
+        if not isinstance(e, RunError):
+            raise
+        print(f"tidal: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

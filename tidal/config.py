@@ -22,6 +22,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
+def _with_default_tag(data: Any, key: str, default: str) -> Any:
+    """A tagged-union section written without its `type` means the default variant."""
+    if isinstance(data, dict) and isinstance(data.get(key), dict) and "type" not in data[key]:
+        return {**data, key: {"type": default, **data[key]}}
+    return data
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 
@@ -39,18 +46,24 @@ class ModelConfig(Strict):
     """Seed of the random initialisation of a preset (presets are cached per name and seed)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype the rollout engine runs the model in. The trainer's precision is `trainer.precision`."""
+    sft_warm_start: str | None = None
+    """An SFT run config (YAML path): the policy starts from that SFT run's checkpoint. The SFT run
+    (with its own `model` section) is trained on first use and cached by its config's hash, so later
+    runs reuse it. Exclusive with `path` and `preset`."""
 
     @model_validator(mode="before")
     @classmethod
     def _default_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("path") is None and data.get("preset") is None:
+        if isinstance(data, dict) and all(data.get(k) is None for k in ("path", "preset", "sft_warm_start")):
             data = {**data, "preset": DEFAULT_PRESET}
         return data
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if self.path is not None and self.preset is not None:
-            raise ValueError("set only one of model.path (a HF checkpoint directory) or model.preset")
+        if sum(x is not None for x in (self.path, self.preset, self.sft_warm_start)) > 1:
+            raise ValueError("set only one of model.path, model.preset or model.sft_warm_start")
+        if self.sft_warm_start is not None and not Path(self.sft_warm_start).is_file():
+            raise ValueError(f"model.sft_warm_start {self.sft_warm_start!r} is not a file; name an SFT run config")
         if self.path is not None and not Path(self.path).is_dir():
             raise ValueError(f"model.path {self.path!r} is not a directory; point it at a save_pretrained folder")
         return self
@@ -108,6 +121,11 @@ class DataConfig(Strict):
     max_prompt_tokens: int = Field(256, ge=1)
     """Prompts longer than this many tokens are an error rather than silently cut."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tag(cls, data: Any) -> Any:
+        return _with_default_tag(data, "source", "arithmetic")
+
 
 # -------------------------------------------------------------------------------------------- rollout
 
@@ -126,7 +144,18 @@ class RolloutConfig(Strict):
     stop: list[str] = []
     """Stop strings: generation of a completion ends after the token that completes one."""
     batch_size: int = Field(64, ge=1)
-    """Prompts generated together in one batch."""
+    """Sequences generated together in one forward batch."""
+    group_size: int = Field(8, ge=1)
+    """Completions sampled per prompt (a group; advantages are computed within it)."""
+    prompts_per_step: int = Field(32, ge=1)
+    """Prompts (groups) per training step, before filtering."""
+    num_workers: int = Field(1, ge=1)
+    """RolloutWorker actors; a step's prompts are split among them."""
+    num_cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs each worker declares to Ray (its torch thread count is this, rounded up)."""
+    max_staleness: int = Field(0, ge=0)
+    """A sample of policy version v is trained at trainer version <= v + max_staleness, never later
+    (0: on-policy). Older samples are dropped and counted in `async/dropped_stale`."""
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -167,6 +196,156 @@ class TrainerConfig(Strict):
     """Learning-rate schedule."""
     backend: Literal["gloo", "nccl"] | None = None
     """torch.distributed backend (default: nccl with CUDA, gloo otherwise)."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """CPUs the trainer actor declares to Ray (its torch thread count is this, rounded up)."""
+
+
+# ------------------------------------------------------------------------------------------ algorithm
+
+
+class NoCorrection(Strict):
+    type: Literal["none"] = "none"
+    """PPO clip on r = pi/pi_old alone, ignoring the behavior policy (the baseline)."""
+
+
+class BehaviorCorrection(Strict):
+    type: Literal["behavior"] = "behavior"
+    """PPO clip on pi/mu with the behavior log-probs as the proximal policy (no recompute)."""
+
+
+class TISCorrection(Strict):
+    type: Literal["tis"] = "tis"
+    """Truncated importance sampling: weight min(k, c) on the clip loss, k = pi_old/mu (Yao et al.
+    2025); with the recomputed pi_old as proximal policy this is decoupled PPO (Fu et al. 2025)."""
+    level: Literal["token", "sequence", "geometric"] = "token"
+    """k per token, per sequence (product of token ratios) or as the per-sequence geometric mean."""
+    c: float = Field(2.0, gt=0.0)
+    """Truncation bound C."""
+
+
+class MaskCorrection(Strict):
+    type: Literal["mask"] = "mask"
+    """Masked importance sampling (IcePop): weight k inside [low, high], 0 outside."""
+    level: Literal["token", "sequence", "geometric"] = "token"
+    """k per token, per sequence (product of token ratios) or as the per-sequence geometric mean."""
+    low: float = Field(0.5, ge=0.0)
+    """Lower bound of k."""
+    high: float = Field(2.0, gt=0.0)
+    """Upper bound of k."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> MaskCorrection:
+        if self.low >= self.high:
+            raise ValueError(f"correction low={self.low} must be below high={self.high}")
+        return self
+
+
+Correction = Annotated[
+    NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection, Field(discriminator="type")
+]
+
+
+class KLConfig(Strict):
+    coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty to the frozen reference (the warm start); 0 loads no reference."""
+    type: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (Schulman's k1, k2, k3)."""
+
+
+class LossConfig(Strict):
+    correction: Correction = TISCorrection()
+    """Off-policy correction between the behavior policy mu and the trainer's pi_old; `type` picks it."""
+    ratio: Literal["token", "sequence"] = "token"
+    """PPO ratio r per token, or GSPO's per-sequence ratio (geometric mean of token ratios)."""
+    eps_low: float = Field(0.2, ge=0.0)
+    """PPO clip: r is clipped below at 1 - eps_low."""
+    eps_high: float = Field(0.28, ge=0.0)
+    """PPO clip: r is clipped above at 1 + eps_high (DAPO's clip-higher)."""
+    dual_clip: float | None = Field(None, gt=1.0)
+    """Dual clip c > 1: for negative advantages the loss is bounded by -c * A (null: off)."""
+    aggregation: Literal["token-mean", "sequence-mean", "constant"] = "token-mean"
+    """Token mean over the batch, mean of per-sequence means, or Dr. GRPO's sum / (sequences x
+    rollout.max_new_tokens)."""
+    kl: KLConfig = KLConfig()
+    """KL penalty to the reference policy."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    router_aux_coef: float = Field(0.0, ge=0.0)
+    """Weight of the MoE load-balancing (router aux) loss; needs a model that returns router logits."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tag(cls, data: Any) -> Any:
+        return _with_default_tag(data, "correction", "tis")
+
+
+class AlgorithmConfig(Strict):
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage estimator: GRPO (group mean / std), Dr. GRPO (group mean only), RLOO (leave-one-out
+    mean), REINFORCE++ with group baseline and batch normalisation."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per rollout batch (the batch is split into this many mini-batches; pi_old is
+    recomputed once before the first)."""
+    loss: LossConfig = LossConfig()
+    """Policy loss, off-policy correction and regularisers."""
+
+
+class FilterConfig(Strict):
+    zero_variance: bool = True
+    """Dynamic sampling: drop groups whose rewards are all equal (no learning signal), counted."""
+    drop_truncated: bool = False
+    """Drop completions cut by rollout.max_new_tokens before advantages are computed, counted."""
+    drop_failed_rewards: bool = False
+    """Drop completions whose reward failed (raised, timed out, NaN) instead of scoring them with
+    rewards.failure_reward, counted."""
+
+
+# -------------------------------------------------------------------------------------------- rewards
+
+
+class RewardSpec(Strict):
+    name: str | None = None
+    """A built-in reward by name: `exact_match`, `arithmetic`, `regex`, `math_verify`."""
+    path: str | None = None
+    """A user reward by import path (`my_pkg.rewards:fn`) or file path (`./my_reward.py:fn`)."""
+    weight: float = 1.0
+    """Weight in the sum of rewards."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments passed to the reward function."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("a reward needs exactly one of `name` (a built-in) or `path` (module:function)")
+        return self
+
+
+class RewardsConfig(Strict):
+    functions: list[RewardSpec] = [RewardSpec(name="arithmetic")]
+    """Reward functions; a sample's reward is their weighted sum, each also logged as a sub-score."""
+    timeout_s: float = Field(10.0, gt=0.0)
+    """Time limit of one reward call; a call over it is recorded as failed."""
+    failure_reward: float = 0.0
+    """Score a failed reward call (raised, timed out, NaN, wrong type) contributes."""
+
+
+# ------------------------------------------------------------------------------------------ train, ray
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, ge=1)
+    """Rollout batches (training steps) of the run."""
+    eval_every: int = Field(10, ge=0)
+    """Evaluate on the held-out split every this many steps (0: only before and after)."""
+    save_checkpoint: bool = True
+    """Save the final policy as a HF checkpoint under the run directory."""
+
+
+class RayConfig(Strict):
+    address: str | None = None
+    """Address of a running Ray cluster to join (null: start a local runtime)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a local runtime (default: enough for the actors)."""
 
 
 # ------------------------------------------------------------------------------------------ sft, eval
@@ -217,6 +396,16 @@ class RunConfig(Strict):
     """Held-out evaluation."""
     monitor: MonitorConfig = MonitorConfig()
     """Metrics sinks."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """RL algorithm: advantage estimator, mini-batches, policy loss (`tidal train`)."""
+    rewards: RewardsConfig = RewardsConfig()
+    """Reward functions of `tidal train`."""
+    filter: FilterConfig = FilterConfig()
+    """Group and sample filters applied before advantages."""
+    train: TrainConfig = TrainConfig()
+    """The RL loop of `tidal train`."""
+    ray: RayConfig = RayConfig()
+    """Ray runtime."""
 
     @property
     def run_dir(self) -> Path:
@@ -279,6 +468,8 @@ def _format_error(err: ValidationError, tree: dict[str, Any]) -> str:
             unknown.append(f"'{loc}'")
         elif e["type"] == "missing":
             parts.append(f"missing config key '{loc}'")
+        elif e["type"] == "union_tag_invalid":
+            parts.append(f"config key '{loc}.type': {msg}")
         elif isinstance(e.get("input"), dict) or not loc:
             parts.append(msg)
         else:
@@ -289,6 +480,9 @@ def _format_error(err: ValidationError, tree: dict[str, Any]) -> str:
             f"unknown config key {', '.join(unknown)} (check the spelling; `tidal check` prints the known keys)",
         )
     return "; ".join(parts)
+
+
+_TAGGED_SECTIONS = {("data", "source"): "arithmetic", ("algorithm", "loss", "correction"): "tis"}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -318,6 +512,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             model.pop("path", None)
         if "model.path" in keys and "model.preset" not in keys:
             model.pop("preset", None)
+    for path, tag in _TAGGED_SECTIONS.items():
+        parent = tree
+        for k in path[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):  # the tag is made explicit so error paths can strip it
+            parent.update(_with_default_tag(parent, path[-1], tag))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

@@ -42,13 +42,18 @@ class JsonlSink:
 class StdoutSink:
     """One progress line per logged row, with the few keys a person watches."""
 
-    KEYS = ("train/loss", "train/grad_norm", "train/lr", "eval/accuracy", "rollout/logp_mismatch_mean")
+    KEYS = {
+        "reward/mean": "reward", "rollout/accuracy": "acc", "eval/accuracy": "eval_acc", "train/loss": "loss",
+        "train/grad_norm": "grad_norm", "train/entropy": "entropy", "offpolicy/is_weight_mean": "is_w",
+        "rollout/response_length": "len", "train/lr": "lr", "rollout/logp_mismatch_mean": "mismatch",
+        "perf/step_time_s": "step_s",
+    }  # fmt: skip
 
     def __init__(self, total_steps: int | None = None) -> None:
         self.total = total_steps
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        shown = [f"{k.split('/', 1)[1]}={_fmt(metrics[k])}" for k in self.KEYS if k in metrics]
+        shown = [f"{label}={_fmt(metrics[k])}" for k, label in self.KEYS.items() if k in metrics]
         of = f"/{self.total}" if self.total else ""
         print(f"[step {step}{of}] " + "  ".join(shown), file=sys.stdout, flush=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -54,3 +54,79 @@ class TokenBatch:
     loss_mask: torch.Tensor
     """(B, T) 1 where the token at t is a target, predicted from position t - 1 (prompt and
     padding are 0; position 0 is never a target)."""
+
+
+# ------------------------------------------------------------------------------------------ RL records
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt with everything training needs; crosses Ray boundaries.
+
+    Per-token lists (`response_ids`, `loss_mask`, `logp_mu`, `versions`) are aligned with the
+    response tokens. `versions[i]` is the policy version that generated token i (all equal unless
+    a weight update landed mid-generation).
+    """
+
+    group_id: int
+    """Id of the prompt's group (unique within a run)."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]
+    """1 on response tokens that are trained on (0 e.g. on tool output inside a response)."""
+    logp_mu: list[float]
+    """Behavior log-probs of the response tokens, at the sampling temperature."""
+    finish_reason: FinishReason
+    version: int
+    """Policy version that generated the sample (the oldest, if tokens span several)."""
+    versions: list[int]
+    text: str = ""
+    """Decoded response."""
+    row: dict[str, Any] = field(default_factory=dict)
+    """The dataset row of the prompt (prompt, answer and metadata columns)."""
+    reward: float = 0.0
+    """Weighted sum of the reward functions' scores."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Score of each reward function, by name (sub-scores included)."""
+    reward_errors: list[str] = field(default_factory=list)
+    """One line per reward call that failed (raised, timed out, NaN, wrong type)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class Group:
+    """The completions of one prompt; advantages are computed within a group."""
+
+    group_id: int
+    samples: list[Sample]
+
+    @property
+    def version(self) -> int:
+        return min(s.version for s in self.samples)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
+
+
+@dataclass
+class TrainBatch(TokenBatch):
+    """A right-padded RL batch: prompt + response per row, per-token fields aligned with input_ids.
+
+    Per-token fields (B, T) hold the value for the token at t (0 on prompt and padding), matching
+    `loss_mask`: position t - 1's logits give token t's log-prob.
+    """
+
+    logp_mu: torch.Tensor = None  # type: ignore[assignment]
+    """(B, T) behavior log-probs."""
+    advantages: torch.Tensor = None  # type: ignore[assignment]
+    """(B, T) advantage of each token (its sequence's advantage)."""
+    versions: torch.Tensor = None  # type: ignore[assignment]
+    """(B, T) policy version that generated each token."""
+    logp_old: torch.Tensor | None = None
+    """(B, T) proximal log-probs, recomputed by the trainer before the update."""
+    logp_ref: torch.Tensor | None = None
+    """(B, T) reference-policy log-probs (when a KL penalty is on)."""

@@ -214,27 +214,33 @@ class DeepSpeedTrainer:
         it is split into micro-batches of `micro_batch_size` rows. Every rank must hold the same
         number of micro-batches (their sizes and token counts may differ). `normalizer` replaces
         the global number of target tokens as the divisor of the summed loss (e.g. a constant,
-        as in Dr. GRPO); metrics are reported per target token either way.
+        as in Dr. GRPO); the reported `loss` uses the same divisor. Other metrics are token sums
+        reported per target token, except keys ending in `_max`, which are maxima over the batch.
         """
         t0 = time.perf_counter()
         micros = split_micro_batches(batch, self.cfg.micro_batch_size)
         tokens, n_micro = self._global_counts(batch, len(micros))
         # DeepSpeed averages gradients over data-parallel ranks; scaling by the dp size turns that
         # mean back into the sum over ranks, so the gradient is d(sum of losses)/d(theta) / norm.
-        scale = self.engine.dp_world_size / (normalizer if normalizer is not None else max(tokens, 1.0))
+        denominator = max(normalizer if normalizer is not None else tokens, 1.0)  # all-masked: loss 0, not NaN
+        scale = self.engine.dp_world_size / denominator
         lr = self.lr
         sums: dict[str, torch.Tensor] = {}
+        maxima: dict[str, torch.Tensor] = {}
         for micro in micros:
             loss_sum, metrics = loss_fn(self.engine, _to_device(micro, self.engine.device))
             # scale_wrt_gas=False: the division by the global count already accounts for accumulation.
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             for k, v in {"loss": loss_sum, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
+                v = v.detach().float()
+                if k.endswith("_max"):
+                    maxima[k] = torch.maximum(maxima[k], v) if k in maxima else v
+                else:
+                    sums[k] = sums.get(k, 0.0) + v
         self.engine.step()
-        keys = sorted(sums)
-        totals = torch.stack([sums[k] for k in keys]).to(self.engine.device)
-        dist.all_reduce(totals)
-        out = {k: float(v) / max(tokens, 1.0) for k, v in zip(keys, totals.tolist(), strict=True)}
+        out = {k: v / max(tokens, 1.0) for k, v in self._all_reduce(sums, dist.ReduceOp.SUM).items()}
+        out.update(self._all_reduce(maxima, dist.ReduceOp.MAX))
+        out["loss"] = out["loss"] * max(tokens, 1.0) / denominator
         grad_norm = self._grad_norm if self._grad_norm is not None else self.engine.get_global_grad_norm()
         out.update(
             grad_norm=float("nan") if grad_norm is None else float(grad_norm),
@@ -244,6 +250,14 @@ class DeepSpeedTrainer:
             step_time_s=time.perf_counter() - t0,
         )
         return out
+
+    def _all_reduce(self, values: dict[str, torch.Tensor], op: dist.ReduceOp) -> dict[str, float]:
+        if not values:
+            return {}
+        keys = sorted(values)
+        stacked = torch.stack([values[k] for k in keys]).to(self.engine.device)
+        dist.all_reduce(stacked, op=op)
+        return dict(zip(keys, stacked.tolist(), strict=True))
 
     def _global_counts(self, batch: Any, n_micro: int) -> tuple[float, int]:
         """Global number of target tokens; checks that all ranks run the same number of micro-batches."""

@@ -1,0 +1,95 @@
+"""TrajectoryBuffer logic: filters, staleness bound, counters — nothing leaves uncounted."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidal.config import FilterConfig
+from tidal.rollout.buffer import TrajectoryBuffer
+from tidal.train import PromptSampler, merge_worker_metrics
+from tidal.types import Group, Sample
+
+pytestmark = pytest.mark.unit
+
+
+def sample(gid: int, reward: float, version: int = 0, finish: str = "stop", errors: list[str] | None = None) -> Sample:
+    return Sample(group_id=gid, prompt_ids=[1, 2], response_ids=[3], loss_mask=[1], logp_mu=[-0.5],
+                  finish_reason=finish, version=version, versions=[version], reward=reward,  # type: ignore[arg-type]
+                  reward_errors=errors or [])  # fmt: skip
+
+
+def test_zero_variance_groups_are_dropped_and_counted() -> None:
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=True), max_staleness=0)
+    kept = buf.put([
+        Group(0, [sample(0, 1.0), sample(0, 0.0)]),
+        Group(1, [sample(1, 1.0), sample(1, 1.0), sample(1, 1.0)]),
+        Group(2, [sample(2, 0.0)]),
+    ])  # fmt: skip
+    assert kept == 1
+    assert [g.group_id for g in buf.get(10, trainer_version=0)] == [0]
+    counts = buf.pop_counts()
+    assert counts["rollout/filtered_zero_variance_groups"] == 2
+    assert counts["rollout/filtered_zero_variance_samples"] == 4
+    assert counts["rollout/groups_generated"] == 3 and counts["rollout/groups_kept"] == 1
+    assert buf.pop_counts() == {"async/buffer_groups": 0.0}  # counters are per call
+
+
+def test_zero_variance_filter_off_keeps_everything() -> None:
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=0)
+    assert buf.put([Group(1, [sample(1, 1.0), sample(1, 1.0)])]) == 1
+
+
+def test_sample_filters_leave_unequal_groups() -> None:
+    cfg = FilterConfig(zero_variance=True, drop_truncated=True, drop_failed_rewards=True)
+    buf = TrajectoryBuffer(cfg, max_staleness=0)
+    buf.put([
+        Group(0, [sample(0, 1.0), sample(0, 0.0, finish="length"), sample(0, 0.0), sample(0, 0.0, errors=["x"])]),
+        Group(1, [sample(1, 0.0, finish="length")]),
+    ])  # fmt: skip
+    (g,) = buf.get(10, 0)
+    assert [s.reward for s in g.samples] == [1.0, 0.0]
+    counts = buf.pop_counts()
+    assert counts["rollout/filtered_truncated_samples"] == 2
+    assert counts["rollout/filtered_failed_reward_samples"] == 1
+    assert counts["rollout/filtered_empty_groups"] == 1
+
+
+def test_staleness_bound_drops_and_counts() -> None:
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1)
+    buf.put([Group(0, [sample(0, 1.0, version=3)]), Group(1, [sample(1, 1.0, version=5), sample(1, 0.0, version=5)])])
+    # At trainer version 5, version 3 is 2 behind (> 1): dropped; version 5 is fresh.
+    out = buf.get(10, trainer_version=5)
+    assert [g.group_id for g in out] == [1]
+    counts = buf.pop_counts()
+    assert counts["async/dropped_stale_groups"] == 1 and counts["async/dropped_stale_samples"] == 1
+
+
+def test_get_is_fifo_and_bounded() -> None:
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=0)
+    buf.put([Group(i, [sample(i, 1.0)]) for i in range(5)])
+    assert [g.group_id for g in buf.get(2, 0)] == [0, 1]
+    assert buf.size() == 3
+    assert [g.group_id for g in buf.get(10, 0)] == [2, 3, 4]
+
+
+def test_prompt_sampler_covers_an_epoch_before_repeating() -> None:
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"prompt": f"{i}+0=", "answer": str(i)} for i in range(10)])
+    s = PromptSampler(ds, seed=0)
+    first = s.take(10)
+    assert sorted(r["answer"] for _, r in first) == [str(i) for i in range(10)]
+    assert [gid for gid, _ in first] == list(range(10))
+    assert [gid for gid, _ in s.take(3)] == [10, 11, 12]
+
+
+def test_merge_worker_metrics() -> None:
+    rows = [
+        {"rollout/samples": 30.0, "reward/mean": 1.0, "perf/generate_time_s": 2.0, "reward/failed": 1.0},
+        {"rollout/samples": 10.0, "reward/mean": 0.0, "perf/generate_time_s": 3.0, "reward/failed": 2.0},
+    ]
+    m = merge_worker_metrics(rows)
+    assert m["rollout/samples"] == 40.0
+    assert m["reward/mean"] == pytest.approx(0.75)
+    assert m["perf/generate_time_s"] == 3.0
+    assert m["reward/failed"] == 3.0

@@ -1,0 +1,41 @@
+"""What a reward function is: a callable of (sample, row, **kwargs) that returns a score or a `RewardResult`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias
+
+from tidal.types import Sample
+
+
+@dataclass
+class RewardResult:
+    """A score plus named sub-scores; sub-scores are logged as `<name>/<sub>` but not summed into the reward."""
+
+    score: float
+    sub_scores: dict[str, float] = field(default_factory=dict)
+
+
+RewardValue: TypeAlias = float | bool | int | RewardResult
+"""What one reward call may return; a bool counts as 1.0 / 0.0."""
+
+
+class RewardFn(Protocol):
+    """A reward: sees one sample, its dataset row and its own kwargs from the config, never the run config.
+
+    May be a plain function or an `async def`; either way the scorer bounds each call by
+    `rewards.timeout_s` and records a failure (raise, timeout, NaN, wrong type) on the sample.
+    """
+
+    def __call__(
+        self, sample: Sample, row: dict[str, Any], /, **kwargs: Any
+    ) -> RewardValue | Awaitable[RewardValue]: ...
+
+
+def describe_exception(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line (a message's newlines would break one-line errors and logs)."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

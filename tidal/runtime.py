@@ -1,0 +1,62 @@
+"""Ray runtime plumbing of `tidal train`: starting or joining Ray, plugin paths, actor errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tidal.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (an actor died, a wait timed out); the CLI prints it as one line."""
+
+
+def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
+    """Plugin file paths made absolute: actors may not share the driver's working directory."""
+    specs = []
+    for spec in cfg.rewards.functions:
+        if spec.path is not None and ".py:" in spec.path:
+            file, _, attr = spec.path.rpartition(":")
+            spec = spec.model_copy(update={"path": f"{Path(file).resolve()}:{attr}"})
+        specs.append(spec)
+    return cfg.model_copy(update={"rewards": cfg.rewards.model_copy(update={"functions": specs})})
+
+
+def start_ray(cfg: RunConfig) -> None:
+    """Join `ray.address`, or start a local runtime with enough logical CPUs for the actors.
+
+    The working directory goes on the actors' PYTHONPATH, so `my_pkg.rewards:fn` imports in an
+    actor exactly as it does in the driver.
+    """
+    import ray
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    pythonpath = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": pythonpath, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.ray.address is not None:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_cpus
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+             logging_level=logging.WARNING, log_to_driver=True)  # fmt: skip
+
+
+def actor_error_line(err: Exception) -> str:
+    """One line for a failed or dead actor, naming the actor and the cause."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause if err.cause is not None else err
+        return f"{err.function_name} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    if isinstance(err, ray.exceptions.ActorDiedError | ray.exceptions.RayActorError):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"an actor died: {first}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

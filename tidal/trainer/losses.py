@@ -1,0 +1,343 @@
+"""RL policy losses as pure tensor functions.
+
+Conventions. Per-token tensors are (B, T) and aligned with the token at position t, i.e. the token
+predicted from the logits at position t - 1 (so position 0 is never a target). `mask` (B, T) is 1 on
+trained response tokens and 0 on prompt and padding. Values at masked positions never reach a
+result, even when they are -inf or NaN: they are replaced with `torch.where` before any product or
+sum, because `0 * inf = nan`. Metrics are detached 0-dim float tensors: keys ending in `_max` are
+maxima over valid (mask = 1) tokens, every other key is a mean over valid tokens; with no valid token
+every metric and every loss is 0.
+
+Ratios: r = pi / pi_old (the PPO ratio, pi_old the trainer's recomputed "proximal" policy) and
+k = pi_old / mu (mu the behavior policy that sampled the rollout, off by stale weights and by
+inference-engine numerics).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tidal.config import BehaviorCorrection, LossConfig, MaskCorrection, NoCorrection, TISCorrection
+
+Correction = NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection
+Metrics = dict[str, torch.Tensor]
+
+# Which of logp_old / logp_mu each correction needs.
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "none": ("logp_old",),
+    "behavior": ("logp_mu",),
+    "tis": ("logp_old", "logp_mu"),
+    "mask": ("logp_old", "logp_mu"),
+}
+
+# Bound on |log r| before exp (as verl does): keeps r finite, so -r * A never becomes inf or 0 * inf.
+_MAX_LOG_RATIO = 20.0
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Detached mean of x over the True entries of `valid` (0 when there are none)."""
+    x = x.detach().float()
+    total = torch.where(valid, x, torch.zeros_like(x)).sum()
+    return total / valid.sum().clamp(min=1)
+
+
+def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Detached max of x over the True entries of `valid` (0 when there are none)."""
+    x = x.detach().float()
+    if x.numel() == 0:
+        return x.new_zeros(())
+    top = torch.where(valid, x, -torch.inf).max()
+    return torch.where(valid.any(), top, 0.0)  # no host sync
+
+
+def _effective_temperature(temperature: float) -> float:
+    # Greedy decoding (temperature 0) samples from the argmax; its log-probs are scored at temperature 1.
+    return temperature if temperature > 0 else 1.0
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(x_t | x_<t) of the tokens in `input_ids` (B, T) under `logits` (B, T, V) / temperature.
+
+    out[:, t] = log_softmax(logits[:, t - 1] / temperature)[input_ids[:, t]], out[:, 0] = 0. Computed
+    in fp32 as gathered logit minus logsumexp, without materialising a full log-softmax.
+    """
+    z = logits[:, :-1].float() / _effective_temperature(temperature)  # (B, T-1, V)
+    picked = z.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return F.pad(picked - torch.logsumexp(z, dim=-1), (1, 0))  # (B, T)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy H_t = -sum_v p_v log p_v of the distribution predicting token t, (B, T); H[:, 0] = 0.
+
+    p = softmax(logits[:, t - 1] / temperature), computed in fp32 as logsumexp(z) - sum_v p_v z_v
+    (logits must be finite). Differentiable, for the entropy bonus.
+    """
+    z = logits[:, :-1].float() / _effective_temperature(temperature)  # (B, T-1, V)
+    p = torch.softmax(z, dim=-1)  # (B, T-1, V)
+    return F.pad(torch.logsumexp(z, dim=-1) - (p * z).sum(-1), (1, 0))  # (B, T)
+
+
+def importance_weights(
+    logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, correction: Correction
+) -> tuple[torch.Tensor, Metrics]:
+    """Off-policy weight w (B, T) on the clip loss, from k = pi_old / mu = exp(logp_old - logp_mu).
+
+    Levels of k: `token` k_t; `sequence` the true sequence IS ratio prod_t k_t (log k summed over the
+    sequence's valid tokens); `geometric` the per-sequence geometric mean (log k averaged over valid
+    tokens, which stays O(1) on long sequences where the product explodes, TRL #5814). Sequence
+    levels are broadcast to their tokens.
+
+    - `tis`: w = min(k, c), truncated IS (Yao et al. 2025, "Your Efficient RL Framework Secretly
+      Brings You Off-Policy RL Training"); with pi_old as the proximal policy, w * clip-loss(r) is
+      the decoupled PPO objective (Fu et al. 2025, "AReaL").
+    - `mask`: w = k if low <= k <= high else 0, masked IS (IcePop, Ling team 2025; MIS).
+    - `none`, `behavior`: w = 1.
+
+    w is detached and 0 at masked positions. logp_mu = -inf (mu never samples the token) is k = +inf:
+    `tis` gives c, `mask` gives 0.
+
+    Metrics: `offpolicy/is_weight_mean`, `offpolicy/is_weight_max` (of w); `offpolicy/frac_truncated`
+    (tis: k > c) and `offpolicy/frac_masked` (mask: k outside [low, high]), 0 for other corrections;
+    `offpolicy/log_ratio_abs_mean`, `offpolicy/log_ratio_abs_max` of |logp_old - logp_mu| over the
+    valid tokens where it is finite.
+    """
+    valid = mask.bool()  # (B, T)
+    with torch.no_grad():
+        log_k = torch.where(valid, logp_old.float() - logp_mu.float(), 0.0)  # (B, T)
+        level = getattr(correction, "level", "token")
+        if level == "sequence":
+            log_k = log_k.sum(-1, keepdim=True).expand_as(log_k)
+        elif level == "geometric":
+            n = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+            log_k = (log_k.sum(-1, keepdim=True) / n).expand_as(log_k)
+        elif level != "token":
+            raise ValueError(f"unknown importance level {level!r}; known: token, sequence, geometric")
+        k = torch.exp(log_k)  # (B, T), may be +inf
+        out_of_range = torch.zeros_like(valid)
+        if isinstance(correction, TISCorrection):
+            out_of_range = k > correction.c
+            w = k.clamp(max=correction.c)
+        elif isinstance(correction, MaskCorrection):
+            out_of_range = (k < correction.low) | (k > correction.high)
+            w = torch.where(out_of_range, 0.0, k)
+        elif isinstance(correction, NoCorrection | BehaviorCorrection):
+            w = torch.ones_like(k)
+        else:
+            raise ValueError(f"unknown correction {correction!r}; known: none, behavior, tis, mask")
+        w = torch.where(valid, w, 0.0)  # (B, T)
+        frac = _masked_mean(out_of_range.float(), valid)
+        abs_log_ratio = (logp_old.float() - logp_mu.float()).abs()  # (B, T)
+        finite = valid & torch.isfinite(abs_log_ratio)
+    metrics = {
+        "offpolicy/is_weight_mean": _masked_mean(w, valid),
+        "offpolicy/is_weight_max": _masked_max(w, valid),
+        "offpolicy/frac_truncated": frac if isinstance(correction, TISCorrection) else frac.new_zeros(()),
+        "offpolicy/frac_masked": frac if isinstance(correction, MaskCorrection) else frac.new_zeros(()),
+        "offpolicy/log_ratio_abs_mean": _masked_mean(abs_log_ratio, finite),
+        "offpolicy/log_ratio_abs_max": _masked_max(abs_log_ratio, finite),
+    }
+    return w, metrics
+
+
+def ppo_clip_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+    ratio: str = "token",
+) -> tuple[torch.Tensor, Metrics]:
+    """PPO clipped surrogate per token: max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A), (B, T).
+
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; asymmetric eps_high is DAPO's
+    clip-higher (Yu et al. 2025). `ratio="token"`: r_t = exp(logp_t - logp_old_t). `ratio="sequence"`:
+    GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"), s_i = exp(mean over the sequence's
+    valid tokens of logp - logp_old), the length-normalised ratio (a sum would explode on long
+    sequences); used in the GSPO-token form r_t = sg[s_i] * exp(logp_t - sg[logp_t]), whose value is s_i
+    and whose gradient flows per token. `dual_clip` c > 1: where A < 0 the loss is min(loss, -c A)
+    (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", dual-clip PPO).
+    |log r| is bounded by 20 before exp. Zero at masked positions.
+
+    Metrics: `train/clip_frac` (valid tokens where the clipped term is taken and differs from the
+    unclipped one), `train/dual_clip_frac`, `train/ratio_mean`, `train/ratio_max`.
+    """
+    valid = mask.bool()  # (B, T)
+    logp_safe = torch.where(valid, logp, 0.0)  # (B, T)
+    log_r = torch.where(valid, logp - logp_old, 0.0)  # (B, T)
+    if ratio == "sequence":
+        n = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_s = log_r.sum(-1, keepdim=True) / n  # (B, 1)
+        log_r = log_s.detach() + logp_safe - logp_safe.detach()  # (B, T), value log s_i
+    elif ratio != "token":
+        raise ValueError(f"unknown ratio {ratio!r}; known: token, sequence")
+    r = torch.exp(log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+    A = torch.where(valid, advantages, 0.0).to(r.dtype)  # (B, T)
+    unclipped = -r * A
+    clipped = -r.clamp(1.0 - eps_low, 1.0 + eps_high) * A
+    loss = torch.maximum(unclipped, clipped)  # (B, T)
+    clip_taken = clipped > unclipped
+    dual_taken = torch.zeros_like(valid)
+    if dual_clip is not None:
+        bound = -dual_clip * A  # (B, T)
+        dual_taken = (A < 0) & (loss > bound)
+        loss = torch.where(dual_taken, bound, loss)
+    loss = torch.where(valid, loss, 0.0)
+    metrics = {
+        "train/clip_frac": _masked_mean(clip_taken.float(), valid),
+        "train/dual_clip_frac": _masked_mean(dual_taken.float(), valid),
+        "train/ratio_mean": _masked_mean(r, valid),
+        "train/ratio_max": _masked_max(r, valid),
+    }
+    return loss, metrics
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimator of KL(pi || pi_ref) from tokens sampled from pi, (B, T).
+
+    Schulman 2020, "Approximating KL Divergence": with log rho = logp_ref - logp,
+    k1 = -log rho (unbiased, high variance), k2 = (log rho)^2 / 2 (biased, low variance),
+    k3 = rho - 1 - log rho (unbiased, low variance, always >= 0). Differentiable in logp.
+    """
+    log_rho = logp_ref - logp  # (B, T)
+    if kind == "k1":
+        return -log_rho
+    if kind == "k2":
+        return 0.5 * log_rho**2
+    if kind == "k3":
+        return torch.exp(log_rho) - log_rho - 1.0
+    raise ValueError(f"unknown KL estimator {kind!r}; known: k1, k2, k3")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor | None,
+    logp_mu: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    logp_ref: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Per-token policy loss (B, T): w * clip-loss(r) + beta KL(pi || pi_ref) - alpha H(pi).
+
+    `none`: r = pi / pi_old, w = 1. `behavior`: r = pi / mu (mu is the proximal policy, no recompute;
+    logp_old may be None), w = 1. `tis` / `mask`: r = pi / pi_old and w = importance_weights(pi_old,
+    mu), applied always (AReaL drops it unless an option is set; we do not). The KL term is added when
+    cfg.kl.coef > 0 (logp_ref required), the entropy bonus when cfg.entropy_coef > 0 (entropy required).
+    Zero at masked positions.
+
+    Metrics: those of `ppo_clip_loss` and `importance_weights`, plus `train/pg_loss` (w * clip-loss),
+    `train/kl` (when logp_ref is given) and `train/entropy` (when entropy is given).
+    """
+    corr = cfg.correction
+    given = {"logp_old": logp_old, "logp_mu": logp_mu}
+    missing = [name for name in _NEEDS[corr.type] if given[name] is None]
+    if missing:
+        raise ValueError(f"loss.correction.type={corr.type!r} needs {' and '.join(missing)}")
+    if cfg.kl.coef > 0 and logp_ref is None:
+        raise ValueError("loss.kl.coef > 0 needs logp_ref (reference log-probs); set loss.kl.coef=0 or pass them")
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError("loss.entropy_coef > 0 needs the per-token entropy; set loss.entropy_coef=0 or pass it")
+    # behavior bypasses the recompute: mu is the proximal policy of the PPO ratio.
+    prox = logp_mu if isinstance(corr, BehaviorCorrection) else logp_old
+    assert prox is not None  # checked above
+    valid = mask.bool()  # (B, T)
+    clip_loss, metrics = ppo_clip_loss(
+        logp, prox, advantages, mask, cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.ratio
+    )  # (B, T)
+    # none / behavior may lack one of pi_old, mu; their weight is 1 whatever k is, so use k = 1 then.
+    old = logp_old if logp_old is not None else prox
+    mu = logp_mu if logp_mu is not None else prox
+    w, w_metrics = importance_weights(old, mu, mask, corr)  # (B, T)
+    pg = w * clip_loss  # (B, T), both 0 at masked positions
+    metrics |= w_metrics
+    metrics["train/pg_loss"] = _masked_mean(pg, valid)
+    per_token = pg
+    if logp_ref is not None:
+        kl = kl_penalty(torch.where(valid, logp, 0.0), torch.where(valid, logp_ref, 0.0), cfg.kl.type)  # (B, T)
+        metrics["train/kl"] = _masked_mean(kl, valid)
+        if cfg.kl.coef > 0:
+            per_token = per_token + cfg.kl.coef * kl
+    if entropy is not None:
+        H = torch.where(valid, entropy, 0.0)  # (B, T)
+        metrics["train/entropy"] = _masked_mean(H, valid)
+        if cfg.entropy_coef > 0:
+            per_token = per_token - cfg.entropy_coef * H
+    return torch.where(valid, per_token, 0.0), metrics
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """(numerator, denominator) of the batch loss; both are additive over row splits of the batch.
+
+    Sum the numerators and denominators of the micro-batches, then divide, to get the full-batch loss.
+    `token-mean`: sum of valid token losses / number of valid tokens. `sequence-mean`: sum over
+    sequences of their token mean / number of sequences with a valid token. `constant`: sum / (B *
+    max_len), Dr. GRPO's length-unbiased constant normaliser (Liu et al. 2025); needs max_len.
+    """
+    valid = mask.bool()  # (B, T)
+    x = torch.where(valid, per_token, 0.0)  # (B, T)
+    if mode == "token-mean":
+        return x.sum(), float(valid.sum().item())
+    if mode == "sequence-mean":
+        n = valid.sum(-1)  # (B,)
+        return (x.sum(-1) / n.clamp(min=1)).sum(), float((n > 0).sum().item())
+    if mode == "constant":
+        if max_len is None:
+            raise ValueError("aggregation 'constant' needs max_len (rollout.max_new_tokens)")
+        return x.sum(), float(per_token.shape[0] * max_len)
+    raise ValueError(f"unknown aggregation {mode!r}; known: token-mean, sequence-mean, constant")
+
+
+def aggregated_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
+    """numerator / denominator of `aggregate` on one full batch; 0 (with a grad) when nothing is valid."""
+    num, den = aggregate(per_token, mask, mode, max_len)
+    return num / den if den > 0 else num * 0.0
+
+
+def router_aux_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, Metrics]:
+    """Switch-Transformer load-balancing loss, equal to transformers' `load_balancing_loss_func`.
+
+    Fedus et al. 2021, "Switch Transformers", eqs. (4)-(6). `router_logits` holds one (B*T, E) tensor
+    per MoE layer; tokens with attention_mask (B, T) == 0 are excluded. Over all layers' kept rows,
+    f_e = (number of top-k assignments to expert e) / rows, so sum_e f_e = top_k, and P_e = mean router
+    probability of e; loss = E * sum_e f_e P_e, which is top_k at perfectly uniform routing.
+
+    Metrics: `moe/aux_loss`; `moe/expert_load_max` and `moe/expert_load_min`, the max and min over
+    layers l and experts e of load_{l,e} = f_{l,e} * E / top_k, the share of layer l's routing slots
+    sent to e relative to a uniform share (1.0 everywhere = balanced, E = all slots to one expert).
+    """
+    if not router_logits:
+        raise ValueError("router_aux_loss needs at least one layer of router logits")
+    device = router_logits[0].device
+    rows = router_logits[0].shape[0]
+    keep = attention_mask.reshape(-1).to(device).bool() if attention_mask is not None else None  # (B*T,)
+    counts, prob_sums = [], []
+    for layer in router_logits:
+        probs = torch.softmax(layer.float(), dim=-1)  # (B*T, E)
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # (B*T, k)
+        slot_weight = torch.ones(rows, top_k, device=device)  # (B*T, k)
+        if keep is not None:
+            probs = torch.where(keep[:, None], probs, 0.0)
+            slot_weight = slot_weight * keep[:, None]
+        count = torch.zeros(num_experts, device=device).index_add_(0, chosen.reshape(-1), slot_weight.reshape(-1))
+        counts.append(count)  # (E,)
+        prob_sums.append(probs.sum(0))  # (E,)
+    n = keep.sum().float() if keep is not None else torch.tensor(float(rows), device=device)
+    f = torch.stack(counts) / n.clamp(min=1)  # (L, E)
+    P = torch.stack(prob_sums) / n.clamp(min=1)  # (L, E)
+    loss = num_experts * (f.mean(0) * P.mean(0)).sum()
+    load = f * num_experts / top_k  # (L, E)
+    metrics = {
+        "moe/aux_loss": loss.detach(),
+        "moe/expert_load_max": load.max().detach(),
+        "moe/expert_load_min": load.min().detach(),
+    }
+    return loss, metrics
