@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/tidal sft configs/sft_arithmetic.yaml "$@"
+exec .venv/bin/tidal train configs/quickstart.yaml "$@"

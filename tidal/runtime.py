@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def actor_error_line(err: Exception) -> str:
         cause = err.cause if err.cause is not None else err
         return f"{err.function_name} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     if isinstance(err, ray.exceptions.ActorDiedError | ray.exceptions.RayActorError):
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"an actor died: {first}"
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        name = re.search(r"class_name: (\w+)", text)
+        return f"{name.group(1) if name else 'an'} actor died: {first} (its log is in /tmp/ray/session_latest/logs)"
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -64,6 +64,7 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     train_ds, eval_ds = load_splits(cfg.data)
     eval_rows = eval_ds.to_list() if eval_ds is not None else []
     sampler = PromptSampler(train_ds, cfg.seed)
+    monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
     start_ray(cfg)
     try:
         buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, cfg.rollout.max_staleness)
@@ -73,17 +74,16 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
             for i in range(cfg.rollout.num_workers)
         ]  # fmt: skip
         trainer = ray.remote(TrainerActor).options(num_cpus=cfg.trainer.num_cpus).remote(cfg, str(model_dir), buffer)
-        monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         if cfg.train.save_checkpoint:
             summary["checkpoint"] = ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
+        summary["perf/wall_time_s"] = time.time() - t_start
+        monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
     except ray.exceptions.RayError as e:
         raise RunError(actor_error_line(e)) from None
     finally:
         ray.shutdown()
-    summary["perf/wall_time_s"] = time.time() - t_start
-    monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
-    monitor.close()
+        monitor.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     print(f"train done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {before:.1%} -> {after:.1%}"

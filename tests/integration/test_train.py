@@ -145,3 +145,19 @@ def test_offline_wandb_run_reads_back(run: dict[str, Any]) -> None:
         for key in ("reward/mean", "train/loss", "train/grad_norm", "offpolicy/is_weight_mean"):
             assert history[step][key] == pytest.approx(jsonl[step][key], rel=1e-6), (step, key)
     assert history[STEPS]["eval/accuracy"] == pytest.approx(jsonl[STEPS]["eval/accuracy"])
+
+
+def test_a_worker_that_dies_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    from tidal.runtime import RunError
+
+    (tmp_path / "fatal.py").write_text("import os\n\ndef fatal(sample, row):\n    os._exit(3)\n")
+    cfg = load_config(None, [
+        "name=dies", f"output_dir={tmp_path / 'runs'}", "model.preset=tiny-qwen3-moe",
+        "rollout.max_new_tokens=2", "rollout.group_size=2", "rollout.prompts_per_step=2",
+        f"rewards.functions=[{{path: '{tmp_path / 'fatal.py'}:fatal'}}]", "train.steps=2", "train.eval_every=0",
+        "eval.num_samples=2", "monitor.wandb=disabled",
+    ])  # fmt: skip
+    with pytest.raises(RunError) as err:
+        run_train(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "RolloutWorker actor died" in msg, msg

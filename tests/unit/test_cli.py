@@ -49,3 +49,22 @@ def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str) -> Non
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tidal: error:") and needle in lines[0], r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["rewards.functions=[{path: ./no_such_reward.py:score}]"], "rewards.functions[0].path"),
+        (["rewards.functions=[{name: no_such_builtin}]"], "rewards.functions[0].name"),
+        (["rewards.functions=[{name: regex}]"], "pattern"),
+        (["algorithm.loss.correction.type=tiss"], "algorithm.loss.correction.type"),
+        (["algorithm.loss.correction={type: mask, low: 0.9, high: 0.5}"], "low=0.9"),
+        (["model.sft_warm_start=configs/nope.yaml"], "model.sft_warm_start"),
+        (["algorithm.advantage=ppo"], "algorithm.advantage"),
+    ],
+)
+def test_train_user_mistakes_exit_2_before_any_actor_starts(overrides: list[str], needle: str) -> None:
+    r = tidal("train", "configs/quickstart.yaml", "monitor.wandb=disabled", *overrides)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tidal: error:") and needle in lines[0], r.stderr

@@ -101,13 +101,15 @@ class RolloutWorker:
         """Swap in a published (state dict, version) snapshot between generations; returns the
         version now held."""
         state_dict, version = snapshot
-        dtype = next(self.engine.model.parameters()).dtype
-        missing, unexpected = self.engine.model.load_state_dict(
-            {k: v.to(dtype) for k, v in state_dict.items()}, strict=False
-        )
-        if unexpected or [k for k in missing if k in dict(self.engine.model.named_parameters())]:
-            raise RuntimeError(f"weight snapshot does not fit the rollout model: missing {missing[:3]}, "
+        model = self.engine.model
+        # Checked before loading: a snapshot that does not fit must leave the old weights intact.
+        params = {n for n, _ in model.named_parameters()}
+        missing, unexpected = sorted(params - set(state_dict)), sorted(set(state_dict) - set(model.state_dict()))
+        if missing or unexpected:
+            raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip
+        dtype = next(model.parameters()).dtype
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False)
         self.engine.version = version
         return version
 

@@ -1,0 +1,250 @@
+"""The RL path in-process on CPU: RolloutWorker samples, the RL step against plain torch for every
+aggregation (uneven micro-batches, truncated IS weights), TrainerActor.step and weight publishing."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+import tidal.trainer.actor as actor_module
+from tidal.config import LossConfig, RunConfig, TISCorrection, TrainerConfig, load_config
+from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.rollout.worker import RolloutWorker
+from tidal.trainer.actor import TrainerActor
+from tidal.trainer.engine import DeepSpeedTrainer
+from tidal.trainer.losses import aggregated_loss, policy_loss, token_logprobs
+from tidal.trainer.rl import RLLoss, build_batch, loss_denominator, recompute_logprobs
+from tidal.types import Group, Sample, TrainBatch
+
+pytestmark = pytest.mark.integration
+
+MAX_NEW = 4
+ROWS = [(7, {"prompt": "12+7=", "answer": "19"}), (8, {"prompt": "3-5=", "answer": "-2"})]
+OVERRIDES = [
+    "model.preset=tiny-qwen3-moe", "rollout.group_size=4", f"rollout.max_new_tokens={MAX_NEW}",
+    "trainer.micro_batch_size=3", "monitor.wandb=disabled",
+    # exact_match at weight 0.5 beside arithmetic: a reward of 0.5 shows the weighted sum and sub-scores.
+    "rewards.functions=[{name: arithmetic}, {name: exact_match, weight: 0.5}]",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    threads = torch.get_num_threads()
+    yield materialize_preset("tiny-qwen3-moe", seed=0)
+    torch.set_num_threads(threads)  # the worker and the actor set one thread
+
+
+def config(*extra: str) -> RunConfig:
+    return load_config(None, [*OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def groups(preset: Path) -> list[Group]:
+    """Version-0 groups with rewards set by hand (a random model scores 0), so GRPO has signal."""
+    out, _ = RolloutWorker(config(), str(preset)).rollout(ROWS, seed=0)
+    for g in out:
+        for j, s in enumerate(g.samples):
+            s.reward = float(j % 2)
+    return out
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------------------- rollout
+
+
+def check_sample(s: Sample, gid: int, row: dict[str, Any], tok: PreTrainedTokenizerBase) -> None:
+    n = len(s.response_ids)
+    assert s.group_id == gid and s.row == row
+    assert s.prompt_ids == tok(row["prompt"], add_special_tokens=False)["input_ids"]
+    assert 1 <= n <= MAX_NEW and len(s.logp_mu) == len(s.loss_mask) == len(s.versions) == n
+    assert all(math.isfinite(lp) and lp <= 0 for lp in s.logp_mu)
+    assert s.loss_mask == [1] * n and s.version == 0 and s.versions == [0] * n
+    eos = s.response_ids[-1] == tok.eos_token_id
+    assert s.finish_reason == ("stop" if eos else "length")
+    assert eos or n == MAX_NEW  # without eos only the length limit ends a completion
+    assert tok.eos_token_id not in s.response_ids[:-1]
+    assert s.text == tok.decode(s.response_ids, skip_special_tokens=True)
+    exact = float(s.text.strip() == str(row["answer"]).strip())
+    arith = float(exact and s.text.strip().lstrip("-").isdigit())
+    assert s.scores == {"arithmetic": arith, "exact_match": exact}
+    assert s.reward == arith + 0.5 * exact and s.reward_errors == []
+
+
+def test_rollout_worker_samples(preset: Path) -> None:
+    tok = load_tokenizer(preset)
+    worker = RolloutWorker(config(), str(preset))
+    runs = {seed: worker.rollout(ROWS, seed=seed)[0] for seed in (1, 3)}
+    for out in runs.values():
+        assert [g.group_id for g in out] == [7, 8] and [len(g.samples) for g in out] == [4, 4]
+        for g, (gid, row) in zip(out, ROWS, strict=True):
+            for s in g.samples:
+                check_sample(s, gid, row, tok)
+    finished = [(s.finish_reason, len(s.response_ids)) for out in runs.values() for g in out for s in g.samples]
+    # These seeds stop on eos both before and at the length limit, so both branches are checked.
+    assert ("stop", MAX_NEW) in finished and any(f == "stop" and n < MAX_NEW for f, n in finished)
+
+    # The same seed again, now with group 7's answer set to its first completion: same tokens, and
+    # exact_match scores that completion 1 (weighted 0.5 in the reward).
+    first = runs[1][0].samples[0]
+    rows = [(7, {**ROWS[0][1], "answer": first.text}), ROWS[1]]
+    again = worker.rollout(rows, seed=1)[0]
+    fields = ("prompt_ids", "response_ids", "logp_mu", "finish_reason", "text")
+    key = [[tuple(str(getattr(s, f)) for f in fields) for s in g.samples] for g in runs[1]]
+    assert [[tuple(str(getattr(s, f)) for f in fields) for s in g.samples] for g in again] == key
+    for g, (gid, row) in zip(again, rows, strict=True):
+        for s in g.samples:
+            check_sample(s, gid, row, tok)
+    assert again[0].samples[0].scores["exact_match"] == 1.0 and again[0].samples[0].reward == 0.5
+    other = worker.rollout(ROWS, seed=0)[0]
+    assert [s.response_ids for g in other for s in g.samples] != [s.response_ids for g in runs[1] for s in g.samples]
+
+
+# ------------------------------------------------------------------------------- RL step vs torch
+
+LENGTHS = [[3, 5, 2], [6, 4]]  # 5 rows: micro-batches of 2 rows hold 8, 8 and 4 response tokens
+REWARDS = [[1.0, 0.0, 0.5], [0.0, 1.0]]
+DELTA = [0.0, 0.6, 0.3, -0.3]  # logp_mu = logp - delta: k = e^delta is 1, 1.82 (truncated at 1.5), 1.35, 0.74
+M = 8
+
+
+def hand_batch(preset: Path) -> TrainBatch:
+    tok, model = load_tokenizer(preset), load_model(preset)
+    g = torch.Generator().manual_seed(0)
+    groups = [
+        Group(gid, [
+            Sample(gid, tok(row["prompt"], add_special_tokens=False)["input_ids"],
+                   torch.randint(6, 100, (n,), generator=g).tolist(), [1] * n, [0.0] * n, "length", 0, [0] * n,
+                   reward=r)  # fmt: skip
+            for n, r in zip(lengths, rewards, strict=True)
+        ])
+        for (gid, row), lengths, rewards in zip(ROWS, LENGTHS, REWARDS, strict=True)
+    ]  # fmt: skip
+    batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
+    true = recompute_logprobs(model, batch, 1.0, micro_batch_size=5)
+    for i, s in enumerate(s for grp in groups for s in grp.samples):
+        p = len(s.prompt_ids)
+        s.logp_mu = [true[i, p + t].item() - DELTA[t % len(DELTA)] for t in range(len(s.response_ids))]
+    batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
+    batch.logp_old = recompute_logprobs(model, batch, 1.0, micro_batch_size=2)
+    assert torch.allclose(batch.logp_old, true, atol=1e-5)
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "sequence-mean", "constant"])
+def test_rl_step_matches_plain_torch(preset: Path, mode: str) -> None:
+    batch = hand_batch(preset)
+    loss_cfg = LossConfig(correction=TISCorrection(c=1.5), aggregation=mode)
+    cfg = TrainerConfig(lr=1e-3, eps=1e-6, max_grad_norm=None, micro_batch_size=2)
+
+    model = load_model(preset)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    mask = batch.loss_mask.float()
+    logp = token_logprobs(logits, batch.input_ids, 1.0)
+    per_token, m = policy_loss(logp, batch.logp_old, batch.logp_mu, batch.advantages, mask, loss_cfg)
+    loss = aggregated_loss(per_token, mask, mode, M)
+    loss.backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    opt.step()
+    ref = model.state_dict()
+    assert m["offpolicy/frac_truncated"].item() == pytest.approx(6 / 20)  # weights both truncated and not
+    assert abs(loss.item()) > 1e-2
+
+    trainer = DeepSpeedTrainer(load_model(preset), cfg)
+    rl_loss = RLLoss(loss_cfg, temperature=1.0, max_len=M, moe_metrics=False)
+    metrics = trainer.train_step(batch, loss_fn=rl_loss, normalizer=loss_denominator(batch, loss_cfg, M))
+
+    assert metrics["micro_batches"] == 3 and metrics["tokens"] == 20
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    assert metrics["offpolicy/frac_truncated"] == pytest.approx(m["offpolicy/frac_truncated"].item(), rel=1e-6)
+    params = trainer.state_dict_for_export()
+    assert max_diff(params, init) > 5e-4
+    # Adam's first step is lr * g / (|g| + eps): where |g| ~ eps it magnifies gradient rounding by
+    # lr / eps = 1e3, so plain torch itself differs by up to ~7e-6 between this batch whole and in
+    # micro-batches; a 10% error in the normalizer moves weights by 2.5e-5, a per-micro-batch one by 2e-3.
+    assert max_diff(params, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------------- TrainerActor
+
+
+def finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())
+
+
+def test_trainer_actor_step(preset: Path, groups: list[Group]) -> None:
+    actor = TrainerActor(config("algorithm.minibatches=2"), str(preset))
+    m = actor.step(groups)
+    assert actor.version == 2 and m["train/version"] == 2 and finite(m)
+    assert m["train/samples"] == 8
+    assert m["perf/train_tokens"] == sum(len(s.response_ids) for g in groups for s in g.samples)
+    assert m["train/grad_norm"] > 0 and m["train/loss"] != 0
+    assert m["async/staleness_mean"] == 0 and m["async/staleness_max"] == 0
+    assert m["rollout/logp_mismatch_max"] < 1e-4  # the worker sampled with these very weights
+    assert m["offpolicy/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+
+    # The same version-0 samples two optimizer steps later: stale by 2, and pi_old has moved off mu.
+    m = actor.step(groups)
+    assert actor.version == 4 and finite(m)
+    assert m["async/staleness_mean"] == 2 and m["async/staleness_max"] == 2
+    assert m["rollout/logp_mismatch_max"] > 1e-3
+    assert m["offpolicy/is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
+
+    assert actor.step([]) == {"train/skipped_steps": 1.0}
+    assert actor.version == 4
+
+
+def test_behavior_correction_skips_recompute(
+    preset: Path, groups: list[Group], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_recompute(*_: Any, **__: Any) -> torch.Tensor:
+        raise AssertionError("behavior correction must not recompute log-probs")
+
+    monkeypatch.setattr(actor_module, "recompute_logprobs", no_recompute)
+    actor = TrainerActor(config("algorithm.minibatches=2", "algorithm.loss.correction.type=behavior"), str(preset))
+    m = actor.step(groups)
+    assert actor.version == 2 and finite(m)
+    assert "rollout/logp_mismatch_mean" not in m and "rollout/logp_mismatch_max" not in m
+    assert m["offpolicy/is_weight_mean"] == 1.0 and m["train/grad_norm"] > 0
+
+
+# ------------------------------------------------------------------------------------- publishing
+
+
+def test_publish_loads_into_worker(preset: Path, groups: list[Group]) -> None:
+    actor = TrainerActor(config(), str(preset))
+    actor.step(groups)
+    state, version = actor.publish()
+    assert version == actor.version == 1
+    worker = RolloutWorker(config(), str(preset))
+    trained = dict(actor.trainer.module.named_parameters())
+    before = dict(worker.engine.model.named_parameters())
+    assert not all(torch.equal(before[k], trained[k]) for k in trained)  # the step moved the weights
+
+    assert worker.load_weights((state, version)) == 1 and worker.version == 1
+    loaded = dict(worker.engine.model.named_parameters())
+    assert loaded.keys() == trained.keys()
+    for name, p in trained.items():
+        assert torch.equal(loaded[name], p.detach()), name
+
+    bad = copy.copy(state)
+    bad["model.norm.weight_typo"] = bad.pop("model.norm.weight")
+    with pytest.raises(RuntimeError, match="does not fit the rollout model.*model.norm.weight"):
+        worker.load_weights((bad, version + 1))
+    assert worker.version == 1
