@@ -346,6 +346,9 @@ class RayConfig(Strict):
     """Address of a running Ray cluster to join (null: start a local runtime)."""
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local runtime (default: enough for the actors)."""
+    timeout_s: float = Field(1800.0, gt=0.0)
+    """Longest wait on any actor call (a rollout, a train step, a weight sync); past it the run
+    stops with an error naming the call instead of hanging."""
 
 
 # ------------------------------------------------------------------------------------------ sft, eval

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from tidal.config import RunConfig
 
@@ -48,6 +49,17 @@ def start_ray(cfg: RunConfig) -> None:
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
              logging_level=logging.WARNING, log_to_driver=True)  # fmt: skip
+
+
+def wait_for(refs: Any, what: str, timeout_s: float) -> Any:
+    """`ray.get` bounded by `timeout_s`; a wait past it stops the run with a line naming the call."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RunError(f"{what} did not answer within ray.timeout_s={timeout_s:g}s; raise it for slow "
+                       "models, or look for a hung actor in /tmp/ray/session_latest/logs") from None  # fmt: skip
 
 
 def actor_error_line(err: Exception) -> str:

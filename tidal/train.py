@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from functools import partial
 from typing import Any
 
 from datasets import Dataset
@@ -20,7 +21,7 @@ from tidal.config import RunConfig, dump_config
 from tidal.data import load_splits
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
-from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, start_ray
+from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, start_ray, wait_for
 from tidal.warm_start import resolve_policy_dir
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
         trainer = ray.remote(TrainerActor).options(num_cpus=cfg.trainer.num_cpus).remote(cfg, str(model_dir), buffer)
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         if cfg.train.save_checkpoint:
-            summary["checkpoint"] = ray.get(trainer.save.remote(str(run_dir / "checkpoint")))
+            saved = trainer.save.remote(str(run_dir / "checkpoint"))
+            summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.timeout_s)
         summary["perf/wall_time_s"] = time.time() - t_start
         monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
     except ray.exceptions.RayError as e:
@@ -91,27 +93,30 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     return summary
 
 
-def _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm) -> dict[str, Any]:  # noqa: ANN001
+def _loop(
+    cfg: RunConfig, sampler: PromptSampler, eval_rows: list[dict[str, Any]], workers: list[Any], buffer: Any,
+    trainer: Any, monitor: Monitor, warm: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     """The on-policy loop: rollout -> buffer -> train -> publish, one step per rollout batch."""
-    import ray
-
-    before = ray.get(workers[0].evaluate.remote(eval_rows)) if eval_rows else {}
+    get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
+    before = get(workers[0].evaluate.remote(eval_rows), "held-out evaluation") if eval_rows else {}
     monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
     metrics: dict[str, float] = dict(before)
     for step in range(1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         chunks = _split(sampler.take(cfg.rollout.prompts_per_step), len(workers))
         seeds = [cfg.seed * 1_000_003 + step * len(workers) + i for i in range(len(workers))]
-        rolled = ray.get([w.rollout.remote(c, s) for w, c, s in zip(workers, chunks, seeds, strict=True)])
+        rolled = get([w.rollout.remote(c, s) for w, c, s in zip(workers, chunks, seeds, strict=True)], "rollout")
         t1 = time.perf_counter()
-        metrics = {**merge_worker_metrics([m for _, m in rolled]), **ray.get(buffer.pop_counts.remote())}
-        metrics.update(ray.get(trainer.step.remote()))
+        metrics = merge_worker_metrics([m for _, m in rolled])
+        metrics.update(get(trainer.step.remote(), "trainer step"))
+        metrics.update(get(buffer.pop_counts.remote(), "buffer"))
         t2 = time.perf_counter()
         snapshot = trainer.publish.remote()  # an object ref: each worker fetches it from the object store
-        ray.get([w.load_weights.remote(snapshot) for w in workers])
+        get([w.load_weights.remote(snapshot) for w in workers], "weight sync")
         t3 = time.perf_counter()
         if eval_rows and (step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-            metrics.update(ray.get(workers[0].evaluate.remote(eval_rows)))
+            metrics.update(get(workers[0].evaluate.remote(eval_rows), "held-out evaluation"))
         metrics.update(_perf(metrics, t0, t1, t2, t3, time.perf_counter()))
         monitor.log(metrics, step=step)
     return {
