@@ -47,7 +47,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "model.preset=tiny-qwen3-moe",
         "data.source.ops=[+]", "data.source.eval_size=32",
         "rollout.max_new_tokens=4", "rollout.group_size=8", "rollout.prompts_per_step=16",
-        "rollout.batch_size=128",
+        "rollout.batch_size=128", "rollout.num_workers=2",
         "trainer.lr=1e-3", "trainer.micro_batch_size=64",
         "algorithm.loss.kl.coef=0.001",
         "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}},"
@@ -61,7 +61,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     env = {**os.environ, "TIDAL_CACHE": os.environ.get("TIDAL_CACHE", str(tmp / "cache"))}
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(num_cpus=3, include_dashboard=False)  # two rollout workers and the trainer
     try:
         address = ray.get_runtime_context().gcs_address
         proc = subprocess.run(
@@ -120,7 +120,7 @@ def test_failing_reward_is_recorded_and_the_run_goes_on(run: dict[str, Any]) -> 
 def test_zero_variance_groups_are_counted(run: dict[str, Any]) -> None:
     for r in run["steps"]:
         generated = r["rollout/groups_generated"]
-        assert generated == 16
+        assert generated == 16 and r["rollout/samples"] == 16 * 8  # both workers' shares, merged
         assert r["rollout/groups_kept"] + r.get("rollout/filtered_zero_variance_groups", 0) == generated
         assert r.get("train/samples", 0) == 8 * r["rollout/groups_kept"]
 
