@@ -108,6 +108,10 @@ def _two_rank_worker(rank: int, port: int, path: str, out_dir: str, stages: list
         params = trainer.state_dict_for_export()
         if rank == 0:
             torch.save({"metrics": metrics, "params": params}, Path(out_dir) / f"stage{stage}.pt")
+    # Leave together: a rank that exits while its peer still holds gloo connections can abort the
+    # peer at interpreter shutdown ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_match_plain_torch_full_batch(preset: Path, tmp_path: Path) -> None:
