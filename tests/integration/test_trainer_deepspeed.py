@@ -25,6 +25,11 @@ ROWS = [(0, 3), (4, 2), (2, 5), (6, 3)]
 # eps well above the smallest gradients keeps Adam's first step from being sign(g) alone, so the
 # update depends on the gradient's scale and a wrong normalisation shows in the parameters.
 CFG = TrainerConfig(lr=1e-3, eps=1e-6, weight_decay=0.1, max_grad_norm=1.0, micro_batch_size=2, grad_accum=2)
+# Adam's first step is lr * g / (|g| + eps): where |g| ~ eps it magnifies gradient rounding, which
+# depends on the summation order of the CPU's kernels. Measured: up to 2.6e-6 between DeepSpeed and
+# plain torch on a 2-core x86 machine; a per-micro-batch mean instead of the global token mean moves
+# the weights by 2e-3, so the bound below still tells a wrong normalisation by two orders of magnitude.
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +84,7 @@ def test_one_step_matches_plain_torch(preset: Path, stage: int) -> None:
     assert ref_norm > CFG.max_grad_norm  # so clipping is exercised
     moved, err = max_diff(params, init), max_diff(params, ref)
     assert moved > 5e-4  # the step moved the weights by about lr
-    assert err < 2e-6
+    assert err < TOL
 
 
 def test_unclipped_step_depends_on_gradient_scale(preset: Path) -> None:
@@ -91,7 +96,7 @@ def test_unclipped_step_depends_on_gradient_scale(preset: Path) -> None:
     metrics = trainer.train_step(batch)
     assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
     err = max_diff(trainer.state_dict_for_export(), ref)
-    assert err < 2e-6
+    assert err < TOL
 
 
 def _two_rank_worker(rank: int, port: int, path: str, out_dir: str, stages: list[int]) -> None:
@@ -126,7 +131,7 @@ def test_two_ranks_match_plain_torch_full_batch(preset: Path, tmp_path: Path) ->
         assert out["metrics"]["loss"] == pytest.approx(ref_loss, rel=1e-5), stage
         assert out["metrics"]["grad_norm"] == pytest.approx(ref_norm, rel=1e-5), stage
         err = max_diff(out["params"], ref)
-        assert err < 2e-6, stage
+        assert err < TOL, stage
 
 
 @pytest.mark.parametrize("stage", [0, 2])
