@@ -153,9 +153,18 @@ class RolloutConfig(Strict):
     """RolloutWorker actors; a step's prompts are split among them."""
     num_cpus_per_worker: float = Field(1.0, gt=0.0)
     """CPUs each worker declares to Ray (its torch thread count is this, rounded up)."""
+    num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    """GPUs each worker declares to Ray (0 on CPU machines)."""
     max_staleness: int = Field(0, ge=0)
     """A sample of policy version v is trained at trainer version <= v + max_staleness, never later
-    (0: on-policy). Older samples are dropped and counted in `async/dropped_stale`."""
+    (0: on-policy, rollout and training take turns). Workers are given prompts only as far ahead as
+    this allows (backpressure); a sample that is still too old when trained is dropped and counted
+    in `async/dropped_stale_samples`."""
+    interruptible: bool = False
+    """Apply a newly published snapshot inside a generation, at a chunk boundary, instead of only
+    between generations. Each token records the version that sampled it (`Sample.versions`)."""
+    chunk_tokens: int = Field(8, ge=1)
+    """With `interruptible`: decode steps between two checks for a new snapshot."""
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -198,6 +207,51 @@ class TrainerConfig(Strict):
     """torch.distributed backend (default: nccl with CUDA, gloo otherwise)."""
     num_cpus: float = Field(1.0, gt=0.0)
     """CPUs the trainer actor declares to Ray (its torch thread count is this, rounded up)."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs the trainer actor declares to Ray (0 on CPU machines)."""
+
+
+# -------------------------------------------------------------------------------------- weight sync
+
+
+class ObjectStoreSync(Strict):
+    type: Literal["object_store"] = "object_store"
+    """Snapshots go through the Ray object store (works across nodes; the default)."""
+
+
+class BroadcastSync(Strict):
+    type: Literal["broadcast"] = "broadcast"
+    """torch.distributed broadcast in buckets from the trainer to every worker (gloo on CPU, NCCL on
+    GPU) in a process group of their own; metadata goes through Ray."""
+    bucket_mb: float = Field(256.0, gt=0.0)
+    """Largest bucket in MB; a tensor larger than this travels in a bucket of its own."""
+    backend: Literal["gloo", "nccl"] | None = None
+    """Backend of the weight-sync group (default: nccl with CUDA, gloo otherwise)."""
+    timeout_s: float = Field(600.0, gt=0.0)
+    """Longest wait of one broadcast; past it the sync fails with an error instead of hanging."""
+
+
+class DiskSync(Strict):
+    type: Literal["disk"] = "disk"
+    """safetensors files on a disk the workers share with the trainer (for engines that load
+    weights from disk)."""
+    dir: str | None = None
+    """Directory of the snapshot files (default: `<run_dir>/weights`)."""
+    keep: int = Field(3, ge=1)
+    """Snapshot files kept; older ones are deleted."""
+
+
+class WeightSyncConfig(Strict):
+    every: int = Field(1, ge=1)
+    """Publish a snapshot every this many trainer steps (the `sync_every` of other frameworks).
+    Workers then lag up to every - 1 steps behind, which must fit in `rollout.max_staleness`."""
+    transport: Annotated[ObjectStoreSync | BroadcastSync | DiskSync, Field(discriminator="type")] = ObjectStoreSync()
+    """How snapshots travel; `type` picks it (`object_store`, `broadcast` or `disk`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tag(cls, data: Any) -> Any:
+        return _with_default_tag(data, "transport", "object_store")
 
 
 # ------------------------------------------------------------------------------------------ algorithm
@@ -409,6 +463,21 @@ class RunConfig(Strict):
     """The RL loop of `tidal train`."""
     ray: RayConfig = RayConfig()
     """Ray runtime."""
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    """How and how often the trainer publishes weights to the rollout workers."""
+
+    @model_validator(mode="after")
+    def _sync_fits_staleness(self) -> RunConfig:
+        # Between two publishes the trainer takes (every - 1) x minibatches optimizer steps that the
+        # workers do not see; samples they generate meanwhile would be dropped as too stale.
+        lag = (self.weight_sync.every - 1) * self.algorithm.minibatches
+        if lag > self.rollout.max_staleness:
+            raise ValueError(
+                f"weight_sync.every={self.weight_sync.every} with algorithm.minibatches="
+                f"{self.algorithm.minibatches} lets workers fall {lag} versions behind, more than "
+                f"rollout.max_staleness={self.rollout.max_staleness}; raise max_staleness or lower every"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -485,7 +554,11 @@ def _format_error(err: ValidationError, tree: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-_TAGGED_SECTIONS = {("data", "source"): "arithmetic", ("algorithm", "loss", "correction"): "tis"}
+_TAGGED_SECTIONS = {
+    ("data", "source"): "arithmetic",
+    ("algorithm", "loss", "correction"): "tis",
+    ("weight_sync", "transport"): "object_store",
+}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

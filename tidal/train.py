@@ -2,8 +2,9 @@
 
 Data flow (DESIGN.md): prompts -> RolloutWorker x N (generate + score groups) -> TrajectoryBuffer
 (filter, staleness bound) -> Trainer (recompute log-probs, advantages, corrected policy loss,
-optimizer step) -> weights published back to the workers. With `max_staleness: 0` this runs
-on-policy: each step's samples come from the weights the trainer holds.
+optimizer step) -> weights published back to the workers, which pick them up between generations.
+With `rollout.max_staleness: k > 0` the workers generate the next batches while the trainer trains;
+with 0 the two take turns and every sample comes from the weights the trainer holds (on-policy).
 """
 
 from __future__ import annotations
@@ -47,12 +48,16 @@ class PromptSampler:
         return out
 
 
-def run_train(cfg: RunConfig) -> dict[str, float]:
-    """Train with RL; returns the summary (held-out accuracy before / after, wall time)."""
+def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type | None = None) -> dict[str, Any]:
+    """Train with RL; returns the summary (held-out accuracy before / after, ledger, wall time).
+
+    `worker_cls` / `trainer_cls` replace the RolloutWorker / TrainerActor classes (benchmarks swap
+    in calibrated sleeps while keeping the real actors, buffer and weight sync around them).
+    """
     import ray
 
     from tidal.rollout.buffer import TrajectoryBuffer
-    from tidal.rollout.worker import RolloutWorker
+    from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
     from tidal.trainer.actor import TrainerActor
 
     t_start = time.time()
@@ -68,13 +73,17 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
     start_ray(cfg)
     try:
-        buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, cfg.rollout.max_staleness)
+        r, t = cfg.rollout, cfg.trainer
+        buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, r.max_staleness)
         workers = [
-            ray.remote(RolloutWorker).options(num_cpus=cfg.rollout.num_cpus_per_worker)
+            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
+            .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker)
             .remote(cfg, str(model_dir), i, buffer)
-            for i in range(cfg.rollout.num_workers)
+            for i in range(r.num_workers)
         ]  # fmt: skip
-        trainer = ray.remote(TrainerActor).options(num_cpus=cfg.trainer.num_cpus).remote(cfg, str(model_dir), buffer)
+        trainer = (ray.remote(trainer_cls or TrainerActor).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus)
+                   .remote(cfg, str(model_dir), buffer))  # fmt: skip
+        _join_weight_sync(cfg, trainer, workers)
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         if cfg.train.save_checkpoint:
             saved = trainer.save.remote(str(run_dir / "checkpoint"))
@@ -93,37 +102,98 @@ def run_train(cfg: RunConfig) -> dict[str, float]:
     return summary
 
 
+def _join_weight_sync(cfg: RunConfig, trainer: Any, workers: list[Any]) -> None:
+    """Both ends of the weight transport; a broadcast group forms only once all members call in."""
+    group = wait_for(trainer.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.timeout_s)
+    calls = [trainer.join_weight_sync.remote(group)] + [w.join_weight_sync.remote(group) for w in workers]
+    wait_for(calls, "weight-sync setup", cfg.ray.timeout_s)
+
+
 def _loop(
     cfg: RunConfig, sampler: PromptSampler, eval_rows: list[dict[str, Any]], workers: list[Any], buffer: Any,
     trainer: Any, monitor: Monitor, warm: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    """The on-policy loop: rollout -> buffer -> train -> publish, one step per rollout batch."""
+    """The asynchronous loop. Rollout batch b is trained at step b. Workers generate the batches
+    ahead of the trainer as far as the staleness bound allows: batch b is handed out only once the
+    trainer's version when it trains b cannot exceed the workers' weights + max_staleness. With
+    max_staleness 0 rollout and training take turns (on-policy)."""
     get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
+    k, m, steps = cfg.rollout.max_staleness, cfg.algorithm.minibatches, cfg.train.steps
     before = get(workers[0].evaluate.remote(eval_rows), "held-out evaluation") if eval_rows else {}
     monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
     metrics: dict[str, float] = dict(before)
-    for step in range(1, cfg.train.steps + 1):
+    rollouts: dict[int, list[Any]] = {}  # batch -> the workers' rollout calls
+    offers = SyncTracker()
+    version = published = 0  # the trainer's version; the newest version offered to the workers
+    next_batch, t_prev = 1, time.perf_counter()
+    for step in range(1, steps + 1):
+        # Batch b trains at version ~ version + (b - step) * m; its samples come from weights >= published.
+        while next_batch <= steps and (next_batch == step or version + (next_batch - step) * m <= published + k):
+            rollouts[next_batch] = _dispatch(cfg, sampler, workers, next_batch, published)
+            next_batch += 1
         t0 = time.perf_counter()
-        chunks = _split(sampler.take(cfg.rollout.prompts_per_step), len(workers))
-        seeds = [cfg.seed * 1_000_003 + step * len(workers) + i for i in range(len(workers))]
-        rolled = get([w.rollout.remote(c, s) for w, c, s in zip(workers, chunks, seeds, strict=True)], "rollout")
+        metrics = merge_worker_metrics([m for _, m in get(rollouts.pop(step), "rollout")])
         t1 = time.perf_counter()
-        metrics = merge_worker_metrics([m for _, m in rolled])
-        metrics.update(get(trainer.step.remote(), "trainer step"))
+        metrics.update(get(trainer.step.remote(batch_id=step), "trainer step"))
         metrics.update(get(buffer.pop_counts.remote(), "buffer"))
+        version = int(metrics.get("train/version", version))
         t2 = time.perf_counter()
-        snapshot = trainer.publish.remote()  # an object ref: each worker fetches it from the object store
-        get([w.load_weights.remote(snapshot) for w in workers], "weight sync")
+        evaluate = bool(eval_rows) and (step == steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+        if step % cfg.weight_sync.every == 0 or evaluate or step == steps:
+            handle, publish_metrics = get(trainer.publish.remote(), "weight publish")
+            offers.add([w.offer_weights.remote(handle) for w in workers])
+            published = handle.version
+            metrics.update(publish_metrics)
         t3 = time.perf_counter()
-        if eval_rows and (step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-            metrics.update(get(workers[0].evaluate.remote(eval_rows), "held-out evaluation"))
-        metrics.update(_perf(metrics, t0, t1, t2, t3, time.perf_counter()))
+        if evaluate:
+            metrics.update(get(workers[0].evaluate.remote(eval_rows, published), "held-out evaluation"))
+        metrics.update(offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
+        t4 = time.perf_counter()
+        metrics.update(_perf(metrics, (t_prev, t0, t1, t2, t3, t4)))
+        t_prev = t4
         monitor.log(metrics, step=step)
+    ledger = {**get(buffer.ledger.remote(), "buffer"), **get(trainer.ledger.remote(), "trainer")}
     return {
         **{f"{k}_before": v for k, v in before.items() if k.startswith("eval/")},
         **{k: v for k, v in metrics.items() if k.startswith("eval/")},
         "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
+        **{f"ledger/{k}": float(v) for k, v in ledger.items()},
+        "ledger/dispatched_groups": float(sampler.next_group_id),
     }
+
+
+def _dispatch(cfg: RunConfig, sampler: PromptSampler, workers: list[Any], batch: int, min_version: int) -> list[Any]:
+    """Hand rollout batch `batch` to the workers, a share each, to generate with weights >= min_version."""
+    chunks = _split(sampler.take(cfg.rollout.prompts_per_step), len(workers))
+    seeds = [cfg.seed * 1_000_003 + batch * len(workers) + i for i in range(len(workers))]
+    return [w.rollout.remote(c, s, batch_id=batch, min_version=min_version)
+            for w, c, s in zip(workers, chunks, seeds, strict=True)]  # fmt: skip
+
+
+class SyncTracker:
+    """The workers' weight offers in flight: collected without blocking, so a failed sync surfaces
+    as an error at the next step instead of being lost, and finished ones give sync throughput."""
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def add(self, refs: list[Any]) -> None:
+        self.pending += refs
+
+    def collect(self, timeout_s: float) -> dict[str, float]:
+        import ray
+
+        if not self.pending:
+            return {}
+        done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout_s)
+        stats = ray.get(done)  # raises the error of a failed offer
+        if not stats:
+            return {}
+        seconds = sum(s["seconds"] for s in stats)
+        return {
+            "async/sync_bytes_per_s": sum(s["bytes"] for s in stats) / max(seconds, 1e-9),
+            "async/sync_time_s": seconds / len(stats),
+        }
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -150,9 +220,12 @@ def merge_worker_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def _perf(m: dict[str, float], t0: float, t1: float, t2: float, t3: float, t4: float) -> dict[str, float]:
+def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:
+    """Wall-clock split of one driver step: waiting for the batch's rollout (what the trainer idles
+    on), the train step, publishing, evaluation; step time is end to end since the last step."""
+    t_prev, t0, t1, t2, t3, t4 = times
     return {
-        "perf/step_time_s": t4 - t0,
+        "perf/step_time_s": t4 - t_prev,
         "perf/rollout_wall_s": t1 - t0,
         "perf/train_wall_s": t2 - t1,
         "perf/sync_wall_s": t3 - t2,

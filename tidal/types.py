@@ -28,7 +28,8 @@ class Completion:
     """One generated completion of one prompt.
 
     `logprobs[i]` is the behavior log-prob of `token_ids[i]` under the distribution sampled from
-    (log_softmax(logits / temperature) of the raw logits; temperature 1 for greedy decoding).
+    (log_softmax(logits / temperature) of the raw logits; temperature 1 for greedy decoding), and
+    `versions[i]` the policy version of the weights that sampled it.
     """
 
     prompt_ids: list[int]
@@ -37,6 +38,8 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[float]
     version: int = 0
+    """The oldest version among the tokens' (the engine's version for an empty completion)."""
+    versions: list[int] = field(default_factory=list)
 
 
 @dataclass

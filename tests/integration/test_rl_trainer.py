@@ -203,11 +203,15 @@ def test_trainer_actor_step(preset: Path, groups: list[Group]) -> None:
     m = actor.step(groups)
     assert actor.version == 4 and finite(m)
     assert m["async/staleness_mean"] == 2 and m["async/staleness_max"] == 2
+    assert m["async/token_staleness_mean"] == 2
+    assert m["async/staleness_frac_0"] == 0.0  # the histogram covers ages 0..max_staleness
     assert m["rollout/logp_mismatch_max"] > 1e-3
     assert m["offpolicy/is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
 
-    assert actor.step([]) == {"train/skipped_steps": 1.0}
+    skipped = actor.step([])
+    assert skipped["train/skipped_steps"] == 1.0 and "train/loss" not in skipped
     assert actor.version == 4
+    assert actor.ledger() == {"trained_groups": 4, "unique_trained_groups": 2}  # the same groups twice
 
 
 def test_behavior_correction_skips_recompute(
@@ -230,7 +234,7 @@ def test_behavior_correction_skips_recompute(
 def test_publish_loads_into_worker(preset: Path, groups: list[Group]) -> None:
     actor = TrainerActor(config(), str(preset))
     actor.step(groups)
-    state, version = actor.publish()
+    state, version = actor.snapshot()
     assert version == actor.version == 1
     worker = RolloutWorker(config(), str(preset))
     trained = dict(actor.trainer.module.named_parameters())

@@ -56,10 +56,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "monitor.wandb=offline",
     ])  # fmt: skip
     (tmp / "config.yaml").write_text(dump_config(cfg))
-    # A cluster of our own without token auth; a user's cluster hands its token to `ray.init` itself
-    # (RAY_AUTH_TOKEN or ~/.ray/auth_token), which the driver inherits unchanged.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
+    # A cluster of our own without token auth (tests/conftest.py); a user's cluster hands its token
+    # to `ray.init` itself (RAY_AUTH_TOKEN or ~/.ray/auth_token), which the driver inherits unchanged.
     env = {**os.environ, "TIDAL_CACHE": os.environ.get("TIDAL_CACHE", str(tmp / "cache"))}
     ray.init(num_cpus=3, include_dashboard=False)  # two rollout workers and the trainer
     try:
@@ -70,7 +68,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         )  # fmt: skip
     finally:
         ray.shutdown()
-        mp.undo()
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((cfg.run_dir / "summary.json").read_text())

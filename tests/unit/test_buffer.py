@@ -26,12 +26,12 @@ def test_zero_variance_groups_are_dropped_and_counted() -> None:
         Group(2, [sample(2, 0.0)]),
     ])  # fmt: skip
     assert kept == 1
-    assert [g.group_id for g in buf.get(10, trainer_version=0)] == [0]
+    assert [g.group_id for g in buf.take(0, trainer_version=0)] == [0]
     counts = buf.pop_counts()
     assert counts["rollout/filtered_zero_variance_groups"] == 2
     assert counts["rollout/filtered_zero_variance_samples"] == 4
     assert counts["rollout/groups_generated"] == 3 and counts["rollout/groups_kept"] == 1
-    assert buf.pop_counts() == {"async/buffer_groups": 0.0}  # counters are per call
+    assert buf.pop_counts() == {"async/buffer_groups": 0.0, "async/buffer_batches": 0.0}  # counters are per call
 
 
 def test_zero_variance_filter_off_keeps_everything() -> None:
@@ -46,7 +46,7 @@ def test_sample_filters_leave_unequal_groups() -> None:
         Group(0, [sample(0, 1.0), sample(0, 0.0, finish="length"), sample(0, 0.0), sample(0, 0.0, errors=["x"])]),
         Group(1, [sample(1, 0.0, finish="length")]),
     ])  # fmt: skip
-    (g,) = buf.get(10, 0)
+    (g,) = buf.take(0, 0)
     assert [s.reward for s in g.samples] == [1.0, 0.0]
     counts = buf.pop_counts()
     assert counts["rollout/filtered_truncated_samples"] == 2
@@ -58,18 +58,35 @@ def test_staleness_bound_drops_and_counts() -> None:
     buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1)
     buf.put([Group(0, [sample(0, 1.0, version=3)]), Group(1, [sample(1, 1.0, version=5), sample(1, 0.0, version=5)])])
     # At trainer version 5, version 3 is 2 behind (> 1): dropped; version 5 is fresh.
-    out = buf.get(10, trainer_version=5)
+    out = buf.take(0, trainer_version=5)
     assert [g.group_id for g in out] == [1]
     counts = buf.pop_counts()
     assert counts["async/dropped_stale_groups"] == 1 and counts["async/dropped_stale_samples"] == 1
 
 
-def test_get_is_fifo_and_bounded() -> None:
+def test_batches_are_taken_whole_and_only_once() -> None:
     buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=0)
-    buf.put([Group(i, [sample(i, 1.0)]) for i in range(5)])
-    assert [g.group_id for g in buf.get(2, 0)] == [0, 1]
-    assert buf.size() == 3
-    assert [g.group_id for g in buf.get(10, 0)] == [2, 3, 4]
+    # Two workers' shares of batch 1 arrive after one share of batch 2.
+    buf.put([Group(4, [sample(4, 1.0)])], batch_id=2)
+    buf.put([Group(0, [sample(0, 1.0)]), Group(1, [sample(1, 1.0)])], batch_id=1)
+    buf.put([Group(2, [sample(2, 1.0)])], batch_id=1)
+    assert buf.size() == 4 and buf.pop_counts()["async/buffer_batches"] == 2
+    assert [g.group_id for g in buf.take(1, 0)] == [0, 1, 2]
+    assert buf.take(1, 0) == []  # taken already: never handed out twice
+    assert [g.group_id for g in buf.take(2, 0)] == [4]
+    assert buf.size() == 0
+
+
+def test_ledger_accounts_for_every_group() -> None:
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=True), max_staleness=1)
+    buf.put([Group(0, [sample(0, 1.0), sample(0, 0.0)]), Group(1, [sample(1, 1.0), sample(1, 1.0)])], batch_id=1)
+    buf.put([Group(2, [sample(2, 1.0, version=0), sample(2, 0.0, version=0)])], batch_id=2)
+    buf.put([Group(3, [sample(3, 1.0, version=2), sample(3, 0.0, version=2)])], batch_id=3)
+    buf.take(1, trainer_version=0)
+    buf.take(2, trainer_version=2)  # version 0 at trainer version 2: too stale
+    buf.pop_counts()  # per-step counters are cleared; the ledger keeps run totals
+    assert buf.ledger() == {"generated_groups": 4, "filtered_groups": 1, "dropped_stale_groups": 1,
+                            "taken_groups": 1, "held_groups": 1}  # fmt: skip
 
 
 def test_prompt_sampler_covers_an_epoch_before_repeating() -> None:

@@ -1,13 +1,15 @@
-"""The TrajectoryBuffer: groups in, filtered and staleness-checked batches out.
+"""The TrajectoryBuffer: scored groups in, filtered and staleness-checked rollout batches out.
 
 `TrajectoryBuffer` is plain logic (tested without Ray) and becomes the buffer actor with
-`ray.remote(TrajectoryBuffer)`. Nothing leaves silently: every dropped sample or group is counted
-under a named metric.
+`ray.remote(TrajectoryBuffer)`. Groups arrive tagged with the rollout batch they belong to (a batch
+is one trainer step's prompts, split among the workers); the trainer takes a whole batch. Nothing
+leaves silently: every dropped sample or group is counted under a named metric, and the running
+totals (`ledger()`) account for every group ever put.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, defaultdict
 
 from tidal.config import FilterConfig
 from tidal.types import Group
@@ -38,44 +40,66 @@ def filter_group(group: Group, cfg: FilterConfig, counts: Counter[str]) -> Group
 
 
 class TrajectoryBuffer:
-    """FIFO of filtered groups with a staleness bound.
+    """Filtered groups by rollout batch, with the staleness bound applied when a batch is taken.
 
     A group of version v is handed out only while the trainer's version is <= v + max_staleness;
-    older groups are dropped and counted in `async/dropped_stale_groups` / `_samples`.
+    older groups are dropped and counted in `async/dropped_stale_groups` / `_samples`. The driver
+    dispatches prompts only as far ahead as the bound allows, so such drops are the exception.
     """
 
     def __init__(self, cfg: FilterConfig, max_staleness: int) -> None:
         self.cfg = cfg
         self.max_staleness = max_staleness
-        self.groups: deque[Group] = deque()
+        self.batches: defaultdict[int, list[Group]] = defaultdict(list)
         self.counts: Counter[str] = Counter()
+        """Per-step counters, cleared by `pop_counts`."""
+        self.totals: Counter[str] = Counter()
+        """Run totals of groups by fate: generated = filtered + dropped_stale + taken + still held."""
 
-    def put(self, groups: list[Group]) -> int:
-        """Filter and enqueue; returns the number of groups kept."""
+    def put(self, groups: list[Group], batch_id: int = 0) -> int:
+        """Filter and hold `groups` under `batch_id`; returns the number of groups kept."""
         kept = [g for g in (filter_group(g, self.cfg, self.counts) for g in groups) if g is not None]
-        self.counts["rollout/groups_generated"] += len(groups)
-        self.counts["rollout/groups_kept"] += len(kept)
-        self.groups.extend(kept)
+        self._count("rollout/groups_generated", len(groups))
+        self._count("rollout/groups_kept", len(kept))
+        self.totals["filtered_groups"] += len(groups) - len(kept)
+        self.batches[batch_id].extend(kept)
         return len(kept)
 
-    def get(self, max_groups: int, trainer_version: int) -> list[Group]:
-        """Up to `max_groups` of the oldest groups still fresh enough for `trainer_version`."""
+    def take(self, batch_id: int, trainer_version: int) -> list[Group]:
+        """The kept groups of `batch_id` still fresh enough for `trainer_version` (the batch is removed)."""
         out: list[Group] = []
-        while self.groups and len(out) < max_groups:
-            g = self.groups.popleft()
+        for g in self.batches.pop(batch_id, []):
             if trainer_version > g.version + self.max_staleness:
-                self.counts["async/dropped_stale_groups"] += 1
+                self._count("async/dropped_stale_groups", 1)
                 self.counts["async/dropped_stale_samples"] += len(g.samples)
                 continue
             out.append(g)
+        self.totals["taken_groups"] += len(out)
         return out
 
     def size(self) -> int:
-        return len(self.groups)
+        """Groups held."""
+        return sum(len(b) for b in self.batches.values())
 
     def pop_counts(self) -> dict[str, float]:
         """Counters since the last call (per-step metrics), plus the buffer fill."""
         out = {k: float(v) for k, v in self.counts.items()}
         self.counts.clear()
-        out["async/buffer_groups"] = float(len(self.groups))
+        out["async/buffer_groups"] = float(self.size())
+        out["async/buffer_batches"] = float(sum(1 for b in self.batches.values() if b))
         return out
+
+    def ledger(self) -> dict[str, int]:
+        """Run totals: `generated_groups` = `filtered_groups` + `dropped_stale_groups` +
+        `taken_groups` + `held_groups`, so no group is lost without a count."""
+        return {
+            "generated_groups": self.totals["rollout/groups_generated"],
+            "filtered_groups": self.totals["filtered_groups"],
+            "dropped_stale_groups": self.totals["async/dropped_stale_groups"],
+            "taken_groups": self.totals["taken_groups"],
+            "held_groups": self.size(),
+        }
+
+    def _count(self, key: str, n: int) -> None:
+        self.counts[key] += n
+        self.totals[key] += n

@@ -8,6 +8,8 @@ swapped in between tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -71,8 +73,18 @@ class TransformersEngine:
         return ids
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One completion per prompt (repeat a prompt to get a group)."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams,
+        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8,
+    ) -> list[Completion]:  # fmt: skip
+        """One completion per prompt (repeat a prompt to get a group).
+
+        `on_chunk`, when given, is called every `chunk_tokens` decode steps while rows are still
+        generating; it may load new weights and bump `self.version` (interruptible generation). The
+        KV cache of the tokens so far is kept, as PipelineRL does: each later token is sampled from
+        the new weights over that cache, and its behavior log-prob and version (`Completion.versions`)
+        record exactly the distribution it was sampled from.
+        """
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -89,6 +101,7 @@ class TransformersEngine:
         n = len(prompts)
         tokens: list[list[int]] = [[] for _ in range(n)]
         logps: list[list[float]] = [[] for _ in range(n)]
+        versions: list[list[int]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         for step in range(params.max_new_tokens):
@@ -99,11 +112,14 @@ class TransformersEngine:
                 t = int(tok[i])
                 tokens[i].append(t)
                 logps[i].append(float(lp[i]))
+                versions[i].append(self.version)
                 if t in stop_ids or self._hits_stop_string(tokens[i], params.stop):
                     finish[i] = "stop"
                     done[i] = True
             if bool(done.all()) or step == params.max_new_tokens - 1:
                 break
+            if on_chunk is not None and (step + 1) % chunk_tokens == 0:
+                on_chunk()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
@@ -115,9 +131,10 @@ class TransformersEngine:
                 text=self.tokenizer.decode(t, skip_special_tokens=True),
                 finish_reason=f or "length",  # type: ignore[arg-type]
                 logprobs=lp,
-                version=self.version,
+                version=min(v, default=self.version),
+                versions=v,
             )
-            for p, t, lp, f in zip(prompts, tokens, logps, finish, strict=True)
+            for p, t, lp, f, v in zip(prompts, tokens, logps, finish, versions, strict=True)
         ]
 
     @staticmethod

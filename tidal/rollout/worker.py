@@ -2,17 +2,24 @@
 
 A plain class (usable in-process) that the driver turns into a Ray actor with `ray.remote`. It
 generates `group_size` completions per prompt with the rollout engine, scores them with the reward
-functions, and puts the groups into the TrajectoryBuffer. New weights are loaded only between
-generations, so a sample never mixes two versions.
+functions, and puts the groups into the TrajectoryBuffer.
+
+Weights arrive on a second thread (the actor's `control` concurrency group): `offer_weights`
+receives a published snapshot while a generation may be running and stages it; the generation
+thread applies it between generations, or at a chunk boundary inside one with
+`rollout.interruptible`. A sample never mixes two versions silently: every token records the
+version that sampled it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from typing import Any
 
+import ray
 import torch
 
 from tidal.config import RunConfig
@@ -21,9 +28,13 @@ from tidal.models import load_model, load_tokenizer
 from tidal.rewards import RewardScorer
 from tidal.rollout.engine import TransformersEngine
 from tidal.rollout.evaluate import evaluate
+from tidal.trainer.weight_sync import WeightHandle, WeightReceiver, make_receiver
 from tidal.types import Completion, Group, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
+
+CONCURRENCY_GROUPS = {"control": 1}
+"""Ray concurrency groups of the worker actor: weight offers run beside generation, one at a time."""
 
 
 def sampling_params(cfg: RunConfig, seed: int) -> SamplingParams:
@@ -33,6 +44,7 @@ def sampling_params(cfg: RunConfig, seed: int) -> SamplingParams:
 
 
 def to_sample(c: Completion, group_id: int, row: dict[str, Any]) -> Sample:
+    versions = c.versions or [c.version] * len(c.token_ids)
     return Sample(
         group_id=group_id,
         prompt_ids=c.prompt_ids,
@@ -41,7 +53,7 @@ def to_sample(c: Completion, group_id: int, row: dict[str, Any]) -> Sample:
         logp_mu=c.logprobs,
         finish_reason=c.finish_reason,
         version=c.version,
-        versions=[c.version] * len(c.token_ids),
+        versions=versions,
         text=c.text,
         row=row,
     )
@@ -56,28 +68,56 @@ class RolloutWorker:
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.engine = TransformersEngine(load_model(model_dir, dtype), load_tokenizer(model_dir), version=0)
         self.scorer = RewardScorer(cfg.rewards)
+        self._receiver: WeightReceiver | None = None
+        self._staged: tuple[dict[str, torch.Tensor], int] | None = None
+        self._cv = threading.Condition()
+        self._last_end = time.perf_counter()
 
     @property
     def version(self) -> int:
         return self.engine.version
 
-    def rollout(self, prompts: list[tuple[int, dict[str, Any]]], seed: int) -> tuple[list[Group], dict[str, float]]:
-        """Generate and score one group per (group_id, row); puts them into the buffer when one is
-        attached (and then returns no groups), else returns them. Metrics are this call's."""
+    # ------------------------------------------------------------------------- control thread
+
+    @ray.method(concurrency_group="control")
+    def join_weight_sync(self, group: tuple[str, int, int] | None) -> None:
+        """Build this worker's receiving end (for `broadcast`: join the trainer's group as rank index + 1)."""
+        self._receiver = make_receiver(self.cfg.weight_sync, group, rank=self.index + 1)
+
+    @ray.method(concurrency_group="control")
+    def offer_weights(self, handle: WeightHandle) -> dict[str, float]:
+        """Receive a published snapshot and stage it for the generation thread; returns sync stats."""
         t0 = time.perf_counter()
-        rows = [row for _, row in prompts]
-        ids = encode_prompts(self.engine.tokenizer, rows, self.cfg.data)
-        n = self.cfg.rollout.group_size
-        flat_prompts = [p for p in ids for _ in range(n)]
-        flat_meta = [(gid, row) for gid, row in prompts for _ in range(n)]
-        completions: list[Completion] = []
-        bs = self.cfg.rollout.batch_size
-        for i, start in enumerate(range(0, len(flat_prompts), bs)):
-            params = sampling_params(self.cfg, seed=seed * 1_000_003 + i)
-            completions += self.engine.generate(flat_prompts[start : start + bs], params)
-        t_gen = time.perf_counter() - t0
+        if self._receiver is None:
+            self._receiver = make_receiver(self.cfg.weight_sync)
+        state = self._receiver.receive(handle)
+        seconds = time.perf_counter() - t0
+        self._check_fits(state, handle.version)
+        with self._cv:
+            if self._staged is None or handle.version > self._staged[1]:
+                self._staged = (state, handle.version)
+            self._cv.notify_all()
+        return {"version": float(handle.version), "bytes": float(handle.nbytes), "seconds": seconds}
+
+    # ---------------------------------------------------------------------- generation thread
+
+    def rollout(
+        self, prompts: list[tuple[int, dict[str, Any]]], seed: int, batch_id: int = 0, min_version: int = 0
+    ) -> tuple[list[Group], dict[str, float]]:
+        """Generate and score one group per (group_id, row) with weights of version >= `min_version`.
+
+        Puts the groups into the buffer under `batch_id` when one is attached (and then returns no
+        groups), else returns them. Metrics are this call's.
+        """
+        t0 = time.perf_counter()
+        idle = t0 - self._last_end
+        weight_wait = self._wait_for_version(min_version)
+        t_gen0 = time.perf_counter()
+        completions, flat_meta = self._generate(prompts, seed)
+        t_gen = time.perf_counter() - t_gen0
         samples = [to_sample(c, gid, row) for c, (gid, row) in zip(completions, flat_meta, strict=True)]
         reward_metrics = self.scorer.score(samples)
+        n = self.cfg.rollout.group_size
         groups = [Group(gid, samples[k * n : (k + 1) * n]) for k, (gid, _) in enumerate(prompts)]
         tokens = sum(len(s.response_ids) for s in samples)
         metrics = {
@@ -86,35 +126,89 @@ class RolloutWorker:
             "rollout/response_length": tokens / max(len(samples), 1),
             "rollout/truncated_frac": _mean([float(s.finish_reason == "length") for s in samples]),
             "rollout/samples": float(len(samples)),
+            "rollout/interrupted_samples": float(sum(len(set(s.versions)) > 1 for s in samples)),
+            "async/worker_version": float(self.version),
+            "async/worker_idle_s": idle,
+            "async/worker_weight_wait_s": weight_wait,
             "perf/rollout_tokens": float(tokens),
             "perf/generate_time_s": t_gen,
-            "perf/rollout_time_s": time.perf_counter() - t0,
         }
         if self.buffer is not None:
-            import ray
-
-            ray.get(self.buffer.put.remote(groups))
-            return [], metrics
+            ray.get(self.buffer.put.remote(groups, batch_id))
+            groups = []
+        metrics["perf/rollout_time_s"] = time.perf_counter() - t0
+        self._last_end = time.perf_counter()
         return groups, metrics
 
-    def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
-        """Swap in a published (state dict, version) snapshot between generations; returns the
-        version now held."""
-        state_dict, version = snapshot
+    def _generate(
+        self, prompts: list[tuple[int, dict[str, Any]]], seed: int
+    ) -> tuple[list[Completion], list[tuple[int, dict[str, Any]]]]:
+        """`group_size` completions per prompt, and the (group id, row) of each completion."""
+        ids = encode_prompts(self.engine.tokenizer, [row for _, row in prompts], self.cfg.data)
+        n = self.cfg.rollout.group_size
+        flat_prompts = [p for p in ids for _ in range(n)]
+        flat_meta = [(gid, row) for gid, row in prompts for _ in range(n)]
+        on_chunk = self._apply_staged if self.cfg.rollout.interruptible else None
+        completions: list[Completion] = []
+        bs = self.cfg.rollout.batch_size
+        for i, start in enumerate(range(0, len(flat_prompts), bs)):
+            self._apply_staged()  # between generations, newer weights always go in
+            params = sampling_params(self.cfg, seed=seed * 1_000_003 + i)
+            completions += self.engine.generate(flat_prompts[start : start + bs], params, on_chunk=on_chunk,
+                                                chunk_tokens=self.cfg.rollout.chunk_tokens)  # fmt: skip
+        return completions, flat_meta
+
+    def _wait_for_version(self, min_version: int) -> float:
+        """Block until weights of version >= `min_version` are held or staged, apply them; seconds waited."""
+        t0 = time.perf_counter()
+        timeout = self.cfg.ray.timeout_s
+
+        def ready() -> bool:
+            staged = self._staged[1] if self._staged is not None else -1
+            return max(staged, self.engine.version) >= min_version
+
+        with self._cv:
+            if not self._cv.wait_for(ready, timeout=timeout):
+                raise TimeoutError(f"rollout worker {self.index} waited {timeout:g}s (ray.timeout_s) for weights "
+                                   f"v{min_version} but holds v{self.version}; did a weight sync fail?")  # fmt: skip
+        self._apply_staged()
+        return time.perf_counter() - t0
+
+    def _apply_staged(self) -> None:
+        """Load the staged snapshot, if it is newer than the weights held (generation thread only)."""
+        with self._cv:
+            staged, self._staged = self._staged, None
+        if staged is None or staged[1] <= self.engine.version:
+            return
+        state, version = staged
         model = self.engine.model
-        # Checked before loading: a snapshot that does not fit must leave the old weights intact.
+        dtype = next(model.parameters()).dtype
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        self.engine.version = version
+
+    def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
+        """Load a (state dict, version) snapshot now (in-process use); returns the version held."""
+        state, version = snapshot
+        self._check_fits(state, version)
+        with self._cv:
+            self._staged = (state, version)
+        self._apply_staged()
+        return self.version
+
+    def _check_fits(self, state: dict[str, torch.Tensor], version: int) -> None:
+        # Checked before staging: a snapshot that does not fit must leave the old weights intact.
+        model = self.engine.model
         params = {n for n, _ in model.named_parameters()}
-        missing, unexpected = sorted(params - set(state_dict)), sorted(set(state_dict) - set(model.state_dict()))
+        missing, unexpected = sorted(params - set(state)), sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
             raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip
-        dtype = next(model.parameters()).dtype
-        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False)
-        self.engine.version = version
-        return version
 
-    def evaluate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        return evaluate(self.engine, rows, self.cfg.data, self.cfg.eval, batch_size=self.cfg.rollout.batch_size)
+    def evaluate(self, rows: list[dict[str, Any]], min_version: int = 0) -> dict[str, float]:
+        """Greedy held-out accuracy with weights of version >= `min_version`."""
+        self._wait_for_version(min_version)
+        out = evaluate(self.engine, rows, self.cfg.data, self.cfg.eval, batch_size=self.cfg.rollout.batch_size)
+        return {**out, "eval/version": float(self.version)}
 
 
 def _mean(xs: list[float]) -> float:

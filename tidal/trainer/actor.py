@@ -19,10 +19,8 @@ from tidal.config import BehaviorCorrection, RunConfig
 from tidal.models import load_model, load_tokenizer
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator, recompute_logprobs, split_rows
-from tidal.types import Group
-
-STEP_WAIT_S = 600.0
-"""Longest wait for the buffer to answer; a hung buffer must fail loudly, not stall the run."""
+from tidal.trainer.weight_sync import WeightHandle, WeightPublisher, make_publisher, sync_group_address
+from tidal.types import Group, TrainBatch
 
 
 class TrainerActor:
@@ -37,23 +35,35 @@ class TrainerActor:
         # The reference is the frozen initial policy; loaded only when the KL penalty is on.
         self.ref = load_model(model_dir).eval().requires_grad_(False) if cfg.algorithm.loss.kl.coef > 0 else None
         self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
+        self.publisher: WeightPublisher | None = None
+        self.trained_groups: list[int] = []
+        """Group ids trained on, in order (a group trained twice would show here twice)."""
+        self._last_end = time.perf_counter()
 
     @property
     def version(self) -> int:
         return self.trainer.version
 
-    def step(self, groups: list[Group] | None = None) -> dict[str, float]:
-        """One rollout batch: from `groups`, or pulled from the buffer. Returns train metrics."""
+    def step(self, groups: list[Group] | None = None, batch_id: int = 0) -> dict[str, float]:
+        """One rollout batch: `groups`, or batch `batch_id` taken from the buffer. Returns train metrics."""
         t0 = time.perf_counter()
+        idle = t0 - self._last_end
         if groups is None:
             import ray
 
-            ref = self.buffer.get.remote(self.cfg.rollout.prompts_per_step, self.version)
-            groups = ray.get(ref, timeout=STEP_WAIT_S)
-        if not groups:
-            return {"train/skipped_steps": 1.0}
-        ages = [self.version - s.version for g in groups for s in g.samples]
+            groups = ray.get(self.buffer.take.remote(batch_id, self.version), timeout=self.cfg.ray.timeout_s)
+        try:
+            metrics = self._train(groups) if groups else {"train/skipped_steps": 1.0}
+        finally:
+            self._last_end = time.perf_counter()
+        metrics["async/trainer_idle_s"] = idle
+        return metrics
+
+    def _train(self, groups: list[Group]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.trained_groups += [g.group_id for g in groups]
         batch, metrics = build_batch(groups, self.cfg.algorithm.advantage, self.tokenizer.pad_token_id)
+        metrics.update(_staleness(self.version, groups, batch, self.cfg.rollout.max_staleness))
         t_prep = time.perf_counter()
         cfg, temp = self.cfg, self.cfg.rollout.temperature
         mb = cfg.trainer.micro_batch_size
@@ -76,8 +86,7 @@ class TrainerActor:
         metrics.update({
             "train/version": float(self.version),
             "train/samples": float(batch.input_ids.shape[0]),
-            "async/staleness_mean": statistics.fmean(ages),
-            "async/staleness_max": float(max(ages)),
+            "train/groups": float(len(groups)),
             "perf/train_tokens": tokens,
             "perf/train_tokens_per_s": tokens / max(t_end - t_recompute, 1e-9),
             "perf/recompute_time_s": t_recompute - t_prep,
@@ -85,12 +94,52 @@ class TrainerActor:
         })  # fmt: skip
         return metrics
 
-    def publish(self) -> tuple[dict[str, torch.Tensor], int]:
-        """(full fp32 state dict, version) of the current policy, for the workers."""
+    def weight_sync_group(self, num_workers: int) -> tuple[str, int, int] | None:
+        """(address, port, world size) of the weight-sync group the workers join (`broadcast` only)."""
+        if self.cfg.weight_sync.transport.type != "broadcast":
+            return None
+        return (*sync_group_address(), num_workers + 1)
+
+    def join_weight_sync(self, group: tuple[str, int, int] | None) -> None:
+        """Build the publishing end; with `broadcast` this blocks until every worker has joined."""
+        self.publisher = make_publisher(self.cfg.weight_sync, self.cfg.run_dir / "weights", group)
+
+    def publish(self) -> tuple[WeightHandle, dict[str, float]]:
+        """Publish the current policy for the workers without waiting for them; (handle, metrics)."""
+        t0 = time.perf_counter()
+        if self.publisher is None:
+            self.join_weight_sync(None)
+        assert self.publisher is not None
+        handle = self.publisher.publish(self.trainer.state_dict_for_export(), self.version)
+        self._last_end = time.perf_counter()
+        return handle, {"perf/publish_time_s": self._last_end - t0, "async/published_version": float(self.version)}
+
+    def ledger(self) -> dict[str, int]:
+        """Groups trained on, and how many distinct ones (equal unless a group was trained twice)."""
+        return {"trained_groups": len(self.trained_groups), "unique_trained_groups": len(set(self.trained_groups))}
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(full fp32 state dict, version) of the current policy, in-process."""
         return self.trainer.state_dict_for_export(), self.version
 
     def save(self, out_dir: str) -> str:
         return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))
+
+
+def _staleness(version: int, groups: list[Group], batch: TrainBatch, max_staleness: int) -> dict[str, float]:
+    """Staleness at the start of the update: per sample (trainer version minus the sample's oldest
+    token version) the mean, max and a histogram as the fraction of samples of each age
+    0..max_staleness (older ones never get here); per token the mean, which is lower with
+    interruptible generation, where later tokens of a sample come from newer weights."""
+    ages = [version - s.version for g in groups for s in g.samples]
+    token_ages = (version - batch.versions)[batch.loss_mask.bool()].float()
+    out = {
+        "async/staleness_mean": statistics.fmean(ages),
+        "async/staleness_max": float(max(ages)),
+        "async/token_staleness_mean": float(token_ages.mean()) if token_ages.numel() else 0.0,
+    }
+    out.update({f"async/staleness_frac_{a}": sum(x == a for x in ages) / len(ages) for a in range(max_staleness + 1)})
+    return out
 
 
 def _mismatch(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,468 @@
+"""Weight sync from the trainer to the rollout workers: three transports behind one small interface.
+
+The trainer's `WeightPublisher.publish(state, version)` takes a snapshot of the policy without
+waiting for any worker and returns a `WeightHandle`; the driver passes the handle to each worker
+through Ray, and the worker's `WeightReceiver.receive(handle)` (in a control thread, possibly while
+it generates) returns a state dict bit-identical to the published one.
+
+- `object_store`: the snapshot is `ray.put` into the Ray object store; works across nodes.
+- `broadcast`: a torch.distributed group of its own (trainer rank 0, workers 1..N) broadcasts the
+  snapshot in dtype-homogeneous flat buckets; the handle carries only the bucket plan. Every worker
+  must receive every published version, in order: a broadcast needs all ranks.
+- `disk`: one safetensors file per version in a directory the workers share, for engines that
+  reload weights from disk.
+
+Broadcast setup is two-phase, because building the group blocks until every rank joins: the
+trainer calls `sync_group_address()`, then the trainer's `make_publisher` and every worker's
+`make_receiver` run concurrently with `group=(address, port, world_size)`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from tidal.config import BroadcastSync, DiskSync, ObjectStoreSync, WeightSyncConfig
+
+log = logging.getLogger(__name__)
+
+GroupAddress = tuple[str, int, int]
+"""(address, port, world_size) of a broadcast group: the trainer's TCPStore and 1 + workers."""
+
+
+@dataclass
+class WeightHandle:
+    """What crosses from the trainer to the workers through Ray: a published version and how to fetch it."""
+
+    version: int
+    nbytes: int
+    """Bytes of the state dict."""
+    transport: str
+    """The transport that published it: object_store, broadcast or disk."""
+    payload: Any
+    """Per transport: `[ObjectRef]`, a `BroadcastPlan`, a `DiskFile`."""
+
+
+class WeightPublisher(Protocol):
+    """Trainer side: publishes snapshots; `publish` returns without waiting for any worker."""
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle: ...
+
+    def close(self) -> None: ...
+
+
+class WeightReceiver(Protocol):
+    """Worker side: turns a handle into a state dict bit-identical to the published one."""
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+def state_nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _check_transport(handle: WeightHandle, transport: str) -> None:
+    if handle.transport != transport:
+        raise ValueError(f"a {transport} weight receiver got a {handle.transport} handle (v{handle.version}); "
+                         "the trainer and the workers must use the same weight_sync.transport")  # fmt: skip
+
+
+def _log_publish(handle: WeightHandle, t0: float) -> None:
+    log.debug("weight sync %s: published v%d (%.1f MB) in %.3fs", handle.transport, handle.version,
+              handle.nbytes / 1e6, time.perf_counter() - t0)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- object store
+
+
+class ObjectStorePublisher:
+    """`ray.put` of the snapshot; the handle holds `[ref]` so Ray does not resolve it when the handle
+    is a task argument. The latest ref is kept so the object lives until the next publish.
+
+    Tensors travel as raw bytes in numpy arrays, with dtype and shape beside them: Ray writes numpy
+    buffers into the object store in one copy and reads them back without one, where a pickled
+    torch tensor costs a copy more each way (measured 4-5x slower for 500 MB in bench/weight_sync.py).
+    Bytes also carry dtypes numpy lacks (bfloat16) bit for bit.
+    """
+
+    def __init__(self, cfg: ObjectStoreSync, weights_dir: Path, group: GroupAddress | None) -> None:
+        self._latest: Any = None
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+        import ray
+
+        t0 = time.perf_counter()
+        # ray.put copies, so the trainer may change its weights as soon as this returns.
+        self._latest = ray.put({name: (t.dtype, tuple(t.shape), _bytes_of(t)) for name, t in state.items()})
+        handle = WeightHandle(version, state_nbytes(state), "object_store", [self._latest])
+        _log_publish(handle, t0)
+        return handle
+
+    def close(self) -> None:
+        self._latest = None
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a uint8 numpy array (no copy for a contiguous CPU tensor)."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def _tensor_of(dtype: torch.dtype, shape: tuple[int, ...], data: np.ndarray) -> torch.Tensor:
+    if data.size == 0:  # an empty uint8 array has no stride torch can reinterpret
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(data.copy()).view(dtype).view(shape)
+
+
+class ObjectStoreReceiver:
+    """`ray.get` of the snapshot, copied out of the (read-only, shared) object store memory."""
+
+    def __init__(self, cfg: ObjectStoreSync, group: GroupAddress | None, rank: int) -> None:
+        pass
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        import ray
+
+        _check_transport(handle, "object_store")
+        stored = ray.get(handle.payload[0])
+        return {name: _tensor_of(dtype, shape, data) for name, (dtype, shape, data) in stored.items()}
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------ broadcast
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor inside a bucket; `offset` counts elements of the bucket's dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    dtype: torch.dtype
+    numel: int
+    slots: tuple[Slot, ...]
+
+
+@dataclass(frozen=True)
+class BroadcastPlan:
+    """The payload of a broadcast handle: buckets in send order and the state dict's key order."""
+
+    buckets: tuple[Bucket, ...]
+    names: tuple[str, ...]
+
+
+def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> BroadcastPlan:
+    """Pack tensors by dtype, in state-dict order, into buckets of at most `bucket_bytes`; a tensor
+    larger than that gets a bucket of its own."""
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in state.items():
+        by_dtype.setdefault(t.dtype, []).append((name, t))
+    buckets: list[Bucket] = []
+    for dtype, items in by_dtype.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        slots: list[Slot] = []
+        numel = 0
+        for name, t in items:
+            if slots and (numel + t.numel()) * size > bucket_bytes:
+                buckets.append(Bucket(dtype, numel, tuple(slots)))
+                slots, numel = [], 0
+            slots.append(Slot(name, tuple(t.shape), numel))
+            numel += t.numel()
+        if slots:
+            buckets.append(Bucket(dtype, numel, tuple(slots)))
+    return BroadcastPlan(tuple(buckets), tuple(state))
+
+
+def sync_group_address() -> tuple[str, int]:
+    """Address and a free port for a broadcast group's TCPStore; call it on the trainer, which hosts
+    the store. The port is free now; another process could take it before the store binds it."""
+    import ray
+
+    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return host, s.getsockname()[1]
+
+
+def _resolve_backend(cfg: BroadcastSync) -> str:
+    backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and not (torch.cuda.is_available() and hasattr(torch.distributed, "ProcessGroupNCCL")):
+        raise RuntimeError("weight_sync.transport.backend=nccl needs CUDA and a torch built with NCCL; "
+                           "set backend: gloo")  # fmt: skip
+    return backend
+
+
+def _join_group(cfg: BroadcastSync, group: GroupAddress | None, rank: int) -> tuple[Any, Any, torch.device]:
+    """Build this rank's side of the weight-sync group: (store, process group, device of buffers).
+
+    Not the default process group: the trainer already has DeepSpeed's. Gloo's constructor blocks
+    (with the GIL released) until all ranks joined or the timeout passed; NCCL's connects lazily.
+    """
+    if group is None:
+        raise ValueError("the broadcast weight sync needs group=(address, port, world_size) from sync_group_address()")
+    address, port, world_size = group
+    if not 0 <= rank < world_size:
+        raise ValueError(f"broadcast weight sync: rank {rank} is outside a group of {world_size}")
+    backend = _resolve_backend(cfg)
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    dist = torch.distributed
+    try:
+        store = dist.TCPStore(address, port, world_size, is_master=rank == 0, wait_for_workers=False, timeout=timeout)
+        if backend == "gloo":
+            return store, dist.ProcessGroupGloo(store, rank, world_size, timeout), torch.device("cpu")
+    except RuntimeError as e:
+        raise RuntimeError(f"broadcast weight sync: rank {rank} of {world_size} could not join the {backend} group "
+                           f"at {address}:{port} within timeout_s={cfg.timeout_s:g}: {e}") from e  # fmt: skip
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    device = torch.device("cuda", torch.cuda.current_device())
+    return store, dist.ProcessGroupNCCL(store, rank, world_size, options), device
+
+
+def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str) -> None:
+    """Broadcast `flat` from rank 0, bit for bit: sent as bytes, so any dtype goes through."""
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = 0
+    try:
+        pg.broadcast([flat.view(torch.uint8)], opts).wait(datetime.timedelta(seconds=timeout_s))
+        if flat.is_cuda:  # NCCL's wait only orders the current stream; the caller needs the bytes
+            torch.cuda.current_stream(flat.device).synchronize()
+    except RuntimeError as e:
+        raise RuntimeError(f"broadcast weight sync: {what} did not complete within timeout_s={timeout_s:g} "
+                           f"(every worker must receive every published version): {e}") from e  # fmt: skip
+
+
+class BroadcastPublisher:
+    """Rank 0: copies the snapshot into staged buckets, then a sender thread broadcasts them.
+
+    One send is in flight at a time: `publish` first waits for the previous send. A failed send
+    leaves the group unusable (the ranks no longer agree on the sequence of collectives), so every
+    later `publish` and `close` raises its error. The staged buffers (one more copy of the weights,
+    on the group's device) are kept and reused while the plan stays the same.
+    """
+
+    def __init__(self, cfg: BroadcastSync, weights_dir: Path, group: GroupAddress | None) -> None:
+        self.cfg = cfg
+        self._store, self._pg, self._device = _join_group(cfg, group, rank=0)
+        self._sender: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._plan: BroadcastPlan | None = None
+        self._staged: list[torch.Tensor] = []
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+        t0 = time.perf_counter()
+        self._wait_sender()
+        plan = plan_buckets(state, int(self.cfg.bucket_mb * 2**20))
+        if plan != self._plan:
+            self._plan = plan
+            self._staged = [torch.empty(b.numel, dtype=b.dtype, device=self._device) for b in plan.buckets]
+        with torch.no_grad():
+            for bucket, flat in zip(plan.buckets, self._staged, strict=True):
+                for slot in bucket.slots:
+                    t = state[slot.name]
+                    flat[slot.offset : slot.offset + t.numel()].view(slot.shape).copy_(t)
+        if self._device.type == "cuda":  # the copies must be done before the trainer changes its weights
+            torch.cuda.current_stream(self._device).synchronize()
+        # A daemon thread: a send stuck on a dead worker must not keep the trainer's process alive.
+        self._sender = threading.Thread(target=self._send, args=(version,), name=f"weight-sync-v{version}", daemon=True)
+        self._sender.start()
+        handle = WeightHandle(version, state_nbytes(state), "broadcast", plan)
+        _log_publish(handle, t0)
+        return handle
+
+    def _send(self, version: int) -> None:
+        try:
+            if self._device.type == "cuda":
+                torch.cuda.set_device(self._device)
+            n = len(self._staged)
+            # A header first, so that a worker that skipped a version fails instead of mislabelling one.
+            header = torch.tensor([version, n], dtype=torch.int64, device=self._device)
+            _broadcast(self._pg, header, self.cfg.timeout_s, f"sending v{version} (header)")
+            for i, flat in enumerate(self._staged):
+                if flat.numel():
+                    _broadcast(self._pg, flat, self.cfg.timeout_s, f"sending v{version} (bucket {i + 1}/{n})")
+        except BaseException as e:  # re-raised in the trainer's thread by the next publish or close
+            self._error = e
+
+    def _wait_sender(self) -> None:
+        if self._sender is not None:
+            # Each of the sender's waits is bounded by timeout_s, so this join ends.
+            self._sender.join()
+            self._sender = None
+        if self._error is not None:
+            raise RuntimeError(f"{self._error}; the weight-sync group is unusable after a failed send") from self._error
+
+    def close(self) -> None:
+        try:
+            self._wait_sender()
+        finally:
+            self._pg = self._store = None
+            self._staged = []
+
+
+class BroadcastReceiver:
+    """Rank 1..N: receives every bucket into fresh buffers and returns views of them by name.
+
+    Receives are serialised by a lock: two interleaved receives would mix up the collectives.
+    """
+
+    def __init__(self, cfg: BroadcastSync, group: GroupAddress | None, rank: int) -> None:
+        if rank < 1:
+            raise ValueError(f"a broadcast weight receiver needs a rank 1..N (rank 0 is the trainer), got {rank}")
+        self.cfg = cfg
+        self.rank = rank
+        self._lock = threading.Lock()
+        self._store, self._pg, self._device = _join_group(cfg, group, rank)
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        _check_transport(handle, "broadcast")
+        with self._lock:
+            return self._receive(handle)
+
+    def _receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        plan: BroadcastPlan = handle.payload
+        v = handle.version
+        header = torch.empty(2, dtype=torch.int64, device=self._device)
+        _broadcast(self._pg, header, self.cfg.timeout_s, f"v{v} header (rank {self.rank})")
+        sent_version, n_buckets = header.tolist()
+        if (sent_version, n_buckets) != (v, len(plan.buckets)):
+            raise RuntimeError(f"broadcast weight sync: rank {self.rank} asked for v{v} ({len(plan.buckets)} buckets) "
+                               f"but the trainer is sending v{sent_version} ({n_buckets} buckets); every worker "
+                               "must receive every published version, in order")  # fmt: skip
+        out: dict[str, torch.Tensor] = {}
+        for i, bucket in enumerate(plan.buckets):
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
+            if bucket.numel:
+                _broadcast(self._pg, flat, self.cfg.timeout_s, f"v{v} bucket {i + 1}/{n_buckets} (rank {self.rank})")
+            for slot in bucket.slots:
+                n = torch.Size(slot.shape).numel()
+                out[slot.name] = flat[slot.offset : slot.offset + n].view(slot.shape)
+        return {name: out[name] for name in plan.names}
+
+    def close(self) -> None:
+        self._pg = self._store = None
+
+
+# ----------------------------------------------------------------------------------------------- disk
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    """The payload of a disk handle."""
+
+    path: str
+    keep: int
+
+
+class DiskPublisher:
+    """Writes `<dir>/v{version:08d}.safetensors` atomically and keeps the newest `keep` files.
+
+    Newest in publication order, counting only files this publisher wrote: a restarted run that
+    publishes lower versions than a previous run left in `dir` must not delete its own fresh files.
+    """
+
+    def __init__(self, cfg: DiskSync, weights_dir: Path, group: GroupAddress | None) -> None:
+        self.dir = Path(cfg.dir) if cfg.dir is not None else weights_dir
+        self.keep = cfg.keep
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._written: list[Path] = []
+
+    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        path = self.dir / f"v{version:08d}.safetensors"
+        tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
+        save_file(_unshared(state), str(tmp), metadata={"version": str(version)})
+        os.replace(tmp, path)  # readers see the whole file or none
+        self._written = [p for p in self._written if p != path] + [path]
+        for old in self._written[: -self.keep]:
+            old.unlink(missing_ok=True)
+        self._written = self._written[-self.keep :]
+        handle = WeightHandle(version, state_nbytes(state), "disk", DiskFile(str(path), self.keep))
+        _log_publish(handle, t0)
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied embeddings): later sharers are cloned."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+class DiskReceiver:
+    """Loads the handle's file; its tensors come in the file's order (by name), not the trainer's."""
+
+    def __init__(self, cfg: DiskSync, group: GroupAddress | None, rank: int) -> None:
+        pass
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        _check_transport(handle, "disk")
+        file: DiskFile = handle.payload
+        try:
+            return load_file(file.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"disk weight sync: {file.path} (v{handle.version}) was removed before this "
+                                    f"worker read it: raise weight_sync.transport.keep (now {file.keep}) or the "
+                                    "worker is too slow to keep up") from None  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+PUBLISHERS: dict[str, Callable[[Any, Path, GroupAddress | None], WeightPublisher]] = {
+    "object_store": ObjectStorePublisher,
+    "broadcast": BroadcastPublisher,
+    "disk": DiskPublisher,
+}
+"""Transport type -> publisher class, called as cls(transport config, weights_dir, group)."""
+RECEIVERS: dict[str, Callable[[Any, GroupAddress | None, int], WeightReceiver]] = {
+    "object_store": ObjectStoreReceiver,
+    "broadcast": BroadcastReceiver,
+    "disk": DiskReceiver,
+}
+"""Transport type -> receiver class, called as cls(transport config, group, rank)."""
+
+
+def make_publisher(cfg: WeightSyncConfig, weights_dir: Path, group: GroupAddress | None = None) -> WeightPublisher:
+    """The trainer's publisher for `cfg.transport`; for broadcast this blocks until every worker's
+    `make_receiver` joined the group (`group` from `sync_group_address()` plus the world size)."""
+    return PUBLISHERS[cfg.transport.type](cfg.transport, weights_dir, group)
+
+
+def make_receiver(cfg: WeightSyncConfig, group: GroupAddress | None = None, rank: int = 0) -> WeightReceiver:
+    """A worker's receiver for `cfg.transport`; `group` and `rank` (1..N) only matter for broadcast."""
+    return RECEIVERS[cfg.transport.type](cfg.transport, group, rank)
