@@ -1,0 +1,280 @@
+"""Weight sync from a trainer actor to two worker actors, for every transport: the workers end up
+with weights bit-identical to the published version, over successive versions, without the trainer
+ever waiting for them in `publish`."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from tidal.config import WeightSyncConfig
+from tidal.models import load_model, materialize_preset
+from tidal.trainer.weight_sync import (
+    BroadcastPlan,
+    WeightHandle,
+    WeightPublisher,
+    WeightReceiver,
+    make_publisher,
+    make_receiver,
+    sync_group_address,
+)
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 60.0
+"""Bound of every ray.get here: a deadlocked sync fails the test instead of hanging it."""
+
+
+@ray.remote(num_cpus=1)
+class Trainer:
+    """Plays the trainer: a model whose weights change each step, and a publisher."""
+
+    def __init__(self, model_dir: str) -> None:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        self.model = load_model(model_dir)
+        self.version = 0
+        self.publisher: Any = None
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def group_address(self) -> tuple[str, int]:
+        return sync_group_address()
+
+    def open(self, cfg: WeightSyncConfig, weights_dir: str, group: tuple[str, int, int] | None) -> None:
+        self.publisher = make_publisher(cfg, Path(weights_dir), group)
+
+    def step_and_publish(self) -> WeightHandle:
+        self._perturb()
+        self.version += 1
+        state = self.model.state_dict()
+        self.snapshots[self.version] = {k: v.clone() for k, v in state.items()}
+        handle = self.publisher.publish(state, self.version)
+        # The next optimizer step runs before any worker has received: the published version must
+        # not see it.
+        self._perturb()
+        return handle
+
+    def snapshot(self, version: int) -> dict[str, torch.Tensor]:
+        return self.snapshots[version]
+
+    def close(self) -> None:
+        self.publisher.close()
+
+    @torch.no_grad()
+    def _perturb(self) -> None:
+        for p in self.model.parameters():
+            p.add_(torch.randn_like(p), alpha=1e-2)
+
+
+# Two threads, as a rollout worker receives in a control thread while it may be generating.
+@ray.remote(num_cpus=1, max_concurrency=2)
+class Worker:
+    """Plays a rollout worker: receives, loads with load_state_dict, reports the version it holds."""
+
+    def __init__(self, model_dir: str) -> None:
+        torch.set_num_threads(1)
+        self.model = load_model(model_dir)
+        self.version = 0
+        self.receiver: Any = None
+
+    def open(self, cfg: WeightSyncConfig, group: tuple[str, int, int] | None, rank: int) -> None:
+        self.receiver = make_receiver(cfg, group, rank)
+
+    def receive(self, handle: WeightHandle) -> int:
+        self.model.load_state_dict(self.receiver.receive(handle))
+        self.version = handle.version
+        return self.version
+
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        return self.version, self.model.state_dict()
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return materialize_preset("tiny-qwen3-moe", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def actors(cluster: None, preset: Path) -> tuple[Any, list[Any]]:
+    """One trainer and two workers, shared by the transports (actor start-up dominates the time)."""
+    return Trainer.remote(str(preset)), [Worker.remote(str(preset)) for _ in range(2)]
+
+
+TRANSPORTS = {
+    "object_store": {"type": "object_store"},
+    # 10 KB buckets: dozens of them, and the embeddings and the fused experts exceed one.
+    "broadcast": {"type": "broadcast", "bucket_mb": 0.01, "backend": "gloo", "timeout_s": 30},
+    "disk": {"type": "disk", "keep": 2},
+}
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_workers_get_the_published_weights(actors: tuple[Any, list[Any]], transport: str, tmp_path: Path) -> None:
+    trainer, workers = actors
+    cfg = WeightSyncConfig.model_validate({"transport": TRANSPORTS[transport]})
+    group = None
+    if transport == "broadcast":
+        address, port = ray.get(trainer.group_address.remote(), timeout=WAIT_S)
+        group = (address, port, 1 + len(workers))
+    # Built concurrently: a broadcast group forms only once every rank has joined.
+    opened = [trainer.open.remote(cfg, str(tmp_path), group)]
+    opened += [w.open.remote(cfg, group, rank) for rank, w in enumerate(workers, start=1)]
+    ray.get(opened, timeout=WAIT_S)
+
+    seen: list[dict[str, torch.Tensor]] = []
+    for _ in range(2):
+        # publish returns before any worker is asked to receive: it never waits for them.
+        handle: WeightHandle = ray.get(trainer.step_and_publish.remote(), timeout=WAIT_S)
+        assert handle.transport == transport
+        versions = ray.get([w.receive.remote(handle) for w in workers], timeout=WAIT_S)
+        assert versions == [handle.version] * len(workers)
+
+        published = ray.get(trainer.snapshot.remote(handle.version), timeout=WAIT_S)
+        assert handle.nbytes == sum(t.numel() * t.element_size() for t in published.values())
+        for version, held in ray.get([w.weights.remote() for w in workers], timeout=WAIT_S):
+            assert version == handle.version
+            assert held.keys() == published.keys()
+            for name, t in published.items():
+                assert torch.equal(held[name], t), f"{transport} v{version}: {name} differs from the trainer's"
+        seen.append(published)
+
+        if transport == "broadcast":
+            plan: BroadcastPlan = handle.payload
+            bucket_bytes = 0.01 * 2**20
+            assert len(plan.buckets) > 20
+            assert any(len(b.slots) == 1 and b.numel * 4 > bucket_bytes for b in plan.buckets)
+            assert all(b.numel * 4 <= bucket_bytes for b in plan.buckets if len(b.slots) > 1)
+        if transport == "disk":
+            assert Path(handle.payload.path).is_file()
+
+    assert not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0]), "the two versions must differ"
+    ray.get([trainer.close.remote()] + [w.close.remote() for w in workers], timeout=WAIT_S)
+
+
+def test_disk_keeps_the_newest_files_and_names_a_removed_one(tmp_path: Path) -> None:
+    cfg = WeightSyncConfig.model_validate({"transport": {"type": "disk", "keep": 2, "dir": str(tmp_path / "w")}})
+    publisher, receiver = make_publisher(cfg, tmp_path / "unused"), make_receiver(cfg)
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    handles = [publisher.publish({k: v + i for k, v in state.items()}, version=i) for i in range(1, 4)]
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v00000002.safetensors", "v00000003.safetensors"]
+    assert torch.equal(receiver.receive(handles[2])["w"], state["w"] + 3)
+    with pytest.raises(FileNotFoundError, match=r"v00000001\.safetensors \(v1\) was removed.*keep \(now 2\)"):
+        receiver.receive(handles[0])
+    # A restarted run counts from v1 again: the previous run's newer-numbered files must not push
+    # its fresh file out.
+    restarted = make_publisher(cfg, tmp_path / "unused").publish(state, version=1)
+    assert torch.equal(receiver.receive(restarted)["b"], state["b"])
+
+
+def _broadcast_group(cfg: WeightSyncConfig, workers: int) -> tuple[WeightPublisher, list[WeightReceiver]]:
+    """A publisher and `workers` receivers in this process, joined concurrently from threads."""
+    address, port = sync_group_address()
+    group = (address, port, 1 + workers)
+    receivers: dict[int, WeightReceiver] = {}
+    threads = [threading.Thread(target=lambda r=r: receivers.__setitem__(r, make_receiver(cfg, group, r)))
+               for r in range(1, 1 + workers)]  # fmt: skip
+    for t in threads:
+        t.start()
+    publisher = make_publisher(cfg, Path("unused"), group)
+    for t in threads:
+        t.join(timeout=WAIT_S)
+    return publisher, [receivers[r] for r in range(1, 1 + workers)]
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_every_dtype_and_layout_bit_for_bit(cluster: None, transport: str, tmp_path: Path) -> None:
+    spec = {**TRANSPORTS[transport], "bucket_mb": 1e-4} if transport == "broadcast" else TRANSPORTS[transport]
+    cfg = WeightSyncConfig.model_validate({"transport": spec})
+    if transport == "broadcast":
+        publisher, (receiver,) = _broadcast_group(cfg, workers=1)
+    else:
+        publisher, receiver = make_publisher(cfg, tmp_path), make_receiver(cfg)
+    big = torch.randn(3, 50)
+    state = {
+        "big": big,
+        "tied": big,  # tied embeddings share storage
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(10, 10).t(),
+        "half": torch.randn(7).to(torch.bfloat16),
+        "scalar": torch.tensor(3),
+        "mask": torch.tensor([True, False, True]),
+        "nan": torch.tensor([float("nan"), -0.0]),
+    }
+    got = receiver.receive(publisher.publish(state, version=1))
+    assert sorted(got) == sorted(state)
+    for name, t in state.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        # Compared as bytes: torch.equal says nan != nan and -0.0 == 0.0.
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    publisher.close()
+    receiver.close()
+
+
+def test_broadcast_fails_with_a_clear_error_instead_of_hanging() -> None:
+    cfg = WeightSyncConfig.model_validate({"transport": {"type": "broadcast", "timeout_s": 1}})
+    publisher, (receiver,) = _broadcast_group(cfg, workers=1)
+    publisher.publish({"w": torch.ones(4)}, version=1)  # returns although no worker receives
+    with pytest.raises(RuntimeError, match=r"broadcast weight sync: sending v1 .* within timeout_s=1"):
+        publisher.publish({"w": torch.ones(4)}, version=2)
+    receiver.close()
+
+
+def test_broadcast_names_a_skipped_version() -> None:
+    cfg = WeightSyncConfig.model_validate({"transport": {"type": "broadcast", "timeout_s": 10}})
+    publisher, (receiver,) = _broadcast_group(cfg, workers=1)
+    v1 = publisher.publish({"w": torch.ones(4)}, version=1)
+    assert torch.equal(receiver.receive(v1)["w"], torch.ones(4))
+    publisher.publish({"w": torch.zeros(4)}, version=2)
+    with pytest.raises(RuntimeError, match="asked for v1 .* sending v2"):
+        receiver.receive(v1)
+    receiver.close()
+
+
+@pytest.mark.gpu
+def test_nccl_broadcast_bit_for_bit() -> None:
+    if torch.cuda.device_count() < 2 or not hasattr(torch.distributed, "ProcessGroupNCCL"):
+        pytest.skip("needs two CUDA GPUs (NCCL takes one per rank) and torch built with NCCL")
+    import torch.multiprocessing as mp
+
+    cfg = WeightSyncConfig.model_validate({"transport": {"type": "broadcast", "backend": "nccl", "bucket_mb": 0.01}})
+    address, port = sync_group_address()
+    group = (address, port, 2)
+    ctx = mp.get_context("spawn")
+    to_worker, from_worker = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_nccl_worker, args=(cfg, group, to_worker, from_worker))
+    proc.start()
+    torch.cuda.set_device(0)
+    publisher = make_publisher(cfg, Path("unused"), group)
+    state = {"w": torch.randn(1000, 7, device="cuda"), "h": torch.randn(33, device="cuda").half()}
+    to_worker.put(publisher.publish(state, version=1))
+    got = from_worker.get(timeout=WAIT_S)
+    proc.join(timeout=WAIT_S)
+    publisher.close()
+    for name, t in state.items():
+        assert torch.equal(got[name], t.cpu()), name
+
+
+def _nccl_worker(cfg: WeightSyncConfig, group: tuple[str, int, int], inbox: Any, outbox: Any) -> None:
+    torch.cuda.set_device(1)
+    receiver = make_receiver(cfg, group, rank=1)
+    handle = inbox.get(timeout=WAIT_S)
+    outbox.put({k: v.cpu() for k, v in receiver.receive(handle).items()})
+    receiver.close()
