@@ -20,7 +20,7 @@ VARIANTS = {
     "k0": ["rollout.max_staleness=0"],
     "k1": ["rollout.max_staleness=1"],
     "k2": ["rollout.max_staleness=2"],
-    "k2-none": ["rollout.max_staleness=2", "algorithm.loss.correction.type=none"],
+    "k2-none": ["rollout.max_staleness=2", "algorithm.loss.correction={type: none}"],
     "k2-mask": ["rollout.max_staleness=2", "algorithm.loss.correction={type: mask, low: 0.5, high: 2.0}"],
 }
 

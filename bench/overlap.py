@@ -20,29 +20,25 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from tidal.rollout.worker import RolloutWorker
 from tidal.trainer.actor import TrainerActor
-from tidal.types import Completion, Group
+from tidal.types import Group, Prompt, Sample
 
 WARMUP_STEPS = 3
 
 
 class SleepWorker(RolloutWorker):
-    """Rollout that sleeps `BENCH_R` seconds and returns fixed completions with mixed answers."""
+    """Rollout that sleeps `BENCH_R` seconds and returns fixed samples with mixed answers."""
 
-    def _generate(self, prompts: list[tuple[int, dict[str, Any]]], seed: int) -> tuple[list[Completion], list]:
+    def _generate(self, prompts: list[Prompt], seed: int) -> list[Sample]:
         time.sleep(float(os.environ["BENCH_R"]))
-        n = self.cfg.rollout.group_size
-        out, meta = [], []
-        for gid, row in prompts:
-            for j in range(n):
-                text = row["answer"] if j % 2 else "x"  # half right: every group has reward variance
-                v = self.version
-                out.append(Completion([1, 2], [3, 4], text, "stop", [-1.0, -1.0], version=v, versions=[v, v]))
-                meta.append((gid, row))
-        return out, meta
+        v = self.version
+        return [
+            Sample(p.group_id, [1, 2], [3, 4], [1, 1], [-1.0, -1.0], "stop", v, [v, v],
+                   text=p.row["answer"] if j % 2 else "x", row=p.row)  # half right: every group has variance
+            for p in prompts for j in range(self.cfg.rollout.group_size)
+        ]  # fmt: skip
 
 
 class SleepTrainer(TrainerActor):

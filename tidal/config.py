@@ -165,6 +165,8 @@ class RolloutConfig(Strict):
     between generations. Each token records the version that sampled it (`Sample.versions`)."""
     chunk_tokens: int = Field(8, ge=1)
     """With `interruptible`: decode steps between two checks for a new snapshot."""
+    max_context_tokens: int = Field(1024, ge=2)
+    """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens."""
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -359,7 +361,8 @@ class FilterConfig(Strict):
 
 class RewardSpec(Strict):
     name: str | None = None
-    """A built-in reward by name: `exact_match`, `arithmetic`, `regex`, `math_verify`."""
+    """A built-in reward by name: `exact_match`, `arithmetic`, `regex`, `math_verify`, `remote_judge`
+    (a reward-model server or an LLM judge over HTTP)."""
     path: str | None = None
     """A user reward by import path (`my_pkg.rewards:fn`) or file path (`./my_reward.py:fn`)."""
     weight: float = 1.0
@@ -381,6 +384,36 @@ class RewardsConfig(Strict):
     """Time limit of one reward call; a call over it is recorded as failed."""
     failure_reward: float = 0.0
     """Score a failed reward call (raised, timed out, NaN, wrong type) contributes."""
+
+
+# ----------------------------------------------------------------------------------------------- envs
+
+
+class EnvSpec(Strict):
+    name: str | None = None
+    """A built-in environment by name: `arithmetic`, `math`, `calculator` (multi-turn, a calculator
+    tool), `code` (unit tests in a sandbox)."""
+    path: str | None = None
+    """A user environment class by import path (`my_pkg.envs:MyEnv`) or file path (`./my_env.py:MyEnv`),
+    a subclass of `tidal.envs.Env` or `tidal.envs.MultiTurnEnv`."""
+    label: str | None = None
+    """The env's name in metrics (`env/<label>/...`); default: `name`, or the class name."""
+    weight: float = Field(1.0, gt=0.0)
+    """Sampling weight: on average a share weight / (sum of weights) of each step's prompts comes
+    from this env's data."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments the env class is built with."""
+    data: DataConfig | None = None
+    """This env's prompts (default: the run's `data` section)."""
+    rewards: list[RewardSpec] = []
+    """Extra reward functions added to the env's own score (e.g. a format reward), same form as
+    `rewards.functions`."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvSpec:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("an env needs exactly one of `name` (a built-in) or `path` (module:Class)")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ train, ray
@@ -410,9 +443,14 @@ class RayConfig(Strict):
 
 class SFTConfig(Strict):
     steps: int = Field(300, ge=1)
-    """Optimizer steps of supervised fine-tuning."""
+    """Optimizer steps of supervised fine-tuning (at most, with `stop_at_accuracy`)."""
     log_every: int = Field(10, ge=1)
     """Log training metrics every this many steps."""
+    stop_at_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+    """Stop once held-out accuracy reaches this (checked every `eval_every` steps): a warm start of
+    a known quality, however fast the model learns on this machine (null: run all `steps`)."""
+    eval_every: int = Field(20, ge=1)
+    """With `stop_at_accuracy`: steps between held-out checks."""
 
 
 class EvalConfig(Strict):
@@ -456,7 +494,11 @@ class RunConfig(Strict):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     """RL algorithm: advantage estimator, mini-batches, policy loss (`tidal train`)."""
     rewards: RewardsConfig = RewardsConfig()
-    """Reward functions of `tidal train`."""
+    """Reward functions of `tidal train` (of the run's `data` when `envs` is empty); `timeout_s`
+    and `failure_reward` apply to every env call too."""
+    envs: list[EnvSpec] = []
+    """Environments to train on, mixed by weight, each with its own data (empty: the run's `data`
+    scored by `rewards.functions`)."""
     filter: FilterConfig = FilterConfig()
     """Group and sample filters applied before advantages."""
     train: TrainConfig = TrainConfig()
@@ -465,6 +507,15 @@ class RunConfig(Strict):
     """Ray runtime."""
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     """How and how often the trainer publishes weights to the rollout workers."""
+
+    @model_validator(mode="after")
+    def _rewards_or_envs(self) -> RunConfig:
+        # Compared with the default rather than "was it set", so a dumped config (every field
+        # written out) loads back.
+        if self.envs and self.rewards.functions != RewardsConfig().functions:
+            raise ValueError("rewards.functions scores the run's `data`, which `envs` replaces; give each env "
+                             "its extra rewards in envs[i].rewards instead")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _sync_fits_staleness(self) -> RunConfig:

@@ -122,15 +122,17 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: DataConfig) -> list[list[int]]:
     """Token ids of each row's prompt; a prompt over `data.max_prompt_tokens` is an error, not a cut."""
+    return encode_texts(tokenizer, [row["prompt"] for row in rows], cfg)
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig) -> list[list[int]]:
+    """Token ids of each prompt text (chat template applied per `cfg`); over `max_prompt_tokens` is an error."""
     out = []
-    for row in rows:
-        ids = tokenizer(format_prompt(tokenizer, row["prompt"], cfg.chat_template), add_special_tokens=False)[
-            "input_ids"
-        ]
+    for text in texts:
+        ids = tokenizer(format_prompt(tokenizer, text, cfg.chat_template), add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_prompt_tokens:
             raise ConfigError(
-                f"a prompt has {len(ids)} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens}: "
-                f"{row['prompt'][:60]!r}..."
+                f"a prompt has {len(ids)} tokens > data.max_prompt_tokens={cfg.max_prompt_tokens}: {text[:60]!r}..."
             )
         out.append(ids)
     return out

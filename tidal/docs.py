@@ -32,7 +32,10 @@ def _default(field: Any) -> str:
     return f"`{field.default!r}`".replace("|", "\\|")
 
 
-def reference_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def reference_rows(model: type[BaseModel], prefix: str = "", seen: dict[type, str] | None = None) -> list[str]:
+    """Rows of `model`'s fields; a section model met again (e.g. an env's `data`) is one row that
+    points to where its fields are listed."""
+    seen = {} if seen is None else seen
     rows = []
     for name, field in model.model_fields.items():
         subs = _submodels(field.annotation)
@@ -40,13 +43,18 @@ def reference_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         if not subs:
             rows.append(f"| `{prefix}{name}` | {_default(field)} | {doc} |")
             continue
+        if len(subs) == 1 and subs[0] in seen:
+            rows.append(f"| `{prefix}{name}` | {_default(field)} | {doc} Fields as under `{seen[subs[0]]}`. |")
+            continue
+        if len(subs) == 1:
+            seen[subs[0]] = f"{prefix}{name}"
         for sub in subs:
             tag = sub.model_fields.get("type")
             # Variants of a tagged union are listed under the `type` value that selects them.
             sub_prefix = f"{prefix}{name}."
             if tag is not None and len(subs) > 1:
                 rows.append(f"| `{prefix}{name}` (type `{tag.default}`) | | {doc} |")
-            rows.extend(reference_rows(sub, sub_prefix))
+            rows.extend(reference_rows(sub, sub_prefix, seen))
     return rows
 
 

@@ -7,9 +7,11 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from tidal.config import RunConfig
+from tidal.config import EnvSpec, RewardSpec, RunConfig
+
+T = TypeVar("T", RewardSpec, EnvSpec)
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +21,18 @@ class RunError(RuntimeError):
 
 
 def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
-    """Plugin file paths made absolute: actors may not share the driver's working directory."""
-    specs = []
-    for spec in cfg.rewards.functions:
+    """Plugin file paths (rewards, envs, envs' rewards) made absolute: actors may not share the
+    driver's working directory."""
+
+    def fix(spec: T) -> T:
         if spec.path is not None and ".py:" in spec.path:
             file, _, attr = spec.path.rpartition(":")
-            spec = spec.model_copy(update={"path": f"{Path(file).resolve()}:{attr}"})
-        specs.append(spec)
-    return cfg.model_copy(update={"rewards": cfg.rewards.model_copy(update={"functions": specs})})
+            return spec.model_copy(update={"path": f"{Path(file).resolve()}:{attr}"})
+        return spec
+
+    rewards = cfg.rewards.model_copy(update={"functions": [fix(s) for s in cfg.rewards.functions]})
+    envs = [fix(e).model_copy(update={"rewards": [fix(r) for r in e.rewards]}) for e in cfg.envs]
+    return cfg.model_copy(update={"rewards": rewards, "envs": envs})
 
 
 def start_ray(cfg: RunConfig) -> None:

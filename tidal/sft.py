@@ -80,6 +80,8 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     monitor.log({f"{k}_before" if k.startswith("eval/") else k: v for k, v in before.items()}, step=0)
 
     trainer = DeepSpeedTrainer(load_model(model_dir), cfg.trainer, total_steps=cfg.sft.steps)
+    stop_at = cfg.sft.stop_at_accuracy if eval_rows else None
+    probe = TransformersEngine(load_model(model_dir), tokenizer) if stop_at is not None else None
     per_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum
     order = list(range(len(examples)))
     cursor = len(order)
@@ -93,6 +95,13 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
         metrics = trainer.train_step(batch)
         if step % cfg.sft.log_every == 0 or step == cfg.sft.steps:
             monitor.log({f"train/{k}": float(v) for k, v in metrics.items()}, step=step)
+        if probe is not None and stop_at is not None and step % cfg.sft.eval_every == 0:
+            probe.model.load_state_dict(trainer.state_dict_for_export())
+            accuracy = evaluate(probe, eval_rows, cfg.data, cfg.eval)["eval/accuracy"]
+            monitor.log({"eval/probe_accuracy": accuracy}, step=step)
+            if accuracy >= stop_at:
+                log.info("held-out accuracy %.1f%% reached sft.stop_at_accuracy at step %d", 100 * accuracy, step)
+                break
 
     ckpt = run_dir / "checkpoint"
     trainer.save_hf(ckpt, tokenizer)
@@ -103,8 +112,9 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
         **after,
         "perf/wall_time_s": time.time() - t0,
         "perf/train_time_s": train_time,
+        "train/steps": float(trainer.version),
     }
-    monitor.log(summary, step=cfg.sft.steps)
+    monitor.log(summary, step=trainer.version)
     monitor.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     acc_b, acc_a = (

@@ -18,34 +18,51 @@ from typing import Any
 
 from datasets import Dataset
 
-from tidal.config import RunConfig, dump_config
+from tidal.config import RewardsConfig, RunConfig, dump_config
 from tidal.data import load_splits
+from tidal.envs.loading import env_label, resolve_envs
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
 from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, start_ray, wait_for
+from tidal.types import Prompt
 from tidal.warm_start import resolve_policy_dir
 
 log = logging.getLogger(__name__)
 
 
 class PromptSampler:
-    """Endless shuffled passes over the train split; hands out (group id, row) pairs."""
+    """Hands out prompts with unique group ids: each from an env drawn by weight, rows of an env in
+    endless shuffled passes over its train split (every row once per pass)."""
 
-    def __init__(self, ds: Dataset, seed: int) -> None:
-        self.rows = ds.to_list()
+    def __init__(self, sources: dict[str, tuple[Dataset, float]], seed: int) -> None:
+        self.rows = {env: ds.to_list() for env, (ds, _) in sources.items()}
+        self.envs = list(sources)
+        self.weights = [w for _, w in sources.values()]
         self.rng = random.Random(seed)
-        self.order: list[int] = []
+        self.order: dict[str, list[int]] = {env: [] for env in self.envs}
         self.next_group_id = 0
 
-    def take(self, n: int) -> list[tuple[int, dict[str, Any]]]:
+    def take(self, n: int) -> list[Prompt]:
         out = []
         for _ in range(n):
-            if not self.order:
-                self.order = list(range(len(self.rows)))
-                self.rng.shuffle(self.order)
-            out.append((self.next_group_id, self.rows[self.order.pop()]))
+            env = self.envs[0] if len(self.envs) == 1 else self.rng.choices(self.envs, self.weights)[0]
+            if not self.order[env]:
+                self.order[env] = list(range(len(self.rows[env])))
+                self.rng.shuffle(self.order[env])
+            out.append(Prompt(self.next_group_id, self.rows[env][self.order[env].pop()], env))
             self.next_group_id += 1
         return out
+
+
+def load_env_splits(cfg: RunConfig) -> tuple[PromptSampler, list[Prompt]]:
+    """The prompt sampler over every env's train split, and the held-out prompts of every env."""
+    specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
+    sources, held_out = {}, []
+    for label, weight, data in specs:
+        train_ds, eval_ds = load_splits(data)
+        sources[label] = (train_ds, weight)
+        held_out += [Prompt(-1, row, label) for row in (eval_ds.to_list() if eval_ds is not None else [])]
+    return PromptSampler(sources, cfg.seed), held_out
 
 
 def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type | None = None) -> dict[str, Any]:
@@ -62,14 +79,18 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
 
     t_start = time.time()
     cfg = absolute_plugin_paths(cfg)
-    resolve_rewards(cfg.rewards)  # fail fast on a bad plugin path, before any actor starts
+    # Fail fast on a bad plugin path or kwarg, before any actor starts.
+    if cfg.envs:
+        resolve_envs(cfg.envs)
+        for spec in cfg.envs:
+            resolve_rewards(RewardsConfig(functions=spec.rewards))
+    else:
+        resolve_rewards(cfg.rewards)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_dir, warm = resolve_policy_dir(cfg.model)
-    train_ds, eval_ds = load_splits(cfg.data)
-    eval_rows = eval_ds.to_list() if eval_ds is not None else []
-    sampler = PromptSampler(train_ds, cfg.seed)
+    sampler, eval_rows = load_env_splits(cfg)
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
     start_ray(cfg)
     try:
@@ -110,7 +131,7 @@ def _join_weight_sync(cfg: RunConfig, trainer: Any, workers: list[Any]) -> None:
 
 
 def _loop(
-    cfg: RunConfig, sampler: PromptSampler, eval_rows: list[dict[str, Any]], workers: list[Any], buffer: Any,
+    cfg: RunConfig, sampler: PromptSampler, eval_rows: list[Prompt], workers: list[Any], buffer: Any,
     trainer: Any, monitor: Monitor, warm: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The asynchronous loop. Rollout batch b is trained at step b. Workers generate the batches

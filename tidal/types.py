@@ -63,6 +63,18 @@ class TokenBatch:
 
 
 @dataclass
+class Prompt:
+    """One prompt handed to a rollout worker: its dataset row, the env it belongs to, its group id."""
+
+    group_id: int
+    """Id of the prompt's group (unique within a run)."""
+    row: dict[str, Any]
+    """The dataset row (prompt, answer and metadata columns)."""
+    env: str = ""
+    """Label of the environment the row belongs to ("" without `envs`: the run's data and rewards)."""
+
+
+@dataclass
 class Sample:
     """One completion of one prompt with everything training needs; crosses Ray boundaries.
 
@@ -92,7 +104,15 @@ class Sample:
     scores: dict[str, float] = field(default_factory=dict)
     """Score of each reward function, by name (sub-scores included)."""
     reward_errors: list[str] = field(default_factory=list)
-    """One line per reward call that failed (raised, timed out, NaN, wrong type)."""
+    """One line per reward or env call that failed (raised, timed out, NaN, wrong type)."""
+    env: str = ""
+    """Label of the sample's environment ("" without `envs`)."""
+    turns: int = 1
+    """Model turns in the sample (multi-turn envs; their observations sit between the turns)."""
+    step_rewards: list[float] = field(default_factory=list)
+    """Rewards of a multi-turn episode's steps, in order."""
+    env_info: dict[str, float] = field(default_factory=dict)
+    """A multi-turn env's `Step.info` values, averaged over the episode."""
 
     @property
     def num_tokens(self) -> int:

@@ -22,12 +22,12 @@ from tidal.trainer.actor import TrainerActor
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.losses import aggregated_loss, policy_loss, token_logprobs
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator, recompute_logprobs
-from tidal.types import Group, Sample, TrainBatch
+from tidal.types import Group, Prompt, Sample, TrainBatch
 
 pytestmark = pytest.mark.integration
 
 MAX_NEW = 4
-ROWS = [(7, {"prompt": "12+7=", "answer": "19"}), (8, {"prompt": "3-5=", "answer": "-2"})]
+ROWS = [Prompt(7, {"prompt": "12+7=", "answer": "19"}), Prompt(8, {"prompt": "3-5=", "answer": "-2"})]
 OVERRIDES = [
     "model.preset=tiny-qwen3-moe", "rollout.group_size=4", f"rollout.max_new_tokens={MAX_NEW}",
     "trainer.micro_batch_size=3", "monitor.wandb=disabled",
@@ -90,9 +90,9 @@ def test_rollout_worker_samples(preset: Path) -> None:
     runs = {seed: worker.rollout(ROWS, seed=seed)[0] for seed in (1, 3)}
     for out in runs.values():
         assert [g.group_id for g in out] == [7, 8] and [len(g.samples) for g in out] == [4, 4]
-        for g, (gid, row) in zip(out, ROWS, strict=True):
+        for g, p in zip(out, ROWS, strict=True):
             for s in g.samples:
-                check_sample(s, gid, row, tok)
+                check_sample(s, p.group_id, p.row, tok)
     finished = [(s.finish_reason, len(s.response_ids)) for out in runs.values() for g in out for s in g.samples]
     # These seeds stop on eos both before and at the length limit, so both branches are checked.
     assert ("stop", MAX_NEW) in finished and any(f == "stop" and n < MAX_NEW for f, n in finished)
@@ -100,14 +100,14 @@ def test_rollout_worker_samples(preset: Path) -> None:
     # The same seed again, now with group 7's answer set to its first completion: same tokens, and
     # exact_match scores that completion 1 (weighted 0.5 in the reward).
     first = runs[1][0].samples[0]
-    rows = [(7, {**ROWS[0][1], "answer": first.text}), ROWS[1]]
+    rows = [Prompt(7, {**ROWS[0].row, "answer": first.text}), ROWS[1]]
     again = worker.rollout(rows, seed=1)[0]
     fields = ("prompt_ids", "response_ids", "logp_mu", "finish_reason", "text")
     key = [[tuple(str(getattr(s, f)) for f in fields) for s in g.samples] for g in runs[1]]
     assert [[tuple(str(getattr(s, f)) for f in fields) for s in g.samples] for g in again] == key
-    for g, (gid, row) in zip(again, rows, strict=True):
+    for g, p in zip(again, rows, strict=True):
         for s in g.samples:
-            check_sample(s, gid, row, tok)
+            check_sample(s, p.group_id, p.row, tok)
     assert again[0].samples[0].scores["exact_match"] == 1.0 and again[0].samples[0].reward == 0.5
     other = worker.rollout(ROWS, seed=0)[0]
     assert [s.response_ids for g in other for s in g.samples] != [s.response_ids for g in runs[1] for s in g.samples]

@@ -93,11 +93,27 @@ def test_prompt_sampler_covers_an_epoch_before_repeating() -> None:
     from datasets import Dataset
 
     ds = Dataset.from_list([{"prompt": f"{i}+0=", "answer": str(i)} for i in range(10)])
-    s = PromptSampler(ds, seed=0)
+    s = PromptSampler({"": (ds, 1.0)}, seed=0)
     first = s.take(10)
-    assert sorted(r["answer"] for _, r in first) == [str(i) for i in range(10)]
-    assert [gid for gid, _ in first] == list(range(10))
-    assert [gid for gid, _ in s.take(3)] == [10, 11, 12]
+    assert sorted(p.row["answer"] for p in first) == [str(i) for i in range(10)]
+    assert [p.group_id for p in first] == list(range(10))
+    assert [p.group_id for p in s.take(3)] == [10, 11, 12]
+
+
+def test_prompt_sampler_mixes_envs_by_weight() -> None:
+    from datasets import Dataset
+
+    a = Dataset.from_list([{"prompt": f"a{i}", "answer": ""} for i in range(5)])
+    b = Dataset.from_list([{"prompt": f"b{i}", "answer": ""} for i in range(7)])
+    s = PromptSampler({"a": (a, 3.0), "b": (b, 1.0)}, seed=0)
+    prompts = s.take(4000)
+    share = sum(p.env == "a" for p in prompts) / len(prompts)
+    assert 0.72 < share < 0.78  # 3 : 1, within sampling noise (std ~0.007)
+    assert all(p.row["prompt"][0] == p.env for p in prompts)  # each row comes with its own env
+    # Each env's rows come in full passes: the first 5 of env a are its 5 rows.
+    firsts = [p.row["prompt"] for p in prompts if p.env == "a"][:5]
+    assert sorted(firsts) == [f"a{i}" for i in range(5)]
+    assert len({p.group_id for p in prompts}) == 4000
 
 
 def test_merge_worker_metrics() -> None:

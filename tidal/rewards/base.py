@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
@@ -39,3 +40,13 @@ def describe_exception(e: BaseException, limit: int = 300) -> str:
     if len(msg) > limit:
         msg = msg[: limit - 3] + "..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def is_trl_style(fn: Callable[..., Any]) -> bool:
+    """A reward written for TRL's GRPOTrainer: `fn(prompts, completions, **columns) -> list[float]`,
+    called once per batch with the dataset's columns as lists."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[:2] == ["prompts", "completions"]

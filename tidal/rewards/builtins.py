@@ -14,6 +14,7 @@ from typing import Any, Literal
 from tidal.data import exact_match as _exact_match
 from tidal.data import parse_int_answer
 from tidal.rewards.base import RewardFn
+from tidal.rewards.remote import RemoteJudge
 from tidal.types import Sample
 
 
@@ -105,5 +106,6 @@ BUILTINS: dict[str, RewardFn | Callable[..., RewardFn]] = {
     "arithmetic": arithmetic,
     "regex": Regex,
     "math_verify": MathVerify,
+    "remote_judge": RemoteJudge,
 }
 """Built-in rewards by name: functions, or classes built once with the spec's kwargs."""

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from tidal.config import ConfigError, RewardsConfig, RewardSpec
-from tidal.rewards.base import describe_exception
+from tidal.rewards.base import describe_exception, is_trl_style
 from tidal.rewards.builtins import BUILTINS
 
 # A reward named like one of the scorer's own metrics would overwrite it under `reward/<name>`.
@@ -140,6 +140,8 @@ def _finish(name: str, obj: Any, kwargs: dict[str, Any], where: str) -> tuple[st
         fn = obj
     else:
         raise ConfigError(f"{where} is not callable (it is of type {type(obj).__name__})")
+    if is_trl_style(fn):  # called with the batch's columns, which only the data knows
+        return name, fn, kwargs
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # Some C callables have none; their first call will tell.

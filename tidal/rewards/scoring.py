@@ -20,7 +20,7 @@ from numbers import Real
 from typing import Any
 
 from tidal.config import RewardsConfig
-from tidal.rewards.base import RewardResult, describe_exception
+from tidal.rewards.base import RewardResult, describe_exception, is_trl_style
 from tidal.rewards.loading import resolve_rewards
 from tidal.types import Sample
 
@@ -37,6 +37,19 @@ class _Reward:
     kwargs: dict[str, Any]
     weight: float
     is_async: bool
+    batched: bool = False
+    """TRL's form: called once per batch as fn(prompts, completions, **columns) -> list of scores."""
+
+
+@dataclass
+class CallResult:
+    """Outcome of one bounded, isolated call (`RewardScorer.run_calls`)."""
+
+    ok: bool
+    value: Any = None
+    """The call's return value (when ok)."""
+    reason: str = ""
+    """One line on why it failed: raised (with the exception), or timed out."""
 
 
 @dataclass
@@ -57,15 +70,19 @@ class RewardScorer:
     it gives its slot back and, being a daemon, never holds up process exit.
     """
 
-    def __init__(self, cfg: RewardsConfig, max_threads: int = 16) -> None:
+    def __init__(
+        self, cfg: RewardsConfig, max_threads: int = 16,
+        rewards: list[tuple[str, Callable[..., Any], dict[str, Any], float]] | None = None,
+    ) -> None:  # fmt: skip
+        """`rewards` (name, callable, kwargs, weight) replaces `cfg.functions` (e.g. an env's score and
+        its extra rewards); `cfg` still gives the timeout and the failure reward."""
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self.cfg = cfg
-        resolved = resolve_rewards(cfg)
-        self._rewards = [
-            _Reward(name, fn, kwargs, spec.weight, _is_async(fn))
-            for (name, fn, kwargs), spec in zip(resolved, cfg.functions, strict=True)
-        ]
+        if rewards is None:
+            resolved = resolve_rewards(cfg)
+            rewards = [(n, fn, kw, spec.weight) for (n, fn, kw), spec in zip(resolved, cfg.functions, strict=True)]
+        self._rewards = [_Reward(n, fn, kw, w, _is_async(fn), is_trl_style(fn)) for n, fn, kw, w in rewards]
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="tidal-rewards", daemon=True)
         self._loop_thread.start()
@@ -84,7 +101,7 @@ class RewardScorer:
         failed: Counter[str] = Counter()
         for sample, outs in zip(samples, outcomes, strict=True):
             sample.reward = sum(r.weight * o.score for r, o in zip(self._rewards, outs, strict=True))
-            sample.scores, sample.reward_errors = {}, []
+            sample.scores = {}  # reward_errors may already hold an env's failed steps: kept
             for r, o in zip(self._rewards, outs, strict=True):
                 sample.scores[r.name] = o.score
                 sample.scores.update({f"{r.name}/{k}": v for k, v in o.sub_scores.items()})
@@ -95,12 +112,35 @@ class RewardScorer:
             first = next(e for s in samples for e in s.reward_errors)
             n_calls = len(samples) * len(self._rewards)
             logger.warning("%d of %d reward calls failed; first: %s", sum(failed.values()), n_calls, first)
-        return _metrics(samples, failed, time.perf_counter() - start)
+        return reward_metrics(samples, failed, time.perf_counter() - start)
+
+    def run_calls(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
+        """Run zero-argument calls (sync or returning an awaitable) concurrently, each bounded by
+        `rewards.timeout_s` and isolated like a reward call: an env's steps use this."""
+        return asyncio.run_coroutine_threadsafe(self._run_all(calls), self._loop).result()
+
+    async def _run_all(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
+        return list(await asyncio.gather(*(self._run_one(c) for c in calls)))
+
+    async def _run_one(self, call: Callable[[], Any]) -> CallResult:
+        try:
+            ok, value = await self._bounded(call, getattr(call, "__name__", "call"), _is_async(call))
+        except TimeoutError:
+            return CallResult(False, reason=f"timed out after {self.cfg.timeout_s}s")
+        return CallResult(True, value) if ok else CallResult(False, reason=f"raised {describe_exception(value)}")
 
     def close(self) -> None:
-        """Stop the event loop; sync calls still running are abandoned (daemon threads)."""
+        """Close rewards that hold resources (an `aclose()` coroutine, e.g. a remote judge's HTTP
+        client), then stop the event loop; sync calls still running are abandoned (daemon threads)."""
         if self._loop.is_closed():
             return
+        for r in self._rewards:
+            aclose = getattr(r.fn, "aclose", None)
+            if aclose is not None and inspect.iscoroutinefunction(aclose):
+                try:
+                    asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(timeout=5.0)
+                except Exception as e:  # closing is best effort; a reward's own error must not mask others
+                    logger.warning("closing reward %s raised %s", r.name, describe_exception(e))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=5.0)
         if not self._loop_thread.is_alive():  # An async reward blocking the loop would keep it running.
@@ -115,31 +155,70 @@ class RewardScorer:
     # ---------------------------------------------------------------------------------- on the loop
 
     async def _score_all(self, samples: list[Sample]) -> list[list[_Outcome]]:
-        n = len(self._rewards)
-        flat = await asyncio.gather(*(self._call(r, s) for s in samples for r in self._rewards))
-        return [flat[i * n : (i + 1) * n] for i in range(len(samples))]
+        """Outcomes per sample, per reward in config order: per-sample rewards called once per sample,
+        TRL-style ones once for the whole batch, all at once."""
+        per_sample = [r for r in self._rewards if not r.batched]
+        batched = [r for r in self._rewards if r.batched]
+        results = await asyncio.gather(*(self._call(r, s) for s in samples for r in per_sample),
+                                       *(self._call_batched(r, samples) for r in batched))  # fmt: skip
+        n = len(per_sample)
+        by_batch = dict(zip((id(r) for r in batched), results[len(samples) * n :], strict=True))
+        out = []
+        for i in range(len(samples)):
+            cells = iter(results[i * n : (i + 1) * n])
+            out.append([by_batch[id(r)][i] if r.batched else next(cells) for r in self._rewards])
+        return out
+
+    async def _call_batched(self, r: _Reward, samples: list[Sample]) -> list[_Outcome]:
+        """A TRL-style reward over the whole batch: one call, one score per sample (None scores 0)."""
+        rows = [s.row for s in samples]
+        columns = {k: [row[k] for row in rows] for k in rows[0] if all(k in row for row in rows)} if rows else {}
+        columns.pop("prompt", None)
+        kwargs = {**columns, "completion_ids": [s.response_ids for s in samples], **r.kwargs}
+        prompts, completions = [row.get("prompt", "") for row in rows], [s.text for s in samples]
+        try:
+            ok, value = await self._bounded(lambda: r.fn(prompts, completions, **kwargs), r.name, r.is_async)
+        except TimeoutError:
+            return [self._failed("timeout", f"timed out after {self.cfg.timeout_s}s")] * len(samples)
+        if not ok:
+            return [self._failed("exception", f"raised {describe_exception(value)}")] * len(samples)
+        if not isinstance(value, list | tuple) or len(value) != len(samples):
+            got = f"{len(value)} scores" if isinstance(value, list | tuple) else type(value).__name__
+            return [self._failed("type", f"returned {got}, expected a list of {len(samples)} scores")] * len(samples)
+        return [_Outcome(0.0) if v is None else self._check(v) for v in value]
 
     async def _call(self, r: _Reward, sample: Sample) -> _Outcome:
         timeout = self.cfg.timeout_s
         try:
-            if r.is_async:
-                ok, value = await asyncio.wait_for(_run_async(r, sample), timeout)
-            else:
-                async with self._slots:
-                    ok, value = await asyncio.wait_for(self._run_in_thread(r, sample), timeout)
+            ok, value = await self._bounded(lambda: r.fn(sample, sample.row, **r.kwargs), r.name, r.is_async)
         except TimeoutError:  # Only ours: the user's own exceptions come back as (False, exc).
             return self._failed("timeout", f"timed out after {timeout}s")
         if not ok:
             return self._failed("exception", f"raised {describe_exception(value)}")
         return self._check(value)
 
-    def _run_in_thread(self, r: _Reward, sample: Sample) -> asyncio.Future[tuple[bool, Any]]:
+    async def _bounded(self, fn: Callable[[], Any], name: str, is_async: bool) -> tuple[bool, Any]:
+        """(ok, return value or the exception raised) of `fn()`, bounded by `rewards.timeout_s`
+        (TimeoutError past it). Async callables run on this loop and are cancelled at the timeout;
+        sync ones in a daemon thread, at most `max_threads` at once (an awaitable they return is
+        then awaited here)."""
+        timeout = self.cfg.timeout_s
+        if is_async:
+            return await asyncio.wait_for(_run_async(fn), timeout)
+        t0 = time.monotonic()
+        async with self._slots:
+            ok, value = await asyncio.wait_for(self._run_in_thread(fn, name), timeout)
+        if ok and inspect.isawaitable(value):
+            ok, value = await asyncio.wait_for(_await(value), max(timeout - (time.monotonic() - t0), 1e-3))
+        return ok, value
+
+    def _run_in_thread(self, fn: Callable[[], Any], name: str) -> asyncio.Future[tuple[bool, Any]]:
         loop = self._loop
         fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
 
         def run() -> None:
             try:
-                out: tuple[bool, Any] = (True, r.fn(sample, sample.row, **r.kwargs))
+                out: tuple[bool, Any] = (True, fn())
             except BaseException as e:  # The isolation boundary: even sys.exit() in a reward is recorded.
                 out = (False, e)
             try:
@@ -147,7 +226,7 @@ class RewardScorer:
             except RuntimeError:  # The scorer was closed; nobody waits for this abandoned call.
                 pass
 
-        threading.Thread(target=run, name=f"reward-{r.name}", daemon=True).start()
+        threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
         return fut
 
     def _check(self, value: Any) -> _Outcome:
@@ -167,14 +246,21 @@ class RewardScorer:
         return _Outcome(self.cfg.failure_reward, failure=kind, reason=reason)
 
 
+async def _await(value: Any) -> tuple[bool, Any]:
+    try:
+        return True, await value
+    except Exception as e:
+        return False, e
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     # A class instance with `async def __call__` is not a coroutine function itself.
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
-async def _run_async(r: _Reward, sample: Sample) -> tuple[bool, Any]:
+async def _run_async(fn: Callable[[], Any]) -> tuple[bool, Any]:
     try:
-        return True, await r.fn(sample, sample.row, **r.kwargs)
+        return True, await fn()
     except Exception as e:  # CancelledError is a BaseException and passes, so wait_for can cancel.
         return False, e
 
@@ -184,7 +270,8 @@ def _set_result(fut: asyncio.Future[tuple[bool, Any]], out: tuple[bool, Any]) ->
         fut.set_result(out)
 
 
-def _metrics(samples: list[Sample], failed: Counter[str], elapsed: float) -> dict[str, float]:
+def reward_metrics(samples: list[Sample], failed: Counter[str], elapsed: float) -> dict[str, float]:
+    """`reward/` metrics of a scored batch: mean, std, each function's mean, failures by kind."""
     rewards = [s.reward for s in samples]
     metrics = {
         "reward/mean": statistics.fmean(rewards) if rewards else 0.0,

@@ -23,13 +23,12 @@ import ray
 import torch
 
 from tidal.config import RunConfig
-from tidal.data import encode_prompts
 from tidal.models import load_model, load_tokenizer
-from tidal.rewards import RewardScorer
 from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.env_runtime import build_runtimes, eval_metrics, generate_samples, group_by_env, score_samples
 from tidal.rollout.evaluate import evaluate
 from tidal.trainer.weight_sync import WeightHandle, WeightReceiver, make_receiver
-from tidal.types import Completion, Group, Sample, SamplingParams
+from tidal.types import Group, Prompt, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +42,6 @@ def sampling_params(cfg: RunConfig, seed: int) -> SamplingParams:
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed)  # fmt: skip
 
 
-def to_sample(c: Completion, group_id: int, row: dict[str, Any]) -> Sample:
-    versions = c.versions or [c.version] * len(c.token_ids)
-    return Sample(
-        group_id=group_id,
-        prompt_ids=c.prompt_ids,
-        response_ids=c.token_ids,
-        loss_mask=[1] * len(c.token_ids),
-        logp_mu=c.logprobs,
-        finish_reason=c.finish_reason,
-        version=c.version,
-        versions=versions,
-        text=c.text,
-        row=row,
-    )
-
-
 class RolloutWorker:
     def __init__(self, cfg: RunConfig, model_dir: str, index: int = 0, buffer: Any = None) -> None:
         torch.set_num_threads(max(1, math.ceil(cfg.rollout.num_cpus_per_worker)))
@@ -67,7 +50,7 @@ class RolloutWorker:
         self.buffer = buffer
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.engine = TransformersEngine(load_model(model_dir, dtype), load_tokenizer(model_dir), version=0)
-        self.scorer = RewardScorer(cfg.rewards)
+        self.envs = build_runtimes(cfg)
         self._receiver: WeightReceiver | None = None
         self._staged: tuple[dict[str, torch.Tensor], int] | None = None
         self._cv = threading.Condition()
@@ -102,9 +85,9 @@ class RolloutWorker:
     # ---------------------------------------------------------------------- generation thread
 
     def rollout(
-        self, prompts: list[tuple[int, dict[str, Any]]], seed: int, batch_id: int = 0, min_version: int = 0
+        self, prompts: list[Prompt], seed: int, batch_id: int = 0, min_version: int = 0
     ) -> tuple[list[Group], dict[str, float]]:
-        """Generate and score one group per (group_id, row) with weights of version >= `min_version`.
+        """Generate and score one group per prompt with weights of version >= `min_version`.
 
         Puts the groups into the buffer under `batch_id` when one is attached (and then returns no
         groups), else returns them. Metrics are this call's.
@@ -113,17 +96,16 @@ class RolloutWorker:
         idle = t0 - self._last_end
         weight_wait = self._wait_for_version(min_version)
         t_gen0 = time.perf_counter()
-        completions, flat_meta = self._generate(prompts, seed)
+        samples = self._generate(prompts, seed)
         t_gen = time.perf_counter() - t_gen0
-        samples = [to_sample(c, gid, row) for c, (gid, row) in zip(completions, flat_meta, strict=True)]
-        reward_metrics = self.scorer.score(samples)
-        n = self.cfg.rollout.group_size
-        groups = [Group(gid, samples[k * n : (k + 1) * n]) for k, (gid, _) in enumerate(prompts)]
-        tokens = sum(len(s.response_ids) for s in samples)
-        metrics = {
-            **reward_metrics,
-            "rollout/accuracy": _mean([float(s.reward > 0) for s in samples]),
-            "rollout/response_length": tokens / max(len(samples), 1),
+        metrics = score_samples(self.envs, samples)
+        by_group: dict[int, list[Sample]] = {p.group_id: [] for p in prompts}
+        for s in samples:
+            by_group[s.group_id].append(s)
+        groups = [Group(gid, group) for gid, group in by_group.items()]
+        tokens = sum(sum(s.loss_mask) for s in samples)
+        metrics.update({
+            "rollout/response_length": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
             "rollout/truncated_frac": _mean([float(s.finish_reason == "length") for s in samples]),
             "rollout/samples": float(len(samples)),
             "rollout/interrupted_samples": float(sum(len(set(s.versions)) > 1 for s in samples)),
@@ -132,7 +114,7 @@ class RolloutWorker:
             "async/worker_weight_wait_s": weight_wait,
             "perf/rollout_tokens": float(tokens),
             "perf/generate_time_s": t_gen,
-        }
+        })  # fmt: skip
         if self.buffer is not None:
             ray.get(self.buffer.put.remote(groups, batch_id))
             groups = []
@@ -140,23 +122,23 @@ class RolloutWorker:
         self._last_end = time.perf_counter()
         return groups, metrics
 
-    def _generate(
-        self, prompts: list[tuple[int, dict[str, Any]]], seed: int
-    ) -> tuple[list[Completion], list[tuple[int, dict[str, Any]]]]:
-        """`group_size` completions per prompt, and the (group id, row) of each completion."""
-        ids = encode_prompts(self.engine.tokenizer, [row for _, row in prompts], self.cfg.data)
-        n = self.cfg.rollout.group_size
-        flat_prompts = [p for p in ids for _ in range(n)]
-        flat_meta = [(gid, row) for gid, row in prompts for _ in range(n)]
+    def _generate(self, prompts: list[Prompt], seed: int) -> list[Sample]:
+        """`group_size` unscored samples per prompt, env by env, with the weights held (newer ones are
+        applied between generate calls, and inside them with `rollout.interruptible`)."""
         on_chunk = self._apply_staged if self.cfg.rollout.interruptible else None
-        completions: list[Completion] = []
-        bs = self.cfg.rollout.batch_size
-        for i, start in enumerate(range(0, len(flat_prompts), bs)):
+        calls = 0
+
+        def params(_: int) -> SamplingParams:
+            nonlocal calls
             self._apply_staged()  # between generations, newer weights always go in
-            params = sampling_params(self.cfg, seed=seed * 1_000_003 + i)
-            completions += self.engine.generate(flat_prompts[start : start + bs], params, on_chunk=on_chunk,
-                                                chunk_tokens=self.cfg.rollout.chunk_tokens)  # fmt: skip
-        return completions, flat_meta
+            calls += 1
+            return sampling_params(self.cfg, seed=seed * 1_000_003 + calls)
+
+        samples: list[Sample] = []
+        for label, group in group_by_env(prompts).items():
+            samples += generate_samples(self.envs[label], self.engine, group, self.cfg.rollout.group_size, params,
+                                        self.cfg, on_chunk)  # fmt: skip
+        return samples
 
     def _wait_for_version(self, min_version: int) -> float:
         """Block until weights of version >= `min_version` are held or staged, apply them; seconds waited."""
@@ -204,10 +186,21 @@ class RolloutWorker:
             raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip
 
-    def evaluate(self, rows: list[dict[str, Any]], min_version: int = 0) -> dict[str, float]:
-        """Greedy held-out accuracy with weights of version >= `min_version`."""
+    def evaluate(self, prompts: list[Prompt], min_version: int = 0) -> dict[str, float]:
+        """Greedy held-out metrics with weights of version >= `min_version`: exact-match accuracy and
+        the log-prob mismatch on the run's data, or each env's accuracy and reward with `envs`."""
         self._wait_for_version(min_version)
-        out = evaluate(self.engine, rows, self.cfg.data, self.cfg.eval, batch_size=self.cfg.rollout.batch_size)
+        if not self.cfg.envs:
+            rows = [p.row for p in prompts]
+            out = evaluate(self.engine, rows, self.cfg.data, self.cfg.eval, batch_size=self.cfg.rollout.batch_size)
+        else:
+            if self.cfg.eval.num_samples is not None:
+                prompts = prompts[: self.cfg.eval.num_samples]
+            params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, seed=0)
+            samples = []
+            for label, group in group_by_env(prompts).items():
+                samples += generate_samples(self.envs[label], self.engine, group, 1, lambda _: params, self.cfg)
+            out = eval_metrics(self.envs, samples)
         return {**out, "eval/version": float(self.version)}
 
 

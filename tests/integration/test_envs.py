@@ -1,0 +1,193 @@
+"""Environments with a real tiny MoE: multi-turn samples (observation tokens masked, the model's own
+tokens keeping their behavior log-probs), the context limit, hostile envs contained, a run mixing
+two envs with per-env data and metrics, and the user-written example env learning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tidal.config import RunConfig, load_config
+from tidal.models import load_tokenizer, materialize_preset
+from tidal.rollout.engine import teacher_forced_logprobs
+from tidal.rollout.worker import RolloutWorker
+from tidal.types import Prompt, Sample
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTED = '''
+import math, time
+from tidal.envs import Env, MultiTurnEnv, Step
+
+class Scripted(MultiTurnEnv):
+    """Three model turns; after the first two the env answers `<r>1</r>`, `<r>2</r>`."""
+    def __init__(self):
+        self.max_turns = 3
+    def reset(self, row):
+        return {"turn": 0}
+    def step(self, state, text):
+        state["turn"] += 1
+        if state["turn"] < 3:
+            return Step(observation=f"<r>{state['turn']}</r>", reward=0.25)
+        return Step(reward=1.0, done=True, info={"n": 3.0})
+
+class Hostile(MultiTurnEnv):
+    """Fails differently per group: raises, hangs, wrong type; group 3 is fine but scores NaN."""
+    def reset(self, row):
+        return int(row["kind"])
+    def step(self, kind, text):
+        if kind == 0:
+            raise RuntimeError("env exploded")
+        if kind == 1:
+            time.sleep(30)
+        if kind == 2:
+            return "not a step"
+        return Step(reward=1.0, done=True)
+    def score(self, sample, row):
+        return math.nan if int(row["kind"]) == 3 else sum(sample.step_rewards)
+'''
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    threads = torch.get_num_threads()
+    yield materialize_preset("tiny-qwen3-moe", seed=0)
+    torch.set_num_threads(threads)  # the worker sets one thread
+
+
+@pytest.fixture(scope="module")
+def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("envs") / "user_envs.py"
+    path.write_text(SCRIPTED)
+    return path
+
+
+def config(env: str, *extra: str) -> RunConfig:
+    return load_config(None, [
+        "model.preset=tiny-qwen3-moe", "rollout.group_size=3", "rollout.max_new_tokens=5", "rollout.temperature=1.0",
+        "monitor.wandb=disabled", f"envs=[{{path: '{env}', label: scripted}}]", *extra,
+    ])  # fmt: skip
+
+
+def segments(mask: list[int]) -> list[tuple[int, int]]:
+    """(value, length) runs of a 0/1 mask."""
+    out: list[tuple[int, int]] = []
+    for m in mask:
+        out = out[:-1] + [(m, out[-1][1] + 1)] if out and out[-1][0] == m else [*out, (m, 1)]
+    return out
+
+
+def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(preset: Path, env_file: Path) -> None:
+    worker = RolloutWorker(config(f"{env_file}:Scripted"), str(preset))
+    tok = load_tokenizer(preset)
+    prompts = [Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted"), Prompt(1, {"prompt": "5-3=", "answer": "2"},
+                                                                                   "scripted")]  # fmt: skip
+    groups, metrics = worker.rollout(prompts, seed=0)
+    samples = [s for g in groups for s in g.samples]
+    assert len(samples) == 6
+    obs = [tok(f"<r>{i}</r>", add_special_tokens=False)["input_ids"] for i in (1, 2)]
+    for s in samples:
+        assert s.turns == 3 and s.step_rewards == [0.25, 0.25, 1.0] and s.reward == 1.5
+        assert s.env == "scripted" and s.env_info == {"n": 3.0} and s.reward_errors == []
+        runs = segments(s.loss_mask)
+        assert [v for v, _ in runs] == [1, 0, 1, 0, 1]  # model, observation, model, observation, model
+        starts = [sum(n for _, n in runs[:i]) for i in range(len(runs))]
+        for (v, n), start, k in zip(runs[1::2], starts[1::2], (0, 1), strict=True):
+            assert v == 0 and s.response_ids[start : start + n] == obs[k]
+            assert s.logp_mu[start : start + n] == [0.0] * n
+        # The model's tokens keep the log-probs they were sampled with: equal to a teacher-forced
+        # forward over the whole conversation, observations included, with the same weights.
+        (recomputed,) = teacher_forced_logprobs(worker.engine.model, [s.prompt_ids], [s.response_ids], 0, 1.0)
+        model = [i for i, m in enumerate(s.loss_mask) if m]
+        assert max(abs(s.logp_mu[i] - float(recomputed[i])) for i in model) < 1e-4
+        assert s.text == tok.decode(s.response_ids, skip_special_tokens=True) and "<r>1</r>" in s.text
+    assert metrics["env/scripted/turns_mean"] == 3.0 and metrics["env/scripted/n"] == 3.0
+    assert metrics["env/scripted/reward_mean"] == 1.5 and metrics["reward/mean"] == 1.5
+    assert metrics["perf/rollout_tokens"] == sum(sum(s.loss_mask) for s in samples)  # model tokens only
+
+
+def test_context_limit_ends_an_episode(preset: Path, env_file: Path) -> None:
+    worker = RolloutWorker(config(f"{env_file}:Scripted", "rollout.max_context_tokens=14"), str(preset))
+    (group,), _ = worker.rollout([Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted")], seed=1)
+    for s in group.samples:
+        assert len(s.prompt_ids) + len(s.response_ids) <= 14
+        assert s.finish_reason == "length" and s.turns < 3
+
+
+def test_hostile_env_is_contained(preset: Path, env_file: Path) -> None:
+    cfg = config(f"{env_file}:Hostile", "rewards.timeout_s=0.5", "rewards.failure_reward=-1")
+    worker = RolloutWorker(cfg, str(preset))
+    prompts = [Prompt(k, {"prompt": "1+1=", "answer": "2", "kind": str(k)}, "scripted") for k in range(4)]
+    groups, metrics = worker.rollout(prompts, seed=0)
+    by_kind: dict[int, list[Sample]] = {g.group_id: g.samples for g in groups}
+    assert all(len(v) == 3 for v in by_kind.values())  # no sample lost
+    errors = {k: {":".join(e.split(":")[:2]) for s in v for e in s.reward_errors} for k, v in by_kind.items()}
+    assert errors[0] == {"step: raised RuntimeError"}
+    assert errors[1] == {"step: timed out after 0.5s"}
+    assert errors[2] == {"step: returned str, expected a tidal.envs.Step"}
+    assert all(s.reward == -1.0 for s in by_kind[3])  # NaN score: the failure reward, recorded
+    assert all(any("returned NaN" in e for e in s.reward_errors) for s in by_kind[3])
+    assert metrics["env/scripted/failed_samples"] == 12 and metrics["reward/failed_nan"] == 3
+    assert all(math.isfinite(s.reward) for v in by_kind.values() for s in v)
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def test_a_run_mixing_two_envs(preset: Path, tmp_path: Path) -> None:
+    from tidal.train import run_train
+
+    calc_rows = [{"prompt": f"{a}*{b}=", "answer": str(a * b)} for a in range(11, 30) for b in range(3, 7)]
+    (tmp_path / "calc.jsonl").write_text("\n".join(json.dumps(r) for r in calc_rows))
+    cfg = load_config(None, [
+        f"output_dir={tmp_path / 'runs'}", "name=mixed", "model.preset=tiny-qwen3-moe",
+        "data.source.ops=[+]", "data.source.eval_size=6",
+        "envs=[{name: arithmetic, weight: 3.0},"
+        f" {{name: calculator, label: calc, weight: 1.0, kwargs: {{max_turns: 2}},"
+        f"   data: {{source: {{type: files, train_files: ['{tmp_path / 'calc.jsonl'}'],"
+        f"                    eval_files: ['{tmp_path / 'calc.jsonl'}']}}}}}}]",
+        "rollout.group_size=4", "rollout.prompts_per_step=8", "rollout.max_new_tokens=4", "rollout.max_staleness=1",
+        "filter.zero_variance=false", "train.steps=3", "train.eval_every=0", "eval.num_samples=10",
+        "eval.max_new_tokens=4", "monitor.wandb=disabled", "train.save_checkpoint=false",
+    ])  # fmt: skip
+    summary = run_train(cfg)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    samples = {env: sum(r.get(f"env/{env}/samples", 0) for r in steps) for env in ("arithmetic", "calc")}
+    assert samples["arithmetic"] + samples["calc"] == 3 * 8 * 4
+    assert samples["arithmetic"] > samples["calc"] > 0  # drawn 3 : 1
+    assert all(r["env/calc/turns_mean"] >= 1 for r in steps if "env/calc/turns_mean" in r)
+    assert summary["ledger/unique_trained_groups"] == summary["ledger/taken_groups"] == 24
+    final = rows[-1]
+    assert {"eval/arithmetic/accuracy", "eval/calc/accuracy", "eval/accuracy"} <= set(summary) | set(final)
+
+
+def test_user_example_env_trains_and_its_reward_rises(tmp_path: Path) -> None:
+    """`tidal train examples/custom_env/config.yaml` from the repository root, as the README says
+    (fewer steps; the SFT warm start is trained on first use)."""
+    env = {**os.environ, "TIDAL_CACHE": os.environ.get("TIDAL_CACHE", str(tmp_path / "cache"))}
+    steps = 30
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli", "train", "examples/custom_env/config.yaml", f"train.steps={steps}",
+         "train.eval_every=0", f"output_dir={tmp_path / 'runs'}", "monitor.wandb=disabled"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs/custom-env/metrics.jsonl").read_text().splitlines()]
+    reward = [r["env/double/reward_mean"] for r in rows if "env/double/reward_mean" in r]
+    assert len(reward) == steps
+    first, last = sum(reward[:8]) / 8, sum(reward[-8:]) / 8
+    assert last > first + 0.05, reward
+    summary: dict[str, Any] = json.loads((tmp_path / "runs/custom-env/summary.json").read_text())
+    assert summary["eval/double/accuracy"] >= summary["eval/double/accuracy_before"]

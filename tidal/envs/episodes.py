@@ -1,0 +1,124 @@
+"""Multi-turn episodes: the model and a `MultiTurnEnv` take turns until the episode is done.
+
+All episodes of a rollout call advance together, one turn at a time: the model's turns of every
+running episode are generated as one batch (each prompt is the conversation so far), then the env's
+`step` calls run concurrently, each bounded and isolated. The sample is the whole conversation after
+the prompt: model tokens with loss mask 1 and their behavior log-probs and versions, observation
+tokens with loss mask 0 (never trained on; their log-prob slot holds 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from tidal.envs.base import MultiTurnEnv, Step
+from tidal.rewards.scoring import CallResult
+from tidal.rollout.engine import TransformersEngine
+from tidal.types import Completion, FinishReason, SamplingParams
+
+Caller = Callable[[list[Callable[[], Any]]], list[CallResult]]
+"""Runs zero-argument calls concurrently, each bounded by a timeout and isolated (`RewardScorer.run_calls`)."""
+
+
+@dataclass
+class Episode:
+    """One conversation in progress; becomes one `Sample` when done."""
+
+    prompt_ids: list[int]
+    state: Any = None
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logp_mu: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    step_rewards: list[float] = field(default_factory=list)
+    infos: list[dict[str, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    turns: int = 0
+    turn_start: int = 0
+    """Index in `response_ids` where the model's latest turn begins."""
+    done: bool = False
+    finish_reason: FinishReason = "stop"
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    def add_turn(self, c: Completion) -> None:
+        self.turn_start = len(self.response_ids)
+        self.response_ids += c.token_ids
+        self.loss_mask += [1] * len(c.token_ids)
+        self.logp_mu += c.logprobs
+        self.versions += c.versions or [c.version] * len(c.token_ids)
+        self.finish_reason = c.finish_reason
+        self.turns += 1
+
+    def add_observation(self, ids: list[int], version: int) -> None:
+        self.response_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logp_mu += [0.0] * len(ids)
+        self.versions += [version] * len(ids)
+
+    @property
+    def info(self) -> dict[str, float]:
+        """Mean of each `Step.info` key over the steps that reported it."""
+        keys = dict.fromkeys(k for i in self.infos for k in i)
+        return {k: sum(i[k] for i in self.infos if k in i) / sum(k in i for i in self.infos) for k in keys}
+
+
+def run_episodes(
+    env: MultiTurnEnv, episodes: list[Episode], engine: TransformersEngine, params: Callable[[int], SamplingParams],
+    call: Caller, max_context_tokens: int, batch_size: int, generate_kwargs: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """Advance every episode to its end. `params(turn)` gives the sampling parameters of a turn; a
+    turn gets at most what is left of `max_context_tokens`. Env failures end the episode and are
+    recorded in `Episode.errors`."""
+    for turn in range(env.max_turns):
+        running = [e for e in episodes if not e.done]
+        for e in running:
+            if len(e.context) >= max_context_tokens:
+                e.done, e.finish_reason = True, "length"
+        running = [e for e in running if not e.done]
+        if not running:
+            return
+        base = params(turn)
+        for start in range(0, len(running), batch_size):
+            chunk = running[start : start + batch_size]
+            room = min(max_context_tokens - len(e.context) for e in chunk)
+            turn_params = SamplingParams(**{**vars(base), "max_new_tokens": max(1, min(base.max_new_tokens, room))})
+            for e, c in zip(chunk, engine.generate([e.context for e in chunk], turn_params,
+                                                   **(generate_kwargs or {})), strict=True):  # fmt: skip
+                e.add_turn(c)
+        texts = [engine.tokenizer.decode(e.response_ids[e.turn_start :], skip_special_tokens=True) for e in running]
+        results = call([partial(env.step, e.state, text) for e, text in zip(running, texts, strict=True)])
+        for e, res in zip(running, results, strict=True):
+            _apply_step(e, res, engine, last_turn=turn == env.max_turns - 1, max_context_tokens=max_context_tokens)
+
+
+def _apply_step(e: Episode, res: CallResult, engine: TransformersEngine, last_turn: bool,
+                max_context_tokens: int) -> None:  # fmt: skip
+    if not res.ok:
+        e.errors.append(f"step: {res.reason}")
+        e.done = True
+        return
+    step = res.value
+    if not isinstance(step, Step):
+        e.errors.append(f"step: returned {type(step).__name__}, expected a tidal.envs.Step")
+        e.done = True
+        return
+    e.step_rewards.append(float(step.reward))
+    if step.info:
+        e.infos.append({str(k): float(v) for k, v in step.info.items()})
+    if step.done or last_turn:
+        e.done = True
+        return
+    if step.observation:
+        ids = engine.tokenizer(step.observation, add_special_tokens=False)["input_ids"]
+        room = max_context_tokens - len(e.context)
+        if len(ids) >= room:  # no room left for the model to answer the observation
+            e.add_observation(ids[: max(room, 0)], engine.version)
+            e.done, e.finish_reason = True, "length"
+            return
+        e.add_observation(ids, engine.version)

@@ -1,0 +1,58 @@
+"""Resolve `envs` once at start-up: built-ins by name, user envs by import or file path.
+
+Every failure is a one-line `ConfigError` naming the spec (`envs[i].path '...'`), what was looked for
+and where; the class is built with its kwargs here, so a bad kwarg fails before any actor starts.
+"""
+
+from __future__ import annotations
+
+from tidal.config import ConfigError, EnvSpec
+from tidal.envs.base import Env, MultiTurnEnv
+from tidal.envs.builtins import BUILTIN_ENVS
+from tidal.rewards.base import describe_exception
+from tidal.rewards.loading import import_object
+
+
+def env_label(spec: EnvSpec) -> str:
+    """The env's name in metrics: `label`, else the built-in name, else the class name."""
+    if spec.label is not None:
+        return spec.label
+    if spec.name is not None:
+        return spec.name
+    assert spec.path is not None
+    return spec.path.rpartition(":")[2]
+
+
+def resolve_env(spec: EnvSpec, index: int) -> Env:
+    """The env instance of `envs[index]`: its class built with the spec's kwargs."""
+    if spec.name is not None:
+        where = f"envs[{index}].name {spec.name!r}"
+        if spec.name not in BUILTIN_ENVS:
+            raise ConfigError(f"{where} is not a built-in environment (known: {', '.join(sorted(BUILTIN_ENVS))})")
+        cls: object = BUILTIN_ENVS[spec.name]
+    else:
+        assert spec.path is not None  # EnvSpec validates that exactly one of name / path is set.
+        where = f"envs[{index}].path {spec.path!r}"
+        cls = import_object(spec.path, where)
+    if not (isinstance(cls, type) and issubclass(cls, Env)):
+        raise ConfigError(f"{where}: {getattr(cls, '__name__', cls)!r} is not a tidal.envs.Env subclass; subclass "
+                          "Env (single turn: prompt, score) or MultiTurnEnv (reset, step)")  # fmt: skip
+    try:
+        env = cls(**spec.kwargs)
+    except Exception as e:
+        raise ConfigError(f"{where}: building {cls.__name__} with kwargs {spec.kwargs} raised "
+                          f"{describe_exception(e)}") from None  # fmt: skip
+    if isinstance(env, MultiTurnEnv) and (not isinstance(env.max_turns, int) or env.max_turns < 1):
+        raise ConfigError(f"{where}: max_turns must be a positive int, got {env.max_turns!r}")
+    return env
+
+
+def resolve_envs(specs: list[EnvSpec]) -> dict[str, Env]:
+    """Every env of the run by label, in config order; labels must be distinct."""
+    out: dict[str, Env] = {}
+    for i, spec in enumerate(specs):
+        label = env_label(spec)
+        if label in out:
+            raise ConfigError(f"envs[{i}]: label {label!r} is taken by an earlier env; give each a distinct `label`")
+        out[label] = resolve_env(spec, i)
+    return out
