@@ -125,13 +125,13 @@ def hand_batch(preset: Path) -> TrainBatch:
     tok, model = load_tokenizer(preset), load_model(preset)
     g = torch.Generator().manual_seed(0)
     groups = [
-        Group(gid, [
-            Sample(gid, tok(row["prompt"], add_special_tokens=False)["input_ids"],
+        Group(p.group_id, [
+            Sample(p.group_id, tok(p.row["prompt"], add_special_tokens=False)["input_ids"],
                    torch.randint(6, 100, (n,), generator=g).tolist(), [1] * n, [0.0] * n, "length", 0, [0] * n,
                    reward=r)  # fmt: skip
             for n, r in zip(lengths, rewards, strict=True)
         ])
-        for (gid, row), lengths, rewards in zip(ROWS, LENGTHS, REWARDS, strict=True)
+        for p, lengths, rewards in zip(ROWS, LENGTHS, REWARDS, strict=True)
     ]  # fmt: skip
     batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
     true = recompute_logprobs(model, batch, 1.0, micro_batch_size=5)

@@ -132,7 +132,7 @@ class RolloutWorker:
             nonlocal calls
             self._apply_staged()  # between generations, newer weights always go in
             calls += 1
-            return sampling_params(self.cfg, seed=seed * 1_000_003 + calls)
+            return sampling_params(self.cfg, seed=seed * 1_000_003 + calls - 1)
 
         samples: list[Sample] = []
         for label, group in group_by_env(prompts).items():
