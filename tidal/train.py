@@ -139,7 +139,7 @@ def _loop(
     trainer's version when it trains b cannot exceed the workers' weights + max_staleness. With
     max_staleness 0 rollout and training take turns (on-policy)."""
     get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
-    k, m, steps = cfg.rollout.max_staleness, cfg.algorithm.minibatches, cfg.train.steps
+    bound, minibatches, steps = cfg.rollout.max_staleness, cfg.algorithm.minibatches, cfg.train.steps
     before = get(workers[0].evaluate.remote(eval_rows), "held-out evaluation") if eval_rows else {}
     monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
     metrics: dict[str, float] = dict(before)
@@ -148,12 +148,15 @@ def _loop(
     version = published = 0  # the trainer's version; the newest version offered to the workers
     next_batch, t_prev = 1, time.perf_counter()
     for step in range(1, steps + 1):
-        # Batch b trains at version ~ version + (b - step) * m; its samples come from weights >= published.
-        while next_batch <= steps and (next_batch == step or version + (next_batch - step) * m <= published + k):
+        # Batch b trains at version <= version + (b - step) * minibatches (a skipped step takes none);
+        # its samples come from weights >= published. Hand it out once that fits the bound.
+        while next_batch <= steps and (
+            next_batch == step or version + (next_batch - step) * minibatches <= published + bound
+        ):
             rollouts[next_batch] = _dispatch(cfg, sampler, workers, next_batch, published)
             next_batch += 1
         t0 = time.perf_counter()
-        metrics = merge_worker_metrics([m for _, m in get(rollouts.pop(step), "rollout")])
+        metrics = merge_worker_metrics([row for _, row in get(rollouts.pop(step), "rollout")])
         t1 = time.perf_counter()
         metrics.update(get(trainer.step.remote(batch_id=step), "trainer step"))
         metrics.update(get(buffer.pop_counts.remote(), "buffer"))

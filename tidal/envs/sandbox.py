@@ -49,6 +49,7 @@ The parent never blocks: it reads all three pipes with select up to the deadline
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -68,6 +69,8 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 _NOBODY = 65534
+_MARKER = "TIDAL_SANDBOX_ID"
+"""Environment variable carrying a per-run id: finds the run's processes when there is no PID namespace."""
 _RESULTS_CAP = 1 << 20
 """Bytes of result records kept; a record is ~100 bytes, so this only bounds a flood."""
 
@@ -120,8 +123,9 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
     plan = _plan()
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="tidal-sandbox-")
-    nonce, marker = secrets.token_hex(16), f"TIDAL_SANDBOX_ID={secrets.token_hex(8)}"
+    nonce, run_id = secrets.token_hex(16), secrets.token_hex(8)
     result_r, result_w = os.pipe()
+    proc: subprocess.Popen[bytes] | None = None
     try:
         if plan.uid is not None:
             os.chown(workdir, plan.uid, plan.gid)
@@ -135,7 +139,7 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
         if plan.uid is not None:
             os.chown(payload, plan.uid, plan.gid)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               marker.split("=")[0]: marker.split("=")[1]}  # fmt: skip
+               _MARKER: run_id}  # fmt: skip
         proc = subprocess.Popen(
             [plan.python, "-I", "-S", "-B", "-c", _RUNNER, payload], cwd=workdir, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(result_w,),
@@ -143,17 +147,31 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
         )  # fmt: skip
         os.close(result_w)
         result_w = -1
-        out, err, records, timed_out = _pump(proc, result_r, start + limits.timeout_s, limits.max_output_kb * 1024)
+        assert proc.stdout is not None and proc.stderr is not None
+        out_fd, err_fd, cap = proc.stdout.fileno(), proc.stderr.fileno(), limits.max_output_kb * 1024
+        pipes = _Pipes({out_fd: cap, err_fd: cap, result_r: _RESULTS_CAP})
+        try:
+            timed_out = _wait(proc, pipes, start + limits.timeout_s)
+            _stop(proc, _records(bytes(pipes.bufs[result_r]), nonce))
+            pipes.drain(0.2)  # what was written before the end; EOF comes once every writer is dead
+        finally:
+            pipes.close()
+        records = bytes(pipes.bufs[result_r])
         layers = _parse_layers(records, nonce)
-        _kill_and_reap(proc, sweep=None if layers.get("pidns") else (marker.encode(), plan.uid or os.getuid()))
+        sweep_uid = os.getuid() if plan.uid is None else plan.uid
+        _reap(proc, sweep=None if layers.get("pidns") else (f"{_MARKER}={run_id}".encode(), sweep_uid))
     finally:
+        if proc is not None and proc.returncode is None:  # we are here by an exception: still, leave nothing
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         os.close(result_r)
         if result_w >= 0:
             os.close(result_w)
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove(workdir)
     _warn_missing(layers, plan)
-    return _result(records, nonce, len(tests), timed_out, proc.returncode, out, err, time.monotonic() - start,
-                   limits, layers)  # fmt: skip
+    return _result(records, nonce, len(tests), timed_out, proc.returncode, pipes.output(out_fd), pipes.output(err_fd),
+                   time.monotonic() - start, limits, layers)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- parent side
@@ -218,6 +236,16 @@ def _warn_missing(layers: dict[str, bool], plan: _Plan) -> None:
             log.warning("sandbox: %s", text)
 
 
+def _remove(workdir: str) -> None:
+    """Delete the sandbox directory, also when the code made parts of it unreadable (matters when not root)."""
+    with contextlib.suppress(OSError):
+        os.chmod(workdir, 0o700)
+        for root, dirs, _ in os.walk(workdir):  # top-down: a directory is opened only after its chmod
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o700)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _tasks_of(uid: int) -> int:
     """Threads of `uid` now running (what RLIMIT_NPROC counts)."""
     n = 0
@@ -231,60 +259,69 @@ def _tasks_of(uid: int) -> int:
     return n
 
 
-def _pump(proc: subprocess.Popen[bytes], results: int, deadline: float, cap: int) -> tuple[bytes, bytes, bytes, bool]:
-    """Read stdout, stderr and the result pipe until the child exits or the deadline; keep `cap` bytes of
-    each stream. Returns (stdout, stderr, records, timed_out); never blocks past the deadline."""
-    assert proc.stdout is not None and proc.stderr is not None
-    caps = {proc.stdout.fileno(): cap, proc.stderr.fileno(): cap, results: _RESULTS_CAP}
-    bufs = {fd: bytearray() for fd in caps}
-    sel = selectors.DefaultSelector()
-    for fd in caps:
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
+class _Pipes:
+    """The child's stdout, stderr and result pipe, read without blocking; each keeps at most its cap (the rest
+    is read and dropped, so a flood neither blocks the child nor grows our memory)."""
+
+    def __init__(self, caps: dict[int, int]) -> None:
+        self.caps = caps
+        self.bufs = {fd: bytearray() for fd in caps}
+        self.dropped: set[int] = set()
+        self.sel = selectors.DefaultSelector()
+        for fd in caps:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ)
+
+    def read(self, timeout: float) -> None:
+        """Read what arrives within `timeout` seconds (other registered fds, e.g. a pidfd, only wake us)."""
+        for key, _ in self.sel.select(timeout):
+            if key.fd not in self.caps:
+                continue
+            try:
+                data = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if not data:
+                self.sel.unregister(key.fd)
+                continue
+            buf = self.bufs[key.fd]
+            keep = data[: max(0, self.caps[key.fd] - len(buf))]
+            buf += keep
+            if len(keep) < len(data):
+                self.dropped.add(key.fd)
+
+    def drain(self, seconds: float) -> None:
+        """Read until EOF on every pipe, or for at most `seconds` (a process outside our reach may hold one)."""
+        end = time.monotonic() + seconds
+        while any(fd in self.caps for fd in self.sel.get_map()) and time.monotonic() < end:
+            self.read(max(0.0, end - time.monotonic()))
+
+    def output(self, fd: int) -> bytes:
+        return bytes(self.bufs[fd]) + (b"\n[output truncated]" if fd in self.dropped else b"")
+
+    def close(self) -> None:
+        self.sel.close()
+
+
+def _wait(proc: subprocess.Popen[bytes], pipes: _Pipes, deadline: float) -> bool:
+    """Read the pipes until the child exits or the deadline passes; True when it timed out. The child is only
+    checked with WNOWAIT: unreaped, its pid (so its process group) cannot be reused before we kill it."""
     try:
-        pidfd = os.pidfd_open(proc.pid)
-        sel.register(pidfd, selectors.EVENT_READ)
+        pidfd = os.pidfd_open(proc.pid)  # readable once the child exits: no polling latency
+        pipes.sel.register(pidfd, selectors.EVENT_READ)
     except (AttributeError, OSError):
-        pidfd = -1  # no pidfd (old kernel): poll for the exit below
-    timed_out = False
+        pidfd = -1
     try:
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = not _exited(proc.pid)
-                break
-            wait = deadline - now if pidfd >= 0 else min(deadline - now, 0.01)
-            for key, _ in sel.select(wait):
-                if key.fd != pidfd:
-                    _read_into(sel, key.fd, bufs[key.fd], caps[key.fd])
-            if _exited(proc.pid):  # exited but not reaped: its pid, so its group, stays ours until we reap
-                break
-        os.killpg(proc.pid, signal.SIGKILL)
-        # What the child wrote before dying is still in the pipes; stop at EOF or after a short grace
-        # (a process that escaped the group may hold a pipe open until the sweep).
-        grace = time.monotonic() + 0.2
-        while len(sel.get_map()) > (pidfd >= 0) and time.monotonic() < grace:
-            for key, _ in sel.select(0.05):
-                if key.fd != pidfd:
-                    _read_into(sel, key.fd, bufs[key.fd], caps[key.fd])
+        while not _exited(proc.pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            pipes.read(left if pidfd >= 0 else min(left, 0.01))
+        return False
     finally:
-        sel.close()
         if pidfd >= 0:
+            pipes.sel.unregister(pidfd)
             os.close(pidfd)
-    out, err = (bytes(bufs[fd]) + (b"\n[output truncated]" if len(bufs[fd]) >= caps[fd] else b"")
-                for fd in (proc.stdout.fileno(), proc.stderr.fileno()))  # fmt: skip
-    return out, err, bytes(bufs[results]), timed_out
-
-
-def _read_into(sel: selectors.BaseSelector, fd: int, buf: bytearray, cap: int) -> None:
-    try:
-        data = os.read(fd, 65536)
-    except BlockingIOError:
-        return
-    if not data:
-        sel.unregister(fd)
-    elif len(buf) < cap:
-        buf += data[: cap - len(buf)]
 
 
 def _exited(pid: int) -> bool:
@@ -295,30 +332,51 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def _kill_and_reap(proc: subprocess.Popen[bytes], sweep: tuple[bytes, int] | None) -> None:
-    """SIGKILL the child's group, reap the child, and wait (briefly) until the group is gone; with no PID
-    namespace, also kill processes that left the group (found by this run's environment marker)."""
-    try:
+def _stop(proc: subprocess.Popen[bytes], records: list[list[str]]) -> None:
+    """Kill everything the child started. With a PID namespace, the test process (its PID 1) goes first and its
+    parent, the runner's reaper, collects it: killing both at once would leave PID 1 a zombie for the host's
+    init, which may reap late or never (a container without an init)."""
+    test_pid = next((int(index) for kind, index, _, _ in records if kind == "P"), None)
+    if test_pid is not None and not _exited(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(test_pid, signal.SIGKILL)  # its own group; the namespace dies with it
+        end = time.monotonic() + 1.0
+        while not _exited(proc.pid) and time.monotonic() < end:
+            time.sleep(0.002)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+
+
+def _reap(proc: subprocess.Popen[bytes], sweep: tuple[bytes, int] | None) -> None:
+    """Reap the child; without a PID namespace, also kill processes that left its group (found by this run's
+    environment marker) and wait until none of the group runs (zombies left to init are dead already)."""
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
-    if sweep is not None:
-        _sweep(*sweep)
-    # The PID-1 test process dies asynchronously (SIGKILL, or PDEATHSIG when its parent dies); the group
-    # is empty once it and, with it, its whole namespace are gone. Only probe with signal 0: the pgid
-    # may be reused once empty.
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
+    if sweep is None:
+        return  # the reaper exits only after PID 1, and PID 1 only after the rest of its namespace
+    _sweep(*sweep)
+    end = time.monotonic() + 2.0
+    while _group_alive(proc.pid):
+        if time.monotonic() > end:
+            log.warning("sandbox: processes of group %d still alive 2 s after SIGKILL", proc.pid)
             return
         time.sleep(0.005)
-    log.warning("sandbox: process group %d still alive 2 s after SIGKILL", proc.pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (not a zombie)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    state, _, group = f.read().rpartition(b")")[2].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if state != b"Z" and int(group) == pgid:
+                return True
+    return False
 
 
 def _sweep(marker: bytes, uid: int) -> None:
@@ -446,14 +504,20 @@ def _main():
         layers[name] = name in names
     if layers["pidns"]:
         pid = os.fork()
-        if pid:  # stays outside the namespace, runs no model code: its report of the exit is trusted
+        if pid:  # the reaper: outside the namespace, runs no model code, so its reports are trusted
+            emit("P", pid, 0, "")
             status = os.waitpid(pid, 0)[1]
             emit("X", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), 0, "")
             exit_(0)
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGKILL: die with the parent, and the namespace with us
+        os.setpgid(0, 0)  # a group of its own, which the parent kills first
+        _prctl(libc, 1, 9)  # PR_SET_PDEATHSIG = SIGKILL: die with the reaper, and the namespace with us
     if layers["userns"] and cfg["inner_nproc"]:
         # Counted per (namespace, uid): here only this tree (the outside parent, us, then the model's).
         lower("RLIMIT_NPROC", cfg["max_processes"] + (2 if layers["pidns"] else 1))
+    import _signal
+
+    _signal.signal = _no_signal_handlers
+    layers["seccomp"] = libc is not None and _seccomp(libc)
     del libc
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
         del sys.modules[name]  # a new import now raises the audit "import" event, which the hook denies
@@ -492,12 +556,68 @@ def _unshare(uid, gid):
     return libc, names
 
 
+def _prctl(libc, *args):
+    import ctypes
+
+    return libc.prctl(*[ctypes.c_ulong(a) for a in args])  # unsigned long: the kernel reads all 64 bits
+
+
+def _no_signal_handlers(signalnum, handler):
+    """Replaces _signal.signal: a Python handler receives the current frame, so the runner's frames. No closure
+    (it would hand out the original); ValueError is what asyncio.run expects where handlers are unavailable."""
+    raise ValueError("sandbox: signal handlers are not allowed")
+
+
+def _seccomp(libc):
+    """A seccomp filter for what the audit hook can only ask Python not to do: it holds for copies of modules
+    made without an audit event (importlib.util.module_from_spec) and for forked children. Denied (EPERM):
+    execve/execveat (a new program runs without the hook), rt_sigaction (a new handler would get our frames),
+    sockets other than AF_UNIX, and calls that only widen the kernel's attack surface. Returns whether it is
+    in place (x86_64 and aarch64)."""
+    import ctypes
+
+    machine = os.uname().machine
+    if machine == "x86_64":
+        arch, socket_nr = 0xC000003E, 41
+        # execve execveat rt_sigaction ptrace process_vm_readv/writev pidfd_getfd io_uring_setup unshare setns
+        # mount bpf userfaultfd perf_event_open keyctl; then any x32 call (nr >= 1 << 30)
+        nrs = (59, 322, 13, 101, 310, 311, 438, 425, 272, 308, 165, 321, 323, 298, 250)
+        checks = [(0x35, 1 << 30)] + [(0x15, nr) for nr in nrs]  # JGE, JEQ
+    elif machine == "aarch64":
+        arch, socket_nr = 0xC00000B7, 198
+        nrs = (221, 281, 134, 117, 270, 271, 438, 425, 97, 268, 40, 280, 282, 241, 219)
+        checks = [(0x15, nr) for nr in nrs]
+    else:
+        return False
+    ld, jeq, ret = 0x20, 0x15, 0x06
+    allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # RET_ALLOW, RET_ERRNO | EPERM, RET_KILL_PROCESS
+    n = len(checks)
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]  # other ABIs: kill
+    prog += [(code, (9 + n) - (4 + i) - 1, 0, k) for i, (code, k) in enumerate(checks)]  # -> deny at 9 + n
+    prog += [(jeq, 1, 0, socket_nr), (ret, 0, 0, allow),  # 4 + n: socket(): check the family
+             (ld, 0, 0, 16), (jeq, 0, 1, 1), (ret, 0, 0, allow),  # args[0] == AF_UNIX
+             (ret, 0, 0, deny)]
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
+    fprog = Prog(len(prog), insns)
+    if _prctl(libc, 38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required for an unprivileged filter
+        return False
+    return libc.prctl(ctypes.c_int(22), ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0)) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
 def _make_hook(root, read_roots, tokens, is_dir):
     """The audit hook. It may use only what is bound here: it keeps working after model code rebinds
     builtins, os.path or this module's globals. Paths are normalized lexically: no symlink can exist in
     the sandbox (creating one is denied), and paths that reach the sandbox through outside symlinks are
     denied, which errs on the safe side."""
-    type_, str_, bytes_, int_, tuple_, len_ = type, str, bytes, int, tuple, len
+    str_, bytes_, int_, len_, repr_ = str, bytes, int, len, repr
     isinstance_, PermissionError_, ImportError_, ValueError_ = isinstance, PermissionError, ImportError, ValueError
     BlockingIOError_, OSError_ = BlockingIOError, OSError
     to_str, decode = str.__str__, bytes.decode
@@ -512,7 +632,7 @@ def _make_hook(root, read_roots, tokens, is_dir):
                         "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.startfile",
                         "os.link", "os.symlink", "resource.prlimit", "sys._current_frames",
                         "sys._current_exceptions", "sys.settrace", "sys.setprofile", "gc.get_objects",
-                        "gc.get_referrers", "gc.get_referents", "code.__new__"))
+                        "gc.get_referrers", "gc.get_referents", "code.__new__", "sys.monitoring.register_callback"))
     frame_attrs = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
     denied_imports = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
                                 "_testinternalcapi"))
@@ -527,6 +647,8 @@ def _make_hook(root, read_roots, tokens, is_dir):
         """The absolute, normalized path `path` names, or "" when unknown."""
         if isinstance_(path, int_):
             path = fd_path(path)
+            if not path.startswith("/"):
+                return ""  # a pipe, socket or other anonymous file: nothing to check, nothing to allow
         elif isinstance_(path, bytes_):
             path = decode(path, "utf-8", "surrogateescape")
         elif isinstance_(path, str_):
@@ -561,7 +683,7 @@ def _make_hook(root, read_roots, tokens, is_dir):
     inside = (root,)
 
     def deny(event, what):
-        raise PermissionError_("sandbox: %s %s is not allowed" % (event, what))
+        raise PermissionError_("sandbox: %s%s is not allowed" % (event, " " + what if what else ""))
 
     def hook(event, args):
         if event == "open":
@@ -572,7 +694,8 @@ def _make_hook(root, read_roots, tokens, is_dir):
             if under(target, inside):
                 return
             writes = isinstance_(flags, int_) and flags & write_flags
-            if isinstance_(mode, str_) and ("w" in mode or "a" in mode or "x" in mode or "+" in mode):
+            mode = to_str(mode) if isinstance_(mode, str_) else ""
+            if "w" in mode or "a" in mode or "x" in mode or "+" in mode:
                 writes = True
             if not writes and target and under(target, read_roots):
                 try:
@@ -580,18 +703,18 @@ def _make_hook(root, read_roots, tokens, is_dir):
                         return
                 except OSError_:
                     return  # does not exist: open fails by itself
-            deny(event, repr(path))
+            deny(event, repr_(path))
         elif event in mutators:
             for path_i, fd_i in mutators[event]:
                 target = resolve(args[path_i], args[fd_i] if fd_i >= 0 and len_(args) > fd_i else None)
                 if not under(target, inside):
-                    deny(event, repr(args[path_i]))
+                    deny(event, repr_(args[path_i]))
         elif event == "os.listdir" or event == "os.scandir":
             path = args[0] if args[0] is not None else "."
             if not isinstance_(path, int_):
                 target = resolve(path, None)
                 if not (under(target, inside) or under(target, read_roots)):
-                    deny(event, repr(path))
+                    deny(event, repr_(path))
         elif event == "os.fork":
             try:
                 got = read(tokens, 1)
@@ -600,14 +723,16 @@ def _make_hook(root, read_roots, tokens, is_dir):
             if not got:
                 raise BlockingIOError_(11, "sandbox: process limit reached")
         elif event == "import":
-            if args[0].partition(".")[0] in denied_imports:
-                raise ImportError_("sandbox: import of %s is not allowed" % args[0])
+            name = to_str(args[0]) if isinstance_(args[0], str_) else ""
+            if name.partition(".")[0] in denied_imports:
+                raise ImportError_("sandbox: import of %s is not allowed" % name)
         elif event == "sys._getframe":
             # ValueError is what callers such as namedtuple, typing and logging already handle
             raise ValueError_("sandbox: frame introspection is not allowed")
         elif event == "object.__getattr__":
-            if len_(args) > 1 and args[1] in frame_attrs:
-                deny(event, args[1])
+            name = to_str(args[1]) if len_(args) > 1 and isinstance_(args[1], str_) else ""
+            if name in frame_attrs:
+                deny(event, name)
         elif event in denied or event.startswith("socket.") or event.startswith("ctypes."):
             deny(event, "")
 
@@ -617,14 +742,14 @@ def _make_hook(root, read_roots, tokens, is_dir):
 def _run(code, tests, emit, exit_):
     """Run the solution, then each test; only locals bound before model code are used after it."""
     compile_, exec_, dict_, enumerate_, type_, isinstance_ = compile, exec, dict, enumerate, type, isinstance
-    BaseException_, str_, exc_str, to_str, replace = BaseException, str, BaseException.__str__, str.__str__, str.replace
+    BaseException_, str_, to_str, replace = BaseException, str, str.__str__, str.replace
     type_name = type.__dict__["__name__"].__get__
     flush_out, flush_err = sys.stdout.flush, sys.stderr.flush
 
     def describe(e):
         try:
-            text = exc_str(e)
-            text = to_str(type_name(type_(e))) + (": " + to_str(text) if isinstance_(text, str_) and text else "")
+            text = to_str(str_(e))  # may run the model's __str__: harmless, it cannot reach our frames
+            text = to_str(type_name(type_(e))) + (": " + text if text else "")
             return replace(replace(text, "\n", " "), "\r", " ")[:300]
         except BaseException_:
             return "exception"
