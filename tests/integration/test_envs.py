@@ -191,3 +191,27 @@ def test_user_example_env_trains_and_its_reward_rises(tmp_path: Path) -> None:
     assert last > first + 0.05, reward
     summary: dict[str, Any] = json.loads((tmp_path / "runs/custom-env/summary.json").read_text())
     assert summary["eval/double/accuracy"] >= summary["eval/double/accuracy_before"]
+
+
+def test_code_env_scores_solutions_in_the_sandbox(tmp_path: Path) -> None:
+    from tidal.envs.builtins import CodeEnv
+
+    env = CodeEnv(timeout_s=2.0)
+    tests = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(2, 2) == 4"
+    row = {"prompt": "Write add(a, b).", "tests": tests}
+
+    def score(text: str) -> tuple[float, dict[str, float]]:
+        s = Sample(0, [1], [2], [1], [-1.0], "stop", 0, [0], text=text, row=row)
+        r = env.score(s, row)
+        return r.score, r.sub_scores
+
+    assert score("```python\ndef add(a, b):\n    return a + b\n```") == (1.0, {"passed": 3.0, "timed_out": 0.0})
+    partial, subs = score("def add(a, b):\n    return 3")
+    assert partial == pytest.approx(1 / 3) and subs == {"passed": 1.0, "timed_out": 0.0}
+    assert score("def add(a, b) return") == (0.0, {"passed": 0.0, "timed_out": 0.0})
+    # Hostile code is contained: a file outside the sandbox stays untouched, a loop is cut at the timeout.
+    victim = tmp_path / "metrics.jsonl"
+    victim.write_text("precious\n")
+    hostile = f"open({str(victim)!r}, 'w').write('gone')\ndef add(a, b):\n    return a + b"
+    assert score(hostile)[0] == 0.0 and victim.read_text() == "precious\n"
+    assert score("while True:\n    pass")[1]["timed_out"] == 1.0
