@@ -209,3 +209,14 @@ def test_env_defaults() -> None:
 
     s.step_rewards = [0.25, 0.5]
     assert Turns().score(s, s.row) == 0.75 and Turns().reset({}) is None
+
+
+def test_math_env() -> None:
+    from tidal.envs.builtins import MathEnv
+
+    env = MathEnv(instruction=" Put the answer in \\boxed{}.")
+    row = {"prompt": "What is 1/2 + 0?", "answer": "0.5"}
+    assert env.prompt(row) == "What is 1/2 + 0? Put the answer in \\boxed{}."
+    assert env.score(sample("so \\boxed{\\frac{1}{2}}", row), row) == 1.0
+    assert env.score(sample("\\boxed{3}", row), row) == 0.0
+    assert env.score(sample("no idea", row), row) == 0.0
