@@ -455,7 +455,7 @@ class SFTConfig(Strict):
 
 class EvalConfig(Strict):
     num_samples: int | None = Field(None, ge=1)
-    """Held-out problems to evaluate (default: the whole held-out split)."""
+    """Held-out problems to evaluate, per env with `envs` (default: the whole held-out split)."""
     max_new_tokens: int = Field(16, ge=1)
     """Largest number of tokens of a greedy answer."""
 

@@ -49,7 +49,10 @@ class RolloutWorker:
         self.index = index
         self.buffer = buffer
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        self.engine = TransformersEngine(load_model(model_dir, dtype), load_tokenizer(model_dir), version=0)
+        model = load_model(model_dir, dtype)
+        if cfg.rollout.num_gpus_per_worker > 0 and torch.cuda.is_available():
+            model.to("cuda")  # Ray made the worker's GPU the only visible one
+        self.engine = TransformersEngine(model, load_tokenizer(model_dir), version=0)
         self.envs = build_runtimes(cfg)
         self._receiver: WeightReceiver | None = None
         self._staged: tuple[dict[str, torch.Tensor], int] | None = None
@@ -194,11 +197,10 @@ class RolloutWorker:
             rows = [p.row for p in prompts]
             out = evaluate(self.engine, rows, self.cfg.data, self.cfg.eval, batch_size=self.cfg.rollout.batch_size)
         else:
-            if self.cfg.eval.num_samples is not None:
-                prompts = prompts[: self.cfg.eval.num_samples]
             params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, seed=0)
             samples = []
             for label, group in group_by_env(prompts).items():
+                group = group[: self.cfg.eval.num_samples]  # per env, so every env is evaluated
                 samples += generate_samples(self.envs[label], self.engine, group, 1, lambda _: params, self.cfg)
             out = eval_metrics(self.envs, samples)
         return {**out, "eval/version": float(self.version)}

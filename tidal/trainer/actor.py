@@ -33,7 +33,9 @@ class TrainerActor:
         steps = cfg.train.steps * cfg.algorithm.minibatches
         self.trainer = DeepSpeedTrainer(load_model(model_dir), cfg.trainer, total_steps=steps)
         # The reference is the frozen initial policy; loaded only when the KL penalty is on.
-        self.ref = load_model(model_dir).eval().requires_grad_(False) if cfg.algorithm.loss.kl.coef > 0 else None
+        self.ref = None
+        if cfg.algorithm.loss.kl.coef > 0:
+            self.ref = load_model(model_dir).eval().requires_grad_(False).to(self.trainer.engine.device)
         self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
         self.publisher: WeightPublisher | None = None
         self.trained_groups: list[int] = []
