@@ -1,0 +1,260 @@
+"""The config sections of a run's model, data, rollout, trainer and loop; the base of every section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the CLI prints it as one line and exits 2."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+def _with_default_tag(data: Any, key: str, default: str) -> Any:
+    """A tagged-union section written without its `type` means the default variant."""
+    if isinstance(data, dict) and isinstance(data.get(key), dict) and "type" not in data[key]:
+        return {**data, key: {"type": default, **data[key]}}
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+DEFAULT_PRESET = "tiny-qwen3-moe"
+
+
+class ModelConfig(Strict):
+    path: str | None = None
+    """A Hugging Face causal-LM directory (save_pretrained format, with its tokenizer). Exclusive with `preset`."""
+    preset: Literal["tiny-glm4-moe", "tiny-glm5-moe", "tiny-qwen3-moe"] | None = None
+    """A tiny MoE built from config for CPU work (`tiny-qwen3-moe` when `path` is unset):
+    GLM-4.5 (`glm4_moe`), GLM-5 (`glm_moe_dsa`, with
+    DeepSeek sparse attention) or Qwen3-MoE, with a character-level tokenizer built in-process."""
+    init_seed: int = 0
+    """Seed of the random initialisation of a preset (presets are cached per name and seed)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the rollout engine runs the model in. The trainer's precision is `trainer.precision`."""
+    sft_warm_start: str | None = None
+    """An SFT run config (YAML path): the policy starts from that SFT run's checkpoint. The SFT run
+    (with its own `model` section) is trained on first use and cached by its config's hash, so later
+    runs reuse it. Exclusive with `path` and `preset`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and all(data.get(k) is None for k in ("path", "preset", "sft_warm_start")):
+            data = {**data, "preset": DEFAULT_PRESET}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if sum(x is not None for x in (self.path, self.preset, self.sft_warm_start)) > 1:
+            raise ValueError("set only one of model.path, model.preset or model.sft_warm_start")
+        if self.sft_warm_start is not None and not Path(self.sft_warm_start).is_file():
+            raise ValueError(f"model.sft_warm_start {self.sft_warm_start!r} is not a file; name an SFT run config")
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ValueError(f"model.path {self.path!r} is not a directory; point it at a save_pretrained folder")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class ArithmeticData(Strict):
+    type: Literal["arithmetic"] = "arithmetic"
+    """Built-in synthetic arithmetic: prompts like `12+7=`, answers checked exactly."""
+    digits: int = Field(2, ge=1, le=6)
+    """Difficulty knob: the largest number of digits of an operand."""
+    num_operands: int = Field(2, ge=2, le=4)
+    """Difficulty knob: operands per problem."""
+    ops: list[Literal["+", "-", "*"]] = ["+", "-"]
+    """Operators to draw from."""
+    train_size: int = Field(20000, ge=1)
+    """Problems in the train split."""
+    eval_size: int = Field(200, ge=1)
+    """Problems in the held-out split (disjoint from train)."""
+    seed: int = 1234
+    """Seed of the generator; the same seed gives the same splits."""
+
+
+class FileData(Strict):
+    type: Literal["files"] = "files"
+    """Prompts from local json / jsonl / parquet files, read through HF `datasets`."""
+    train_files: list[str]
+    """Files of the train split."""
+    eval_files: list[str] = []
+    """Files of the held-out split (empty: no held-out evaluation)."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt text."""
+    answer_field: str = "answer"
+    """Column holding the reference answer."""
+    metadata_fields: list[str] = []
+    """Extra columns carried with each row (e.g. for reward functions)."""
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> FileData:
+        for f in [*self.train_files, *self.eval_files]:
+            if not Path(f).is_file():
+                raise ValueError(f"data file {f!r} does not exist")
+            if Path(f).suffix not in (".json", ".jsonl", ".parquet"):
+                raise ValueError(f"data file {f!r}: expected a .json, .jsonl or .parquet file")
+        return self
+
+
+class DataConfig(Strict):
+    source: Annotated[ArithmeticData | FileData, Field(discriminator="type")] = ArithmeticData()
+    """Where prompts come from; `type` picks the variant (`arithmetic` or `files`)."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template (user turn + generation prompt)."""
+    max_prompt_tokens: int = Field(256, ge=1)
+    """Prompts longer than this many tokens are an error rather than silently cut."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tag(cls, data: Any) -> Any:
+        return _with_default_tag(data, "source", "arithmetic")
+
+
+# -------------------------------------------------------------------------------------------- rollout
+
+
+class RolloutConfig(Strict):
+    engine: Literal["transformers"] = "transformers"
+    """Generation engine. `transformers` runs on CPU or GPU."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature; 0 is greedy. Behavior log-probs are of logits / temperature."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    top_k: int = Field(0, ge=0)
+    """Keep the k most likely tokens (0: no limit)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Largest number of generated tokens per completion."""
+    stop: list[str] = []
+    """Stop strings: generation of a completion ends after the token that completes one."""
+    batch_size: int = Field(64, ge=1)
+    """Sequences generated together in one forward batch."""
+    group_size: int = Field(8, ge=1)
+    """Completions sampled per prompt (a group; advantages are computed within it)."""
+    prompts_per_step: int = Field(32, ge=1)
+    """Prompts (groups) per training step, before filtering."""
+    num_workers: int = Field(1, ge=1)
+    """RolloutWorker actors; a step's prompts are split among them."""
+    num_cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs each worker declares to Ray (its torch thread count is this, rounded up)."""
+    num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    """GPUs each worker declares to Ray (0 on CPU machines)."""
+    max_staleness: int = Field(0, ge=0)
+    """A sample of policy version v is trained at trainer version <= v + max_staleness, never later
+    (0: on-policy, rollout and training take turns). Workers are given prompts only as far ahead as
+    this allows (backpressure); a sample that is still too old when trained is dropped and counted
+    in `async/dropped_stale_samples`."""
+    interruptible: bool = False
+    """Apply a newly published snapshot inside a generation, at a chunk boundary, instead of only
+    between generations. Each token records the version that sampled it (`Sample.versions`)."""
+    chunk_tokens: int = Field(8, ge=1)
+    """With `interruptible`: decode steps between two checks for a new snapshot."""
+    max_context_tokens: int = Field(1024, ge=2)
+    """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens."""
+
+
+# -------------------------------------------------------------------------------------------- trainer
+
+
+class ScheduleConfig(Strict):
+    type: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up from 0 over this many optimizer steps."""
+    total_steps: int | None = Field(None, ge=1)
+    """Steps the decay spans (default: the run's number of steps)."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Floor of the decay as a fraction of `lr`."""
+
+
+class TrainerConfig(Strict):
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage (0-3)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision. bf16 keeps fp32 master weights in the optimizer."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per forward/backward on one rank."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step; the global batch is
+    micro_batch_size x grad_accum x world size."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """Learning-rate schedule."""
+    backend: Literal["gloo", "nccl"] | None = None
+    """torch.distributed backend (default: nccl with CUDA, gloo otherwise)."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """CPUs the trainer actor declares to Ray (its torch thread count is this, rounded up)."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs the trainer actor declares to Ray (0 on CPU machines)."""
+
+
+# ------------------------------------------------------------------------------------------ train, ray
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, ge=1)
+    """Rollout batches (training steps) of the run."""
+    eval_every: int = Field(10, ge=0)
+    """Evaluate on the held-out split every this many steps (0: only before and after)."""
+    save_checkpoint: bool = True
+    """Save the final policy as a HF checkpoint under the run directory."""
+
+
+class RayConfig(Strict):
+    address: str | None = None
+    """Address of a running Ray cluster to join (null: start a local runtime)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a local runtime (default: enough for the actors)."""
+    timeout_s: float = Field(1800.0, gt=0.0)
+    """Longest wait on any actor call (a rollout, a train step, a weight sync); past it the run
+    stops with an error naming the call instead of hanging."""
+
+
+# ------------------------------------------------------------------------------------------ sft, eval
+
+
+class SFTConfig(Strict):
+    steps: int = Field(300, ge=1)
+    """Optimizer steps of supervised fine-tuning (at most, with `stop_at_accuracy`)."""
+    log_every: int = Field(10, ge=1)
+    """Log training metrics every this many steps."""
+    stop_at_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+    """Stop once held-out accuracy reaches this (checked every `eval_every` steps): a warm start of
+    a known quality, however fast the model learns on this machine (null: run all `steps`)."""
+    eval_every: int = Field(20, ge=1)
+    """With `stop_at_accuracy`: steps between held-out checks."""
+
+
+class EvalConfig(Strict):
+    num_samples: int | None = Field(None, ge=1)
+    """Held-out problems to evaluate, per env with `envs` (default: the whole held-out split)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Largest number of tokens of a greedy answer."""
+
+
+class MonitorConfig(Strict):
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    """wandb mode; `online` needs WANDB_API_KEY, `offline` writes under the run directory."""
+    project: str = "tidal"
+    """wandb project."""
+
+

@@ -1,0 +1,213 @@
+"""The config sections of the RL algorithm: weight sync, losses and corrections, filters, rewards, envs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from tidal.config.base import DataConfig, Strict, _with_default_tag
+
+# -------------------------------------------------------------------------------------- weight sync
+
+
+class ObjectStoreSync(Strict):
+    type: Literal["object_store"] = "object_store"
+    """Snapshots go through the Ray object store (works across nodes; the default)."""
+
+
+class BroadcastSync(Strict):
+    type: Literal["broadcast"] = "broadcast"
+    """torch.distributed broadcast in buckets from the trainer to every worker (gloo on CPU, NCCL on
+    GPU) in a process group of their own; metadata goes through Ray."""
+    bucket_mb: float = Field(256.0, gt=0.0)
+    """Largest bucket in MB; a tensor larger than this travels in a bucket of its own."""
+    backend: Literal["gloo", "nccl"] | None = None
+    """Backend of the weight-sync group (default: nccl with CUDA, gloo otherwise)."""
+    timeout_s: float = Field(600.0, gt=0.0)
+    """Longest wait of one broadcast; past it the sync fails with an error instead of hanging."""
+
+
+class DiskSync(Strict):
+    type: Literal["disk"] = "disk"
+    """safetensors files on a disk the workers share with the trainer (for engines that load
+    weights from disk)."""
+    dir: str | None = None
+    """Directory of the snapshot files (default: `<run_dir>/weights`)."""
+    keep: int = Field(3, ge=1)
+    """Snapshot files kept; older ones are deleted."""
+
+
+class WeightSyncConfig(Strict):
+    every: int = Field(1, ge=1)
+    """Publish a snapshot every this many trainer steps (the `sync_every` of other frameworks).
+    Workers then lag up to every - 1 steps behind, which must fit in `rollout.max_staleness`."""
+    transport: Annotated[ObjectStoreSync | BroadcastSync | DiskSync, Field(discriminator="type")] = ObjectStoreSync()
+    """How snapshots travel; `type` picks it (`object_store`, `broadcast` or `disk`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tag(cls, data: Any) -> Any:
+        return _with_default_tag(data, "transport", "object_store")
+
+
+# ------------------------------------------------------------------------------------------ algorithm
+
+
+class NoCorrection(Strict):
+    type: Literal["none"] = "none"
+    """PPO clip on r = pi/pi_old alone, ignoring the behavior policy (the baseline)."""
+
+
+class BehaviorCorrection(Strict):
+    type: Literal["behavior"] = "behavior"
+    """PPO clip on pi/mu with the behavior log-probs as the proximal policy (no recompute)."""
+
+
+class TISCorrection(Strict):
+    type: Literal["tis"] = "tis"
+    """Truncated importance sampling: weight min(k, c) on the clip loss, k = pi_old/mu (Yao et al.
+    2025); with the recomputed pi_old as proximal policy this is decoupled PPO (Fu et al. 2025)."""
+    level: Literal["token", "sequence", "geometric"] = "token"
+    """k per token, per sequence (product of token ratios) or as the per-sequence geometric mean."""
+    c: float = Field(2.0, gt=0.0)
+    """Truncation bound C."""
+
+
+class MaskCorrection(Strict):
+    type: Literal["mask"] = "mask"
+    """Masked importance sampling (IcePop): weight k inside [low, high], 0 outside."""
+    level: Literal["token", "sequence", "geometric"] = "token"
+    """k per token, per sequence (product of token ratios) or as the per-sequence geometric mean."""
+    low: float = Field(0.5, ge=0.0)
+    """Lower bound of k."""
+    high: float = Field(2.0, gt=0.0)
+    """Upper bound of k."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> MaskCorrection:
+        if self.low >= self.high:
+            raise ValueError(f"correction low={self.low} must be below high={self.high}")
+        return self
+
+
+Correction = Annotated[
+    NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection, Field(discriminator="type")
+]
+
+
+class KLConfig(Strict):
+    coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty to the frozen reference (the warm start); 0 loads no reference."""
+    type: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (Schulman's k1, k2, k3)."""
+
+
+class LossConfig(Strict):
+    correction: Correction = TISCorrection()
+    """Off-policy correction between the behavior policy mu and the trainer's pi_old; `type` picks it."""
+    ratio: Literal["token", "sequence"] = "token"
+    """PPO ratio r per token, or GSPO's per-sequence ratio (geometric mean of token ratios)."""
+    eps_low: float = Field(0.2, ge=0.0)
+    """PPO clip: r is clipped below at 1 - eps_low."""
+    eps_high: float = Field(0.28, ge=0.0)
+    """PPO clip: r is clipped above at 1 + eps_high (DAPO's clip-higher)."""
+    dual_clip: float | None = Field(None, gt=1.0)
+    """Dual clip c > 1: for negative advantages the loss is bounded by -c * A (null: off)."""
+    aggregation: Literal["token-mean", "sequence-mean", "constant"] = "token-mean"
+    """Token mean over the batch, mean of per-sequence means, or Dr. GRPO's sum / (sequences x
+    rollout.max_new_tokens)."""
+    kl: KLConfig = KLConfig()
+    """KL penalty to the reference policy."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    router_aux_coef: float = Field(0.0, ge=0.0)
+    """Weight of the MoE load-balancing (router aux) loss; needs a model that returns router logits."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tag(cls, data: Any) -> Any:
+        return _with_default_tag(data, "correction", "tis")
+
+
+class AlgorithmConfig(Strict):
+    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage estimator: GRPO (group mean / std), Dr. GRPO (group mean only), RLOO (leave-one-out
+    mean), REINFORCE++ with group baseline and batch normalisation."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per rollout batch (the batch is split into this many mini-batches; pi_old is
+    recomputed once before the first)."""
+    loss: LossConfig = LossConfig()
+    """Policy loss, off-policy correction and regularisers."""
+
+
+class FilterConfig(Strict):
+    zero_variance: bool = True
+    """Dynamic sampling: drop groups whose rewards are all equal (no learning signal), counted."""
+    drop_truncated: bool = False
+    """Drop completions cut by rollout.max_new_tokens before advantages are computed, counted."""
+    drop_failed_rewards: bool = False
+    """Drop completions whose reward failed (raised, timed out, NaN) instead of scoring them with
+    rewards.failure_reward, counted."""
+
+
+# -------------------------------------------------------------------------------------------- rewards
+
+
+class RewardSpec(Strict):
+    name: str | None = None
+    """A built-in reward by name: `exact_match`, `arithmetic`, `regex`, `math_verify`, `remote_judge`
+    (a reward-model server or an LLM judge over HTTP)."""
+    path: str | None = None
+    """A user reward by import path (`my_pkg.rewards:fn`) or file path (`./my_reward.py:fn`)."""
+    weight: float = 1.0
+    """Weight in the sum of rewards."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments passed to the reward function."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("a reward needs exactly one of `name` (a built-in) or `path` (module:function)")
+        return self
+
+
+class RewardsConfig(Strict):
+    functions: list[RewardSpec] = [RewardSpec(name="arithmetic")]
+    """Reward functions; a sample's reward is their weighted sum, each also logged as a sub-score."""
+    timeout_s: float = Field(10.0, gt=0.0)
+    """Time limit of one reward call; a call over it is recorded as failed."""
+    failure_reward: float = 0.0
+    """Score a failed reward call (raised, timed out, NaN, wrong type) contributes."""
+
+
+# ----------------------------------------------------------------------------------------------- envs
+
+
+class EnvSpec(Strict):
+    name: str | None = None
+    """A built-in environment by name: `arithmetic`, `math`, `calculator` (multi-turn, a calculator
+    tool), `code` (unit tests in a sandbox)."""
+    path: str | None = None
+    """A user environment class by import path (`my_pkg.envs:MyEnv`) or file path (`./my_env.py:MyEnv`),
+    a subclass of `tidal.envs.Env` or `tidal.envs.MultiTurnEnv`."""
+    label: str | None = None
+    """The env's name in metrics (`env/<label>/...`); default: `name`, or the class name."""
+    weight: float = Field(1.0, gt=0.0)
+    """Sampling weight: on average a share weight / (sum of weights) of each step's prompts comes
+    from this env's data."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments the env class is built with."""
+    data: DataConfig | None = None
+    """This env's prompts (default: the run's `data` section)."""
+    rewards: list[RewardSpec] = []
+    """Extra reward functions added to the env's own score (e.g. a format reward), same form as
+    `rewards.functions`."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvSpec:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("an env needs exactly one of `name` (a built-in) or `path` (module:Class)")
+        return self
+
+

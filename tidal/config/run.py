@@ -1,0 +1,90 @@
+"""The whole run's config: every section, and the checks that span sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import model_validator
+
+from tidal.config.base import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    MonitorConfig,
+    RayConfig,
+    RolloutConfig,
+    SFTConfig,
+    Strict,
+    TrainConfig,
+    TrainerConfig,
+)
+from tidal.config.rl import AlgorithmConfig, EnvSpec, FilterConfig, RewardsConfig, WeightSyncConfig
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    """Run name; outputs go to `<output_dir>/<name>/`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed of sampling, data order and dropout."""
+    model: ModelConfig = ModelConfig()
+    """The policy model."""
+    data: DataConfig = DataConfig()
+    """Prompt data."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Generation."""
+    trainer: TrainerConfig = TrainerConfig()
+    """DeepSpeed trainer."""
+    sft: SFTConfig = SFTConfig()
+    """Supervised fine-tuning stage (`tidal sft`)."""
+    eval: EvalConfig = EvalConfig()
+    """Held-out evaluation."""
+    monitor: MonitorConfig = MonitorConfig()
+    """Metrics sinks."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """RL algorithm: advantage estimator, mini-batches, policy loss (`tidal train`)."""
+    rewards: RewardsConfig = RewardsConfig()
+    """Reward functions of `tidal train` (of the run's `data` when `envs` is empty); `timeout_s`
+    and `failure_reward` apply to every env call too."""
+    envs: list[EnvSpec] = []
+    """Environments to train on, mixed by weight, each with its own data (empty: the run's `data`
+    scored by `rewards.functions`)."""
+    filter: FilterConfig = FilterConfig()
+    """Group and sample filters applied before advantages."""
+    train: TrainConfig = TrainConfig()
+    """The RL loop of `tidal train`."""
+    ray: RayConfig = RayConfig()
+    """Ray runtime."""
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    """How and how often the trainer publishes weights to the rollout workers."""
+
+    @model_validator(mode="after")
+    def _rewards_or_envs(self) -> RunConfig:
+        # Compared with the default rather than "was it set", so a dumped config (every field
+        # written out) loads back.
+        if self.envs and self.rewards.functions != RewardsConfig().functions:
+            raise ValueError("rewards.functions scores the run's `data`, which `envs` replaces; give each env "
+                             "its extra rewards in envs[i].rewards instead")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _sync_fits_staleness(self) -> RunConfig:
+        # Between two publishes the trainer takes (every - 1) x minibatches optimizer steps that the
+        # workers do not see; samples they generate meanwhile would be dropped as too stale.
+        lag = (self.weight_sync.every - 1) * self.algorithm.minibatches
+        if lag > self.rollout.max_staleness:
+            raise ValueError(
+                f"weight_sync.every={self.weight_sync.every} with algorithm.minibatches="
+                f"{self.algorithm.minibatches} lets workers fall {lag} versions behind, more than "
+                f"rollout.max_staleness={self.rollout.max_staleness}; raise max_staleness or lower every"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
