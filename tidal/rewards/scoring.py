@@ -209,7 +209,8 @@ class RewardScorer:
         async with self._slots:
             ok, value = await asyncio.wait_for(self._run_in_thread(fn, name), timeout)
         if ok and inspect.isawaitable(value):
-            ok, value = await asyncio.wait_for(_await(value), max(timeout - (time.monotonic() - t0), 1e-3))
+            left, awaitable = max(timeout - (time.monotonic() - t0), 1e-3), value
+            ok, value = await asyncio.wait_for(_run_async(lambda: awaitable), left)
         return ok, value
 
     def _run_in_thread(self, fn: Callable[[], Any], name: str) -> asyncio.Future[tuple[bool, Any]]:
@@ -244,13 +245,6 @@ class RewardScorer:
 
     def _failed(self, kind: str, reason: str) -> _Outcome:
         return _Outcome(self.cfg.failure_reward, failure=kind, reason=reason)
-
-
-async def _await(value: Any) -> tuple[bool, Any]:
-    try:
-        return True, await value
-    except Exception as e:
-        return False, e
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -181,8 +181,3 @@ def group_by_env(prompts: list[Prompt]) -> dict[str, list[Prompt]]:
         out.setdefault(p.env, []).append(p)
     return out
 
-
-def close_runtimes(runtimes: dict[str, EnvRuntime]) -> None:
-    for rt in runtimes.values():
-        rt.scorer.close()
-
