@@ -21,6 +21,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate past the end-of-sequence token (benchmarks: every row runs to max_new_tokens)."""
 
 
 @dataclass

@@ -240,3 +240,22 @@ def test_sampled_tokens_stay_in_the_top_k_and_top_p_set(qwen: Loaded, top_k: int
     # Sampling is not collapsed onto the top token: lower ranks are drawn too.
     assert max(ranks) >= (top_k - 1 if top_k else 2)
     assert sum(r == 0 for r in ranks) < 0.8 * len(ranks)
+
+
+def test_ignore_eos_generates_past_the_end_token(qwen: Loaded) -> None:
+    """eos made the only stop: a row that ended at eos goes on to max_new_tokens, its prefix unchanged."""
+    m = qwen
+    greedy = m.engine.generate(m.prompts, SamplingParams(temperature=0.0, max_new_tokens=30))
+    stop_id = greedy[0].token_ids[first_plain_token(m.tok, greedy[0].token_ids, 2)]
+    params = SamplingParams(temperature=0.0, max_new_tokens=30, stop_token_ids=[stop_id])
+    ended = m.engine.generate(m.prompts, params)
+    row = 0  # reached the stop id; now make eos the id it stopped at, and ignore it
+    m.model.generation_config.eos_token_id, saved = stop_id, m.model.generation_config.eos_token_id
+    try:
+        kept = m.engine.generate(m.prompts, SamplingParams(temperature=0.0, max_new_tokens=30))
+        ignored = m.engine.generate(m.prompts, SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True))
+    finally:
+        m.model.generation_config.eos_token_id = saved
+    assert kept[row].token_ids == ended[row].token_ids and kept[row].finish_reason == "stop"
+    assert len(ignored[row].token_ids) == 30 and ignored[row].finish_reason == "length"
+    assert ignored[row].token_ids[: len(kept[row].token_ids)] == kept[row].token_ids

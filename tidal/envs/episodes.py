@@ -16,7 +16,7 @@ from typing import Any
 
 from tidal.envs.base import MultiTurnEnv, Step
 from tidal.rewards.scoring import CallResult
-from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.engine import Engine
 from tidal.types import Completion, FinishReason, SamplingParams
 
 Caller = Callable[[list[Callable[[], Any]]], list[CallResult]]
@@ -69,7 +69,7 @@ class Episode:
 
 
 def run_episodes(
-    env: MultiTurnEnv, episodes: list[Episode], engine: TransformersEngine, params: Callable[[int], SamplingParams],
+    env: MultiTurnEnv, episodes: list[Episode], engine: Engine, params: Callable[[int], SamplingParams],
     call: Caller, max_context_tokens: int, batch_size: int, generate_kwargs: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """Advance every episode to its end. `params(turn)` gives the sampling parameters of a turn; a
@@ -97,7 +97,7 @@ def run_episodes(
             _apply_step(e, res, engine, last_turn=turn == env.max_turns - 1, max_context_tokens=max_context_tokens)
 
 
-def _apply_step(e: Episode, res: CallResult, engine: TransformersEngine, last_turn: bool,
+def _apply_step(e: Episode, res: CallResult, engine: Engine, last_turn: bool,
                 max_context_tokens: int) -> None:  # fmt: skip
     if not res.ok:
         e.errors.append(f"step: {res.reason}")

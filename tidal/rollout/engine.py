@@ -9,6 +9,7 @@ swapped in between tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,27 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+class Engine(Protocol):
+    """What rollout needs of a generation engine (`transformers` here, `vllm` in vllm_engine.py)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    version: int
+    """Policy version of the weights held."""
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams,
+        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8,
+    ) -> list[Completion]: ...  # fmt: skip
+
+    def weight_names(self) -> set[str]:
+        """HF names of the weights a snapshot must carry."""
+        ...
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Load a (full) state dict of HF names between generations and hold `version`."""
+        ...
+
+
 class TransformersEngine:
     """Generates completions for batches of tokenized prompts with a transformers causal LM."""
 
@@ -64,12 +86,21 @@ class TransformersEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def weight_names(self) -> set[str]:
+        return set(self.model.state_dict())
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        dtype = next(self.model.parameters()).dtype
+        self.model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        self.version = version
+
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
         ids = set(params.stop_token_ids)
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if not params.ignore_eos:
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids
 
     @torch.no_grad()

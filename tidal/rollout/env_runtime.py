@@ -22,7 +22,7 @@ from tidal.envs.episodes import Episode, run_episodes
 from tidal.envs.loading import resolve_envs
 from tidal.rewards import RewardScorer, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
-from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.engine import Engine
 from tidal.types import Completion, Prompt, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def to_sample(c: Completion, prompt: Prompt) -> Sample:
     )  # fmt: skip
 
 
-def episode_sample(e: Episode, prompt: Prompt, engine: TransformersEngine) -> Sample:
+def episode_sample(e: Episode, prompt: Prompt, engine: Engine) -> Sample:
     return Sample(
         group_id=prompt.group_id, prompt_ids=e.prompt_ids, response_ids=e.response_ids, loss_mask=e.loss_mask,
         logp_mu=e.logp_mu, finish_reason=e.finish_reason, version=min(e.versions, default=engine.version),
@@ -72,7 +72,7 @@ def episode_sample(e: Episode, prompt: Prompt, engine: TransformersEngine) -> Sa
 
 
 def generate_samples(
-    rt: EnvRuntime, engine: TransformersEngine, prompts: list[Prompt], n: int, params: Callable[[int], SamplingParams],
+    rt: EnvRuntime, engine: Engine, prompts: list[Prompt], n: int, params: Callable[[int], SamplingParams],
     cfg: RunConfig, on_chunk: Callable[[], None] | None = None,
 ) -> list[Sample]:  # fmt: skip
     """`n` samples per prompt (consecutive), unscored. `params(i)` gives the i-th generate call's

@@ -6,16 +6,17 @@ from typing import Any
 
 from tidal.config import DataConfig, EvalConfig
 from tidal.data import encode_prompts, exact_match
-from tidal.rollout.engine import TransformersEngine, logp_mismatch, teacher_forced_logprobs
+from tidal.rollout.engine import Engine, TransformersEngine, logp_mismatch, teacher_forced_logprobs
 from tidal.types import SamplingParams
 
 
 def evaluate(
-    engine: TransformersEngine, rows: list[dict[str, Any]], data_cfg: DataConfig, eval_cfg: EvalConfig,
+    engine: Engine, rows: list[dict[str, Any]], data_cfg: DataConfig, eval_cfg: EvalConfig,
     batch_size: int = 64,
 ) -> dict[str, float]:  # fmt: skip
     """Greedy accuracy on `rows` (exact match), mean response length, and the log-prob mismatch
-    between the engine's behavior log-probs and a teacher-forced forward of the same weights."""
+    between the engine's behavior log-probs and a teacher-forced forward of the same weights (with the
+    transformers engine; vLLM's against the trainer's forward shows in `offpolicy/` at staleness 0)."""
     if eval_cfg.num_samples is not None:
         rows = rows[: eval_cfg.num_samples]
     params = SamplingParams(temperature=0.0, max_new_tokens=eval_cfg.max_new_tokens, seed=0)
@@ -26,15 +27,14 @@ def evaluate(
         correct += sum(exact_match(o.text, r["answer"]) for o, r in zip(outs, chunk, strict=True))
         lengths += [len(o.token_ids) for o in outs]
         behavior += [o.logprobs for o in outs]
-        recomputed += teacher_forced_logprobs(
-            engine.model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], engine.pad_id
-        )
+        if isinstance(engine, TransformersEngine):
+            recomputed += teacher_forced_logprobs(
+                engine.model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], engine.pad_id
+            )
     n = max(len(rows), 1)
-    mismatch = logp_mismatch(behavior, recomputed)
-    return {
-        "eval/accuracy": correct / n,
-        "eval/response_length": sum(lengths) / n,
-        "eval/num_samples": float(len(rows)),
-        "rollout/logp_mismatch_mean": mismatch["logp_mismatch_mean"],
-        "rollout/logp_mismatch_max": mismatch["logp_mismatch_max"],
-    }
+    out = {"eval/accuracy": correct / n, "eval/response_length": sum(lengths) / n, "eval/num_samples": float(len(rows))}
+    if isinstance(engine, TransformersEngine):
+        mismatch = logp_mismatch(behavior, recomputed)
+        out["rollout/logp_mismatch_mean"] = mismatch["logp_mismatch_mean"]
+        out["rollout/logp_mismatch_max"] = mismatch["logp_mismatch_max"]
+    return out

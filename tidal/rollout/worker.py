@@ -24,7 +24,7 @@ import torch
 
 from tidal.config import RunConfig
 from tidal.models import load_model, load_tokenizer
-from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.engine import Engine, TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes, eval_metrics, generate_samples, group_by_env, score_samples
 from tidal.rollout.evaluate import evaluate
 from tidal.trainer.weight_sync import WeightHandle, WeightReceiver, make_receiver
@@ -48,11 +48,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.index = index
         self.buffer = buffer
-        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        model = load_model(model_dir, dtype)
-        if cfg.rollout.num_gpus_per_worker > 0 and torch.cuda.is_available():
-            model.to("cuda")  # Ray made the worker's GPU the only visible one
-        self.engine = TransformersEngine(model, load_tokenizer(model_dir), version=0)
+        self.engine = build_engine(cfg, model_dir, seed=cfg.seed * 1_000_003 + index)
         self.envs = build_runtimes(cfg)
         self._receiver: WeightReceiver | None = None
         self._staged: tuple[dict[str, torch.Tensor], int] | None = None
@@ -165,11 +161,7 @@ class RolloutWorker:
             staged, self._staged = self._staged, None
         if staged is None or staged[1] <= self.engine.version:
             return
-        state, version = staged
-        model = self.engine.model
-        dtype = next(model.parameters()).dtype
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-        self.engine.version = version
+        self.engine.load_weights(*staged)
 
     def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
         """Load a (state dict, version) snapshot now (in-process use); returns the version held."""
@@ -182,9 +174,8 @@ class RolloutWorker:
 
     def _check_fits(self, state: dict[str, torch.Tensor], version: int) -> None:
         # Checked before staging: a snapshot that does not fit must leave the old weights intact.
-        model = self.engine.model
-        params = {n for n, _ in model.named_parameters()}
-        missing, unexpected = sorted(params - set(state)), sorted(set(state) - set(model.state_dict()))
+        names = self.engine.weight_names()
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
             raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip
@@ -204,6 +195,18 @@ class RolloutWorker:
                 samples += generate_samples(self.envs[label], self.engine, group, 1, lambda _: params, self.cfg)
             out = eval_metrics(self.envs, samples)
         return {**out, "eval/version": float(self.version)}
+
+
+def build_engine(cfg: RunConfig, model_dir: str, seed: int = 0) -> Engine:
+    """The rollout engine `rollout.engine` names, over the policy in `model_dir`, at version 0."""
+    if cfg.rollout.engine == "vllm":
+        from tidal.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, load_tokenizer(model_dir), cfg.rollout.vllm, dtype=cfg.model.dtype, seed=seed)
+    model = load_model(model_dir, torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32)
+    if cfg.rollout.num_gpus_per_worker > 0 and torch.cuda.is_available():
+        model.to("cuda")  # Ray made the worker's GPU the only visible one
+    return TransformersEngine(model, load_tokenizer(model_dir), version=0)
 
 
 def _mean(xs: list[float]) -> float:
