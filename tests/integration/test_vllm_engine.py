@@ -39,8 +39,9 @@ TEXTS = ["12+34=", "7+8=", "The sum of 45 and 99 is ", "x", "Count: " + ", ".joi
 class VLLMHost:
     """A real VLLMEngine in its own process; the test drives it as the rollout worker does."""
 
-    def __init__(self, model_dir: str, **cfg: Any) -> None:
-        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), VLLMConfig(kv_cache_gb=0.25, **cfg))
+    def __init__(self, model_dir: str, llm_kwargs: dict[str, Any] | None = None, **cfg: Any) -> None:
+        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), VLLMConfig(kv_cache_gb=0.25, **cfg),
+                                 **(llm_kwargs or {}))  # fmt: skip
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         return self.engine.generate(prompts, params)
@@ -211,9 +212,10 @@ def test_prefix_cache_reset_is_needed(preset: Path, reference: TransformersEngin
         ray.kill(h)
 
 
-def test_engine_subprocess_takes_weights_as_safetensors_bytes(preset: Path, reference: TransformersEngine) -> None:
+def test_engine_subprocess_takes_weights_through_a_file(preset: Path, reference: TransformersEngine) -> None:
     """vLLM's default engine subprocess (`in_process: false`): tensors do not survive its RPC, so the
-    update travels as safetensors bytes; the outputs still match the new weights' forward."""
+    update travels as a safetensors file in shared memory; the outputs match the new weights' forward
+    and the file is gone after."""
     if preset.name.startswith("tiny-glm4"):
         pytest.skip("one architecture is enough for the out-of-process path")
     h = VLLMHost.remote(str(preset), in_process=False)
@@ -224,6 +226,7 @@ def test_engine_subprocess_takes_weights_as_safetensors_bytes(preset: Path, refe
         new.load_state_dict(state)
         outs = gen(h, encode(reference), SamplingParams(temperature=0.0, max_new_tokens=6))
         assert max_gap(outs, forward_logprobs(new, outs, reference.pad_id)) < 1e-4
+        assert not list(Path("/dev/shm").glob("tidal-vllm-*"))
     finally:
         ray.kill(h)
 
@@ -235,6 +238,40 @@ def test_bad_snapshots_are_refused_before_loading(host: Any, reference: Transfor
         ray.get(host.load_weights.remote({name: torch.zeros(3, 3)}, 9), timeout=WAIT_S)
     params = SamplingParams(temperature=0.0, max_new_tokens=4)
     assert gen(host, encode(reference)[:1], params)[0].version != 9
+
+
+def test_a_large_seeded_batch(host: Any, reference: TransformersEngine) -> None:
+    """More prompt tokens than one scheduler step takes (vLLM would split prefills): every request
+    is seeded, and each completion equals the same request sent alone."""
+    prompts = [p for p in encode(reference) for _ in range(40)]
+    assert sum(map(len, prompts)) > 8192
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, seed=5)
+    outs = gen(host, prompts, params)
+    assert len(outs) == len(prompts) and all(len(o.token_ids) > 0 for o in outs)
+    alone = gen(host, prompts[:1], params)  # request 0 gets the same seed alone as in the batch
+    assert alone[0].token_ids == outs[0].token_ids and alone[0].logprobs == outs[0].logprobs
+
+
+def test_cpu_chunked_prefill_breaks_seeded_requests(preset: Path, reference: TransformersEngine) -> None:
+    """The upstream bug behind `enable_chunked_prefill: False` on CPU (see VLLMEngine.__init__): with
+    chunked prefill, a seeded batch larger than a step's token budget crashes vLLM 0.32 on CPU. When
+    this fails, vLLM has fixed it and the engine can leave chunked prefill on."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("one architecture is enough for the scheduler check")
+    h = VLLMHost.remote(str(preset), llm_kwargs={"enable_chunked_prefill": True, "max_num_batched_tokens": 512})
+    try:
+        prompts = [p for p in encode(reference) for _ in range(40)]
+        with pytest.raises(ray.exceptions.RayTaskError, match="CPU Generator does not use offset"):
+            gen(h, prompts, SamplingParams(temperature=1.0, max_new_tokens=4, seed=5))
+    finally:
+        ray.kill(h)
+
+
+def test_a_prompt_longer_than_the_model_is_a_clear_error(host: Any, reference: TransformersEngine) -> None:
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    with pytest.raises(ray.exceptions.RayTaskError, match="does not fit the vllm engine's max_model_len 512"):
+        gen(host, [encode(reference)[0] * 200], params)
+    assert len(gen(host, encode(reference)[:1], params)[0].token_ids) > 0  # and the engine goes on
 
 
 # ----------------------------------------------------------------------------- through the worker

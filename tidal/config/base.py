@@ -127,7 +127,8 @@ class DataConfig(Strict):
 class VLLMConfig(Strict):
     in_process: bool = True
     """Run vLLM's engine core inside the rollout worker (no engine subprocess; starts in seconds and
-    takes state dicts without a copy). False: vLLM's default subprocess, weights sent as safetensors."""
+    takes state dicts without a copy). False: vLLM's default subprocess; weights go through a
+    safetensors file in /dev/shm."""
     enforce_eager: bool = True
     """No CUDA graphs / torch.compile: fast start-up; turn off on GPUs for long rollouts."""
     kv_cache_gb: float = Field(1.0, gt=0.0)

@@ -25,9 +25,9 @@ import torch
 class TidalWorkerExtension:
     """Methods added to vLLM's worker (`self` is the worker: `self.model_runner`, `self.reload_weights`)."""
 
-    def tidal_load_weights(self, weights: dict[str, torch.Tensor] | bytes | str, repack: bool = True) -> int:
-        """Load a full HF-named state dict in place: the tensors themselves (in-process),
-        safetensors bytes, or a safetensors file path. Returns the number of CPU MoE layers repacked."""
+    def tidal_load_weights(self, weights: dict[str, torch.Tensor] | str, repack: bool = True) -> int:
+        """Load a full HF-named state dict in place: the tensors themselves (in-process) or a
+        safetensors file's path. Returns the number of CPU MoE layers repacked."""
         self.reload_weights(weights_iterator=_items(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return repack_cpu_moe(self.model_runner.get_model()) if repack else 0  # type: ignore[attr-defined]
 
@@ -36,12 +36,12 @@ class TidalWorkerExtension:
         return [n for n, _ in self.model_runner.get_model().named_parameters()]  # type: ignore[attr-defined]
 
 
-def _items(weights: dict[str, torch.Tensor] | bytes | str) -> Iterable[tuple[str, torch.Tensor]]:
+def _items(weights: dict[str, torch.Tensor] | str) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(weights, dict):
         return iter(weights.items())
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load_file
 
-    return iter((load(weights) if isinstance(weights, bytes) else load_file(weights)).items())
+    return iter(load_file(weights).items())
 
 
 def repack_cpu_moe(model: torch.nn.Module) -> int:

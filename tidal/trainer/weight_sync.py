@@ -392,7 +392,7 @@ class DiskPublisher:
         t0 = time.perf_counter()
         path = self.dir / f"v{version:08d}.safetensors"
         tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
-        save_file(_unshared(state), str(tmp), metadata={"version": str(version)})
+        save_file(unshared(state), str(tmp), metadata={"version": str(version)})
         os.replace(tmp, path)  # readers see the whole file or none
         self._written = [p for p in self._written if p != path] + [path]
         for old in self._written[: -self.keep]:
@@ -406,7 +406,7 @@ class DiskPublisher:
         pass
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share storage (tied embeddings): later sharers are cloned."""
     seen: set[int] = set()
     out = {}
