@@ -249,7 +249,9 @@ def test_a_large_seeded_batch(host: Any, reference: TransformersEngine) -> None:
     outs = gen(host, prompts, params)
     assert len(outs) == len(prompts) and all(len(o.token_ids) > 0 for o in outs)
     alone = gen(host, prompts[:1], params)  # request 0 gets the same seed alone as in the batch
-    assert alone[0].token_ids == outs[0].token_ids and alone[0].logprobs == outs[0].logprobs
+    assert alone[0].token_ids == outs[0].token_ids
+    # Same tokens; the log-probs only by float rounding (other batch shapes, other GEMM blocking).
+    assert max_gap(alone, [torch.tensor(outs[0].logprobs)]) < 1e-5
 
 
 def test_cpu_chunked_prefill_breaks_seeded_requests(preset: Path, reference: TransformersEngine) -> None:
