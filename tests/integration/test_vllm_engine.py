@@ -320,3 +320,49 @@ def test_worker_applies_every_transport(preset: Path, reference: TransformersEng
         publisher.close()
     finally:
         ray.kill(worker)
+
+
+ECHO_ENV = '''
+from tidal.envs import MultiTurnEnv, Step
+
+
+class Echo(MultiTurnEnv):
+    """Answers every model turn with an observation, for exactly three model turns."""
+
+    max_turns = 3
+
+    def reset(self, row):
+        return {"turn": 0}
+
+    def step(self, state, text):
+        state["turn"] += 1
+        return Step(observation=f" ok{state['turn']}: ", reward=1.0, done=state["turn"] == 3)
+'''
+
+
+def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine, tmp_path: Path) -> None:
+    """A multi-turn env through a vLLM worker: each turn re-submits the whole conversation; the model's
+    tokens keep vLLM's behavior log-probs (equal to a forward over the full episode), observations
+    are masked out."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("episodes are the same for every architecture")
+    (tmp_path / "echo.py").write_text(ECHO_ENV)
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", f"model.path={preset}", "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25",
+        "rollout.temperature=0.7", "rollout.max_new_tokens=5", "rollout.group_size=2",
+        f"envs=[{{path: '{tmp_path / 'echo.py'}:Echo'}}]",
+    ])  # fmt: skip
+    worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).options(num_cpus=1).remote(
+        cfg, str(preset))
+    try:
+        prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}, env="Echo") for i in range(3)]
+        groups, _ = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S)
+    finally:
+        ray.kill(worker)
+    samples = [s for g in groups for s in g.samples]
+    assert len(samples) == 6 and all(s.turns == 3 for s in samples)
+    for s in samples:
+        assert 0 in s.loss_mask and len(s.loss_mask) == len(s.logp_mu) == len(s.response_ids)
+        ref = teacher_forced_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
+        mine = torch.tensor(s.loss_mask, dtype=torch.bool)  # the model's tokens; observations are 0
+        assert float((torch.tensor(s.logp_mu)[mine] - ref[mine]).abs().max()) < 1e-4
