@@ -165,15 +165,6 @@ class VLLMEngine:
             save_file(unshared({k: v.cpu() for k, v in state.items()}), path)
             self.llm.collective_rpc("tidal_load_weights", args=(path,))
 
-    def close(self) -> None:
-        """Shut the engine down (its KV cache and, out of process, its engine subprocess)."""
-        self.llm.llm_engine.engine_core.shutdown()
-        if self.cfg.in_process:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
-
 
 def state_dict_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of the transformers model's state dict (what the trainer publishes), from a model
