@@ -63,7 +63,6 @@ class VLLMEngine:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.version = version
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.shapes = state_dict_shapes(Path(model_dir))
         if torch.cuda.is_available():
             kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization}

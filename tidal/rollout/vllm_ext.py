@@ -31,10 +31,6 @@ class TidalWorkerExtension:
         self.reload_weights(weights_iterator=_items(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return repack_cpu_moe(self.model_runner.get_model()) if repack else 0  # type: ignore[attr-defined]
 
-    def tidal_weight_names(self) -> list[str]:
-        """Parameter names of the vLLM model (vLLM's names: fused qkv, stacked experts)."""
-        return [n for n, _ in self.model_runner.get_model().named_parameters()]  # type: ignore[attr-defined]
-
 
 def _items(weights: dict[str, torch.Tensor] | str) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(weights, dict):
