@@ -23,8 +23,9 @@ from collections.abc import Callable
 import torch
 import transformers
 
+from tidal.modeling import pad_tokens
 from tidal.models import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.engine import TransformersEngine, left_pad
+from tidal.rollout.engine import TransformersEngine
 from tidal.types import SamplingParams
 
 
@@ -65,7 +66,7 @@ def bench_preset(name: str, args: argparse.Namespace) -> tuple[float, float]:
     no_eos_tok.eos_token = None
     engine = TransformersEngine(model, no_eos_tok)
     prompts = make_prompts(tok, args.batch)
-    ids, mask = left_pad(prompts, tok.pad_token_id)
+    ids, mask = pad_tokens(prompts, tok.pad_token_id, "left")
     expected = args.batch * args.new_tokens
     step = {"seed": 0}
 

@@ -35,14 +35,14 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def plain_torch_step_fn(model: torch.nn.Module, cfg, batch) -> Callable[[], None]:
-    from tidal.trainer.engine import split_micro_batches
+    from tidal.modeling import micro_batches
     from tidal.trainer.losses_sft import num_targets, sft_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
     def step() -> None:
         tokens = float(num_targets(batch.loss_mask))
-        for micro in split_micro_batches(batch, cfg.micro_batch_size):
+        for micro in micro_batches(batch, cfg.micro_batch_size):
             loss_sum, _ = sft_loss(model, micro)
             (loss_sum / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

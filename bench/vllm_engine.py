@@ -33,8 +33,9 @@ import ray
 import torch
 
 from tidal.config import VLLMConfig
+from tidal.modeling import completion_logprobs
 from tidal.models import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.engine import TransformersEngine, teacher_forced_logprobs
+from tidal.rollout.engine import TransformersEngine
 from tidal.types import SamplingParams
 
 
@@ -143,7 +144,7 @@ def weight_update(path: Path, args: argparse.Namespace) -> None:
         host = Host.remote(kind, str(path), args.threads, in_process)
         times = [ray.get(host.time_update.remote(ref, v)) for v in range(1, args.repeats + 2)][1:]
         outs = ray.get(host.greedy.remote(prompts))
-        gap = max(float((torch.tensor(o.logprobs) - r).abs().max()) for o, r in zip(outs, teacher_forced_logprobs(
+        gap = max(float((torch.tensor(o.logprobs) - r).abs().max()) for o, r in zip(outs, completion_logprobs(
             model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], 0), strict=True))  # fmt: skip
         s = statistics.median(times)
         print(f"{label:<18} {s:>9.3f} {nbytes / s / 2**30:>7.2f} {s / clone_s:>8.1f}x {gap:>27.1e}")

@@ -27,7 +27,7 @@ import ray
 import torch
 
 from tidal.config import WeightSyncConfig
-from tidal.trainer.weight_sync import WeightHandle, WeightReceiver, make_publisher, make_receiver, sync_group_address
+from tidal.weight_sync import WeightHandle, WeightReceiver, make_publisher, make_receiver, sync_group_address
 
 TRANSPORTS = ("object_store", "broadcast", "disk")
 

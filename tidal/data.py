@@ -136,3 +136,28 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: Data
             )
         out.append(ids)
     return out
+
+
+def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig, split: str) -> None:
+    """Fail, naming the file and row, on the first prompt text of `split` ("train" or "eval", one
+    text per row of that split) longer than `data.max_prompt_tokens` after the chat template."""
+    formatted = [format_prompt(tokenizer, t, cfg.chat_template) for t in texts]
+    lengths = [len(ids) for ids in tokenizer(formatted, add_special_tokens=False)["input_ids"]] if texts else []
+    for i, n in enumerate(lengths):
+        if n > cfg.max_prompt_tokens:
+            where, limit = _row_origin(cfg.source, split, i), cfg.max_prompt_tokens
+            raise ConfigError(f"{where}: the prompt has {n} tokens > data.max_prompt_tokens={limit}; raise "
+                              "data.max_prompt_tokens or shorten the row")  # fmt: skip
+
+
+def _row_origin(src: ArithmeticData | FileData, split: str, index: int) -> str:
+    """Where row `index` of a split comes from: its file and 1-based row (found only on an error)."""
+    if isinstance(src, ArithmeticData):
+        return f"arithmetic {split} problem {index}"
+    files = src.train_files if split == "train" else src.eval_files
+    for f in files:
+        n = len(_load_files([f], src, split))
+        if index < n:
+            return f"data file {f} row {index + 1}"
+        index -= n
+    return f"data.source.{split}_files row {index + 1}"

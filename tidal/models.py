@@ -153,11 +153,20 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """The causal LM in `path`, with tidal.patches' fixes applied.
+
+    `attn_implementation` None takes transformers' own default, `sdpa` where the model class supports
+    it (`_supports_sdpa`), else `eager` (`PreTrainedModel.get_correct_attn_implementation`); passed
+    explicitly, None also overrides an `attn_implementation` written in the checkpoint's config.json.
+    """
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
     from tidal.patches import apply_model_fixes
 
     apply_model_fixes(model)
+    log.debug("loaded %s with attention %s", path, model.config._attn_implementation)
     return model
 
 
@@ -167,4 +176,4 @@ def load_model_and_tokenizer(
     path = resolve_model_dir(cfg)
     if dtype is None:
         dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return load_model(path, dtype), load_tokenizer(path)
+    return load_model(path, dtype, cfg.attn_implementation), load_tokenizer(path)

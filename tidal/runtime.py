@@ -74,7 +74,10 @@ def actor_error_line(err: Exception) -> str:
 
     if isinstance(err, ray.exceptions.RayTaskError):
         cause = err.cause if err.cause is not None else err
-        return f"{err.function_name} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        # The error Ray raises is also an instance of the cause's class and forwards unknown
+        # attributes to the cause, so `function_name` may be missing.
+        where = getattr(err, "function_name", None) or "an actor call"
+        return f"{where} failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     if isinstance(err, ray.exceptions.ActorDiedError | ray.exceptions.RayActorError):
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__

@@ -1,7 +1,8 @@
 """`tidal sft`: supervised fine-tuning on (prompt, answer) pairs with the DeepSpeed trainer.
 
-Evaluates held-out accuracy with the rollout engine before and after, and saves a Hugging Face
-checkpoint plus tokenizer under runs/<name>/checkpoint — the warm start of RL.
+Evaluates held-out accuracy before and after (greedy answers scored by the run's rewards, as every
+stage evaluates), and saves a Hugging Face checkpoint plus tokenizer under runs/<name>/checkpoint —
+the warm start of RL.
 """
 
 from __future__ import annotations
@@ -11,18 +12,24 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from tidal.config import RunConfig, dump_config
-from tidal.data import encode_prompts, load_splits
+from tidal.data import check_prompt_lengths, encode_prompts, load_splits
+from tidal.metrics import values
+from tidal.modeling import pad, pad_tokens
 from tidal.models import load_model, load_tokenizer, resolve_model_dir
 from tidal.monitor import Monitor
 from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.env_runtime import build_runtimes
 from tidal.rollout.evaluate import evaluate
-from tidal.types import TokenBatch
+from tidal.types import Prompt, TokenBatch
+
+if TYPE_CHECKING:
+    from tidal.trainer.engine import DeepSpeedTrainer
 
 log = logging.getLogger(__name__)
 
@@ -41,72 +48,65 @@ def sft_examples(
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> TokenBatch:
     """Right-pad prompt+answer sequences; loss_mask marks the answer tokens."""
-    width = max(len(p) + len(a) for p, a in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    loss = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, a) in enumerate(examples):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        attn[i, : len(p) + len(a)] = 1
-        loss[i, len(p) : len(p) + len(a)] = 1
-    return TokenBatch(ids, attn, loss)
+    ids, attn = pad_tokens([p + a for p, a in examples], pad_id)
+    return TokenBatch(ids, attn, pad([[0] * len(p) + [1] * len(a) for p, a in examples]))
 
 
-def _evaluate_dir(model_dir: Path, eval_rows: list[dict[str, Any]], cfg: RunConfig) -> dict[str, float]:
-    # Evaluating a saved directory is what every later stage does, and sidesteps ZeRO-3 partitions.
-    engine = TransformersEngine(load_model(model_dir), load_tokenizer(model_dir))
-    return evaluate(engine, eval_rows, cfg.data, cfg.eval)
+class HeldOut:
+    """The held-out rows of an SFT run, evaluated as every stage does (`tidal.rollout.evaluate`):
+    greedy answers scored by the run's `rewards.functions`."""
+
+    def __init__(self, cfg: RunConfig, rows: list[dict[str, Any]]) -> None:
+        self.cfg = cfg
+        self.prompts = [Prompt(-1, row) for row in rows]
+        self.runtimes = build_runtimes([], cfg.rewards, cfg.data)
+
+    def __bool__(self) -> bool:
+        return bool(self.prompts)
+
+    def evaluate(self, engine: TransformersEngine) -> dict[str, float]:
+        out, _ = evaluate(engine, self.runtimes, self.prompts, self.cfg.eval, self.cfg.rollout, engine.model)
+        return values(out)
+
+    def evaluate_dir(self, model_dir: Path) -> dict[str, float]:
+        # Evaluating a saved directory is what every later stage does, and sidesteps ZeRO-3 partitions.
+        engine = TransformersEngine(load_model(model_dir, attn_implementation=self.cfg.model.attn_implementation),
+                                    load_tokenizer(model_dir))  # fmt: skip
+        return self.evaluate(engine)
+
+    def close(self) -> None:
+        for rt in self.runtimes.values():
+            rt.scorer.close()
 
 
 def run_sft(cfg: RunConfig) -> dict[str, float]:
     """Train, evaluate before/after, save; returns the final summary metrics."""
-    from tidal.trainer.engine import DeepSpeedTrainer
-
+    cfg = cfg.for_sft()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     train_ds, eval_ds = load_splits(cfg.data)
-    eval_rows = eval_ds.to_list() if eval_ds is not None else []
-    examples = sft_examples(tokenizer, train_ds.to_list(), cfg)
+    train_rows, eval_rows = train_ds.to_list(), eval_ds.to_list() if eval_ds is not None else []
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        check_prompt_lengths(tokenizer, [r["prompt"] for r in rows], cfg.data, split)
+    examples = sft_examples(tokenizer, train_rows, cfg)
+    held_out = HeldOut(cfg, eval_rows)
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.sft.steps)
-
-    before = _evaluate_dir(model_dir, eval_rows, cfg) if eval_rows else {}
-    monitor.log({f"{k}_before" if k.startswith("eval/") else k: v for k, v in before.items()}, step=0)
-
-    trainer = DeepSpeedTrainer(load_model(model_dir), cfg.trainer, total_steps=cfg.sft.steps)
-    stop_at = cfg.sft.stop_at_accuracy if eval_rows else None
-    probe = TransformersEngine(load_model(model_dir), tokenizer) if stop_at is not None else None
-    per_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum
-    order = list(range(len(examples)))
-    cursor = len(order)
-    rng = random.Random(cfg.seed)
-    for step in range(1, cfg.sft.steps + 1):
-        if cursor + per_step > len(order):  # a new epoch: reshuffle
-            rng.shuffle(order)
-            cursor = 0
-        batch = collate([examples[i] for i in order[cursor : cursor + per_step]], tokenizer.pad_token_id)
-        cursor += per_step
-        metrics = trainer.train_step(batch)
-        if step % cfg.sft.log_every == 0 or step == cfg.sft.steps:
-            monitor.log({f"train/{k}": float(v) for k, v in metrics.items()}, step=step)
-        if probe is not None and stop_at is not None and step % cfg.sft.eval_every == 0:
-            probe.model.load_state_dict(trainer.state_dict_for_export())
-            accuracy = evaluate(probe, eval_rows, cfg.data, cfg.eval)["eval/accuracy"]
-            monitor.log({"eval/probe_accuracy": accuracy}, step=step)
-            if accuracy >= stop_at:
-                log.info("held-out accuracy %.1f%% reached sft.stop_at_accuracy at step %d", 100 * accuracy, step)
-                break
-
-    ckpt = run_dir / "checkpoint"
-    trainer.save_hf(ckpt, tokenizer)
-    train_time = time.time() - t0
-    after = _evaluate_dir(ckpt, eval_rows, cfg) if eval_rows else {}
+    try:
+        before = held_out.evaluate_dir(model_dir) if held_out else {}
+        monitor.log({f"{k}_before" if k.startswith("eval/") else k: v for k, v in before.items()}, step=0)
+        trainer = _train(cfg, model_dir, tokenizer, examples, held_out, monitor)
+        ckpt = run_dir / "checkpoint"
+        trainer.save_hf(ckpt, tokenizer)
+        train_time = time.time() - t0
+        after = held_out.evaluate_dir(ckpt) if held_out else {}
+    finally:
+        held_out.close()
     summary = {
         **{f"{k}_before": v for k, v in before.items() if k.startswith("eval/")},
         **after,
@@ -117,10 +117,41 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     monitor.log(summary, step=trainer.version)
     monitor.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    acc_b, acc_a = (
-        summary.get("eval/accuracy_before", float("nan")),
-        summary.get("eval/accuracy", float("nan")),
-    )
+    acc_b, acc_a = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     print(f"sft done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {acc_b:.1%} -> {acc_a:.1%}; "
           f"checkpoint at {ckpt}")  # fmt: skip
     return summary
+
+
+def _train(
+    cfg: RunConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, examples: list[tuple[list[int], list[int]]],
+    held_out: HeldOut, monitor: Monitor,
+) -> DeepSpeedTrainer:  # fmt: skip
+    """`sft.steps` optimizer steps over reshuffled epochs, stopping early at `sft.stop_at_accuracy`."""
+    from tidal.trainer.engine import DeepSpeedTrainer
+
+    attn = cfg.model.attn_implementation
+    trainer = DeepSpeedTrainer(load_model(model_dir, attn_implementation=attn), cfg.trainer, total_steps=cfg.sft.steps)
+    stop_at = cfg.sft.stop_at_accuracy if held_out else None
+    probe = TransformersEngine(load_model(model_dir, attn_implementation=attn), tokenizer) if stop_at else None
+    per_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum
+    order = list(range(len(examples)))
+    cursor = len(order)
+    rng = random.Random(cfg.seed)
+    for step in range(1, cfg.sft.steps + 1):
+        if cursor + per_step > len(order):  # a new epoch: reshuffle
+            rng.shuffle(order)
+            cursor = 0
+        batch = collate([examples[i] for i in order[cursor : cursor + per_step]], tokenizer.pad_token_id)
+        cursor += per_step
+        metrics = values(trainer.train_step(batch))
+        if step % cfg.sft.log_every == 0 or step == cfg.sft.steps:
+            monitor.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        if probe is not None and stop_at is not None and step % cfg.sft.eval_every == 0:
+            probe.load_weights(trainer.state_dict_for_export(), trainer.version)
+            accuracy = held_out.evaluate(probe)["eval/accuracy"]
+            monitor.log({"eval/probe_accuracy": accuracy}, step=step)
+            if accuracy >= stop_at:
+                log.info("held-out accuracy %.1f%% reached sft.stop_at_accuracy at step %d", 100 * accuracy, step)
+                break
+    return trainer

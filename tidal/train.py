@@ -17,15 +17,19 @@ from functools import partial
 from typing import Any
 
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
 from tidal.config import RewardsConfig, RunConfig, dump_config
-from tidal.data import load_splits
+from tidal.data import check_prompt_lengths, load_splits
+from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
+from tidal.metrics import Metrics, mean, merge, values
+from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
 from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, start_ray, wait_for
-from tidal.types import Prompt
-from tidal.warm_start import resolve_policy_dir
+from tidal.types import Prompt, RolloutResult, StepResult, SyncStats, mix_seed
+from tidal.warm_start import resolve_policy_dir, tokenizer_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +58,28 @@ class PromptSampler:
         return out
 
 
-def load_env_splits(cfg: RunConfig) -> tuple[PromptSampler, list[Prompt]]:
-    """The prompt sampler over every env's train split, and the held-out prompts of every env."""
+def load_env_splits(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[PromptSampler, list[Prompt]]:
+    """The prompt sampler over every env's train split, and the held-out prompts of every env. A
+    prompt over `data.max_prompt_tokens` fails here, with its file and row, before any actor starts."""
+    envs = resolve_envs(cfg.envs) if cfg.envs else {"": Env()}
     specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
     sources, held_out = {}, []
     for label, weight, data in specs:
         train_ds, eval_ds = load_splits(data)
+        eval_rows = eval_ds.to_list() if eval_ds is not None else []
+        train_rows = train_ds.to_list()
+        for split, rows in (("train", train_rows), ("eval", eval_rows)):
+            check_prompt_lengths(tokenizer, [_prompt_text(envs[label], row) for row in rows], data, split)
         sources[label] = (train_ds, weight)
-        held_out += [Prompt(-1, row, label) for row in (eval_ds.to_list() if eval_ds is not None else [])]
+        held_out += [Prompt(-1, row, label) for row in eval_rows]
     return PromptSampler(sources, cfg.seed), held_out
+
+
+def _prompt_text(env: Env, row: dict[str, Any]) -> str:
+    try:
+        return env.prompt(row)
+    except Exception:  # the user's env: at run time its group is skipped and logged
+        return ""
 
 
 def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type | None = None) -> dict[str, Any]:
@@ -74,27 +91,17 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     import ray
 
     from tidal.rollout.buffer import TrajectoryBuffer
-    from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker
-    from tidal.trainer.actor import TrainerActor
+    from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, WorkerConfig
+    from tidal.trainer.actor import TrainerActor, TrainerActorConfig
 
     t_start = time.time()
-    cfg = absolute_plugin_paths(cfg)
-    # Fail fast on a bad plugin path or kwarg, before any actor starts.
-    if cfg.envs:
-        resolve_envs(cfg.envs)
-        for spec in cfg.envs:
-            resolve_rewards(RewardsConfig(functions=spec.rewards))
-    else:
-        resolve_rewards(cfg.rewards)
-    if cfg.rollout.engine == "vllm":
-        from tidal.rollout.vllm_engine import require_vllm
-
-        require_vllm()
+    cfg = absolute_plugin_paths(cfg.for_rl())
+    _resolve_plugins(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    sampler, eval_rows = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)))
     model_dir, warm = resolve_policy_dir(cfg.model)
-    sampler, eval_rows = load_env_splits(cfg)
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
     start_ray(cfg)
     try:
@@ -103,11 +110,11 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         workers = [
             ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
             .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker)
-            .remote(cfg, str(model_dir), i, buffer)
+            .remote(WorkerConfig.of(cfg), str(model_dir), i, buffer)
             for i in range(r.num_workers)
         ]  # fmt: skip
         trainer = (ray.remote(trainer_cls or TrainerActor).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus)
-                   .remote(cfg, str(model_dir), buffer))  # fmt: skip
+                   .remote(TrainerActorConfig.of(cfg), str(model_dir), buffer))  # fmt: skip
         _join_weight_sync(cfg, trainer, workers)
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         if cfg.train.save_checkpoint:
@@ -127,6 +134,20 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     return summary
 
 
+def _resolve_plugins(cfg: RunConfig) -> None:
+    """Fail fast on a bad plugin path or kwarg, or a missing vLLM, before any actor starts."""
+    if cfg.envs:
+        resolve_envs(cfg.envs)
+        for spec in cfg.envs:
+            resolve_rewards(RewardsConfig(functions=spec.rewards))
+    else:
+        resolve_rewards(cfg.rewards)
+    if cfg.rollout.engine == "vllm":
+        from tidal.rollout.vllm_engine import require_vllm
+
+        require_vllm()
+
+
 def _join_weight_sync(cfg: RunConfig, trainer: Any, workers: list[Any]) -> None:
     """Both ends of the weight transport; a broadcast group forms only once all members call in."""
     group = wait_for(trainer.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.timeout_s)
@@ -139,32 +160,27 @@ def _loop(
     trainer: Any, monitor: Monitor, warm: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The asynchronous loop. Rollout batch b is trained at step b. Workers generate the batches
-    ahead of the trainer as far as the staleness bound allows: batch b is handed out only once the
-    trainer's version when it trains b cannot exceed the workers' weights + max_staleness. With
-    max_staleness 0 rollout and training take turns (on-policy)."""
+    ahead of the trainer as far as the staleness bound allows (`may_dispatch`). With max_staleness
+    0 rollout and training take turns (on-policy)."""
     get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
     bound, minibatches, steps = cfg.rollout.max_staleness, cfg.algorithm.minibatches, cfg.train.steps
-    before = get(workers[0].evaluate.remote(eval_rows), "held-out evaluation") if eval_rows else {}
+    before = values(get(workers[0].evaluate.remote(eval_rows), "held-out evaluation")) if eval_rows else {}
     monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
-    metrics: dict[str, float] = dict(before)
+    last: dict[str, float] = dict(before)
     rollouts: dict[int, list[Any]] = {}  # batch -> the workers' rollout calls
     offers = SyncTracker()
     version = published = 0  # the trainer's version; the newest version offered to the workers
     next_batch, t_prev = 1, time.perf_counter()
     for step in range(1, steps + 1):
-        # Batch b trains at version <= version + (b - step) * minibatches (a skipped step takes none);
-        # its samples come from weights >= published. Hand it out once that fits the bound.
-        while next_batch <= steps and (
-            next_batch == step or version + (next_batch - step) * minibatches <= published + bound
-        ):
+        while next_batch <= steps and may_dispatch(next_batch, step, version, published, minibatches, bound):
             rollouts[next_batch] = _dispatch(cfg, sampler, workers, next_batch, published)
             next_batch += 1
         t0 = time.perf_counter()
-        metrics = merge_worker_metrics([row for _, row in get(rollouts.pop(step), "rollout")])
+        results: list[RolloutResult] = get(rollouts.pop(step), "rollout")
         t1 = time.perf_counter()
-        metrics.update(get(trainer.step.remote(batch_id=step), "trainer step"))
-        metrics.update(get(buffer.pop_counts.remote(), "buffer"))
-        version = int(metrics.get("train/version", version))
+        result: StepResult = get(trainer.step.remote(batch_id=step), "trainer step")
+        version = result.version
+        metrics = merge([*(r.metrics for r in results), result.metrics, get(buffer.pop_counts.remote(), "buffer")])
         t2 = time.perf_counter()
         evaluate = bool(eval_rows) and (step == steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
         if step % cfg.weight_sync.every == 0 or evaluate or step == steps:
@@ -177,23 +193,35 @@ def _loop(
             metrics.update(get(workers[0].evaluate.remote(eval_rows, published), "held-out evaluation"))
         metrics.update(offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
         t4 = time.perf_counter()
-        metrics.update(_perf(metrics, (t_prev, t0, t1, t2, t3, t4)))
+        last = {**values(metrics), "train/version": float(version)}
+        last.update(_perf(last, (t_prev, t0, t1, t2, t3, t4)))
         t_prev = t4
-        monitor.log(metrics, step=step)
+        monitor.log(last, step=step)
     ledger = {**get(buffer.ledger.remote(), "buffer"), **get(trainer.ledger.remote(), "trainer")}
     return {
         **{f"{k}_before": v for k, v in before.items() if k.startswith("eval/")},
-        **{k: v for k, v in metrics.items() if k.startswith("eval/")},
+        **{k: v for k, v in last.items() if k.startswith("eval/")},
         "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
         **{f"ledger/{k}": float(v) for k, v in ledger.items()},
         "ledger/dispatched_groups": float(sampler.next_group_id),
     }
 
 
+def may_dispatch(batch: int, step: int, version: int, published: int, minibatches: int, bound: int) -> bool:
+    """Whether rollout batch `batch` may be handed to the workers before the trainer trains `step`.
+
+    The trainer is at `version` and takes `minibatches` optimizer steps per batch (a skipped step
+    takes none), so it trains batch b at a version <= version + (b - step) * minibatches; b's samples
+    come from weights >= `published`, the newest offered. b fits the staleness bound when that is <=
+    published + bound. The batch about to be trained is always handed out.
+    """
+    return batch == step or version + (batch - step) * minibatches <= published + bound
+
+
 def _dispatch(cfg: RunConfig, sampler: PromptSampler, workers: list[Any], batch: int, min_version: int) -> list[Any]:
     """Hand rollout batch `batch` to the workers, a share each, to generate with weights >= min_version."""
     chunks = _split(sampler.take(cfg.rollout.prompts_per_step), len(workers))
-    seeds = [cfg.seed * 1_000_003 + batch * len(workers) + i for i in range(len(workers))]
+    seeds = [mix_seed(cfg.seed, batch * len(workers) + i) for i in range(len(workers))]
     return [w.rollout.remote(c, s, batch_id=batch, min_version=min_version)
             for w, c, s in zip(workers, chunks, seeds, strict=True)]  # fmt: skip
 
@@ -208,44 +236,24 @@ class SyncTracker:
     def add(self, refs: list[Any]) -> None:
         self.pending += refs
 
-    def collect(self, timeout_s: float) -> dict[str, float]:
+    def collect(self, timeout_s: float) -> Metrics:
         import ray
 
         if not self.pending:
             return {}
         done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout_s)
-        stats = ray.get(done)  # raises the error of a failed offer
+        stats: list[SyncStats] = ray.get(done)  # raises the error of a failed offer
         if not stats:
             return {}
-        seconds = sum(s["seconds"] for s in stats)
+        seconds = sum(s.seconds for s in stats)
         return {
-            "async/sync_bytes_per_s": sum(s["bytes"] for s in stats) / max(seconds, 1e-9),
-            "async/sync_time_s": seconds / len(stats),
+            "async/sync_bytes_per_s": mean(sum(s.nbytes for s in stats) / max(seconds, 1e-9)),
+            "async/sync_time_s": mean(seconds / len(stats), float(len(stats))),
         }
 
 
 def _split(items: list, parts: int) -> list[list]:
     return [items[i::parts] for i in range(parts)]
-
-
-SUMMED = ("rollout/samples", "perf/rollout_tokens", "reward/failed")
-
-
-def merge_worker_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """One row from per-worker rows: counts summed, times as the slowest worker, the rest
-    averaged weighted by each worker's samples."""
-    out: dict[str, float] = {}
-    weights = [r.get("rollout/samples", 1.0) for r in rows]
-    total = sum(weights) or 1.0
-    for k in {k for r in rows for k in r}:
-        vals = [(r[k], w) for r, w in zip(rows, weights, strict=True) if k in r]
-        if k.startswith(SUMMED):
-            out[k] = sum(v for v, _ in vals)
-        elif k.endswith("_time_s"):
-            out[k] = max(v for v, _ in vals)
-        else:
-            out[k] = sum(v * w for v, w in vals) / (sum(w for _, w in vals) or total)
-    return out
 
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import torch
 
+from tidal.metrics import Metrics
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -23,6 +25,12 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     """Generate past the end-of-sequence token (benchmarks: every row runs to max_new_tokens)."""
+
+
+def mix_seed(seed: int, i: int) -> int:
+    """A distinct, reproducible seed for the i-th thing drawn under `seed` (a worker, a batch, a call),
+    kept below 2**63 however often seeds are mixed (torch and vLLM take 64-bit seeds)."""
+    return (seed * 1_000_003 + i) % 2**63
 
 
 @dataclass
@@ -120,13 +128,43 @@ class Sample:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
+    @property
+    def failed(self) -> bool:
+        """A reward or env call failed on this sample."""
+        return bool(self.reward_errors)
+
+    def for_training(self) -> TrainSample:
+        """The part of the sample the buffer and the trainer use; the row, text and scores stay here."""
+        return TrainSample(self.group_id, self.prompt_ids, self.response_ids, self.loss_mask, self.logp_mu,
+                           self.finish_reason, self.version, self.versions, self.reward, self.failed)  # fmt: skip
+
+
+@dataclass
+class TrainSample:
+    """What the buffer's filters and the trainer need of a `Sample`: tokens, masks, behavior
+    log-probs, versions and the reward (fields as in `Sample`). This is what crosses Ray to the
+    buffer and on to the trainer; a dataset row or decoded text never travels with it."""
+
+    group_id: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]
+    logp_mu: list[float]
+    finish_reason: FinishReason
+    version: int
+    versions: list[int]
+    reward: float
+    failed: bool
+    """A reward or env call failed on the sample (`filter.drop_failed_rewards` drops it)."""
+
 
 @dataclass
 class Group:
-    """The completions of one prompt; advantages are computed within a group."""
+    """The completions of one prompt; advantages are computed within a group. A worker's groups hold
+    `Sample`s; what it puts into the buffer holds their `TrainSample`s."""
 
     group_id: int
-    samples: list[Sample]
+    samples: list[Sample] | list[TrainSample]
 
     @property
     def version(self) -> int:
@@ -155,3 +193,35 @@ class TrainBatch(TokenBatch):
     """(B, T) proximal log-probs, recomputed by the trainer before the update."""
     logp_ref: torch.Tensor | None = None
     """(B, T) reference-policy log-probs (when a KL penalty is on)."""
+
+
+# ---------------------------------------------------------------------------------- actor results
+
+
+@dataclass
+class RolloutResult:
+    """What a worker's `rollout` call returns: its groups (empty when they went to the buffer) and metrics."""
+
+    groups: list[Group]
+    metrics: Metrics
+
+
+@dataclass
+class StepResult:
+    """What one trainer step tells the driver: the policy version after it, and its metrics."""
+
+    version: int
+    """Optimizer steps taken so far (unchanged by a skipped step)."""
+    trained: bool
+    """False when the batch was empty (every group filtered or too stale) and no step was taken."""
+    metrics: Metrics
+
+
+@dataclass
+class SyncStats:
+    """A worker's receipt of one published snapshot (staged for its generation thread)."""
+
+    version: int
+    nbytes: int
+    seconds: float
+    """Time to receive the snapshot."""

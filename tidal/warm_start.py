@@ -51,3 +51,14 @@ def resolve_policy_dir(cfg: ModelConfig) -> tuple[Path, dict[str, float]]:
     else:
         log.info("reusing the SFT warm start %s", run_dir)
     return run_dir / "checkpoint", json.loads(summary_file.read_text())
+
+
+def tokenizer_dir(cfg: ModelConfig) -> Path:
+    """A directory with the policy's tokenizer, without training a warm start that is not cached yet
+    (an SFT run keeps its base model's tokenizer): what start-up checks of the data need."""
+    if cfg.sft_warm_start is None:
+        return resolve_model_dir(cfg)
+    cached = warm_start_dir(cfg.sft_warm_start) / "checkpoint"
+    if (cached / "tokenizer_config.json").is_file():
+        return cached
+    return resolve_model_dir(load_config(cfg.sft_warm_start).model)

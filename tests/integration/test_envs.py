@@ -1,6 +1,7 @@
 """Environments with a real tiny MoE: multi-turn samples (observation tokens masked, the model's own
-tokens keeping their behavior log-probs), the context limit, hostile envs contained, a run mixing
-two envs with per-env data and metrics, and the user-written example env learning."""
+tokens keeping their behavior log-probs), the context limit (each episode's own), hostile envs
+contained, a run mixing two envs with per-env data and metrics, and the user-written example env
+learning."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pytest
 import torch
 
 from tidal.config import RunConfig, load_config
+from tidal.metrics import values
+from tidal.modeling import completion_logprobs
 from tidal.models import load_tokenizer, materialize_preset
-from tidal.rollout.engine import teacher_forced_logprobs
-from tidal.rollout.worker import RolloutWorker
+from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.types import Prompt, Sample
 
 pytestmark = pytest.mark.integration
@@ -40,6 +42,18 @@ class Scripted(MultiTurnEnv):
         if state["turn"] < 3:
             return Step(observation=f"<r>{state['turn']}</r>", reward=0.25)
         return Step(reward=1.0, done=True, info={"n": 3.0})
+
+class Recorder(MultiTurnEnv):
+    """Two model turns with an observation between; keeps the text of every turn it is given."""
+    def __init__(self):
+        self.max_turns = 2
+        self.seen = {}
+    def reset(self, row):
+        return {"prompt": row["prompt"], "turn": 0}
+    def step(self, state, text):
+        state["turn"] += 1
+        self.seen[state["prompt"], state["turn"]] = text
+        return Step(observation="<r>ok</r>", done=state["turn"] == 2)
 
 class Hostile(MultiTurnEnv):
     """Fails differently per group: raises, hangs, wrong type; group 3 is fine but scores NaN."""
@@ -89,12 +103,12 @@ def segments(mask: list[int]) -> list[tuple[int, int]]:
 
 
 def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(preset: Path, env_file: Path) -> None:
-    worker = RolloutWorker(config(f"{env_file}:Scripted"), str(preset))
+    worker = RolloutWorker(WorkerConfig.of(config(f"{env_file}:Scripted")), str(preset))
     tok = load_tokenizer(preset)
     prompts = [Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted"), Prompt(1, {"prompt": "5-3=", "answer": "2"},
                                                                                    "scripted")]  # fmt: skip
-    groups, metrics = worker.rollout(prompts, seed=0)
-    samples = [s for g in groups for s in g.samples]
+    result = worker.rollout(prompts, seed=0)
+    samples, metrics = [s for g in result.groups for s in g.samples], values(result.metrics)
     assert len(samples) == 6
     obs = [tok(f"<r>{i}</r>", add_special_tokens=False)["input_ids"] for i in (1, 2)]
     for s in samples:
@@ -108,29 +122,62 @@ def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(preset:
             assert s.logp_mu[start : start + n] == [0.0] * n
         # The model's tokens keep the log-probs they were sampled with: equal to a teacher-forced
         # forward over the whole conversation, observations included, with the same weights.
-        (recomputed,) = teacher_forced_logprobs(worker.engine.model, [s.prompt_ids], [s.response_ids], 0, 1.0)
+        (recomputed,) = completion_logprobs(worker.engine.model, [s.prompt_ids], [s.response_ids], 0, 1.0)
         model = [i for i, m in enumerate(s.loss_mask) if m]
         assert max(abs(s.logp_mu[i] - float(recomputed[i])) for i in model) < 1e-4
         assert s.text == tok.decode(s.response_ids, skip_special_tokens=True) and "<r>1</r>" in s.text
     assert metrics["env/scripted/turns_mean"] == 3.0 and metrics["env/scripted/n"] == 3.0
-    assert metrics["env/scripted/reward_mean"] == 1.5 and metrics["reward/mean"] == 1.5
+    assert metrics["env/scripted/reward"] == 1.5 and metrics["reward/mean"] == 1.5
     assert metrics["perf/rollout_tokens"] == sum(sum(s.loss_mask) for s in samples)  # model tokens only
 
 
 def test_context_limit_ends_an_episode(preset: Path, env_file: Path) -> None:
-    worker = RolloutWorker(config(f"{env_file}:Scripted", "rollout.max_context_tokens=14"), str(preset))
-    (group,), _ = worker.rollout([Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted")], seed=1)
+    cfg = config(f"{env_file}:Scripted", "rollout.max_context_tokens=14")
+    worker = RolloutWorker(WorkerConfig.of(cfg), str(preset))
+    (group,) = worker.rollout([Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted")], seed=1).groups
     for s in group.samples:
         assert len(s.prompt_ids) + len(s.response_ids) <= 14
         assert s.finish_reason == "length" and s.turns < 3
 
 
+def test_each_episode_gets_its_own_context_room(preset: Path, env_file: Path) -> None:
+    """Episodes batched with one near `max_context_tokens`: the long one's turn is cut to its own
+    room, the others' turns are exactly what they are without it (greedy decoding is
+    batch-invariant), down to the text `step` receives."""
+    limit, room = 64, 4
+    cfg = config(f"{env_file}:Recorder", "rollout.group_size=1", "rollout.temperature=0", "rollout.max_new_tokens=12",
+                 f"rollout.max_context_tokens={limit}")  # fmt: skip
+    worker = RolloutWorker(WorkerConfig.of(cfg), str(preset))
+    env = worker.envs["scripted"].env
+    short = [Prompt(i, {"prompt": p, "answer": ""}, "scripted") for i, p in enumerate(["12+7=", "5-3=", "hello"])]
+    long = Prompt(3, {"prompt": "0123456789" * 6, "answer": ""}, "scripted")  # 60 tokens: room for 4
+
+    alone = {g.group_id: g.samples[0] for g in worker.rollout(short, seed=0).groups}
+    alone_texts, env.seen = env.seen, {}
+    mixed = {g.group_id: g.samples[0] for g in worker.rollout([*short, long], seed=0).groups}
+
+    for p in short:
+        a, m = alone[p.group_id], mixed[p.group_id]
+        assert segments(a.loss_mask)[0][1] > room  # a turn the long episode's room would have cut
+        assert (m.response_ids, m.loss_mask, m.finish_reason) == (a.response_ids, a.loss_mask, a.finish_reason)
+        assert m.turns == 2
+        for turn in (1, 2):
+            key = (p.row["prompt"], turn)
+            assert env.seen[key] == alone_texts[key]
+    s = mixed[long.group_id]
+    assert len(s.prompt_ids) == limit - room
+    assert segments(s.loss_mask) == [(1, room)]  # its turn fills the context; no room for the observation
+    assert s.finish_reason == "length" and len(s.prompt_ids) + len(s.response_ids) == limit
+    assert env.seen[long.row["prompt"], 1] == worker.engine.tokenizer.decode(s.response_ids, skip_special_tokens=True)
+
+
 def test_hostile_env_is_contained(preset: Path, env_file: Path) -> None:
     cfg = config(f"{env_file}:Hostile", "rewards.timeout_s=0.5", "rewards.failure_reward=-1")
-    worker = RolloutWorker(cfg, str(preset))
+    worker = RolloutWorker(WorkerConfig.of(cfg), str(preset))
     prompts = [Prompt(k, {"prompt": "1+1=", "answer": "2", "kind": str(k)}, "scripted") for k in range(4)]
-    groups, metrics = worker.rollout(prompts, seed=0)
-    by_kind: dict[int, list[Sample]] = {g.group_id: g.samples for g in groups}
+    result = worker.rollout(prompts, seed=0)
+    by_kind: dict[int, list[Sample]] = {g.group_id: g.samples for g in result.groups}
+    metrics = values(result.metrics)
     assert all(len(v) == 3 for v in by_kind.values())  # no sample lost
     errors = {k: {":".join(e.split(":")[:2]) for s in v for e in s.reward_errors} for k, v in by_kind.items()}
     assert errors[0] == {"step: raised RuntimeError"}
@@ -185,7 +232,7 @@ def test_user_example_env_trains_and_its_reward_rises(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs/custom-env/metrics.jsonl").read_text().splitlines()]
-    reward = [r["env/double/reward_mean"] for r in rows if "env/double/reward_mean" in r]
+    reward = [r["env/double/reward"] for r in rows if "env/double/reward" in r]
     assert len(reward) == steps
     first, last = sum(reward[:8]) / 8, sum(reward[-8:]) / 8
     assert last > first + 0.05, reward

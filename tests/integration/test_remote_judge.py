@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tidal.config import RewardsConfig, RewardSpec
+from tidal.metrics import values
 from tidal.rewards import RewardResult, RewardScorer
 from tidal.rewards.remote import RemoteJudge, RemoteJudgeError
 from tidal.types import Sample
@@ -390,9 +391,9 @@ def test_through_reward_scorer_records_server_errors(server: JudgeServer) -> Non
     )
     samples = [make_sample("19"), make_sample("20"), make_sample("boom"), make_sample("19")]
     with RewardScorer(cfg) as scorer:
-        metrics = scorer.score(samples)
+        metrics = values(scorer.score(samples))
         assert scorer.names == ["RemoteJudge"]
-        metrics_again = scorer.score(samples[:2])  # the client made on the scorer's loop serves a second batch
+        metrics_again = values(scorer.score(samples[:2]))  # the client made on the scorer's loop serves a second batch
         [judge] = [r.fn for r in scorer._rewards]
         assert judge._states != {}  # its HTTP client, made on the scorer's loop
     assert judge._states == {}  # closing the scorer closed the judge's client

@@ -1,10 +1,12 @@
-"""DeepSpeed trainer on CPU: one step equals the plain-torch step on the whole batch, at ZeRO 0-3,
-with gradient accumulation over micro-batches of unequal token counts and across two ranks."""
+"""DeepSpeed trainer on CPU: one step takes the gradient plain torch takes on the whole batch, at
+ZeRO 0-3, with gradient accumulation over micro-batches of unequal token counts and across two
+ranks, and the optimizer applies it (clipped) as torch's AdamW would."""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,24 +14,49 @@ import torch
 import torch.multiprocessing as mp
 
 from tidal.config import ScheduleConfig, TrainerConfig
+from tidal.metrics import values
+from tidal.modeling import forward
 from tidal.models import load_model, load_tokenizer, materialize_preset
 from tidal.trainer.engine import DeepSpeedTrainer, lr_factor
-from tidal.trainer.losses_sft import forward_logits, next_token_nll
+from tidal.trainer.losses_sft import next_token_nll, num_targets
 from tidal.types import TokenBatch
 
 pytestmark = pytest.mark.integration
+
+Grads = dict[str, torch.Tensor]
 
 # (left padding, prompt length) per row: 9, 6, 5 and 3 target tokens, so micro-batches of two rows
 # hold 15 and 8 targets and a per-micro-batch mean would weight them wrongly.
 ROWS = [(0, 3), (4, 2), (2, 5), (6, 3)]
 # eps well above the smallest gradients keeps Adam's first step from being sign(g) alone, so the
-# update depends on the gradient's scale and a wrong normalisation shows in the parameters.
+# update depends on the gradient's scale and shows whether it was clipped.
 CFG = TrainerConfig(lr=1e-3, eps=1e-6, weight_decay=0.1, max_grad_norm=1.0, micro_batch_size=2, grad_accum=2)
-# Adam's first step is lr * g / (|g| + eps): where |g| ~ eps it magnifies gradient rounding, which
-# depends on the summation order of the CPU's kernels. Measured: up to 2.6e-6 between DeepSpeed and
-# plain torch on a 2-core x86 machine; a per-micro-batch mean instead of the global token mean moves
-# the weights by 2e-3, so the bound below still tells a wrong normalisation by two orders of magnitude.
-TOL = 1e-5
+
+# Bounds, each measured on this model and batch on a 2-core AMD EPYC, and again with torch's CPU
+# kernels limited to AVX2 or to none (ATEN_CPU_CAPABILITY), oneDNN to SSE4.1 or AVX2, MKL in its
+# reproducible mode (MKL_CBWR=COMPATIBLE), and 1, 2 or 4 threads; the ranges below cover all of them.
+#
+# Largest per-parameter relative gradient error ||g_ds - g|| / ||g||: measured 1.1e-6 to 1.8e-6 (the
+# worst is always a q/k-norm weight, whose gradient is ~1e-3 of the total), 1e-4 leaves a margin of
+# 50. A per-micro-batch mean instead of the global token mean gives 0.40 (0.53 with one row per
+# micro-batch over two ranks), a normaliser 10% off 0.09: three orders of magnitude above the bound.
+GRAD_TOL = 1e-4
+# Relative loss error: measured <= 6.7e-8, a margin of 150; a per-micro-batch mean changes the loss
+# by 2.5e-3, 250 times the bound.
+LOSS_TOL = 1e-5
+# |theta_ds - AdamW's first step computed from the gradients DeepSpeed read|: the same gradient on
+# both sides, so only elementwise rounding remains (an ulp or two, whatever the machine): measured
+# <= 6e-8, one float32 step below the largest weight, 1.0; 1e-6 is 8 ulps of 1.0. Leaving out the
+# clipping moves weights by 4.2e-4, 400 times the bound.
+UPDATE_TOL = 1e-6
+# bf16 against the fp32 reference, in units of bf16's unit roundoff u = 2^-8 = 3.9e-3 (8 significant
+# bits). Relative loss error: measured <= 9.4e-5 = 0.02 u, bound u; a normaliser 10% off is 23 u.
+# Relative gradient-norm error: measured <= 2.5e-3 = 0.6 u, bound 4 u, six times below a normaliser
+# 10% off. Gradient direction: 1 - cos measured 3.2e-4 (an angle of 0.025 = 6.5 u, from rounding the
+# weights and activations to bf16; the same under every kernel setting above), bound 2e-3 (an angle
+# of 16 u); a per-micro-batch mean gives 0.047, 23 times the bound.
+BF16_U = 2.0**-8
+BF16_COS_TOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +77,50 @@ def make_batch(t: int = 12, seed: int = 0) -> TokenBatch:
     return TokenBatch(ids, attention, loss_mask)
 
 
-def plain_torch_step(path: Path, batch: TokenBatch, cfg: TrainerConfig) -> tuple[dict, float, float]:
-    """The reference: AdamW on the whole batch with the token-mean loss, torch's own clipping."""
+@dataclass
+class Reference:
+    """Plain torch on the whole batch: the token-mean loss and its gradient, and the gradient a
+    per-micro-batch mean (the mean over micro-batches of each one's token mean) would give."""
+
+    loss: float
+    grads: Grads
+    per_micro_grads: Grads
+
+
+def reference(path: Path, batch: TokenBatch, micro_batch_size: int) -> Reference:
     model = load_model(path)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    logits = forward_logits(model, batch.input_ids, batch.attention_mask)
-    loss = next_token_nll(logits, batch.input_ids, batch.loss_mask) / batch.loss_mask[:, 1:].sum()
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-    opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, loss.item(), norm.item()
+    logits, _ = forward(model, batch.input_ids, batch.attention_mask)
+    ids, mask = batch.input_ids, batch.loss_mask
+    loss = next_token_nll(logits, ids, mask) / num_targets(mask)
+    rows = [slice(i, i + micro_batch_size) for i in range(0, len(ids), micro_batch_size)]
+    per_micro = sum(next_token_nll(logits[r], ids[r], mask[r]) / num_targets(mask[r]) for r in rows) / len(rows)
+    return Reference(loss.item(), gradients(model, loss), gradients(model, per_micro))
+
+
+def gradients(model: torch.nn.Module, loss: torch.Tensor) -> Grads:
+    named = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(named.values()), retain_graph=True, allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(named.items(), grads, strict=True)}
+
+
+def grad_norm(grads: Grads) -> float:
+    return math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
+
+
+def grad_error(got: Grads, ref: Grads) -> float:
+    """The largest per-parameter relative error ||got - ref|| / ||ref||."""
+    assert got.keys() == ref.keys()
+    return max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+
+
+def adamw_first_step(init: dict[str, torch.Tensor], grads: Grads, cfg: TrainerConfig) -> dict[str, torch.Tensor]:
+    """AdamW's first step by hand, on the gradients clipped as torch clips them.
+
+    After one step m_hat = g and v_hat = g^2, so theta_1 = theta_0 (1 - lr wd) - lr g / (|g| + eps).
+    """
+    clip = 1.0 if cfg.max_grad_norm is None else min(1.0, cfg.max_grad_norm / (grad_norm(grads) + 1e-6))
+    decay = 1 - cfg.lr * cfg.weight_decay
+    return {k: init[k] * decay - cfg.lr * clip * g / (clip * g.abs() + cfg.eps) for k, g in grads.items()}
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -67,36 +128,53 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def cosine(a: Grads, b: Grads) -> float:
+    flat_a, flat_b = (torch.cat([g[k].double().flatten() for k in sorted(a)]) for g in (a, b))
+    return torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0).item()
+
+
+def check_step(metrics: dict[str, float], grads: Grads, params: dict[str, torch.Tensor], ref: Reference,
+               init: dict[str, torch.Tensor], cfg: TrainerConfig) -> None:  # fmt: skip
+    """The step's loss, gradient and update against plain torch on the whole batch."""
+    assert metrics["tokens"] == 23
+    assert metrics["loss"] == pytest.approx(ref.loss, rel=LOSS_TOL)
+    assert metrics["grad_norm"] == pytest.approx(grad_norm(ref.grads), rel=GRAD_TOL)  # before clipping
+    assert grad_error(grads, ref.grads) < GRAD_TOL
+    assert grad_error(grads, ref.per_micro_grads) > 1000 * GRAD_TOL  # a wrong normaliser fails widely
+    assert max_diff(params, adamw_first_step(init, grads, cfg)) < UPDATE_TOL
+    assert max_diff(params, init) > 5e-4  # the step moved the weights, by about lr
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_one_step_matches_plain_torch(preset: Path, stage: int) -> None:
     batch = make_batch()
-    ref, ref_loss, ref_norm = plain_torch_step(preset, batch, CFG)
+    ref = reference(preset, batch, CFG.micro_batch_size)
     init = load_model(preset).state_dict()
-    trainer = DeepSpeedTrainer(load_model(preset), CFG.model_copy(update={"zero_stage": stage}))
-
-    metrics = trainer.train_step(batch)
-    params = trainer.state_dict_for_export()
-
-    assert trainer.version == 1
-    assert metrics["tokens"] == 23 and metrics["micro_batches"] == 2
-    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
-    assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
-    assert ref_norm > CFG.max_grad_norm  # so clipping is exercised
-    moved, err = max_diff(params, init), max_diff(params, ref)
-    assert moved > 5e-4  # the step moved the weights by about lr
-    assert err < TOL
-
-
-def test_unclipped_step_depends_on_gradient_scale(preset: Path) -> None:
-    """Without clipping the update scales with the gradient (eps), so normalisation is visible."""
-    cfg = CFG.model_copy(update={"max_grad_norm": None, "eps": 1e-3, "zero_stage": 2})
-    batch = make_batch()
-    ref, _, ref_norm = plain_torch_step(preset, batch, cfg)
+    cfg = CFG.model_copy(update={"zero_stage": stage})
     trainer = DeepSpeedTrainer(load_model(preset), cfg)
-    metrics = trainer.train_step(batch)
-    assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
-    err = max_diff(trainer.state_dict_for_export(), ref)
-    assert err < TOL
+
+    grads: Grads = {}
+    metrics = values(trainer.train_step(batch, on_grads=grads.update))
+
+    assert trainer.version == 1 and metrics["micro_batches"] == 2
+    assert grad_norm(ref.grads) > CFG.max_grad_norm  # so clipping is exercised
+    check_step(metrics, grads, trainer.state_dict_for_export(), ref, init, cfg)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_unclipped_step_matches_plain_torch(preset: Path, stage: int) -> None:
+    """Without clipping: the norm comes from the trainer's own hook at ZeRO 0, from DeepSpeed's at 2."""
+    cfg = CFG.model_copy(update={"max_grad_norm": None, "eps": 1e-3, "zero_stage": stage})
+    batch = make_batch()
+    ref = reference(preset, batch, cfg.micro_batch_size)
+    init = load_model(preset).state_dict()
+    trainer = DeepSpeedTrainer(load_model(preset), cfg)
+
+    grads: Grads = {}
+    metrics = values(trainer.train_step(batch, on_grads=grads.update))
+
+    check_step(metrics, grads, trainer.state_dict_for_export(), ref, init, cfg)
+    assert grad_error(grads, {k: g / 1.1 for k, g in ref.grads.items()}) > 100 * GRAD_TOL  # a normaliser 10% off
 
 
 def _two_rank_worker(rank: int, port: int, path: str, out_dir: str, stages: list[int]) -> None:
@@ -109,10 +187,11 @@ def _two_rank_worker(rank: int, port: int, path: str, out_dir: str, stages: list
         # One row per micro-batch: rank 0 sees 9 + 6 targets, rank 1 sees 5 + 3.
         cfg = CFG.model_copy(update={"zero_stage": stage, "micro_batch_size": 1})
         trainer = DeepSpeedTrainer(load_model(path), cfg)
-        metrics = trainer.train_step(half)
+        grads: Grads = {}  # all-reduced over both ranks: every rank reads the whole gradient
+        metrics = values(trainer.train_step(half, on_grads=grads.update))
         params = trainer.state_dict_for_export()
         if rank == 0:
-            torch.save({"metrics": metrics, "params": params}, Path(out_dir) / f"stage{stage}.pt")
+            torch.save({"metrics": metrics, "grads": grads, "params": params}, Path(out_dir) / f"stage{stage}.pt")
     # Leave together: a rank that exits while its peer still holds gloo connections can abort the
     # peer at interpreter shutdown ("terminate called without an active exception").
     torch.distributed.barrier()
@@ -124,34 +203,33 @@ def test_two_ranks_match_plain_torch_full_batch(preset: Path, tmp_path: Path) ->
 
     stages = [0, 2, 3]
     mp.spawn(_two_rank_worker, args=(_free_port(), str(preset), str(tmp_path), stages), nprocs=2, join=True)
-    ref, ref_loss, ref_norm = plain_torch_step(preset, make_batch(), CFG)
+    # The wrong normaliser to rule out: the mean of the four one-row micro-batches' token means.
+    ref = reference(preset, make_batch(), micro_batch_size=1)
+    init = load_model(preset).state_dict()
     for stage in stages:
         out = torch.load(tmp_path / f"stage{stage}.pt")
-        assert out["metrics"]["tokens"] == 23, stage
-        assert out["metrics"]["loss"] == pytest.approx(ref_loss, rel=1e-5), stage
-        assert out["metrics"]["grad_norm"] == pytest.approx(ref_norm, rel=1e-5), stage
-        err = max_diff(out["params"], ref)
-        assert err < TOL, stage
+        cfg = CFG.model_copy(update={"zero_stage": stage})
+        check_step(out["metrics"], out["grads"], out["params"], ref, init, cfg)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_bf16_step_runs_and_follows_fp32(preset: Path, stage: int) -> None:
+def test_bf16_step_follows_fp32(preset: Path, stage: int) -> None:
     batch = make_batch()
-    ref, _, _ = plain_torch_step(preset, batch, CFG)
+    ref = reference(preset, batch, CFG.micro_batch_size)
     init = load_model(preset).state_dict()
     trainer = DeepSpeedTrainer(load_model(preset), CFG.model_copy(update={"zero_stage": stage, "precision": "bf16"}))
     assert next(trainer.module.parameters()).dtype == torch.bfloat16
 
-    metrics = trainer.train_step(batch)
+    grads: Grads = {}
+    metrics = values(trainer.train_step(batch, on_grads=grads.update))
     params = trainer.state_dict_for_export()
 
-    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-    assert metrics["loss"] == pytest.approx(4.65, abs=0.1)  # ln(vocab) at init, as in fp32
+    assert metrics["loss"] == pytest.approx(ref.loss, rel=BF16_U)
+    assert metrics["grad_norm"] == pytest.approx(grad_norm(ref.grads), rel=4 * BF16_U)
+    assert 1 - cosine(grads, ref.grads) < BF16_COS_TOL
+    assert 1 - cosine(grads, ref.per_micro_grads) > 10 * BF16_COS_TOL  # a wrong normaliser fails widely
     assert all(v.dtype == torch.float32 for v in params.values())  # the fp32 master weights
-    delta = torch.cat([(params[k] - init[k]).flatten() for k in init])
-    ref_delta = torch.cat([(ref[k] - init[k]).flatten() for k in init])
-    assert delta.abs().max() > 5e-4
-    assert torch.nn.functional.cosine_similarity(delta, ref_delta, dim=0) > 0.9
+    assert max_diff(params, init) > 5e-4  # the step moved the weights, by about lr
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -161,12 +239,12 @@ def test_lr_schedule_and_version(preset: Path, stage: int) -> None:
     cfg = CFG.model_copy(update={"schedule": schedule, "zero_stage": stage, "weight_decay": 0.0})
     init = load_model(preset).state_dict()
     trainer = DeepSpeedTrainer(load_model(preset), cfg)
-    lrs = [trainer.train_step(make_batch(seed=0))["lr"]]
+    lrs = [values(trainer.train_step(make_batch(seed=0)))["lr"]]
     # Adam's first step moves a weight by at most the lr in force, nearly that for most weights:
     # the optimizer (inside the ZeRO wrapper) really uses the scheduled lr, not the peak.
     first_move = max_diff(trainer.state_dict_for_export(), init)
     assert first_move == pytest.approx(1e-3 / 3, rel=0.02)
-    lrs += [trainer.train_step(make_batch(seed=s))["lr"] for s in range(1, 5)]
+    lrs += [values(trainer.train_step(make_batch(seed=s)))["lr"] for s in range(1, 5)]
     assert lrs == pytest.approx([cfg.lr * lr_factor(s, schedule, 5) for s in range(5)])
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 0.55e-3, 0.1e-3])
     assert trainer.version == 5

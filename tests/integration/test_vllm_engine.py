@@ -21,12 +21,13 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/setup.sh --vllm)")
 
 from tidal.config import VLLMConfig, load_config  # noqa: E402
+from tidal.modeling import completion_logprobs  # noqa: E402
 from tidal.models import load_model, load_tokenizer, materialize_preset  # noqa: E402
-from tidal.rollout.engine import TransformersEngine, teacher_forced_logprobs  # noqa: E402
+from tidal.rollout.engine import TransformersEngine  # noqa: E402
 from tidal.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker  # noqa: E402
-from tidal.trainer.weight_sync import make_publisher, sync_group_address  # noqa: E402
+from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, WorkerConfig  # noqa: E402
 from tidal.types import Completion, Prompt, SamplingParams  # noqa: E402
+from tidal.weight_sync import make_publisher, sync_group_address  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -43,8 +44,9 @@ class VLLMHost:
         self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), VLLMConfig(kv_cache_gb=0.25, **cfg),
                                  **(llm_kwargs or {}))  # fmt: skip
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        return self.engine.generate(prompts, params)
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 max_tokens: list[int] | None = None) -> list[Completion]:  # fmt: skip
+        return self.engine.generate(prompts, params, max_tokens=max_tokens)
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.engine.load_weights(state, version)
@@ -90,12 +92,13 @@ def encode(ref: TransformersEngine, texts: list[str] = TEXTS) -> list[list[int]]
     return [[ref.tokenizer.bos_token_id, *ref.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
 
 
-def gen(host: Any, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-    return ray.get(host.generate.remote(prompts, params), timeout=WAIT_S)
+def gen(host: Any, prompts: list[list[int]], params: SamplingParams,
+        max_tokens: list[int] | None = None) -> list[Completion]:  # fmt: skip
+    return ray.get(host.generate.remote(prompts, params, max_tokens), timeout=WAIT_S)
 
 
 def forward_logprobs(model: Any, outs: list[Completion], pad_id: int, temperature: float = 1.0) -> list[torch.Tensor]:
-    return teacher_forced_logprobs(model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], pad_id,
+    return completion_logprobs(model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], pad_id,
                                    temperature)  # fmt: skip
 
 
@@ -119,6 +122,17 @@ def test_greedy_matches_the_transformers_engine(host: Any, reference: Transforme
                                                                           w.finish_reason)  # fmt: skip
         assert g.version == 0 and g.versions == [0] * len(g.token_ids)
         assert len(g.logprobs) == len(g.token_ids) > 0
+    assert max_gap(got, [torch.tensor(w.logprobs) for w in want]) < 1e-4
+
+
+def test_per_row_token_limits_match_the_transformers_engine(host: Any, reference: TransformersEngine) -> None:
+    """Each request stops at its own limit with finish reason "length", as in the transformers engine;
+    the limits replace `params.max_new_tokens` (9 > 4)."""
+    prompts, limits = encode(reference)[:3], [2, 9, 5]
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    got, want = gen(host, prompts, params, limits), reference.generate(prompts, params, max_tokens=limits)
+    assert [(len(g.token_ids), g.finish_reason) for g in got] == [(n, "length") for n in limits]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert max_gap(got, [torch.tensor(w.logprobs) for w in want]) < 1e-4
 
 
@@ -297,7 +311,7 @@ def test_worker_applies_every_transport(preset: Path, reference: TransformersEng
         "rollout.temperature=0.7", "rollout.max_new_tokens=6", "rollout.group_size=4", *TRANSPORTS[transport],
     ])  # fmt: skip
     worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).options(num_cpus=1).remote(
-        cfg, str(preset))
+        WorkerConfig.of(cfg), str(preset))
     try:
         group = (*sync_group_address(), 2) if transport == "broadcast" else None
         joined = worker.join_weight_sync.remote(group)
@@ -305,15 +319,15 @@ def test_worker_applies_every_transport(preset: Path, reference: TransformersEng
         ray.get(joined, timeout=WAIT_S)
         state = perturbed(reference.model, seed=11)
         stats = ray.get(worker.offer_weights.remote(publisher.publish(state, 1)), timeout=WAIT_S)
-        assert stats["version"] == 1
+        assert stats.version == 1
         prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}) for i in range(3)]
-        groups, metrics = ray.get(worker.rollout.remote(prompts, seed=0, min_version=1), timeout=WAIT_S)
-        samples = [s for g in groups for s in g.samples]
-        assert len(samples) == 12 and metrics["async/worker_version"] == 1
+        result = ray.get(worker.rollout.remote(prompts, seed=0, min_version=1), timeout=WAIT_S)
+        samples = [s for g in result.groups for s in g.samples]
+        assert len(samples) == 12 and result.metrics["async/worker_version"].value == 1
         assert all(s.version == 1 and set(s.versions) == {1} for s in samples)
         new = load_model(preset)
         new.load_state_dict(state)
-        ref = teacher_forced_logprobs(new, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
+        ref = completion_logprobs(new, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                       reference.pad_id, 0.7)  # fmt: skip
         gap = max(float((torch.tensor(s.logp_mu) - r).abs().max()) for s, r in zip(samples, ref, strict=True))
         assert gap < 1e-4
@@ -353,16 +367,16 @@ def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine
         f"envs=[{{path: '{tmp_path / 'echo.py'}:Echo'}}]",
     ])  # fmt: skip
     worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).options(num_cpus=1).remote(
-        cfg, str(preset))
+        WorkerConfig.of(cfg), str(preset))
     try:
         prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}, env="Echo") for i in range(3)]
-        groups, _ = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S)
+        groups = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S).groups
     finally:
         ray.kill(worker)
     samples = [s for g in groups for s in g.samples]
     assert len(samples) == 6 and all(s.turns == 3 for s in samples)
     for s in samples:
         assert 0 in s.loss_mask and len(s.loss_mask) == len(s.logp_mu) == len(s.response_ids)
-        ref = teacher_forced_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
+        ref = completion_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
         mine = torch.tensor(s.loss_mask, dtype=torch.bool)  # the model's tokens; observations are 0
         assert float((torch.tensor(s.logp_mu)[mine] - ref[mine]).abs().max()) < 1e-4

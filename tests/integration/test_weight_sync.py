@@ -16,7 +16,7 @@ import torch
 
 from tidal.config import WeightSyncConfig
 from tidal.models import load_model, materialize_preset
-from tidal.trainer.weight_sync import (
+from tidal.weight_sync import (
     BroadcastPlan,
     WeightHandle,
     WeightPublisher,

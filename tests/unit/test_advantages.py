@@ -40,7 +40,7 @@ def test_degenerate_batches_give_zero_not_nan(estimator: str) -> None:
     assert single.tolist() == [0.0]
     flat, metrics = compute_advantages(torch.tensor([0.1, 0.1, 0.1, 0.1]), torch.tensor([0, 0, 1, 1]), estimator)
     assert flat.tolist() == [0.0, 0.0, 0.0, 0.0]
-    assert all(v == 0.0 for v in metrics.values())
+    assert all(v.value == 0.0 for v in metrics.values())
 
 
 def test_drgrpo_subtracts_group_mean_only() -> None:
@@ -48,9 +48,9 @@ def test_drgrpo_subtracts_group_mean_only() -> None:
     expected = [-1.0, -0.5, 0.0, 0.0, -0.5, 0.5, 1.0, 0.5]
     assert adv.tolist() == pytest.approx(expected, abs=1e-6)
     # Metrics: mean 0; |A| mean (1 + .5 + 0 + 0 + .5 + .5 + 1 + .5) / 8 = 0.5; Bessel std sqrt(3 / 7).
-    assert metrics["train/advantage_mean"] == pytest.approx(0.0, abs=1e-7)
-    assert metrics["train/advantage_abs_mean"] == pytest.approx(0.5)
-    assert metrics["train/advantage_std"] == pytest.approx(math.sqrt(3 / 7), rel=1e-5)
+    assert metrics["train/advantage_mean"].value == pytest.approx(0.0, abs=1e-7)
+    assert metrics["train/advantage_abs_mean"].value == pytest.approx(0.5)
+    assert metrics["train/advantage_std"].value == pytest.approx(math.sqrt(3 / 7), rel=1e-5)
 
 
 def test_rloo_uses_leave_one_out_mean() -> None:
@@ -61,14 +61,30 @@ def test_rloo_uses_leave_one_out_mean() -> None:
     assert adv.tolist() == pytest.approx(expected, abs=1e-6)
 
 
-def test_reinforce_pp_group_baseline_then_batch_whitening() -> None:
+def test_reinforce_pp_group_baseline_then_token_whitening() -> None:
+    """OpenRLHF's reinforce_baseline: every valid token carries its sample's a_i, whitened over all
+    valid tokens with the population variance (not per sample, not with Bessel's correction)."""
     rewards = torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 8.0])
     ids = torch.tensor([1, 1, 2, 3, 3, 3])
-    adv, _ = compute_advantages(rewards, ids, "reinforce_pp")
+    counts = torch.tensor([2.0, 1.0, 3.0, 1.0, 1.0, 2.0])
+    adv, _ = compute_advantages(rewards, ids, "reinforce_pp", token_counts=counts)
     # Group baselines: id 1 mean 2 -> -1, 1; id 2 alone -> 0; id 3 mean 4 -> -2, -2, 4.
-    # Batch: mean 0, Bessel std sqrt((1 + 1 + 0 + 4 + 4 + 16) / 5) = sqrt(5.2) = 2.2803509.
-    expected = [-0.4385290, 0.4385290, 0.0, -0.8770580, -0.8770580, 1.7541160]
-    assert adv.tolist() == pytest.approx(expected, abs=1e-5)
+    # Over the 10 tokens: mean 3 / 10 = 0.3, variance (2 * 1.69 + 0.49 + 3 * 0.09 + 5.29 + 5.29 +
+    # 2 * 13.69) / 10 = 4.21.
+    expected = [(a - 0.3) / 4.21**0.5 for a in (-1.0, 1.0, 0.0, -2.0, -2.0, 4.0)]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    # The same from the formula on the tokens themselves.
+    a = [-1.0, 1.0, 0.0, -2.0, -2.0, 4.0]
+    tokens = torch.cat([torch.full((int(n),), x) for x, n in zip(a, counts, strict=True)])
+    whitened = (tokens - tokens.mean()) / tokens.var(unbiased=False).sqrt()
+    assert torch.cat([adv[i].repeat(int(n)) for i, n in enumerate(counts)]).tolist() == pytest.approx(
+        whitened.tolist(), abs=1e-6
+    )
+    # One token each: population std sqrt(26 / 6), where the old per-sample Bessel std was sqrt(5.2).
+    even, _ = compute_advantages(rewards, ids, "reinforce_pp")
+    assert even[0].item() == pytest.approx(-1 / (26 / 6) ** 0.5, abs=1e-6)
+    flat, _ = compute_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), torch.tensor([0, 0, 1, 1]), "reinforce_pp")
+    assert flat.tolist() == [0.0, 0.0, 0.0, 0.0]  # no signal: exactly 0, never 0 / 0
 
 
 def test_unknown_estimator_names_the_known_ones() -> None:

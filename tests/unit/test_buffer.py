@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tidal.config import FilterConfig
+from tidal.metrics import values
 from tidal.rollout.buffer import TrajectoryBuffer
-from tidal.train import PromptSampler, merge_worker_metrics
+from tidal.train import PromptSampler
 from tidal.types import Group, Sample
 
 pytestmark = pytest.mark.unit
@@ -27,11 +28,12 @@ def test_zero_variance_groups_are_dropped_and_counted() -> None:
     ])  # fmt: skip
     assert kept == 1
     assert [g.group_id for g in buf.take(0, trainer_version=0)] == [0]
-    counts = buf.pop_counts()
+    counts = values(buf.pop_counts())
     assert counts["rollout/filtered_zero_variance_groups"] == 2
     assert counts["rollout/filtered_zero_variance_samples"] == 4
     assert counts["rollout/groups_generated"] == 3 and counts["rollout/groups_kept"] == 1
-    assert buf.pop_counts() == {"async/buffer_groups": 0.0, "async/buffer_batches": 0.0}  # counters are per call
+    # Counters are per call.
+    assert values(buf.pop_counts()) == {"async/buffer_groups": 0.0, "async/buffer_batches": 0.0}
 
 
 def test_zero_variance_filter_off_keeps_everything() -> None:
@@ -48,7 +50,7 @@ def test_sample_filters_leave_unequal_groups() -> None:
     ])  # fmt: skip
     (g,) = buf.take(0, 0)
     assert [s.reward for s in g.samples] == [1.0, 0.0]
-    counts = buf.pop_counts()
+    counts = values(buf.pop_counts())
     assert counts["rollout/filtered_truncated_samples"] == 2
     assert counts["rollout/filtered_failed_reward_samples"] == 1
     assert counts["rollout/filtered_empty_groups"] == 1
@@ -60,7 +62,7 @@ def test_staleness_bound_drops_and_counts() -> None:
     # At trainer version 5, version 3 is 2 behind (> 1): dropped; version 5 is fresh.
     out = buf.take(0, trainer_version=5)
     assert [g.group_id for g in out] == [1]
-    counts = buf.pop_counts()
+    counts = values(buf.pop_counts())
     assert counts["async/dropped_stale_groups"] == 1 and counts["async/dropped_stale_samples"] == 1
 
 
@@ -70,7 +72,7 @@ def test_batches_are_taken_whole_and_only_once() -> None:
     buf.put([Group(4, [sample(4, 1.0)])], batch_id=2)
     buf.put([Group(0, [sample(0, 1.0)]), Group(1, [sample(1, 1.0)])], batch_id=1)
     buf.put([Group(2, [sample(2, 1.0)])], batch_id=1)
-    assert buf.size() == 4 and buf.pop_counts()["async/buffer_batches"] == 2
+    assert buf.size() == 4 and values(buf.pop_counts())["async/buffer_batches"] == 2
     assert [g.group_id for g in buf.take(1, 0)] == [0, 1, 2]
     assert buf.take(1, 0) == []  # taken already: never handed out twice
     assert [g.group_id for g in buf.take(2, 0)] == [4]
@@ -84,7 +86,7 @@ def test_ledger_accounts_for_every_group() -> None:
     buf.put([Group(3, [sample(3, 1.0, version=2), sample(3, 0.0, version=2)])], batch_id=3)
     buf.take(1, trainer_version=0)
     buf.take(2, trainer_version=2)  # version 0 at trainer version 2: too stale
-    buf.pop_counts()  # per-step counters are cleared; the ledger keeps run totals
+    values(buf.pop_counts())  # per-step counters are cleared; the ledger keeps run totals
     assert buf.ledger() == {"generated_groups": 4, "filtered_groups": 1, "dropped_stale_groups": 1,
                             "taken_groups": 1, "held_groups": 1}  # fmt: skip
 
@@ -114,15 +116,3 @@ def test_prompt_sampler_mixes_envs_by_weight() -> None:
     firsts = [p.row["prompt"] for p in prompts if p.env == "a"][:5]
     assert sorted(firsts) == [f"a{i}" for i in range(5)]
     assert len({p.group_id for p in prompts}) == 4000
-
-
-def test_merge_worker_metrics() -> None:
-    rows = [
-        {"rollout/samples": 30.0, "reward/mean": 1.0, "perf/generate_time_s": 2.0, "reward/failed": 1.0},
-        {"rollout/samples": 10.0, "reward/mean": 0.0, "perf/generate_time_s": 3.0, "reward/failed": 2.0},
-    ]
-    m = merge_worker_metrics(rows)
-    assert m["rollout/samples"] == 40.0
-    assert m["reward/mean"] == pytest.approx(0.75)
-    assert m["perf/generate_time_s"] == 3.0
-    assert m["reward/failed"] == 3.0

@@ -15,6 +15,8 @@ from tidal.config import ConfigError, EnvSpec, RewardsConfig, RewardSpec, load_c
 from tidal.envs import Env, MultiTurnEnv, Step
 from tidal.envs.builtins import CalculatorEnv, calculate, extract_code
 from tidal.envs.loading import resolve_envs
+from tidal.metrics import values
+from tidal.plugins import BoundedCalls
 from tidal.rewards import RewardScorer
 from tidal.types import Sample
 
@@ -140,10 +142,11 @@ def test_run_calls_contains_failures() -> None:
     def boom() -> None:
         raise KeyError("nope")
 
-    with RewardScorer(RewardsConfig(timeout_s=0.3), rewards=[]) as scorer:
-        t0 = time.perf_counter()
-        out = scorer.run_calls([lambda: 3, boom, lambda: time.sleep(5), slow_async, fine_async])
-        assert time.perf_counter() - t0 < 2.0  # bounded by the timeout, not by the 5 s calls
+    calls = BoundedCalls(timeout_s=0.3)
+    t0 = time.perf_counter()
+    out = calls.run([lambda: 3, boom, lambda: time.sleep(5), slow_async, fine_async])
+    assert time.perf_counter() - t0 < 2.0  # bounded by the timeout, not by the 5 s calls
+    calls.close()
     assert (out[0].ok, out[0].value) == (True, 3)
     assert not out[1].ok and out[1].reason == "raised KeyError: 'nope'"
     assert not out[2].ok and out[2].reason == "timed out after 0.3s"
@@ -176,7 +179,7 @@ def test_trl_style_rewards_score_the_whole_batch(tmp_path: Path) -> None:
     rows = [{"prompt": "p1", "answer": "a", "kind": "x"}, {"prompt": "p2", "answer": "b", "kind": "skip"}]
     samples = [sample("abcd", rows[0]), sample("ab", rows[1], gid=1)]
     with RewardScorer(RewardsConfig(functions=specs, failure_reward=-1.0)) as scorer:
-        metrics = scorer.score(samples)
+        metrics = values(scorer.score(samples))
     a, b = samples
     assert a.scores["length_penalty"] == pytest.approx(-0.4)
     assert b.scores["length_penalty"] == 0.0  # None: the function does not apply to this sample

@@ -7,16 +7,17 @@ import torch
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from tidal.config import BehaviorCorrection, KLConfig, LossConfig, MaskCorrection, NoCorrection, TISCorrection
+from tidal.metrics import Stat
+from tidal.modeling import entropy as entropy_from_logits
+from tidal.modeling import token_logprobs
 from tidal.trainer.losses import (
     aggregate,
     aggregated_loss,
-    entropy_from_logits,
     importance_weights,
     kl_penalty,
     policy_loss,
     ppo_clip_loss,
     router_aux_loss,
-    token_logprobs,
 )
 
 pytestmark = pytest.mark.unit
@@ -29,7 +30,8 @@ def t(*rows: list[float]) -> torch.Tensor:
     return torch.tensor(list(rows), dtype=torch.float32)
 
 
-def approx(x: torch.Tensor, expected: list[list[float]] | float, tol: float = 1e-5) -> bool:
+def approx(x: torch.Tensor | Stat, expected: list[list[float]] | float, tol: float = 1e-5) -> bool:
+    x = x.value if isinstance(x, Stat) else x
     want = torch.tensor(expected, dtype=torch.float32)
     return x.shape == want.shape and x.flatten().tolist() == pytest.approx(want.flatten().tolist(), abs=tol)
 
@@ -112,7 +114,7 @@ def test_behavior_logprob_minus_inf_is_infinite_k(level: str) -> None:
     assert approx(w_tis, [row0_tis, [1.0, 1.0, 0.0]])
     assert approx(w_mask, [row0_mask, [1.0, 1.0, 0.0]])
     for v in [*m_tis.values(), *m_mask.values()]:
-        assert torch.isfinite(v)
+        assert torch.isfinite(v.value)
     assert approx(m_tis["offpolicy/log_ratio_abs_max"], 0.0)  # the infinite log-ratio is left out
 
 
@@ -265,12 +267,13 @@ def test_everything_is_zero_and_finite_when_nothing_is_valid() -> None:
                      kl=KLConfig(coef=0.1), entropy_coef=0.01)  # fmt: skip
     per_token, metrics = policy_loss(logp, bad, torch.full((B, T), -INF), bad, mask, cfg, logp_ref=bad, entropy=entropy)
     assert approx(per_token, [[0.0] * T] * B)
-    assert all(v.item() == 0.0 for v in metrics.values()), metrics
+    assert all(v.value.item() == 0.0 for v in metrics.values()), metrics
+    assert all(float(v.weight) == 0.0 for v in metrics.values() if v.reduce == "mean")  # nothing to average
     modes = ["token-mean", "sequence-mean", "constant"]
     total = sum(aggregated_loss(per_token, mask, mode, max_len=T) for mode in modes)
     router = torch.randn(B * T, 4, requires_grad=True)
     aux, aux_metrics = router_aux_loss((router,), 4, 2, mask)
-    assert aux.item() == 0.0 and aux_metrics["moe/aux_loss"].item() == 0.0
+    assert aux.item() == 0.0 and aux_metrics["moe/aux_loss"].value.item() == 0.0
     (total + aux).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and router.grad is not None
     assert torch.isfinite(router.grad).all()

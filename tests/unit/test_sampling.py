@@ -3,12 +3,11 @@ padding, position ids, and the train/inference log-prob mismatch metric."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from tidal.rollout.engine import filter_logits, left_pad, logp_mismatch, positions
+from tidal.modeling import logp_mismatch, pad, pad_tokens, positions
+from tidal.rollout.engine import filter_logits
 
 pytestmark = pytest.mark.unit
 
@@ -85,30 +84,38 @@ def test_top_p_applies_to_the_top_k_distribution_renormalised() -> None:
 
 
 def test_left_pad_ragged_rows() -> None:
-    ids, mask = left_pad([[1, 2, 3], [4], [5, 6], []], pad_id=9)
+    ids, mask = pad_tokens([[1, 2, 3], [4], [5, 6], []], pad_id=9, side="left")
     assert ids.tolist() == [[1, 2, 3], [9, 9, 4], [9, 5, 6], [9, 9, 9]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1], [0, 0, 0]]
     assert ids.dtype == mask.dtype == torch.long
 
 
 def test_positions_start_at_zero_on_each_rows_first_real_token() -> None:
-    _, mask = left_pad([[1, 2, 3], [4], [5, 6]], pad_id=0)
+    _, mask = pad_tokens([[1, 2, 3], [4], [5, 6]], pad_id=0, side="left")
     assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
     # Decoding appends ones to the mask; positions keep counting from each row's own start.
     grown = torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], dim=1)
     assert positions(grown)[:, -2:].tolist() == [[3, 4], [1, 2], [2, 3]]
 
 
-def test_logp_mismatch_mean_and_max_over_all_tokens() -> None:
-    behavior = [[-1.0, -2.0], [], [-0.5]]
-    recomputed = [torch.tensor([-1.25, -2.0]), torch.tensor([]), torch.tensor([-1.0])]
-    # |diffs| 0.25, 0, 0.5 over three tokens (the empty row counts for nothing).
-    out = logp_mismatch(behavior, recomputed)
+def test_right_pad_and_values() -> None:
+    ids, mask = pad_tokens([[1, 2, 3], [4], []], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert pad([[0.5], [1.5, 2.5]], -1.0, dtype=torch.float32).tolist() == [[0.5, -1.0], [1.5, 2.5]]
+
+
+def test_logp_mismatch_mean_and_max_over_masked_finite_tokens() -> None:
+    behavior = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, float("-inf"), 0.0]])
+    recomputed = torch.tensor([[-1.25, -2.0, 0.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # |diffs| 0.25, 0, 0.5 over the masked tokens; the infinite one and the unmasked 3.0 count for nothing.
+    out = logp_mismatch(behavior, recomputed, mask)
     assert out["logp_mismatch_mean"] == pytest.approx(0.75 / 3)
     assert out["logp_mismatch_max"] == pytest.approx(0.5)
+    assert logp_mismatch(behavior, recomputed)["logp_mismatch_max"] == pytest.approx(3.0)
 
 
-def test_logp_mismatch_without_tokens_is_zero() -> None:
-    out = logp_mismatch([[], []], [torch.tensor([]), torch.tensor([])])
-    assert out == {"logp_mismatch_mean": 0.0, "logp_mismatch_max": 0.0}
-    assert not math.isnan(logp_mismatch([], [])["logp_mismatch_mean"])
+def test_logp_mismatch_without_tokens_is_empty() -> None:
+    assert logp_mismatch(torch.zeros(2, 0), torch.zeros(2, 0)) == {}
+    assert logp_mismatch(torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2)) == {}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tidal.config import ScheduleConfig
-from tidal.rollout.engine import positions
-from tidal.trainer.engine import lr_factor, split_micro_batches
+from tidal.modeling import micro_batches, positions
+from tidal.trainer.engine import lr_factor
 from tidal.trainer.losses_sft import next_token_nll, num_targets
 from tidal.types import TokenBatch
 
@@ -46,7 +46,7 @@ def test_decay_without_length_fails_fast() -> None:
 def test_split_micro_batches_keeps_rows_together() -> None:
     ids = torch.arange(15).view(5, 3)
     batch = TokenBatch(ids, torch.ones_like(ids), ids % 2)
-    micros = split_micro_batches(batch, 2)
+    micros = micro_batches(batch, 2)
     assert [m.input_ids.shape[0] for m in micros] == [2, 2, 1]
     assert torch.equal(torch.cat([m.loss_mask for m in micros]), batch.loss_mask)
     assert torch.equal(micros[2].input_ids, ids[4:])

@@ -40,6 +40,11 @@ class ModelConfig(Strict):
     """Seed of the random initialisation of a preset (presets are cached per name and seed)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype the rollout engine runs the model in. The trainer's precision is `trainer.precision`."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel of the transformers models (the `transformers` rollout engine, the trainer and
+    its reference model). None: the fastest the architecture supports, `sdpa` where its model class
+    supports it (transformers' `_supports_sdpa`; all three presets do), else `eager`.
+    `flash_attention_2` needs a GPU and the flash-attn package. The `vllm` engine picks its own."""
     sft_warm_start: str | None = None
     """An SFT run config (YAML path): the policy starts from that SFT run's checkpoint. The SFT run
     (with its own `model` section) is trained on first use and cached by its config's hash, so later
@@ -112,8 +117,9 @@ class DataConfig(Strict):
     """Where prompts come from; `type` picks the variant (`arithmetic` or `files`)."""
     chat_template: bool = False
     """Wrap each prompt in the tokenizer's chat template (user turn + generation prompt)."""
-    max_prompt_tokens: int = Field(256, ge=1)
-    """Prompts longer than this many tokens are an error rather than silently cut."""
+    max_prompt_tokens: int = Field(1024, ge=1)
+    """Prompts longer than this many tokens are an error (found when the data loads, with the file
+    and row) rather than silently cut."""
 
     @model_validator(mode="before")
     @classmethod
@@ -153,8 +159,8 @@ class RolloutConfig(Strict):
     """Nucleus sampling mass."""
     top_k: int = Field(0, ge=0)
     """Keep the k most likely tokens (0: no limit)."""
-    max_new_tokens: int = Field(16, ge=1)
-    """Largest number of generated tokens per completion."""
+    max_new_tokens: int = Field(1024, ge=1)
+    """Largest number of generated tokens per completion (the tiny presets' configs set a few)."""
     stop: list[str] = []
     """Stop strings: generation of a completion ends after the token that completes one."""
     batch_size: int = Field(64, ge=1)
@@ -179,7 +185,7 @@ class RolloutConfig(Strict):
     between generations. Each token records the version that sampled it (`Sample.versions`)."""
     chunk_tokens: int = Field(8, ge=1)
     """With `interruptible`: decode steps between two checks for a new snapshot."""
-    max_context_tokens: int = Field(1024, ge=2)
+    max_context_tokens: int = Field(4096, ge=2)
     """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens."""
 
     @model_validator(mode="after")
@@ -209,8 +215,9 @@ class TrainerConfig(Strict):
     """DeepSpeed ZeRO stage (0-3)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision. bf16 keeps fp32 master weights in the optimizer."""
-    lr: float = Field(1e-3, gt=0.0)
-    """Peak learning rate of AdamW."""
+    lr: float | None = Field(None, gt=0.0)
+    """Peak learning rate of AdamW (default: 1e-6 for `tidal train`, 1e-5 for `tidal sft`, starting
+    points for a pretrained LLM; the shipped configs of the tiny presets set their own)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -222,8 +229,9 @@ class TrainerConfig(Strict):
     micro_batch_size: int = Field(16, ge=1)
     """Sequences per forward/backward on one rank."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step; the global batch is
-    micro_batch_size x grad_accum x world size."""
+    """`tidal sft`: micro-batches accumulated per optimizer step; the global batch is
+    micro_batch_size x grad_accum x world size. (An RL step takes a whole mini-batch of the rollout
+    batch, see `algorithm.minibatches`, so `tidal train` refuses any other value.)"""
     schedule: ScheduleConfig = ScheduleConfig()
     """Learning-rate schedule."""
     backend: Literal["gloo", "nccl"] | None = None
@@ -274,8 +282,8 @@ class SFTConfig(Strict):
 class EvalConfig(Strict):
     num_samples: int | None = Field(None, ge=1)
     """Held-out problems to evaluate, per env with `envs` (default: the whole held-out split)."""
-    max_new_tokens: int = Field(16, ge=1)
-    """Largest number of tokens of a greedy answer."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Largest number of tokens of a greedy answer (default: `rollout.max_new_tokens`)."""
 
 
 class MonitorConfig(Strict):

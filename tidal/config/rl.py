@@ -179,6 +179,9 @@ class RewardsConfig(Strict):
     """Time limit of one reward call; a call over it is recorded as failed."""
     failure_reward: float = 0.0
     """Score a failed reward call (raised, timed out, NaN, wrong type) contributes."""
+    correct_threshold: float = 1.0
+    """Without `envs`, a sample counts as correct (`rollout/accuracy`, `eval/accuracy`) when its
+    reward is at least this: full credit for 0/1 verifiers. An env decides with its own `is_correct`."""
 
 
 # ----------------------------------------------------------------------------------------------- envs

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import model_validator
 
 from tidal.config.base import (
+    ConfigError,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -21,6 +22,13 @@ from tidal.config.base import (
 from tidal.config.rl import AlgorithmConfig, EnvSpec, FilterConfig, RewardsConfig, WeightSyncConfig
 
 # ------------------------------------------------------------------------------------------------ run
+
+RL_LR = 1e-6
+"""`trainer.lr` of `tidal train` when unset (peers start RL of pretrained LLMs at about 1e-6)."""
+SFT_LR = 1e-5
+"""`trainer.lr` of `tidal sft` when unset."""
+GROUP_RELATIVE = ("grpo", "drgrpo", "rloo", "reinforce_pp")
+"""Advantage estimators whose baseline is the prompt's group (REINFORCE++ here uses a group baseline too)."""
 
 
 class RunConfig(Strict):
@@ -82,6 +90,35 @@ class RunConfig(Strict):
                 f"rollout.max_staleness={self.rollout.max_staleness}; raise max_staleness or lower every"
             )
         return self
+
+    def for_rl(self) -> RunConfig:
+        """This config as `tidal train` runs it: RL defaults filled in, settings that cannot work in
+        RL refused with a one-line ConfigError."""
+        r = self.rollout
+        if self.trainer.grad_accum != 1:
+            raise ConfigError(
+                f"trainer.grad_accum={self.trainer.grad_accum} applies to `tidal sft` only: an RL optimizer step takes "
+                "one mini-batch (rollout.prompts_per_step x rollout.group_size / algorithm.minibatches samples) in "
+                "micro-batches of trainer.micro_batch_size; set algorithm.minibatches to change the step size"
+            )
+        if r.group_size == 1 and self.algorithm.advantage in GROUP_RELATIVE:
+            raise ConfigError(
+                f"rollout.group_size=1 with algorithm.advantage={self.algorithm.advantage}: the baseline is the "
+                "group's own reward, so every advantage is 0 and nothing is learned; use rollout.group_size >= 2"
+            )
+        if r.temperature == 0:
+            raise ConfigError("rollout.temperature=0 (greedy) cannot train: RL needs sampled completions and "
+                              "their behavior log-probs; use a temperature > 0 (greedy is for evaluation)")  # fmt: skip
+        return self._with_lr(RL_LR)
+
+    def for_sft(self) -> RunConfig:
+        """This config as `tidal sft` runs it: SFT defaults filled in."""
+        return self._with_lr(SFT_LR)
+
+    def _with_lr(self, default: float) -> RunConfig:
+        if self.trainer.lr is not None:
+            return self
+        return self.model_copy(update={"trainer": self.trainer.model_copy(update={"lr": default})})
 
     @property
     def run_dir(self) -> Path:

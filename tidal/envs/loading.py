@@ -9,8 +9,7 @@ from __future__ import annotations
 from tidal.config import ConfigError, EnvSpec
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.builtins import BUILTIN_ENVS
-from tidal.rewards.base import describe_exception
-from tidal.rewards.loading import import_object
+from tidal.plugins import describe_exception, import_object
 
 
 def env_label(spec: EnvSpec) -> str:

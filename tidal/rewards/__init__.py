@@ -6,7 +6,7 @@ the config by a built-in name or by `pkg.mod:fn` / `./file.py:fn`.
 
 from tidal.rewards.base import RewardFn, RewardResult, RewardValue
 from tidal.rewards.builtins import BUILTINS
-from tidal.rewards.loading import import_object, resolve_reward, resolve_rewards
+from tidal.rewards.loading import resolve_reward, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, RewardScorer
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "RewardResult",
     "RewardScorer",
     "RewardValue",
-    "import_object",
     "resolve_reward",
     "resolve_rewards",
 ]

@@ -34,14 +34,6 @@ class RewardFn(Protocol):
     ) -> RewardValue | Awaitable[RewardValue]: ...
 
 
-def describe_exception(e: BaseException, limit: int = 300) -> str:
-    """`Type: message` on one line (a message's newlines would break one-line errors and logs)."""
-    msg = " ".join(str(e).split())
-    if len(msg) > limit:
-        msg = msg[: limit - 3] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
 def is_trl_style(fn: Callable[..., Any]) -> bool:
     """A reward written for TRL's GRPOTrainer: `fn(prompts, completions, **columns) -> list[float]`,
     called once per batch with the dataset's columns as lists."""

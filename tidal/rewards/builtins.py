@@ -29,9 +29,11 @@ def arithmetic(sample: Sample, row: dict[str, Any]) -> float:
     `parse_int_answer` alone would accept `19 apples`; the exact match rejects text after the number,
     so the policy learns to stop.
     """
-    value = parse_int_answer(sample.text)
     answer = str(row["answer"])
-    return float(value is not None and value == int(answer) and _exact_match(sample.text, answer))
+    if not _exact_match(sample.text, answer):  # first: a wrong completion never parses the gold answer
+        return 0.0
+    value = parse_int_answer(sample.text)
+    return float(value is not None and value == int(answer))
 
 
 class Regex:

@@ -34,7 +34,8 @@ import httpx
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tidal.config import Strict
-from tidal.rewards.base import RewardResult, describe_exception
+from tidal.plugins import describe_exception
+from tidal.rewards.base import RewardResult
 from tidal.types import Sample
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ import inspect
 import logging
 import math
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +19,9 @@ from numbers import Real
 from typing import Any
 
 from tidal.config import RewardsConfig
-from tidal.rewards.base import RewardResult, describe_exception, is_trl_style
+from tidal.metrics import Metrics, largest, mean, spread, total
+from tidal.plugins import BoundedCalls, describe_exception, is_async
+from tidal.rewards.base import RewardResult, is_trl_style
 from tidal.rewards.loading import resolve_rewards
 from tidal.types import Sample
 
@@ -42,17 +43,6 @@ class _Reward:
 
 
 @dataclass
-class CallResult:
-    """Outcome of one bounded, isolated call (`RewardScorer.run_calls`)."""
-
-    ok: bool
-    value: Any = None
-    """The call's return value (when ok)."""
-    reason: str = ""
-    """One line on why it failed: raised (with the exception), or timed out."""
-
-
-@dataclass
 class _Outcome:
     score: float
     sub_scores: dict[str, float] = field(default_factory=dict)
@@ -64,10 +54,8 @@ class _Outcome:
 class RewardScorer:
     """Resolves `rewards.functions` once, then scores batches: `score(samples) -> metrics`.
 
-    Async rewards run on one long-lived event loop (in a daemon thread, so clients they keep stay
-    bound to one loop across batches) and are cancelled at the timeout. Sync rewards run in daemon
-    threads, at most `max_threads` at once; a timed-out thread cannot be killed, so it is abandoned:
-    it gives its slot back and, being a daemon, never holds up process exit.
+    Every call runs through `BoundedCalls` (`tidal.plugins`): async rewards on one long-lived event
+    loop, cancelled at the timeout; sync ones in daemon threads, at most `max_threads` at once.
     """
 
     def __init__(
@@ -76,28 +64,22 @@ class RewardScorer:
     ) -> None:  # fmt: skip
         """`rewards` (name, callable, kwargs, weight) replaces `cfg.functions` (e.g. an env's score and
         its extra rewards); `cfg` still gives the timeout and the failure reward."""
-        if max_threads < 1:
-            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self.cfg = cfg
+        self.calls = BoundedCalls(cfg.timeout_s, max_threads)
         if rewards is None:
             resolved = resolve_rewards(cfg)
             rewards = [(n, fn, kw, spec.weight) for (n, fn, kw), spec in zip(resolved, cfg.functions, strict=True)]
-        self._rewards = [_Reward(n, fn, kw, w, _is_async(fn), is_trl_style(fn)) for n, fn, kw, w in rewards]
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="tidal-rewards", daemon=True)
-        self._loop_thread.start()
-        # The timeout starts when a call gets a slot, so a long queue is not mistaken for a slow reward.
-        self._slots = asyncio.Semaphore(max_threads)
+        self._rewards = [_Reward(n, fn, kw, w, is_async(fn), is_trl_style(fn)) for n, fn, kw, w in rewards]
 
     @property
     def names(self) -> list[str]:
         """Log names of the reward functions, in config order."""
         return [r.name for r in self._rewards]
 
-    def score(self, samples: list[Sample]) -> dict[str, float]:
+    def score(self, samples: list[Sample]) -> Metrics:
         """Fill each sample's `reward`, `scores` and `reward_errors`; return `reward/...` metrics of the batch."""
         start = time.perf_counter()
-        outcomes = asyncio.run_coroutine_threadsafe(self._score_all(samples), self._loop).result()
+        outcomes = self.calls.submit(self._score_all(samples))
         failed: Counter[str] = Counter()
         for sample, outs in zip(samples, outcomes, strict=True):
             sample.reward = sum(r.weight * o.score for r, o in zip(self._rewards, outs, strict=True))
@@ -114,37 +96,19 @@ class RewardScorer:
             logger.warning("%d of %d reward calls failed; first: %s", sum(failed.values()), n_calls, first)
         return reward_metrics(samples, failed, time.perf_counter() - start)
 
-    def run_calls(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
-        """Run zero-argument calls (sync or returning an awaitable) concurrently, each bounded by
-        `rewards.timeout_s` and isolated like a reward call: an env's steps use this."""
-        return asyncio.run_coroutine_threadsafe(self._run_all(calls), self._loop).result()
-
-    async def _run_all(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
-        return list(await asyncio.gather(*(self._run_one(c) for c in calls)))
-
-    async def _run_one(self, call: Callable[[], Any]) -> CallResult:
-        try:
-            ok, value = await self._bounded(call, getattr(call, "__name__", "call"), _is_async(call))
-        except TimeoutError:
-            return CallResult(False, reason=f"timed out after {self.cfg.timeout_s}s")
-        return CallResult(True, value) if ok else CallResult(False, reason=f"raised {describe_exception(value)}")
-
     def close(self) -> None:
         """Close rewards that hold resources (an `aclose()` coroutine, e.g. a remote judge's HTTP
-        client), then stop the event loop; sync calls still running are abandoned (daemon threads)."""
-        if self._loop.is_closed():
+        client), then stop the calls' event loop."""
+        if self.calls.closed:
             return
         for r in self._rewards:
             aclose = getattr(r.fn, "aclose", None)
             if aclose is not None and inspect.iscoroutinefunction(aclose):
                 try:
-                    asyncio.run_coroutine_threadsafe(aclose(), self._loop).result(timeout=5.0)
+                    asyncio.run_coroutine_threadsafe(aclose(), self.calls.loop).result(timeout=5.0)
                 except Exception as e:  # closing is best effort; a reward's own error must not mask others
                     logger.warning("closing reward %s raised %s", r.name, describe_exception(e))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop_thread.join(timeout=5.0)
-        if not self._loop_thread.is_alive():  # An async reward blocking the loop would keep it running.
-            self._loop.close()
+        self.calls.close()
 
     def __enter__(self) -> RewardScorer:
         return self
@@ -177,7 +141,7 @@ class RewardScorer:
         kwargs = {**columns, "completion_ids": [s.response_ids for s in samples], **r.kwargs}
         prompts, completions = [row.get("prompt", "") for row in rows], [s.text for s in samples]
         try:
-            ok, value = await self._bounded(lambda: r.fn(prompts, completions, **kwargs), r.name, r.is_async)
+            ok, value = await self.calls.bounded(lambda: r.fn(prompts, completions, **kwargs), r.name, r.is_async)
         except TimeoutError:
             return [self._failed("timeout", f"timed out after {self.cfg.timeout_s}s")] * len(samples)
         if not ok:
@@ -190,45 +154,12 @@ class RewardScorer:
     async def _call(self, r: _Reward, sample: Sample) -> _Outcome:
         timeout = self.cfg.timeout_s
         try:
-            ok, value = await self._bounded(lambda: r.fn(sample, sample.row, **r.kwargs), r.name, r.is_async)
+            ok, value = await self.calls.bounded(lambda: r.fn(sample, sample.row, **r.kwargs), r.name, r.is_async)
         except TimeoutError:  # Only ours: the user's own exceptions come back as (False, exc).
             return self._failed("timeout", f"timed out after {timeout}s")
         if not ok:
             return self._failed("exception", f"raised {describe_exception(value)}")
         return self._check(value)
-
-    async def _bounded(self, fn: Callable[[], Any], name: str, is_async: bool) -> tuple[bool, Any]:
-        """(ok, return value or the exception raised) of `fn()`, bounded by `rewards.timeout_s`
-        (TimeoutError past it). Async callables run on this loop and are cancelled at the timeout;
-        sync ones in a daemon thread, at most `max_threads` at once (an awaitable they return is
-        then awaited here)."""
-        timeout = self.cfg.timeout_s
-        if is_async:
-            return await asyncio.wait_for(_run_async(fn), timeout)
-        t0 = time.monotonic()
-        async with self._slots:
-            ok, value = await asyncio.wait_for(self._run_in_thread(fn, name), timeout)
-        if ok and inspect.isawaitable(value):
-            left, awaitable = max(timeout - (time.monotonic() - t0), 1e-3), value
-            ok, value = await asyncio.wait_for(_run_async(lambda: awaitable), left)
-        return ok, value
-
-    def _run_in_thread(self, fn: Callable[[], Any], name: str) -> asyncio.Future[tuple[bool, Any]]:
-        loop = self._loop
-        fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-
-        def run() -> None:
-            try:
-                out: tuple[bool, Any] = (True, fn())
-            except BaseException as e:  # The isolation boundary: even sys.exit() in a reward is recorded.
-                out = (False, e)
-            try:
-                loop.call_soon_threadsafe(_set_result, fut, out)
-            except RuntimeError:  # The scorer was closed; nobody waits for this abandoned call.
-                pass
-
-        threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
-        return fut
 
     def _check(self, value: Any) -> _Outcome:
         score, subs = (value.score, value.sub_scores) if isinstance(value, RewardResult) else (value, {})
@@ -247,34 +178,20 @@ class RewardScorer:
         return _Outcome(self.cfg.failure_reward, failure=kind, reason=reason)
 
 
-def _is_async(fn: Callable[..., Any]) -> bool:
-    # A class instance with `async def __call__` is not a coroutine function itself.
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
-
-
-async def _run_async(fn: Callable[[], Any]) -> tuple[bool, Any]:
-    try:
-        return True, await fn()
-    except Exception as e:  # CancelledError is a BaseException and passes, so wait_for can cancel.
-        return False, e
-
-
-def _set_result(fut: asyncio.Future[tuple[bool, Any]], out: tuple[bool, Any]) -> None:
-    if not fut.done():  # Cancelled by wait_for when the call timed out.
-        fut.set_result(out)
-
-
-def reward_metrics(samples: list[Sample], failed: Counter[str], elapsed: float) -> dict[str, float]:
+def reward_metrics(samples: list[Sample], failed: Counter[str], elapsed: float) -> Metrics:
     """`reward/` metrics of a scored batch: mean, std, each function's mean, failures by kind."""
     rewards = [s.reward for s in samples]
+    n = float(len(rewards))
+    center = statistics.fmean(rewards) if rewards else 0.0
     metrics = {
-        "reward/mean": statistics.fmean(rewards) if rewards else 0.0,
-        "reward/std": statistics.pstdev(rewards) if rewards else 0.0,
+        "reward/mean": mean(center, n),
+        "reward/std": spread(statistics.pstdev(rewards) if rewards else 0.0, center, n),
     }
     keys = dict.fromkeys(k for s in samples for k in s.scores)  # names and name/sub, in order, once
     for k in keys:
-        metrics[f"reward/{k}"] = statistics.fmean(s.scores[k] for s in samples if k in s.scores)
-    metrics["reward/failed"] = float(sum(failed.values()))
-    metrics.update({f"reward/failed_{kind}": float(failed[kind]) for kind in FAILURE_KINDS})
-    metrics["reward/score_time_s"] = elapsed
+        scored = [s.scores[k] for s in samples if k in s.scores]
+        metrics[f"reward/{k}"] = mean(statistics.fmean(scored), float(len(scored)))
+    metrics["reward/failed"] = total(float(sum(failed.values())))
+    metrics.update({f"reward/failed_{kind}": total(float(failed[kind])) for kind in FAILURE_KINDS})
+    metrics["reward/score_time_s"] = largest(elapsed)  # scorers of several workers run side by side
     return metrics

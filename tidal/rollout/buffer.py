@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from tidal.config import FilterConfig
+from tidal.metrics import Metrics, total
 from tidal.types import Group
 
 
@@ -26,7 +27,7 @@ def filter_group(group: Group, cfg: FilterConfig, counts: Counter[str]) -> Group
         counts["rollout/filtered_truncated_samples"] += len(samples) - len(kept)
         samples = kept
     if cfg.drop_failed_rewards:
-        kept = [s for s in samples if not s.reward_errors]
+        kept = [s for s in samples if not s.failed]
         counts["rollout/filtered_failed_reward_samples"] += len(samples) - len(kept)
         samples = kept
     if not samples:
@@ -81,12 +82,12 @@ class TrajectoryBuffer:
         """Groups held."""
         return sum(len(b) for b in self.batches.values())
 
-    def pop_counts(self) -> dict[str, float]:
+    def pop_counts(self) -> Metrics:
         """Counters since the last call (per-step metrics), plus the buffer fill."""
-        out = {k: float(v) for k, v in self.counts.items()}
+        out = {k: total(float(v)) for k, v in self.counts.items()}
         self.counts.clear()
-        out["async/buffer_groups"] = float(self.size())
-        out["async/buffer_batches"] = float(sum(1 for b in self.batches.values() if b))
+        out["async/buffer_groups"] = total(float(self.size()))
+        out["async/buffer_batches"] = total(float(sum(1 for b in self.batches.values() if b)))
         return out
 
     def ledger(self) -> dict[str, int]:

@@ -15,26 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from tidal.modeling import pad_tokens, positions
 from tidal.types import Completion, SamplingParams
-
-
-def left_pad(
-    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T), padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 at each row's first real token (padding gets 0)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -52,6 +34,16 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def row_limits(n: int, params: SamplingParams, max_tokens: list[int] | None) -> list[int]:
+    """Each of `n` rows' cap on new tokens: `max_tokens` when given (one per row, replacing
+    `params.max_new_tokens`), else `params.max_new_tokens` for every row."""
+    if max_tokens is None:
+        return [params.max_new_tokens] * n
+    if len(max_tokens) != n or min(max_tokens) < 1:
+        raise ValueError(f"max_tokens must hold one limit >= 1 per prompt: got {max_tokens} for {n} prompts")
+    return list(max_tokens)
+
+
 class Engine(Protocol):
     """What rollout needs of a generation engine (`transformers` here, `vllm` in vllm_engine.py)."""
 
@@ -61,8 +53,11 @@ class Engine(Protocol):
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams,
-        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8,
-    ) -> list[Completion]: ...  # fmt: skip
+        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
+    ) -> list[Completion]:  # fmt: skip
+        """One completion per prompt. `max_tokens[i]` caps row i's new tokens (finish reason "length"
+        at the cap); None: `params.max_new_tokens` for every row."""
+        ...
 
     def weight_names(self) -> set[str]:
         """HF names of the weights a snapshot must carry."""
@@ -106,9 +101,11 @@ class TransformersEngine:
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams,
-        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8,
+        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
     ) -> list[Completion]:  # fmt: skip
-        """One completion per prompt (repeat a prompt to get a group).
+        """One completion per prompt (repeat a prompt to get a group). Row i stops with finish reason
+        "length" at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None);
+        decoding goes on until every row has stopped.
 
         `on_chunk`, when given, is called every `chunk_tokens` decode steps while rows are still
         generating; it may load new weights and bump `self.version` (interruptible generation). The
@@ -120,11 +117,12 @@ class TransformersEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS token)")
+        limits = row_limits(len(prompts), params, max_tokens)
         gen = torch.Generator(device=self.device)
         # An unseeded call seeds only its own generator, never torch's global one.
         gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         stop_ids = self._stop_ids(params)
-        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        ids, mask = pad_tokens(prompts, self.pad_id, "left", self.device)
         pos = positions(mask)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -135,7 +133,7 @@ class TransformersEngine:
         versions: list[list[int]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        for step in range(params.max_new_tokens):
+        for step in range(max(limits)):
             logits = out.logits[:, -1, :].float()  # (B, V)
             tok, lp = self._sample(logits, params, gen)
             tok = tok.masked_fill(done, self.pad_id)
@@ -146,8 +144,9 @@ class TransformersEngine:
                 versions[i].append(self.version)
                 if t in stop_ids or self._hits_stop_string(tokens[i], params.stop):
                     finish[i] = "stop"
+                if finish[i] is not None or len(tokens[i]) == limits[i]:
                     done[i] = True
-            if bool(done.all()) or step == params.max_new_tokens - 1:
+            if bool(done.all()):
                 break
             if on_chunk is not None and (step + 1) % chunk_tokens == 0:
                 on_chunk()
@@ -190,30 +189,3 @@ class TransformersEngine:
         window = 4 * max(len(s) for s in stop) + 16
         tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=True)
         return any(s in tail for s in stop)
-
-
-@torch.no_grad()
-def teacher_forced_logprobs(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    pad_id: int,
-    temperature: float = 1.0,
-) -> list[torch.Tensor]:
-    """Log-probs of each completion's tokens under one full forward pass (left-padded batch)."""
-    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
-    ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
-    logp = (logits[:, :-1] / (temperature if temperature > 0 else 1.0)).log_softmax(-1)  # (B, T-1, V)
-    tok_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    width = ids.shape[1]
-    return [tok_logp[i, width - len(c) - 1 : width - 1].cpu() for i, c in enumerate(completions)]
-
-
-def logp_mismatch(behavior: list[list[float]], recomputed: list[torch.Tensor]) -> dict[str, float]:
-    """Train/inference mismatch: mean and max |behavior - recomputed| log-prob over all tokens."""
-    diffs = [(torch.tensor(b) - r).abs() for b, r in zip(behavior, recomputed, strict=True) if len(b)]
-    if not diffs:
-        return {"logp_mismatch_mean": 0.0, "logp_mismatch_max": 0.0}
-    flat = torch.cat(diffs)
-    return {"logp_mismatch_mean": float(flat.mean()), "logp_mismatch_max": float(flat.max())}

@@ -12,24 +12,33 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
-from tidal.config import DataConfig, RewardsConfig, RunConfig
+from tidal.config import DataConfig, EnvSpec, RewardsConfig, RolloutConfig
 from tidal.data import encode_texts
 from tidal.envs.base import Env, MultiTurnEnv
-from tidal.envs.episodes import Episode, run_episodes
 from tidal.envs.loading import resolve_envs
+from tidal.metrics import Metrics, mean, total
 from tidal.rewards import RewardScorer, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
 from tidal.rollout.engine import Engine
-from tidal.types import Completion, Prompt, Sample, SamplingParams
+from tidal.rollout.episodes import Episode, run_episodes
+from tidal.types import Completion, Prompt, Sample, SamplingParams, mix_seed
 
 log = logging.getLogger(__name__)
 
 
 class DataEnv(Env):
-    """The run's `data` as an env: prompts as they are; scored by `rewards.functions`."""
+    """The run's `data` as an env: prompts as they are, scored by `rewards.functions`; a sample is
+    correct when its reward reaches `rewards.correct_threshold`."""
+
+    def __init__(self, correct_threshold: float = 1.0) -> None:
+        self.correct_threshold = correct_threshold
+
+    def is_correct(self, sample: Sample, row: dict[str, Any]) -> bool:
+        return sample.reward >= self.correct_threshold
 
 
 @dataclass
@@ -40,16 +49,16 @@ class EnvRuntime:
     data: DataConfig
 
 
-def build_runtimes(cfg: RunConfig) -> dict[str, EnvRuntime]:
-    """One runtime per env label ("" for the run's data without `envs`)."""
-    if not cfg.envs:
-        return {"": EnvRuntime("", DataEnv(), RewardScorer(cfg.rewards), cfg.data)}
+def build_runtimes(envs: list[EnvSpec], rewards: RewardsConfig, data: DataConfig) -> dict[str, EnvRuntime]:
+    """One runtime per env label ("" for the run's `data` scored by `rewards.functions` without `envs`)."""
+    if not envs:
+        return {"": EnvRuntime("", DataEnv(rewards.correct_threshold), RewardScorer(rewards), data)}
     out = {}
-    for spec, (label, env) in zip(cfg.envs, resolve_envs(cfg.envs).items(), strict=True):
+    for spec, (label, env) in zip(envs, resolve_envs(envs).items(), strict=True):
         extra = resolve_rewards(RewardsConfig(functions=spec.rewards)) if spec.rewards else []
-        rewards = [(label, env.score, {}, 1.0)]
-        rewards += [(name, fn, kw, s.weight) for (name, fn, kw), s in zip(extra, spec.rewards, strict=True)]
-        out[label] = EnvRuntime(label, env, RewardScorer(cfg.rewards, rewards=rewards), spec.data or cfg.data)
+        scored = [(label, env.score, {}, 1.0)]
+        scored += [(name, fn, kw, s.weight) for (name, fn, kw), s in zip(extra, spec.rewards, strict=True)]
+        out[label] = EnvRuntime(label, env, RewardScorer(rewards, rewards=scored), spec.data or data)
     return out
 
 
@@ -72,12 +81,17 @@ def episode_sample(e: Episode, prompt: Prompt, engine: Engine) -> Sample:
 
 
 def generate_samples(
-    rt: EnvRuntime, engine: Engine, prompts: list[Prompt], n: int, params: Callable[[int], SamplingParams],
-    cfg: RunConfig, on_chunk: Callable[[], None] | None = None,
+    rt: EnvRuntime, engine: Engine, prompts: list[Prompt], n: int, params: SamplingParams, rollout: RolloutConfig,
+    between_generations: Callable[[], None] | None = None, on_chunk: Callable[[], None] | None = None,
 ) -> list[Sample]:  # fmt: skip
-    """`n` samples per prompt (consecutive), unscored. `params(i)` gives the i-th generate call's
-    sampling parameters; `on_chunk` is the engine's hook for interruptible generation. A prompt whose
-    env fails to make its text yields no samples (its group is then dropped and counted)."""
+    """`n` samples per prompt (consecutive), unscored.
+
+    Generate call i (a chunk of `rollout.batch_size` sequences, or a multi-turn episode's turn) samples
+    with seed `mix_seed(params.seed, i)`. `between_generations` is called before each generate call
+    (the worker applies newly arrived weights there); `on_chunk` is the engine's hook for interruptible
+    generation. A prompt whose env fails to make its text yields no samples (its group is then dropped
+    and counted).
+    """
     texts, kept = [], []
     for p in prompts:
         try:
@@ -86,57 +100,60 @@ def generate_samples(
         except Exception as e:  # the user's env: contained, the group is left empty
             log.warning("env %r could not make a prompt of a row (%s); its group is skipped", rt.label, e)
     ids = encode_texts(engine.tokenizer, texts, rt.data)
-    stop = list(dict.fromkeys([*cfg.rollout.stop, *rt.env.stop]))
-    kwargs = {"on_chunk": on_chunk, "chunk_tokens": cfg.rollout.chunk_tokens}
+    params = replace(params, stop=list(dict.fromkeys([*rollout.stop, *rt.env.stop])))
+    kwargs = {"on_chunk": on_chunk, "chunk_tokens": rollout.chunk_tokens}
     flat = [(p, x) for p, x in zip(kept, ids, strict=True) for _ in range(n)]
-    bs = cfg.rollout.batch_size
+    bs = rollout.batch_size
     if rt.env.multi_turn:
         env = rt.env
         assert isinstance(env, MultiTurnEnv)
         episodes = []
-        for (_, x), state in zip(flat, rt.scorer.run_calls([partial(env.reset, p.row) for p, _ in flat]), strict=True):
+        for (_, x), state in zip(flat, rt.scorer.calls.run([partial(env.reset, p.row) for p, _ in flat]), strict=True):
             ep = Episode(x, state.value)
             if not state.ok:
                 ep.errors.append(f"reset: {state.reason}")
                 ep.done = True
             episodes.append(ep)
-        run_episodes(env, episodes, engine, lambda turn: _with_stop(params(turn), stop), rt.scorer.run_calls,
-                     cfg.rollout.max_context_tokens, bs, kwargs)  # fmt: skip
+        run_episodes(env, episodes, engine, params, rt.scorer.calls.run, rollout.max_context_tokens, bs, kwargs,
+                     between_generations)  # fmt: skip
         return [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
     samples = []
     for i, start in enumerate(range(0, len(flat), bs)):
         chunk = flat[start : start + bs]
-        outs = engine.generate([x for _, x in chunk], _with_stop(params(i), stop), **kwargs)  # type: ignore[arg-type]
+        if between_generations is not None:
+            between_generations()
+        seeded = replace(params, seed=None if params.seed is None else mix_seed(params.seed, i))
+        outs = engine.generate([x for _, x in chunk], seeded, **kwargs)  # type: ignore[arg-type]
         samples += [to_sample(c, p) for c, (p, _) in zip(outs, chunk, strict=True)]
     return samples
 
 
-def _with_stop(p: SamplingParams, stop: list[str]) -> SamplingParams:
-    return SamplingParams(**{**vars(p), "stop": stop})
-
-
-def score_samples(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> dict[str, float]:
+def score_samples(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> Metrics:
     """Score every sample with its env's scorer; `reward/` metrics over all samples, `rollout/accuracy`
     by each env's `is_correct`, and per env (with `envs`) `env/<label>/...`."""
     failed: Counter[str] = Counter()
     elapsed = 0.0
     correct: list[bool] = []
-    by_env: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_env.setdefault(s.env, []).append(s)
-    metrics: dict[str, float] = {}
-    for label, group in by_env.items():
+    metrics: Metrics = {}
+    for label, group in _by_env(samples).items():
         rt = runtimes[label]
         m = rt.scorer.score(group)
-        elapsed += m["reward/score_time_s"]
-        failed.update({k: int(m[f"reward/failed_{k}"]) for k in FAILURE_KINDS})
+        elapsed += m["reward/score_time_s"].value
+        failed.update({k: int(m[f"reward/failed_{k}"].value) for k in FAILURE_KINDS})
         ok = [_is_correct(rt, s) for s in group]
         correct += ok
         if label:
-            metrics.update(_env_metrics(label, group, ok))
+            metrics.update(_env_metrics(f"env/{label}", group, ok))
     metrics.update(reward_metrics(samples, failed, elapsed))
-    metrics["rollout/accuracy"] = sum(correct) / len(correct) if correct else 0.0
+    metrics["rollout/accuracy"] = mean(sum(correct) / len(correct) if correct else 0.0, float(len(correct)))
     return metrics
+
+
+def _by_env(samples: list[Sample]) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.env, []).append(s)
+    return out
 
 
 def _is_correct(rt: EnvRuntime, s: Sample) -> bool:
@@ -147,30 +164,38 @@ def _is_correct(rt: EnvRuntime, s: Sample) -> bool:
         return False
 
 
-def _env_metrics(label: str, samples: list[Sample], correct: list[bool]) -> dict[str, float]:
-    n = max(len(samples), 1)
+def _env_metrics(prefix: str, samples: list[Sample], correct: list[bool]) -> Metrics:
+    n = float(len(samples))
+    avg = (lambda xs: mean(sum(xs) / n, n)) if samples else (lambda _: mean(0.0, 0.0))
     out = {
-        f"env/{label}/samples": float(len(samples)),
-        f"env/{label}/reward_mean": sum(s.reward for s in samples) / n,
-        f"env/{label}/accuracy": sum(correct) / n,
-        f"env/{label}/response_length": sum(len(s.response_ids) for s in samples) / n,
-        f"env/{label}/turns_mean": sum(s.turns for s in samples) / n,
-        f"env/{label}/failed_samples": float(sum(bool(s.reward_errors) for s in samples)),
+        f"{prefix}/samples": total(n),
+        f"{prefix}/reward": avg([s.reward for s in samples]),
+        f"{prefix}/accuracy": avg([float(c) for c in correct]),
+        f"{prefix}/response_length": avg([len(s.response_ids) for s in samples]),
+        f"{prefix}/turns_mean": avg([s.turns for s in samples]),
+        f"{prefix}/failed_samples": total(float(sum(bool(s.reward_errors) for s in samples))),
     }
     keys = dict.fromkeys(k for s in samples for k in s.env_info)
     for k in keys:
         vals = [s.env_info[k] for s in samples if k in s.env_info]
-        out[f"env/{label}/{k}"] = sum(vals) / len(vals)
+        out[f"{prefix}/{k}"] = mean(sum(vals) / len(vals), float(len(vals)))
     return out
 
 
-def eval_metrics(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> dict[str, float]:
-    """Held-out metrics of greedy samples (one per row) with `envs`: accuracy and reward per env and overall."""
+def eval_metrics(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> Metrics:
+    """Held-out metrics of greedy samples (one per row), scored exactly as in training: `eval/accuracy`
+    (each env's `is_correct`), `eval/reward` (mean) and `eval/response_length`, overall and, with
+    `envs`, per env under `eval/<label>/`."""
     m = score_samples(runtimes, samples)
-    out = {"eval/accuracy": m["rollout/accuracy"], "eval/reward_mean": m["reward/mean"],
-           "eval/num_samples": float(len(samples))}  # fmt: skip
+    n = float(len(samples))
+    out = {
+        "eval/accuracy": m["rollout/accuracy"],
+        "eval/reward": m["reward/mean"],
+        "eval/response_length": mean(sum(len(s.response_ids) for s in samples) / max(n, 1.0), n),
+        "eval/num_samples": total(n),
+    }
     for key, v in m.items():
-        if key.startswith("env/") and key.endswith(("/accuracy", "/reward_mean", "/response_length", "/turns_mean")):
+        if key.startswith("env/") and not key.endswith(("/samples", "/failed_samples")):
             out["eval/" + key.removeprefix("env/")] = v
     return out
 

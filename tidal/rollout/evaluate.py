@@ -1,42 +1,54 @@
-"""Held-out evaluation with greedy decoding, and the train/inference log-prob mismatch."""
+"""Held-out evaluation: greedy samples generated and scored exactly as in training.
+
+The one evaluation path of every stage (`tidal train`'s workers, `tidal sft`, `tidal eval`): each
+held-out row goes through its env's runtime (the run's data and `rewards.functions` without `envs`),
+so `eval/accuracy` is the env's `is_correct` (reward >= `rewards.correct_threshold` without envs)
+and `eval/reward` its reward, whatever the reward functions are. With a forward model of the same
+weights at hand (the transformers engine's), the engine's log-probs are also checked against a
+teacher-forced forward (`eval/logp_mismatch_*`; the trainer's own check of every batch is
+`rollout/logp_mismatch_*`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import torch
 
-from tidal.config import DataConfig, EvalConfig
-from tidal.data import encode_prompts, exact_match
-from tidal.rollout.engine import Engine, TransformersEngine, logp_mismatch, teacher_forced_logprobs
-from tidal.types import SamplingParams
+from tidal.config import EvalConfig, RolloutConfig
+from tidal.metrics import Metrics, largest, mean
+from tidal.modeling import completion_logprobs, logp_mismatch
+from tidal.rollout.engine import Engine
+from tidal.rollout.env_runtime import EnvRuntime, eval_metrics, generate_samples, group_by_env
+from tidal.types import Prompt, Sample, SamplingParams
 
 
 def evaluate(
-    engine: Engine, rows: list[dict[str, Any]], data_cfg: DataConfig, eval_cfg: EvalConfig,
-    batch_size: int = 64,
-) -> dict[str, float]:  # fmt: skip
-    """Greedy accuracy on `rows` (exact match), mean response length, and the log-prob mismatch
-    between the engine's behavior log-probs and a teacher-forced forward of the same weights (with the
-    transformers engine; vLLM's gap to the trainer's forward is the trainer's per-step
-    `rollout/logp_mismatch_*` at max_staleness 0)."""
-    if eval_cfg.num_samples is not None:
-        rows = rows[: eval_cfg.num_samples]
-    params = SamplingParams(temperature=0.0, max_new_tokens=eval_cfg.max_new_tokens, seed=0)
-    hf = engine if isinstance(engine, TransformersEngine) else None  # a forward of the same weights, here
-    correct, lengths, behavior, recomputed = 0, [], [], []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        outs = engine.generate(encode_prompts(engine.tokenizer, chunk, data_cfg), params)
-        correct += sum(exact_match(o.text, r["answer"]) for o, r in zip(outs, chunk, strict=True))
-        lengths += [len(o.token_ids) for o in outs]
-        if hf is not None:
-            behavior += [o.logprobs for o in outs]
-            recomputed += teacher_forced_logprobs(
-                hf.model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], hf.pad_id
-            )
-    n = max(len(rows), 1)
-    out = {"eval/accuracy": correct / n, "eval/response_length": sum(lengths) / n, "eval/num_samples": float(len(rows))}
-    if hf is not None:
-        mismatch = logp_mismatch(behavior, recomputed)
-        out["rollout/logp_mismatch_mean"] = mismatch["logp_mismatch_mean"]
-        out["rollout/logp_mismatch_max"] = mismatch["logp_mismatch_max"]
-    return out
+    engine: Engine, runtimes: dict[str, EnvRuntime], prompts: list[Prompt], eval_cfg: EvalConfig,
+    rollout: RolloutConfig, forward_model: torch.nn.Module | None = None,
+) -> tuple[Metrics, list[Sample]]:  # fmt: skip
+    """Greedy held-out metrics of `prompts` (at most `eval.num_samples` per env) and the scored samples.
+
+    `forward_model`, a model holding the engine's weights, adds the behavior-vs-teacher-forced
+    log-prob mismatch over the model's own tokens.
+    """
+    max_new = eval_cfg.max_new_tokens or rollout.max_new_tokens
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, seed=0)
+    samples: list[Sample] = []
+    for label, group in group_by_env(prompts).items():
+        group = group[: eval_cfg.num_samples]  # per env, so every env is evaluated
+        samples += generate_samples(runtimes[label], engine, group, 1, params, rollout)
+    out = eval_metrics(runtimes, samples)
+    if forward_model is not None and samples:
+        out.update(_mismatch(forward_model, samples, engine.tokenizer.pad_token_id))
+    return out, samples
+
+
+def _mismatch(model: torch.nn.Module, samples: list[Sample], pad_id: int) -> Metrics:
+    """|behavior - teacher-forced| log-prob over the model's own tokens (observations left out)."""
+    recomputed = completion_logprobs(model, [s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id)
+    behavior = torch.tensor([lp for s in samples for lp in s.logp_mu])
+    mask = torch.tensor([m for s in samples for m in s.loss_mask])
+    gap = logp_mismatch(behavior, torch.cat(recomputed), mask)
+    if not gap:
+        return {}
+    return {"eval/logp_mismatch_mean": mean(gap["logp_mismatch_mean"], float(mask.sum())),
+            "eval/logp_mismatch_max": largest(gap["logp_mismatch_max"])}  # fmt: skip

@@ -24,7 +24,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tidal.config import ConfigError, VLLMConfig
-from tidal.types import Completion, SamplingParams
+from tidal.rollout.engine import row_limits
+from tidal.types import Completion, SamplingParams, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,11 @@ class VLLMEngine:
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams,
-        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8,
+        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
     ) -> list[Completion]:  # fmt: skip
         """One completion per prompt (repeat a prompt to get a group); the request of prompt i is
-        seeded with (params.seed, i), so a batch's outputs do not depend on how vLLM schedules it."""
+        seeded with (params.seed, i), so a batch's outputs do not depend on how vLLM schedules it, and
+        capped at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None)."""
         if on_chunk is not None:
             raise ValueError("the vllm engine does not support interruptible generation (rollout.interruptible)")
         if self._broken is not None:
@@ -101,8 +103,9 @@ class VLLMEngine:
             raise ValueError(f"a prompt of {longest} tokens does not fit the vllm engine's max_model_len "
                              f"{self.max_model_len}: raise rollout.vllm.max_model_len (up to the model's "
                              "max_position_embeddings) or lower rollout.max_context_tokens / data.max_prompt_tokens")
+        limits = row_limits(len(prompts), params, max_tokens)
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        outs = self.llm.generate(requests, [self._params(params, i) for i in range(len(prompts))], use_tqdm=False)
+        outs = self.llm.generate(requests, [self._params(params, i, n) for i, n in enumerate(limits)], use_tqdm=False)
         completions = []
         for p, out in zip(prompts, outs, strict=True):
             c = out.outputs[0]
@@ -115,13 +118,13 @@ class VLLMEngine:
             ))  # fmt: skip
         return completions
 
-    def _params(self, params: SamplingParams, i: int) -> Any:
+    def _params(self, params: SamplingParams, i: int, max_tokens: int) -> Any:
         from vllm import SamplingParams as VSamplingParams
 
         return VSamplingParams(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_new_tokens,
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=max_tokens,
             stop=list(params.stop) or None, stop_token_ids=list(params.stop_token_ids) or None,
-            seed=None if params.seed is None else params.seed * 1_000_003 + i, logprobs=0,
+            seed=None if params.seed is None else mix_seed(params.seed, i), logprobs=0,
             include_stop_str_in_output=True, ignore_eos=params.ignore_eos,
         )  # fmt: skip
 
@@ -156,7 +159,7 @@ class VLLMEngine:
         the file's bytes through the RPC, measured in bench/vllm_engine.py)."""
         from safetensors.torch import save_file
 
-        from tidal.trainer.weight_sync import unshared
+        from tidal.weight_sync import unshared
 
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         with tempfile.TemporaryDirectory(dir=shm, prefix="tidal-vllm-") as d:

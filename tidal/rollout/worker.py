@@ -6,9 +6,9 @@ functions, and puts the groups into the TrajectoryBuffer.
 
 Weights arrive on a second thread (the actor's `control` concurrency group): `offer_weights`
 receives a published snapshot while a generation may be running and stages it; the generation
-thread applies it between generations, or at a chunk boundary inside one with
-`rollout.interruptible`. A sample never mixes two versions silently: every token records the
-version that sampled it.
+thread applies it explicitly (`_apply_staged`) before each generate call, or at a chunk boundary
+inside one with `rollout.interruptible`. A sample never mixes two versions silently: every token
+records the version that sampled it.
 """
 
 from __future__ import annotations
@@ -17,18 +17,29 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 
-from tidal.config import RunConfig
+from tidal.config import (
+    DataConfig,
+    EnvSpec,
+    EvalConfig,
+    ModelConfig,
+    RewardsConfig,
+    RolloutConfig,
+    RunConfig,
+    WeightSyncConfig,
+)
+from tidal.metrics import Metrics, largest, mean, smallest, total
 from tidal.models import load_model, load_tokenizer
 from tidal.rollout.engine import Engine, TransformersEngine
-from tidal.rollout.env_runtime import build_runtimes, eval_metrics, generate_samples, group_by_env, score_samples
+from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
 from tidal.rollout.evaluate import evaluate
-from tidal.trainer.weight_sync import WeightHandle, WeightReceiver, make_receiver
-from tidal.types import Group, Prompt, Sample, SamplingParams
+from tidal.types import Group, Prompt, RolloutResult, Sample, SamplingParams, SyncStats, mix_seed
+from tidal.weight_sync import WeightHandle, WeightReceiver, make_receiver
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +47,43 @@ CONCURRENCY_GROUPS = {"control": 1}
 """Ray concurrency groups of the worker actor: weight offers run beside generation, one at a time."""
 
 
-def sampling_params(cfg: RunConfig, seed: int) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed)  # fmt: skip
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The config sections a rollout worker uses."""
+
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig
+    rewards: RewardsConfig
+    envs: list[EnvSpec]
+    eval: EvalConfig
+    weight_sync: WeightSyncConfig
+    seed: int
+    timeout_s: float
+    """Longest wait for weights (`ray.timeout_s`)."""
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> WorkerConfig:
+        return cls(cfg.model, cfg.data, cfg.rollout, cfg.rewards, cfg.envs, cfg.eval, cfg.weight_sync, cfg.seed,
+                   cfg.ray.timeout_s)  # fmt: skip
+
+
+def sampling_params(r: RolloutConfig, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                          stop=list(r.stop), seed=seed)  # fmt: skip
 
 
 class RolloutWorker:
-    def __init__(self, cfg: RunConfig, model_dir: str, index: int = 0, buffer: Any = None) -> None:
+    def __init__(self, cfg: WorkerConfig, model_dir: str, index: int = 0, buffer: Any = None) -> None:
         torch.set_num_threads(max(1, math.ceil(cfg.rollout.num_cpus_per_worker)))
         self.cfg = cfg
         self.index = index
         self.buffer = buffer
-        self.engine = build_engine(cfg, model_dir, seed=cfg.seed * 1_000_003 + index)
-        self.envs = build_runtimes(cfg)
+        self.engine = build_engine(cfg.model, cfg.rollout, model_dir, seed=mix_seed(cfg.seed, index))
+        # The transformers engine's model doubles as a forward of the very weights that generate,
+        # for the held-out log-prob check; vLLM has none to share.
+        self._forward_model = self.engine.model if isinstance(self.engine, TransformersEngine) else None
+        self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
         self._receiver: WeightReceiver | None = None
         self._staged: tuple[dict[str, torch.Tensor], int] | None = None
         self._cv = threading.Condition()
@@ -67,8 +101,8 @@ class RolloutWorker:
         self._receiver = make_receiver(self.cfg.weight_sync, group, rank=self.index + 1)
 
     @ray.method(concurrency_group="control")
-    def offer_weights(self, handle: WeightHandle) -> dict[str, float]:
-        """Receive a published snapshot and stage it for the generation thread; returns sync stats."""
+    def offer_weights(self, handle: WeightHandle) -> SyncStats:
+        """Receive a published snapshot and stage it for the generation thread."""
         t0 = time.perf_counter()
         if self._receiver is None:
             self._receiver = make_receiver(self.cfg.weight_sync)
@@ -79,13 +113,11 @@ class RolloutWorker:
             if self._staged is None or handle.version > self._staged[1]:
                 self._staged = (state, handle.version)
             self._cv.notify_all()
-        return {"version": float(handle.version), "bytes": float(handle.nbytes), "seconds": seconds}
+        return SyncStats(handle.version, handle.nbytes, seconds)
 
     # ---------------------------------------------------------------------- generation thread
 
-    def rollout(
-        self, prompts: list[Prompt], seed: int, batch_id: int = 0, min_version: int = 0
-    ) -> tuple[list[Group], dict[str, float]]:
+    def rollout(self, prompts: list[Prompt], seed: int, batch_id: int = 0, min_version: int = 0) -> RolloutResult:
         """Generate and score one group per prompt with weights of version >= `min_version`.
 
         Puts the groups into the buffer under `batch_id` when one is attached (and then returns no
@@ -102,47 +134,46 @@ class RolloutWorker:
         for s in samples:
             by_group[s.group_id].append(s)
         groups = [Group(gid, group) for gid, group in by_group.items()]
-        tokens = sum(sum(s.loss_mask) for s in samples)
+        n = float(len(samples))
         metrics.update({
-            "rollout/response_length": sum(len(s.response_ids) for s in samples) / max(len(samples), 1),
-            "rollout/truncated_frac": _mean([float(s.finish_reason == "length") for s in samples]),
-            "rollout/samples": float(len(samples)),
-            "rollout/interrupted_samples": float(sum(len(set(s.versions)) > 1 for s in samples)),
-            "async/worker_version": float(self.version),
-            "async/worker_idle_s": idle,
-            "async/worker_weight_wait_s": weight_wait,
-            "perf/rollout_tokens": float(tokens),
-            "perf/generate_time_s": t_gen,
+            "rollout/response_length": mean(sum(len(s.response_ids) for s in samples) / max(n, 1.0), n),
+            "rollout/truncated_frac": mean(sum(s.finish_reason == "length" for s in samples) / max(n, 1.0), n),
+            "rollout/samples": total(n),
+            "rollout/interrupted_samples": total(float(sum(len(set(s.versions)) > 1 for s in samples))),
+            "async/worker_version": smallest(float(self.version)),  # the furthest behind
+            "async/worker_idle_s": largest(idle),
+            "async/worker_weight_wait_s": largest(weight_wait),
+            "perf/rollout_tokens": total(float(sum(sum(s.loss_mask) for s in samples))),
+            "perf/generate_time_s": largest(t_gen),  # workers generate side by side
         })  # fmt: skip
         if self.buffer is not None:
-            ray.get(self.buffer.put.remote(groups, batch_id))
+            slim = [Group(g.group_id, [s.for_training() for s in g.samples]) for g in groups]
+            ray.get(self.buffer.put.remote(slim, batch_id))
             groups = []
-        metrics["perf/rollout_time_s"] = time.perf_counter() - t0
+        metrics["perf/rollout_time_s"] = largest(time.perf_counter() - t0)
         self._last_end = time.perf_counter()
-        return groups, metrics
+        return RolloutResult(groups, metrics)
 
     def _generate(self, prompts: list[Prompt], seed: int) -> list[Sample]:
-        """`group_size` unscored samples per prompt, env by env, with the weights held (newer ones are
-        applied between generate calls, and inside them with `rollout.interruptible`)."""
-        on_chunk = self._apply_staged if self.cfg.rollout.interruptible else None
-        calls = 0
-
-        def params(_: int) -> SamplingParams:
-            nonlocal calls
-            self._apply_staged()  # between generations, newer weights always go in
-            calls += 1
-            return sampling_params(self.cfg, seed=seed * 1_000_003 + calls - 1)
-
+        """`group_size` unscored samples per prompt, env by env; newer weights are applied before
+        every generate call, and inside them with `rollout.interruptible`."""
+        r = self.cfg.rollout
+        on_chunk = self._at_chunk_boundary if r.interruptible else None
         samples: list[Sample] = []
-        for label, group in group_by_env(prompts).items():
-            samples += generate_samples(self.envs[label], self.engine, group, self.cfg.rollout.group_size, params,
-                                        self.cfg, on_chunk)  # fmt: skip
+        for k, (label, group) in enumerate(group_by_env(prompts).items()):
+            params = sampling_params(r, mix_seed(seed, k))
+            samples += generate_samples(self.envs[label], self.engine, group, r.group_size, params, r,
+                                        between_generations=self._apply_staged, on_chunk=on_chunk)  # fmt: skip
         return samples
+
+    def _at_chunk_boundary(self) -> None:
+        """Interruptible generation's hook inside a generate call: newer weights go in between chunks."""
+        self._apply_staged()
 
     def _wait_for_version(self, min_version: int) -> float:
         """Block until weights of version >= `min_version` are held or staged, apply them; seconds waited."""
         t0 = time.perf_counter()
-        timeout = self.cfg.ray.timeout_s
+        timeout = self.cfg.timeout_s
 
         def ready() -> bool:
             staged = self._staged[1] if self._staged is not None else -1
@@ -180,34 +211,22 @@ class RolloutWorker:
             raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip
 
-    def evaluate(self, prompts: list[Prompt], min_version: int = 0) -> dict[str, float]:
-        """Greedy held-out metrics with weights of version >= `min_version`: exact-match accuracy and
-        the log-prob mismatch on the run's data, or each env's accuracy and reward with `envs`."""
+    def evaluate(self, prompts: list[Prompt], min_version: int = 0) -> Metrics:
+        """Greedy held-out metrics with weights of version >= `min_version`, scored by each env (the
+        run's rewards without `envs`) exactly as in training."""
         self._wait_for_version(min_version)
-        if not self.cfg.envs:
-            rows = [p.row for p in prompts]
-            out = evaluate(self.engine, rows, self.cfg.data, self.cfg.eval, batch_size=self.cfg.rollout.batch_size)
-        else:
-            params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens, seed=0)
-            samples = []
-            for label, group in group_by_env(prompts).items():
-                group = group[: self.cfg.eval.num_samples]  # per env, so every env is evaluated
-                samples += generate_samples(self.envs[label], self.engine, group, 1, lambda _: params, self.cfg)
-            out = eval_metrics(self.envs, samples)
-        return {**out, "eval/version": float(self.version)}
+        out, _ = evaluate(self.engine, self.envs, prompts, self.cfg.eval, self.cfg.rollout, self._forward_model)
+        return {**out, "eval/version": largest(float(self.version))}
 
 
-def build_engine(cfg: RunConfig, model_dir: str, seed: int = 0) -> Engine:
+def build_engine(model: ModelConfig, rollout: RolloutConfig, model_dir: str, seed: int = 0) -> Engine:
     """The rollout engine `rollout.engine` names, over the policy in `model_dir`, at version 0."""
-    if cfg.rollout.engine == "vllm":
+    if rollout.engine == "vllm":
         from tidal.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, load_tokenizer(model_dir), cfg.rollout.vllm, dtype=cfg.model.dtype, seed=seed)
-    model = load_model(model_dir, torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32)
-    if cfg.rollout.num_gpus_per_worker > 0 and torch.cuda.is_available():
-        model.to("cuda")  # Ray made the worker's GPU the only visible one
-    return TransformersEngine(model, load_tokenizer(model_dir), version=0)
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
+        return VLLMEngine(model_dir, load_tokenizer(model_dir), rollout.vllm, dtype=model.dtype, seed=seed)
+    dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
+    policy = load_model(model_dir, dtype, model.attn_implementation)
+    if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available():
+        policy.to("cuda")  # Ray made the worker's GPU the only visible one
+    return TransformersEngine(policy, load_tokenizer(model_dir), version=0)

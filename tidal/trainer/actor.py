@@ -10,32 +10,69 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tidal.config import BehaviorCorrection, RunConfig
+from tidal.config import (
+    AlgorithmConfig,
+    BehaviorCorrection,
+    ModelConfig,
+    RolloutConfig,
+    RunConfig,
+    TrainerConfig,
+    WeightSyncConfig,
+)
+from tidal.metrics import Metrics, largest, mean, merge, total
+from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
 from tidal.trainer.engine import DeepSpeedTrainer
-from tidal.trainer.rl import RLLoss, build_batch, loss_denominator, recompute_logprobs, split_rows
-from tidal.trainer.weight_sync import WeightHandle, WeightPublisher, make_publisher, sync_group_address
-from tidal.types import Group, TrainBatch
+from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
+from tidal.types import Group, StepResult, TrainBatch
+from tidal.weight_sync import WeightHandle, WeightPublisher, make_publisher, sync_group_address
+
+
+@dataclass(frozen=True)
+class TrainerActorConfig:
+    """The config sections the trainer actor uses."""
+
+    model: ModelConfig
+    trainer: TrainerConfig
+    algorithm: AlgorithmConfig
+    rollout: RolloutConfig
+    """Its sampling temperature, `max_new_tokens` and `max_staleness`."""
+    weight_sync: WeightSyncConfig
+    steps: int
+    """Rollout batches of the run (`train.steps`), for the lr schedule's length."""
+    seed: int
+    timeout_s: float
+    """Longest wait on the buffer (`ray.timeout_s`)."""
+    weights_dir: Path
+    """Where the `disk` transport writes snapshots by default."""
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> TrainerActorConfig:
+        return cls(cfg.model, cfg.trainer, cfg.algorithm, cfg.rollout, cfg.weight_sync, cfg.train.steps, cfg.seed,
+                   cfg.ray.timeout_s, cfg.run_dir / "weights")  # fmt: skip
 
 
 class TrainerActor:
-    def __init__(self, cfg: RunConfig, model_dir: str, buffer: Any = None) -> None:
+    def __init__(self, cfg: TrainerActorConfig, model_dir: str, buffer: Any = None) -> None:
         torch.set_num_threads(max(1, math.ceil(cfg.trainer.num_cpus)))
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.buffer = buffer
         self.tokenizer = load_tokenizer(model_dir)
-        steps = cfg.train.steps * cfg.algorithm.minibatches
-        self.trainer = DeepSpeedTrainer(load_model(model_dir), cfg.trainer, total_steps=steps)
+        steps = cfg.steps * cfg.algorithm.minibatches
+        attn = cfg.model.attn_implementation
+        self.trainer = DeepSpeedTrainer(load_model(model_dir, attn_implementation=attn), cfg.trainer, total_steps=steps)
         # The reference is the frozen initial policy; loaded only when the KL penalty is on.
         self.ref = None
         if cfg.algorithm.loss.kl.coef > 0:
-            self.ref = load_model(model_dir).eval().requires_grad_(False).to(self.trainer.engine.device)
+            ref = load_model(model_dir, attn_implementation=attn)
+            self.ref = ref.eval().requires_grad_(False).to(self.trainer.engine.device)
         self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
         self.publisher: WeightPublisher | None = None
         self.trained_groups: list[int] = []
@@ -46,22 +83,22 @@ class TrainerActor:
     def version(self) -> int:
         return self.trainer.version
 
-    def step(self, groups: list[Group] | None = None, batch_id: int = 0) -> dict[str, float]:
-        """One rollout batch: `groups`, or batch `batch_id` taken from the buffer. Returns train metrics."""
+    def step(self, groups: list[Group] | None = None, batch_id: int = 0) -> StepResult:
+        """One rollout batch: `groups`, or batch `batch_id` taken from the buffer."""
         t0 = time.perf_counter()
         idle = t0 - self._last_end
         if groups is None:
             import ray
 
-            groups = ray.get(self.buffer.take.remote(batch_id, self.version), timeout=self.cfg.ray.timeout_s)
+            groups = ray.get(self.buffer.take.remote(batch_id, self.version), timeout=self.cfg.timeout_s)
         try:
-            metrics = self._train(groups) if groups else {"train/skipped_steps": 1.0}
+            metrics = self._train(groups) if groups else {"train/skipped_steps": total(1.0)}
         finally:
             self._last_end = time.perf_counter()
-        metrics["async/trainer_idle_s"] = idle
-        return metrics
+        metrics["async/trainer_idle_s"] = total(idle)
+        return StepResult(self.version, bool(groups), metrics)
 
-    def _train(self, groups: list[Group]) -> dict[str, float]:
+    def _train(self, groups: list[Group]) -> Metrics:
         t0 = time.perf_counter()
         self.trained_groups += [g.group_id for g in groups]
         batch, metrics = build_batch(groups, self.cfg.algorithm.advantage, self.tokenizer.pad_token_id)
@@ -69,30 +106,30 @@ class TrainerActor:
         t_prep = time.perf_counter()
         cfg, temp = self.cfg, self.cfg.rollout.temperature
         mb = cfg.trainer.micro_batch_size
+        tokens = float(batch.loss_mask.sum())
         if not isinstance(cfg.algorithm.loss.correction, BehaviorCorrection):
-            batch.logp_old = recompute_logprobs(self.trainer.module, batch, temp, mb)
-            metrics.update(_mismatch(batch.logp_old, batch.logp_mu, batch.loss_mask))
+            batch.logp_old = batch_logprobs(self.trainer.module, batch, temp, mb)
+            gap = logp_mismatch(batch.logp_mu, batch.logp_old, batch.loss_mask)
+            if gap:
+                metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
+                metrics["rollout/logp_mismatch_max"] = largest(gap["logp_mismatch_max"])
         if self.ref is not None:
-            batch.logp_ref = recompute_logprobs(self.ref, batch, temp, mb)
+            batch.logp_ref = batch_logprobs(self.ref, batch, temp, mb)
         t_recompute = time.perf_counter()
         steps = []
-        for minibatch in split_rows(batch, cfg.algorithm.minibatches):
+        for minibatch in split_parts(batch, cfg.algorithm.minibatches):
             norm = loss_denominator(minibatch, cfg.algorithm.loss, cfg.rollout.max_new_tokens)
             steps.append(self.trainer.train_step(minibatch, loss_fn=self.loss, normalizer=norm))
         t_end = time.perf_counter()
-        for k in steps[-1]:
-            vals = [s[k] for s in steps]
-            # The loss's metrics carry their namespace (train/, offpolicy/, moe/); the trainer's do not.
-            metrics[k if "/" in k else f"train/{k}"] = max(vals) if k.endswith("_max") else statistics.fmean(vals)
-        tokens = float(batch.loss_mask.sum())
+        # The loss's metrics carry their namespace (train/, offpolicy/, moe/); the trainer's do not.
+        metrics.update({k if "/" in k else f"train/{k}": v for k, v in merge(steps).items()})
         metrics.update({
-            "train/version": float(self.version),
-            "train/samples": float(batch.input_ids.shape[0]),
-            "train/groups": float(len(groups)),
-            "perf/train_tokens": tokens,
-            "perf/train_tokens_per_s": tokens / max(t_end - t_recompute, 1e-9),
-            "perf/recompute_time_s": t_recompute - t_prep,
-            "perf/train_time_s": t_end - t0,
+            "train/samples": total(float(batch.input_ids.shape[0])),
+            "train/groups": total(float(len(groups))),
+            "perf/train_tokens": total(tokens),
+            "perf/train_tokens_per_s": mean(tokens / max(t_end - t_recompute, 1e-9)),
+            "perf/recompute_time_s": total(t_recompute - t_prep),
+            "perf/train_time_s": total(t_end - t0),
         })  # fmt: skip
         return metrics
 
@@ -104,9 +141,9 @@ class TrainerActor:
 
     def join_weight_sync(self, group: tuple[str, int, int] | None) -> None:
         """Build the publishing end; with `broadcast` this blocks until every worker has joined."""
-        self.publisher = make_publisher(self.cfg.weight_sync, self.cfg.run_dir / "weights", group)
+        self.publisher = make_publisher(self.cfg.weight_sync, self.cfg.weights_dir, group)
 
-    def publish(self) -> tuple[WeightHandle, dict[str, float]]:
+    def publish(self) -> tuple[WeightHandle, Metrics]:
         """Publish the current policy for the workers without waiting for them; (handle, metrics)."""
         t0 = time.perf_counter()
         if self.publisher is None:
@@ -114,7 +151,8 @@ class TrainerActor:
         assert self.publisher is not None
         handle = self.publisher.publish(self.trainer.state_dict_for_export(), self.version)
         self._last_end = time.perf_counter()
-        return handle, {"perf/publish_time_s": self._last_end - t0, "async/published_version": float(self.version)}
+        return handle, {"perf/publish_time_s": total(self._last_end - t0),
+                        "async/published_version": largest(float(self.version))}  # fmt: skip
 
     def ledger(self) -> dict[str, int]:
         """Groups trained on, and how many distinct ones (equal unless a group was trained twice)."""
@@ -128,27 +166,19 @@ class TrainerActor:
         return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))
 
 
-def _staleness(version: int, groups: list[Group], batch: TrainBatch, max_staleness: int) -> dict[str, float]:
+def _staleness(version: int, groups: list[Group], batch: TrainBatch, max_staleness: int) -> Metrics:
     """Staleness at the start of the update: per sample (trainer version minus the sample's oldest
     token version) the mean, max and a histogram as the fraction of samples of each age
     0..max_staleness (older ones never get here); per token the mean, which is lower with
     interruptible generation, where later tokens of a sample come from newer weights."""
     ages = [version - s.version for g in groups for s in g.samples]
     token_ages = (version - batch.versions)[batch.loss_mask.bool()].float()
+    n = float(len(ages))
     out = {
-        "async/staleness_mean": statistics.fmean(ages),
-        "async/staleness_max": float(max(ages)),
-        "async/token_staleness_mean": float(token_ages.mean()) if token_ages.numel() else 0.0,
-    }
-    out.update({f"async/staleness_frac_{a}": sum(x == a for x in ages) / len(ages) for a in range(max_staleness + 1)})
+        "async/staleness_mean": mean(statistics.fmean(ages), n),
+        "async/staleness_max": largest(float(max(ages))),
+        "async/token_staleness_mean": mean(float(token_ages.mean()) if token_ages.numel() else 0.0,
+                                           float(token_ages.numel())),
+    }  # fmt: skip
+    out.update({f"async/staleness_frac_{a}": mean(sum(x == a for x in ages) / n, n) for a in range(max_staleness + 1)})
     return out
-
-
-def _mismatch(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Train/inference mismatch |logp_old - logp_mu| over response tokens (same keys as evaluation)."""
-    valid = mask.bool()
-    diff = (logp_old - logp_mu).abs()[valid]
-    diff = diff[torch.isfinite(diff)]
-    if diff.numel() == 0:
-        return {}
-    return {"rollout/logp_mismatch_mean": float(diff.mean()), "rollout/logp_mismatch_max": float(diff.max())}

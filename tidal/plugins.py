@@ -1,0 +1,217 @@
+"""User code at the boundary: plugins loaded by path, and calls into them bounded and isolated.
+
+Rewards (`tidal.rewards`) and environments (`tidal.envs`) both name user code by import path
+(`pkg.mod:attr`) or file path (`./file.py:attr`), resolved once at start-up with a one-line
+`ConfigError`, and both call into it through `BoundedCalls`: every call, sync or async, is bounded
+by a timeout and isolated, so one that raises or hangs is recorded and never crashes the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from tidal.config import ConfigError
+
+T = TypeVar("T")
+
+
+def describe_exception(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line (a message's newlines would break one-line errors and logs)."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def import_object(path: str, where: str) -> Any:
+    """The object named by `pkg.mod:attr` (imported) or `./dir/file.py:attr` / `/abs/file.py:attr` (loaded).
+
+    `where` prefixes error messages, e.g. `rewards.functions[1].path './my_reward.py:score'`.
+    """
+    source, sep, attr = path.rpartition(":")
+    if not sep or not source or not attr:
+        raise ConfigError(f"{where}: expected 'pkg.module:function' or './file.py:function' (missing ':' separator)")
+    if not attr.isidentifier():
+        raise ConfigError(f"{where}: {attr!r} after ':' is not a Python name")
+    is_file = "/" in source or source.endswith(".py")
+    module = _load_file(source, where) if is_file else _import_module(source, where)
+    if not hasattr(module, attr):
+        own = sorted(
+            n
+            for n, v in vars(module).items()
+            if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__
+        )
+        listing = f"it has: {', '.join(own[:20])}{', ...' if len(own) > 20 else ''}" if own else "it defines none"
+        raise ConfigError(f"{where}: module {source!r} has no attribute {attr!r} ({listing})")
+    return getattr(module, attr)
+
+
+def _import_module(name: str, where: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        # Only the module itself (or a parent package) missing is "not found"; a missing import
+        # inside the user's module is their error and is reported as such below.
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            raise ConfigError(
+                f"{where}: module {e.name!r} not found on sys.path (for a file, write './path/file.py:fn')"
+            ) from None
+        raise ConfigError(f"{where}: importing {name} raised {describe_exception(e)}") from None
+    except Exception as e:
+        raise ConfigError(f"{where}: importing {name} raised {describe_exception(e)}") from None
+
+
+def _load_file(source: str, where: str) -> ModuleType:
+    file = Path(source).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{where}: file {source} not found (looked for {file.resolve()})")
+    resolved = file.resolve()
+    # Unique per file, so two `reward.py` from different folders do not replace each other; the same
+    # file named by two specs is loaded once.
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
+    stem = re.sub(r"\W", "_", resolved.stem)
+    mod_name = f"_tidal_plugin_{stem}_{digest}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, resolved)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{where}: cannot load {source} as a Python module (is it a .py file?)")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running it: dataclasses and pickling look a module up by name.
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as e:  # SyntaxError, a failing import, sys.exit(): one line for the user.
+        del sys.modules[mod_name]
+        raise ConfigError(f"{where}: importing {source} raised {describe_exception(e)}") from None
+    return module
+
+
+# ------------------------------------------------------------------------------------- bounded calls
+
+
+@dataclass
+class CallResult:
+    """Outcome of one bounded, isolated call (`BoundedCalls.run`)."""
+
+    ok: bool
+    value: Any = None
+    """The call's return value (when ok)."""
+    reason: str = ""
+    """One line on why it failed: raised (with the exception), or timed out."""
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """A coroutine function, or an instance whose `__call__` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+class BoundedCalls:
+    """Runs user calls on one long-lived event loop (in a daemon thread), each bounded by `timeout_s`.
+
+    Async calls run on the loop and are cancelled at the timeout (clients they keep stay bound to one
+    loop across batches). Sync calls run in daemon threads, at most `max_threads` at once; a timed-out
+    thread cannot be killed, so it is abandoned: it gives its slot back and, being a daemon, never
+    holds up process exit.
+    """
+
+    def __init__(self, timeout_s: float, max_threads: int = 16) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        self.timeout_s = timeout_s
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-calls", daemon=True)
+        self._thread.start()
+        # The timeout starts when a call gets a slot, so a long queue is not mistaken for a slow call.
+        self._slots = asyncio.Semaphore(max_threads)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop from any other thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def run(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
+        """Run zero-argument calls (sync, or returning an awaitable) concurrently, each bounded and isolated."""
+        return self.submit(self._run_all(calls))
+
+    async def _run_all(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
+        return list(await asyncio.gather(*(self._run_one(c) for c in calls)))
+
+    async def _run_one(self, call: Callable[[], Any]) -> CallResult:
+        try:
+            ok, value = await self.bounded(call, getattr(call, "__name__", "call"), is_async(call))
+        except TimeoutError:
+            return CallResult(False, reason=f"timed out after {self.timeout_s}s")
+        return CallResult(True, value) if ok else CallResult(False, reason=f"raised {describe_exception(value)}")
+
+    async def bounded(self, fn: Callable[[], Any], name: str, async_fn: bool) -> tuple[bool, Any]:
+        """(ok, return value or the exception raised) of `fn()` on the loop, bounded by `timeout_s`
+        (TimeoutError past it). Async callables run on the loop and are cancelled at the timeout; sync
+        ones in a daemon thread (an awaitable they return is then awaited here)."""
+        timeout = self.timeout_s
+        if async_fn:
+            return await asyncio.wait_for(_run_async(fn), timeout)
+        t0 = time.monotonic()
+        async with self._slots:
+            ok, value = await asyncio.wait_for(self._run_in_thread(fn, name), timeout)
+        if ok and inspect.isawaitable(value):
+            left, awaitable = max(timeout - (time.monotonic() - t0), 1e-3), value
+            ok, value = await asyncio.wait_for(_run_async(lambda: awaitable), left)
+        return ok, value
+
+    def _run_in_thread(self, fn: Callable[[], Any], name: str) -> asyncio.Future[tuple[bool, Any]]:
+        loop = self.loop
+        fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+
+        def run() -> None:
+            try:
+                out: tuple[bool, Any] = (True, fn())
+            except BaseException as e:  # The isolation boundary: even sys.exit() in user code is recorded.
+                out = (False, e)
+            try:
+                loop.call_soon_threadsafe(_set_result, fut, out)
+            except RuntimeError:  # The loop was closed; nobody waits for this abandoned call.
+                pass
+
+        threading.Thread(target=run, name=f"call-{name}", daemon=True).start()
+        return fut
+
+    @property
+    def closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def close(self) -> None:
+        """Stop the loop; sync calls still running are abandoned (daemon threads)."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():  # An async call blocking the loop would keep it running.
+            self.loop.close()
+
+
+async def _run_async(fn: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, await fn()
+    except Exception as e:  # CancelledError is a BaseException and passes, so wait_for can cancel.
+        return False, e
+
+
+def _set_result(fut: asyncio.Future[tuple[bool, Any]], out: tuple[bool, Any]) -> None:
+    if not fut.done():  # Cancelled by wait_for when the call timed out.
+        fut.set_result(out)
