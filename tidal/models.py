@@ -168,12 +168,3 @@ def load_model(
     apply_model_fixes(model)
     log.debug("loaded %s with attention %s", path, model.config._attn_implementation)
     return model
-
-
-def load_model_and_tokenizer(
-    cfg: ModelConfig, dtype: torch.dtype | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    path = resolve_model_dir(cfg)
-    if dtype is None:
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return load_model(path, dtype, cfg.attn_implementation), load_tokenizer(path)
