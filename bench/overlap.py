@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tidal.metrics import Metrics, largest
 from tidal.rollout.worker import RolloutWorker
 from tidal.trainer.actor import TrainerActor
 from tidal.types import Group, Prompt, Sample
@@ -44,11 +45,11 @@ class SleepWorker(RolloutWorker):
 class SleepTrainer(TrainerActor):
     """Update that sleeps `BENCH_T` seconds and counts as one optimizer step (the weights stay)."""
 
-    def _train(self, groups: list[Group]) -> dict[str, float]:
+    def _train(self, groups: list[Group]) -> Metrics:
         time.sleep(float(os.environ["BENCH_T"]))
         ages = [self.version - s.version for g in groups for s in g.samples]
         self.trainer.engine.global_steps += 1
-        return {"train/version": float(self.version), "async/staleness_max": float(max(ages))}
+        return {"async/staleness_max": largest(float(max(ages)))}
 
 
 def run(r: float, t: float, staleness: int, steps: int, out_dir: Path) -> dict[str, float]:

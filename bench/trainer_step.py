@@ -69,7 +69,7 @@ def main() -> None:
     from tidal.trainer.engine import DeepSpeedTrainer
 
     path = materialize_preset(args.preset, seed=0)
-    cfg = TrainerConfig(micro_batch_size=args.micro, grad_accum=max(1, args.batch // args.micro))
+    cfg = TrainerConfig(lr=1e-3, micro_batch_size=args.micro, grad_accum=max(1, args.batch // args.micro))
     model = load_model(path)
     batch = make_batch(args.batch, args.seq, model.config.vocab_size)
 

@@ -120,6 +120,8 @@ def _chunked(fn: Callable[..., torch.Tensor], logits: torch.Tensor, *per_token: 
     """(B, T) with column 0 = 0 and column t = fn(logits[:, t - 1], per_token[:, t]) for t >= 1,
     computed over blocks of at most CHUNK_BYTES of fp32 logits (recomputed in backward under grad)."""
     b, t, v = logits.shape
+    if b * max(t - 1, 0) * v * 4 <= CHUNK_BYTES:  # small enough to take whole, no recompute needed
+        return F.pad(fn(logits[:, :-1], *(x[:, 1:] for x in per_token)), (1, 0))
     step = max(1, CHUNK_BYTES // (4 * v))
     grad = torch.is_grad_enabled() and logits.requires_grad
     rows = []
@@ -142,8 +144,8 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     tau = effective_temperature(temperature)
 
     def fn(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        z = z.float() / tau  # (n, V)
-        return z.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        z = z.float() / tau  # (..., V)
+        return z.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     return _chunked(fn, logits, input_ids)
 
@@ -157,7 +159,7 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     tau = effective_temperature(temperature)
 
     def fn(z: torch.Tensor) -> torch.Tensor:
-        z = z.float() / tau  # (n, V)
+        z = z.float() / tau  # (..., V)
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
 
     return _chunked(fn, logits)
