@@ -1,4 +1,4 @@
-"""`tidal check | sft | train CONFIG [key=value ...]`: parse the config, then import the heavy modules."""
+"""`tidal check | sft | train | eval CONFIG [key=value ...]`: parse the config, then import the heavy modules."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         ("check", "validate a run config and print it resolved"),
         ("sft", "supervised fine-tuning"),
         ("train", "RL training (rollout workers, buffer and DeepSpeed trainer on Ray)"),
+        ("eval", "score a checkpoint (checkpoint=PATH; default the config's policy) on the held-out data"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config")
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, args.overrides)
+        # `checkpoint=PATH` names what `tidal eval` scores; it is not a config key.
+        checkpoints = [o.partition("=")[2] for o in args.overrides if o.startswith("checkpoint=")]
+        if checkpoints and args.command != "eval":
+            raise ConfigError("checkpoint=PATH is an argument of `tidal eval` only")
+        cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("checkpoint=")])
         if args.command == "check":
             print(dump_config(cfg), end="")
             return 0
@@ -31,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             from tidal.sft import run_sft
 
             run_sft(cfg)
+        elif args.command == "eval":
+            from tidal.evaluation import run_eval
+
+            run_eval(cfg, checkpoints[-1] if checkpoints else None)
         else:
             from tidal.train import run_train
 

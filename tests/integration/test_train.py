@@ -130,6 +130,33 @@ def test_eval_every_and_checkpoint(run: dict[str, Any]) -> None:
     assert (ckpt / "config.json").is_file() and (ckpt / "tokenizer.json").is_file()
 
 
+def test_tidal_eval_reproduces_the_final_held_out_metrics(run: dict[str, Any], tmp_path: Path) -> None:
+    """`tidal eval CONFIG checkpoint=...` on the run's saved checkpoint scores what the run's own
+    final evaluation scored (same path, same rewards, same greedy answers)."""
+    from tidal.evaluation import run_eval
+
+    ckpt = run["summary"]["checkpoint"]
+    out = run_eval(run["cfg"], ckpt)
+    for key in ("eval/accuracy", "eval/reward", "eval/response_length", "eval/num_samples"):
+        assert out[key] == pytest.approx(run["summary"][key], abs=1e-9), key
+    assert out["eval/num_samples"] == 32
+    (tmp_path / "config.yaml").write_text(dump_config(run["cfg"]))
+    env = {**os.environ, "TIDAL_CACHE": os.environ.get("TIDAL_CACHE", str(tmp_path / "cache"))}
+    def tidal_eval(checkpoint: str) -> subprocess.CompletedProcess[str]:
+        args = ["eval", str(tmp_path / "config.yaml"), f"checkpoint={checkpoint}"]
+        return subprocess.run([sys.executable, "-m", "tidal.cli", *args], capture_output=True, text=True, timeout=600,
+                              env=env)  # fmt: skip
+
+    cli = tidal_eval(ckpt)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    row = next(line for line in cli.stdout.splitlines() if "eval/accuracy" in line)
+    assert f"{out['eval/accuracy']:.4g}" in row, cli.stdout
+    bad = tidal_eval(str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"tidal: error: checkpoint {str(tmp_path / 'nowhere')!r} is not a model directory (no config.json); name a "
+        "run's checkpoint/ folder or any save_pretrained directory"], bad.stderr
+
+
 def test_progress_line_per_step(run: dict[str, Any]) -> None:
     lines = [line for line in run["stdout"].splitlines() if line.startswith(f"[step {STEPS}/{STEPS}]")]
     assert lines and "reward=" in lines[0] and "loss=" in lines[0] and "eval_acc=" in lines[0], run["stdout"][-2000:]
