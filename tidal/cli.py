@@ -1,10 +1,12 @@
-"""`tidal check | sft | train | eval CONFIG [key=value ...]`: parse the config, then import the heavy modules."""
+"""`tidal check | sft | train | eval CONFIG [key=value ...]`, `tidal plot RUN_DIR ...`: parse the arguments, then
+import the heavy modules."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from tidal.config import ConfigError, dump_config, load_config
 
@@ -21,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=2e-5")
+    plot = sub.add_parser("plot", help="draw runs' curves, staleness and time split as PNGs in their directories")
+    plot.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "plot":
+        return _plot(args.runs)
     try:
         # `checkpoint=PATH` names what `tidal eval` scores; it is not a config key.
         checkpoints = [o.partition("=")[2] for o in args.overrides if o.startswith("checkpoint=")]
@@ -54,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tidal: error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _plot(runs: list[str]) -> int:
+    from tidal.plots import plot_runs
+
+    try:
+        for path in plot_runs([Path(r) for r in runs]):
+            print(path)
+    except ConfigError as e:
+        print(f"tidal: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -157,6 +157,39 @@ def test_tidal_eval_reproduces_the_final_held_out_metrics(run: dict[str, Any], t
         "run's checkpoint/ folder or any save_pretrained directory"], bad.stderr
 
 
+def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from matplotlib.image import imread
+
+    from tidal.plots import draw_curves, read_rows
+
+    run_dir = run["cfg"].run_dir
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("wandb", "checkpoint"))
+    cli = subprocess.run([sys.executable, "-m", "tidal.cli", "plot", str(run_dir), str(twin)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    written = [Path(line) for line in cli.stdout.split()]
+    expected = [d / f"{n}.png" for d in (run_dir, twin) for n in ("curves", "staleness", "time_split")]
+    assert written[:6] == expected and written[6].name == "comparison.png"
+    for png in written:
+        image = imread(png)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01, png  # a real, non-blank picture
+    # The curves are the logged series: the train reward of every step, held-out accuracy at 0, 12, 24.
+    fig = draw_curves({"rl-test": read_rows(run_dir)})
+    reward, accuracy = fig.axes[0].lines[0], fig.axes[2].lines[0]
+    assert list(reward.get_xdata()) == list(range(1, STEPS + 1))
+    assert list(reward.get_ydata()) == [r["reward/mean"] for r in run["steps"]]
+    assert list(accuracy.get_xdata()) == [0, 12, 24]
+    logged = [r for r in run["rows"] if "eval/accuracy" in r and "ledger/taken_groups" not in r]  # not the summary
+    evals = {r["step"]: r["eval/accuracy"] for r in logged}
+    assert list(accuracy.get_ydata()) == [evals[0], evals[12], evals[24]]
+    bad = subprocess.run([sys.executable, "-m", "tidal.cli", "plot", str(tmp_path / "nothing")], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "has no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_progress_line_per_step(run: dict[str, Any]) -> None:
     lines = [line for line in run["stdout"].splitlines() if line.startswith(f"[step {STEPS}/{STEPS}]")]
     assert lines and "reward=" in lines[0] and "loss=" in lines[0] and "eval_acc=" in lines[0], run["stdout"][-2000:]
