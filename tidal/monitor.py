@@ -10,10 +10,14 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from tidal.config import MonitorConfig
 
@@ -39,8 +43,10 @@ class JsonlSink:
         self._f.close()
 
 
-class StdoutSink:
-    """One progress line per logged row, with the few keys a person watches."""
+class ConsoleSink:
+    """The terminal. On a TTY: a progress bar (steps, elapsed, ETA) and a panel of the numbers that
+    matter, refreshed in place (rich). Otherwise (CI, a log file): one plain line, without ANSI
+    codes, every `log_every` steps and at the last."""
 
     KEYS = {
         "reward/mean": "reward", "rollout/accuracy": "acc", "eval/accuracy": "eval_acc", "train/loss": "loss",
@@ -48,17 +54,69 @@ class StdoutSink:
         "rollout/response_length": "len", "train/lr": "lr", "rollout/logp_mismatch_mean": "mismatch",
         "perf/step_time_s": "step_s",
     }  # fmt: skip
+    SPLIT = {"perf/rollout_wall_s": "rollout wait", "perf/train_wall_s": "train", "perf/sync_wall_s": "publish",
+             "perf/eval_wall_s": "eval"}  # fmt: skip
+    COUNTS = {"async/dropped_stale_samples": "dropped as stale", "reward/failed": "failed reward calls",
+              "rollout/filtered_zero_variance_groups": "zero-variance groups"}  # fmt: skip
 
-    def __init__(self, total_steps: int | None = None) -> None:
+    def __init__(self, total_steps: int | None = None, log_every: int = 10, console: Console | None = None) -> None:
         self.total = total_steps
+        self.log_every = log_every
+        self.console = console or Console()
+        self.last: dict[str, float] = {}
+        self.best_eval: float | None = None
+        self.counts: dict[str, float] = dict.fromkeys(self.COUNTS, 0.0)
+        self.live: Live | None = None
+        if self.console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), console=self.console)  # fmt: skip
+            self.task = self.progress.add_task("run", total=total_steps)
+            self.live = Live(self._view(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        shown = [f"{label}={_fmt(metrics[k])}" for k, label in self.KEYS.items() if k in metrics]
-        of = f"/{self.total}" if self.total else ""
-        print(f"[step {step}{of}] " + "  ".join(shown), file=sys.stdout, flush=True)
+        self.last.update(metrics)
+        if "eval/accuracy" in metrics:
+            acc = metrics["eval/accuracy"]
+            self.best_eval = acc if self.best_eval is None else max(self.best_eval, acc)
+        for k in self.COUNTS:
+            self.counts[k] += metrics.get(k, 0.0)
+        if self.live is not None:
+            self.progress.update(self.task, completed=step)
+            self.live.update(self._view())
+        elif step % self.log_every == 0 or step == self.total or step == 0:
+            shown = [f"{label}={_fmt(metrics[k])}" for k, label in self.KEYS.items() if k in metrics]
+            of = f"/{self.total}" if self.total else ""
+            self.console.print(f"[step {step}{of}] " + "  ".join(shown), markup=False, highlight=False, soft_wrap=True)
+
+    def _view(self) -> Group:
+        m = self.last
+        rows: list[tuple[str, float | str | None]] = [
+            ("reward", m.get("reward/mean")),
+            ("held-out accuracy", m.get("eval/accuracy")),
+            ("best held-out accuracy", self.best_eval),
+            ("staleness mean / max", _pair(m, "async/staleness_mean", "async/staleness_max")),
+            ("rollout tokens/s", _count(m.get("perf/rollout_tokens_per_s"))),
+            ("train tokens/s", _count(m.get("perf/train_tokens_per_s"))),
+        ]
+        step_s = m.get("perf/step_time_s")
+        if step_s:
+            split = "  ".join(f"{label} {m.get(k, 0.0) / step_s:.0%}" for k, label in self.SPLIT.items())
+            rows.append(("time split", split))
+        rows += [(label, _count(self.counts[k])) for k, label in self.COUNTS.items()]
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="dim")
+        table.add_column(justify="right")
+        for label, value in rows:
+            if value is not None:
+                table.add_row(label, value if isinstance(value, str) else _fmt(float(value)))
+        return Group(self.progress, table)
 
     def close(self) -> None:
-        pass
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 class WandbSink:
@@ -80,6 +138,14 @@ class WandbSink:
         self.run.finish()
 
 
+def _pair(m: dict[str, float], mean: str, most: str) -> str | None:
+    return f"{m[mean]:.2f} / {m[most]:.0f}" if mean in m and most in m else None
+
+
+def _count(x: float | None) -> str | None:
+    return None if x is None else f"{x:,.0f}"
+
+
 def _fmt(x: float) -> str:
     if isinstance(x, float) and (math.isnan(x) or abs(x) >= 1e4 or (x != 0 and abs(x) < 1e-3)):
         return f"{x:.3g}"
@@ -95,7 +161,7 @@ class Monitor:
     @classmethod
     def for_run(cls, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any],
                 total_steps: int | None = None) -> Monitor:  # fmt: skip
-        sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), StdoutSink(total_steps)]
+        sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), ConsoleSink(total_steps, cfg.log_every)]
         if cfg.wandb != "disabled":
             sinks.append(WandbSink(cfg, run_dir, name, config))
         return cls(sinks)

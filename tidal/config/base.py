@@ -291,5 +291,8 @@ class MonitorConfig(Strict):
     """wandb mode; `online` needs WANDB_API_KEY, `offline` writes under the run directory."""
     project: str = "tidal"
     """wandb project."""
+    log_every: int = Field(10, ge=1)
+    """When the output is not a terminal (CI, a log file): one plain line every this many steps (and
+    at the last). On a terminal a progress bar and a panel are refreshed in place every step."""
 
 
