@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot", help="draw runs' curves, staleness and time split as PNGs in their directories")
     plot.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     args = parser.parse_args(argv)
+    # Read when transformers is imported: its weight-loading bars would cut through the progress display.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command == "plot":
         return _plot(args.runs)

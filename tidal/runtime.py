@@ -47,7 +47,9 @@ def start_ray(cfg: RunConfig) -> None:
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     pythonpath = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
-    env = {"PYTHONPATH": pythonpath, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    # Actors load models quietly: no weight-loading bars between the driver's progress lines.
+    env = {"PYTHONPATH": pythonpath, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
     if cfg.ray.address is not None:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
