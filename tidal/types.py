@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -25,6 +25,10 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     """Generate past the end-of-sequence token (benchmarks: every row runs to max_new_tokens)."""
+
+    def seeded(self, i: int) -> SamplingParams:
+        """These parameters for the i-th of several generate calls: seed `mix_seed(seed, i)` (None stays None)."""
+        return replace(self, seed=None if self.seed is None else mix_seed(self.seed, i))
 
 
 def mix_seed(seed: int, i: int) -> int:

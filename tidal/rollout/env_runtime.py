@@ -25,7 +25,7 @@ from tidal.rewards import RewardScorer, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
 from tidal.rollout.engine import Engine
 from tidal.rollout.episodes import Episode, run_episodes
-from tidal.types import Completion, Prompt, Sample, SamplingParams, mix_seed
+from tidal.types import Completion, Prompt, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def generate_samples(
     """`n` samples per prompt (consecutive), unscored.
 
     Generate call i (a chunk of `rollout.batch_size` sequences, or a multi-turn episode's turn) samples
-    with seed `mix_seed(params.seed, i)`. `between_generations` is called before each generate call
+    with `params.seeded(i)`. `between_generations` is called before each generate call
     (the worker applies newly arrived weights there); `on_chunk` is the engine's hook for interruptible
     generation. A prompt whose env fails to make its text yields no samples (its group is then dropped
     and counted).
@@ -122,8 +122,7 @@ def generate_samples(
         chunk = flat[start : start + bs]
         if between_generations is not None:
             between_generations()
-        seeded = replace(params, seed=None if params.seed is None else mix_seed(params.seed, i))
-        outs = engine.generate([x for _, x in chunk], seeded, **kwargs)  # type: ignore[arg-type]
+        outs = engine.generate([x for _, x in chunk], params.seeded(i), **kwargs)  # type: ignore[arg-type]
         samples += [to_sample(c, p) for c, (p, _) in zip(outs, chunk, strict=True)]
     return samples
 

@@ -10,14 +10,14 @@ tokens with loss mask 0 (never trained on; their log-prob slot holds 0).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from tidal.envs.base import MultiTurnEnv, Step
 from tidal.plugins import CallResult
 from tidal.rollout.engine import Engine
-from tidal.types import Completion, FinishReason, SamplingParams, mix_seed
+from tidal.types import Completion, FinishReason, SamplingParams
 
 Caller = Callable[[list[Callable[[], Any]]], list[CallResult]]
 """Runs zero-argument calls concurrently, each bounded by a timeout and isolated (`BoundedCalls.run`)."""
@@ -74,7 +74,7 @@ def run_episodes(
     between_generations: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
     """Advance every episode to its end. Each generate call (a chunk of `batch_size` running
-    episodes, turn by turn) samples with `params`, seeded `mix_seed(params.seed, i)` for call i;
+    episodes, turn by turn) samples with `params`, seeded `params.seeded(i)` for call i;
     `between_generations` is called before each (the worker applies newer weights there). Each
     episode's turn gets at most what is left of its own `max_context_tokens`. Env failures end the
     episode and are recorded in `Episode.errors`."""
@@ -94,9 +94,9 @@ def run_episodes(
             budgets = [min(params.max_new_tokens, max_context_tokens - len(e.context)) for e in chunk]
             if between_generations is not None:
                 between_generations()
-            seeded = replace(params, seed=None if params.seed is None else mix_seed(params.seed, calls))
+            outs = engine.generate([e.context for e in chunk], params.seeded(calls), max_tokens=budgets,
+                                   **(generate_kwargs or {}))  # fmt: skip
             calls += 1
-            outs = engine.generate([e.context for e in chunk], seeded, max_tokens=budgets, **(generate_kwargs or {}))
             for e, c in zip(chunk, outs, strict=True):
                 e.add_turn(c)
         texts = [engine.tokenizer.decode(e.response_ids[e.turn_start :], skip_special_tokens=True) for e in running]
