@@ -18,9 +18,8 @@ from rich.table import Table
 from tidal.config import ConfigError, RunConfig
 from tidal.metrics import values
 from tidal.models import load_tokenizer
-from tidal.rollout.engine import TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes
-from tidal.rollout.evaluate import evaluate
+from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.worker import build_engine
 from tidal.train import load_env_splits
 from tidal.warm_start import resolve_policy_dir
@@ -40,9 +39,8 @@ def run_eval(cfg: RunConfig, checkpoint: str | None = None) -> dict[str, float]:
     torch.set_num_threads(max(1, math.ceil(cfg.rollout.num_cpus_per_worker)))
     engine = build_engine(cfg.model, cfg.rollout, str(model_dir))
     runtimes = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
-    forward = engine.model if isinstance(engine, TransformersEngine) else None
     try:
-        metrics, _ = evaluate(engine, runtimes, prompts, cfg.eval, cfg.rollout, forward)
+        metrics, _ = evaluate(engine, runtimes, prompts, cfg.eval, cfg.rollout, own_forward(engine))
     finally:
         for rt in runtimes.values():
             rt.scorer.close()

@@ -16,7 +16,7 @@ import torch
 from tidal.config import EvalConfig, RolloutConfig
 from tidal.metrics import Metrics, largest, mean
 from tidal.modeling import completion_logprobs, logp_mismatch
-from tidal.rollout.engine import Engine
+from tidal.rollout.engine import Engine, TransformersEngine
 from tidal.rollout.env_runtime import EnvRuntime, eval_metrics, generate_samples, group_by_env
 from tidal.types import Prompt, Sample, SamplingParams
 
@@ -40,6 +40,12 @@ def evaluate(
     if forward_model is not None and samples:
         out.update(_mismatch(forward_model, samples, engine.tokenizer.pad_token_id))
     return out, samples
+
+
+def own_forward(engine: Engine) -> torch.nn.Module | None:
+    """The model that generates, when the engine has one to share as a forward of the same weights
+    (the transformers engine); vLLM keeps its model inside its own workers."""
+    return engine.model if isinstance(engine, TransformersEngine) else None
 
 
 def _mismatch(model: torch.nn.Module, samples: list[Sample], pad_id: int) -> Metrics:

@@ -37,7 +37,7 @@ from tidal.metrics import Metrics, largest, mean, smallest, total
 from tidal.models import load_model, load_tokenizer
 from tidal.rollout.engine import Engine, TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
-from tidal.rollout.evaluate import evaluate
+from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.types import Group, Prompt, RolloutResult, Sample, SamplingParams, SyncStats, mix_seed
 from tidal.weight_sync import WeightHandle, WeightReceiver, make_receiver
 
@@ -80,9 +80,7 @@ class RolloutWorker:
         self.index = index
         self.buffer = buffer
         self.engine = build_engine(cfg.model, cfg.rollout, model_dir, seed=mix_seed(cfg.seed, index))
-        # The transformers engine's model doubles as a forward of the very weights that generate,
-        # for the held-out log-prob check; vLLM has none to share.
-        self._forward_model = self.engine.model if isinstance(self.engine, TransformersEngine) else None
+        self._forward_model = own_forward(self.engine)  # for the held-out log-prob check
         self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
         self._receiver: WeightReceiver | None = None
         self._staged: tuple[dict[str, torch.Tensor], int] | None = None
