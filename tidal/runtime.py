@@ -35,11 +35,54 @@ def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"rewards": rewards, "envs": envs})
 
 
-def start_ray(cfg: RunConfig) -> None:
+ACTOR_LOG_ENV = "TIDAL_ACTOR_LOG"
+"""Names the run's log file to the actors' processes (see `actor_output_to_log`)."""
+
+
+def run_log(run_dir: Path) -> logging.Handler:
+    """The driver's log records also into `<run_dir>/run.log`, the file the actors write to; the
+    caller removes the handler when the run ends."""
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def actor_output_to_log() -> None:
+    """Ray's `worker_process_setup_hook`: the actor process's stdout and stderr go to the run's log
+    file, so start-up noise (DeepSpeed banners, op builds, library warnings) stays out of the
+    user's terminal. tidal's own warnings and every library's errors still reach Ray's stream to
+    the driver (and the file), and an actor's exception still comes back as the call's error. Where
+    the file cannot be opened (a node without the run directory), output stays on Ray's stream."""
+    path = os.environ.get(ACTOR_LOG_ENV)
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    to_driver = os.fdopen(os.dup(2), "w", buffering=1)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    root = logging.getLogger()
+    to_file = logging.StreamHandler(sys.stderr)
+    to_file.setFormatter(logging.Formatter("%(asctime)s pid %(process)d %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    shown = logging.StreamHandler(to_driver)
+    shown.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    shown.addFilter(lambda r: r.levelno >= (logging.WARNING if r.name.startswith("tidal") else logging.ERROR))
+    root.addHandler(to_file)
+    root.addHandler(shown)
+
+
+def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
     """Join `ray.address`, or start a local runtime with enough logical CPUs for the actors.
 
     The working directory goes on the actors' PYTHONPATH, so `my_pkg.rewards:fn` imports in an
-    actor exactly as it does in the driver.
+    actor exactly as it does in the driver. With `log_file`, the actors' output goes there.
     """
     import ray
 
@@ -50,12 +93,16 @@ def start_ray(cfg: RunConfig) -> None:
     # Actors load models quietly: no weight-loading bars between the driver's progress lines.
     env = {"PYTHONPATH": pythonpath, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if log_file is not None:
+        env[ACTOR_LOG_ENV] = str(Path(log_file).resolve())
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.actor_output_to_log"
     if cfg.ray.address is not None:
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
         return
     need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_cpus
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
              logging_level=logging.WARNING, log_to_driver=True)  # fmt: skip
 
 
@@ -67,11 +114,11 @@ def wait_for(refs: Any, what: str, timeout_s: float) -> Any:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise RunError(f"{what} did not answer within ray.timeout_s={timeout_s:g}s; raise it for slow "
-                       "models, or look for a hung actor in /tmp/ray/session_latest/logs") from None  # fmt: skip
+                       "models, or look for a hung actor in the run's run.log") from None  # fmt: skip
 
 
-def actor_error_line(err: Exception) -> str:
-    """One line for a failed or dead actor, naming the actor and the cause."""
+def actor_error_line(err: Exception, logs: str = "/tmp/ray/session_latest/logs") -> str:
+    """One line for a failed or dead actor, naming the actor, the cause and where its output is."""
     import ray
 
     if isinstance(err, ray.exceptions.RayTaskError):
@@ -84,5 +131,5 @@ def actor_error_line(err: Exception) -> str:
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
         name = re.search(r"class_name: (\w+)", text)
-        return f"{name.group(1) if name else 'an'} actor died: {first} (its log is in /tmp/ray/session_latest/logs)"
+        return f"{name.group(1) if name else 'an'} actor died: {first} (its output is in {logs})"
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -27,7 +27,7 @@ from tidal.metrics import Metrics, mean, merge, values
 from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
-from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, start_ray, wait_for
+from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, run_log, start_ray, wait_for
 from tidal.types import Prompt, RolloutResult, StepResult, SyncStats, mix_seed
 from tidal.warm_start import resolve_policy_dir, tokenizer_dir
 
@@ -103,7 +103,9 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     sampler, eval_rows = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)))
     model_dir, warm = resolve_policy_dir(cfg.model)
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
-    start_ray(cfg)
+    file_log = run_log(run_dir)
+    start_ray(cfg, log_file=run_dir / "run.log")
+    log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
     try:
         r, t = cfg.rollout, cfg.trainer
         buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, r.max_staleness)
@@ -123,10 +125,12 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         summary["perf/wall_time_s"] = time.time() - t_start
         monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
     except ray.exceptions.RayError as e:
-        raise RunError(actor_error_line(e)) from None
+        raise RunError(actor_error_line(e, logs=str(run_dir / "run.log"))) from None
     finally:
         ray.shutdown()
         monitor.close()
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     print(f"train done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {before:.1%} -> {after:.1%}"

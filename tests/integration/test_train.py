@@ -72,7 +72,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     steps = [r for r in rows if "reward/mean" in r]
-    return {"cfg": cfg, "summary": summary, "rows": rows, "steps": steps, "stdout": proc.stdout}
+    return {"cfg": cfg, "summary": summary, "rows": rows, "steps": steps, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def test_reward_rises(run: dict[str, Any]) -> None:
@@ -190,6 +190,15 @@ def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
     assert bad.returncode == 2 and "has no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_actor_start_up_output_goes_to_the_run_log(run: dict[str, Any]) -> None:
+    """DeepSpeed's banners and the actors' library output are in runs/<name>/run.log, with the
+    driver's own records, and not on the user's terminal."""
+    text = (run["cfg"].run_dir / "run.log").read_text()
+    assert "deepspeed" in text.lower() and "tidal.train" in text, text[-2000:]
+    terminal = run["stdout"] + run["stderr"]
+    assert "deepspeed" not in terminal.lower() and "TrainerActor pid=" not in terminal, terminal[-3000:]
+
+
 def test_progress_line_per_step(run: dict[str, Any]) -> None:
     lines = [line for line in run["stdout"].splitlines() if line.startswith(f"[step {STEPS}/{STEPS}]")]
     assert lines and "reward=" in lines[0] and "loss=" in lines[0] and "eval_acc=" in lines[0], run["stdout"][-2000:]
@@ -251,6 +260,7 @@ def test_a_worker_that_dies_ends_the_run_with_one_line(tmp_path: Path) -> None:
         run_train(cfg)
     msg = str(err.value)
     assert "\n" not in msg and "RolloutWorker actor died" in msg, msg
+    assert str(cfg.run_dir / "run.log") in msg, msg
 
 
 def test_every_wait_is_bounded() -> None:
