@@ -23,6 +23,9 @@ from tidal.config import MonitorConfig
 
 log = logging.getLogger(__name__)
 
+SUMMARY_KEY = "ledger/taken_groups"
+"""A key only the run's final summary row has (that row repeats the last step's values)."""
+
 
 class Sink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
@@ -120,6 +123,13 @@ class ConsoleSink:
 
 
 class WandbSink:
+    """wandb, with the charts of `tidal plot`: every row against the step; reward and held-out
+    accuracy also against wall time (`by_time/`, x axis `perf/elapsed_s`, seconds since the first
+    row); at the end, the staleness histogram and the per-step time split as wandb charts drawn
+    from the run's metrics.jsonl (the data of `tidal plot`'s PNGs)."""
+
+    BY_TIME = {"reward/mean": "by_time/reward", "eval/accuracy": "by_time/eval_accuracy"}
+
     def __init__(self, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any]) -> None:
         import wandb
 
@@ -128,14 +138,51 @@ class WandbSink:
             log.warning("monitor.wandb=online but WANDB_API_KEY is not set; logging offline instead")
             mode = "offline"
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.run = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=mode, config=config,
                               settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+        self.run.define_metric("perf/elapsed_s", hidden=True)
+        self.run.define_metric("by_time/*", step_metric="perf/elapsed_s")
+        self.run.define_metric("eval/accuracy", summary="max,last")
+        self.t0: float | None = None
+        self.last_step = 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self.t0 = time.time() if self.t0 is None else self.t0
+        by_time = {new: metrics[key] for key, new in self.BY_TIME.items() if key in metrics}
+        if by_time and SUMMARY_KEY not in metrics:
+            metrics = {**metrics, **by_time, "perf/elapsed_s": time.time() - self.t0}
         self.run.log(metrics, step=step)
+        self.last_step = step
 
     def close(self) -> None:
-        self.run.finish()
+        try:
+            self._log_charts()
+        finally:
+            self.run.finish()
+
+    def _log_charts(self) -> None:
+        import wandb
+
+        from tidal.plots import read_rows, staleness_fractions, time_split
+
+        if not (self.run_dir / "metrics.jsonl").is_file() or self.t0 is None:
+            return
+        rows = read_rows(self.run_dir)
+        charts = {}
+        ages, fractions, trained = staleness_fractions(rows)
+        if ages:
+            table = wandb.Table(columns=["staleness", "fraction of trained samples"],
+                                data=[[a, f] for a, f in zip(ages, fractions, strict=True)])  # fmt: skip
+            charts["charts/staleness"] = wandb.plot.bar(table, "staleness", "fraction of trained samples",
+                                                        title=f"staleness over {trained} trained steps")  # fmt: skip
+        steps, parts = time_split(rows)
+        if steps:
+            charts["charts/time_split"] = wandb.plot.line_series(
+                xs=steps, ys=list(parts.values()), keys=list(parts), title="where each step's wall time went (s)",
+                xname="step")  # fmt: skip
+        if charts:
+            self.run.log(charts, step=self.last_step)
 
 
 def _pair(m: dict[str, float], mean: str, most: str) -> str | None:

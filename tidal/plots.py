@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from tidal.config import ConfigError  # noqa: E402
+from tidal.monitor import SUMMARY_KEY  # noqa: E402
 
 Rows = list[dict[str, Any]]
 TIME_SPLIT = {"perf/rollout_wall_s": "waiting for rollout", "perf/train_wall_s": "training",
@@ -43,7 +44,7 @@ def read_rows(run_dir: Path) -> Rows:
 def series(rows: Rows, key: str, x: str = "step") -> tuple[list[float], list[float]]:
     """(x, y) of every row that has `key` (the run's final summary row, logged at the last step
     again, is left out)."""
-    points = {r[x] if x == "step" else r["wall_s"]: r[key] for r in rows if key in r and "ledger/taken_groups" not in r}
+    points = {r[x] if x == "step" else r["wall_s"]: r[key] for r in rows if key in r and SUMMARY_KEY not in r}
     return list(points), list(points.values())
 
 
@@ -66,17 +67,30 @@ def draw_curves(runs: dict[str, Rows]) -> Figure:
     return fig
 
 
-def draw_staleness(rows: Rows) -> Figure:
-    """Mean over trained steps of the fraction of samples of each age (trainer version - sample version)."""
+def staleness_fractions(rows: Rows) -> tuple[list[int], list[float], int]:
+    """(ages, mean over trained steps of the fraction of samples of each age, trained steps); an
+    age is trainer version - sample version."""
     ages = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("async/staleness_frac_")})
     trained = [r for r in rows if "async/staleness_frac_0" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
     means = [sum(r.get(f"async/staleness_frac_{a}", 0.0) for r in trained) / max(len(trained), 1) for a in ages]
+    return ages, means, len(trained)
+
+
+def time_split(rows: Rows) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, seconds of each step by where they went, keyed by the part's label)."""
+    steps = [r for r in rows if "perf/step_time_s" in r]
+    return [r["step"] for r in steps], {label: [r.get(key, 0.0) for r in steps] for key, label in TIME_SPLIT.items()}
+
+
+def draw_staleness(rows: Rows) -> Figure:
+    """Mean over trained steps of the fraction of samples of each age (trainer version - sample version)."""
+    ages, means, trained = staleness_fractions(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(ages, means, label="fraction of samples")
     ax.set_xticks(ages)
     ax.set_xlabel("staleness (policy versions)")
     ax.set_ylabel("fraction of trained samples")
-    ax.set_title(f"staleness over {len(trained)} trained steps")
+    ax.set_title(f"staleness over {trained} trained steps")
     ax.legend()
     fig.tight_layout()
     return fig
@@ -85,11 +99,10 @@ def draw_staleness(rows: Rows) -> Figure:
 def draw_time_split(rows: Rows) -> Figure:
     """Each step's wall time, stacked by where it went."""
     fig, ax = plt.subplots(figsize=(9, 4))
-    steps = [r for r in rows if "perf/step_time_s" in r]
+    steps, parts = time_split(rows)
     bottom = [0.0] * len(steps)
-    for key, label in TIME_SPLIT.items():
-        heights = [r.get(key, 0.0) for r in steps]
-        ax.bar([r["step"] for r in steps], heights, bottom=bottom, width=1.0, label=label)
+    for label, heights in parts.items():
+        ax.bar(steps, heights, bottom=bottom, width=1.0, label=label)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_xlabel("step")
     ax.set_ylabel("seconds")

@@ -244,6 +244,21 @@ def test_offline_wandb_run_reads_back(run: dict[str, Any]) -> None:
         for key in ("reward/mean", "train/loss", "train/grad_norm", "offpolicy/is_weight_mean"):
             assert history[step][key] == pytest.approx(jsonl[step][key], rel=1e-6), (step, key)
     assert history[STEPS]["eval/accuracy"] == pytest.approx(jsonl[STEPS]["eval/accuracy"])
+    # the charts of `tidal plot`: accuracy against wall time, the staleness histogram, the time split
+    evals = [s for s in history if "by_time/eval_accuracy" in history[s]]
+    assert evals == [0, 12, STEPS], evals
+    elapsed = [history[s]["perf/elapsed_s"] for s in evals]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > 0
+    assert history[12]["by_time/eval_accuracy"] == history[12]["eval/accuracy"]
+    from tidal.plots import read_rows, staleness_fractions, time_split
+
+    (table,) = log_file.parent.glob("files/media/table/charts/staleness_table_*.table.json")
+    ages, fractions, _ = staleness_fractions(read_rows(run["cfg"].run_dir))
+    expected = [[a, pytest.approx(f)] for a, f in zip(ages, fractions, strict=True)]
+    assert json.loads(table.read_text())["data"] == expected
+    (split,) = log_file.parent.glob("files/media/table/charts/time_split_table_*.table.json")
+    steps, parts = time_split(read_rows(run["cfg"].run_dir))
+    assert len(json.loads(split.read_text())["data"]) == len(steps) * len(parts) == STEPS * 4
 
 
 def test_a_worker_that_dies_ends_the_run_with_one_line(tmp_path: Path) -> None:
