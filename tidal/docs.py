@@ -24,37 +24,59 @@ def _submodels(annotation: Any) -> list[type[BaseModel]]:
     return [m for a in get_args(annotation) for m in _submodels(a)]
 
 
-def _default(field: Any) -> str:
-    if field.default is PydanticUndefined:
+def _value(value: Any) -> str:
+    return f"`{value!r}`".replace("|", "\\|")
+
+
+def _default(field: Any, instance: BaseModel | None, name: str) -> str:
+    """The value a user gets by leaving the field out: the enclosing default instance's value
+    when there is one (a section's default may differ from its class's), else the field's."""
+    if instance is not None:
+        return _value(getattr(instance, name))
+    if field.default is PydanticUndefined and field.default_factory is None:
         return "required"
-    if isinstance(field.default, BaseModel):
-        return ""
-    return f"`{field.default!r}`".replace("|", "\\|")
+    return _value(field.get_default(call_default_factory=True))
 
 
-def reference_rows(model: type[BaseModel], prefix: str = "", seen: dict[type, str] | None = None) -> list[str]:
-    """Rows of `model`'s fields; a section model met again (e.g. an env's `data`) is one row that
-    points to where its fields are listed."""
+def _default_instance(field: Any, instance: BaseModel | None, name: str) -> BaseModel | None:
+    value = getattr(instance, name) if instance is not None else field.get_default(call_default_factory=True)
+    return value if isinstance(value, BaseModel) else None
+
+
+def reference_rows(model: type[BaseModel], prefix: str = "", seen: dict[type, str] | None = None,
+                   instance: BaseModel | None = None) -> list[str]:  # fmt: skip
+    """Rows of `model`'s fields with the defaults a user gets; a section model met again (e.g. an
+    env's `data`) is one row that points to where its fields are listed. A tagged union (a field
+    whose `type` picks a variant) is one row for `type` with its real default, then each variant's
+    fields, marked with the `type` that selects them."""
     seen = {} if seen is None else seen
     rows = []
     for name, field in model.model_fields.items():
         subs = _submodels(field.annotation)
         doc = " ".join((field.description or "").split()).replace("|", "\\|")
+        key = f"{prefix}{name}"
         if not subs:
-            rows.append(f"| `{prefix}{name}` | {_default(field)} | {doc} |")
+            rows.append(f"| `{key}` | {_default(field, instance, name)} | {doc} |")
             continue
+        current = _default_instance(field, instance, name)
         if len(subs) == 1 and subs[0] in seen:
-            rows.append(f"| `{prefix}{name}` | {_default(field)} | {doc} Fields as under `{seen[subs[0]]}`. |")
+            rows.append(f"| `{key}` | | {doc} Fields as under `{seen[subs[0]]}`. |")
             continue
         if len(subs) == 1:
-            seen[subs[0]] = f"{prefix}{name}"
-        for sub in subs:
-            tag = sub.model_fields.get("type")
-            # Variants of a tagged union are listed under the `type` value that selects them.
-            sub_prefix = f"{prefix}{name}."
-            if tag is not None and len(subs) > 1:
-                rows.append(f"| `{prefix}{name}` (type `{tag.default}`) | | {doc} |")
-            rows.extend(reference_rows(sub, sub_prefix, seen))
+            seen[subs[0]] = key
+            rows.extend(reference_rows(subs[0], f"{key}.", seen, current))
+            continue
+        tags = [sub.model_fields["type"].default for sub in subs]
+        chosen = _value(current.type) if current is not None else "required"
+        if not all(f"`{t}`" in doc for t in tags):
+            doc += f" One of {', '.join(f'`{t}`' for t in tags)}."
+        rows.append(f"| `{key}.type` | {chosen} | {doc} |")
+        for sub, tag in zip(subs, tags, strict=True):
+            variant_doc = " ".join((sub.model_fields["type"].description or "").split()).replace("|", "\\|")
+            rows.append(f"| `{key}` with type `{tag}` | | {variant_doc} |")
+            mine = current if current is not None and current.type == tag else None
+            fields = reference_rows(sub, f"{key}.", seen, mine)
+            rows.extend(row for row in fields if not row.startswith(f"| `{key}.type` |"))
     return rows
 
 

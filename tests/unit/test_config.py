@@ -147,11 +147,17 @@ def test_readme_config_reference_is_current() -> None:
     text = (REPO / "README.md").read_text()
     section = text[text.index(BEGIN) : text.index(END) + len(END)]
     assert section == reference(), "README config reference is stale: run `python -m tidal.docs`"
-    assert "`trainer.schedule.warmup_steps`" in section and "`data.source.train_files`" in section
 
 
-def test_vllm_engine_refuses_interruptible_generation() -> None:
-    with pytest.raises(ConfigError, match="rollout.interruptible needs rollout.engine: transformers"):
-        load_config(None, ["rollout.engine=vllm", "rollout.interruptible=true"])
-    cfg = load_config(REPO / "configs/quickstart.yaml", ["rollout.engine=vllm", "rollout.vllm.in_process=false"])
-    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.in_process is False
+def test_reference_shows_the_defaults_a_user_gets() -> None:
+    """A tagged union's `type` row shows the variant chosen by default (not each variant's own tag),
+    and only the default variant's fields carry the default instance's values."""
+    from tidal.docs import reference_rows
+
+    rows = reference_rows(RunConfig)
+    (correction,) = [r for r in rows if r.startswith("| `algorithm.loss.correction.type` |")]
+    assert "| `'tis'` |" in correction and "`mask`" in correction
+    (transport,) = [r for r in rows if r.startswith("| `weight_sync.transport.type` |")]
+    assert "| `'object_store'` |" in transport
+    assert not any(r.startswith("| `algorithm.loss.correction.type` | `'none'`") for r in rows)
+    assert sum(r.startswith("| `algorithm.loss.correction` with type") for r in rows) == 4
