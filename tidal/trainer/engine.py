@@ -62,6 +62,11 @@ def init_distributed(backend: str | None = None) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if backend == "gloo":
+        # CPU ranks: DeepSpeed would JIT-compile its shared-memory all-reduce op in every trainer
+        # process (25-80 s on 2 cores; rebuilt each time when the pip and system ninja, whose log
+        # hashes differ, share the build cache); gloo all-reduces without it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if dist.is_initialized() or "RANK" in os.environ:
         # A no-op when initialised already (DeepSpeed then wraps the existing process group).
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
