@@ -20,14 +20,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import deepspeed
 import torch
-import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tidal.config import ScheduleConfig, TrainerConfig
-from tidal.metrics import Metrics, Stat, mean, merge, total
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # The accelerator DeepSpeed falls back to anyway, named so that importing it does not warn on
+    # the user's terminal that no GPU was found (ranks and actors inherit the choice).
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
+from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
+
+from tidal.config import ScheduleConfig, TrainerConfig  # noqa: E402
+from tidal.metrics import Metrics, Stat, mean, merge, total  # noqa: E402
 from tidal.modeling import micro_batches, to_device
 from tidal.trainer.losses_sft import num_targets, sft_loss
 
