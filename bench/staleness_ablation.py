@@ -43,6 +43,7 @@ CORRECTIONS = {
 
 def run_cell(args: argparse.Namespace, staleness: int, correction: str, seed: int) -> dict:
     from tidal.config import load_config
+    from tidal.monitor import SUMMARY_KEY
     from tidal.train import run_train
 
     name = f"k{staleness}-{correction}-s{seed}"
@@ -64,7 +65,7 @@ def run_cell(args: argparse.Namespace, staleness: int, correction: str, seed: in
         "before": summary["eval/accuracy_before"], "after": summary["eval/accuracy"],
         "staleness_mean": statistics.fmean(r["async/staleness_mean"] for r in trained),
         "dropped": summary["ledger/dropped_stale_groups"],
-        "evals": [[r["step"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r],
+        "evals": [[r["step"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r and SUMMARY_KEY not in r],
     }  # fmt: skip
 
 
@@ -85,8 +86,9 @@ def table(results: list[dict], staleness: list[int], corrections: list[str]) -> 
                 continue
             acc, acc_std = mean_std([r["after"] for r in cell])
             loop, loop_std = mean_std([r["loop_s"] for r in cell])
+            loop_median = statistics.median(r["loop_s"] for r in cell)
             rows.append({"staleness": k, "correction": c, "seeds": len(cell), "acc": acc, "acc_std": acc_std,
-                         "delta": acc - base, "loop_s": loop, "loop_std": loop_std,
+                         "delta": acc - base, "loop_s": loop, "loop_std": loop_std, "loop_median": loop_median,
                          "before": statistics.fmean(r["before"] for r in cell),
                          "shared": any(r["correction"] != c for r in cell)})  # fmt: skip
     return rows
@@ -94,11 +96,13 @@ def table(results: list[dict], staleness: list[int], corrections: list[str]) -> 
 
 def print_table(rows: list[dict], steps: int) -> None:
     print(f"\nheld-out accuracy after {steps} steps (mean ± std over seeds), train-loop time")
-    print(f"{'staleness':>9} {'correction':>10} {'seeds':>5} {'accuracy':>14} {'vs on-policy':>12} {'loop s':>12}")
+    print(f"{'staleness':>9} {'correction':>10} {'seeds':>5} {'accuracy':>14} {'vs on-policy':>12} {'loop s':>12} "
+          f"{'median':>6}")  # fmt: skip
     for r in rows:
         note = "  (same runs for every correction)" if r["shared"] else ""
         print(f"{r['staleness']:>9} {r['correction']:>10} {r['seeds']:>5} {r['acc']:>7.1%} ± {r['acc_std']:>4.1%} "
-              f"{r['delta'] * 100:>+11.1f}p {r['loop_s']:>6.0f} ± {r['loop_std']:>3.0f}{note}")  # fmt: skip
+              f"{r['delta'] * 100:>+11.1f}p {r['loop_s']:>6.0f} ± {r['loop_std']:>3.0f} "
+              f"{r['loop_median']:>6.0f}{note}")  # fmt: skip
 
 
 def plot(rows: list[dict], results: list[dict], corrections: list[str], path: Path) -> None:
