@@ -110,8 +110,8 @@ def trl_settings(cfg: Any, steps: int, seed: int, out: Path) -> dict[str, Any]:
         "use_vllm": False,
         # --- loss
         "beta": loss.kl.coef,  # algorithm.loss.kl.coef (0: no KL, no reference model)
-        "epsilon": loss.eps_low,  # algorithm.loss.eps_low (0.2)
-        "epsilon_high": loss.eps_high,  # algorithm.loss.eps_high (0.28, clip-higher)
+        "epsilon": loss.trust_region.eps_low,  # algorithm.loss.trust_region.eps_low (0.2)
+        "epsilon_high": loss.trust_region.eps_high,  # algorithm.loss.trust_region.eps_high (0.28, clip-higher)
         "importance_sampling_level": loss.ratio,  # algorithm.loss.ratio (token)
         "loss_type": "dapo",  # algorithm.loss.aggregation token-mean: sum over the step's tokens / their count
         "scale_rewards": "group",  # algorithm.advantage grpo: (r - group mean) / group std (Bessel)
@@ -145,7 +145,9 @@ def check_mappable(cfg: Any) -> None:
         "algorithm.advantage must be grpo": a.advantage != "grpo",
         "algorithm.minibatches must be 1": a.minibatches != 1,
         "algorithm.loss.aggregation must be token-mean": a.loss.aggregation != "token-mean",
-        "algorithm.loss.dual_clip must be null": a.loss.dual_clip is not None,
+        "algorithm.loss.trust_region must be clip with dual_clip null": (
+            a.loss.trust_region.type != "clip" or a.loss.trust_region.dual_clip is not None
+        ),
         "data.chat_template must be false": cfg.data.chat_template,
         "rollout.stop must be empty": bool(r.stop),
         "trainer.precision must be fp32": t.precision != "fp32",

@@ -197,6 +197,9 @@ class TrainBatch(TokenBatch):
     """(B, T) proximal log-probs, recomputed by the trainer before the update."""
     logp_ref: torch.Tensor | None = None
     """(B, T) reference-policy log-probs (when a KL penalty is on)."""
+    m2po_keep: torch.Tensor | None = None
+    """(B, T) bool, the M2PO trust region's mask over the whole rollout batch: True on the tokens it
+    keeps (with `trust_region: m2po`; computed before the batch is split)."""
 
 
 # ---------------------------------------------------------------------------------- actor results

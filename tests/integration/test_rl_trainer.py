@@ -23,6 +23,7 @@ from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.trainer.actor import TrainerActor, TrainerActorConfig
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.losses import aggregated_loss, policy_loss
+from tidal.trainer.offpolicy import m2po_mask
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import Group, Prompt, Sample, TrainBatch
 
@@ -253,6 +254,34 @@ def test_behavior_correction_skips_recompute(
     assert actor.version == 2 and finite(m)
     assert "rollout/logp_mismatch_mean" not in m and "rollout/logp_mismatch_max" not in m
     assert m["offpolicy/is_weight_mean"] == 1.0 and m["train/grad_norm"] > 0
+
+
+def test_m2po_step_masks_over_the_whole_batch(
+    preset: Path, groups: list[Group], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step with `trust_region: m2po` through TrainerActor. The behavior log-probs of each sample's
+    first token are lowered by 2, so log(pi_old / mu) is 2 there and ~0 elsewhere (version-0 samples):
+    the mask must drop exactly those 8 tokens (with one of them kept the M2 would
+    be at least 4 / (n - 7) > 0.04, as n <= 32)."""
+    shifted = copy.deepcopy(groups)
+    for g in shifted:
+        for s in g.samples:
+            s.logp_mu = [s.logp_mu[0] - 2.0, *s.logp_mu[1:]]
+    calls: list[tuple[int, float]] = []
+
+    def spy(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, threshold: float) -> Any:
+        calls.append((mask.shape[0], threshold))
+        return m2po_mask(logp_old, logp_mu, mask, threshold)
+
+    monkeypatch.setattr(actor_module, "m2po_mask", spy)
+    cfg = config("algorithm.minibatches=2", "algorithm.loss.trust_region.type=m2po")
+    actor = TrainerActor(TrainerActorConfig.of(cfg), str(preset))
+    m = values(actor.step(shifted).metrics)
+    n = sum(len(s.response_ids) for g in groups for s in g.samples)
+    assert calls == [(8, 0.04)]  # once per rollout batch, on all 8 rows (2 minibatches, micro-batches of 3)
+    assert actor.version == 2 and finite(m) and m["train/loss"] != 0 and m["train/grad_norm"] > 0
+    assert m["offpolicy/m2_masked_frac"] == pytest.approx(8 / n) and m["offpolicy/m2_kept"] < 1e-6
+    assert "train/clip_frac" not in m
 
 
 # ------------------------------------------------------------------------------------- publishing

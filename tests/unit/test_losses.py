@@ -6,7 +6,16 @@ import pytest
 import torch
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-from tidal.config import BehaviorCorrection, KLConfig, LossConfig, MaskCorrection, NoCorrection, TISCorrection
+from tidal.config import (
+    BehaviorCorrection,
+    ClipTrustRegion,
+    KLConfig,
+    LossConfig,
+    M2POTrustRegion,
+    MaskCorrection,
+    NoCorrection,
+    TISCorrection,
+)
 from tidal.metrics import Stat
 from tidal.modeling import entropy as entropy_from_logits
 from tidal.modeling import token_logprobs
@@ -19,6 +28,7 @@ from tidal.trainer.losses import (
     ppo_clip_loss,
     router_aux_loss,
 )
+from tidal.trainer.offpolicy import m2po_mask
 
 pytestmark = pytest.mark.unit
 
@@ -256,16 +266,20 @@ def test_constant_aggregation_needs_max_len() -> None:
         aggregate(PER_TOKEN, MASK, "constant")
 
 
-def test_everything_is_zero_and_finite_when_nothing_is_valid() -> None:
+@pytest.mark.parametrize("trust", [ClipTrustRegion(dual_clip=3.0), M2POTrustRegion()])
+def test_everything_is_zero_and_finite_when_nothing_is_valid(trust: ClipTrustRegion | M2POTrustRegion) -> None:
     B, T, V = 2, 3, 4
     logits = torch.randn(B, T, V, requires_grad=True)
     mask = torch.zeros(B, T)
     logp = token_logprobs(logits, torch.zeros(B, T, dtype=torch.long))
     entropy = entropy_from_logits(logits)
     bad = torch.full((B, T), NAN)
-    cfg = LossConfig(correction=TISCorrection(level="sequence"), ratio="sequence", dual_clip=3.0,
+    cfg = LossConfig(correction=TISCorrection(level="sequence"), ratio="sequence", trust_region=trust,
                      kl=KLConfig(coef=0.1), entropy_coef=0.01)  # fmt: skip
-    per_token, metrics = policy_loss(logp, bad, torch.full((B, T), -INF), bad, mask, cfg, logp_ref=bad, entropy=entropy)
+    mu = torch.full((B, T), -INF)
+    keep, batch_metrics = m2po_mask(bad, mu, mask, 0.04)
+    per_token, metrics = policy_loss(logp, bad, mu, bad, mask, cfg, keep=keep, logp_ref=bad, entropy=entropy)
+    metrics |= batch_metrics
     assert approx(per_token, [[0.0] * T] * B)
     assert all(v.value.item() == 0.0 for v in metrics.values()), metrics
     assert all(float(v.weight) == 0.0 for v in metrics.values() if v.reduce == "mean")  # nothing to average

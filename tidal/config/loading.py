@@ -84,6 +84,7 @@ def _format_error(err: ValidationError, tree: dict[str, Any]) -> str:
 _TAGGED_SECTIONS = {
     ("data", "source"): "arithmetic",
     ("algorithm", "loss", "correction"): "tis",
+    ("algorithm", "loss", "trust_region"): "clip",
     ("weight_sync", "transport"): "object_store",
 }
 

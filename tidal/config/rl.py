@@ -56,17 +56,17 @@ class WeightSyncConfig(Strict):
 
 class NoCorrection(Strict):
     type: Literal["none"] = "none"
-    """PPO clip on r = pi/pi_old alone, ignoring the behavior policy (the baseline)."""
+    """The trust region on r = pi/pi_old alone, ignoring the behavior policy (the baseline)."""
 
 
 class BehaviorCorrection(Strict):
     type: Literal["behavior"] = "behavior"
-    """PPO clip on pi/mu with the behavior log-probs as the proximal policy (no recompute)."""
+    """The trust region on r = pi/mu, the behavior log-probs as the proximal policy (no recompute)."""
 
 
 class TISCorrection(Strict):
     type: Literal["tis"] = "tis"
-    """Truncated importance sampling: weight min(k, c) on the clip loss, k = pi_old/mu (Yao et al.
+    """Truncated importance sampling: weight min(k, c) on the surrogate, k = pi_old/mu (Yao et al.
     2025); with the recomputed pi_old as proximal policy this is decoupled PPO (Fu et al. 2025)."""
     level: Literal["token", "sequence", "geometric"] = "token"
     """k per token, per sequence (product of token ratios) or as the per-sequence geometric mean."""
@@ -96,6 +96,33 @@ Correction = Annotated[
 ]
 
 
+class ClipTrustRegion(Strict):
+    type: Literal["clip"] = "clip"
+    """PPO's clipped surrogate on r = pi/pi_old (Schulman et al. 2017), with DAPO's clip-higher and an
+    optional dual clip."""
+    eps_low: float = Field(0.2, ge=0.0)
+    """r is clipped below at 1 - eps_low."""
+    eps_high: float = Field(0.28, ge=0.0)
+    """r is clipped above at 1 + eps_high (DAPO's clip-higher)."""
+    dual_clip: float | None = Field(None, gt=1.0)
+    """Dual clip c > 1: for negative advantages the loss is bounded by -c * A (null: off)."""
+
+
+class M2POTrustRegion(Strict):
+    type: Literal["m2po"] = "m2po"
+    """M2PO's second-moment trust region (Zheng et al. 2025): per rollout batch, the tokens with the
+    largest |log(pi_old/mu)| are masked until the mean of (log(pi_old/mu))^2 over the kept ones is at
+    most `threshold`; the kept tokens get the unclipped importance-weighted gradient r * A."""
+    threshold: float = Field(0.04, gt=0.0)
+    """Bound tau on the second moment of the kept tokens' log(pi_old/mu) (the paper's 0.04)."""
+
+
+TrustRegion = Annotated[ClipTrustRegion | M2POTrustRegion, Field(discriminator="type")]
+
+# Keys that moved from `algorithm.loss` into `algorithm.loss.trust_region` (type clip).
+_MOVED_TO_TRUST_REGION = ("eps_low", "eps_high", "dual_clip")
+
+
 class KLConfig(Strict):
     coef: float = Field(0.0, ge=0.0)
     """Weight of the KL penalty to the frozen reference (the warm start); 0 loads no reference."""
@@ -108,12 +135,9 @@ class LossConfig(Strict):
     """Off-policy correction between the behavior policy mu and the trainer's pi_old; `type` picks it."""
     ratio: Literal["token", "sequence"] = "token"
     """PPO ratio r per token, or GSPO's per-sequence ratio (geometric mean of token ratios)."""
-    eps_low: float = Field(0.2, ge=0.0)
-    """PPO clip: r is clipped below at 1 - eps_low."""
-    eps_high: float = Field(0.28, ge=0.0)
-    """PPO clip: r is clipped above at 1 + eps_high (DAPO's clip-higher)."""
-    dual_clip: float | None = Field(None, gt=1.0)
-    """Dual clip c > 1: for negative advantages the loss is bounded by -c * A (null: off)."""
+    trust_region: TrustRegion = ClipTrustRegion()
+    """How far the update may move from pi_old: PPO's clip (`clip`, the default) or M2PO's
+    second-moment mask (`m2po`); `type` picks it."""
     aggregation: Literal["token-mean", "sequence-mean", "constant"] = "token-mean"
     """Token mean over the batch, mean of per-sequence means, or Dr. GRPO's sum / (sequences x
     rollout.max_new_tokens)."""
@@ -127,7 +151,18 @@ class LossConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_tag(cls, data: Any) -> Any:
-        return _with_default_tag(data, "correction", "tis")
+        if isinstance(data, dict) and (moved := [k for k in _MOVED_TO_TRUST_REGION if k in data]):
+            raise ValueError(f"algorithm.loss.{moved[0]} is now algorithm.loss.trust_region.{moved[0]} "
+                             "(trust_region type clip, the default)")  # fmt: skip
+        return _with_default_tag(_with_default_tag(data, "correction", "tis"), "trust_region", "clip")
+
+    @model_validator(mode="after")
+    def _m2po_needs_pi_old(self) -> LossConfig:
+        if isinstance(self.trust_region, M2POTrustRegion) and isinstance(self.correction, BehaviorCorrection):
+            raise ValueError("algorithm.loss.trust_region type m2po masks by log(pi_old/mu) and needs the "
+                             "recomputed pi_old, which correction type behavior skips; use correction tis, "
+                             "mask or none")  # fmt: skip
+        return self
 
 
 class AlgorithmConfig(Strict):

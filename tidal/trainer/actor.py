@@ -19,6 +19,7 @@ import torch
 from tidal.config import (
     AlgorithmConfig,
     BehaviorCorrection,
+    M2POTrustRegion,
     ModelConfig,
     RolloutConfig,
     RunConfig,
@@ -29,6 +30,7 @@ from tidal.metrics import Metrics, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
 from tidal.trainer.engine import DeepSpeedTrainer
+from tidal.trainer.offpolicy import m2po_mask
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import Group, StepResult, TrainBatch
 from tidal.weight_sync import WeightHandle, WeightPublisher, make_publisher, sync_group_address
@@ -107,18 +109,27 @@ class TrainerActor:
         cfg, temp = self.cfg, self.cfg.rollout.temperature
         mb = cfg.trainer.micro_batch_size
         tokens = float(batch.loss_mask.sum())
-        if not isinstance(cfg.algorithm.loss.correction, BehaviorCorrection):
+        loss_cfg = cfg.algorithm.loss
+        if not isinstance(loss_cfg.correction, BehaviorCorrection):
             batch.logp_old = batch_logprobs(self.trainer.module, batch, temp, mb)
             gap = logp_mismatch(batch.logp_mu, batch.logp_old, batch.loss_mask)
             if gap:
                 metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
                 metrics["rollout/logp_mismatch_max"] = largest(gap["logp_mismatch_max"])
+        if isinstance(loss_cfg.trust_region, M2POTrustRegion):
+            # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;
+            # the mask covers the whole rollout batch and every minibatch reuses its rows. (With several
+            # trainer ranks, each would all-gather the valid tokens' log ratios to build the same mask.)
+            assert batch.logp_old is not None  # the config rejects m2po with the behavior correction
+            threshold = loss_cfg.trust_region.threshold
+            batch.m2po_keep, m2po_metrics = m2po_mask(batch.logp_old, batch.logp_mu, batch.loss_mask, threshold)
+            metrics.update(m2po_metrics)
         if self.ref is not None:
             batch.logp_ref = batch_logprobs(self.ref, batch, temp, mb)
         t_recompute = time.perf_counter()
         steps = []
         for minibatch in split_parts(batch, cfg.algorithm.minibatches):
-            norm = loss_denominator(minibatch, cfg.algorithm.loss, cfg.rollout.max_new_tokens)
+            norm = loss_denominator(minibatch, loss_cfg, cfg.rollout.max_new_tokens)
             steps.append(self.trainer.train_step(minibatch, loss_fn=self.loss, normalizer=norm))
         t_end = time.perf_counter()
         # The loss's metrics carry their namespace (train/, offpolicy/, moe/); the trainer's do not.

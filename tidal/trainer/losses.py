@@ -11,14 +11,24 @@ is 0.
 
 Ratios: r = pi / pi_old (the PPO ratio, pi_old the trainer's recomputed "proximal" policy) and
 k = pi_old / mu (mu the behavior policy that sampled the rollout, off by stale weights and by
-inference-engine numerics).
+inference-engine numerics). The correction weighs each token by a function of k; the trust region
+bounds how far r may move: PPO's clip (`ppo_clip_loss`) or M2PO's mask (`m2po_loss`, with the mask
+computed over the whole rollout batch by `tidal.trainer.offpolicy.m2po_mask`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tidal.config import BehaviorCorrection, LossConfig, MaskCorrection, NoCorrection, TISCorrection
+from tidal.config import (
+    BehaviorCorrection,
+    ClipTrustRegion,
+    LossConfig,
+    M2POTrustRegion,
+    MaskCorrection,
+    NoCorrection,
+    TISCorrection,
+)
 from tidal.metrics import Metrics, Stat, largest, mean, smallest
 
 Correction = NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection
@@ -53,9 +63,12 @@ def _masked_max(x: torch.Tensor, valid: torch.Tensor) -> Stat:
 
 
 def importance_weights(
-    logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, correction: Correction
+    logp_old: torch.Tensor,
+    logp_mu: torch.Tensor,
+    mask: torch.Tensor,
+    correction: Correction,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Off-policy weight w (B, T) on the clip loss, from k = pi_old / mu = exp(logp_old - logp_mu).
+    """Off-policy weight w (B, T) on the surrogate, from k = pi_old / mu = exp(logp_old - logp_mu).
 
     Levels of k: `token` k_t; `sequence` the true sequence IS ratio prod_t k_t (log k summed over the
     sequence's valid tokens); `geometric` the per-sequence geometric mean (log k averaged over valid
@@ -115,6 +128,27 @@ def importance_weights(
     return w, metrics
 
 
+def policy_ratio(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor, ratio: str = "token") -> torch.Tensor:
+    """The ratio r (B, T) of the surrogate, with grad through logp (values at masked positions unused).
+
+    `ratio="token"`: r_t = exp(logp_t - logp_old_t). `ratio="sequence"`: GSPO (Zheng et al. 2025,
+    "Group Sequence Policy Optimization"), s_i = exp(mean over the sequence's valid tokens of
+    logp - logp_old), the length-normalised ratio (a sum would explode on long sequences); used in the
+    GSPO-token form r_t = sg[s_i] * exp(logp_t - sg[logp_t]), whose value is s_i and whose gradient
+    flows per token. |log r| is bounded by 20 before exp.
+    """
+    valid = mask.bool()  # (B, T)
+    logp_safe = torch.where(valid, logp, 0.0)  # (B, T)
+    log_r = torch.where(valid, logp - logp_old, 0.0)  # (B, T)
+    if ratio == "sequence":
+        n = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_s = log_r.sum(-1, keepdim=True) / n  # (B, 1)
+        log_r = log_s.detach() + logp_safe - logp_safe.detach()  # (B, T), value log s_i
+    elif ratio != "token":
+        raise ValueError(f"unknown ratio {ratio!r}; known: token, sequence")
+    return torch.exp(log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+
 def ppo_clip_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -128,27 +162,15 @@ def ppo_clip_loss(
     """PPO clipped surrogate per token: max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A), (B, T).
 
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; asymmetric eps_high is DAPO's
-    clip-higher (Yu et al. 2025). `ratio="token"`: r_t = exp(logp_t - logp_old_t). `ratio="sequence"`:
-    GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"), s_i = exp(mean over the sequence's
-    valid tokens of logp - logp_old), the length-normalised ratio (a sum would explode on long
-    sequences); used in the GSPO-token form r_t = sg[s_i] * exp(logp_t - sg[logp_t]), whose value is s_i
-    and whose gradient flows per token. `dual_clip` c > 1: where A < 0 the loss is min(loss, -c A)
-    (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", dual-clip PPO).
-    |log r| is bounded by 20 before exp. Zero at masked positions.
+    clip-higher (Yu et al. 2025). r per token or GSPO's per sequence (`policy_ratio`). `dual_clip`
+    c > 1: where A < 0 the loss is min(loss, -c A) (Ye et al. 2020, "Mastering Complex Control in MOBA
+    Games with Deep RL", dual-clip PPO). Zero at masked positions.
 
     Metrics: `train/clip_frac` (valid tokens where the clipped term is taken and differs from the
     unclipped one), `train/dual_clip_frac`, `train/ratio_mean`, `train/ratio_max`.
     """
     valid = mask.bool()  # (B, T)
-    logp_safe = torch.where(valid, logp, 0.0)  # (B, T)
-    log_r = torch.where(valid, logp - logp_old, 0.0)  # (B, T)
-    if ratio == "sequence":
-        n = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-        log_s = log_r.sum(-1, keepdim=True) / n  # (B, 1)
-        log_r = log_s.detach() + logp_safe - logp_safe.detach()  # (B, T), value log s_i
-    elif ratio != "token":
-        raise ValueError(f"unknown ratio {ratio!r}; known: token, sequence")
-    r = torch.exp(log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # (B, T)
+    r = policy_ratio(logp, logp_old, mask, ratio)  # (B, T)
     A = torch.where(valid, advantages, 0.0).to(r.dtype)  # (B, T)
     unclipped = -r * A
     clipped = -r.clamp(1.0 - eps_low, 1.0 + eps_high) * A
@@ -166,6 +188,35 @@ def ppo_clip_loss(
         "train/ratio_mean": _masked_mean(r, valid),
         "train/ratio_max": _masked_max(r, valid),
     }
+    return loss, metrics
+
+
+def m2po_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    keep: torch.Tensor,
+    ratio: str = "token",
+) -> tuple[torch.Tensor, Metrics]:
+    """M2PO's surrogate per token: -M r A, (B, T), no clipping.
+
+    Zheng, Zhao, Chen 2025, "Prosperity before Collapse: How Far Can Off-Policy RL Reach with Stale
+    Data on LLMs?" (arXiv 2510.01161): the trust region is the second-moment mask M = `keep` (B, T),
+    True on the tokens kept, computed once over the whole rollout batch by
+    `tidal.trainer.offpolicy.m2po_mask`; the kept tokens get the plain importance-weighted policy
+    gradient r A, the dropped ones none. r as in `policy_ratio` (with `ratio="sequence"` the value s_i
+    still averages over all the sequence's valid tokens, dropped ones included). Zero at masked and
+    dropped positions.
+
+    Metrics: `train/ratio_mean`, `train/ratio_max` (over valid tokens).
+    """
+    valid = mask.bool()  # (B, T)
+    kept = valid & keep.bool()  # (B, T)
+    r = policy_ratio(logp, logp_old, mask, ratio)  # (B, T)
+    A = torch.where(valid, advantages, 0.0).to(r.dtype)  # (B, T)
+    loss = torch.where(kept, -r * A, 0.0)  # (B, T)
+    metrics = {"train/ratio_mean": _masked_mean(r, valid), "train/ratio_max": _masked_max(r, valid)}
     return loss, metrics
 
 
@@ -194,18 +245,22 @@ def policy_loss(
     mask: torch.Tensor,
     cfg: LossConfig,
     *,
+    keep: torch.Tensor | None = None,
     logp_ref: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Per-token policy loss (B, T): w * clip-loss(r) + beta KL(pi || pi_ref) - alpha H(pi).
+    """Per-token policy loss (B, T): w * surrogate(r) + beta KL(pi || pi_ref) - alpha H(pi).
 
-    `none`: r = pi / pi_old, w = 1. `behavior`: r = pi / mu (mu is the proximal policy, no recompute;
-    logp_old may be None), w = 1. `tis` / `mask`: r = pi / pi_old and w = importance_weights(pi_old,
-    mu), applied always (AReaL drops it unless an option is set; we do not). The KL term is added when
+    The correction picks r and w. `none`: r = pi / pi_old, w = 1. `behavior`: r = pi / mu (mu is the
+    proximal policy, no recompute; logp_old may be None), w = 1. `tis` / `mask`: r = pi / pi_old and
+    w = importance_weights(pi_old, mu), applied always (AReaL drops it unless an option is set; we do
+    not). The trust region picks the surrogate: `clip`, PPO's `ppo_clip_loss`; `m2po`, `m2po_loss`
+    with `keep` (B, T), the batch's M2PO mask from `tidal.trainer.offpolicy.m2po_mask` (required). With
+    `tis` and a large c, m2po's w * M r A is the paper's M (pi / mu) A. The KL term is added when
     cfg.kl.coef > 0 (logp_ref required), the entropy bonus when cfg.entropy_coef > 0 (entropy required).
     Zero at masked positions.
 
-    Metrics: those of `ppo_clip_loss` and `importance_weights`, plus `train/pg_loss` (w * clip-loss),
+    Metrics: those of the surrogate and `importance_weights`, plus `train/pg_loss` (w * surrogate),
     `train/kl` (when logp_ref is given) and `train/entropy` (when entropy is given).
     """
     corr = cfg.correction
@@ -221,14 +276,21 @@ def policy_loss(
     prox = logp_mu if isinstance(corr, BehaviorCorrection) else logp_old
     assert prox is not None  # checked above
     valid = mask.bool()  # (B, T)
-    clip_loss, metrics = ppo_clip_loss(
-        logp, prox, advantages, mask, cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.ratio
-    )  # (B, T)
+    trust = cfg.trust_region
+    if isinstance(trust, M2POTrustRegion):
+        if keep is None:
+            raise ValueError("loss.trust_region.type='m2po' needs `keep`, the rollout batch's mask from m2po_mask")
+        surrogate, metrics = m2po_loss(logp, prox, advantages, mask, keep, cfg.ratio)  # (B, T)
+    elif isinstance(trust, ClipTrustRegion):
+        surrogate, metrics = ppo_clip_loss(logp, prox, advantages, mask, trust.eps_low, trust.eps_high,
+                                           trust.dual_clip, cfg.ratio)  # fmt: skip
+    else:
+        raise ValueError(f"unknown trust region {trust!r}; known: clip, m2po")
     # none / behavior may lack one of pi_old, mu; their weight is 1 whatever k is, so use k = 1 then.
     old = logp_old if logp_old is not None else prox
     mu = logp_mu if logp_mu is not None else prox
     w, w_metrics = importance_weights(old, mu, mask, corr)  # (B, T)
-    pg = w * clip_loss  # (B, T), both 0 at masked positions
+    pg = w * surrogate  # (B, T), both 0 at masked positions
     metrics |= w_metrics
     metrics["train/pg_loss"] = _masked_mean(pg, valid)
     per_token = pg

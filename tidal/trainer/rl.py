@@ -67,7 +67,7 @@ class RLLoss:
         behavior = isinstance(cfg.correction, BehaviorCorrection)
         logp_old = micro.logp_mu if behavior or micro.logp_old is None else micro.logp_old
         per_token, metrics = policy_loss(logp, logp_old, micro.logp_mu, micro.advantages, mask, cfg,
-                                         logp_ref=micro.logp_ref, entropy=H)  # fmt: skip
+                                         keep=micro.m2po_keep, logp_ref=micro.logp_ref, entropy=H)  # fmt: skip
         numerator, _ = aggregate(per_token, mask, cfg.aggregation, self.max_len)
         if router:
             aux, moe = router_aux_loss(router, model_num_experts(model), model_top_k(model), micro.attention_mask)
