@@ -224,6 +224,8 @@ def test_trainer_actor_step(preset: Path, groups: list[Group]) -> None:
     assert m["async/staleness_mean"] == 0 and m["async/staleness_max"] == 0
     assert m["rollout/logp_mismatch_max"] < 1e-4  # the worker sampled with these very weights
     assert m["offpolicy/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m["offpolicy/ess"] == pytest.approx(1.0, abs=1e-6) and m["offpolicy/m2"] < 1e-8
+    assert "offpolicy/clipped_token_entropy" in m and "offpolicy/truncated_token_entropy" in m
 
     # The same version-0 samples two optimizer steps later: stale by 2, and pi_old has moved off mu.
     m = values(actor.step(groups).metrics)
@@ -233,6 +235,7 @@ def test_trainer_actor_step(preset: Path, groups: list[Group]) -> None:
     assert m["async/staleness_frac_0"] == 0.0  # the histogram covers ages 0..max_staleness
     assert m["rollout/logp_mismatch_max"] > 1e-3
     assert m["offpolicy/is_weight_mean"] != pytest.approx(1.0, abs=1e-4)
+    assert m["offpolicy/ess"] < 1.0 and m["offpolicy/m2"] > 1e-6
 
     skipped = actor.step([])
     assert not skipped.trained and skipped.version == 4
@@ -261,7 +264,7 @@ def test_m2po_step_masks_over_the_whole_batch(
 ) -> None:
     """A step with `trust_region: m2po` through TrainerActor. The behavior log-probs of each sample's
     first token are lowered by 2, so log(pi_old / mu) is 2 there and ~0 elsewhere (version-0 samples):
-    the mask must drop exactly those 8 tokens (with one of them kept the M2 would
+    M2 = 4 * 8 / n, and the mask must drop exactly those 8 tokens (with one of them kept the M2 would
     be at least 4 / (n - 7) > 0.04, as n <= 32)."""
     shifted = copy.deepcopy(groups)
     for g in shifted:
@@ -280,8 +283,11 @@ def test_m2po_step_masks_over_the_whole_batch(
     n = sum(len(s.response_ids) for g in groups for s in g.samples)
     assert calls == [(8, 0.04)]  # once per rollout batch, on all 8 rows (2 minibatches, micro-batches of 3)
     assert actor.version == 2 and finite(m) and m["train/loss"] != 0 and m["train/grad_norm"] > 0
+    assert m["offpolicy/m2"] == pytest.approx(4 * 8 / n, rel=1e-3)
     assert m["offpolicy/m2_masked_frac"] == pytest.approx(8 / n) and m["offpolicy/m2_kept"] < 1e-6
-    assert "train/clip_frac" not in m
+    e2 = math.exp(2.0)
+    assert m["offpolicy/ess"] == pytest.approx((8 * e2 + n - 8) ** 2 / (n * (8 * e2**2 + n - 8)), rel=1e-3)
+    assert "train/clip_frac" not in m and m["offpolicy/clipped_token_entropy"] > 0  # the dropped tokens'
 
 
 # ------------------------------------------------------------------------------------- publishing

@@ -16,7 +16,7 @@ from tidal.config import (
     NoCorrection,
     TISCorrection,
 )
-from tidal.metrics import Stat
+from tidal.metrics import Stat, merge
 from tidal.modeling import entropy as entropy_from_logits
 from tidal.modeling import token_logprobs
 from tidal.trainer.losses import (
@@ -28,7 +28,7 @@ from tidal.trainer.losses import (
     ppo_clip_loss,
     router_aux_loss,
 )
-from tidal.trainer.offpolicy import m2po_mask
+from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 
 pytestmark = pytest.mark.unit
 
@@ -178,6 +178,59 @@ def test_gspo_sequence_ratio_is_exp_of_the_mean() -> None:
     assert torch.allclose(long_loss, torch.full((1, 100), -1.1051709))  # e^0.1, not e^10
 
 
+# ------------------------------------------------------------------------------------------ diagnostics
+
+
+def test_offpolicy_stats_hand_values() -> None:
+    # Valid log k = [0, ln 2, -ln 2, 0], so k = [1, 2, 0.5, 1]: sum k = 4.5, sum k^2 = 6.25 and
+    # ESS = 4.5^2 / (4 * 6.25) = 0.81; M2 = 2 ln^2 2 / 4. A valid token with mu = 0 (log k = +inf) and
+    # the padding (NaN) are left out.
+    logp_old = t([0.0, LN2, -LN2, 0.0, -1.0, NAN])
+    logp_mu = t([0.0, 0.0, 0.0, 0.0, -INF, 0.0])
+    mask = t([1, 1, 1, 1, 1, 0])
+    m = offpolicy_stats(logp_old, logp_mu, mask)
+    assert approx(m["offpolicy/ess"], 0.81) and float(m["offpolicy/ess"].weight) == 4
+    assert approx(m["offpolicy/m2"], LN2**2 / 2) and float(m["offpolicy/m2"].weight) == 4
+    on_policy = offpolicy_stats(logp_old, logp_old, mask)
+    assert approx(on_policy["offpolicy/ess"], 1.0) and approx(on_policy["offpolicy/m2"], 0.0)
+    # One weight e^400 (beyond float64) dominates four: ESS -> 1/4, without overflow.
+    m = offpolicy_stats(t([400.0, 0.0, 0.0, 0.0]), torch.zeros(1, 4), torch.ones(1, 4))
+    assert approx(m["offpolicy/ess"], 0.25) and approx(m["offpolicy/m2"], 400.0**2 / 4, tol=1e-2)
+
+
+def test_truncated_token_entropy_is_over_the_tokens_the_correction_cuts() -> None:
+    logp_old = t([LN3, math.log(0.5), 0.0, math.log(0.4), NAN])  # k = [3, 0.5, 1, 0.4]
+    mu, mask, H = torch.zeros(1, 5), t([1, 1, 1, 1, 0]), t([2.0, 1.0, 0.5, 4.0, 99.0])
+    _, m = importance_weights(logp_old, mu, mask, TISCorrection(c=2.0), entropy=H)
+    assert approx(m["offpolicy/truncated_token_entropy"], 2.0)  # only k = 3 is truncated
+    assert float(m["offpolicy/truncated_token_entropy"].weight) == 1
+    _, m = importance_weights(logp_old, mu, mask, MaskCorrection(low=0.5, high=2.0), entropy=H)
+    assert approx(m["offpolicy/truncated_token_entropy"], 3.0)  # k = 3 and 0.4 are masked: (2 + 4) / 2
+    _, m = importance_weights(logp_old, mu, mask, NoCorrection(), entropy=H)
+    none = m["offpolicy/truncated_token_entropy"]
+    assert approx(none, 0.0) and float(none.weight) == 0
+    assert "offpolicy/truncated_token_entropy" not in importance_weights(logp_old, mu, mask, NoCorrection())[1]
+
+
+def test_clipped_token_diagnostics_and_their_merge_over_micro_batches() -> None:
+    # As in test_asymmetric_clip_hand_values: tokens 0 (r = 1.5, A = 1) and 3 (r = 0.5, A = -1) are clipped.
+    logp = t([math.log(1.5), math.log(1.5), math.log(0.5), math.log(0.5), math.log(1.1)])
+    A, H = t([1.0, -1.0, 1.0, -1.0, 2.0]), t([1.0, 2.0, 3.0, 4.0, 5.0])
+    _, m = ppo_clip_loss(logp, torch.zeros(1, 5), A, torch.ones(1, 5), 0.1, 0.3, entropy=H)
+    assert approx(m["offpolicy/clipped_token_entropy"], 2.5)  # (1 + 4) / 2, beside a mean entropy of 3
+    assert approx(m["offpolicy/clipped_pos_adv_frac"], 0.5)  # one above 1 + eps_high, one below 1 - eps_low
+    assert float(m["offpolicy/clipped_token_entropy"].weight) == 2
+    # Split into micro-batches [0, 1] and [2, 3, 4], the declared reductions give the same values.
+    parts = [ppo_clip_loss(logp[:, s], torch.zeros(1, 5)[:, s], A[:, s], torch.ones(1, 5)[:, s], 0.1, 0.3,
+                           entropy=H[:, s])[1] for s in (slice(0, 2), slice(2, 5))]  # fmt: skip
+    merged = merge(parts)
+    for key in ("offpolicy/clipped_token_entropy", "offpolicy/clipped_pos_adv_frac", "train/clip_frac"):
+        assert approx(merged[key], float(m[key].value)), key
+    _, m = ppo_clip_loss(logp, torch.zeros(1, 5), A, torch.ones(1, 5), 10.0, 10.0, entropy=H)
+    none = m["offpolicy/clipped_token_entropy"]
+    assert approx(none, 0.0) and float(none.weight) == 0
+
+
 # ------------------------------------------------------------------------------------------ KL
 
 
@@ -279,7 +332,8 @@ def test_everything_is_zero_and_finite_when_nothing_is_valid(trust: ClipTrustReg
     mu = torch.full((B, T), -INF)
     keep, batch_metrics = m2po_mask(bad, mu, mask, 0.04)
     per_token, metrics = policy_loss(logp, bad, mu, bad, mask, cfg, keep=keep, logp_ref=bad, entropy=entropy)
-    metrics |= batch_metrics
+    metrics |= batch_metrics | offpolicy_stats(bad, mu, mask)
+    assert "offpolicy/clipped_token_entropy" in metrics and "offpolicy/truncated_token_entropy" in metrics
     assert approx(per_token, [[0.0] * T] * B)
     assert all(v.value.item() == 0.0 for v in metrics.values()), metrics
     assert all(float(v.weight) == 0.0 for v in metrics.values() if v.reduce == "mean")  # nothing to average

@@ -111,13 +111,16 @@ def test_m2po_loss_is_unclipped_and_dropped_tokens_get_zero_gradient() -> None:
     A = t([1.0, -1.0, 2.0, NAN])
     mask = t([1, 1, 1, 0])
     keep = torch.tensor([[True, True, False, True]])  # True on padding does not make it count
-    loss, m = m2po_loss(logp, logp_old, A, mask, keep)
+    H = t([0.5, 1.0, 2.0, 9.0])
+    loss, m = m2po_loss(logp, logp_old, A, mask, keep, entropy=H)
     # -r A with no clip: PPO would clip 1.5 at 1.28 (A > 0) and 0.5 at 0.8 (A < 0).
     assert loss.flatten().tolist() == pytest.approx([-1.5, 0.5, 0.0, 0.0])
     loss.sum().backward()
     assert logp.grad is not None
     assert logp.grad.flatten().tolist() == pytest.approx([-1.5, 0.5, 0.0, 0.0])  # d(-rA)/dlogp = -rA; 0 where dropped
     assert val(m["train/ratio_mean"]) == pytest.approx(5.0 / 3) and val(m["train/ratio_max"]) == pytest.approx(3.0)
+    assert val(m["offpolicy/clipped_token_entropy"]) == pytest.approx(2.0)  # the dropped token's
+    assert val(m["offpolicy/clipped_pos_adv_frac"]) == 1.0 and float(m["offpolicy/clipped_pos_adv_frac"].weight) == 1
 
 
 def test_huge_threshold_is_the_unclipped_importance_weighted_policy_gradient() -> None:

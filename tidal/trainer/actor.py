@@ -30,7 +30,7 @@ from tidal.metrics import Metrics, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
 from tidal.trainer.engine import DeepSpeedTrainer
-from tidal.trainer.offpolicy import m2po_mask
+from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import Group, StepResult, TrainBatch
 from tidal.weight_sync import WeightHandle, WeightPublisher, make_publisher, sync_group_address
@@ -116,6 +116,7 @@ class TrainerActor:
             if gap:
                 metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
                 metrics["rollout/logp_mismatch_max"] = largest(gap["logp_mismatch_max"])
+            metrics.update(offpolicy_stats(batch.logp_old, batch.logp_mu, batch.loss_mask))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;
             # the mask covers the whole rollout batch and every minibatch reuses its rows. (With several

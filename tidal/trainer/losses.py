@@ -67,6 +67,7 @@ def importance_weights(
     logp_mu: torch.Tensor,
     mask: torch.Tensor,
     correction: Correction,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Off-policy weight w (B, T) on the surrogate, from k = pi_old / mu = exp(logp_old - logp_mu).
 
@@ -87,7 +88,9 @@ def importance_weights(
     Metrics: `offpolicy/is_weight_mean`, `offpolicy/is_weight_max` (of w); `offpolicy/frac_truncated`
     (tis: k > c) and `offpolicy/frac_masked` (mask: k outside [low, high]), 0 for other corrections;
     `offpolicy/log_ratio_abs_mean`, `offpolicy/log_ratio_abs_max` of |logp_old - logp_mu| over the
-    valid tokens where it is finite.
+    valid tokens where it is finite. With the per-token `entropy` (B, T) of pi:
+    `offpolicy/truncated_token_entropy`, its mean over the tokens the correction truncates (tis) or
+    masks (mask), weighted by their count (0 with weight 0 when there are none).
     """
     valid = mask.bool()  # (B, T)
     with torch.no_grad():
@@ -125,6 +128,8 @@ def importance_weights(
         "offpolicy/log_ratio_abs_mean": _masked_mean(abs_log_ratio, finite),
         "offpolicy/log_ratio_abs_max": _masked_max(abs_log_ratio, finite),
     }
+    if entropy is not None:
+        metrics["offpolicy/truncated_token_entropy"] = _masked_mean(entropy, valid & out_of_range)
     return w, metrics
 
 
@@ -149,6 +154,15 @@ def policy_ratio(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor,
     return torch.exp(log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
 
 
+def _cut_token_metrics(cut: torch.Tensor, A: torch.Tensor, entropy: torch.Tensor | None) -> Metrics:
+    """Who the trust region takes out of the gradient (`cut` (B, T) bool, valid tokens only): the share
+    of them with A > 0 (the clip's other ones have A < 0: it never clips A = 0) and their mean entropy."""
+    metrics = {"offpolicy/clipped_pos_adv_frac": _masked_mean((A > 0).float(), cut)}
+    if entropy is not None:
+        metrics["offpolicy/clipped_token_entropy"] = _masked_mean(entropy, cut)
+    return metrics
+
+
 def ppo_clip_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -158,6 +172,7 @@ def ppo_clip_loss(
     eps_high: float,
     dual_clip: float | None = None,
     ratio: str = "token",
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate per token: max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A), (B, T).
 
@@ -167,7 +182,12 @@ def ppo_clip_loss(
     Games with Deep RL", dual-clip PPO). Zero at masked positions.
 
     Metrics: `train/clip_frac` (valid tokens where the clipped term is taken and differs from the
-    unclipped one), `train/dual_clip_frac`, `train/ratio_mean`, `train/ratio_max`.
+    unclipped one, so their gradient is 0), `train/dual_clip_frac`, `train/ratio_mean`,
+    `train/ratio_max`; over the clipped tokens (as in `train/clip_frac`, weighted by their count, 0 with
+    weight 0 when none): `offpolicy/clipped_pos_adv_frac`, the share with A > 0 (clipped above
+    1 + eps_high) rather than A < 0 (below 1 - eps_low), and with the per-token `entropy` (B, T)
+    `offpolicy/clipped_token_entropy`, their mean entropy (to set beside `train/entropy`: clipping
+    that prunes high-entropy tokens under staleness is what M2PO's paper blames).
     """
     valid = mask.bool()  # (B, T)
     r = policy_ratio(logp, logp_old, mask, ratio)  # (B, T)
@@ -188,6 +208,7 @@ def ppo_clip_loss(
         "train/ratio_mean": _masked_mean(r, valid),
         "train/ratio_max": _masked_max(r, valid),
     }
+    metrics |= _cut_token_metrics(valid & clip_taken, A, entropy)
     return loss, metrics
 
 
@@ -198,6 +219,7 @@ def m2po_loss(
     mask: torch.Tensor,
     keep: torch.Tensor,
     ratio: str = "token",
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """M2PO's surrogate per token: -M r A, (B, T), no clipping.
 
@@ -209,7 +231,9 @@ def m2po_loss(
     still averages over all the sequence's valid tokens, dropped ones included). Zero at masked and
     dropped positions.
 
-    Metrics: `train/ratio_mean`, `train/ratio_max` (over valid tokens).
+    Metrics: `train/ratio_mean`, `train/ratio_max` (over valid tokens), and over the dropped valid
+    tokens (weighted by their count) `offpolicy/clipped_pos_adv_frac` and, with `entropy`,
+    `offpolicy/clipped_token_entropy`, as for PPO's clipped tokens.
     """
     valid = mask.bool()  # (B, T)
     kept = valid & keep.bool()  # (B, T)
@@ -217,6 +241,7 @@ def m2po_loss(
     A = torch.where(valid, advantages, 0.0).to(r.dtype)  # (B, T)
     loss = torch.where(kept, -r * A, 0.0)  # (B, T)
     metrics = {"train/ratio_mean": _masked_mean(r, valid), "train/ratio_max": _masked_max(r, valid)}
+    metrics |= _cut_token_metrics(valid & ~kept, A, entropy)
     return loss, metrics
 
 
@@ -276,20 +301,21 @@ def policy_loss(
     prox = logp_mu if isinstance(corr, BehaviorCorrection) else logp_old
     assert prox is not None  # checked above
     valid = mask.bool()  # (B, T)
+    H = entropy.detach() if entropy is not None else None
     trust = cfg.trust_region
     if isinstance(trust, M2POTrustRegion):
         if keep is None:
             raise ValueError("loss.trust_region.type='m2po' needs `keep`, the rollout batch's mask from m2po_mask")
-        surrogate, metrics = m2po_loss(logp, prox, advantages, mask, keep, cfg.ratio)  # (B, T)
+        surrogate, metrics = m2po_loss(logp, prox, advantages, mask, keep, cfg.ratio, entropy=H)  # (B, T)
     elif isinstance(trust, ClipTrustRegion):
         surrogate, metrics = ppo_clip_loss(logp, prox, advantages, mask, trust.eps_low, trust.eps_high,
-                                           trust.dual_clip, cfg.ratio)  # fmt: skip
+                                           trust.dual_clip, cfg.ratio, entropy=H)  # fmt: skip
     else:
         raise ValueError(f"unknown trust region {trust!r}; known: clip, m2po")
     # none / behavior may lack one of pi_old, mu; their weight is 1 whatever k is, so use k = 1 then.
     old = logp_old if logp_old is not None else prox
     mu = logp_mu if logp_mu is not None else prox
-    w, w_metrics = importance_weights(old, mu, mask, corr)  # (B, T)
+    w, w_metrics = importance_weights(old, mu, mask, corr, entropy=H)  # (B, T)
     pg = w * surrogate  # (B, T), both 0 at masked positions
     metrics |= w_metrics
     metrics["train/pg_loss"] = _masked_mean(pg, valid)

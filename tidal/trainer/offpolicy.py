@@ -1,14 +1,14 @@
-"""The M2PO mask: computed once per rollout batch, on the whole batch, before it is split into
-minibatches and micro-batches.
+"""Batch-level off-policy statistics and the M2PO mask: computed once per rollout batch, on the whole
+batch, before it is split into minibatches and micro-batches.
 
-It reads the log importance ratio log k = logp_old - logp_mu of the valid tokens (`mask` (B, T) is 1
+Both read the log importance ratio log k = logp_old - logp_mu of the valid tokens (`mask` (B, T) is 1
 on trained response tokens), k = pi_old / mu: pi_old is the trainer's recomputed policy before the
 update, mu the behavior policy that sampled the rollout (stale weights, inference-engine numerics).
-A valid token whose log k is not finite (mu gave its token probability 0, or a NaN) is always
-dropped. Computed in float64.
+A valid token whose log k is not finite (mu gave its token probability 0, or a NaN) is left out of
+the statistics and always dropped by the M2PO mask. Statistics are computed in float64.
 
-Several trainer ranks would each hold a share of the batch: the mask would then need the valid
-tokens' log k all-gathered to stay global.
+Several trainer ranks would each hold a share of the batch: both functions would then need the
+valid tokens' log k all-gathered (or, for the statistics, their sums all-reduced) to stay global.
 """
 
 from __future__ import annotations
@@ -23,6 +23,32 @@ def _log_k(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) ->
     log_k = logp_old.detach().double() - logp_mu.detach().double()
     finite = mask.bool() & torch.isfinite(log_k)
     return torch.where(finite, log_k, 0.0), finite
+
+
+def offpolicy_stats(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> Metrics:
+    """How far the batch's behavior policy mu is from pi_old, over the valid tokens with a finite log k.
+
+    - `offpolicy/m2`: the second moment of the log ratio, M2 = mean (log k)^2, M2PO's measure of
+      the distribution shift (Zheng et al. 2025, "Prosperity before Collapse: How Far Can Off-Policy
+      RL Reach with Stale Data on LLMs?"); unlike the mean of log k (a KL estimate), positive and
+      negative log ratios do not cancel in it.
+    - `offpolicy/ess`: the effective sample size of the token IS weights k, normalised to (0, 1]:
+      (sum k)^2 / (n sum k^2) (Kish's effective sample size over n), 1 when every k is equal
+      (on-policy: all 1), 1/n when one weight dominates. Computed with logsumexp: no overflow.
+
+    Both are means over n tokens (weight n); both are 0 with weight 0 when no token counts. A batch of
+    several rollout batches would merge `ess` as a token-weighted mean of batch values, not as the ESS
+    of the union (it is computed once per rollout batch, where no merge happens).
+    """
+    log_k, finite = _log_k(logp_old, logp_mu, mask)  # (B, T)
+    n = finite.sum()
+    m2 = (log_k**2).sum() / n.clamp(min=1)
+    x = log_k[finite]  # (n,)
+    if x.numel() == 0:
+        ess = torch.zeros((), dtype=torch.float64)
+    else:  # log of (sum k)^2 / (n sum k^2)
+        ess = torch.exp(2 * torch.logsumexp(x, 0) - torch.log(n.double()) - torch.logsumexp(2 * x, 0))
+    return {"offpolicy/m2": mean(m2.float(), n.float()), "offpolicy/ess": mean(ess.float(), n.float())}
 
 
 def m2po_mask(
