@@ -55,7 +55,7 @@ class ConsoleSink:
         "reward/mean": "reward", "rollout/accuracy": "acc", "eval/accuracy": "eval_acc", "train/loss": "loss",
         "train/grad_norm": "grad_norm", "train/entropy": "entropy", "offpolicy/is_weight_mean": "is_w",
         "rollout/response_length": "len", "train/lr": "lr", "rollout/logp_mismatch_mean": "mismatch",
-        "perf/step_time_s": "step_s",
+        "perf/step_time_s": "step_s", "eval/accuracy_before": "eval_acc_before", "eval/probe_accuracy": "probe_acc",
     }  # fmt: skip
     SPLIT = {"perf/rollout_wall_s": "rollout wait", "perf/train_wall_s": "train", "perf/sync_wall_s": "publish",
              "perf/eval_wall_s": "eval"}  # fmt: skip
@@ -90,6 +90,8 @@ class ConsoleSink:
             self.live.update(self._view())
         elif step % self.log_every == 0 or step == self.total or step == 0:
             shown = [f"{label}={_fmt(metrics[k])}" for k, label in self.KEYS.items() if k in metrics]
+            if not shown:  # a row of other metrics only: nothing a plain line would say
+                return
             of = f"/{self.total}" if self.total else ""
             self.console.print(f"[step {step}{of}] " + "  ".join(shown), markup=False, highlight=False, soft_wrap=True)
 

@@ -102,6 +102,9 @@ def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
         return
     need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_cpus
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+    # The runtime tidal starts is its own: Ray's notice that it turned token auth on (the safe
+    # default) is not news to the user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
              logging_level=logging.WARNING, log_to_driver=True)  # fmt: skip
 
