@@ -90,7 +90,7 @@ class ConsoleSink:
             self.live.update(self._view())
         elif step % self.log_every == 0 or step == self.total or step == 0:
             shown = [f"{label}={_fmt(metrics[k])}" for k, label in self.KEYS.items() if k in metrics]
-            if not shown:  # a row of other metrics only: nothing a plain line would say
+            if not shown or SUMMARY_KEY in metrics:  # nothing to say, or the final summary (the caller prints it)
                 return
             of = f"/{self.total}" if self.total else ""
             self.console.print(f"[step {step}{of}] " + "  ".join(shown), markup=False, highlight=False, soft_wrap=True)
