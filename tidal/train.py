@@ -59,20 +59,19 @@ class PromptSampler:
 
 
 def load_env_splits(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase,
-                    splits: tuple[str, ...] = ("train", "eval")) -> tuple[PromptSampler, list[Prompt]]:  # fmt: skip
+                    check_train: bool = True) -> tuple[PromptSampler, list[Prompt]]:  # fmt: skip
     """The prompt sampler over every env's train split, and the held-out prompts of every env. A
-    prompt over `data.max_prompt_tokens` in one of `splits` fails here, with its file and row,
-    before any actor starts (`tidal eval` checks only the held-out split it uses)."""
+    prompt over `data.max_prompt_tokens` fails here, with its file and row, before any actor starts;
+    `check_train=False` checks the held-out split only (`tidal eval`, which uses nothing else)."""
     envs = resolve_envs(cfg.envs) if cfg.envs else {"": Env()}
     specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
     sources, held_out = {}, []
     for label, weight, data in specs:
         train_ds, eval_ds = load_splits(data)
         eval_rows = eval_ds.to_list() if eval_ds is not None else []
-        train_rows = train_ds.to_list() if "train" in splits else []
+        train_rows = train_ds.to_list() if check_train else []
         for split, rows in (("train", train_rows), ("eval", eval_rows)):
-            if split in splits:
-                check_prompt_lengths(tokenizer, [_prompt_text(envs[label], row) for row in rows], data, split)
+            check_prompt_lengths(tokenizer, [_prompt_text(envs[label], row) for row in rows], data, split)
         sources[label] = (train_ds, weight)
         held_out += [Prompt(-1, row, label) for row in eval_rows]
     return PromptSampler(sources, cfg.seed), held_out
