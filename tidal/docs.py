@@ -46,7 +46,8 @@ def _default_instance(field: Any, instance: BaseModel | None, name: str) -> Base
 def reference_rows(model: type[BaseModel], prefix: str = "", seen: dict[type, str] | None = None,
                    instance: BaseModel | None = None) -> list[str]:  # fmt: skip
     """Rows of `model`'s fields with the defaults a user gets; a section model met again (e.g. an
-    env's `data`) is one row that points to where its fields are listed. A tagged union (a field
+    env's `data`) is one row that points to where its fields are listed; an optional section that is
+    off by default is a row of its own before its fields. A tagged union (a field
     whose `type` picks a variant) is one row for `type` with its real default, then each variant's
     fields, marked with the `type` that selects them."""
     seen = {} if seen is None else seen
@@ -64,6 +65,8 @@ def reference_rows(model: type[BaseModel], prefix: str = "", seen: dict[type, st
             continue
         if len(subs) == 1:
             seen[subs[0]] = key
+            if field.default is None:  # an optional section, off unless given: its own row, then its fields
+                rows.append(f"| `{key}` | {_default(field, instance, name)} | {doc} |")
             rows.extend(reference_rows(subs[0], f"{key}.", seen, current))
             continue
         tags = [sub.model_fields["type"].default for sub in subs]

@@ -102,6 +102,7 @@ class ConsoleSink:
             ("held-out accuracy", m.get("eval/accuracy")),
             ("best held-out accuracy", self.best_eval),
             ("staleness mean / max", _pair(m, "async/staleness_mean", "async/staleness_max")),
+            ("staleness bound", _count(m.get("async/staleness_bound"))),
             ("rollout tokens/s", _count(m.get("perf/rollout_tokens_per_s"))),
             ("train tokens/s", _count(m.get("perf/train_tokens_per_s"))),
         ]

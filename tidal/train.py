@@ -23,10 +23,11 @@ from tidal.config import RewardsConfig, RunConfig, dump_config
 from tidal.data import check_prompt_lengths, load_splits
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
-from tidal.metrics import Metrics, mean, merge, values
+from tidal.metrics import Metrics, largest, mean, merge, values
 from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
+from tidal.rollout.staleness import StalenessBound
 from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, run_log, start_ray, wait_for
 from tidal.types import Prompt, RolloutResult, StepResult, SyncStats, mix_seed
 from tidal.warm_start import resolve_policy_dir, tokenizer_dir
@@ -169,7 +170,8 @@ def _loop(
     ahead of the trainer as far as the staleness bound allows (`may_dispatch`). With max_staleness
     0 rollout and training take turns (on-policy)."""
     get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
-    bound, minibatches, steps = cfg.rollout.max_staleness, cfg.algorithm.minibatches, cfg.train.steps
+    minibatches, steps = cfg.algorithm.minibatches, cfg.train.steps
+    bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
     before = values(get(workers[0].evaluate.remote(eval_rows), "held-out evaluation")) if eval_rows else {}
     monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
     last: dict[str, float] = dict(before)
@@ -178,7 +180,7 @@ def _loop(
     version = published = 0  # the trainer's version; the newest version offered to the workers
     next_batch, t_prev = 1, time.perf_counter()
     for step in range(1, steps + 1):
-        while next_batch <= steps and may_dispatch(next_batch, step, version, published, minibatches, bound):
+        while next_batch <= steps and may_dispatch(next_batch, step, version, published, minibatches, bound.bound):
             rollouts[next_batch] = _dispatch(cfg, sampler, workers, next_batch, published)
             next_batch += 1
         t0 = time.perf_counter()
@@ -187,6 +189,8 @@ def _loop(
         result: StepResult = get(trainer.step.remote(batch_id=step), "trainer step")
         version = result.version
         metrics = merge([*(r.metrics for r in results), result.metrics, get(buffer.pop_counts.remote(), "buffer")])
+        metrics["async/staleness_bound"] = largest(float(bound.bound))  # what this step dispatched under
+        bound.update(values(metrics))
         t2 = time.perf_counter()
         evaluate = bool(eval_rows) and (step == steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
         if step % cfg.weight_sync.every == 0 or evaluate or step == steps:

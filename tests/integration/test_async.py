@@ -172,6 +172,23 @@ def test_sync_every_two(cache: Path, tmp_path: Path) -> None:
     assert out["summary"]["ledger/dropped_stale_groups"] == 0
 
 
+@pytest.mark.parametrize("m2_target, final_bound", [(1.0e-12, 1), (1.0e6, 4)])
+def test_adaptive_bound_follows_the_measured_m2(cache: Path, tmp_path: Path, m2_target: float,
+                                                 final_bound: int) -> None:  # fmt: skip
+    # No batch can meet a target of 1e-12 (any drift at all exceeds it): the bound stays at its floor
+    # of 1 although max_staleness is 4. Every batch meets 1e6: the bound rises to 4 once measured.
+    out = run(tmp_path, "adaptive", "rollout.max_staleness=4", f"rollout.adaptive_staleness={{m2_target: {m2_target}}}",
+              "train.steps=8", trainer_cls=JitteryTrainer)  # fmt: skip
+    assert_every_group_accounted_for(out)
+    assert out["summary"]["ledger/dropped_stale_groups"] == 0
+    trained = [r for r in out["steps"] if "train/loss" in r]
+    assert all(r["offpolicy/m2_per_version"] > 0 for r in trained if r["async/staleness_max"] > 0)
+    bounds = [r["async/staleness_bound"] for r in out["steps"]]
+    assert bounds[0] == 1 and bounds[-1] == final_bound  # from the floor until a stale batch is measured
+    stalest = max(r["async/staleness_max"] for r in trained)
+    assert stalest <= 1 if final_bound == 1 else stalest >= 2
+
+
 # ----------------------------------------------------------------------------- interruptible
 
 

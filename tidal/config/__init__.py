@@ -9,6 +9,7 @@ trainer, loop), `rl` (weight sync, algorithm, filters, rewards, envs) and `run` 
 
 from tidal.config.base import (
     DEFAULT_PRESET,
+    AdaptiveStaleness,
     ArithmeticData,
     ConfigError,
     DataConfig,
@@ -50,10 +51,10 @@ from tidal.config.rl import (
 from tidal.config.run import RunConfig
 
 __all__ = [
-    "DEFAULT_PRESET", "AlgorithmConfig", "ArithmeticData", "BehaviorCorrection", "BroadcastSync", "ClipTrustRegion",
-    "ConfigError", "Correction", "DataConfig", "DiskSync", "EnvSpec", "EvalConfig", "FileData", "FilterConfig",
-    "KLConfig", "LossConfig", "M2POTrustRegion", "MaskCorrection", "ModelConfig", "MonitorConfig", "NoCorrection",
-    "ObjectStoreSync", "RayConfig", "RewardSpec", "RewardsConfig", "RolloutConfig", "RunConfig", "SFTConfig",
-    "ScheduleConfig", "Strict", "TISCorrection", "TrainConfig", "TrainerConfig", "TrustRegion", "VLLMConfig",
-    "WeightSyncConfig", "dump_config", "load_config", "parse_overrides",
+    "DEFAULT_PRESET", "AdaptiveStaleness", "AlgorithmConfig", "ArithmeticData", "BehaviorCorrection", "BroadcastSync",
+    "ClipTrustRegion", "ConfigError", "Correction", "DataConfig", "DiskSync", "EnvSpec", "EvalConfig", "FileData",
+    "FilterConfig", "KLConfig", "LossConfig", "M2POTrustRegion", "MaskCorrection", "ModelConfig", "MonitorConfig",
+    "NoCorrection", "ObjectStoreSync", "RayConfig", "RewardSpec", "RewardsConfig", "RolloutConfig", "RunConfig",
+    "SFTConfig", "ScheduleConfig", "Strict", "TISCorrection", "TrainConfig", "TrainerConfig", "TrustRegion",
+    "VLLMConfig", "WeightSyncConfig", "dump_config", "load_config", "parse_overrides",
 ]  # fmt: skip

@@ -147,6 +147,25 @@ class VLLMConfig(Strict):
     """Longest prompt + completion in tokens (default: the model config's max positions)."""
 
 
+class AdaptiveStaleness(Strict):
+    """A staleness bound that follows how fast the policy moves (tidal's own; no peer adapts it).
+
+    Stale samples hurt in proportion to how far pi_old has moved from the weights that sampled them,
+    and that distance is not constant over a run: with the quickstart's schedule the second moment M2
+    of log(pi_old / mu) at staleness 4 is about 0.8 in steps 10-50 (peak learning rate, the policy
+    changing fastest) and under 0.03 after step 100. A fixed bound is either too loose early or too
+    tight late. With this set, the driver measures after every step the M2 one version of staleness
+    costs (`offpolicy/m2_per_version`: M2 over the mean squared staleness of the batch's tokens,
+    smoothed) and dispatches under the largest bound k in [min_staleness, max_staleness] whose
+    predicted M2 (that rate times k^2) stays within `m2_target`. The bound in effect is logged as
+    `async/staleness_bound`; `max_staleness` stays the hard limit the buffer enforces."""
+
+    m2_target: float = Field(0.1, gt=0.0)
+    """Second moment of log(pi_old / mu) the bound is chosen to keep the batches under."""
+    min_staleness: int = Field(1, ge=0)
+    """Floor of the bound (1 keeps rollout of the next batch overlapping the current step)."""
+
+
 class RolloutConfig(Strict):
     engine: Literal["transformers", "vllm"] = "transformers"
     """Generation engine. `transformers` (embedded, CPU or GPU) or `vllm` (the optional extra
@@ -180,6 +199,9 @@ class RolloutConfig(Strict):
     (0: on-policy, rollout and training take turns). Workers are given prompts only as far ahead as
     this allows (backpressure); a sample that is still too old when trained is dropped and counted
     in `async/dropped_stale_samples`."""
+    adaptive_staleness: AdaptiveStaleness | None = None
+    """Adapt the bound the driver dispatches under to the measured off-policy distance, between
+    `min_staleness` and `max_staleness` (null: the bound is `max_staleness` throughout)."""
     interruptible: bool = False
     """Apply a newly published snapshot inside a generation, at a chunk boundary, instead of only
     between generations. Each token records the version that sampled it (`Sample.versions`)."""
@@ -193,6 +215,13 @@ class RolloutConfig(Strict):
         if self.engine == "vllm" and self.interruptible:
             raise ValueError("rollout.interruptible needs rollout.engine: transformers (the vllm engine applies "
                              "new weights between generations only)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_within_bound(self) -> RolloutConfig:
+        if self.adaptive_staleness and self.adaptive_staleness.min_staleness > self.max_staleness:
+            raise ValueError(f"rollout.adaptive_staleness.min_staleness={self.adaptive_staleness.min_staleness} "
+                             f"is above rollout.max_staleness={self.max_staleness}")  # fmt: skip
         return self
 
 

@@ -19,7 +19,7 @@ from tidal.config.base import (
     TrainConfig,
     TrainerConfig,
 )
-from tidal.config.rl import AlgorithmConfig, EnvSpec, FilterConfig, RewardsConfig, WeightSyncConfig
+from tidal.config.rl import AlgorithmConfig, BehaviorCorrection, EnvSpec, FilterConfig, RewardsConfig, WeightSyncConfig
 
 # ------------------------------------------------------------------------------------------------ run
 
@@ -89,6 +89,16 @@ class RunConfig(Strict):
                 f"{self.algorithm.minibatches} lets workers fall {lag} versions behind, more than "
                 f"rollout.max_staleness={self.rollout.max_staleness}; raise max_staleness or lower every"
             )
+        adaptive = self.rollout.adaptive_staleness
+        if adaptive and lag > adaptive.min_staleness:
+            raise ValueError(
+                f"weight_sync.every={self.weight_sync.every} with algorithm.minibatches={self.algorithm.minibatches} "
+                f"lets workers fall {lag} versions behind, more than rollout.adaptive_staleness.min_staleness="
+                f"{adaptive.min_staleness}; raise min_staleness or lower every"
+            )
+        if adaptive and isinstance(self.algorithm.loss.correction, BehaviorCorrection):
+            raise ValueError("rollout.adaptive_staleness measures log(pi_old/mu) on the recomputed pi_old, which "
+                             "correction type behavior skips; use correction tis, mask or none")  # fmt: skip
         return self
 
     def for_rl(self) -> RunConfig:

@@ -116,7 +116,8 @@ class TrainerActor:
             if gap:
                 metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
                 metrics["rollout/logp_mismatch_max"] = largest(gap["logp_mismatch_max"])
-            metrics.update(offpolicy_stats(batch.logp_old, batch.logp_mu, batch.loss_mask))
+            ages = self.version - batch.versions
+            metrics.update(offpolicy_stats(batch.logp_old, batch.logp_mu, batch.loss_mask, ages))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;
             # the mask covers the whole rollout batch and every minibatch reuses its rows. (With several

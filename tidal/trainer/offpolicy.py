@@ -25,7 +25,9 @@ def _log_k(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) ->
     return torch.where(finite, log_k, 0.0), finite
 
 
-def offpolicy_stats(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> Metrics:
+def offpolicy_stats(
+    logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor, ages: torch.Tensor | None = None
+) -> Metrics:
     """How far the batch's behavior policy mu is from pi_old, over the valid tokens with a finite log k.
 
     - `offpolicy/m2`: the second moment of the log ratio, M2 = mean (log k)^2, M2PO's measure of
@@ -36,7 +38,14 @@ def offpolicy_stats(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.T
       (sum k)^2 / (n sum k^2) (Kish's effective sample size over n), 1 when every k is equal
       (on-policy: all 1), 1/n when one weight dominates. Computed with logsumexp: no overflow.
 
-    Both are means over n tokens (weight n); both are 0 with weight 0 when no token counts. A batch of
+    - `offpolicy/m2_per_version` (with `ages` (B, T), each token's staleness in versions): M2 over the
+      mean squared age of the same tokens, the M2 a batch exactly one version stale would have if
+      log k grows in proportion to the versions between mu and pi_old (a steady drift). The adaptive
+      staleness bound predicts M2 at staleness k as this times k^2. Left out when no token is stale;
+      tokens of age 0 still count in M2 (the engines' numerical mismatch), which errs on the side of a
+      larger rate and so a tighter bound.
+
+    All are means over n tokens (weight n); all are 0 with weight 0 when no token counts. A batch of
     several rollout batches would merge `ess` as a token-weighted mean of batch values, not as the ESS
     of the union (it is computed once per rollout batch, where no merge happens).
     """
@@ -48,7 +57,12 @@ def offpolicy_stats(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.T
         ess = torch.zeros((), dtype=torch.float64)
     else:  # log of (sum k)^2 / (n sum k^2)
         ess = torch.exp(2 * torch.logsumexp(x, 0) - torch.log(n.double()) - torch.logsumexp(2 * x, 0))
-    return {"offpolicy/m2": mean(m2.float(), n.float()), "offpolicy/ess": mean(ess.float(), n.float())}
+    out = {"offpolicy/m2": mean(m2.float(), n.float()), "offpolicy/ess": mean(ess.float(), n.float())}
+    if ages is not None:
+        age_sq = (ages.double() ** 2)[finite].sum()
+        if age_sq > 0:
+            out["offpolicy/m2_per_version"] = mean(float((log_k**2).sum() / age_sq), float(n))
+    return out
 
 
 def m2po_mask(
