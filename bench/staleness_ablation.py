@@ -161,9 +161,12 @@ def print_table(rows: list[dict], steps: int) -> None:
               f"{r['loop_median']:>6.0f} {r['staleness_mean']:>8.2f} {reached:>12}{note}")  # fmt: skip
 
 
-def plot(rows: list[dict], results: list[dict], corrections: list[str], out: Path) -> None:
+COLORS = {"none": "tab:blue", "tis": "tab:orange", "mask": "tab:green", "m2po": "tab:purple", "adaptive": "tab:red"}
+
+
+def plot(rows: list[dict], results: list[dict], corrections: list[str], curves: list[str], out: Path) -> None:
     """OUT/staleness_ablation.png: accuracy and loop time against the bound, and the mean held-out
-    curves against steps and against loop seconds."""
+    curves (on-policy and the `curves` corrections) against steps and against loop seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,9 +177,9 @@ def plot(rows: list[dict], results: list[dict], corrections: list[str], out: Pat
         mine = [r for r in rows if r["correction"] == c]
         ks = [r["staleness"] for r in mine]
         ax_acc.errorbar(ks, [100 * r["acc"] for r in mine], yerr=[100 * r["acc_std"] for r in mine],
-                        marker="o", capsize=4, label=c)  # fmt: skip
+                        marker="o", capsize=4, label=c, color=COLORS.get(c))  # fmt: skip
         ax_time.errorbar(ks, [r["loop_s"] for r in mine], yerr=[r["loop_std"] for r in mine], marker="o",
-                         capsize=4, label=c)  # fmt: skip
+                         capsize=4, label=c, color=COLORS.get(c))  # fmt: skip
     on_policy = [r for r in rows if r["staleness"] == 0]
     if on_policy:
         base = 100 * on_policy[0]["acc"]
@@ -188,7 +191,7 @@ def plot(rows: list[dict], results: list[dict], corrections: list[str], out: Pat
         ax.grid(alpha=0.3)
         ax.legend()
     for (k, c), style in _curve_cells(results).items():
-        if k > 0 and c not in corrections:
+        if k > 0 and c not in curves:
             continue
         curve = mean_curve([r for r in results if r["staleness"] == k and r["correction"] == c], out)
         ax_curve.plot([s for s, _, _ in curve], [100 * a for _, a, _ in curve], marker=".", label=f"k{k} {c}", **style)
@@ -207,10 +210,9 @@ def plot(rows: list[dict], results: list[dict], corrections: list[str], out: Pat
 
 
 def _curve_cells(results: list[dict]) -> dict[tuple[int, str], dict]:
-    colors = {"none": "tab:blue", "tis": "tab:orange", "mask": "tab:green", "m2po": "tab:purple", "adaptive": "tab:red"}
     dashes = {0: "-", 1: ":", 2: "--", 4: "-.", 8: (0, (5, 1, 1, 1, 1, 1))}
     cells = sorted({(r["staleness"], r["correction"]) for r in results})
-    return {(k, c): {"color": "black" if k == 0 else colors.get(c), "linestyle": dashes.get(k, "-")} for k, c in cells}
+    return {(k, c): {"color": "black" if k == 0 else COLORS.get(c), "linestyle": dashes.get(k, "-")} for k, c in cells}
 
 
 def main() -> None:
@@ -223,6 +225,7 @@ def main() -> None:
     ap.add_argument("--staleness", default="0,1,2,4")
     ap.add_argument("--corrections", default="none,tis,mask")
     ap.add_argument("--full-k0", action="store_true", help="run every correction at max_staleness 0 too")
+    ap.add_argument("--curves", help="corrections whose mean curves are drawn (default: all)")
     ap.add_argument("--cells", help="only these cells, e.g. k0-tis,k1-tis,k4-adaptive (instead of the grid)")
     ap.add_argument("--out", default="runs/bench-staleness")
     ap.add_argument("overrides", nargs="*", help="further key=value overrides for every run")
@@ -249,7 +252,7 @@ def main() -> None:
             results_path.write_text(json.dumps(results, indent=2))
     rows = table(results, staleness, corrections, out)
     print_table(rows, args.steps)
-    plot(rows, results, corrections, out)
+    plot(rows, results, corrections, args.curves.split(",") if args.curves else corrections, out)
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     print(f"\nplot: {out / 'staleness_ablation.png'}; per-run results: {results_path}")
 
