@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,3 +271,71 @@ def test_save_hf_round_trip(preset: Path, tmp_path: Path, stage: int, precision:
     with deepspeed.zero.GatheredParameters(list(engine_params.values()), enabled=stage == 3):
         for name, p in engine_params.items():
             assert torch.equal(loaded.get_parameter(name).to(p.dtype), p.detach()), name
+
+
+# ------------------------------------------------------------------ MoE under ZeRO-3, disjoint experts
+
+RANK_EXPERTS = {0: [0, 1], 1: [2, 3]}  # every token of rank r goes to these experts, in every layer
+
+
+def _pin_routing(model: torch.nn.Module, experts: list[int]) -> None:
+    """Route every token to `experts` (a forward hook on each real router): the two ranks then run
+    disjoint experts, the case that hangs ZeRO-3 when each rank gathers only the experts it runs."""
+
+    def hook(_module: torch.nn.Module, _inputs: tuple, out: tuple) -> tuple:
+        logits, scores, indices = out
+        return logits, scores, torch.tensor(experts).expand_as(indices)
+
+    for block in (m for m in model.modules() if hasattr(m, "experts")):
+        block.gate.register_forward_hook(hook)
+
+
+def _disjoint_worker(rank: int, port: int, path: str, out_dir: str) -> None:
+    from deepspeed.utils import get_z3_leaf_modules
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    full = make_batch()
+    half = TokenBatch(*(t[2 * rank : 2 * rank + 2] for t in (full.input_ids, full.attention_mask, full.loss_mask)))
+    model = load_model(path)
+    _pin_routing(model, RANK_EXPERTS[rank])
+    trainer = DeepSpeedTrainer(model, CFG.model_copy(update={"zero_stage": 3, "micro_batch_size": 1,
+                                                             "weight_decay": 0.0}))  # fmt: skip
+    leaves = sorted({type(m).__name__ for m in get_z3_leaf_modules(trainer.module)})
+    for _ in range(2):
+        trainer.train_step(half)
+    params = trainer.state_dict_for_export()
+    if rank == 0:
+        torch.save({"leaves": leaves, "params": params}, Path(out_dir) / "disjoint.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("name, block", [("tiny-qwen3-moe", "Qwen3MoeSparseMoeBlock"), ("tiny-glm4-moe", "Glm4MoeMoE")])
+def test_zero3_moe_with_disjoint_experts_per_rank_finishes(preset: Path, tmp_path: Path, name: str, block: str) -> None:
+    # DeepSpeed itself registers Qwen3's block as a leaf (its default list); GLM's only tidal does.
+    from tidal.trainer.engine import _free_port
+
+    path = materialize_preset(name, seed=0)
+    ctx = mp.start_processes(_disjoint_worker, args=(_free_port(), str(path), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 300  # a hang fails the test instead of stalling CI
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("two ZeRO-3 ranks routing to disjoint experts did not finish a step in 300 s")
+    out = torch.load(tmp_path / "disjoint.pt")
+    assert out["leaves"] == [block]
+    init = load_model(path).state_dict()
+    checked = 0
+    for key, value in out["params"].items():
+        if not key.endswith("experts.gate_up_proj"):
+            continue
+        checked += 1
+        moved = [not torch.equal(value[e], init[key][e]) for e in range(value.shape[0])]
+        # Each rank's experts learn from that rank's tokens (gradients summed over both ranks); the
+        # experts no token was routed to get zero gradient, and Adam with no weight decay leaves them.
+        assert moved == [e in RANK_EXPERTS[0] + RANK_EXPERTS[1] for e in range(value.shape[0])], key
+    assert checked >= 3  # every MoE layer (GLM's first layer is dense)

@@ -29,7 +29,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, set_z3_leaf_modules  # noqa: E402
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from tidal.config import ScheduleConfig, TrainerConfig  # noqa: E402
@@ -134,6 +134,13 @@ def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
     }
 
 
+def moe_block_classes(model: torch.nn.Module) -> list[type[torch.nn.Module]]:
+    """The classes of `model`'s MoE blocks: modules with an `experts` child and a router (`gate` or
+    `router`), e.g. Qwen3MoeSparseMoeBlock, Glm4MoeMoE, GlmMoeDsaMoE, DeepSeek-style remote code."""
+    found = {type(m) for m in model.modules() if hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router"))}
+    return sorted(found, key=lambda c: c.__name__)
+
+
 # ---------------------------------------------------------------------------------------- trainer
 
 
@@ -156,6 +163,13 @@ class DeepSpeedTrainer:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
+        if cfg.zero_stage == 3 and (blocks := moe_block_classes(model)):
+            # ZeRO-3 gathers a module's parameters when it runs. Ranks route tokens to different
+            # experts, so with experts as modules of their own (per-expert MLPs in many checkpoints'
+            # code) each rank would run, and gather, a different set: the collectives no longer pair
+            # up and the step hangs. A leaf block gathers all its parameters at once on entry, so
+            # every rank makes the same calls whatever its routing (DeepSpeed's fix for MoE).
+            set_z3_leaf_modules(model, blocks)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
