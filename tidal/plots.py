@@ -82,16 +82,36 @@ def time_split(rows: Rows) -> tuple[list[int], dict[str, list[float]]]:
     return [r["step"] for r in steps], {label: [r.get(key, 0.0) for r in steps] for key, label in TIME_SPLIT.items()}
 
 
+def staleness_by_step(rows: Rows) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) of the samples' mean and max age per trained step and of the bound the driver
+    dispatched under (`async/staleness_bound`, which the adaptive bound moves), keyed by label."""
+    keys = {"mean age": "async/staleness_mean", "max age": "async/staleness_max", "bound": "async/staleness_bound"}
+    out = {}
+    for label, key in keys.items():
+        logged = [r for r in rows if key in r and "async/staleness_frac_0" in r]
+        if logged:
+            out[label] = ([r["step"] for r in logged], [r[key] for r in logged])
+    return out
+
+
 def draw_staleness(rows: Rows) -> Figure:
-    """Mean over trained steps of the fraction of samples of each age (trainer version - sample version)."""
+    """Left: the mean over trained steps of the fraction of samples of each age (trainer version -
+    sample version). Right: the mean and max age and the staleness bound, step by step."""
     ages, means, trained = staleness_fractions(rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(12, 4))
     ax.bar(ages, means, label="fraction of samples")
     ax.set_xticks(ages)
     ax.set_xlabel("staleness (policy versions)")
     ax.set_ylabel("fraction of trained samples")
     ax.set_title(f"staleness over {trained} trained steps")
     ax.legend()
+    for label, (steps, values) in staleness_by_step(rows).items():
+        ax_steps.plot(steps, values, label=label, drawstyle="steps-post" if label == "bound" else "default")
+    ax_steps.set_xlabel("step")
+    ax_steps.set_ylabel("policy versions")
+    ax_steps.set_title("staleness by step")
+    ax_steps.grid(alpha=0.3)
+    ax_steps.legend()
     fig.tight_layout()
     return fig
 

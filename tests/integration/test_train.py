@@ -163,7 +163,7 @@ def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
 
     from matplotlib.image import imread
 
-    from tidal.plots import draw_curves, read_rows
+    from tidal.plots import draw_curves, draw_staleness, read_rows
 
     run_dir = run["cfg"].run_dir
     twin = tmp_path / "twin"
@@ -186,6 +186,12 @@ def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
     logged = [r for r in run["rows"] if "eval/accuracy" in r and "ledger/taken_groups" not in r]  # not the summary
     evals = {r["step"]: r["eval/accuracy"] for r in logged}
     assert list(accuracy.get_ydata()) == [evals[0], evals[12], evals[24]]
+    # Staleness by step: the logged mean and max age and the bound (0 throughout, an on-policy run).
+    by_step = {line.get_label(): line for line in draw_staleness(read_rows(run_dir)).axes[1].lines}
+    assert sorted(by_step) == ["bound", "max age", "mean age"]
+    assert list(by_step["mean age"].get_ydata()) == [r["async/staleness_mean"] for r in run["steps"]]
+    assert list(by_step["bound"].get_xdata()) == list(range(1, STEPS + 1))
+    assert set(by_step["bound"].get_ydata()) == {0.0}
     bad = subprocess.run([sys.executable, "-m", "tidal.cli", "plot", str(tmp_path / "nothing")], capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "has no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
