@@ -314,3 +314,23 @@ def test_publish_loads_into_worker(preset: Path, groups: list[Group]) -> None:
     with pytest.raises(RuntimeError, match="does not fit the rollout model.*model.norm.weight"):
         worker.load_weights((bad, version + 1))
     assert worker.version == 1
+
+
+def test_bf16_rollout_gets_bf16_weights_equal_to_its_own_cast(preset: Path, groups: list[Group]) -> None:
+    cfg = config("model.dtype=bfloat16")
+    actor = TrainerActor(TrainerActorConfig.of(cfg), str(preset))
+    actor.step(groups)
+    state, version = actor.snapshot()
+    masters = actor.trainer.state_dict_for_export()  # fp32
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    assert sum(t.nbytes for t in state.values()) * 2 == sum(t.nbytes for t in masters.values())
+    # A bf16 worker loading the fp32 masters rounds them itself: it ends up with the same bits.
+    from_bf16 = RolloutWorker(WorkerConfig.of(cfg), str(preset))
+    from_fp32 = RolloutWorker(WorkerConfig.of(cfg), str(preset))
+    from_bf16.load_weights((state, version))
+    from_fp32.load_weights((masters, version))
+    got, want = dict(from_bf16.engine.model.named_parameters()), dict(from_fp32.engine.model.named_parameters())
+    assert got.keys() == want.keys() and all(p.dtype == torch.bfloat16 for p in got.values())
+    for name, p in want.items():
+        assert torch.equal(got[name].view(torch.int16), p.view(torch.int16)), name
+    assert not all(torch.equal(masters[k], masters[k].to(torch.bfloat16).float()) for k in masters)  # real rounding

@@ -162,7 +162,7 @@ class TrainerActor:
         if self.publisher is None:
             self.join_weight_sync(None)
         assert self.publisher is not None
-        handle = self.publisher.publish(self.trainer.state_dict_for_export(), self.version)
+        handle = self.publisher.publish(self.rollout_weights(), self.version)
         self._last_end = time.perf_counter()
         return handle, {"perf/publish_time_s": total(self._last_end - t0),
                         "async/published_version": largest(float(self.version))}  # fmt: skip
@@ -171,9 +171,19 @@ class TrainerActor:
         """Groups trained on, and how many distinct ones (equal unless a group was trained twice)."""
         return {"trained_groups": len(self.trained_groups), "unique_trained_groups": len(set(self.trained_groups))}
 
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        """The policy as the rollout model holds it: the fp32 master weights, cast to `model.dtype`.
+        A bf16 rollout model gets bf16 weights, half the bytes to send; the cast rounds to nearest
+        even exactly as the worker's own copy into its bf16 parameters would, so what the worker
+        holds is the same either way."""
+        state = self.trainer.state_dict_for_export()
+        if self.cfg.model.dtype == "bfloat16":
+            state = {name: t.to(torch.bfloat16) for name, t in state.items()}
+        return state
+
     def snapshot(self) -> tuple[dict[str, torch.Tensor], int]:
-        """(full fp32 state dict, version) of the current policy, in-process."""
-        return self.trainer.state_dict_for_export(), self.version
+        """(the state dict published to the workers, version) of the current policy, in-process."""
+        return self.rollout_weights(), self.version
 
     def save(self, out_dir: str) -> str:
         return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))
