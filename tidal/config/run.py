@@ -81,20 +81,17 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _sync_fits_staleness(self) -> RunConfig:
         # Between two publishes the trainer takes (every - 1) x minibatches optimizer steps that the
-        # workers do not see; samples they generate meanwhile would be dropped as too stale.
+        # workers do not see; samples they generate meanwhile would be dropped as too stale. An
+        # adaptive bound can fall to its floor (at most max_staleness), so the lag must fit that.
         lag = (self.weight_sync.every - 1) * self.algorithm.minibatches
-        if lag > self.rollout.max_staleness:
+        adaptive = self.rollout.adaptive_staleness
+        key, bound = (("adaptive_staleness.min_staleness", adaptive.min_staleness) if adaptive
+                      else ("max_staleness", self.rollout.max_staleness))  # fmt: skip
+        if lag > bound:
             raise ValueError(
                 f"weight_sync.every={self.weight_sync.every} with algorithm.minibatches="
                 f"{self.algorithm.minibatches} lets workers fall {lag} versions behind, more than "
-                f"rollout.max_staleness={self.rollout.max_staleness}; raise max_staleness or lower every"
-            )
-        adaptive = self.rollout.adaptive_staleness
-        if adaptive and lag > adaptive.min_staleness:
-            raise ValueError(
-                f"weight_sync.every={self.weight_sync.every} with algorithm.minibatches={self.algorithm.minibatches} "
-                f"lets workers fall {lag} versions behind, more than rollout.adaptive_staleness.min_staleness="
-                f"{adaptive.min_staleness}; raise min_staleness or lower every"
+                f"rollout.{key}={bound}; raise {key.rsplit('.', 1)[-1]} or lower every"
             )
         if adaptive and isinstance(self.algorithm.loss.correction, BehaviorCorrection):
             raise ValueError("rollout.adaptive_staleness measures log(pi_old/mu) on the recomputed pi_old, which "
