@@ -89,6 +89,31 @@ def split_parts(batch: B, parts: int) -> list[B]:
     return [row_slice(batch, bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
 
 
+def shard_rows(batch: B, rank: int, world_size: int) -> B:
+    """Rank `rank`'s contiguous share of the rows of a global batch, ceil(n / world_size) rows on every
+    rank, so that all ranks run the same number of forwards (ZeRO-3 gathers parameters in each). A
+    share that runs short is filled with copies of row 0 whose `loss_mask` is 0: they add nothing to
+    a loss or a gradient. Concatenating the ranks' shares in rank order gives the batch back, then
+    its padding rows."""
+    n = num_rows(batch)
+    per_rank = -(-n // world_size)
+    start = min(rank * per_rank, n)
+    share = row_slice(batch, start, min(start + per_rank, n))
+    short = per_rank - num_rows(share)
+    if short == 0:
+        return share
+    filler = row_slice(batch, 0, 1)
+    filler = dataclasses.replace(filler, loss_mask=torch.zeros_like(filler.loss_mask))  # type: ignore[type-var, attr-defined]
+    return concat_rows([share] + [filler] * short)
+
+
+def concat_rows(pieces: Sequence[B]) -> B:
+    """The rows of several batches of one dataclass, in order (tensor fields concatenated)."""
+    first = pieces[0]
+    fields = [f.name for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)]  # type: ignore[arg-type]
+    return dataclasses.replace(first, **{k: torch.cat([getattr(p, k) for p in pieces]) for k in fields})  # type: ignore[type-var]
+
+
 def to_device(batch: B, device: torch.device | str) -> B:
     """The batch with every tensor field on `device`."""
     fields = dataclasses.fields(batch)  # type: ignore[arg-type]

@@ -100,7 +100,7 @@ def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
     if cfg.ray.address is not None:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
         return
-    need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_cpus
+    need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_ranks * cfg.trainer.num_cpus
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
     # The runtime tidal starts is its own: Ray's notice that it turned token auth on (the safe
     # default) is not news to the user.

@@ -29,6 +29,7 @@ from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
 from tidal.rollout.staleness import StalenessBound
 from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, run_log, start_ray, wait_for
+from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt, RolloutResult, StepResult, SyncStats, mix_seed
 from tidal.warm_start import resolve_policy_dir, tokenizer_dir
 
@@ -109,8 +110,9 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     file_log = run_log(run_dir)
     start_ray(cfg, log_file=run_dir / "run.log")
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
+    trainer = None
     try:
-        r, t = cfg.rollout, cfg.trainer
+        r = cfg.rollout
         buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, r.max_staleness)
         workers = [
             ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
@@ -118,18 +120,20 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
             .remote(WorkerConfig.of(cfg), str(model_dir), i, buffer)
             for i in range(r.num_workers)
         ]  # fmt: skip
-        trainer = (ray.remote(trainer_cls or TrainerActor).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus)
-                   .remote(TrainerActorConfig.of(cfg), str(model_dir), buffer))  # fmt: skip
+        trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
+        trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
         _join_weight_sync(cfg, trainer, workers)
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         if cfg.train.save_checkpoint:
-            saved = trainer.save.remote(str(run_dir / "checkpoint"))
-            summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.timeout_s)
+            saved = trainer.call("save", str(run_dir / "checkpoint"))
+            summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.timeout_s)[0]
         summary["perf/wall_time_s"] = time.time() - t_start
         monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
     except ray.exceptions.RayError as e:
         raise RunError(actor_error_line(e, logs=str(run_dir / "run.log"))) from None
     finally:
+        if trainer is not None:
+            trainer.close()
         ray.shutdown()
         monitor.close()
         logging.getLogger().removeHandler(file_log)
@@ -155,16 +159,17 @@ def _resolve_plugins(cfg: RunConfig) -> None:
         require_vllm()
 
 
-def _join_weight_sync(cfg: RunConfig, trainer: Any, workers: list[Any]) -> None:
-    """Both ends of the weight transport; a broadcast group forms only once all members call in."""
-    group = wait_for(trainer.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.timeout_s)
-    calls = [trainer.join_weight_sync.remote(group)] + [w.join_weight_sync.remote(group) for w in workers]
+def _join_weight_sync(cfg: RunConfig, trainer: TrainerGroup, workers: list[Any]) -> None:
+    """Both ends of the weight transport (trainer rank 0 publishes); a broadcast group forms only once
+    all members call in."""
+    group = wait_for(trainer.rank0.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.timeout_s)
+    calls = [trainer.rank0.join_weight_sync.remote(group)] + [w.join_weight_sync.remote(group) for w in workers]
     wait_for(calls, "weight-sync setup", cfg.ray.timeout_s)
 
 
 def _loop(
     cfg: RunConfig, sampler: PromptSampler, eval_rows: list[Prompt], workers: list[Any], buffer: Any,
-    trainer: Any, monitor: Monitor, warm: dict[str, Any],
+    trainer: TrainerGroup, monitor: Monitor, warm: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The asynchronous loop. Rollout batch b is trained at step b. Workers generate the batches
     ahead of the trainer as far as the staleness bound allows (`may_dispatch`). With max_staleness
@@ -186,7 +191,7 @@ def _loop(
         t0 = time.perf_counter()
         results: list[RolloutResult] = get(rollouts.pop(step), "rollout")
         t1 = time.perf_counter()
-        result: StepResult = get(trainer.step.remote(batch_id=step), "trainer step")
+        result: StepResult = get(trainer.call("step", batch_id=step), "trainer step")[0]
         version = result.version
         metrics = merge([*(r.metrics for r in results), result.metrics, get(buffer.pop_counts.remote(), "buffer")])
         metrics["async/staleness_bound"] = largest(float(bound.bound))  # what this step dispatched under
@@ -194,7 +199,7 @@ def _loop(
         t2 = time.perf_counter()
         evaluate = bool(eval_rows) and (step == steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
         if step % cfg.weight_sync.every == 0 or evaluate or step == steps:
-            handle, publish_metrics = get(trainer.publish.remote(), "weight publish")
+            handle, publish_metrics = get(trainer.call("publish"), "weight publish")[0]
             offers.add([w.offer_weights.remote(handle) for w in workers])
             published = handle.version
             metrics.update(publish_metrics)
@@ -207,7 +212,7 @@ def _loop(
         last.update(_perf(last, (t_prev, t0, t1, t2, t3, t4)))
         t_prev = t4
         monitor.log(last, step=step)
-    ledger = {**get(buffer.ledger.remote(), "buffer"), **get(trainer.ledger.remote(), "trainer")}
+    ledger = {**get(buffer.ledger.remote(), "buffer"), **get(trainer.rank0.ledger.remote(), "trainer")}
     return {
         **{f"{k}_before": v for k, v in before.items() if k.startswith("eval/")},
         **{k: v for k, v in last.items() if k.startswith("eval/")},

@@ -1,16 +1,18 @@
 """Weight sync from the trainer to the rollout workers: three transports behind one small interface.
 
-The trainer's `WeightPublisher.publish(state, version)` takes a snapshot of the policy without
+The trainer's `WeightPublisher.publish(weights, version)` takes a snapshot of the policy without
 waiting for any worker and returns a `WeightHandle`; the driver passes the handle to each worker
 through Ray, and the worker's `WeightReceiver.receive(handle)` (in a control thread, possibly while
-it generates) returns a state dict bit-identical to the published one.
+it generates) returns a state dict bit-identical to the published one. `weights` is a state dict or
+a stream of partial state dicts (`buckets`), consumed one bucket at a time, so the trainer never
+holds a whole copy of the model for a publish.
 
-- `object_store`: the snapshot is `ray.put` into the Ray object store; works across nodes.
+- `object_store`: each bucket is `ray.put` into the Ray object store; works across nodes.
 - `broadcast`: a torch.distributed group of its own (trainer rank 0, workers 1..N) broadcasts the
   snapshot in dtype-homogeneous flat buckets; the handle carries only the bucket plan. Every worker
   must receive every published version, in order: a broadcast needs all ranks.
-- `disk`: one safetensors file per version in a directory the workers share, for engines that
-  reload weights from disk.
+- `disk`: one directory of safetensors files (a file per bucket) per version, on a disk the workers
+  share, for engines that reload weights from disk.
 
 Broadcast setup is two-phase, because building the group blocks until every rank joins: the
 trainer calls `sync_group_address()`, then the trainer's `make_publisher` and every worker's
@@ -22,10 +24,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +40,8 @@ from tidal.config import BroadcastSync, DiskSync, ObjectStoreSync, WeightSyncCon
 
 log = logging.getLogger(__name__)
 
+Weights = dict[str, torch.Tensor] | Iterable[dict[str, torch.Tensor]]
+"""What `publish` takes: a state dict, or a stream of partial state dicts (buckets) to consume once."""
 GroupAddress = tuple[str, int, int]
 """(address, port, world_size) of a broadcast group: the trainer's TCPStore and 1 + workers."""
 
@@ -57,7 +62,7 @@ class WeightHandle:
 class WeightPublisher(Protocol):
     """Trainer side: publishes snapshots; `publish` returns without waiting for any worker."""
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle: ...
+    def publish(self, weights: Weights, version: int) -> WeightHandle: ...
 
     def close(self) -> None: ...
 
@@ -72,6 +77,26 @@ class WeightReceiver(Protocol):
 
 def state_nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """(name, tensor) pairs grouped, in order, into partial state dicts of at most `bucket_bytes`; a
+    tensor larger than that is a bucket of its own. Lazy: one bucket is held at a time."""
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = t
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _chunks(weights: Weights) -> Iterable[dict[str, torch.Tensor]]:
+    return [weights] if isinstance(weights, dict) else weights
 
 
 def _check_transport(handle: WeightHandle, transport: str) -> None:
@@ -89,8 +114,8 @@ def _log_publish(handle: WeightHandle, t0: float) -> None:
 
 
 class ObjectStorePublisher:
-    """`ray.put` of the snapshot; the handle holds `[ref]` so Ray does not resolve it when the handle
-    is a task argument. The latest ref is kept so the object lives until the next publish.
+    """`ray.put` of each bucket; the handle holds the list of refs, so Ray does not resolve them when
+    the handle is a task argument. The latest refs are kept so the objects live until the next publish.
 
     Tensors travel as raw bytes in numpy arrays, with dtype and shape beside them: Ray writes numpy
     buffers into the object store in one copy and reads them back without one, where a pickled
@@ -101,13 +126,17 @@ class ObjectStorePublisher:
     def __init__(self, cfg: ObjectStoreSync, weights_dir: Path, group: GroupAddress | None) -> None:
         self._latest: Any = None
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+    def publish(self, weights: Weights, version: int) -> WeightHandle:
         import ray
 
         t0 = time.perf_counter()
-        # ray.put copies, so the trainer may change its weights as soon as this returns.
-        self._latest = ray.put({name: (t.dtype, tuple(t.shape), _bytes_of(t)) for name, t in state.items()})
-        handle = WeightHandle(version, state_nbytes(state), "object_store", [self._latest])
+        refs, nbytes = [], 0
+        for chunk in _chunks(weights):
+            # ray.put copies, so the trainer may change its weights as soon as this returns.
+            refs.append(ray.put({name: (t.dtype, tuple(t.shape), _bytes_of(t)) for name, t in chunk.items()}))
+            nbytes += state_nbytes(chunk)
+        self._latest = refs
+        handle = WeightHandle(version, nbytes, "object_store", refs)
         _log_publish(handle, t0)
         return handle
 
@@ -127,7 +156,8 @@ def _tensor_of(dtype: torch.dtype, shape: tuple[int, ...], data: np.ndarray) -> 
 
 
 class ObjectStoreReceiver:
-    """`ray.get` of the snapshot, copied out of the (read-only, shared) object store memory."""
+    """`ray.get` of the snapshot's buckets, one at a time, copied out of the (read-only, shared) object
+    store memory."""
 
     def __init__(self, cfg: ObjectStoreSync, group: GroupAddress | None, rank: int) -> None:
         pass
@@ -136,8 +166,12 @@ class ObjectStoreReceiver:
         import ray
 
         _check_transport(handle, "object_store")
-        stored = ray.get(handle.payload[0])
-        return {name: _tensor_of(dtype, shape, data) for name, (dtype, shape, data) in stored.items()}
+        out = {}
+        for ref in handle.payload:
+            stored = ray.get(ref)
+            out.update({name: _tensor_of(dtype, shape, data) for name, (dtype, shape, data) in stored.items()})
+            del stored  # release the object store's pages before the next bucket
+        return out
 
     def close(self) -> None:
         pass
@@ -170,26 +204,19 @@ class BroadcastPlan:
     names: tuple[str, ...]
 
 
-def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> BroadcastPlan:
-    """Pack tensors by dtype, in state-dict order, into buckets of at most `bucket_bytes`; a tensor
-    larger than that gets a bucket of its own."""
+def plan_buckets(state: dict[str, torch.Tensor]) -> list[Bucket]:
+    """One bucket per dtype of a (partial) state dict, its tensors in state-dict order."""
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, t in state.items():
         by_dtype.setdefault(t.dtype, []).append((name, t))
-    buckets: list[Bucket] = []
+    out = []
     for dtype, items in by_dtype.items():
-        size = torch.empty((), dtype=dtype).element_size()
-        slots: list[Slot] = []
-        numel = 0
+        slots, numel = [], 0
         for name, t in items:
-            if slots and (numel + t.numel()) * size > bucket_bytes:
-                buckets.append(Bucket(dtype, numel, tuple(slots)))
-                slots, numel = [], 0
             slots.append(Slot(name, tuple(t.shape), numel))
             numel += t.numel()
-        if slots:
-            buckets.append(Bucket(dtype, numel, tuple(slots)))
-    return BroadcastPlan(tuple(buckets), tuple(state))
+        out.append(Bucket(dtype, numel, tuple(slots)))
+    return out
 
 
 def sync_group_address() -> tuple[str, int]:
@@ -252,12 +279,14 @@ def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str) -> None
 
 
 class BroadcastPublisher:
-    """Rank 0: copies the snapshot into staged buckets, then a sender thread broadcasts them.
+    """Rank 0: copies the snapshot, bucket by bucket as it streams in, into staged flat buffers, then
+    a sender thread broadcasts them.
 
     One send is in flight at a time: `publish` first waits for the previous send. A failed send
     leaves the group unusable (the ranks no longer agree on the sequence of collectives), so every
-    later `publish` and `close` raises its error. The staged buffers (one more copy of the weights,
-    on the group's device) are kept and reused while the plan stays the same.
+    later `publish` and `close` raises its error. The staged buffers (one copy of the weights in the
+    dtype they are published in, on the group's device) are what lets the trainer go on training
+    while the workers receive; they are kept and reused from one publish to the next.
     """
 
     def __init__(self, cfg: BroadcastSync, weights_dir: Path, group: GroupAddress | None) -> None:
@@ -265,29 +294,44 @@ class BroadcastPublisher:
         self._store, self._pg, self._device = _join_group(cfg, group, rank=0)
         self._sender: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._plan: BroadcastPlan | None = None
         self._staged: list[torch.Tensor] = []
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+    def publish(self, weights: Weights, version: int) -> WeightHandle:
         t0 = time.perf_counter()
         self._wait_sender()
-        plan = plan_buckets(state, int(self.cfg.bucket_mb * 2**20))
-        if plan != self._plan:
-            self._plan = plan
-            self._staged = [torch.empty(b.numel, dtype=b.dtype, device=self._device) for b in plan.buckets]
+        planned: list[Bucket] = []
+        names: list[str] = []
+        nbytes = 0
         with torch.no_grad():
-            for bucket, flat in zip(plan.buckets, self._staged, strict=True):
-                for slot in bucket.slots:
-                    t = state[slot.name]
-                    flat[slot.offset : slot.offset + t.numel()].view(slot.shape).copy_(t)
+            for chunk in _chunks(weights):
+                for bucket in plan_buckets(chunk):
+                    flat = self._stage(len(planned), bucket)
+                    for slot in bucket.slots:
+                        t = chunk[slot.name]
+                        flat[slot.offset : slot.offset + t.numel()].view(slot.shape).copy_(t)
+                    planned.append(bucket)
+                names += chunk
+                nbytes += state_nbytes(chunk)
+        del self._staged[len(planned) :]
         if self._device.type == "cuda":  # the copies must be done before the trainer changes its weights
             torch.cuda.current_stream(self._device).synchronize()
         # A daemon thread: a send stuck on a dead worker must not keep the trainer's process alive.
         self._sender = threading.Thread(target=self._send, args=(version,), name=f"weight-sync-v{version}", daemon=True)
         self._sender.start()
-        handle = WeightHandle(version, state_nbytes(state), "broadcast", plan)
+        handle = WeightHandle(version, nbytes, "broadcast", BroadcastPlan(tuple(planned), tuple(names)))
         _log_publish(handle, t0)
         return handle
+
+    def _stage(self, i: int, bucket: Bucket) -> torch.Tensor:
+        """Staged buffer i, reused when the previous publish had one of the same dtype and size."""
+        if i < len(self._staged) and (self._staged[i].dtype, self._staged[i].numel()) == (bucket.dtype, bucket.numel):
+            return self._staged[i]
+        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
+        if i < len(self._staged):
+            self._staged[i] = flat
+        else:
+            self._staged.append(flat)
+        return flat
 
     def _send(self, version: int) -> None:
         try:
@@ -367,17 +411,19 @@ class BroadcastReceiver:
 
 @dataclass(frozen=True)
 class DiskFile:
-    """The payload of a disk handle."""
+    """The payload of a disk handle: the version's directory and its files, in publish order."""
 
     path: str
+    files: tuple[str, ...]
     keep: int
 
 
 class DiskPublisher:
-    """Writes `<dir>/v{version:08d}.safetensors` atomically and keeps the newest `keep` files.
+    """Writes `<dir>/v{version:08d}/` with one safetensors file per bucket, atomically (a temporary
+    directory renamed), and keeps the newest `keep` versions.
 
-    Newest in publication order, counting only files this publisher wrote: a restarted run that
-    publishes lower versions than a previous run left in `dir` must not delete its own fresh files.
+    Newest in publication order, counting only versions this publisher wrote: a restarted run that
+    publishes lower versions than a previous run left in `dir` must not delete its own fresh ones.
     """
 
     def __init__(self, cfg: DiskSync, weights_dir: Path, group: GroupAddress | None) -> None:
@@ -386,19 +432,26 @@ class DiskPublisher:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._written: list[Path] = []
 
-    def publish(self, state: dict[str, torch.Tensor], version: int) -> WeightHandle:
+    def publish(self, weights: Weights, version: int) -> WeightHandle:
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
-        path = self.dir / f"v{version:08d}.safetensors"
+        path = self.dir / f"v{version:08d}"
         tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
-        save_file(unshared(state), str(tmp), metadata={"version": str(version)})
-        os.replace(tmp, path)  # readers see the whole file or none
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files, nbytes = [], 0
+        for i, chunk in enumerate(_chunks(weights)):
+            files.append(f"part-{i:05d}.safetensors")
+            save_file(unshared(chunk), str(tmp / files[-1]), metadata={"version": str(version)})
+            nbytes += state_nbytes(chunk)
+        shutil.rmtree(path, ignore_errors=True)  # a previous run's copy of this version
+        os.replace(tmp, path)  # readers see the whole version or none
         self._written = [p for p in self._written if p != path] + [path]
         for old in self._written[: -self.keep]:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
         self._written = self._written[-self.keep :]
-        handle = WeightHandle(version, state_nbytes(state), "disk", DiskFile(str(path), self.keep))
+        handle = WeightHandle(version, nbytes, "disk", DiskFile(str(path), tuple(files), self.keep))
         _log_publish(handle, t0)
         return handle
 
@@ -420,7 +473,7 @@ def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class DiskReceiver:
-    """Loads the handle's file; its tensors come in the file's order (by name), not the trainer's."""
+    """Loads the handle's files in order; within a file tensors come by name, not in the trainer's order."""
 
     def __init__(self, cfg: DiskSync, group: GroupAddress | None, rank: int) -> None:
         pass
@@ -430,12 +483,15 @@ class DiskReceiver:
 
         _check_transport(handle, "disk")
         file: DiskFile = handle.payload
+        out: dict[str, torch.Tensor] = {}
         try:
-            return load_file(file.path)
+            for name in file.files:
+                out.update(load_file(os.path.join(file.path, name)))
         except FileNotFoundError:
             raise FileNotFoundError(f"disk weight sync: {file.path} (v{handle.version}) was removed before this "
                                     f"worker read it: raise weight_sync.transport.keep (now {file.keep}) or the "
                                     "worker is too slow to keep up") from None  # fmt: skip
+        return out
 
     def close(self) -> None:
         pass

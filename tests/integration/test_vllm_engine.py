@@ -294,7 +294,7 @@ def test_a_prompt_longer_than_the_model_is_a_clear_error(host: Any, reference: T
 
 TRANSPORTS = {
     "object_store": ["weight_sync.transport.type=object_store"],
-    "broadcast": ["weight_sync.transport.type=broadcast", "weight_sync.transport.bucket_mb=0.01"],
+    "broadcast": ["weight_sync.transport.type=broadcast", "weight_sync.bucket_mb=0.01"],
     "disk": ["weight_sync.transport.type=disk"],
 }
 

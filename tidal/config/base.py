@@ -145,6 +145,10 @@ class VLLMConfig(Strict):
     """Sequences vLLM schedules together in one step."""
     max_model_len: int | None = Field(None, ge=2)
     """Longest prompt + completion in tokens (default: the model config's max positions)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one vLLM engine shards the model over (tensor parallel); each rollout worker then
+    declares that many GPUs (`rollout.num_gpus_per_worker`). Above 1 the model lives in vLLM's
+    worker processes, so new weights reach them through a safetensors file in /dev/shm."""
 
 
 class AdaptiveStaleness(Strict):
@@ -218,6 +222,14 @@ class RolloutConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _gpus_for_tensor_parallel(self) -> RolloutConfig:
+        tp = self.vllm.tensor_parallel_size
+        if self.engine == "vllm" and tp > 1 and self.num_gpus_per_worker < tp:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} shards each engine over {tp} GPUs, but "
+                             f"rollout.num_gpus_per_worker={self.num_gpus_per_worker:g}; set it to {tp}")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _adaptive_within_bound(self) -> RolloutConfig:
         if self.adaptive_staleness and self.adaptive_staleness.min_staleness > self.max_staleness:
             raise ValueError(f"rollout.adaptive_staleness.min_staleness={self.adaptive_staleness.min_staleness} "
@@ -266,9 +278,16 @@ class TrainerConfig(Strict):
     backend: Literal["gloo", "nccl"] | None = None
     """torch.distributed backend (default: nccl with CUDA, gloo otherwise)."""
     num_cpus: float = Field(1.0, gt=0.0)
-    """CPUs the trainer actor declares to Ray (its torch thread count is this, rounded up)."""
+    """CPUs each trainer rank declares to Ray (its torch thread count is this, rounded up)."""
     num_gpus: float = Field(0.0, ge=0.0)
-    """GPUs the trainer actor declares to Ray (0 on CPU machines)."""
+    """GPUs each trainer rank declares to Ray (0 on CPU machines; 1 per rank on GPU nodes)."""
+    num_ranks: int = Field(1, ge=1)
+    """`tidal train`: trainer ranks, each a Ray actor, together one DeepSpeed data-parallel world
+    (gloo on CPU, NCCL on GPU) with ZeRO sharding across them. Each rank trains its share of every
+    batch; rank 0 takes the batches from the buffer and publishes the weights."""
+    placement: Literal["pack", "spread"] = "pack"
+    """How a Ray placement group lays out the trainer ranks: `pack` fills a node before the next
+    (NVLink within a node), `spread` puts them on as many nodes as it can."""
 
 
 # ------------------------------------------------------------------------------------------ train, ray

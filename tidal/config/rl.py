@@ -20,8 +20,6 @@ class BroadcastSync(Strict):
     type: Literal["broadcast"] = "broadcast"
     """torch.distributed broadcast in buckets from the trainer to every worker (gloo on CPU, NCCL on
     GPU) in a process group of their own; metadata goes through Ray."""
-    bucket_mb: float = Field(256.0, gt=0.0)
-    """Largest bucket in MB; a tensor larger than this travels in a bucket of its own."""
     backend: Literal["gloo", "nccl"] | None = None
     """Backend of the weight-sync group (default: nccl with CUDA, gloo otherwise)."""
     timeout_s: float = Field(600.0, gt=0.0)
@@ -44,6 +42,10 @@ class WeightSyncConfig(Strict):
     Workers then lag up to every - 1 steps behind, which must fit in `rollout.max_staleness`."""
     transport: Annotated[ObjectStoreSync | BroadcastSync | DiskSync, Field(discriminator="type")] = ObjectStoreSync()
     """How snapshots travel; `type` picks it (`object_store`, `broadcast` or `disk`)."""
+    bucket_mb: float = Field(256.0, gt=0.0)
+    """A publish streams the weights in buckets of at most this many MB (a larger tensor travels
+    alone): the trainer gathers, casts and sends one bucket at a time, never a whole copy of the
+    model; the broadcast transport sends each bucket as one collective."""
 
     @model_validator(mode="before")
     @classmethod

@@ -78,7 +78,8 @@ class VLLMEngine:
         self.llm = LLM(
             model=str(model_dir), dtype=dtype, seed=seed, logprobs_mode="processed_logprobs",
             enforce_eager=cfg.enforce_eager, enable_prefix_caching=True, max_num_seqs=cfg.max_num_seqs,
-            max_model_len=cfg.max_model_len, worker_extension_cls=EXTENSION, **kwargs,
+            max_model_len=cfg.max_model_len, worker_extension_cls=EXTENSION,
+            tensor_parallel_size=cfg.tensor_parallel_size, **kwargs,
         )  # fmt: skip
         self._broken: str | None = None
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
@@ -143,7 +144,7 @@ class VLLMEngine:
             raise ValueError(f"weight snapshot v{version}: {k} has shape {tuple(state[k].shape)}, the rollout "
                              f"model's is {self.shapes[k]}")  # fmt: skip
         try:
-            if self.cfg.in_process:
+            if self.cfg.in_process and self.cfg.tensor_parallel_size == 1:
                 self.llm.collective_rpc("tidal_load_weights", args=(state,))
             else:
                 self._load_through_file(state)

@@ -1,15 +1,25 @@
 """The Trainer actor: pulls groups from the buffer, takes RL steps with DeepSpeed, publishes weights.
 
-A plain class the driver turns into a Ray actor with `ray.remote`. One `step()` is one rollout
-batch: advantages, the proximal log-probs recomputed with the weights held before the update (and
-the reference's, with a KL penalty), then `algorithm.minibatches` optimizer steps.
+A plain class the driver turns into Ray actors (`tidal.trainer.group.TrainerGroup`), one per rank
+of the DeepSpeed world. One `step()` is one rollout batch: advantages, the proximal log-probs
+recomputed with the weights held before the update (and the reference's, with a KL penalty), then
+`algorithm.minibatches` optimizer steps.
+
+With several ranks every call of the driver's but the weight-sync setup and the ledger reaches all
+of them. Rank 0 takes the batch from the buffer and broadcasts it; every rank builds the whole
+batch (advantages are per group), recomputes log-probs on its share of the rows and all-gathers
+them, so the off-policy statistics and the M2PO mask are those of the whole batch, then trains
+its share of each minibatch against the whole minibatch's loss denominator. Publishing gathers the
+weights on every rank and rank 0 sends them, bucket by bucket.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +40,11 @@ from tidal.metrics import Metrics, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
 from tidal.trainer.engine import DeepSpeedTrainer
+from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import Group, StepResult, TrainBatch
-from tidal.weight_sync import WeightHandle, WeightPublisher, make_publisher, sync_group_address
+from tidal.weight_sync import WeightHandle, WeightPublisher, buckets, make_publisher, sync_group_address
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,12 @@ class TrainerActorConfig:
 
 
 class TrainerActor:
-    def __init__(self, cfg: TrainerActorConfig, model_dir: str, buffer: Any = None) -> None:
+    def __init__(
+        self, cfg: TrainerActorConfig, model_dir: str, buffer: Any = None, rank: RankInfo | None = None
+    ) -> None:
         torch.set_num_threads(max(1, math.ceil(cfg.trainer.num_cpus)))
+        if rank is not None:  # one of several ranks: DeepSpeed joins their world through env://
+            os.environ.update(rank.environ())
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.buffer = buffer
@@ -90,9 +105,7 @@ class TrainerActor:
         t0 = time.perf_counter()
         idle = t0 - self._last_end
         if groups is None:
-            import ray
-
-            groups = ray.get(self.buffer.take.remote(batch_id, self.version), timeout=self.cfg.timeout_s)
+            groups = self._take(batch_id)
         try:
             metrics = self._train(groups) if groups else {"train/skipped_steps": total(1.0)}
         finally:
@@ -100,18 +113,40 @@ class TrainerActor:
         metrics["async/trainer_idle_s"] = total(idle)
         return StepResult(self.version, bool(groups), metrics)
 
+    def _take(self, batch_id: int) -> list[Group]:
+        """Batch `batch_id` from the buffer on rank 0, broadcast to the other ranks. A failure on rank
+        0 is broadcast too, so that every rank raises instead of the others waiting for a batch."""
+        taken: tuple[list[Group] | None, str] = (None, "")
+        if self.trainer.rank == 0:
+            import ray
+
+            try:
+                taken = (ray.get(self.buffer.take.remote(batch_id, self.version), timeout=self.cfg.timeout_s), "")
+            except Exception as e:
+                self.trainer.broadcast_object((None, f"{type(e).__name__}: {e}"))
+                raise
+        groups, error = self.trainer.broadcast_object(taken)
+        if groups is None:
+            raise RuntimeError(f"trainer rank 0 could not take batch {batch_id}: {error}")
+        return groups
+
+    def _logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+        """(B, T) log-probs of the whole batch: each rank computes its share of the rows, then all gather."""
+        local = batch_logprobs(model, self.trainer.shard(batch), self.cfg.rollout.temperature,
+                               self.cfg.trainer.micro_batch_size)  # fmt: skip
+        return self.trainer.gather_rows(local, batch.input_ids.shape[0])
+
     def _train(self, groups: list[Group]) -> Metrics:
         t0 = time.perf_counter()
         self.trained_groups += [g.group_id for g in groups]
         batch, metrics = build_batch(groups, self.cfg.algorithm.advantage, self.tokenizer.pad_token_id)
         metrics.update(_staleness(self.version, groups, batch, self.cfg.rollout.max_staleness))
         t_prep = time.perf_counter()
-        cfg, temp = self.cfg, self.cfg.rollout.temperature
-        mb = cfg.trainer.micro_batch_size
+        cfg = self.cfg
         tokens = float(batch.loss_mask.sum())
         loss_cfg = cfg.algorithm.loss
         if not isinstance(loss_cfg.correction, BehaviorCorrection):
-            batch.logp_old = batch_logprobs(self.trainer.module, batch, temp, mb)
+            batch.logp_old = self._logprobs(self.trainer.module, batch)
             gap = logp_mismatch(batch.logp_mu, batch.logp_old, batch.loss_mask)
             if gap:
                 metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
@@ -120,19 +155,20 @@ class TrainerActor:
             metrics.update(offpolicy_stats(batch.logp_old, batch.logp_mu, batch.loss_mask, ages))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;
-            # the mask covers the whole rollout batch and every minibatch reuses its rows. (With several
-            # trainer ranks, each would all-gather the valid tokens' log ratios to build the same mask.)
+            # the mask covers the whole rollout batch (every rank builds the same one from the gathered
+            # pi_old) and every minibatch reuses its rows.
             assert batch.logp_old is not None  # the config rejects m2po with the behavior correction
             threshold = loss_cfg.trust_region.threshold
             batch.m2po_keep, m2po_metrics = m2po_mask(batch.logp_old, batch.logp_mu, batch.loss_mask, threshold)
             metrics.update(m2po_metrics)
         if self.ref is not None:
-            batch.logp_ref = batch_logprobs(self.ref, batch, temp, mb)
+            batch.logp_ref = self._logprobs(self.ref, batch)
         t_recompute = time.perf_counter()
         steps = []
         for minibatch in split_parts(batch, cfg.algorithm.minibatches):
             norm = loss_denominator(minibatch, loss_cfg, cfg.rollout.max_new_tokens)
-            steps.append(self.trainer.train_step(minibatch, loss_fn=self.loss, normalizer=norm))
+            shard = self.trainer.shard(minibatch)
+            steps.append(self.trainer.train_step(shard, loss_fn=self.loss, normalizer=norm))
         t_end = time.perf_counter()
         # The loss's metrics carry their namespace (train/, offpolicy/, moe/); the trainer's do not.
         metrics.update({k if "/" in k else f"train/{k}": v for k, v in merge(steps).items()})
@@ -156,9 +192,15 @@ class TrainerActor:
         """Build the publishing end; with `broadcast` this blocks until every worker has joined."""
         self.publisher = make_publisher(self.cfg.weight_sync, self.cfg.weights_dir, group)
 
-    def publish(self) -> tuple[WeightHandle, Metrics]:
-        """Publish the current policy for the workers without waiting for them; (handle, metrics)."""
+    def publish(self) -> tuple[WeightHandle | None, Metrics]:
+        """Publish the current policy for the workers without waiting for them: (handle, metrics) on
+        rank 0, (None, {}) on the others. Collective: every rank takes part in gathering the weights."""
         t0 = time.perf_counter()
+        if self.trainer.rank != 0:
+            for _ in self.trainer.iter_export():
+                pass
+            self._last_end = time.perf_counter()
+            return None, {}
         if self.publisher is None:
             self.join_weight_sync(None)
         assert self.publisher is not None
@@ -171,19 +213,18 @@ class TrainerActor:
         """Groups trained on, and how many distinct ones (equal unless a group was trained twice)."""
         return {"trained_groups": len(self.trained_groups), "unique_trained_groups": len(set(self.trained_groups))}
 
-    def rollout_weights(self) -> dict[str, torch.Tensor]:
-        """The policy as the rollout model holds it: the fp32 master weights, cast to `model.dtype`.
-        A bf16 rollout model gets bf16 weights, half the bytes to send; the cast rounds to nearest
-        even exactly as the worker's own copy into its bf16 parameters would, so what the worker
-        holds is the same either way."""
-        state = self.trainer.state_dict_for_export()
-        if self.cfg.model.dtype == "bfloat16":
-            state = {name: t.to(torch.bfloat16) for name, t in state.items()}
-        return state
+    def rollout_weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The policy as the rollout model holds it, as a stream of partial state dicts (buckets of at
+        most `weight_sync.bucket_mb`, a larger tensor alone), gathered and cast tensor by tensor:
+        no full copy of the model is built. The fp32 master weights are cast to `model.dtype`, so a
+        bf16 rollout model gets bf16 weights, half the bytes to send; the cast rounds to nearest even
+        exactly as the worker's own copy into its bf16 parameters would. Collective (see publish)."""
+        dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else None
+        yield from buckets(self.trainer.iter_export(dtype), int(self.cfg.weight_sync.bucket_mb * 2**20))
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], int]:
         """(the state dict published to the workers, version) of the current policy, in-process."""
-        return self.rollout_weights(), self.version
+        return {k: v for bucket in self.rollout_weights() for k, v in bucket.items()}, self.version
 
     def save(self, out_dir: str) -> str:
         return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))

@@ -34,12 +34,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from tidal.config import ScheduleConfig, TrainerConfig  # noqa: E402
 from tidal.metrics import Metrics, Stat, mean, merge, total  # noqa: E402
-from tidal.modeling import micro_batches, to_device
+from tidal.modeling import micro_batches, shard_rows, to_device
 from tidal.trainer.losses_sft import num_targets, sft_loss
 
 log = logging.getLogger(__name__)
 
 B = TypeVar("B")
+T = TypeVar("T")
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
 """`loss_fn(model, micro_batch) -> (loss_sum, metrics)`: the loss summed over the micro-batch's
 target tokens (a scalar with grad), and metrics that declare how they merge (`tidal.metrics`)."""
@@ -353,31 +354,69 @@ class DeepSpeedTrainer:
     # -- export
 
     def iter_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full fp32 tensor) of every parameter, one at a time (collective under ZeRO).
+        """(name, full fp32 tensor on the CPU) of every parameter, one at a time (collective under ZeRO:
+        every rank gets every tensor).
 
         Under bf16 or ZeRO these are the optimizer's fp32 master weights, gathered from their
-        partitions; tied parameters appear under each of their names.
+        partitions; tied parameters appear under each of their names. Only a tied parameter's tensor
+        is kept between two yields, so the caller holds at most what it keeps itself.
         """
-        cache: dict[int, torch.Tensor] = {}
+        names = self.module.named_parameters(remove_duplicate=False)
+        seen: dict[int, int] = {}
+        for _, p in names:
+            seen[id(p)] = seen.get(id(p), 0) + 1
+        tied: dict[int, torch.Tensor] = {}
         for name, p in self.module.named_parameters(remove_duplicate=False):
-            if id(p) not in cache:
+            full = tied.get(id(p))
+            if full is None:
                 full = safe_get_full_fp32_param(p)
                 if full is None:  # no master copy: ZeRO 0 in fp32, or a frozen parameter
                     with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                         full = p.detach().float().clone()
-                cache[id(p)] = full.cpu()
-            yield name, cache[id(p)]
+                full = full.cpu()
+                if seen[id(p)] > 1:
+                    tied[id(p)] = full
+            yield name, full
+
+    def iter_export(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) of every entry of the HF state dict (parameters, then persistent
+        buffers), one at a time, cast to `dtype` (default fp32 masters); collective, like
+        `iter_full_params`, so every rank must run it to the end."""
+        persistent = set(self.module.state_dict().keys())
+        for name, t in self.iter_full_params():
+            if name in persistent:
+                yield name, t if dtype is None or dtype == t.dtype else t.to(dtype)
+        for name, buf in self.module.named_buffers():
+            if name in persistent:
+                yield name, buf.detach().to("cpu", dtype or torch.float32, copy=True)
 
     def state_dict_for_export(self) -> dict[str, torch.Tensor]:
         """Full fp32 state dict (parameters and persistent buffers) on rank 0, `{}` elsewhere."""
-        state = dict(self.iter_full_params())
-        if self.rank != 0:
-            return {}
-        persistent = set(self.module.state_dict().keys())
-        for name, buf in self.module.named_buffers():
-            if name in persistent:
-                state[name] = buf.detach().float().cpu()
-        return {k: v for k, v in state.items() if k in persistent}
+        state = dict(self.iter_export())
+        return state if self.rank == 0 else {}
+
+    # -- data parallelism
+
+    def shard(self, batch: B) -> B:
+        """This rank's rows of a global batch (see `shard_rows`)."""
+        return shard_rows(batch, self.rank, self.world_size)
+
+    def gather_rows(self, local: torch.Tensor, rows: int) -> torch.Tensor:
+        """The global (rows, ...) tensor on the CPU, from every rank's `shard` of it; collective."""
+        if self.world_size == 1:
+            return local[:rows]
+        local = local.to(self.engine.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts)[:rows].cpu()
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank (pickled; for small control data); collective."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def save_hf(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
         """Save a Hugging Face checkpoint in fp32 (model + tokenizer) from rank 0; collective."""
