@@ -70,9 +70,26 @@ class WeightPublisher(Protocol):
 class WeightReceiver(Protocol):
     """Worker side: turns a handle into a state dict bit-identical to the published one."""
 
-    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]: ...
+    def receive_buckets(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
+        """The snapshot as partial state dicts, one transport piece (bucket, object, file) at a
+        time; must be consumed to the end (a broadcast holds the group until then)."""
+        ...
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        """The whole snapshot as one state dict."""
+        ...
 
     def close(self) -> None: ...
+
+
+class _Receiver:
+    """`receive` as the union of `receive_buckets` (the tensors are not copied)."""
+
+    def receive_buckets(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+        return {name: t for bucket in self.receive_buckets(handle) for name, t in bucket.items()}
 
 
 def state_nbytes(state: dict[str, torch.Tensor]) -> int:
@@ -95,7 +112,8 @@ def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
         yield bucket
 
 
-def _chunks(weights: Weights) -> Iterable[dict[str, torch.Tensor]]:
+def as_buckets(weights: Weights) -> Iterable[dict[str, torch.Tensor]]:
+    """A state dict as a stream of one bucket; a stream as it is."""
     return [weights] if isinstance(weights, dict) else weights
 
 
@@ -131,7 +149,7 @@ class ObjectStorePublisher:
 
         t0 = time.perf_counter()
         refs, nbytes = [], 0
-        for chunk in _chunks(weights):
+        for chunk in as_buckets(weights):
             # ray.put copies, so the trainer may change its weights as soon as this returns.
             refs.append(ray.put({name: (t.dtype, tuple(t.shape), _bytes_of(t)) for name, t in chunk.items()}))
             nbytes += state_nbytes(chunk)
@@ -155,23 +173,21 @@ def _tensor_of(dtype: torch.dtype, shape: tuple[int, ...], data: np.ndarray) -> 
     return torch.from_numpy(data.copy()).view(dtype).view(shape)
 
 
-class ObjectStoreReceiver:
+class ObjectStoreReceiver(_Receiver):
     """`ray.get` of the snapshot's buckets, one at a time, copied out of the (read-only, shared) object
     store memory."""
 
     def __init__(self, cfg: ObjectStoreSync, group: GroupAddress | None, rank: int) -> None:
         pass
 
-    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    def receive_buckets(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
         import ray
 
         _check_transport(handle, "object_store")
-        out = {}
         for ref in handle.payload:
             stored = ray.get(ref)
-            out.update({name: _tensor_of(dtype, shape, data) for name, (dtype, shape, data) in stored.items()})
+            yield {name: _tensor_of(dtype, shape, data) for name, (dtype, shape, data) in stored.items()}
             del stored  # release the object store's pages before the next bucket
-        return out
 
     def close(self) -> None:
         pass
@@ -198,10 +214,9 @@ class Bucket:
 
 @dataclass(frozen=True)
 class BroadcastPlan:
-    """The payload of a broadcast handle: buckets in send order and the state dict's key order."""
+    """The payload of a broadcast handle: the buckets in send order."""
 
     buckets: tuple[Bucket, ...]
-    names: tuple[str, ...]
 
 
 def plan_buckets(state: dict[str, torch.Tensor]) -> list[Bucket]:
@@ -300,17 +315,15 @@ class BroadcastPublisher:
         t0 = time.perf_counter()
         self._wait_sender()
         planned: list[Bucket] = []
-        names: list[str] = []
         nbytes = 0
         with torch.no_grad():
-            for chunk in _chunks(weights):
+            for chunk in as_buckets(weights):
                 for bucket in plan_buckets(chunk):
                     flat = self._stage(len(planned), bucket)
                     for slot in bucket.slots:
                         t = chunk[slot.name]
                         flat[slot.offset : slot.offset + t.numel()].view(slot.shape).copy_(t)
                     planned.append(bucket)
-                names += chunk
                 nbytes += state_nbytes(chunk)
         del self._staged[len(planned) :]
         if self._device.type == "cuda":  # the copies must be done before the trainer changes its weights
@@ -318,7 +331,7 @@ class BroadcastPublisher:
         # A daemon thread: a send stuck on a dead worker must not keep the trainer's process alive.
         self._sender = threading.Thread(target=self._send, args=(version,), name=f"weight-sync-v{version}", daemon=True)
         self._sender.start()
-        handle = WeightHandle(version, nbytes, "broadcast", BroadcastPlan(tuple(planned), tuple(names)))
+        handle = WeightHandle(version, nbytes, "broadcast", BroadcastPlan(tuple(planned)))
         _log_publish(handle, t0)
         return handle
 
@@ -363,10 +376,11 @@ class BroadcastPublisher:
             self._staged = []
 
 
-class BroadcastReceiver:
-    """Rank 1..N: receives every bucket into fresh buffers and returns views of them by name.
+class BroadcastReceiver(_Receiver):
+    """Rank 1..N: receives every bucket into a fresh buffer and yields views of it by name.
 
-    Receives are serialised by a lock: two interleaved receives would mix up the collectives.
+    Receives are serialised by a lock, held until the last bucket is consumed: two interleaved
+    receives would mix up the collectives.
     """
 
     def __init__(self, cfg: BroadcastSync, group: GroupAddress | None, rank: int) -> None:
@@ -377,12 +391,12 @@ class BroadcastReceiver:
         self._lock = threading.Lock()
         self._store, self._pg, self._device = _join_group(cfg, group, rank)
 
-    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    def receive_buckets(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
         _check_transport(handle, "broadcast")
         with self._lock:
-            return self._receive(handle)
+            yield from self._receive(handle)
 
-    def _receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    def _receive(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
         plan: BroadcastPlan = handle.payload
         v = handle.version
         header = torch.empty(2, dtype=torch.int64, device=self._device)
@@ -392,15 +406,12 @@ class BroadcastReceiver:
             raise RuntimeError(f"broadcast weight sync: rank {self.rank} asked for v{v} ({len(plan.buckets)} buckets) "
                                f"but the trainer is sending v{sent_version} ({n_buckets} buckets); every worker "
                                "must receive every published version, in order")  # fmt: skip
-        out: dict[str, torch.Tensor] = {}
         for i, bucket in enumerate(plan.buckets):
             flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
             if bucket.numel:
                 _broadcast(self._pg, flat, self.cfg.timeout_s, f"v{v} bucket {i + 1}/{n_buckets} (rank {self.rank})")
-            for slot in bucket.slots:
-                n = torch.Size(slot.shape).numel()
-                out[slot.name] = flat[slot.offset : slot.offset + n].view(slot.shape)
-        return {name: out[name] for name in plan.names}
+            yield {slot.name: flat[slot.offset : slot.offset + torch.Size(slot.shape).numel()].view(slot.shape)
+                   for slot in bucket.slots}  # fmt: skip
 
     def close(self) -> None:
         self._pg = self._store = None
@@ -441,7 +452,7 @@ class DiskPublisher:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         files, nbytes = [], 0
-        for i, chunk in enumerate(_chunks(weights)):
+        for i, chunk in enumerate(as_buckets(weights)):
             files.append(f"part-{i:05d}.safetensors")
             save_file(unshared(chunk), str(tmp / files[-1]), metadata={"version": str(version)})
             nbytes += state_nbytes(chunk)
@@ -472,26 +483,25 @@ def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class DiskReceiver:
+class DiskReceiver(_Receiver):
     """Loads the handle's files in order; within a file tensors come by name, not in the trainer's order."""
 
     def __init__(self, cfg: DiskSync, group: GroupAddress | None, rank: int) -> None:
         pass
 
-    def receive(self, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    def receive_buckets(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
         from safetensors.torch import load_file
 
         _check_transport(handle, "disk")
         file: DiskFile = handle.payload
-        out: dict[str, torch.Tensor] = {}
-        try:
-            for name in file.files:
-                out.update(load_file(os.path.join(file.path, name)))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"disk weight sync: {file.path} (v{handle.version}) was removed before this "
-                                    f"worker read it: raise weight_sync.transport.keep (now {file.keep}) or the "
-                                    "worker is too slow to keep up") from None  # fmt: skip
-        return out
+        for name in file.files:
+            try:
+                bucket = load_file(os.path.join(file.path, name))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"disk weight sync: {file.path} (v{handle.version}) was removed before this "
+                                        f"worker read it: raise weight_sync.transport.keep (now {file.keep}) or the "
+                                        "worker is too slow to keep up") from None  # fmt: skip
+            yield bucket
 
     def close(self) -> None:
         pass

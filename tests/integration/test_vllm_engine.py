@@ -54,7 +54,7 @@ class VLLMHost:
 
     def reload(self, state: dict[str, torch.Tensor], repack: bool) -> list[int]:
         """The extension's reload with or without the CPU MoE repack (then the prefix-cache reset)."""
-        n = self.engine.llm.collective_rpc("tidal_load_weights", args=(state, repack))
+        n = self.engine.llm.collective_rpc("tidal_load_weights", args=([state], repack))
         self.engine.llm.reset_prefix_cache()
         return n
 

@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tidal.modeling import pad_tokens, positions
 from tidal.types import Completion, SamplingParams
+from tidal.weight_sync import Weights, as_buckets
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -63,8 +64,9 @@ class Engine(Protocol):
         """HF names of the weights a snapshot must carry."""
         ...
 
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Load a (full) state dict of HF names between generations and hold `version`."""
+    def load_weights(self, weights: Weights, version: int) -> None:
+        """Load a full snapshot of HF names between generations and hold `version`: one state dict,
+        or a stream of partial ones (buckets) loaded one at a time."""
         ...
 
 
@@ -84,9 +86,10 @@ class TransformersEngine:
     def weight_names(self) -> set[str]:
         return set(self.model.state_dict())
 
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, weights: Weights, version: int) -> None:
         dtype = next(self.model.parameters()).dtype
-        self.model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        for bucket in as_buckets(weights):
+            self.model.load_state_dict({k: v.to(dtype) for k, v in bucket.items()}, strict=False)
         self.version = version
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:

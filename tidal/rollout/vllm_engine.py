@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from tidal.config import ConfigError, VLLMConfig
 from tidal.rollout.engine import row_limits
 from tidal.types import Completion, SamplingParams, mix_seed
+from tidal.weight_sync import Weights, as_buckets
 
 log = logging.getLogger(__name__)
 
@@ -133,40 +134,44 @@ class VLLMEngine:
         """HF names of the weights a snapshot must carry (the transformers model's state dict)."""
         return set(self.shapes)
 
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Load a state dict of HF names in place, reset the prefix cache, hold `version`.
+    def load_weights(self, weights: Weights, version: int) -> None:
+        """Load a snapshot of HF names in place (one state dict, or buckets of one), reset the prefix
+        cache, hold `version`.
 
         A reload that fails part-way leaves vLLM's weights half-written: the engine refuses to
         generate after that instead of sampling from a broken model."""
-        wrong = [k for k, v in state.items() if k in self.shapes and tuple(v.shape) != self.shapes[k]]
+        buckets = list(as_buckets(weights))
+        wrong = [(k, v) for b in buckets for k, v in b.items() if k in self.shapes and tuple(v.shape) != self.shapes[k]]
         if wrong:
-            k = wrong[0]
-            raise ValueError(f"weight snapshot v{version}: {k} has shape {tuple(state[k].shape)}, the rollout "
+            k, v = wrong[0]
+            raise ValueError(f"weight snapshot v{version}: {k} has shape {tuple(v.shape)}, the rollout "
                              f"model's is {self.shapes[k]}")  # fmt: skip
         try:
             if self.cfg.in_process and self.cfg.tensor_parallel_size == 1:
-                self.llm.collective_rpc("tidal_load_weights", args=(state,))
+                self.llm.collective_rpc("tidal_load_weights", args=(buckets,))
             else:
-                self._load_through_file(state)
+                self._load_through_files(buckets)
         except Exception as e:
             self._broken = f"vLLM weight reload of v{version} failed, the engine holds no valid weights: {e}"
             raise RuntimeError(self._broken) from e
         self.llm.reset_prefix_cache()
         self.version = version
 
-    def _load_through_file(self, state: dict[str, torch.Tensor]) -> None:
+    def _load_through_files(self, buckets: list[dict[str, torch.Tensor]]) -> None:
         """Out of process, tensors do not survive vLLM's RPC serialization (they arrive as lists): the
-        engine subprocess reads a safetensors file in shared memory instead (10x faster than sending
-        the file's bytes through the RPC, measured in bench/vllm_engine.py)."""
+        engine's processes read safetensors files in shared memory instead, one per bucket (10x faster
+        than sending the file's bytes through the RPC, measured in bench/vllm_engine.py)."""
         from safetensors.torch import save_file
 
         from tidal.weight_sync import unshared
 
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         with tempfile.TemporaryDirectory(dir=shm, prefix="tidal-vllm-") as d:
-            path = os.path.join(d, "weights.safetensors")
-            save_file(unshared({k: v.cpu() for k, v in state.items()}), path)
-            self.llm.collective_rpc("tidal_load_weights", args=(path,))
+            paths = []
+            for i, bucket in enumerate(buckets):
+                paths.append(os.path.join(d, f"part-{i:05d}.safetensors"))
+                save_file(unshared({k: v.cpu() for k, v in bucket.items()}), paths[-1])
+            self.llm.collective_rpc("tidal_load_weights", args=(paths,))
 
 
 def state_dict_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ test_cpu_moe_reload_needs_the_repack` fails then (it asserts the bug is still th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 import torch
 
@@ -25,19 +25,19 @@ import torch
 class TidalWorkerExtension:
     """Methods added to vLLM's worker (`self` is the worker: `self.model_runner`, `self.reload_weights`)."""
 
-    def tidal_load_weights(self, weights: dict[str, torch.Tensor] | str, repack: bool = True) -> int:
-        """Load a full HF-named state dict in place: the tensors themselves (in-process) or a
-        safetensors file's path. Returns the number of CPU MoE layers repacked."""
+    def tidal_load_weights(self, weights: list[dict[str, torch.Tensor]] | list[str], repack: bool = True) -> int:
+        """Load a full HF-named snapshot in place, in one reload: buckets of it (partial state dicts,
+        in-process) or the paths of safetensors files holding them, read one at a time. Returns the
+        number of CPU MoE layers repacked."""
         self.reload_weights(weights_iterator=_items(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return repack_cpu_moe(self.model_runner.get_model()) if repack else 0  # type: ignore[attr-defined]
 
 
-def _items(weights: dict[str, torch.Tensor] | str) -> Iterable[tuple[str, torch.Tensor]]:
-    if isinstance(weights, dict):
-        return iter(weights.items())
+def _items(weights: list[dict[str, torch.Tensor]] | list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    return iter(load_file(weights).items())
+    for bucket in weights:
+        yield from (load_file(bucket) if isinstance(bucket, str) else bucket).items()
 
 
 def repack_cpu_moe(model: torch.nn.Module) -> int:

@@ -5,9 +5,10 @@ generates `group_size` completions per prompt with the rollout engine, scores th
 functions, and puts the groups into the TrajectoryBuffer.
 
 Weights arrive on a second thread (the actor's `control` concurrency group): `offer_weights`
-receives a published snapshot while a generation may be running and stages it; the generation
-thread applies it explicitly (`_apply_staged`) before each generate call, or at a chunk boundary
-inside one with `rollout.interruptible`. A sample never mixes two versions silently: every token
+receives a published snapshot, bucket by bucket, while a generation may be running and stages it
+in CPU memory (a GPU holds one received bucket at a time, never a second copy of the model); the
+generation thread loads it, bucket by bucket, before each generate call (`_apply_staged`), or at a
+chunk boundary inside one with `rollout.interruptible`. A sample never mixes two versions silently: every token
 records the version that sampled it.
 """
 
@@ -83,7 +84,7 @@ class RolloutWorker:
         self._forward_model = own_forward(self.engine)  # for the held-out log-prob check
         self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
         self._receiver: WeightReceiver | None = None
-        self._staged: tuple[dict[str, torch.Tensor], int] | None = None
+        self._staged: tuple[list[dict[str, torch.Tensor]], int] | None = None
         self._cv = threading.Condition()
         self._last_end = time.perf_counter()
 
@@ -104,12 +105,12 @@ class RolloutWorker:
         t0 = time.perf_counter()
         if self._receiver is None:
             self._receiver = make_receiver(self.cfg.weight_sync)
-        state = self._receiver.receive(handle)
+        buckets = [{name: t.cpu() for name, t in bucket.items()} for bucket in self._receiver.receive_buckets(handle)]
         seconds = time.perf_counter() - t0
-        self._check_fits(state, handle.version)
+        self._check_fits(buckets, handle.version)
         with self._cv:
             if self._staged is None or handle.version > self._staged[1]:
-                self._staged = (state, handle.version)
+                self._staged = (buckets, handle.version)
             self._cv.notify_all()
         return SyncStats(handle.version, handle.nbytes, seconds)
 
@@ -195,16 +196,16 @@ class RolloutWorker:
     def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
         """Load a (state dict, version) snapshot now (in-process use); returns the version held."""
         state, version = snapshot
-        self._check_fits(state, version)
+        self._check_fits([state], version)
         with self._cv:
-            self._staged = (state, version)
+            self._staged = ([state], version)
         self._apply_staged()
         return self.version
 
-    def _check_fits(self, state: dict[str, torch.Tensor], version: int) -> None:
+    def _check_fits(self, buckets: list[dict[str, torch.Tensor]], version: int) -> None:
         # Checked before staging: a snapshot that does not fit must leave the old weights intact.
-        names = self.engine.weight_names()
-        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+        names, got = self.engine.weight_names(), {name for bucket in buckets for name in bucket}
+        missing, unexpected = sorted(names - got), sorted(got - names)
         if missing or unexpected:
             raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip

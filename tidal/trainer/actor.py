@@ -36,7 +36,7 @@ from tidal.config import (
     TrainerConfig,
     WeightSyncConfig,
 )
-from tidal.metrics import Metrics, largest, mean, merge, total
+from tidal.metrics import Metrics, PeakRSS, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
 from tidal.trainer.engine import DeepSpeedTrainer
@@ -204,10 +204,14 @@ class TrainerActor:
         if self.publisher is None:
             self.join_weight_sync(None)
         assert self.publisher is not None
-        handle = self.publisher.publish(self.rollout_weights(), self.version)
+        with PeakRSS() as peak:
+            handle = self.publisher.publish(self.rollout_weights(), self.version)
         self._last_end = time.perf_counter()
-        return handle, {"perf/publish_time_s": total(self._last_end - t0),
-                        "async/published_version": largest(float(self.version))}  # fmt: skip
+        metrics = {"perf/publish_time_s": total(self._last_end - t0),
+                   "async/published_version": largest(float(self.version))}  # fmt: skip
+        if peak.growth is not None:
+            metrics["perf/publish_peak_mem_mb"] = largest(peak.growth / 2**20)
+        return handle, metrics
 
     def ledger(self) -> dict[str, int]:
         """Groups trained on, and how many distinct ones (equal unless a group was trained twice)."""
