@@ -6,6 +6,11 @@ processes on the machine falls on every variant alike; warm-up steps are exclude
 of the timed steps is reported with its ratio to plain torch.
 
     .venv/bin/python bench/trainer_step.py [--steps 8] [--batch 16] [--seq 64] [--stages 0,2]
+
+With `--ranks`: a whole RL step of the trainer actor as 1 and as 2 DeepSpeed ranks on Ray, on the
+same global batch (`--batch` samples from the preset's own rollouts, up to `--seq` new tokens).
+
+    .venv/bin/python bench/trainer_step.py --ranks [--batch 64] [--seq 16] [--stages 0,2,3]
 """
 
 from __future__ import annotations
@@ -52,6 +57,68 @@ def plain_torch_step_fn(model: torch.nn.Module, cfg, batch) -> Callable[[], None
     return step
 
 
+def rl_groups(path, prompts: int, group_size: int, max_new_tokens: int):
+    """Version-0 groups sampled by a rollout worker in this process, rewards alternating 0 / 1."""
+    from tidal.config import load_config
+    from tidal.rollout.worker import RolloutWorker, WorkerConfig
+    from tidal.types import Prompt
+
+    cfg = load_config(None, [f"model.path={path}", f"rollout.group_size={group_size}",
+                             f"rollout.max_new_tokens={max_new_tokens}", "rollout.stop=[]"])  # fmt: skip
+    rows = [Prompt(i, {"prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1)}) for i in range(prompts)]
+    groups = RolloutWorker(WorkerConfig.of(cfg), str(path)).rollout(rows, seed=0).groups
+    for g in groups:
+        for j, sample in enumerate(g.samples):
+            sample.reward = float(j % 2)
+    return groups
+
+
+def bench_ranks(args: argparse.Namespace) -> None:
+    """A whole RL step (`TrainerActor.step`: log-prob recompute, advantages, the update) of trainer
+    groups of 1 and 2 ranks (Ray actors, one CPU each) on the same global batch, per ZeRO stage."""
+    import ray
+
+    from tidal.config import load_config
+    from tidal.models import materialize_preset
+    from tidal.trainer.actor import TrainerActor, TrainerActorConfig
+    from tidal.trainer.group import TrainerGroup
+
+    path = materialize_preset(args.preset, seed=0)
+    groups = rl_groups(path, args.batch // 8, 8, args.seq)
+    ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
+    times: dict[str, list[float]] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        variants = {}
+        for ranks in (1, 2):
+            cfg = load_config(None, [f"model.path={path}", "trainer.lr=1e-5", f"trainer.zero_stage={stage}",
+                                     f"trainer.num_ranks={ranks}", f"trainer.micro_batch_size={args.micro}",
+                                     f"rollout.max_new_tokens={args.seq}"]).for_rl()  # fmt: skip
+            variants[f"ZeRO-{stage}, {ranks} rank{'s' * (ranks > 1)}"] = TrainerGroup(
+                TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(path)), 600)
+        times.update({name: [] for name in variants})
+        for i in range(args.warmup + args.steps):  # interleaved: load from elsewhere falls on both alike
+            for name, group in variants.items():
+                t0 = time.perf_counter()
+                ray.get(group.call("step", groups), timeout=600)
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        for group in variants.values():
+            for rank in group.ranks:
+                ray.kill(rank)
+            group.close()
+    rows = sum(len(g.samples) for g in groups)
+    print(f"\nRL step of {rows} samples ({args.preset}, up to {args.seq} new tokens), micro-batch {args.micro}, "
+          f"1 CPU per rank on {os.cpu_count()} cpus: median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'variant':<18} {'median s':>9} {'min s':>8} {'max s':>8} {'vs 1 rank':>10}")
+    for name, ts in times.items():
+        base = statistics.median(times[name.replace("2 ranks", "1 rank")])
+        med = statistics.median(ts)
+        print(f"{name:<18} {med:>9.4f} {min(ts):>8.4f} {max(ts):>8.4f} {med / base:>9.2f}x")
+    print("Two ranks use two CPUs (a torch thread each) where one rank uses one, so 0.50x is the ideal; the rest "
+          "is the ranks' collectives (gloo), on a machine whose few cores Ray and the driver share.")
+    ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny-qwen3-moe")
@@ -61,7 +128,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     ap.add_argument("--stages", default="0,2", help="ZeRO stages to time, comma separated")
+    ap.add_argument("--ranks", action="store_true", help="time the RL step of 1 against 2 trainer ranks instead")
     args = ap.parse_args()
+    if args.ranks:
+        bench_ranks(args)
+        return
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from tidal.config import TrainerConfig

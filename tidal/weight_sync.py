@@ -300,8 +300,10 @@ class BroadcastPublisher:
     One send is in flight at a time: `publish` first waits for the previous send. A failed send
     leaves the group unusable (the ranks no longer agree on the sequence of collectives), so every
     later `publish` and `close` raises its error. The staged buffers (one copy of the weights in the
-    dtype they are published in, on the group's device) are what lets the trainer go on training
-    while the workers receive; they are kept and reused from one publish to the next.
+    dtype they are published in) are what lets the trainer go on training while the workers
+    receive; they live in host memory (pinned with NCCL) and are kept from one publish to the next.
+    With NCCL the sender moves them through one bucket-sized GPU buffer: the GPU never holds more
+    than a bucket of the snapshot.
     """
 
     def __init__(self, cfg: BroadcastSync, weights_dir: Path, group: GroupAddress | None) -> None:
@@ -326,8 +328,6 @@ class BroadcastPublisher:
                     planned.append(bucket)
                 nbytes += state_nbytes(chunk)
         del self._staged[len(planned) :]
-        if self._device.type == "cuda":  # the copies must be done before the trainer changes its weights
-            torch.cuda.current_stream(self._device).synchronize()
         # A daemon thread: a send stuck on a dead worker must not keep the trainer's process alive.
         self._sender = threading.Thread(target=self._send, args=(version,), name=f"weight-sync-v{version}", daemon=True)
         self._sender.start()
@@ -339,7 +339,7 @@ class BroadcastPublisher:
         """Staged buffer i, reused when the previous publish had one of the same dtype and size."""
         if i < len(self._staged) and (self._staged[i].dtype, self._staged[i].numel()) == (bucket.dtype, bucket.numel):
             return self._staged[i]
-        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
+        flat = torch.empty(bucket.numel, dtype=bucket.dtype, pin_memory=self._device.type == "cuda")
         if i < len(self._staged):
             self._staged[i] = flat
         else:
@@ -354,9 +354,16 @@ class BroadcastPublisher:
             # A header first, so that a worker that skipped a version fails instead of mislabelling one.
             header = torch.tensor([version, n], dtype=torch.int64, device=self._device)
             _broadcast(self._pg, header, self.cfg.timeout_s, f"sending v{version} (header)")
+            on_device = None
+            if self._device.type == "cuda":
+                largest = max((flat.numel() * flat.element_size() for flat in self._staged), default=0)
+                on_device = torch.empty(largest, dtype=torch.uint8, device=self._device)
             for i, flat in enumerate(self._staged):
                 if flat.numel():
-                    _broadcast(self._pg, flat, self.cfg.timeout_s, f"sending v{version} (bucket {i + 1}/{n})")
+                    data = flat.view(torch.uint8)
+                    if on_device is not None:
+                        data = on_device[: data.numel()].copy_(data)
+                    _broadcast(self._pg, data, self.cfg.timeout_s, f"sending v{version} (bucket {i + 1}/{n})")
         except BaseException as e:  # re-raised in the trainer's thread by the next publish or close
             self._error = e
 

@@ -339,3 +339,22 @@ def test_zero3_moe_with_disjoint_experts_per_rank_finishes(preset: Path, tmp_pat
         # experts no token was routed to get zero gradient, and Adam with no weight decay leaves them.
         assert moved == [e in RANK_EXPERTS[0] + RANK_EXPERTS[1] for e in range(value.shape[0])], key
     assert checked >= 3  # every MoE layer (GLM's first layer is dense)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero3_loads_each_rank_its_partition(preset: Path, stage: int) -> None:
+    """At ZeRO-3 the checkpoint is loaded under deepspeed.zero.Init: every parameter arrives already
+    partitioned (DeepSpeed's attributes set before the engine exists), with the checkpoint's values;
+    below ZeRO-3 the model loads whole."""
+    import deepspeed
+
+    from tidal.trainer.engine import load_for_training
+
+    model = load_for_training(preset, TrainerConfig(zero_stage=stage, lr=1e-3))
+    params = dict(model.named_parameters())
+    assert all(hasattr(p, "ds_id") for p in params.values()) == (stage == 3)
+    plain = load_model(preset).state_dict()
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+        assert max((p - plain[n]).abs().max().item() for n, p in params.items()) == 0.0
+    # The config that partitioned this load is gone: a reference model loaded next is whole.
+    assert not any(hasattr(p, "ds_id") for p in load_model(preset).parameters())

@@ -39,7 +39,7 @@ from tidal.config import (
 from tidal.metrics import Metrics, PeakRSS, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
-from tidal.trainer.engine import DeepSpeedTrainer
+from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
@@ -84,7 +84,8 @@ class TrainerActor:
         self.tokenizer = load_tokenizer(model_dir)
         steps = cfg.steps * cfg.algorithm.minibatches
         attn = cfg.model.attn_implementation
-        self.trainer = DeepSpeedTrainer(load_model(model_dir, attn_implementation=attn), cfg.trainer, total_steps=steps)
+        model = load_for_training(model_dir, cfg.trainer, attn_implementation=attn)
+        self.trainer = DeepSpeedTrainer(model, cfg.trainer, total_steps=steps)
         # The reference is the frozen initial policy; loaded only when the KL penalty is on.
         self.ref = None
         if cfg.algorithm.loss.kl.coef > 0:

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 from tidal.config import ScheduleConfig, TrainerConfig  # noqa: E402
 from tidal.metrics import Metrics, Stat, mean, merge, total  # noqa: E402
 from tidal.modeling import micro_batches, shard_rows, to_device
+from tidal.models import load_model
 from tidal.trainer.losses_sft import num_targets, sft_loss
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,24 @@ def moe_block_classes(model: torch.nn.Module) -> list[type[torch.nn.Module]]:
     `router`), e.g. Qwen3MoeSparseMoeBlock, Glm4MoeMoE, GlmMoeDsaMoE, DeepSeek-style remote code."""
     found = {type(m) for m in model.modules() if hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router"))}
     return sorted(found, key=lambda c: c.__name__)
+
+
+def load_for_training(path: str | Path, cfg: TrainerConfig, attn_implementation: str | None = None) -> PreTrainedModel:
+    """The model to train. At ZeRO-3 every rank loads only its partition of each parameter
+    (transformers' loading under `deepspeed.zero.Init`), so no rank ever holds the whole model, on
+    the GPU or the host: what lets a model larger than one device train. Collective at ZeRO-3."""
+    if cfg.zero_stage != 3:
+        return load_model(path, attn_implementation=attn_implementation)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    init_distributed(cfg.backend)
+    # transformers finds the config through a weak reference while the object lives: only this load
+    # is partitioned, not a reference model loaded later.
+    ds_config = HfDeepSpeedConfig(deepspeed_config(cfg))
+    try:
+        return load_model(path, attn_implementation=attn_implementation)
+    finally:
+        del ds_config
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -354,8 +373,8 @@ class DeepSpeedTrainer:
     # -- export
 
     def iter_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full fp32 tensor on the CPU) of every parameter, one at a time (collective under ZeRO:
-        every rank gets every tensor).
+        """(name, full fp32 tensor) of every parameter, one at a time, on the CPU on rank 0 (the other
+        ranks get it where it was gathered; collective under ZeRO: every rank must iterate to the end).
 
         Under bf16 or ZeRO these are the optimizer's fp32 master weights, gathered from their
         partitions; tied parameters appear under each of their names. Only a tied parameter's tensor
@@ -373,7 +392,8 @@ class DeepSpeedTrainer:
                 if full is None:  # no master copy: ZeRO 0 in fp32, or a frozen parameter
                     with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                         full = p.detach().float().clone()
-                full = full.cpu()
+                if self.rank == 0:
+                    full = full.cpu()
                 if seen[id(p)] > 1:
                     tied[id(p)] = full
             yield name, full

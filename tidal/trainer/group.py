@@ -64,9 +64,10 @@ class TrainerGroup:
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             ray.util.remove_placement_group(pg)
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             raise RunError(f"the cluster cannot place trainer.num_ranks={n} ranks of {bundle} "
                            f"(trainer.placement={cfg.placement}) within ray.timeout_s={timeout_s:g}s; "
-                           f"it has {ray.cluster_resources()}")  # fmt: skip
+                           f"free now: {free}")  # fmt: skip
 
         def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
