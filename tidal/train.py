@@ -114,14 +114,16 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     try:
         r = cfg.rollout
         buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, r.max_staleness)
+        # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers
+        # take theirs.
+        trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
+        trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
         workers = [
             ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
             .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker)
             .remote(WorkerConfig.of(cfg), str(model_dir), i, buffer)
             for i in range(r.num_workers)
         ]  # fmt: skip
-        trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
-        trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
         _join_weight_sync(cfg, trainer, workers)
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         if cfg.train.save_checkpoint:

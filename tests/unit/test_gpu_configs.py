@@ -17,15 +17,22 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 GPU_CONFIGS = REPO / "configs" / "gpu"
 GPUS_PER_NODE = 8
+GPU_GB = 141.0  # NVIDIA H200
 
 # What each file is written for: nodes of 8 GPUs, trainer ranks, vLLM workers and their tensor
-# parallelism, and the weight transport (the header comment of each file says why).
+# parallelism; the model's parameters (billions) and the activations per trainer rank at
+# micro_batch_size 1 and 4k tokens without activation checkpointing (the top of the header's
+# estimate, GB); whether the header says it fits (the header comment of each file says why).
 LAYOUTS = {
-    "qwen3-30b-a3b-1node.yaml": {"nodes": 1, "ranks": 5, "workers": 3, "tp": 1, "transport": "object_store"},
-    "qwen3-30b-a3b-2nodes.yaml": {"nodes": 2, "ranks": 10, "workers": 3, "tp": 2, "transport": "broadcast"},
-    "glm45-air-1node.yaml": {"nodes": 1, "ranks": 4, "workers": 1, "tp": 4, "transport": "broadcast"},
-    "glm45-air-2nodes.yaml": {"nodes": 2, "ranks": 8, "workers": 2, "tp": 4, "transport": "broadcast"},
-}
+    "qwen3-30b-a3b-1node.yaml": {"nodes": 1, "ranks": 6, "workers": 2, "tp": 1, "params_b": 30.5, "act_gb": 45,
+                                 "fits": True},
+    "qwen3-30b-a3b-2nodes.yaml": {"nodes": 2, "ranks": 8, "workers": 4, "tp": 2, "params_b": 30.5, "act_gb": 45,
+                                  "fits": True},
+    "glm45-air-1node.yaml": {"nodes": 1, "ranks": 4, "workers": 1, "tp": 4, "params_b": 106, "act_gb": 70,
+                             "fits": False},
+    "glm45-air-2nodes.yaml": {"nodes": 2, "ranks": 8, "workers": 2, "tp": 4, "params_b": 106, "act_gb": 70,
+                              "fits": False},
+}  # fmt: skip
 
 
 def check(path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> tuple[int, dict[str, Any], str]:
@@ -69,11 +76,24 @@ def test_gpu_config_checks_and_fills_its_nodes(name: str, tmp_path: Path, capsys
 
     # A prompt of the longest allowed length plus a full completion must fit vLLM's context.
     assert cfg["data"]["max_prompt_tokens"] + rollout["max_new_tokens"] <= rollout["vllm"]["max_model_len"]
+    # Rank 0 stages snapshots in host memory and sends through one bucket-sized GPU buffer, so every
+    # layout can broadcast over NCCL.
     transport = cfg["weight_sync"]["transport"]
-    assert transport["type"] == layout["transport"]
-    if transport["type"] == "broadcast":
-        assert transport["backend"] == "nccl"
+    assert (transport["type"], transport["backend"]) == ("broadcast", "nccl")
     assert cfg["ray"]["address"] == "auto"
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_gpu_config_header_says_whether_it_fits(name: str) -> None:
+    """The headers' arithmetic: a vLLM engine's share of the bf16 weights (2 bytes per parameter) fits
+    the share of its GPUs vLLM takes, and ZeRO-3's 16 bytes per parameter over the ranks plus the
+    activations fit a trainer GPU exactly where the header does not say IT DOES NOT FIT."""
+    layout, text = LAYOUTS[name], (GPU_CONFIGS / name).read_text()
+    cfg = yaml.safe_load(text)
+    vllm = cfg["rollout"]["vllm"]
+    assert 2 * layout["params_b"] / vllm["tensor_parallel_size"] < GPU_GB * vllm["gpu_memory_utilization"]
+    trainer_gb = 16 * layout["params_b"] / layout["ranks"] + layout["act_gb"]
+    assert (trainer_gb <= GPU_GB) == layout["fits"] == ("IT DOES NOT FIT" not in text), trainer_gb
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
