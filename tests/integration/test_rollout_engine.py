@@ -202,11 +202,23 @@ def test_greedy_equals_hf_generate(loaded: Loaded) -> None:
 
 def test_per_row_token_limits(qwen: Loaded) -> None:
     """Each row stops at its own limit with finish reason "length", as it does generated alone with
-    that limit; the limits replace `params.max_new_tokens` (17 > 8)."""
+    that limit, and stops costing compute there; the limits replace `params.max_new_tokens` (17 > 8)."""
     m = qwen
     params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
     limits = [3, 17, 9]
-    out = m.engine.generate(m.prompts, params, max_tokens=limits)
+    rows_per_forward: list[int] = []
+
+    def count(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        rows_per_forward.append(kwargs["input_ids"].shape[0])
+
+    hook = m.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        out = m.engine.generate(m.prompts, params, max_tokens=limits)
+    finally:
+        hook.remove()
+    # Finished rows leave the batch: after the prompts' forward, the decode forwards process each
+    # row until its last token (3 rows x 2 steps, 2 x 6, 1 x 8), not 3 rows x 16 steps.
+    assert rows_per_forward[0] == 3 and sum(rows_per_forward[1:]) == sum(limits) - len(limits)
     for prompt, c, n in zip(m.prompts, out, limits, strict=True):
         assert len(c.token_ids) == len(c.logprobs) == n and c.finish_reason == "length"
         alone = m.engine.generate([prompt], SamplingParams(**{**vars(params), "max_new_tokens": n}))[0]

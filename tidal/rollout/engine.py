@@ -108,7 +108,7 @@ class TransformersEngine:
     ) -> list[Completion]:  # fmt: skip
         """One completion per prompt (repeat a prompt to get a group). Row i stops with finish reason
         "length" at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None);
-        decoding goes on until every row has stopped.
+        decoding goes on until every row has stopped, and stopped rows leave the running batch.
 
         `on_chunk`, when given, is called every `chunk_tokens` decode steps while rows are still
         generating; it may load new weights and bump `self.version` (interruptible generation). The
@@ -135,22 +135,30 @@ class TransformersEngine:
         logps: list[list[float]] = [[] for _ in range(n)]
         versions: list[list[int]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        rows = list(range(n))  # the prompt index of each row of the running batch
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)  # (R,) over the running rows
         for step in range(max(limits)):
-            logits = out.logits[:, -1, :].float()  # (B, V)
+            logits = out.logits[:, -1, :].float()  # (R, V)
             tok, lp = self._sample(logits, params, gen)
             tok = tok.masked_fill(done, self.pad_id)
-            for i in (~done).nonzero().flatten().tolist():
-                t = int(tok[i])
+            for j in (~done).nonzero().flatten().tolist():
+                i, t = rows[j], int(tok[j])
                 tokens[i].append(t)
-                logps[i].append(float(lp[i]))
+                logps[i].append(float(lp[j]))
                 versions[i].append(self.version)
                 if t in stop_ids or self._hits_stop_string(tokens[i], params.stop):
                     finish[i] = "stop"
                 if finish[i] is not None or len(tokens[i]) == limits[i]:
-                    done[i] = True
+                    done[j] = True
             if bool(done.all()):
                 break
+            if 4 * int(done.sum()) >= len(rows):
+                # Finished rows leave the batch (a quarter at a time, so the cache is copied a few times,
+                # not every step): decoding costs the sum of the completions' lengths, not rows x longest.
+                keep = (~done).nonzero().flatten()
+                cache.batch_select_indices(keep)
+                rows = [rows[j] for j in keep.tolist()]
+                tok, mask, pos, done = tok[keep], mask[keep], pos[keep], done[keep]
             if on_chunk is not None and (step + 1) % chunk_tokens == 0:
                 on_chunk()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
