@@ -138,8 +138,7 @@ class TransformersEngine:
         rows = list(range(n))  # the prompt index of each row of the running batch
         done = torch.zeros(n, dtype=torch.bool, device=self.device)  # (R,) over the running rows
         for step in range(max(limits)):
-            logits = out.logits[:, -1, :].float()  # (R, V)
-            tok, lp = self._sample(logits, params, gen)
+            tok, lp = self._sample(out.logits[:, -1, :].float(), params, gen)  # (R,) each
             tok = tok.masked_fill(done, self.pad_id)
             for j in (~done).nonzero().flatten().tolist():
                 i, t = rows[j], int(tok[j])
@@ -148,8 +147,7 @@ class TransformersEngine:
                 versions[i].append(self.version)
                 if t in stop_ids or self._hits_stop_string(tokens[i], params.stop):
                     finish[i] = "stop"
-                if finish[i] is not None or len(tokens[i]) == limits[i]:
-                    done[j] = True
+                done[j] = finish[i] is not None or len(tokens[i]) == limits[i]
             if bool(done.all()):
                 break
             if 4 * int(done.sum()) >= len(rows):
@@ -165,18 +163,14 @@ class TransformersEngine:
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
                              past_key_values=cache, use_cache=True)  # fmt: skip
-        return [
-            Completion(
-                prompt_ids=list(p),
-                token_ids=t,
-                text=self.tokenizer.decode(t, skip_special_tokens=True),
-                finish_reason=f or "length",  # type: ignore[arg-type]
-                logprobs=lp,
-                version=min(v, default=self.version),
-                versions=v,
-            )
-            for p, t, lp, f, v in zip(prompts, tokens, logps, finish, versions, strict=True)
-        ]
+        return [self._completion(*row) for row in zip(prompts, tokens, logps, finish, versions, strict=True)]
+
+    def _completion(self, prompt: list[int], tokens: list[int], logps: list[float], finish: str | None,
+                    versions: list[int]) -> Completion:  # fmt: skip
+        return Completion(prompt_ids=list(prompt), token_ids=tokens,
+                          text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                          finish_reason=finish or "length",  # type: ignore[arg-type]
+                          logprobs=logps, version=min(versions, default=self.version), versions=versions)  # fmt: skip
 
     @staticmethod
     def _sample(
