@@ -103,8 +103,6 @@ def bench_ranks(args: argparse.Namespace) -> None:
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - t0)
         for group in variants.values():
-            for rank in group.ranks:
-                ray.kill(rank)
             group.close()
     rows = sum(len(g.samples) for g in groups)
     print(f"\nRL step of {rows} samples ({args.preset}, up to {args.seq} new tokens), micro-batch {args.micro}, "

@@ -208,8 +208,6 @@ def bench_trainer_publish(model_dir: Path, weights_dir: Path, repeats: int, buck
                 m = values(metrics)
                 times.append(m["perf/publish_time_s"])
                 mems.append(m["perf/publish_peak_mem_mb"] * 2**20)
-            for rank in group.ranks:
-                ray.kill(rank)
             group.close()
             rows.append((f"{ranks} rank{'s' if ranks > 1 else ''} {'fp32' if dtype == 'float32' else 'bf16'}",
                          statistics.median(times[1:]), max(mems[1:])))  # fmt: skip

@@ -87,8 +87,6 @@ def train(preset: Path, groups: list[Group], *extra: str) -> tuple[dict[str, tor
         state, _ = ray.get(group.call("snapshot"), timeout=WAIT_S)[0]
         return state, metrics
     finally:
-        for rank in group.ranks:
-            ray.kill(rank)
         group.close()
 
 
@@ -160,8 +158,6 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
         streamed = values(metrics)["perf/publish_peak_mem_mb"] * 2**20
         full = ray.get(group.call("full_copy_peak"), timeout=WAIT_S)[0]
     finally:
-        for rank in group.ranks:
-            ray.kill(rank)
         group.close()
     print(f"model {model_bytes / 2**20:.0f} MB: publish peak +{streamed / 2**20:.0f} MB, "
           f"whole fp32 copy +{full / 2**20:.0f} MB")

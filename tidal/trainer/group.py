@@ -86,8 +86,11 @@ class TrainerGroup:
         return [getattr(rank, method).remote(*args, **kwargs) for rank in self.ranks]
 
     def close(self) -> None:
+        """End the ranks and free their placement group."""
         import ray
 
+        for rank in self.ranks:
+            ray.kill(rank)
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
             self.placement_group = None
