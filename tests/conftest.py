@@ -16,3 +16,22 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def _check_ledger(summary: dict, rows: list[dict], batches: int, per_batch: int) -> None:
+    """A run's ledger balances: every prompt sampled was dispatched once (a batch's prompts plus one
+    per filtered group replaced), then generated or still in flight at the end; every generated
+    group filtered, dropped as too stale, trained, or still held; none trained twice."""
+    s = {k.removeprefix("ledger/"): v for k, v in summary.items() if k.startswith("ledger/")}
+    oversampled = sum(r.get("rollout/oversampled_groups", 0.0) for r in rows)
+    assert s["dispatched_groups"] == s["sampled_prompts"] == batches * per_batch + oversampled, s
+    assert s["generated_groups"] + s["in_flight_groups"] == s["dispatched_groups"], s
+    fates = s["filtered_groups"] + s["dropped_stale_groups"] + s["taken_groups"] + s["held_groups"]
+    assert fates == s["generated_groups"], s
+    assert s["trained_groups"] == s["unique_trained_groups"] == s["taken_groups"], s
+
+
+@pytest.fixture
+def ledger_balances():
+    """`ledger_balances(summary, metric rows, batches, prompts per batch)` asserts the run's ledger."""
+    return _check_ledger

@@ -43,8 +43,15 @@ def read_rows(run_dir: Path) -> Rows:
 
 def series(rows: Rows, key: str, x: str = "step") -> tuple[list[float], list[float]]:
     """(x, y) of every row that has `key` (the run's final summary row, logged at the last step
-    again, is left out)."""
-    points = {r[x] if x == "step" else r["wall_s"]: r[key] for r in rows if key in r and SUMMARY_KEY not in r}
+    again, is left out). Held-out metrics are placed at the policy version they measured
+    (`eval/version`): an evaluation runs beside training and is logged at the step it ends."""
+
+    def at(r: dict[str, Any]) -> float:
+        if x != "step":
+            return r["wall_s"]
+        return r.get("eval/version", r["step"]) if key.startswith("eval/") else r["step"]
+
+    points = {at(r): r[key] for r in rows if key in r and SUMMARY_KEY not in r}
     return list(points), list(points.values())
 
 

@@ -21,16 +21,17 @@ from transformers import PreTrainedTokenizerBase
 
 from tidal.config import RewardsConfig, RunConfig, dump_config
 from tidal.data import check_prompt_lengths, load_splits
+from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, may_dispatch
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
-from tidal.metrics import Metrics, largest, mean, merge, values
+from tidal.metrics import largest, merge, values
 from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
 from tidal.rollout.staleness import StalenessBound
 from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, run_log, start_ray, wait_for
 from tidal.trainer.group import TrainerGroup
-from tidal.types import Prompt, RolloutResult, StepResult, SyncStats, mix_seed
+from tidal.types import Prompt, StepResult
 from tidal.warm_start import resolve_policy_dir, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     trainer = None
     try:
         r = cfg.rollout
-        buffer = ray.remote(TrajectoryBuffer).remote(cfg.filter, r.max_staleness)
+        per_step = None if r.deterministic else r.prompts_per_step
+        buffer = ray.remote(max_concurrency=16)(TrajectoryBuffer).remote(cfg.filter, r.max_staleness, per_step)
         # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers
         # take theirs.
         trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
@@ -173,104 +175,65 @@ def _loop(
     cfg: RunConfig, sampler: PromptSampler, eval_rows: list[Prompt], workers: list[Any], buffer: Any,
     trainer: TrainerGroup, monitor: Monitor, warm: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    """The asynchronous loop. Rollout batch b is trained at step b. Workers generate the batches
-    ahead of the trainer as far as the staleness bound allows (`may_dispatch`). With max_staleness
-    0 rollout and training take turns (on-policy)."""
+    """The asynchronous loop. Workers generate rollout batches ahead of the trainer as far as the
+    staleness bound allows (`may_dispatch`); step s trains the oldest ready groups (batch s in
+    deterministic mode). With max_staleness 0 rollout and training take turns (on-policy).
+    Held-out evaluations run on worker 0 between its generate calls, without stalling the loop."""
     get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
     minibatches, steps = cfg.algorithm.minibatches, cfg.train.steps
     bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
-    before = values(get(workers[0].evaluate.remote(eval_rows), "held-out evaluation")) if eval_rows else {}
-    monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
-    last: dict[str, float] = dict(before)
-    rollouts: dict[int, list[Any]] = {}  # batch -> the workers' rollout calls
+    dispatch = Dispatcher(cfg, sampler, workers, buffer, serving=[w.serve.remote() for w in workers])
+    evals = EvalTracker(workers[0], eval_rows, cfg.ray.timeout_s)
+    evals.request(0)  # first in worker 0's queue: the weights it starts with
     offers = SyncTracker()
     version = published = 0  # the trainer's version; the newest version offered to the workers
     next_batch, t_prev = 1, time.perf_counter()
+    before: dict[str, float] = {}
+    schedule = (cfg.run_dir / "schedule.jsonl").open("w", buffering=1)  # each step's groups, as trained
     for step in range(1, steps + 1):
         while next_batch <= steps and may_dispatch(next_batch, step, version, published, minibatches, bound.bound):
-            rollouts[next_batch] = _dispatch(cfg, sampler, workers, next_batch, published)
+            dispatch.batch(next_batch, published)
             next_batch += 1
+        if step == 1:
+            before = values(evals.collect(wait=True))
+            monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
         t0 = time.perf_counter()
-        results: list[RolloutResult] = get(rollouts.pop(step), "rollout")
+        dispatch.wait(step, version, published)
         t1 = time.perf_counter()
         result: StepResult = get(trainer.call("step", batch_id=step), "trainer step")[0]
+        schedule.write(json.dumps({"step": step, "version": version, "groups": result.groups}) + "\n")
         version = result.version
-        metrics = merge([*(r.metrics for r in results), result.metrics, get(buffer.pop_counts.remote(), "buffer")])
+        metrics = merge([result.metrics, get(buffer.pop_counts.remote(), "buffer"), dispatch.metrics()])
         metrics["async/staleness_bound"] = largest(float(bound.bound))  # what this step dispatched under
         bound.update(values(metrics))
         t2 = time.perf_counter()
-        evaluate = bool(eval_rows) and (step == steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
-        if step % cfg.weight_sync.every == 0 or evaluate or step == steps:
+        evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
+        if step % cfg.weight_sync.every == 0 or evaluate:
             handle, publish_metrics = get(trainer.call("publish"), "weight publish")[0]
             offers.add([w.offer_weights.remote(handle) for w in workers])
             published = handle.version
             metrics.update(publish_metrics)
+            if evaluate:
+                evals.request(published)
         t3 = time.perf_counter()
-        if evaluate:
-            metrics.update(get(workers[0].evaluate.remote(eval_rows, published), "held-out evaluation"))
+        metrics.update(evals.collect(wait=step == steps))
         metrics.update(offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
         t4 = time.perf_counter()
         last = {**values(metrics), "train/version": float(version)}
         last.update(_perf(last, (t_prev, t0, t1, t2, t3, t4)))
         t_prev = t4
         monitor.log(last, step=step)
+    schedule.close()
+    for w in workers:
+        w.stop.remote()
     ledger = {**get(buffer.ledger.remote(), "buffer"), **get(trainer.rank0.ledger.remote(), "trainer")}
     return {
         **{f"{k}_before": v for k, v in before.items() if k.startswith("eval/")},
         **{k: v for k, v in last.items() if k.startswith("eval/")},
         "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
         **{f"ledger/{k}": float(v) for k, v in ledger.items()},
-        "ledger/dispatched_groups": float(sampler.next_group_id),
+        "ledger/sampled_prompts": float(sampler.next_group_id),
     }
-
-
-def may_dispatch(batch: int, step: int, version: int, published: int, minibatches: int, bound: int) -> bool:
-    """Whether rollout batch `batch` may be handed to the workers before the trainer trains `step`.
-
-    The trainer is at `version` and takes `minibatches` optimizer steps per batch (a skipped step
-    takes none), so it trains batch b at a version <= version + (b - step) * minibatches; b's samples
-    come from weights >= `published`, the newest offered. b fits the staleness bound when that is <=
-    published + bound. The batch about to be trained is always handed out.
-    """
-    return batch == step or version + (batch - step) * minibatches <= published + bound
-
-
-def _dispatch(cfg: RunConfig, sampler: PromptSampler, workers: list[Any], batch: int, min_version: int) -> list[Any]:
-    """Hand rollout batch `batch` to the workers, a share each, to generate with weights >= min_version."""
-    chunks = _split(sampler.take(cfg.rollout.prompts_per_step), len(workers))
-    seeds = [mix_seed(cfg.seed, batch * len(workers) + i) for i in range(len(workers))]
-    return [w.rollout.remote(c, s, batch_id=batch, min_version=min_version)
-            for w, c, s in zip(workers, chunks, seeds, strict=True)]  # fmt: skip
-
-
-class SyncTracker:
-    """The workers' weight offers in flight: collected without blocking, so a failed sync surfaces
-    as an error at the next step instead of being lost, and finished ones give sync throughput."""
-
-    def __init__(self) -> None:
-        self.pending: list[Any] = []
-
-    def add(self, refs: list[Any]) -> None:
-        self.pending += refs
-
-    def collect(self, timeout_s: float) -> Metrics:
-        import ray
-
-        if not self.pending:
-            return {}
-        done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout_s)
-        stats: list[SyncStats] = ray.get(done)  # raises the error of a failed offer
-        if not stats:
-            return {}
-        seconds = sum(s.seconds for s in stats)
-        return {
-            "async/sync_bytes_per_s": mean(sum(s.nbytes for s in stats) / max(seconds, 1e-9)),
-            "async/sync_time_s": mean(seconds / len(stats), float(len(stats))),
-        }
-
-
-def _split(items: list, parts: int) -> list[list]:
-    return [items[i::parts] for i in range(parts)]
 
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:

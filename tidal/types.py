@@ -222,6 +222,9 @@ class StepResult:
     trained: bool
     """False when the batch was empty (every group filtered or too stale) and no step was taken."""
     metrics: Metrics
+    groups: list[tuple[int, list[int]]] = field(default_factory=list)
+    """Each trained group's id and the policy versions its tokens were sampled by (the run's
+    schedule.jsonl)."""
 
 
 @dataclass

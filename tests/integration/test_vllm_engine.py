@@ -52,6 +52,25 @@ class VLLMHost:
         self.engine.load_weights(state, version)
         return self.engine.version
 
+    def generate_admitting(self, prompts: list[list[int]], params: SamplingParams, later: list[list[int]],
+                           chunk_tokens: int) -> list[Completion]:  # fmt: skip
+        """A generation that admits `later` at its first chunk boundary (continuous batching)."""
+        joins = [[(p, params.max_new_tokens) for p in later]]
+        return self.engine.generate(prompts, params, chunk_tokens=chunk_tokens,
+                                    admit=lambda running: joins.pop() if joins else [])  # fmt: skip
+
+    def generate_partial(self, prompts: list[list[int]], params: SamplingParams, state: dict[str, torch.Tensor],
+                         version: int, chunk_tokens: int) -> list[Completion]:  # fmt: skip
+        """A generation whose first chunk boundary loads `state` as `version` (a partial rollout)."""
+        loads: list[int] = []
+
+        def load_once() -> None:
+            if not loads:
+                loads.append(version)
+                self.engine.load_weights(state, version)
+
+        return self.engine.generate(prompts, params, on_chunk=load_once, chunk_tokens=chunk_tokens)
+
     def reload(self, state: dict[str, torch.Tensor], repack: bool) -> list[int]:
         """The extension's reload with or without the CPU MoE repack (then the prefix-cache reset)."""
         n = self.engine.llm.collective_rpc("tidal_load_weights", args=([state], repack))
@@ -181,6 +200,46 @@ def test_weight_update_in_place_matches_the_new_weights(host: Any, reference: Tr
     restored = gen(host, prompts, params)
     assert [o.token_ids for o in restored] == [o.token_ids for o in before]
     assert max_gap(restored, [torch.tensor(o.logprobs) for o in before]) < 1e-5
+
+
+def test_requests_admitted_mid_generation(host: Any, reference: TransformersEngine) -> None:
+    """Continuous batching: requests added at a step boundary run beside the others; every token's
+    behavior log-prob is a forward's, and greedy tokens are those of the prompts generated alone."""
+    prompts = encode(reference)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    outs = ray.get(host.generate_admitting.remote(prompts[:2], params, prompts[2:], 3), timeout=WAIT_S)
+    assert [o.prompt_ids for o in outs] == prompts
+    assert [o.token_ids for o in outs] == [o.token_ids for o in gen(host, prompts, params)]
+    assert max_gap(outs, forward_logprobs(reference.model, outs, reference.pad_id)) < 1e-4
+    sampled = ray.get(host.generate_admitting.remote(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=10,
+                                                                                 seed=1), prompts[2:] * 3, 2),
+                      timeout=WAIT_S)  # fmt: skip
+    assert max_gap(sampled, forward_logprobs(reference.model, sampled, reference.pad_id)) < 1e-4
+
+
+def test_partial_rollout_resumes_requests_with_the_new_weights(host: Any, reference: TransformersEngine,
+                                                                preset: Path) -> None:  # fmt: skip
+    """Requests in flight at a weight update go on from their tokens so far: each token's version and
+    behavior log-prob are those of the weights that sampled it (a forward of the old weights for the
+    tokens before the update, of the new ones, over the whole context, for those after)."""
+    prompts = [p for p in encode(reference)[:3] for _ in range(2)]
+    state = perturbed(reference.model, seed=11)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=5, ignore_eos=True)
+    outs = ray.get(host.generate_partial.remote(prompts, params, state, 7, 4), timeout=WAIT_S)
+    new = load_model(preset)
+    new.load_state_dict(state)
+    old_lp = forward_logprobs(reference.model, outs, reference.pad_id)
+    new_lp = forward_logprobs(new, outs, reference.pad_id)
+    for o, old, fresh in zip(outs, old_lp, new_lp, strict=True):
+        assert len(o.token_ids) == 12 and o.finish_reason == "length"
+        k = o.versions.count(0)
+        assert 1 <= k < 12 and o.versions == [0] * k + [7] * (12 - k), o.versions  # paused mid-way, resumed
+        assert o.version == 0  # a sample's version is its oldest token's
+        got = torch.tensor(o.logprobs)
+        assert float((got[:k] - old[:k]).abs().max()) < 1e-4
+        assert float((got[k:] - fresh[k:]).abs().max()) < 1e-4
+        assert float((got[k:] - old[k:]).abs().max()) > 1e-3  # the update really changed them
+    ray.get(host.load_weights.remote(reference.model.state_dict(), 8), timeout=WAIT_S)
 
 
 def test_cpu_moe_reload_needs_the_repack(preset: Path, reference: TransformersEngine) -> None:

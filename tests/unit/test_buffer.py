@@ -8,7 +8,7 @@ from tidal.config import FilterConfig
 from tidal.metrics import values
 from tidal.rollout.buffer import TrajectoryBuffer
 from tidal.train import PromptSampler
-from tidal.types import Group, Sample
+from tidal.types import Group, Prompt, Sample
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,8 @@ def test_zero_variance_groups_are_dropped_and_counted() -> None:
     assert counts["rollout/filtered_zero_variance_samples"] == 4
     assert counts["rollout/groups_generated"] == 3 and counts["rollout/groups_kept"] == 1
     # Counters are per call.
-    assert values(buf.pop_counts()) == {"async/buffer_groups": 0.0, "async/buffer_batches": 0.0}
+    assert values(buf.pop_counts()) == {"async/buffer_groups": 0.0, "async/buffer_batches": 0.0,
+                                        "async/in_flight_groups": 0.0}  # fmt: skip
 
 
 def test_zero_variance_filter_off_keeps_everything() -> None:
@@ -81,14 +82,50 @@ def test_batches_are_taken_whole_and_only_once() -> None:
 
 def test_ledger_accounts_for_every_group() -> None:
     buf = TrajectoryBuffer(FilterConfig(zero_variance=True), max_staleness=1)
+    for b in (1, 2, 3, 4):
+        buf.dispatched(b, 2 if b == 1 else 1)
     buf.put([Group(0, [sample(0, 1.0), sample(0, 0.0)]), Group(1, [sample(1, 1.0), sample(1, 1.0)])], batch_id=1)
     buf.put([Group(2, [sample(2, 1.0, version=0), sample(2, 0.0, version=0)])], batch_id=2)
     buf.put([Group(3, [sample(3, 1.0, version=2), sample(3, 0.0, version=2)])], batch_id=3)
     buf.take(1, trainer_version=0)
     buf.take(2, trainer_version=2)  # version 0 at trainer version 2: too stale
     values(buf.pop_counts())  # per-step counters are cleared; the ledger keeps run totals
-    assert buf.ledger() == {"generated_groups": 4, "filtered_groups": 1, "dropped_stale_groups": 1,
-                            "taken_groups": 1, "held_groups": 1}  # fmt: skip
+    assert buf.ledger() == {"dispatched_groups": 5, "in_flight_groups": 1, "generated_groups": 4,
+                            "filtered_groups": 1, "dropped_stale_groups": 1, "taken_groups": 1,
+                            "held_groups": 1}  # fmt: skip
+
+
+def test_streaming_takes_the_oldest_ready_groups_whatever_their_batch() -> None:
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1, per_step=2)
+    buf.dispatched(1, 2)
+    buf.dispatched(2, 2)
+    buf.put([Group(3, [sample(3, 1.0, version=1)])], batch_id=2)  # batch 2's fast group
+    assert not buf.ready(1, trainer_version=1)  # one ready group, and batch 1 still generating
+    buf.put([Group(0, [sample(0, 1.0, version=0)])], batch_id=1)
+    assert buf.ready(1, trainer_version=1)  # two ready: the step need not wait for group 1
+    assert [g.group_id for g in buf.take(1, trainer_version=1)] == [0, 3]  # oldest batch first
+    # Group 1 ends after its batch's step; step 2 trains it with the rest of batch 2 when in.
+    buf.put([Group(1, [sample(1, 1.0, version=1)])], batch_id=1)
+    assert not buf.ready(2, trainer_version=2)
+    buf.put([Group(2, [sample(2, 1.0, version=0)])], batch_id=2)  # version 0 at trainer 2: too stale
+    assert buf.ready(2, trainer_version=2)  # nothing of batches <= 2 still generating
+    assert [g.group_id for g in buf.take(2, trainer_version=2)] == [1]
+    assert buf.ledger()["dropped_stale_groups"] == 1 and buf.ledger()["held_groups"] == 0
+
+
+def test_wait_ready_wakes_on_a_put_from_another_thread() -> None:
+    import threading
+
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=True), max_staleness=0)
+    buf.dispatched(1, 2)
+    groups = [Group(0, [sample(0, 1.0), sample(0, 1.0)]), Group(1, [sample(1, 1.0), sample(1, 0.0)])]
+    putter = threading.Timer(0.05, lambda: buf.put(groups, 1, worker=1))
+    putter.start()
+    status = buf.wait_ready(1, trainer_version=0, timeout_s=30.0)
+    putter.join()
+    assert status.ready and status.filtered == {1: 1} and status.generated == {1: 2}
+    buf.dispatched(2, 1)
+    assert not buf.wait_ready(2, 0, timeout_s=0.01).ready  # batch 2 not in: the wait times out
 
 
 def test_prompt_sampler_covers_an_epoch_before_repeating() -> None:
@@ -116,3 +153,23 @@ def test_prompt_sampler_mixes_envs_by_weight() -> None:
     firsts = [p.row["prompt"] for p in prompts if p.env == "a"][:5]
     assert sorted(firsts) == [f"a{i}" for i in range(5)]
     assert len({p.group_id for p in prompts}) == 4000
+
+
+def test_work_queue_batches_streaming_groups_and_keeps_fixed_work_alone() -> None:
+    from tidal.rollout.worker import EvalRequest, Work, WorkQueue
+
+    q = WorkQueue()
+    prompts = [Prompt(i, {}) for i in range(5)]
+    q.put(Work(prompts[:3], batch_id=1, min_version=0))  # queued group by group
+    q.put(Work(prompts[3:], batch_id=2, min_version=1, seed=7, fixed=True))
+    q.put(Work(prompts[:1], batch_id=3, min_version=1))
+    request = EvalRequest(prompts, min_version=1)
+    q.put_first(request)
+    assert q.take(max_groups=2) == [request]  # evaluations jump the queue
+    first = q.take(max_groups=2)
+    assert [w.prompts[0].group_id for w in first] == [0, 1] and all(not w.fixed for w in first)
+    assert [w.prompts[0].group_id for w in q.take(max_groups=2)] == [2]  # not batched with fixed work
+    (fixed,) = q.take(max_groups=2)
+    assert fixed.fixed and fixed.seed == 7 and [p.group_id for p in fixed.prompts] == [3, 4]
+    left = q.close()
+    assert [w.batch_id for w in left] == [3] and q.take(max_groups=2) is None

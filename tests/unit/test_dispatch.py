@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tidal.train import may_dispatch
+from tidal.dispatch import may_dispatch
 
 pytestmark = pytest.mark.unit
 

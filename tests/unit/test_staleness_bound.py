@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tidal.config import AdaptiveStaleness, ConfigError, load_config
+from tidal.dispatch import may_dispatch
 from tidal.rollout.staleness import SMOOTHING, StalenessBound, bound_for
-from tidal.train import may_dispatch
 from tidal.trainer.offpolicy import offpolicy_stats
 
 pytestmark = pytest.mark.unit

@@ -207,19 +207,23 @@ class RolloutConfig(Strict):
     """Adapt the bound the driver dispatches under to the measured off-policy distance, between
     `min_staleness` and `max_staleness` (null: the bound is `max_staleness` throughout)."""
     interruptible: bool = False
-    """Apply a newly published snapshot inside a generation, at a chunk boundary, instead of only
-    between generations. Each token records the version that sampled it (`Sample.versions`)."""
+    """Partial rollouts: apply a newly published snapshot inside a generation, at a chunk boundary,
+    instead of only between generations; the completions in flight go on from their tokens so far
+    with the new weights (transformers keeps their KV cache; vLLM pauses its requests and resumes
+    them, the prefix recomputed by the new weights). Each token records the version that sampled
+    it (`Sample.versions`) and its behavior log-prob."""
     chunk_tokens: int = Field(8, ge=1)
-    """With `interruptible`: decode steps between two checks for a new snapshot."""
+    """With `interruptible`: decode steps (vLLM: engine steps) between two checks for a new snapshot."""
     max_context_tokens: int = Field(4096, ge=2)
     """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens."""
-
-    @model_validator(mode="after")
-    def _engine_supports(self) -> RolloutConfig:
-        if self.engine == "vllm" and self.interruptible:
-            raise ValueError("rollout.interruptible needs rollout.engine: transformers (the vllm engine applies "
-                             "new weights between generations only)")  # fmt: skip
-        return self
+    deterministic: bool = False
+    """Keep a fixed assignment of prompts to training steps: step s trains the prompts dispatched as
+    batch s (split evenly among the workers, each share generated as one seeded call), once the
+    slowest of them is done. Default (false): streaming, where each worker generates whatever groups
+    it has queued, each group enters the buffer the moment its last sample ends, and a step trains
+    the oldest ready groups; faster under long-tailed response lengths, but which prompts a step
+    trains then depends on timing. Deterministic mode costs the wait for each batch's slowest group
+    and does no over-sampling (`filter.max_oversample`)."""
 
     @model_validator(mode="after")
     def _gpus_for_tensor_parallel(self) -> RolloutConfig:
@@ -342,5 +346,3 @@ class MonitorConfig(Strict):
     log_every: int = Field(10, ge=1)
     """When the output is not a terminal (CI, a log file): one plain line every this many steps (and
     at the last). On a terminal a progress bar and a panel are refreshed in place every step."""
-
-

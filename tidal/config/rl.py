@@ -93,9 +93,7 @@ class MaskCorrection(Strict):
         return self
 
 
-Correction = Annotated[
-    NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection, Field(discriminator="type")
-]
+Correction = Annotated[NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection, Field(discriminator="type")]
 
 
 class ClipTrustRegion(Strict):
@@ -186,6 +184,11 @@ class FilterConfig(Strict):
     drop_failed_rewards: bool = False
     """Drop completions whose reward failed (raised, timed out, NaN) instead of scoring them with
     rewards.failure_reward, counted."""
+    max_oversample: float | None = Field(None, ge=0.0)
+    """Over-sampling (DAPO's dynamic sampling): each group a filter drops is replaced by a newly
+    dispatched prompt, up to this fraction of `rollout.prompts_per_step` extra groups per batch, so a
+    step still trains `prompts_per_step` groups. Counted in `rollout/oversampled_groups`. Default:
+    1.0, or 0 with `rollout.deterministic` (which prompts replace which depends on timing)."""
 
 
 # -------------------------------------------------------------------------------------------- rewards
@@ -249,5 +252,3 @@ class EnvSpec(Strict):
         if (self.name is None) == (self.path is None):
             raise ValueError("an env needs exactly one of `name` (a built-in) or `path` (module:Class)")
         return self
-
-

@@ -98,6 +98,21 @@ class RunConfig(Strict):
                              "correction type behavior skips; use correction tis, mask or none")  # fmt: skip
         return self
 
+    @model_validator(mode="after")
+    def _oversample_streams(self) -> RunConfig:
+        if self.rollout.deterministic and self.filter.max_oversample:
+            raise ValueError("filter.max_oversample needs streaming rollout (rollout.deterministic: false): which "
+                             "prompt replaces a filtered group depends on timing")  # fmt: skip
+        return self
+
+    @property
+    def oversample_per_batch(self) -> int:
+        """Extra groups that may replace filtered ones in one batch (`filter.max_oversample`)."""
+        fraction = self.filter.max_oversample
+        if fraction is None:
+            fraction = 0.0 if self.rollout.deterministic else 1.0
+        return int(fraction * self.rollout.prompts_per_step)
+
     def for_rl(self) -> RunConfig:
         """This config as `tidal train` runs it: RL defaults filled in, settings that cannot work in
         RL refused with a one-line ConfigError."""
@@ -130,5 +145,3 @@ class RunConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-

@@ -1,18 +1,27 @@
-"""The TrajectoryBuffer: scored groups in, filtered and staleness-checked rollout batches out.
+"""The TrajectoryBuffer: scored groups in, filtered and staleness-checked training batches out.
 
-`TrajectoryBuffer` is plain logic (tested without Ray) and becomes the buffer actor with
-`ray.remote(TrajectoryBuffer)`. Groups arrive tagged with the rollout batch they belong to (a batch
-is one trainer step's prompts, split among the workers); the trainer takes a whole batch. Nothing
-leaves silently: every dropped sample or group is counted under a named metric, and the running
-totals (`ledger()`) account for every group ever put.
+`TrajectoryBuffer` is plain, thread-safe logic (tested without Ray) and becomes the buffer actor with
+`ray.remote(max_concurrency=...)(TrajectoryBuffer)`: workers put groups while the driver waits for a
+step's groups to be ready and the trainer takes them. Every group carries the rollout batch it was
+dispatched for (`batch_id`: a batch is one trainer step's prompts). Two ways to take a step's groups:
+
+- streaming (`per_step=n`): step s takes the n oldest groups that are ready and fresh, whatever batch
+  they came from, so the trainer never waits for the slowest group of a batch;
+- deterministic (`per_step=None`): step s takes exactly the groups of batch s, once all are in.
+
+Nothing leaves silently: every dropped sample or group is counted under a named metric, and the
+running totals (`ledger()`) account for every group ever dispatched.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 from tidal.config import FilterConfig
-from tidal.metrics import Metrics, total
+from tidal.metrics import Metrics, merge, total
 from tidal.types import Group
 
 
@@ -40,66 +49,154 @@ def filter_group(group: Group, cfg: FilterConfig, counts: Counter[str]) -> Group
     return Group(group.group_id, samples)
 
 
+@dataclass(frozen=True)
+class BufferStatus:
+    """What the driver reads while it waits for a step: whether the step may start, and the counts it
+    dispatches by (over-sampling replaces filtered groups; new groups go to the least loaded worker)."""
+
+    ready: bool
+    filtered: dict[int, int]
+    """Groups filtered out so far, by the batch they were dispatched for."""
+    generated: dict[int, int]
+    """Groups put so far, by worker index."""
+
+
 class TrajectoryBuffer:
-    """Filtered groups by rollout batch, with the staleness bound applied when a batch is taken.
+    """Filtered groups with the batch each was dispatched for; the staleness bound applied at take.
 
     A group of version v is handed out only while the trainer's version is <= v + max_staleness;
     older groups are dropped and counted in `async/dropped_stale_groups` / `_samples`. The driver
     dispatches prompts only as far ahead as the bound allows, so such drops are the exception.
     """
 
-    def __init__(self, cfg: FilterConfig, max_staleness: int) -> None:
+    def __init__(self, cfg: FilterConfig, max_staleness: int, per_step: int | None = None) -> None:
         self.cfg = cfg
         self.max_staleness = max_staleness
+        self.per_step = per_step
+        """Streaming: groups per step, the oldest ready ones. None: step s takes batch s whole."""
         self.batches: defaultdict[int, list[Group]] = defaultdict(list)
+        self.pending: Counter[int] = Counter()
+        """Groups dispatched and not yet put, by batch."""
+        self.filtered: Counter[int] = Counter()
+        self.generated_by_worker: Counter[int] = Counter()
+        self.metrics: list[Metrics] = []
+        """The workers' rollout metrics since the last `pop_counts`."""
         self.counts: Counter[str] = Counter()
         """Per-step counters, cleared by `pop_counts`."""
         self.totals: Counter[str] = Counter()
-        """Run totals of groups by fate: generated = filtered + dropped_stale + taken + still held."""
+        """Run totals of groups by fate: dispatched = generated + in flight; generated = filtered +
+        dropped_stale + taken + still held."""
+        self._cv = threading.Condition()
 
-    def put(self, groups: list[Group], batch_id: int = 0) -> int:
-        """Filter and hold `groups` under `batch_id`; returns the number of groups kept."""
-        kept = [g for g in (filter_group(g, self.cfg, self.counts) for g in groups) if g is not None]
-        self._count("rollout/groups_generated", len(groups))
-        self._count("rollout/groups_kept", len(kept))
-        self.totals["filtered_groups"] += len(groups) - len(kept)
-        self.batches[batch_id].extend(kept)
-        return len(kept)
+    def dispatched(self, batch_id: int, n: int) -> None:
+        """`n` groups of `batch_id` were handed to the workers (called before they can be put)."""
+        with self._cv:
+            self.pending[batch_id] += n
+            self.totals["dispatched_groups"] += n
 
-    def take(self, batch_id: int, trainer_version: int) -> list[Group]:
-        """The kept groups of `batch_id` still fresh enough for `trainer_version` (the batch is removed)."""
-        out: list[Group] = []
-        for g in self.batches.pop(batch_id, []):
-            if trainer_version > g.version + self.max_staleness:
-                self._count("async/dropped_stale_groups", 1)
-                self.counts["async/dropped_stale_samples"] += len(g.samples)
-                continue
-            out.append(g)
-        self.totals["taken_groups"] += len(out)
-        return out
+    def put(self, groups: list[Group], batch_id: int = 0, metrics: Metrics | None = None, worker: int = 0) -> int:
+        """Filter and hold `groups` of `batch_id`, with the rollout metrics of the call that made
+        them; returns the number of groups kept."""
+        with self._cv:
+            counts: Counter[str] = Counter()
+            kept = [g for g in (filter_group(g, self.cfg, counts) for g in groups) if g is not None]
+            self.counts.update(counts)
+            self._count("rollout/groups_generated", len(groups))
+            self._count("rollout/groups_kept", len(kept))
+            self.totals["filtered_groups"] += len(groups) - len(kept)
+            self.filtered[batch_id] += len(groups) - len(kept)
+            self.pending[batch_id] = max(self.pending[batch_id] - len(groups), 0)
+            self.generated_by_worker[worker] += len(groups)
+            self.batches[batch_id].extend(kept)
+            if metrics:
+                self.metrics.append(metrics)
+            self._cv.notify_all()
+            return len(kept)
+
+    def ready(self, step: int, trainer_version: int) -> bool:
+        """Whether step `step` may take its groups now: deterministic, when every group of batch
+        `step` is in; streaming, when `per_step` fresh groups are held, or when no group of a batch
+        <= `step` is still being generated (the step then trains on what there is)."""
+        with self._cv:
+            if self.per_step is None:
+                return self.pending[step] == 0
+            fresh = sum(not self._stale(g, trainer_version) for b in self.batches.values() for g in b)
+            return fresh >= self.per_step or not any(n for b, n in self.pending.items() if b <= step)
+
+    def wait_ready(self, step: int, trainer_version: int, timeout_s: float) -> BufferStatus:
+        """Block up to `timeout_s` for `ready(step, trainer_version)`; the status either way."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while not (ok := self.ready(step, trainer_version)) and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            return BufferStatus(ok, dict(self.filtered), dict(self.generated_by_worker))
+
+    def take(self, step: int, trainer_version: int) -> list[Group]:
+        """The groups step `step` trains at `trainer_version` (they leave the buffer): batch `step`,
+        or with streaming the `per_step` oldest fresh groups. Stale groups met on the way are
+        dropped and counted."""
+        with self._cv:
+            if self.per_step is None:
+                candidates = self.batches.pop(step, [])
+            else:
+                candidates = sorted(((b, g) for b, gs in self.batches.items() for g in gs),
+                                    key=lambda bg: (bg[0], bg[1].group_id))  # fmt: skip
+                candidates = [g for _, g in candidates]
+            out: list[Group] = []
+            for g in candidates:
+                if self.per_step is not None and len(out) == self.per_step:
+                    break
+                if self._stale(g, trainer_version):
+                    self._count("async/dropped_stale_groups", 1)
+                    self.counts["async/dropped_stale_samples"] += len(g.samples)
+                else:
+                    out.append(g)
+                self._remove(g)
+            self.totals["taken_groups"] += len(out)
+            return out
+
+    def _stale(self, g: Group, trainer_version: int) -> bool:
+        return trainer_version > g.version + self.max_staleness
+
+    def _remove(self, g: Group) -> None:
+        for b, gs in list(self.batches.items()):
+            if any(x is g for x in gs):
+                gs[:] = [x for x in gs if x is not g]
+                if not gs:
+                    del self.batches[b]
+                return
 
     def size(self) -> int:
         """Groups held."""
-        return sum(len(b) for b in self.batches.values())
+        with self._cv:
+            return sum(len(b) for b in self.batches.values())
 
     def pop_counts(self) -> Metrics:
-        """Counters since the last call (per-step metrics), plus the buffer fill."""
-        out = {k: total(float(v)) for k, v in self.counts.items()}
-        self.counts.clear()
-        out["async/buffer_groups"] = total(float(self.size()))
-        out["async/buffer_batches"] = total(float(sum(1 for b in self.batches.values() if b)))
-        return out
+        """Counters and the workers' rollout metrics since the last call (per-step metrics), plus the
+        buffer fill and the groups still being generated."""
+        with self._cv:
+            out = merge([*self.metrics, {k: total(float(v)) for k, v in self.counts.items()}])
+            self.metrics.clear()
+            self.counts.clear()
+            out["async/buffer_groups"] = total(float(sum(len(b) for b in self.batches.values())))
+            out["async/buffer_batches"] = total(float(sum(1 for b in self.batches.values() if b)))
+            out["async/in_flight_groups"] = total(float(sum(self.pending.values())))
+            return out
 
     def ledger(self) -> dict[str, int]:
-        """Run totals: `generated_groups` = `filtered_groups` + `dropped_stale_groups` +
-        `taken_groups` + `held_groups`, so no group is lost without a count."""
-        return {
-            "generated_groups": self.totals["rollout/groups_generated"],
-            "filtered_groups": self.totals["filtered_groups"],
-            "dropped_stale_groups": self.totals["async/dropped_stale_groups"],
-            "taken_groups": self.totals["taken_groups"],
-            "held_groups": self.size(),
-        }
+        """Run totals: `dispatched_groups` = `generated_groups` + `in_flight_groups`, and
+        `generated_groups` = `filtered_groups` + `dropped_stale_groups` + `taken_groups` +
+        `held_groups`, so no group is lost without a count."""
+        with self._cv:
+            return {
+                "dispatched_groups": self.totals["dispatched_groups"],
+                "in_flight_groups": sum(self.pending.values()),
+                "generated_groups": self.totals["rollout/groups_generated"],
+                "filtered_groups": self.totals["filtered_groups"],
+                "dropped_stale_groups": self.totals["async/dropped_stale_groups"],
+                "taken_groups": self.totals["taken_groups"],
+                "held_groups": sum(len(b) for b in self.batches.values()),
+            }
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] += n

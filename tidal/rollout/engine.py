@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
 
 from tidal.modeling import pad_tokens, positions
 from tidal.types import Completion, SamplingParams
@@ -33,6 +34,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+Admit = Callable[[int], list[tuple[list[int], int]]]
+"""Continuous batching's hook: given the rows running, new (prompt token ids, max new tokens) rows."""
 
 
 def row_limits(n: int, params: SamplingParams, max_tokens: list[int] | None) -> list[int]:
@@ -55,9 +60,14 @@ class Engine(Protocol):
     def generate(
         self, prompts: list[list[int]], params: SamplingParams,
         on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
+        on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
     ) -> list[Completion]:  # fmt: skip
         """One completion per prompt. `max_tokens[i]` caps row i's new tokens (finish reason "length"
-        at the cap); None: `params.max_new_tokens` for every row."""
+        at the cap); None: `params.max_new_tokens` for every row. `on_finish(i, completion)` is called
+        for each prompt as soon as its completion ends (streaming rollout puts a group into the
+        buffer the moment its last sample ends). `admit(running)` is called every `chunk_tokens`
+        steps and returns new rows to generate in the same call (continuous batching); their
+        completions follow the prompts' in the list returned."""
         ...
 
     def weight_names(self) -> set[str]:
@@ -105,6 +115,7 @@ class TransformersEngine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams,
         on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
+        on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
     ) -> list[Completion]:  # fmt: skip
         """One completion per prompt (repeat a prompt to get a group). Row i stops with finish reason
         "length" at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None);
@@ -114,7 +125,10 @@ class TransformersEngine:
         generating; it may load new weights and bump `self.version` (interruptible generation). The
         KV cache of the tokens so far is kept, as PipelineRL does: each later token is sampled from
         the new weights over that cache, and its behavior log-prob and version (`Completion.versions`)
-        record exactly the distribution it was sampled from.
+        record exactly the distribution it was sampled from. `on_finish(i, completion)` is called the
+        step row i stops. `admit(running)` (continuous batching) is called at the same boundaries
+        with the number of rows running and returns new (prompt, max tokens) rows to join the batch:
+        they are prefilled and merged into its KV cache, numbered after the rows so far.
         """
         if not prompts:
             return []
@@ -124,46 +138,26 @@ class TransformersEngine:
         gen = torch.Generator(device=self.device)
         # An unseeded call seeds only its own generator, never torch's global one.
         gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
-        stop_ids = self._stop_ids(params)
-        ids, mask = pad_tokens(prompts, self.pad_id, "left", self.device)
-        pos = positions(mask)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)  # fmt: skip
-        n = len(prompts)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logps: list[list[float]] = [[] for _ in range(n)]
-        versions: list[list[int]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        rows = list(range(n))  # the prompt index of each row of the running batch
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)  # (R,) over the running rows
-        for step in range(max(limits)):
-            tok, lp = self._sample(out.logits[:, -1, :].float(), params, gen)  # (R,) each
-            tok = tok.masked_fill(done, self.pad_id)
-            for j in (~done).nonzero().flatten().tolist():
-                i, t = rows[j], int(tok[j])
-                tokens[i].append(t)
-                logps[i].append(float(lp[j]))
-                versions[i].append(self.version)
-                if t in stop_ids or self._hits_stop_string(tokens[i], params.stop):
-                    finish[i] = "stop"
-                done[j] = finish[i] is not None or len(tokens[i]) == limits[i]
-            if bool(done.all()):
-                break
-            if 4 * int(done.sum()) >= len(rows):
-                # Finished rows leave the batch (a quarter at a time, so the cache is copied a few times,
-                # not every step): decoding costs the sum of the completions' lengths, not rows x longest.
-                keep = (~done).nonzero().flatten()
-                cache.batch_select_indices(keep)
-                rows = [rows[j] for j in keep.tolist()]
-                tok, mask, pos, done = tok[keep], mask[keep], pos[keep], done[keep]
-            if on_chunk is not None and (step + 1) % chunk_tokens == 0:
+        rows = _Rows(self, params, gen, self._stop_ids(params), on_finish)
+        batch: _Batch | None = rows.start(prompts, limits)
+        if admit is not None and not batch.mergeable():  # type: ignore[union-attr]
+            admit = None  # a cache layer type (sliding window, quantized) rows cannot join
+        step = 0
+        while batch is not None:
+            batch = batch.sample(rows)
+            step += 1
+            at_boundary = step % chunk_tokens == 0
+            if at_boundary and batch is not None and on_chunk is not None:
                 on_chunk()
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True)  # fmt: skip
-        return [self._completion(*row) for row in zip(prompts, tokens, logps, finish, versions, strict=True)]
+            if admit is not None and (at_boundary or batch is None):
+                new = admit(0 if batch is None else batch.running)
+                joined = rows.start([p for p, _ in new], [n for _, n in new]).sample(rows) if new else None
+                if joined is not None:
+                    batch = joined if batch is None else batch.merge(joined)
+            if batch is not None:
+                batch.decode(self.model)
+        return [self._completion(*row) for row in zip(rows.prompts, rows.tokens, rows.logps, rows.finish,
+                                                      rows.versions, strict=True)]  # fmt: skip
 
     def _completion(self, prompt: list[int], tokens: list[int], logps: list[float], finish: str | None,
                     versions: list[int]) -> Completion:  # fmt: skip
@@ -194,3 +188,120 @@ class TransformersEngine:
         window = 4 * max(len(s) for s in stop) + 16
         tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=True)
         return any(s in tail for s in stop)
+
+
+class _Rows:
+    """Every row of one generate call: the completions so far, by row index in the order rows came."""
+
+    def __init__(self, engine: TransformersEngine, params: SamplingParams, gen: torch.Generator, stop_ids: set[int],
+                 on_finish: Callable[[int, Completion], None] | None) -> None:  # fmt: skip
+        self.engine, self.params, self.gen, self.stop_ids, self.on_finish = engine, params, gen, stop_ids, on_finish
+        self.prompts: list[list[int]] = []
+        self.limits: list[int] = []
+        self.tokens: list[list[int]] = []
+        self.logps: list[list[float]] = []
+        self.versions: list[list[int]] = []
+        self.finish: list[str | None] = []
+
+    def start(self, prompts: list[list[int]], limits: list[int]) -> _Batch:
+        """New rows, prefilled as a batch of their own (its first tokens not sampled yet)."""
+        first = len(self.prompts)
+        for p, n in zip(prompts, limits, strict=True):
+            self.prompts.append(list(p))
+            self.limits.append(n)
+            self.tokens.append([])
+            self.logps.append([])
+            self.versions.append([])
+            self.finish.append(None)
+        engine = self.engine
+        ids, mask = pad_tokens(prompts, engine.pad_id, "left", engine.device)
+        batch = _Batch(DynamicCache(config=engine.model.config), ids, mask, positions(mask),
+                       list(range(first, first + len(prompts))))  # fmt: skip
+        batch.decode(engine.model, logits_to_keep=1)
+        return batch
+
+    def add(self, i: int, token: int, logp: float) -> bool:
+        """Record row i's sampled token; whether the row has ended."""
+        self.tokens[i].append(token)
+        self.logps[i].append(logp)
+        self.versions[i].append(self.engine.version)
+        if token in self.stop_ids or self.engine._hits_stop_string(self.tokens[i], self.params.stop):
+            self.finish[i] = "stop"
+        done = self.finish[i] is not None or len(self.tokens[i]) == self.limits[i]
+        if done and self.on_finish is not None:
+            self.on_finish(i, self.engine._completion(self.prompts[i], self.tokens[i], self.logps[i], self.finish[i],
+                                                      self.versions[i]))  # fmt: skip
+        return done
+
+
+class _Batch:
+    """The running rows of a decode loop: their KV cache, attention mask, positions, next input tokens."""
+
+    def __init__(self, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 rows: list[int]) -> None:  # fmt: skip
+        self.cache, self.ids, self.mask, self.pos, self.rows = cache, ids, mask, pos, rows
+        self.done = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)
+        self.logits: torch.Tensor | None = None
+
+    def decode(self, model: PreTrainedModel, logits_to_keep: int = 0) -> None:
+        """Forward `ids` over the cache; the last position's logits are kept for sampling."""
+        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, past_key_values=self.cache,
+                    use_cache=True, logits_to_keep=logits_to_keep)  # fmt: skip
+        self.logits = out.logits[:, -1, :].float()
+
+    def sample(self, rows: _Rows) -> _Batch | None:
+        """Sample each running row's next token; None when every row has ended. Ended rows leave the
+        batch a quarter at a time (so the cache is copied a few times, not at every row's end):
+        decoding costs the sum of the completions' lengths, not rows x longest."""
+        assert self.logits is not None
+        tok, lp = TransformersEngine._sample(self.logits, rows.params, rows.gen)
+        for j in (~self.done).nonzero().flatten().tolist():
+            self.done[j] = rows.add(self.rows[j], int(tok[j]), float(lp[j]))
+        if bool(self.done.all()):
+            return None
+        if 4 * int(self.done.sum()) >= len(self.rows):
+            keep = (~self.done).nonzero().flatten()
+            self.cache.batch_select_indices(keep)
+            self.rows = [self.rows[j] for j in keep.tolist()]
+            tok, self.mask, self.pos, self.done = tok[keep], self.mask[keep], self.pos[keep], self.done[keep]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos[:, -1:] + 1
+        self.ids = tok.masked_fill(self.done, rows.engine.pad_id)[:, None]
+        return self
+
+    @property
+    def running(self) -> int:
+        return int((~self.done).sum())
+
+    def mergeable(self) -> bool:
+        return all(type(layer) in _MERGEABLE for layer in self.cache.layers)
+
+    def merge(self, new: _Batch) -> _Batch:
+        """This batch with `new`'s rows joined (both sampled, their next tokens in `ids`): caches and
+        masks left-padded to the longer one, masked where padded."""
+        length = max(self.mask.shape[1], new.mask.shape[1])  # the cache holds one position less
+        for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
+            for name, dim in (("keys", 2), ("values", 2), ("indexer_keys", 1)):
+                a, b = getattr(mine, name, None), getattr(theirs, name, None)
+                if a is not None and b is not None and a.numel() and b.numel():
+                    setattr(mine, name, torch.cat([_left_pad(a, dim, length - 1), _left_pad(b, dim, length - 1)]))
+        self.mask = torch.cat([_left_pad(self.mask, 1, length), _left_pad(new.mask, 1, length)])
+        self.pos = torch.cat([self.pos, new.pos])
+        self.ids = torch.cat([self.ids, new.ids])
+        self.rows = self.rows + new.rows
+        self.done = torch.cat([self.done, new.done])
+        return self
+
+
+_MERGEABLE = (DynamicLayer, DynamicIndexedLayer)
+"""KV cache layers whose tensors merge by left padding (full attention, with DSA's indexer keys)."""
+
+
+def _left_pad(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """`t` zero-padded at the start of `dim` to `length`."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -83,23 +83,20 @@ def episode_sample(e: Episode, prompt: Prompt, engine: Engine) -> Sample:
 def generate_samples(
     rt: EnvRuntime, engine: Engine, prompts: list[Prompt], n: int, params: SamplingParams, rollout: RolloutConfig,
     between_generations: Callable[[], None] | None = None, on_chunk: Callable[[], None] | None = None,
+    on_sample: Callable[[Sample], None] | None = None, admit: Callable[[int], list[Prompt]] | None = None,
 ) -> list[Sample]:  # fmt: skip
     """`n` samples per prompt (consecutive), unscored.
 
     Generate call i (a chunk of `rollout.batch_size` sequences, or a multi-turn episode's turn) samples
     with `params.seeded(i)`. `between_generations` is called before each generate call
     (the worker applies newly arrived weights there); `on_chunk` is the engine's hook for interruptible
-    generation. A prompt whose env fails to make its text yields no samples (its group is then dropped
-    and counted).
+    generation. `on_sample` is called with each sample as soon as it ends (single-turn: the step its
+    last token is sampled; multi-turn: when the episodes end). `admit(running_rows)` (single-turn
+    continuous batching) returns more prompts, whose `n` rows join the running generate call at a
+    chunk boundary; their samples come through `on_sample` and in the returned list. A prompt whose
+    env fails to make its text yields no samples (its group is then dropped and counted).
     """
-    texts, kept = [], []
-    for p in prompts:
-        try:
-            texts.append(rt.env.prompt(p.row))
-            kept.append(p)
-        except Exception as e:  # the user's env: contained, the group is left empty
-            log.warning("env %r could not make a prompt of a row (%s); its group is skipped", rt.label, e)
-    ids = encode_texts(engine.tokenizer, texts, rt.data)
+    kept, ids = _encode(rt, engine, prompts)
     params = replace(params, stop=list(dict.fromkeys([*rollout.stop, *rt.env.stop])))
     kwargs = {"on_chunk": on_chunk, "chunk_tokens": rollout.chunk_tokens}
     flat = [(p, x) for p, x in zip(kept, ids, strict=True) for _ in range(n)]
@@ -116,15 +113,46 @@ def generate_samples(
             episodes.append(ep)
         run_episodes(env, episodes, engine, params, rt.scorer.calls.run, rollout.max_context_tokens, bs, kwargs,
                      between_generations)  # fmt: skip
-        return [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
+        samples = [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
+        for s in samples if on_sample is not None else []:
+            on_sample(s)
+        return samples
     samples = []
     for i, start in enumerate(range(0, len(flat), bs)):
         chunk = flat[start : start + bs]
         if between_generations is not None:
             between_generations()
+        ended: dict[int, Sample] = {}
+        if admit is not None:
+
+            def join(running: int, chunk: list = chunk) -> list[tuple[list[int], int]]:
+                new = list(zip(*_encode(rt, engine, admit(running)), strict=True))
+                chunk += [(p, x) for p, x in new for _ in range(n)]
+                return [(x, params.max_new_tokens) for _, x in new for _ in range(n)]
+
+            kwargs["admit"] = join
+        if on_sample is not None:
+
+            def finish(j: int, c: Completion, chunk: list = chunk, ended: dict[int, Sample] = ended) -> None:
+                ended[j] = to_sample(c, chunk[j][0])
+                on_sample(ended[j])
+
+            kwargs["on_finish"] = finish
         outs = engine.generate([x for _, x in chunk], params.seeded(i), **kwargs)  # type: ignore[arg-type]
-        samples += [to_sample(c, p) for c, (p, _) in zip(outs, chunk, strict=True)]
+        samples += [ended.get(j) or to_sample(c, p) for j, (c, (p, _)) in enumerate(zip(outs, chunk, strict=True))]
     return samples
+
+
+def _encode(rt: EnvRuntime, engine: Engine, prompts: list[Prompt]) -> tuple[list[Prompt], list[list[int]]]:
+    """The prompts whose env made a text, and their token ids."""
+    texts, kept = [], []
+    for p in prompts:
+        try:
+            texts.append(rt.env.prompt(p.row))
+            kept.append(p)
+        except Exception as e:  # the user's env: contained, the group is left empty
+            log.warning("env %r could not make a prompt of a row (%s); its group is skipped", rt.label, e)
+    return kept, encode_texts(engine.tokenizer, texts, rt.data) if texts else []
 
 
 def score_samples(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> Metrics:
@@ -204,4 +232,3 @@ def group_by_env(prompts: list[Prompt]) -> dict[str, list[Prompt]]:
     for p in prompts:
         out.setdefault(p.env, []).append(p)
     return out
-

@@ -13,10 +13,12 @@ this module imports it only when an engine is built.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tidal.config import ConfigError, VLLMConfig
-from tidal.rollout.engine import row_limits
+from tidal.rollout.engine import Admit, row_limits
 from tidal.types import Completion, SamplingParams, mix_seed
 from tidal.weight_sync import Weights, as_buckets
 
@@ -84,16 +86,28 @@ class VLLMEngine:
         )  # fmt: skip
         self._broken: str | None = None
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+        self._running: _Running | None = None
+        self._request_ids = itertools.count()
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams,
         on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
+        on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
     ) -> list[Completion]:  # fmt: skip
         """One completion per prompt (repeat a prompt to get a group); the request of prompt i is
         seeded with (params.seed, i), so a batch's outputs do not depend on how vLLM schedules it, and
-        capped at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None)."""
-        if on_chunk is not None:
-            raise ValueError("the vllm engine does not support interruptible generation (rollout.interruptible)")
+        capped at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None).
+
+        vLLM's engine is stepped here: its scheduler runs up to `max_num_seqs` requests at once and
+        admits waiting ones as others end, and `on_finish(i, completion)` is called the step request i
+        ends. `on_chunk` (partial rollouts, `rollout.interruptible`) is called every `chunk_tokens`
+        engine steps; when it loads new weights, the requests in flight are paused (aborted with their
+        tokens so far), the weights loaded, and each resumed as a new request whose prompt is its
+        prompt plus those tokens, so it goes on from where it was with the new weights (the prefix
+        is recomputed by them). Each token keeps the version and behavior log-prob it was sampled with.
+        `admit(running)` (continuous batching) is called at the same boundaries, and when every request
+        has ended, with the number of requests running; the (prompt, max tokens) rows it returns are
+        added as requests, numbered after the rows so far."""
         if self._broken is not None:
             raise RuntimeError(self._broken)
         if not prompts:
@@ -105,28 +119,88 @@ class VLLMEngine:
             raise ValueError(f"a prompt of {longest} tokens does not fit the vllm engine's max_model_len "
                              f"{self.max_model_len}: raise rollout.vllm.max_model_len (up to the model's "
                              "max_position_embeddings) or lower rollout.max_context_tokens / data.max_prompt_tokens")
-        limits = row_limits(len(prompts), params, max_tokens)
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        outs = self.llm.generate(requests, [self._params(params, i, n) for i, n in enumerate(limits)], use_tqdm=False)
-        completions = []
-        for p, out in zip(prompts, outs, strict=True):
-            c = out.outputs[0]
-            tokens = list(c.token_ids)
-            logps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], tokens, strict=True)]
-            completions.append(Completion(
-                prompt_ids=list(p), token_ids=tokens, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                finish_reason="stop" if c.finish_reason == "stop" else "length", logprobs=logps,
-                version=self.version, versions=[self.version] * len(tokens),
-            ))  # fmt: skip
-        return completions
+        rows = [_Row(list(p), limit) for p, limit in zip(prompts, row_limits(len(prompts), params, max_tokens),
+                                                           strict=True)]  # fmt: skip
+        self._running = _Running(rows, params, streaming=on_chunk is not None)
+        try:
+            self._add(list(range(len(rows))))
+            engine, steps = self.llm.llm_engine, 0
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    self._record(out, on_finish)
+                steps += 1
+                boundary = steps % chunk_tokens == 0
+                if on_chunk is not None and boundary:
+                    on_chunk()  # may load new weights: `load_weights` pauses and resumes the requests
+                if admit is not None and (boundary or not engine.has_unfinished_requests()):
+                    self._admit(admit)
+        finally:
+            self._running = None
+        return [row.completion(self.tokenizer, self.version) for row in rows]
 
-    def _params(self, params: SamplingParams, i: int, max_tokens: int) -> Any:
+    def _add(self, indices: list[int]) -> None:
+        """Submit rows `indices` of the running generation as new requests (their tokens so far
+        appended to the prompt)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        run = self._running
+        assert run is not None
+        for i in indices:
+            row = run.rows[i]
+            request_id = f"tidal-{next(self._request_ids)}"
+            run.ids[request_id] = i
+            params = self._params(run.params, i, row.limit - len(row.tokens), resumed=row.resumes)
+            # Tokens as they come when the call may pause (to resume from), else the whole completion once.
+            params.output_kind = RequestOutputKind.DELTA if run.streaming else RequestOutputKind.FINAL_ONLY
+            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": row.prompt + row.tokens}, params)
+
+    def _admit(self, admit: Admit) -> None:
+        run = self._running
+        assert run is not None
+        new = admit(len(run.ids))
+        if any(len(p) == 0 or len(p) >= self.max_model_len for p, _ in new):
+            raise ValueError(f"an admitted prompt is empty or does not fit max_model_len {self.max_model_len}")
+        first = len(run.rows)
+        run.rows += [_Row(list(p), limit) for p, limit in new]
+        self._add(list(range(first, len(run.rows))))
+
+    def _record(self, out: Any, on_finish: Callable[[int, Completion], None] | None) -> None:
+        run = self._running
+        assert run is not None
+        i = run.ids.get(out.request_id)
+        if i is None:  # a paused request's last words
+            return
+        row, c = run.rows[i], out.outputs[0]
+        new = list(c.token_ids)
+        row.tokens += new
+        row.logprobs += [float(step[t].logprob) for step, t in zip(c.logprobs or [], new, strict=True)]
+        row.versions += [self.version] * len(new)
+        if out.finished:
+            del run.ids[out.request_id]
+            row.finish = "stop" if c.finish_reason == "stop" else "length"
+            if on_finish is not None:
+                on_finish(i, row.completion(self.tokenizer, self.version))
+
+    def _pause(self) -> list[int]:
+        """Abort the running generation's unfinished requests; the rows to resume."""
+        run = self._running
+        if run is None or not run.ids:
+            return []
+        self.llm.llm_engine.abort_request(list(run.ids))
+        rows = sorted(run.ids.values())
+        run.ids.clear()
+        for i in rows:
+            run.rows[i].resumes += 1
+        return rows
+
+    def _params(self, params: SamplingParams, i: int, max_tokens: int, resumed: int = 0) -> Any:
         from vllm import SamplingParams as VSamplingParams
 
+        seed = None if params.seed is None else mix_seed(params.seed, i)
         return VSamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=max_tokens,
             stop=list(params.stop) or None, stop_token_ids=list(params.stop_token_ids) or None,
-            seed=None if params.seed is None else mix_seed(params.seed, i), logprobs=0,
+            seed=seed if seed is None or not resumed else mix_seed(seed, resumed), logprobs=0,
             include_stop_str_in_output=True, ignore_eos=params.ignore_eos,
         )  # fmt: skip
 
@@ -141,6 +215,7 @@ class VLLMEngine:
         A reload that fails part-way leaves vLLM's weights half-written: the engine refuses to
         generate after that instead of sampling from a broken model."""
         buckets = list(as_buckets(weights))
+        resume = self._pause()  # requests in flight (partial rollouts) go on after the load
         wrong = [(k, v) for b in buckets for k, v in b.items() if k in self.shapes and tuple(v.shape) != self.shapes[k]]
         if wrong:
             k, v = wrong[0]
@@ -156,6 +231,8 @@ class VLLMEngine:
             raise RuntimeError(self._broken) from e
         self.llm.reset_prefix_cache()
         self.version = version
+        if resume:
+            self._add(resume)
 
     def _load_through_files(self, buckets: list[dict[str, torch.Tensor]]) -> None:
         """Out of process, tensors do not survive vLLM's RPC serialization (they arrive as lists): the
@@ -172,6 +249,37 @@ class VLLMEngine:
                 paths.append(os.path.join(d, f"part-{i:05d}.safetensors"))
                 save_file(unshared({k: v.cpu() for k, v in bucket.items()}), paths[-1])
             self.llm.collective_rpc("tidal_load_weights", args=(paths,))
+
+
+@dataclass
+class _Row:
+    """One prompt's completion as it grows, across the requests it takes (one more per resume)."""
+
+    prompt: list[int]
+    limit: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish: str | None = None
+    resumes: int = 0
+
+    def completion(self, tokenizer: PreTrainedTokenizerBase, version: int) -> Completion:
+        return Completion(
+            prompt_ids=list(self.prompt), token_ids=list(self.tokens),
+            text=tokenizer.decode(self.tokens, skip_special_tokens=True),
+            finish_reason=self.finish or "length",  # type: ignore[arg-type]
+            logprobs=list(self.logprobs), version=min(self.versions, default=version), versions=list(self.versions),
+        )  # fmt: skip
+
+
+@dataclass
+class _Running:
+    """The generate call in progress: its rows, and the vLLM request each unfinished row runs as."""
+
+    rows: list[_Row]
+    params: SamplingParams
+    streaming: bool
+    ids: dict[str, int] = field(default_factory=dict)
 
 
 def state_dict_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

@@ -4,6 +4,14 @@ A plain class (usable in-process) that the driver turns into a Ray actor with `r
 generates `group_size` completions per prompt with the rollout engine, scores them with the reward
 functions, and puts the groups into the TrajectoryBuffer.
 
+In a run the worker serves a queue (`serve`, a long-lived call on the generation thread): the
+driver `submit`s work on the `queue` thread whenever the staleness bound allows. Streaming work is
+one group per prompt; each generate call takes as many queued groups as `rollout.batch_size` rows
+hold, and a group is scored and put into the buffer (on a scoring thread) the moment its last sample
+ends, while the call goes on with the others. Fixed work (`rollout.deterministic`) is one seeded
+call per share of a batch, exactly as `rollout` generates it. Held-out evaluations jump the queue
+and run between two generate calls.
+
 Weights arrive on a second thread (the actor's `control` concurrency group): `offer_weights`
 receives a published snapshot, bucket by bucket, while a generation may be running and stages it
 in CPU memory (a GPU holds one received bucket at a time, never a second copy of the model); the
@@ -18,7 +26,10 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import ray
@@ -44,8 +55,96 @@ from tidal.weight_sync import WeightHandle, WeightReceiver, make_receiver
 
 log = logging.getLogger(__name__)
 
-CONCURRENCY_GROUPS = {"control": 1}
-"""Ray concurrency groups of the worker actor: weight offers run beside generation, one at a time."""
+CONCURRENCY_GROUPS = {"control": 1, "queue": 4}
+"""Ray concurrency groups of the worker actor beside generation: weight offers, one at a time; and
+the queue (submissions, evaluation requests that wait for their turn, stop)."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """Prompts handed to a worker for rollout batch `batch_id`, to generate with weights >= `min_version`.
+    Streaming work (`fixed=False`) is queued group by group and batched with whatever else is queued;
+    fixed work is generated as one call seeded with `seed` (`rollout.deterministic`)."""
+
+    prompts: list[Prompt]
+    batch_id: int
+    min_version: int
+    seed: int = 0
+    fixed: bool = False
+
+
+@dataclass
+class EvalRequest:
+    """A held-out evaluation waiting in a worker's queue; `done` is set when `result` (or `error`) is in."""
+
+    prompts: list[Prompt]
+    min_version: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Metrics | None = None
+    error: BaseException | None = None
+
+
+class WorkQueue:
+    """A worker's queue: streaming groups, fixed work, evaluation requests (which go first).
+
+    `take` hands out one fixed work or evaluation alone, or up to `max_groups` streaming groups
+    together; None once closed."""
+
+    def __init__(self) -> None:
+        self.items: deque[Work | EvalRequest] = deque()
+        self.closed = False
+        self._cv = threading.Condition()
+
+    def put(self, work: Work) -> None:
+        with self._cv:
+            if work.fixed:
+                self.items.append(work)
+            else:
+                self.items.extend(Work([p], work.batch_id, work.min_version) for p in work.prompts)
+            self._cv.notify_all()
+
+    def put_first(self, request: EvalRequest) -> None:
+        with self._cv:
+            self.items.appendleft(request)
+            self._cv.notify_all()
+
+    def close(self) -> list[Work | EvalRequest]:
+        """Stop handing out work; returns what was still queued."""
+        with self._cv:
+            self.closed = True
+            left, self.items = list(self.items), deque()
+            self._cv.notify_all()
+            return left
+
+    def take_now(self, max_groups: int, env: str, max_version: int) -> list[Work]:
+        """Without waiting: up to `max_groups` streaming groups from the front of the queue that are
+        of `env` and may be generated with weights of `max_version` (none past an evaluation,
+        fixed work, or a group that needs newer weights)."""
+        out: list[Work] = []
+        with self._cv:
+            while self.items and len(out) < max_groups and not self.closed:
+                head = self.items[0]
+                if not _streams(head) or head.prompts[0].env != env or head.min_version > max_version:
+                    break
+                out.append(self.items.popleft())
+        return out
+
+    def take(self, max_groups: int) -> list[Work | EvalRequest] | None:
+        with self._cv:
+            self._cv.wait_for(lambda: self.items or self.closed)
+            if self.closed:
+                return None
+            head = self.items[0]
+            if isinstance(head, EvalRequest) or head.fixed:
+                return [self.items.popleft()]
+            out: list[Work | EvalRequest] = []
+            while self.items and len(out) < max_groups and _streams(self.items[0]):
+                out.append(self.items.popleft())
+            return out
+
+
+def _streams(item: Work | EvalRequest) -> bool:
+    return isinstance(item, Work) and not item.fixed
 
 
 @dataclass(frozen=True)
@@ -87,6 +186,11 @@ class RolloutWorker:
         self._staged: tuple[list[dict[str, torch.Tensor]], int] | None = None
         self._cv = threading.Condition()
         self._last_end = time.perf_counter()
+        self._queue = WorkQueue()
+        self._serving = False
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="tidal-score")
+        self._scored: list[Future[None]] = []
+        self._calls = 0  # streaming generate calls so far (each seeded by its index)
 
     @property
     def version(self) -> int:
@@ -133,25 +237,132 @@ class RolloutWorker:
         for s in samples:
             by_group[s.group_id].append(s)
         groups = [Group(gid, group) for gid, group in by_group.items()]
-        n = float(len(samples))
-        metrics.update({
-            "rollout/response_length": mean(sum(len(s.response_ids) for s in samples) / max(n, 1.0), n),
-            "rollout/truncated_frac": mean(sum(s.finish_reason == "length" for s in samples) / max(n, 1.0), n),
-            "rollout/samples": total(n),
-            "rollout/interrupted_samples": total(float(sum(len(set(s.versions)) > 1 for s in samples))),
-            "async/worker_version": smallest(float(self.version)),  # the furthest behind
-            "async/worker_idle_s": largest(idle),
-            "async/worker_weight_wait_s": largest(weight_wait),
-            "perf/rollout_tokens": total(float(sum(sum(s.loss_mask) for s in samples))),
-            "perf/generate_time_s": largest(t_gen),  # workers generate side by side
-        })  # fmt: skip
+        metrics.update(sample_metrics(samples))
+        metrics.update(self._call_metrics(idle, weight_wait))
+        metrics["perf/generate_time_s"] = largest(t_gen)  # workers generate side by side
         if self.buffer is not None:
-            slim = [Group(g.group_id, [s.for_training() for s in g.samples]) for g in groups]
-            ray.get(self.buffer.put.remote(slim, batch_id))
+            ray.get(self.buffer.put.remote([_slim(g) for g in groups], batch_id, metrics, self.index))
             groups = []
         metrics["perf/rollout_time_s"] = largest(time.perf_counter() - t0)
         self._last_end = time.perf_counter()
         return RolloutResult(groups, metrics)
+
+    def _call_metrics(self, idle: float, weight_wait: float) -> Metrics:
+        return {
+            "async/worker_version": smallest(float(self.version)),  # the furthest behind
+            "async/worker_idle_s": largest(idle),
+            "async/worker_weight_wait_s": largest(weight_wait),
+        }
+
+    # ------------------------------------------------------------------------------ serving
+
+    @ray.method(concurrency_group="queue")
+    def submit(self, work: Work) -> None:
+        """Queue `work` for the serving loop."""
+        self._queue.put(work)
+
+    @ray.method(concurrency_group="queue")
+    def stop(self) -> None:
+        """End the serving loop after its current generate call; queued work is dropped (the buffer's
+        ledger counts it in flight)."""
+        for item in self._queue.close():
+            if isinstance(item, EvalRequest):
+                item.error = RuntimeError(f"rollout worker {self.index} stopped before evaluating")
+                item.done.set()
+
+    def serve(self) -> None:
+        """Generate queued work until `stop` (the driver's long-lived call on the generation thread)."""
+        self._serving = True
+        try:
+            while items := self._queue.take(max(1, self.cfg.rollout.batch_size // self.cfg.rollout.group_size)):
+                self._raise_scoring_errors()
+                head = items[0]
+                if isinstance(head, EvalRequest):
+                    self._run_eval(head)
+                elif head.fixed:
+                    self._flush_scoring()
+                    self.rollout(head.prompts, head.seed, head.batch_id, head.min_version)
+                else:
+                    self._stream([w for w in items if isinstance(w, Work)])
+            self._flush_scoring()
+        finally:
+            self._serving = False
+            self.stop()
+
+    def _stream(self, works: list[Work]) -> None:
+        """Generate the queued groups `works` in one call per env; each group is scored and put into
+        the buffer on the scoring thread the moment its last sample ends."""
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        idle = t0 - self._last_end
+        weight_wait = self._wait_for_version(max(w.min_version for w in works))
+        waiting = {w.prompts[0].group_id: (w, []) for w in works}
+        first = [self._call_metrics(idle, weight_wait)]  # goes with the call's first group
+
+        def on_sample(s: Sample) -> None:
+            work, samples = waiting[s.group_id]
+            samples.append(s)
+            if len(samples) == r.group_size:
+                self._put_group(work, waiting.pop(s.group_id)[1], first.pop() if first else {})
+
+        def admit(label: str, running: int) -> list[Prompt]:
+            # More queued groups of this env join the call while rows are free, unless they need newer
+            # weights or newer ones wait to be loaded between calls (with interruptible, at chunks).
+            staged = self._staged is not None and not r.interruptible
+            more = [] if staged else self._queue.take_now((r.batch_size - running) // r.group_size, label, self.version)
+            for w in more:
+                waiting[w.prompts[0].group_id] = (w, [])
+            return [w.prompts[0] for w in more]
+
+        t_gen0 = time.perf_counter()
+        on_chunk = self._at_chunk_boundary if r.interruptible else None
+        for label, prompts in group_by_env([w.prompts[0] for w in works]).items():
+            params = sampling_params(r, mix_seed(mix_seed(self.cfg.seed, self.index), self._calls))
+            self._calls += 1
+            generate_samples(self.envs[label], self.engine, prompts, r.group_size, params, r, on_chunk=on_chunk,
+                             between_generations=self._apply_staged, on_sample=on_sample,
+                             admit=partial(admit, label))  # fmt: skip
+        t_gen = time.perf_counter() - t_gen0
+        for work, samples in list(waiting.values()):  # groups short of samples (a prompt its env could not make)
+            self._put_group(work, samples, first.pop() if first else {})
+        timing = {"perf/generate_time_s": largest(t_gen)}
+        self._scored.append(self._scoring.submit(self._put, [], works[0].batch_id, timing))
+        self._last_end = time.perf_counter()
+
+    def _put_group(self, work: Work, samples: list[Sample], extra: Metrics) -> None:
+        self._scored.append(self._scoring.submit(self._score_and_put, work, samples, extra))
+
+    def _score_and_put(self, work: Work, samples: list[Sample], extra: Metrics) -> None:
+        metrics = score_samples(self.envs, samples) if samples else {}
+        metrics.update(sample_metrics(samples))
+        metrics.update(extra)
+        if samples:  # the weights it was generated with (the oldest token's)
+            metrics["async/worker_version"] = smallest(float(min(s.version for s in samples)))
+        self._put([_slim(Group(work.prompts[0].group_id, samples))], work.batch_id, metrics)
+
+    def _put(self, groups: list[Group], batch_id: int, metrics: Metrics) -> None:
+        if self.buffer is None:
+            raise RuntimeError("a serving rollout worker needs a buffer to put its groups into")
+        ray.get(self.buffer.put.remote(groups, batch_id, metrics, self.index))
+
+    def _raise_scoring_errors(self) -> None:
+        for f in [f for f in self._scored if f.done()]:
+            self._scored.remove(f)
+            f.result()
+
+    def _flush_scoring(self) -> None:
+        while self._scored:
+            self._scored.pop(0).result()
+
+    def _run_eval(self, request: EvalRequest) -> None:
+        self._flush_scoring()  # the reward scorers then serve the evaluation alone
+        try:
+            request.result = self._evaluate(request.prompts, request.min_version)
+        except BaseException as e:
+            request.error = e
+            raise
+        finally:
+            request.done.set()
 
     def _generate(self, prompts: list[Prompt], seed: int) -> list[Sample]:
         """`group_size` unscored samples per prompt, env by env; newer weights are applied before
@@ -210,12 +421,42 @@ class RolloutWorker:
             raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")  # fmt: skip
 
+    @ray.method(concurrency_group="queue")
     def evaluate(self, prompts: list[Prompt], min_version: int = 0) -> Metrics:
         """Greedy held-out metrics with weights of version >= `min_version`, scored by each env (the
-        run's rewards without `envs`) exactly as in training."""
+        run's rewards without `envs`) exactly as in training. While the worker serves, the request
+        goes first in its queue and runs between two generate calls."""
+        if not self._serving:
+            return self._evaluate(prompts, min_version)
+        request = EvalRequest(prompts, min_version)
+        self._queue.put_first(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _evaluate(self, prompts: list[Prompt], min_version: int) -> Metrics:
         self._wait_for_version(min_version)
         out, _ = evaluate(self.engine, self.envs, prompts, self.cfg.eval, self.cfg.rollout, self._forward_model)
         return {**out, "eval/version": largest(float(self.version))}
+
+
+def sample_metrics(samples: list[Sample]) -> Metrics:
+    """Length, truncation and token counts of a rollout call's (or a group's) samples."""
+    n = float(len(samples))
+    return {
+        "rollout/response_length": mean(sum(len(s.response_ids) for s in samples) / max(n, 1.0), n),
+        "rollout/truncated_frac": mean(sum(s.finish_reason == "length" for s in samples) / max(n, 1.0), n),
+        "rollout/samples": total(n),
+        "rollout/interrupted_samples": total(float(sum(len(set(s.versions)) > 1 for s in samples))),
+        "perf/rollout_tokens": total(float(sum(sum(s.loss_mask) for s in samples))),
+    }
+
+
+def _slim(g: Group) -> Group:
+    """The group as the buffer holds it: training fields only."""
+    return Group(g.group_id, [s.for_training() for s in g.samples])
 
 
 def build_engine(model: ModelConfig, rollout: RolloutConfig, model_dir: str, seed: int = 0) -> Engine:

@@ -112,7 +112,8 @@ class TrainerActor:
         finally:
             self._last_end = time.perf_counter()
         metrics["async/trainer_idle_s"] = total(idle)
-        return StepResult(self.version, bool(groups), metrics)
+        trained = [(g.group_id, sorted({v for s in g.samples for v in s.versions})) for g in groups]
+        return StepResult(self.version, bool(groups), metrics, trained)
 
     def _take(self, batch_id: int) -> list[Group]:
         """Batch `batch_id` from the buffer on rank 0, broadcast to the other ranks. A failure on rank

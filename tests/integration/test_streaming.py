@@ -1,0 +1,152 @@
+"""Streaming rollout: groups enter the buffer as they end, over-sampling fills batches the filter
+thins, and deterministic mode keeps each step's prompts fixed.
+
+The engine and worker tests use a random-init tiny MoE with a stop string its samples hit at
+varied points (lengths from 5 to 24 tokens), so groups of one generate call end at different steps.
+The runs are short real `tidal train` runs (Ray, DeepSpeed, the buffer actor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from tidal.config import FilterConfig, load_config
+from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.rollout.buffer import TrajectoryBuffer
+from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, Work, WorkerConfig
+from tidal.train import run_train
+from tidal.types import Completion, Prompt, SamplingParams
+
+pytestmark = pytest.mark.integration
+
+STOP = ["1"]  # the random model writes a "1" at varied points: ragged lengths
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return materialize_preset("tiny-qwen3-moe", seed=0)
+
+
+def test_engine_reports_each_row_the_step_it_ends(preset: Path) -> None:
+    tok = load_tokenizer(preset)
+    engine = TransformersEngine(load_model(preset), tok)
+    prompts = [tok.encode(f"{i}+{i}=", add_special_tokens=False) for i in range(8)]
+    ended: list[tuple[int, Completion]] = []
+    outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=0, stop=STOP),
+                           on_finish=lambda i, c: ended.append((i, c)))  # fmt: skip
+    assert sorted(i for i, _ in ended) == list(range(8))  # each row once
+    lengths = [len(c.token_ids) for _, c in ended]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]  # in the order they ended
+    for i, c in ended:
+        assert c == outs[i]  # what was reported early is the completion returned
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-glm4-moe", "tiny-glm5-moe"])
+def test_rows_admitted_mid_generation_decode_as_if_alone(preset: Path, name: str) -> None:
+    """Continuous batching in the transformers engine: rows that join a running batch at a chunk
+    boundary (their prompts prefilled, KV caches merged, longer or shorter than the batch's) decode
+    exactly as they would alone, and so do the rows already running (greedy, log-probs to 1e-4)."""
+    path = materialize_preset(name, seed=0)
+    tok = load_tokenizer(path)
+    engine = TransformersEngine(load_model(path), tok)
+    texts = ["12+34=", "7", "The sum of 45 and 99 is", "Count: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11", "8+8="]
+    prompts = [[tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    joins = [[(prompts[2], 10), (prompts[3], 6)], [], [(prompts[4], 10)]]
+    seen: list[int] = []
+
+    def admit(running: int) -> list[tuple[list[int], int]]:
+        seen.append(running)
+        return joins.pop(0) if joins else []
+
+    outs = engine.generate(prompts[:2], params, chunk_tokens=3, admit=admit)
+    # Rows running at each boundary (steps 3, 6, 9): two; four after two joined; three, the 6-token one done.
+    assert seen[:3] == [2, 4, 3]
+    assert [len(o.token_ids) for o in outs] == [10, 10, 10, 6, 10]
+    for prompt, out in zip(prompts, outs, strict=True):
+        (alone,) = engine.generate([prompt], params, max_tokens=[len(out.token_ids)])
+        assert out.prompt_ids == prompt and out.token_ids == alone.token_ids
+        assert max(abs(a - b) for a, b in zip(out.logprobs, alone.logprobs, strict=True)) < 1e-4
+
+
+def test_a_group_is_in_the_buffer_before_the_slowest_of_its_call_ends(preset: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [
+        "model.preset=tiny-qwen3-moe", f"output_dir={tmp_path}", "rollout.max_new_tokens=24",
+        "rollout.group_size=1", "rollout.batch_size=64", f"rollout.stop={json.dumps(STOP)}",
+    ])  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        buffer = ray.remote(max_concurrency=4)(TrajectoryBuffer).remote(FilterConfig(zero_variance=False), 0)
+        worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).remote(
+            WorkerConfig.of(cfg), str(preset), 0, buffer
+        )
+        serving = worker.serve.remote()
+        prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}) for i in range(8)]
+        ray.get(buffer.dispatched.remote(1, len(prompts)))
+        ray.get(worker.submit.remote(Work(prompts, batch_id=1, min_version=0)))
+        assert ray.get(buffer.wait_ready.remote(1, 0, 120.0)).ready
+        groups = ray.get(buffer.take.remote(1, 0))  # in the order they were put
+        ray.get(worker.stop.remote())
+        ray.get(serving, timeout=60)
+    finally:
+        ray.shutdown()
+    # One generate call made all 8 samples (groups of one); each group went into the buffer when its
+    # sample ended, so the buffer holds them by length: the first long before the call's last token.
+    assert sorted(g.group_id for g in groups) == list(range(8))
+    ends = [max(len(s.response_ids) for s in g.samples) for g in groups]
+    assert ends == sorted(ends) and ends[0] < ends[-1], ends
+
+
+def run(tmp: Path, name: str, *overrides: str) -> dict[str, Any]:
+    cfg = load_config(None, [
+        "model.preset=tiny-qwen3-moe", "data.source.ops=[+]", "data.source.eval_size=8", f"name={name}",
+        f"output_dir={tmp / 'runs'}", "rollout.max_new_tokens=4", "rollout.group_size=4",
+        "rollout.prompts_per_step=8", "rollout.num_workers=2", "rollout.max_staleness=1",
+        "trainer.lr=1e-3", "trainer.micro_batch_size=32", "train.eval_every=0", "eval.num_samples=8",
+        "eval.max_new_tokens=4", "monitor.wandb=disabled", "train.save_checkpoint=false", "train.steps=6",
+        *overrides,
+    ])  # fmt: skip
+    summary = run_train(cfg)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    schedule = [json.loads(line) for line in (cfg.run_dir / "schedule.jsonl").read_text().splitlines()]
+    return {"cfg": cfg, "summary": summary, "steps": [r for r in rows if "train/version" in r], "schedule": schedule}
+
+
+COIN_REWARD = """
+import zlib
+
+def coin(sample, row):
+    return float(zlib.crc32(f"{sample.group_id} {sample.text}".encode()) % 2)
+"""
+
+
+def test_over_sampling_keeps_every_batch_full(preset: Path, tmp_path: Path, ledger_balances) -> None:
+    # A fair coin per sample: 1 group in 8 has equal rewards and is filtered; each is replaced.
+    (tmp_path / "coin.py").write_text(COIN_REWARD)
+    out = run(tmp_path, "oversample", f"rewards.functions=[{{path: '{tmp_path / 'coin.py'}:coin'}}]")
+    s, steps = out["summary"], out["steps"]
+    assert s["ledger/filtered_groups"] > 0  # without replacements the last steps would be short
+    assert [r["train/groups"] for r in steps] == [8.0] * 6
+    oversampled = sum(r["rollout/oversampled_groups"] for r in steps)
+    assert oversampled == s["ledger/filtered_groups"]  # one new prompt per filtered group, within the cap
+    ledger_balances(s, steps, 6, 8)
+    assert s["ledger/trained_groups"] == 6 * 8
+
+
+def test_deterministic_mode_trains_each_batch_at_its_step(preset: Path, tmp_path: Path, ledger_balances) -> None:
+    out = run(tmp_path, "deterministic", "rollout.deterministic=true", "filter.zero_variance=false")
+    for row in out["schedule"]:
+        step = row["step"]
+        assert sorted(gid for gid, _ in row["groups"]) == list(range(8 * (step - 1), 8 * step)), row
+        # Dispatched one step ahead at most: generated by the weights of the step before or the one before that.
+        assert all(step - 2 <= min(versions) for _, versions in row["groups"])
+    ledger_balances(out["summary"], out["steps"], 6, 8)
+    assert out["summary"]["ledger/taken_groups"] == 6 * 8 and out["summary"]["ledger/in_flight_groups"] == 0
