@@ -186,8 +186,12 @@ class RolloutConfig(Strict):
     """Largest number of generated tokens per completion (the tiny presets' configs set a few)."""
     stop: list[str] = []
     """Stop strings: generation of a completion ends after the token that completes one."""
+    ignore_eos: bool = False
+    """Generate past the end-of-sequence token, to each completion's token limit (benchmarks with
+    set response lengths; a dataset row may set its own limit in a `max_new_tokens` field)."""
     batch_size: int = Field(64, ge=1)
-    """Sequences generated together in one forward batch."""
+    """Sequences generated together in one forward batch (continuous batching keeps it filled: a
+    finished sequence's slot goes to a queued group's at the next chunk boundary)."""
     group_size: int = Field(8, ge=1)
     """Completions sampled per prompt (a group; advantages are computed within it)."""
     prompts_per_step: int = Field(32, ge=1)

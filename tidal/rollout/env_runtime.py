@@ -128,7 +128,7 @@ def generate_samples(
             def join(running: int, chunk: list = chunk) -> list[tuple[list[int], int]]:
                 new = list(zip(*_encode(rt, engine, admit(running)), strict=True))
                 chunk += [(p, x) for p, x in new for _ in range(n)]
-                return [(x, params.max_new_tokens) for _, x in new for _ in range(n)]
+                return [(x, row_limit(p, params)) for p, x in new for _ in range(n)]
 
             kwargs["admit"] = join
         if on_sample is not None:
@@ -138,9 +138,16 @@ def generate_samples(
                 on_sample(ended[j])
 
             kwargs["on_finish"] = finish
-        outs = engine.generate([x for _, x in chunk], params.seeded(i), **kwargs)  # type: ignore[arg-type]
+        limits = [row_limit(p, params) for p, _ in chunk]
+        outs = engine.generate([x for _, x in chunk], params.seeded(i), max_tokens=limits, **kwargs)  # type: ignore[arg-type]
         samples += [ended.get(j) or to_sample(c, p) for j, (c, (p, _)) in enumerate(zip(outs, chunk, strict=True))]
     return samples
+
+
+def row_limit(p: Prompt, params: SamplingParams) -> int:
+    """A prompt's cap on new tokens: its row's `max_new_tokens` field, within `rollout.max_new_tokens`."""
+    own = p.row.get("max_new_tokens")
+    return params.max_new_tokens if own is None else max(1, min(int(own), params.max_new_tokens))
 
 
 def _encode(rt: EnvRuntime, engine: Engine, prompts: list[Prompt]) -> tuple[list[Prompt], list[list[int]]]:

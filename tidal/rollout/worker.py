@@ -170,7 +170,7 @@ class WorkerConfig:
 
 def sampling_params(r: RolloutConfig, seed: int) -> SamplingParams:
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          stop=list(r.stop), seed=seed)  # fmt: skip
+                          stop=list(r.stop), seed=seed, ignore_eos=r.ignore_eos)  # fmt: skip
 
 
 class RolloutWorker:
