@@ -16,6 +16,7 @@ from typing import Any
 from tidal.config import RunConfig
 from tidal.metrics import Metrics, mean, total, values
 from tidal.rollout.buffer import BufferStatus
+from tidal.rollout.queue import Work
 from tidal.runtime import RunError, wait_for
 from tidal.types import Prompt, SyncStats, mix_seed
 
@@ -94,8 +95,6 @@ class Dispatcher:
 
     def _send(self, prompts: list[Prompt], batch: int, min_version: int) -> None:
         import ray
-
-        from tidal.rollout.worker import Work
 
         # Counted before any of them can be put, so the buffer never sees a batch as whole too early.
         ray.get(self.buffer.dispatched.remote(batch, len(prompts)))

@@ -25,7 +25,8 @@ from tidal.config import ConfigError, load_config
 from tidal.metrics import Metrics
 from tidal.models import load_model, load_tokenizer, materialize_preset
 from tidal.rollout.engine import TransformersEngine
-from tidal.rollout.worker import RolloutWorker, Work
+from tidal.rollout.queue import Work
+from tidal.rollout.worker import RolloutWorker
 from tidal.train import run_train
 from tidal.trainer.actor import TrainerActor
 from tidal.types import Group, SamplingParams

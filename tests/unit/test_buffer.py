@@ -156,7 +156,7 @@ def test_prompt_sampler_mixes_envs_by_weight() -> None:
 
 
 def test_work_queue_batches_streaming_groups_and_keeps_fixed_work_alone() -> None:
-    from tidal.rollout.worker import EvalRequest, Work, WorkQueue
+    from tidal.rollout.queue import EvalRequest, Work, WorkQueue
 
     q = WorkQueue()
     prompts = [Prompt(i, {}) for i in range(5)]
