@@ -131,7 +131,8 @@ def coin(sample, row):
 def test_over_sampling_keeps_every_batch_full(preset: Path, tmp_path: Path, ledger_balances) -> None:
     # A fair coin per sample: 1 group in 8 has equal rewards and is filtered; each is replaced.
     (tmp_path / "coin.py").write_text(COIN_REWARD)
-    out = run(tmp_path, "oversample", f"rewards.functions=[{{path: '{tmp_path / 'coin.py'}:coin'}}]")
+    out = run(tmp_path, "oversample", f"rewards.functions=[{{path: '{tmp_path / 'coin.py'}:coin'}}]",
+              "filter.max_oversample=1.0")
     s, steps = out["summary"], out["steps"]
     assert s["ledger/filtered_groups"] > 0  # without replacements the last steps would be short
     assert [r["train/groups"] for r in steps] == [8.0] * 6

@@ -52,7 +52,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "rollout.batch_size=128", "rollout.num_workers=2",
         "trainer.lr=1e-3", "trainer.micro_batch_size=64", "trainer.num_ranks=2", "trainer.zero_stage=2",
         "algorithm.loss.kl.coef=0.001",
-        "filter.max_oversample=0",  # exact per-step counts below (test_streaming.py covers over-sampling)
         "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}},"
         f" {{path: '{tmp / 'flaky.py'}:flaky', weight: 0.0}}]",
         f"train.steps={STEPS}", "train.eval_every=12", "eval.num_samples=32", "eval.max_new_tokens=4",

@@ -161,3 +161,10 @@ def test_reference_shows_the_defaults_a_user_gets() -> None:
     assert "| `'object_store'` |" in transport
     assert not any(r.startswith("| `algorithm.loss.correction.type` | `'none'`") for r in rows)
     assert sum(r.startswith("| `algorithm.loss.correction` with type") for r in rows) == 4
+
+
+def test_over_sampling_needs_streaming() -> None:
+    with pytest.raises(ConfigError, match="filter.max_oversample needs streaming rollout"):
+        load_config(None, ["rollout.deterministic=true", "filter.max_oversample=0.5"])
+    cfg = load_config(None, ["filter.max_oversample=0.5", "rollout.prompts_per_step=10"])
+    assert cfg.oversample_per_batch == 5 and load_config(None, []).oversample_per_batch == 0

@@ -108,10 +108,7 @@ class RunConfig(Strict):
     @property
     def oversample_per_batch(self) -> int:
         """Extra groups that may replace filtered ones in one batch (`filter.max_oversample`)."""
-        fraction = self.filter.max_oversample
-        if fraction is None:
-            fraction = 0.0 if self.rollout.deterministic else 1.0
-        return int(fraction * self.rollout.prompts_per_step)
+        return int(self.filter.max_oversample * self.rollout.prompts_per_step)
 
     def for_rl(self) -> RunConfig:
         """This config as `tidal train` runs it: RL defaults filled in, settings that cannot work in
