@@ -44,7 +44,7 @@ from tidal.config import (
     RunConfig,
     WeightSyncConfig,
 )
-from tidal.metrics import Metrics, largest, mean, smallest, total
+from tidal.metrics import Metrics, largest, mean, merge, smallest, total
 from tidal.models import load_model, load_tokenizer
 from tidal.rollout.engine import Engine, TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
@@ -103,6 +103,8 @@ class RolloutWorker:
         self._serving = False
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="tidal-score")
         self._scored: list[Future[None]] = []
+        self._ended: list[tuple[Work, list[Sample], Metrics]] = []  # groups ended, to score and put
+        self._ended_lock = threading.Lock()
         self._calls = 0  # streaming generate calls so far (each seeded by its index)
 
     @property
@@ -243,15 +245,26 @@ class RolloutWorker:
         self._last_end = time.perf_counter()
 
     def _put_group(self, work: Work, samples: list[Sample], extra: Metrics) -> None:
-        self._scored.append(self._scoring.submit(self._score_and_put, work, samples, extra))
+        with self._ended_lock:
+            self._ended.append((work, samples, extra))
+        self._scored.append(self._scoring.submit(self._score_and_put))
 
-    def _score_and_put(self, work: Work, samples: list[Sample], extra: Metrics) -> None:
-        metrics = score_samples(self.envs, samples) if samples else {}
-        metrics.update(sample_metrics(samples))
-        metrics.update(extra)
-        if samples:  # the weights it was generated with (the oldest token's)
-            metrics["async/worker_version"] = smallest(float(min(s.version for s in samples)))
-        self._put([_slim(Group(work.prompts[0].group_id, samples))], work.batch_id, metrics)
+    def _score_and_put(self) -> None:
+        """Score every group that ended since the last call and put them, one buffer call per batch
+        (groups that end together, as short answers do, travel together)."""
+        with self._ended_lock:
+            ended, self._ended = self._ended, []
+        by_batch: dict[int, list[tuple[Work, list[Sample], Metrics]]] = {}
+        for item in ended:
+            by_batch.setdefault(item[0].batch_id, []).append(item)
+        for batch_id, items in by_batch.items():
+            samples = [s for _, group, _ in items for s in group]
+            metrics = merge([score_samples(self.envs, samples) if samples else {}, sample_metrics(samples),
+                             *(extra for _, _, extra in items)])  # fmt: skip
+            if samples:  # the weights they were generated with (the oldest token's)
+                metrics["async/worker_version"] = smallest(float(min(s.version for s in samples)))
+            groups = [_slim(Group(work.prompts[0].group_id, group)) for work, group, _ in items]
+            self._put(groups, batch_id, metrics)
 
     def _put(self, groups: list[Group], batch_id: int, metrics: Metrics) -> None:
         if self.buffer is None:
