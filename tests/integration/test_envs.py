@@ -232,8 +232,10 @@ def test_user_example_env_trains_and_its_reward_rises(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs/custom-env/metrics.jsonl").read_text().splitlines()]
+    # Rollout metrics are logged with the groups that arrived since the last step (streaming): most
+    # steps, not necessarily every one.
     reward = [r["env/double/reward"] for r in rows if "env/double/reward" in r]
-    assert len(reward) == steps
+    assert len(reward) >= steps // 2
     first, last = sum(reward[:8]) / 8, sum(reward[-8:]) / 8
     assert last > first + 0.05, reward
     summary: dict[str, Any] = json.loads((tmp_path / "runs/custom-env/summary.json").read_text())
