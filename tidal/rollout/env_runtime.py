@@ -159,7 +159,7 @@ def _encode(rt: EnvRuntime, engine: Engine, prompts: list[Prompt]) -> tuple[list
             kept.append(p)
         except Exception as e:  # the user's env: contained, the group is left empty
             log.warning("env %r could not make a prompt of a row (%s); its group is skipped", rt.label, e)
-    return kept, encode_texts(engine.tokenizer, texts, rt.data) if texts else []
+    return kept, encode_texts(engine.tokenizer, texts, rt.data)
 
 
 def score_samples(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> Metrics:

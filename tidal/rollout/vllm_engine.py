@@ -112,13 +112,7 @@ class VLLMEngine:
             raise RuntimeError(self._broken)
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS token)")
-        longest = max(len(p) for p in prompts)
-        if longest >= self.max_model_len:
-            raise ValueError(f"a prompt of {longest} tokens does not fit the vllm engine's max_model_len "
-                             f"{self.max_model_len}: raise rollout.vllm.max_model_len (up to the model's "
-                             "max_position_embeddings) or lower rollout.max_context_tokens / data.max_prompt_tokens")
+        self._check_prompts(prompts)
         rows = [_Row(list(p), limit) for p, limit in zip(prompts, row_limits(len(prompts), params, max_tokens),
                                                            strict=True)]  # fmt: skip
         self._running = _Running(rows, params, streaming=on_chunk is not None)
@@ -154,12 +148,22 @@ class VLLMEngine:
             params.output_kind = RequestOutputKind.DELTA if run.streaming else RequestOutputKind.FINAL_ONLY
             self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": row.prompt + row.tokens}, params)
 
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS token)")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens does not fit the vllm engine's max_model_len "
+                             f"{self.max_model_len}: raise rollout.vllm.max_model_len (up to the model's "
+                             "max_position_embeddings) or lower rollout.max_context_tokens / data.max_prompt_tokens")
+
     def _admit(self, admit: Admit) -> None:
         run = self._running
         assert run is not None
         new = admit(len(run.ids))
-        if any(len(p) == 0 or len(p) >= self.max_model_len for p, _ in new):
-            raise ValueError(f"an admitted prompt is empty or does not fit max_model_len {self.max_model_len}")
+        if not new:
+            return
+        self._check_prompts([p for p, _ in new])
         first = len(run.rows)
         run.rows += [_Row(list(p), limit) for p, limit in new]
         self._add(list(range(first, len(run.rows))))
@@ -215,12 +219,12 @@ class VLLMEngine:
         A reload that fails part-way leaves vLLM's weights half-written: the engine refuses to
         generate after that instead of sampling from a broken model."""
         buckets = list(as_buckets(weights))
-        resume = self._pause()  # requests in flight (partial rollouts) go on after the load
         wrong = [(k, v) for b in buckets for k, v in b.items() if k in self.shapes and tuple(v.shape) != self.shapes[k]]
         if wrong:
             k, v = wrong[0]
             raise ValueError(f"weight snapshot v{version}: {k} has shape {tuple(v.shape)}, the rollout "
                              f"model's is {self.shapes[k]}")  # fmt: skip
+        resume = self._pause()  # requests in flight (partial rollouts) go on after the load
         try:
             if self.cfg.in_process and self.cfg.tensor_parallel_size == 1:
                 self.llm.collective_rpc("tidal_load_weights", args=(buckets,))
