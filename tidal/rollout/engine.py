@@ -156,8 +156,7 @@ class TransformersEngine:
                     batch = joined if batch is None else batch.merge(joined)
             if batch is not None:
                 batch.decode(self.model)
-        return [self._completion(*row) for row in zip(rows.prompts, rows.tokens, rows.logps, rows.finish,
-                                                      rows.versions, strict=True)]  # fmt: skip
+        return [rows.completion(i) for i in range(len(rows.prompts))]
 
     def _completion(self, prompt: list[int], tokens: list[int], logps: list[float], finish: str | None,
                     versions: list[int]) -> Completion:  # fmt: skip
@@ -202,6 +201,8 @@ class _Rows:
         self.logps: list[list[float]] = []
         self.versions: list[list[int]] = []
         self.finish: list[str | None] = []
+        self.ended: dict[int, Completion] = {}
+        """Completions already reported through `on_finish`."""
 
     def start(self, prompts: list[list[int]], limits: list[int]) -> _Batch:
         """New rows, prefilled as a batch of their own (its first tokens not sampled yet)."""
@@ -229,9 +230,15 @@ class _Rows:
             self.finish[i] = "stop"
         done = self.finish[i] is not None or len(self.tokens[i]) == self.limits[i]
         if done and self.on_finish is not None:
-            self.on_finish(i, self.engine._completion(self.prompts[i], self.tokens[i], self.logps[i], self.finish[i],
-                                                      self.versions[i]))  # fmt: skip
+            self.ended[i] = self.completion(i)
+            self.on_finish(i, self.ended[i])
         return done
+
+    def completion(self, i: int) -> Completion:
+        """Row i's completion (built once: the one reported when it ended, if it was)."""
+        if i in self.ended:
+            return self.ended[i]
+        return self.engine._completion(self.prompts[i], self.tokens[i], self.logps[i], self.finish[i], self.versions[i])
 
 
 class _Batch:

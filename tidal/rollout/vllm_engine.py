@@ -183,7 +183,8 @@ class VLLMEngine:
             del run.ids[out.request_id]
             row.finish = "stop" if c.finish_reason == "stop" else "length"
             if on_finish is not None:
-                on_finish(i, row.completion(self.tokenizer, self.version))
+                row.ended = row.completion(self.tokenizer, self.version)
+                on_finish(i, row.ended)
 
     def _pause(self) -> list[int]:
         """Abort the running generation's unfinished requests; the rows to resume."""
@@ -266,8 +267,12 @@ class _Row:
     versions: list[int] = field(default_factory=list)
     finish: str | None = None
     resumes: int = 0
+    ended: Completion | None = None
+    """The completion reported when it ended (built once)."""
 
     def completion(self, tokenizer: PreTrainedTokenizerBase, version: int) -> Completion:
+        if self.ended is not None:
+            return self.ended
         return Completion(
             prompt_ids=list(self.prompt), token_ids=list(self.tokens),
             text=tokenizer.decode(self.tokens, skip_special_tokens=True),
