@@ -259,6 +259,37 @@ def test_behavior_correction_skips_recompute(
     assert m["offpolicy/is_weight_mean"] == 1.0 and m["train/grad_norm"] > 0
 
 
+def test_one_minibatch_takes_pi_old_from_the_update_forward(
+    preset: Path, groups: list[Group], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one minibatch the update's forward runs on pi_old's weights: `recompute_pi_old: auto`
+    skips the separate forward and must train and report exactly as `always` does, including on
+    samples one version stale (pi_old off mu)."""
+    calls: list[int] = []
+
+    def counted(model: Any, batch: TrainBatch, *args: Any) -> torch.Tensor:
+        calls.append(batch.input_ids.shape[0])
+        return batch_logprobs(model, batch, *args)
+
+    monkeypatch.setattr(actor_module, "batch_logprobs", counted)
+    actors = {mode: TrainerActor(TrainerActorConfig.of(config(f"algorithm.recompute_pi_old={mode}")), str(preset))
+              for mode in ("always", "auto")}  # fmt: skip
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in actors}
+    for mode, actor in actors.items():
+        calls.clear()
+        runs[mode] = [values(actor.step(groups).metrics) for _ in range(2)]  # the second: stale by 1
+        assert calls == ([8, 8] if mode == "always" else [])
+        assert all(("perf/recompute_skipped" in m) == (mode == "auto") for m in runs[mode])
+    stale = runs["auto"][1]
+    assert stale["async/staleness_max"] == 1 and stale["offpolicy/m2"] > 1e-6  # the check has teeth
+    for key in ("train/loss", "train/grad_norm", "offpolicy/m2", "offpolicy/ess", "offpolicy/is_weight_mean",
+                "rollout/logp_mismatch_mean", "rollout/logp_mismatch_max", "offpolicy/m2_per_version"):
+        for a, b in zip(runs["always"], runs["auto"], strict=True):
+            if key in a or key in b:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert max_diff(actors["auto"].snapshot()[0], actors["always"].snapshot()[0]) < 1e-6
+
+
 def test_m2po_step_masks_over_the_whole_batch(
     preset: Path, groups: list[Group], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -172,6 +172,13 @@ class AlgorithmConfig(Strict):
     minibatches: int = Field(1, ge=1)
     """Optimizer steps per rollout batch (the batch is split into this many mini-batches; pi_old is
     recomputed once before the first)."""
+    recompute_pi_old: Literal["auto", "always"] = "auto"
+    """The proximal policy pi_old's log-probs. `always`: a no-grad forward of the whole batch before
+    the update. `auto`: the same, except where that forward is redundant: with one minibatch and no
+    M2PO mask (which needs pi_old before the update) the update's own forward runs on the very
+    weights of pi_old, so its detached log-probs are pi_old's and the extra forward is skipped
+    (about a fifth of a quickstart step); `perf/recompute_skipped` counts it. Off-policy metrics are
+    the same either way (computed after the update from the same log-probs)."""
     loss: LossConfig = LossConfig()
     """Policy loss, off-policy correction and regularisers."""
 

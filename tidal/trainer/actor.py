@@ -3,7 +3,9 @@
 A plain class the driver turns into Ray actors (`tidal.trainer.group.TrainerGroup`), one per rank
 of the DeepSpeed world. One `step()` is one rollout batch: advantages, the proximal log-probs
 recomputed with the weights held before the update (and the reference's, with a KL penalty), then
-`algorithm.minibatches` optimizer steps.
+`algorithm.minibatches` optimizer steps. With one minibatch the update's own forward runs on those
+weights, so its detached log-probs are pi_old and the separate recompute is skipped
+(`algorithm.recompute_pi_old`).
 
 With several ranks every call of the driver's but the weight-sync setup and the ledger reaches all
 of them. Rank 0 takes the batch from the buffer and broadcasts it; every rank builds the whole
@@ -147,14 +149,12 @@ class TrainerActor:
         cfg = self.cfg
         tokens = float(batch.loss_mask.sum())
         loss_cfg = cfg.algorithm.loss
-        if not isinstance(loss_cfg.correction, BehaviorCorrection):
+        needs_pi_old, version = not isinstance(loss_cfg.correction, BehaviorCorrection), self.version
+        reuse = needs_pi_old and self._update_gives_pi_old()
+        self.loss.pi_old_parts = [] if reuse else None
+        if needs_pi_old and not reuse:
             batch.logp_old = self._logprobs(self.trainer.module, batch)
-            gap = logp_mismatch(batch.logp_mu, batch.logp_old, batch.loss_mask)
-            if gap:
-                metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
-                metrics["rollout/logp_mismatch_max"] = largest(gap["logp_mismatch_max"])
-            ages = self.version - batch.versions
-            metrics.update(offpolicy_stats(batch.logp_old, batch.logp_mu, batch.loss_mask, ages))
+            metrics.update(self._pi_old_metrics(batch, tokens, version))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;
             # the mask covers the whole rollout batch (every rank builds the same one from the gathered
@@ -171,6 +171,12 @@ class TrainerActor:
             norm = loss_denominator(minibatch, loss_cfg, cfg.rollout.max_new_tokens)
             shard = self.trainer.shard(minibatch)
             steps.append(self.trainer.train_step(shard, loss_fn=self.loss, normalizer=norm))
+        if reuse:
+            assert self.loss.pi_old_parts is not None
+            local, self.loss.pi_old_parts = torch.cat(self.loss.pi_old_parts), None
+            batch.logp_old = self.trainer.gather_rows(local, batch.input_ids.shape[0])
+            metrics.update(self._pi_old_metrics(batch, tokens, version))
+            metrics["perf/recompute_skipped"] = total(1.0)
         t_end = time.perf_counter()
         # The loss's metrics carry their namespace (train/, offpolicy/, moe/); the trainer's do not.
         metrics.update({k if "/" in k else f"train/{k}": v for k, v in merge(steps).items()})
@@ -182,6 +188,27 @@ class TrainerActor:
             "perf/recompute_time_s": total(t_recompute - t_prep),
             "perf/train_time_s": total(t_end - t0),
         })  # fmt: skip
+        return metrics
+
+    def _update_gives_pi_old(self) -> bool:
+        """Whether the update's own forward runs on pi_old's weights, so that a separate recompute is
+        redundant (`algorithm.recompute_pi_old: auto`): one optimizer step per rollout batch, and no
+        M2PO mask, which needs pi_old for the whole batch before the update."""
+        a = self.cfg.algorithm
+        return (a.recompute_pi_old == "auto" and a.minibatches == 1
+                and not isinstance(a.loss.trust_region, M2POTrustRegion))  # fmt: skip
+
+    @staticmethod
+    def _pi_old_metrics(batch: TrainBatch, tokens: float, version: int) -> Metrics:
+        """Train / inference mismatch and off-policy statistics of pi_old (at trainer `version`) against
+        the behavior log-probs."""
+        assert batch.logp_old is not None
+        metrics: Metrics = {}
+        gap = logp_mismatch(batch.logp_mu, batch.logp_old, batch.loss_mask)
+        if gap:
+            metrics["rollout/logp_mismatch_mean"] = mean(gap["logp_mismatch_mean"], tokens)
+            metrics["rollout/logp_mismatch_max"] = largest(gap["logp_mismatch_max"])
+        metrics.update(offpolicy_stats(batch.logp_old, batch.logp_mu, batch.loss_mask, version - batch.versions))
         return metrics
 
     def weight_sync_group(self, num_workers: int) -> tuple[str, int, int] | None:

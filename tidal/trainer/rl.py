@@ -55,6 +55,9 @@ class RLLoss:
         self.temperature = temperature
         self.max_len = max_len
         self.moe_metrics = moe_metrics or cfg.router_aux_coef > 0
+        self.pi_old_parts: list[torch.Tensor] | None = None
+        """When a list: pi_old is the weights of this very forward (one minibatch, `recompute_pi_old:
+        auto`); each micro-batch's detached log-probs serve as pi_old and are appended here (CPU)."""
 
     def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
@@ -64,8 +67,13 @@ class RLLoss:
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
         with torch.set_grad_enabled(cfg.entropy_coef > 0 and torch.is_grad_enabled()):
             H = entropy(logits, self.temperature)  # (B, T)
-        behavior = isinstance(cfg.correction, BehaviorCorrection)
-        logp_old = micro.logp_mu if behavior or micro.logp_old is None else micro.logp_old
+        if self.pi_old_parts is not None:
+            logp_old = logp.detach()
+            self.pi_old_parts.append(logp_old.cpu())
+        elif isinstance(cfg.correction, BehaviorCorrection) or micro.logp_old is None:
+            logp_old = micro.logp_mu
+        else:
+            logp_old = micro.logp_old
         per_token, metrics = policy_loss(logp, logp_old, micro.logp_mu, micro.advantages, mask, cfg,
                                          keep=micro.m2po_keep, logp_ref=micro.logp_ref, entropy=H)  # fmt: skip
         numerator, _ = aggregate(per_token, mask, cfg.aggregation, self.max_len)
