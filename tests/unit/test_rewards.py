@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 import types
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from tidal.config import ConfigError, RewardsConfig, RewardSpec
 from tidal.metrics import values
+from tidal.plugins import BoundedCalls
 from tidal.rewards import RewardResult, RewardScorer, resolve_reward, resolve_rewards
 from tidal.rewards.builtins import MathVerify, Regex, arithmetic, exact_match
 from tidal.types import Sample
@@ -392,6 +394,32 @@ def test_hung_sync_reward_does_not_block_later_calls(monkeypatch: pytest.MonkeyP
         assert time.perf_counter() - start < 10.0
     assert [s.scores["arithmetic"] for s in first + second] == [1.0, 0.0, 1.0]
     assert metrics["reward/failed_timeout"] == 1.0
+
+
+def test_sync_calls_share_a_few_threads_and_a_stuck_one_is_left_behind() -> None:
+    """`BoundedCalls.bounded_each`: 40 sync calls run on at most `max_threads` threads (not one thread
+    each), in order within a lane; a call past the timeout fails alone and the rest of its lane runs."""
+    threads: set[threading.Thread] = set()  # the objects, kept alive: an ident can be reused
+
+    def call(i: int) -> int:
+        threads.add(threading.current_thread())
+        if i == 1:
+            time.sleep(30)
+        if i == 2:
+            raise ValueError("two")
+        return i * 10
+
+    calls = BoundedCalls(timeout_s=0.3, max_threads=2)
+    try:
+        start = time.perf_counter()
+        out = calls.submit(calls.bounded_each([partial(call, i) for i in range(40)], "call"))
+        assert time.perf_counter() - start < 5.0
+    finally:
+        calls.close()
+    assert out[0] == (True, 0) and out[1] is None
+    assert out[2] is not None and out[2][0] is False and isinstance(out[2][1], ValueError)
+    assert out[3:] == [(True, i * 10) for i in range(3, 40)]
+    assert len(threads) == 3  # two lanes, and a new thread for the lane whose call got stuck
 
 
 def test_score_from_inside_a_running_event_loop() -> None:

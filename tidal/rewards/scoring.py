@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from numbers import Real
 from typing import Any
 
@@ -119,19 +120,19 @@ class RewardScorer:
     # ---------------------------------------------------------------------------------- on the loop
 
     async def _score_all(self, samples: list[Sample]) -> list[list[_Outcome]]:
-        """Outcomes per sample, per reward in config order: per-sample rewards called once per sample,
-        TRL-style ones once for the whole batch, all at once."""
-        per_sample = [r for r in self._rewards if not r.batched]
-        batched = [r for r in self._rewards if r.batched]
-        results = await asyncio.gather(*(self._call(r, s) for s in samples for r in per_sample),
-                                       *(self._call_batched(r, samples) for r in batched))  # fmt: skip
-        n = len(per_sample)
-        by_batch = dict(zip((id(r) for r in batched), results[len(samples) * n :], strict=True))
-        out = []
-        for i in range(len(samples)):
-            cells = iter(results[i * n : (i + 1) * n])
-            out.append([by_batch[id(r)][i] if r.batched else next(cells) for r in self._rewards])
-        return out
+        """Outcomes per sample, per reward in config order, every reward at once: per-sample rewards
+        called once per sample (sync ones a few threads for the batch, async ones on the loop),
+        TRL-style ones once for the whole batch."""
+        columns = await asyncio.gather(*(self._column(r, samples) for r in self._rewards))
+        return [[column[i] for column in columns] for i in range(len(samples))]
+
+    async def _column(self, r: _Reward, samples: list[Sample]) -> list[_Outcome]:
+        if r.batched:
+            return await self._call_batched(r, samples)
+        if r.is_async:
+            return list(await asyncio.gather(*(self._call(r, s) for s in samples)))
+        calls = [partial(r.fn, s, s.row, **r.kwargs) for s in samples]
+        return [self._outcome(result) for result in await self.calls.bounded_each(calls, r.name)]
 
     async def _call_batched(self, r: _Reward, samples: list[Sample]) -> list[_Outcome]:
         """A TRL-style reward over the whole batch: one call, one score per sample (None scores 0)."""
@@ -152,11 +153,17 @@ class RewardScorer:
         return [_Outcome(0.0) if v is None else self._check(v) for v in value]
 
     async def _call(self, r: _Reward, sample: Sample) -> _Outcome:
-        timeout = self.cfg.timeout_s
         try:
-            ok, value = await self.calls.bounded(lambda: r.fn(sample, sample.row, **r.kwargs), r.name, r.is_async)
+            result = await self.calls.bounded(lambda: r.fn(sample, sample.row, **r.kwargs), r.name, r.is_async)
         except TimeoutError:  # Only ours: the user's own exceptions come back as (False, exc).
-            return self._failed("timeout", f"timed out after {timeout}s")
+            result = None
+        return self._outcome(result)
+
+    def _outcome(self, result: tuple[bool, Any] | None) -> _Outcome:
+        """A call's (ok, value or exception), None when it timed out, as an outcome."""
+        if result is None:
+            return self._failed("timeout", f"timed out after {self.cfg.timeout_s}s")
+        ok, value = result
         if not ok:
             return self._failed("exception", f"raised {describe_exception(value)}")
         return self._check(value)
