@@ -100,16 +100,21 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     from tidal.trainer.actor import TrainerActor, TrainerActorConfig
 
     t_start = time.time()
+    split: dict[str, float] = {}  # where the run's wall time went (summary perf/*_s)
     cfg = absolute_plugin_paths(cfg.for_rl())
     _resolve_plugins(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     sampler, eval_rows = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)))
+    t0 = time.time()
     model_dir, warm = resolve_policy_dir(cfg.model)
+    split["perf/warm_start_s"] = time.time() - t0
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
     file_log = run_log(run_dir)
+    t0 = time.time()
     start_ray(cfg, log_file=run_dir / "run.log")
+    split["perf/ray_start_s"] = time.time() - t0
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
     trainer = None
     try:
@@ -127,11 +132,15 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
             for i in range(r.num_workers)
         ]  # fmt: skip
         _join_weight_sync(cfg, trainer, workers)
+        split["perf/actors_start_s"] = time.time() - t0 - split["perf/ray_start_s"]
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
+        t0 = time.time()
         if cfg.train.save_checkpoint:
             saved = trainer.call("save", str(run_dir / "checkpoint"))
             summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.timeout_s)[0]
+        summary["perf/save_s"] = time.time() - t0
         summary["perf/wall_time_s"] = time.time() - t_start
+        summary.update(split)
         monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
     except ray.exceptions.RayError as e:
         raise RunError(actor_error_line(e, logs=str(run_dir / "run.log"))) from None
@@ -144,9 +153,22 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         file_log.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
-    print(f"train done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {before:.1%} -> {after:.1%}"
-          + (f"; checkpoint at {summary['checkpoint']}" if "checkpoint" in summary else ""))  # fmt: skip
+    saved = f"; checkpoint at {summary['checkpoint']}" if "checkpoint" in summary else ""
+    print(f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): held-out accuracy "
+          f"{before:.1%} -> {after:.1%}{saved}")  # fmt: skip
     return summary
+
+
+def _time_split(summary: dict[str, Any]) -> str:
+    """The run's wall time by phase: the warm start (when trained now), start-up (Ray, the actors,
+    the first held-out evaluation), the steps, the final evaluation and save."""
+    def g(key: str) -> float:
+        return summary.get(key, 0.0)
+
+    start = g("perf/wall_time_s") - g("perf/warm_start_s") - g("perf/loop_s") - g("perf/final_s") - g("perf/save_s")
+    parts = [("warm start", g("perf/warm_start_s")), ("start-up", start), ("steps", g("perf/loop_s")),
+             ("final eval and save", g("perf/final_s") + g("perf/save_s"))]  # fmt: skip
+    return ", ".join(f"{name} {sec:.0f}s" for name, sec in parts if sec >= 0.5)
 
 
 def _resolve_plugins(cfg: RunConfig) -> None:
@@ -188,6 +210,7 @@ def _loop(
     offers = SyncTracker()
     version = published = 0  # the trainer's version; the newest version offered to the workers
     next_batch, t_prev = 1, time.perf_counter()
+    t_loop, first_eval_s = t_prev, 0.0
     before: dict[str, float] = {}
     schedule = (cfg.run_dir / "schedule.jsonl").open("w", buffering=1)  # each step's groups, as trained
     for step in range(1, steps + 1):
@@ -196,6 +219,7 @@ def _loop(
             next_batch += 1
         if step == 1:
             before = values(evals.collect(wait=True))
+            first_eval_s = time.perf_counter() - t_loop
             monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
         t0 = time.perf_counter()
         dispatch.wait(step, version, published)
@@ -233,6 +257,9 @@ def _loop(
         "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
         **{f"ledger/{k}": float(v) for k, v in ledger.items()},
         "ledger/sampled_prompts": float(sampler.next_group_id),
+        "perf/first_eval_s": first_eval_s,
+        "perf/loop_s": t3 - t_loop - first_eval_s,  # step 1 to the last step's publish
+        "perf/final_s": t4 - t3,  # the last step's wait for the final evaluation and weight offers
     }
 
 
