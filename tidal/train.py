@@ -154,8 +154,8 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     saved = f"; checkpoint at {summary['checkpoint']}" if "checkpoint" in summary else ""
-    print(f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): held-out accuracy "
-          f"{before:.1%} -> {after:.1%}{saved}")  # fmt: skip
+    held_out = f"held-out accuracy {before:.1%} -> {after:.1%}" if eval_rows else "no held-out data to evaluate"
+    print(f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): {held_out}{saved}")
     return summary
 
 
