@@ -38,9 +38,9 @@ What differs and could not be removed:
   the informative groups only. TRL keeps them (advantage 0), so their tokens count in the
   denominator and its step is scaled down by the informative share (Adam mostly, not entirely,
   undoes a scale). TRL has no such filter; variant `k0-nofilter` turns tidal's off.
-- tidal recomputes the proximal log-probs (pi_old) with a forward pass before the update; TRL
-  skips it on-policy (one generation per optimizer step, num_iterations 1: the ratio is 1). tidal
-  k0 still applies its TIS weight min(pi_old / mu, 2), ~1 (engine numerics only).
+- pi_old: with one minibatch both take it from the update's own forward (tidal's
+  `algorithm.recompute_pi_old: auto`; TRL with num_iterations 1), so the PPO ratio is 1. tidal
+  still applies its TIS weight min(pi_old / mu, 2), ~1 on-policy (engine numerics only).
 - Group-std epsilon: tidal divides by (std + 1e-6), TRL by (std + 1e-4), both Bessel-corrected.
 - tidal's trainer also asks the model for router logits (MoE load metrics, no loss); TRL does not.
 - Data order and sampling streams: both shuffle tidal's train split with the same seed but with
