@@ -95,8 +95,6 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     """
     import ray
 
-    from tidal.rollout.buffer import TrajectoryBuffer
-    from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, WorkerConfig
     from tidal.trainer.actor import TrainerActor, TrainerActorConfig
 
     t_start = time.time()
@@ -118,19 +116,12 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
     trainer = None
     try:
-        r = cfg.rollout
-        per_step = None if r.deterministic else r.prompts_per_step
-        buffer = ray.remote(max_concurrency=16)(TrajectoryBuffer).remote(cfg.filter, r.max_staleness, per_step)
+        buffer = _start_buffer(cfg)
         # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers
         # take theirs.
         trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
         trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
-        workers = [
-            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
-            .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker)
-            .remote(WorkerConfig.of(cfg), str(model_dir), i, buffer)
-            for i in range(r.num_workers)
-        ]  # fmt: skip
+        workers = _start_workers(cfg, str(model_dir), buffer, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
         split["perf/actors_start_s"] = time.time() - t0 - split["perf/ray_start_s"]
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
@@ -183,6 +174,31 @@ def _resolve_plugins(cfg: RunConfig) -> None:
         from tidal.rollout.vllm_engine import require_vllm
 
         require_vllm()
+
+
+def _start_buffer(cfg: RunConfig) -> Any:
+    """The buffer actor: threaded, so workers put while the driver waits and the trainer takes."""
+    import ray
+
+    from tidal.rollout.buffer import TrajectoryBuffer
+
+    r = cfg.rollout
+    per_step = None if r.deterministic else r.prompts_per_step
+    return ray.remote(max_concurrency=16)(TrajectoryBuffer).remote(cfg.filter, r.max_staleness, per_step)
+
+
+def _start_workers(cfg: RunConfig, model_dir: str, buffer: Any, worker_cls: type | None) -> list[Any]:
+    import ray
+
+    from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, WorkerConfig
+
+    r = cfg.rollout
+    return [
+        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
+        .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker)
+        .remote(WorkerConfig.of(cfg), model_dir, i, buffer)
+        for i in range(r.num_workers)
+    ]  # fmt: skip
 
 
 def _join_weight_sync(cfg: RunConfig, trainer: TrainerGroup, workers: list[Any]) -> None:
