@@ -164,16 +164,12 @@ class BoundedCalls:
         """(ok, return value or the exception raised) of `fn()` on the loop, bounded by `timeout_s`
         (TimeoutError past it). Async callables run on the loop and are cancelled at the timeout; sync
         ones in a daemon thread (an awaitable they return is then awaited here)."""
-        timeout = self.timeout_s
         if async_fn:
-            return await asyncio.wait_for(_run_async(fn), timeout)
+            return await asyncio.wait_for(_run_async(fn), self.timeout_s)
         t0 = time.monotonic()
         async with self._slots:
-            ok, value = await asyncio.wait_for(self._run_in_thread(fn, name), timeout)
-        if ok and inspect.isawaitable(value):
-            left, awaitable = max(timeout - (time.monotonic() - t0), 1e-3), value
-            ok, value = await asyncio.wait_for(_run_async(lambda: awaitable), left)
-        return ok, value
+            ok, value = await asyncio.wait_for(self._run_in_thread([fn], name, threading.Event())[0], self.timeout_s)
+        return await self._await_returned(ok, value, t0)
 
     async def bounded_each(self, fns: list[Callable[[], Any]], name: str) -> list[tuple[bool, Any] | None]:
         """`bounded` for many sync calls at once, in a few threads: (ok, value or exception) per call,
@@ -188,25 +184,29 @@ class BoundedCalls:
 
     async def _lane(self, fns: list[Callable[[], Any]], lane: list[int], out: list[tuple[bool, Any] | None],
                     name: str) -> None:  # fmt: skip
+        done = 0  # calls of the lane finished or timed out
         async with self._slots:
-            while lane:
+            while done < len(lane):
                 stop = threading.Event()
-                futures = self._run_lane_thread([fns[i] for i in lane], name, stop)
-                for fut in futures:
-                    i, lane = lane[0], lane[1:]
-                    t0 = time.monotonic()
+                for fut in self._run_in_thread([fns[i] for i in lane[done:]], name, stop):
+                    i, done, t0 = lane[done], done + 1, time.monotonic()
                     try:
                         ok, value = await asyncio.wait_for(fut, self.timeout_s)
-                        if ok and inspect.isawaitable(value):
-                            left, awaitable = max(self.timeout_s - (time.monotonic() - t0), 1e-3), value
-                            ok, value = await asyncio.wait_for(_run_async(lambda a=awaitable: a), left)
+                        out[i] = await self._await_returned(ok, value, t0)
                     except TimeoutError:
                         stop.set()  # the stuck thread runs nothing more; a new one takes the rest
                         break
-                    out[i] = (ok, value)
 
-    def _run_lane_thread(self, fns: list[Callable[[], Any]], name: str,
-                         stop: threading.Event) -> list[asyncio.Future[tuple[bool, Any]]]:  # fmt: skip
+    async def _await_returned(self, ok: bool, value: Any, t0: float) -> tuple[bool, Any]:
+        """A sync call's outcome; an awaitable it returned is awaited within the time left since `t0`."""
+        if ok and inspect.isawaitable(value):
+            left, awaitable = max(self.timeout_s - (time.monotonic() - t0), 1e-3), value
+            ok, value = await asyncio.wait_for(_run_async(lambda: awaitable), left)
+        return ok, value
+
+    def _run_in_thread(self, fns: list[Callable[[], Any]], name: str,
+                       stop: threading.Event) -> list[asyncio.Future[tuple[bool, Any]]]:  # fmt: skip
+        """Run `fns` one after another in a new daemon thread, until `stop` is set; a future per call."""
         loop = self.loop
         futures: list[asyncio.Future[tuple[bool, Any]]] = [loop.create_future() for _ in fns]
 
@@ -216,32 +216,15 @@ class BoundedCalls:
                     return
                 try:
                     out: tuple[bool, Any] = (True, fn())
-                except BaseException as e:  # The isolation boundary, as in `_run_in_thread`.
+                except BaseException as e:  # The isolation boundary: even sys.exit() in user code is recorded.
                     out = (False, e)
                 try:
                     loop.call_soon_threadsafe(_set_result, fut, out)
                 except RuntimeError:  # The loop was closed; nobody waits for the rest.
                     return
 
-        threading.Thread(target=run, name=f"calls-{name}", daemon=True).start()
-        return futures
-
-    def _run_in_thread(self, fn: Callable[[], Any], name: str) -> asyncio.Future[tuple[bool, Any]]:
-        loop = self.loop
-        fut: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-
-        def run() -> None:
-            try:
-                out: tuple[bool, Any] = (True, fn())
-            except BaseException as e:  # The isolation boundary: even sys.exit() in user code is recorded.
-                out = (False, e)
-            try:
-                loop.call_soon_threadsafe(_set_result, fut, out)
-            except RuntimeError:  # The loop was closed; nobody waits for this abandoned call.
-                pass
-
         threading.Thread(target=run, name=f"call-{name}", daemon=True).start()
-        return fut
+        return futures
 
     @property
     def closed(self) -> bool:
