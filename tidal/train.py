@@ -112,7 +112,8 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     file_log = run_log(run_dir)
     t0 = time.time()
     start_ray(cfg, log_file=run_dir / "run.log")
-    split["perf/ray_start_s"] = time.time() - t0
+    t_ray = time.time()
+    split["perf/ray_start_s"] = t_ray - t0
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
     trainer = None
     try:
@@ -123,7 +124,7 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
         workers = _start_workers(cfg, str(model_dir), buffer, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
-        split["perf/actors_start_s"] = time.time() - t0 - split["perf/ray_start_s"]
+        split["perf/actors_start_s"] = time.time() - t_ray
         summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
         t0 = time.time()
         if cfg.train.save_checkpoint:

@@ -149,7 +149,8 @@ class TrainerActor:
         cfg = self.cfg
         tokens = float(batch.loss_mask.sum())
         loss_cfg = cfg.algorithm.loss
-        needs_pi_old, version = not isinstance(loss_cfg.correction, BehaviorCorrection), self.version
+        version = self.version  # pi_old's
+        needs_pi_old = not isinstance(loss_cfg.correction, BehaviorCorrection)
         reuse = needs_pi_old and self._update_gives_pi_old()
         self.loss.pi_old_parts = [] if reuse else None
         if needs_pi_old and not reuse:
