@@ -136,20 +136,19 @@ class EvalTracker:
         if self.prompts:
             self.pending.append(self.worker.evaluate.remote(self.prompts, min_version))
 
-    def collect(self, wait: bool) -> Metrics:
-        """The newest finished evaluation's metrics (every one still pending when `wait`)."""
+    def collect(self, wait: bool) -> list[Metrics]:
+        """The finished evaluations' metrics, oldest version first (every one still pending when
+        `wait`). Two can end together when one outlasts the steps between evaluations."""
         import ray
 
         if not self.pending:
-            return {}
+            return []
         if wait:
             done, self.pending = wait_for(self.pending, "held-out evaluation", self.timeout_s), []
         else:
             ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
             done = ray.get(ready)
-        if not done:
-            return {}
-        return max(done, key=lambda m: values(m)["eval/version"])
+        return sorted(done, key=lambda m: values(m)["eval/version"])
 
 
 class SyncTracker:

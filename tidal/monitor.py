@@ -1,6 +1,7 @@
 """Metrics sinks behind one small interface: wandb, a jsonl file in the run directory, the terminal.
 
-Every row is logged against one monotonic step (the trainer's), so wandb never drops a row.
+Every row is logged against the trainer's step; a step may have more than one row (an evaluation
+that ended beside a newer one, the final summary).
 Keys are namespaced (`train/`, `eval/`, `rollout/`, ...).
 """
 
@@ -126,10 +127,12 @@ class ConsoleSink:
 
 
 class WandbSink:
-    """wandb, with the charts of `tidal plot`: every row against the step; reward and held-out
-    accuracy also against wall time (`by_time/`, x axis `perf/elapsed_s`, seconds since the first
-    row); at the end, the staleness histogram and the per-step time split as wandb charts drawn
-    from the run's metrics.jsonl (the data of `tidal plot`'s PNGs)."""
+    """wandb, with the charts of `tidal plot`: every row against the trainer's step (the metric
+    `step`: each row is a wandb row of its own, so two rows of one step, such as two evaluations
+    that ended together, are both kept); reward and held-out accuracy also against wall time
+    (`by_time/`, x axis `perf/elapsed_s`, seconds since the first row); at the end, the staleness
+    histogram and the per-step time split as wandb charts drawn from the run's metrics.jsonl (the
+    data of `tidal plot`'s PNGs)."""
 
     BY_TIME = {"reward/mean": "by_time/reward", "eval/accuracy": "by_time/eval_accuracy"}
 
@@ -144,9 +147,11 @@ class WandbSink:
         self.run_dir = run_dir
         self.run = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=mode, config=config,
                               settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+        self.run.define_metric("step", hidden=True)
         self.run.define_metric("perf/elapsed_s", hidden=True)
         self.run.define_metric("by_time/*", step_metric="perf/elapsed_s")
-        self.run.define_metric("eval/accuracy", summary="max,last")
+        self.run.define_metric("eval/accuracy", step_metric="step", summary="max,last")
+        self.prefixes = {"by_time", "eval/accuracy"}  # namespaces whose x axis is set
         self.t0: float | None = None
         self.last_step = 0
 
@@ -155,7 +160,10 @@ class WandbSink:
         by_time = {new: metrics[key] for key, new in self.BY_TIME.items() if key in metrics}
         if by_time and SUMMARY_KEY not in metrics:
             metrics = {**metrics, **by_time, "perf/elapsed_s": time.time() - self.t0}
-        self.run.log(metrics, step=step)
+        for prefix in {k.split("/")[0] for k in metrics if "/" in k} - self.prefixes:
+            self.run.define_metric(f"{prefix}/*", step_metric="step")
+            self.prefixes.add(prefix)
+        self.run.log({**metrics, "step": step})
         self.last_step = step
 
     def close(self) -> None:
@@ -185,7 +193,7 @@ class WandbSink:
                 xs=steps, ys=list(parts.values()), keys=list(parts), title="where each step's wall time went (s)",
                 xname="step")  # fmt: skip
         if charts:
-            self.run.log(charts, step=self.last_step)
+            self.run.log({**charts, "step": self.last_step})
 
 
 def _pair(m: dict[str, float], mean: str, most: str) -> str | None:

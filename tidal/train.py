@@ -235,7 +235,7 @@ def _loop(
             dispatch.batch(next_batch, published)
             next_batch += 1
         if step == 1:
-            before = values(evals.collect(wait=True))
+            before = values((evals.collect(wait=True) or [{}])[-1])
             first_eval_s = time.perf_counter() - t_loop
             monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
         t0 = time.perf_counter()
@@ -257,7 +257,10 @@ def _loop(
             if evaluate:
                 evals.request(published)
         t3 = time.perf_counter()
-        metrics.update(evals.collect(wait=step == steps))
+        *older, newest = evals.collect(wait=step == steps) or [{}]
+        for m in older:  # ended together with a newer one: a row of its own, so no evaluation goes unlogged
+            monitor.log(values(m), step=step)
+        metrics.update(newest)
         metrics.update(offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
         t4 = time.perf_counter()
         last = {**values(metrics), "train/version": float(version)}

@@ -269,12 +269,13 @@ def test_offline_wandb_run_reads_back(run: dict[str, Any]) -> None:
     from wandb.proto.wandb_internal_pb2 import Record
 
     (log_file,) = (run["cfg"].run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    history: dict[int, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []  # wandb's rows, in order; each carries the trainer's step
     for raw in wandb_records(log_file):
         rec = Record.FromString(raw)
         if rec.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-            history[int(items["_step"])] = items
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    assert [r["_step"] for r in rows] == list(range(len(rows)))  # no row dropped or merged
+    history = {int(r["step"]): r for r in rows if "train/version" in r}  # each step's own row
     jsonl = {r["step"]: r for r in run["steps"] if "reward/mean" in r}
     assert set(range(1, STEPS + 1)) <= set(history)
     for step in (1, STEPS // 2, STEPS):
@@ -282,11 +283,11 @@ def test_offline_wandb_run_reads_back(run: dict[str, Any]) -> None:
             assert history[step][key] == pytest.approx(jsonl[step][key], rel=1e-6), (step, key)
     assert history[STEPS]["eval/accuracy"] == pytest.approx(jsonl[STEPS]["eval/accuracy"])
     # the charts of `tidal plot`: accuracy against wall time, the staleness histogram, the time split
-    evals = [s for s in history if "by_time/eval_accuracy" in history[s]]
-    assert [history[s]["eval/version"] for s in evals] == [0, 12, STEPS], evals  # logged when each ended
-    elapsed = [history[s]["perf/elapsed_s"] for s in evals]
+    evals = [r for r in rows if "by_time/eval_accuracy" in r]
+    assert [r["eval/version"] for r in evals] == [0, 12, STEPS], evals  # logged when each ended
+    elapsed = [r["perf/elapsed_s"] for r in evals]
     assert elapsed == sorted(elapsed) and elapsed[-1] > 0
-    assert history[evals[1]]["by_time/eval_accuracy"] == history[evals[1]]["eval/accuracy"]
+    assert evals[1]["by_time/eval_accuracy"] == evals[1]["eval/accuracy"]
     from tidal.plots import read_rows, staleness_fractions, time_split
 
     (table,) = log_file.parent.glob("files/media/table/charts/staleness_table_*.table.json")
