@@ -170,6 +170,10 @@ class Group:
 
     group_id: int
     samples: list[Sample] | list[TrainSample]
+    batch_id: int = -1
+    """The rollout batch it was dispatched for (set by the buffer)."""
+    worker: int = -1
+    """The rollout worker that generated it (set by the buffer)."""
 
     @property
     def version(self) -> int:
@@ -223,9 +227,9 @@ class StepResult:
     trained: bool
     """False when the batch was empty (every group filtered or too stale) and no step was taken."""
     metrics: Metrics
-    groups: list[tuple[int, list[int]]] = field(default_factory=list)
-    """Each trained group's id and the policy versions its tokens were sampled by (the run's
-    schedule.jsonl)."""
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    """Each trained group: its id, rollout batch, worker and the policy versions its tokens were
+    sampled by (a line of the run's schedule.jsonl)."""
 
 
 @dataclass

@@ -74,7 +74,7 @@ class PatientWorker(RolloutWorker):
         if self._wait_at_chunk:
             self._wait_at_chunk = False
             with self._cv:
-                self._cv.wait_for(lambda: self._staged is not None, timeout=20.0)
+                self._cv.wait_for(lambda: bool(self._staged), timeout=20.0)
         super()._at_chunk_boundary()
 
 

@@ -99,10 +99,13 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _oversample_streams(self) -> RunConfig:
+    def _deterministic_leaves_nothing_to_timing(self) -> RunConfig:
         if self.rollout.deterministic and self.filter.max_oversample:
             raise ValueError("filter.max_oversample needs streaming rollout (rollout.deterministic: false): which "
                              "prompt replaces a filtered group depends on timing")  # fmt: skip
+        if self.rollout.deterministic and self.rollout.interruptible:
+            raise ValueError("rollout.interruptible needs streaming rollout (rollout.deterministic: false): where "
+                             "new weights land inside a generation depends on timing")  # fmt: skip
         return self
 
     @property

@@ -107,6 +107,8 @@ class TrajectoryBuffer:
             self.filtered[batch_id] += len(groups) - len(kept)
             self.pending[batch_id] = max(self.pending[batch_id] - len(groups), 0)
             self.generated_by_worker[worker] += len(groups)
+            for g in kept:
+                g.batch_id, g.worker = batch_id, worker
             self.batches[batch_id].extend(kept)
             if metrics:
                 self.metrics.append(metrics)
@@ -136,8 +138,8 @@ class TrajectoryBuffer:
         or with streaming the `per_step` oldest fresh groups. Stale groups met on the way are
         dropped and counted."""
         with self._cv:
-            if self.per_step is None:
-                candidates = self.batches.pop(step, [])
+            if self.per_step is None:  # in group order, not arrival order: a run does not depend on timing
+                candidates = sorted(self.batches.pop(step, []), key=lambda g: g.group_id)
             else:
                 candidates = sorted(((b, g) for b, gs in self.batches.items() for g in gs),
                                     key=lambda bg: (bg[0], bg[1].group_id))  # fmt: skip

@@ -50,9 +50,9 @@ class WorkQueue:
         self.closed = False
         self._cv = threading.Condition()
 
-    def put(self, work: Work) -> None:
+    def put(self, work: Work | EvalRequest) -> None:
         with self._cv:
-            if work.fixed:
+            if isinstance(work, EvalRequest) or work.fixed:
                 self.items.append(work)
             else:
                 self.items.extend(Work([p], work.batch_id, work.min_version) for p in work.prompts)

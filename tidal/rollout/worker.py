@@ -96,7 +96,12 @@ class RolloutWorker:
         self._forward_model = own_forward(self.engine)  # for the held-out log-prob check
         self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
         self._receiver: WeightReceiver | None = None
-        self._staged: tuple[list[dict[str, torch.Tensor]], int] | None = None
+        self._staged: dict[int, list[dict[str, torch.Tensor]]] = {}
+        """Snapshots received and not loaded yet, by version: the newest only, or with
+        `rollout.deterministic` every one a queued batch may still need (each is generated with
+        exactly the version it was dispatched for, so a run does not depend on timing)."""
+        self._exact = cfg.rollout.deterministic
+        self._pinned = 0  # deterministic: the version the work being generated was dispatched for
         self._cv = threading.Condition()
         self._last_end = time.perf_counter()
         self._queue = WorkQueue()
@@ -128,8 +133,10 @@ class RolloutWorker:
         seconds = time.perf_counter() - t0
         self._check_fits(buckets, handle.version)
         with self._cv:
-            if self._staged is None or handle.version > self._staged[1]:
-                self._staged = (buckets, handle.version)
+            if self._exact:
+                self._staged[handle.version] = buckets
+            elif handle.version > max(self._staged, default=-1):
+                self._staged = {handle.version: buckets}
             self._cv.notify_all()
         return SyncStats(handle.version, handle.nbytes, seconds)
 
@@ -223,7 +230,7 @@ class RolloutWorker:
         def admit(label: str, running: int) -> list[Prompt]:
             # More queued groups of this env join the call while rows are free, unless they need newer
             # weights or newer ones wait to be loaded between calls (with interruptible, at chunks).
-            staged = self._staged is not None and not r.interruptible
+            staged = bool(self._staged) and not r.interruptible
             more = [] if staged else self._queue.take_now((r.batch_size - running) // r.group_size, label, self.version)
             for w in more:
                 waiting[w.prompts[0].group_id] = (w, [])
@@ -307,36 +314,47 @@ class RolloutWorker:
         self._apply_staged()
 
     def _wait_for_version(self, min_version: int) -> float:
-        """Block until weights of version >= `min_version` are held or staged, apply them; seconds waited."""
+        """Block until weights of version >= `min_version` (with `rollout.deterministic`: exactly
+        `min_version`) are held or staged, and apply them; seconds waited."""
         t0 = time.perf_counter()
         timeout = self.cfg.timeout_s
+        if self._exact and self.engine.version > min_version:
+            raise RuntimeError(f"rollout worker {self.index} holds v{self.version}, past v{min_version} that its "
+                               "next batch was dispatched for (rollout.deterministic)")  # fmt: skip
 
         def ready() -> bool:
-            staged = self._staged[1] if self._staged is not None else -1
-            return max(staged, self.engine.version) >= min_version
+            if self._exact:
+                return self.engine.version == min_version or min_version in self._staged
+            return max([*self._staged, self.engine.version]) >= min_version
 
         with self._cv:
             if not self._cv.wait_for(ready, timeout=timeout):
                 raise TimeoutError(f"rollout worker {self.index} waited {timeout:g}s (ray.timeout_s) for weights "
                                    f"v{min_version} but holds v{self.version}; did a weight sync fail?")  # fmt: skip
+            self._pinned = min_version
         self._apply_staged()
         return time.perf_counter() - t0
 
     def _apply_staged(self) -> None:
-        """Load the staged snapshot, if it is newer than the weights held (generation thread only)."""
+        """Load the newest staged snapshot newer than the weights held (with `rollout.deterministic`,
+        none past the version the current work was dispatched for) and drop older ones (generation
+        thread only)."""
         with self._cv:
-            staged, self._staged = self._staged, None
-        if staged is None or staged[1] <= self.engine.version:
-            return
-        self.engine.load_weights(*staged)
+            usable = [v for v in self._staged if v > self.engine.version and (not self._exact or v <= self._pinned)]
+            if not usable:
+                return
+            version = max(usable)
+            buckets = self._staged[version]
+            self._staged = {v: b for v, b in self._staged.items() if v > version}
+        self.engine.load_weights(buckets, version)
 
     def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
         """Load a (state dict, version) snapshot now (in-process use); returns the version held."""
         state, version = snapshot
         self._check_fits([state], version)
         with self._cv:
-            self._staged = ([state], version)
-        self._apply_staged()
+            self._staged = {v: b for v, b in self._staged.items() if v > version}
+        self.engine.load_weights([state], version)
         return self.version
 
     def _check_fits(self, buckets: list[dict[str, torch.Tensor]], version: int) -> None:
@@ -355,7 +373,9 @@ class RolloutWorker:
         if not self._serving:
             return self._evaluate(prompts, min_version)
         request = EvalRequest(prompts, min_version)
-        self._queue.put_first(request)
+        # First in the queue; in deterministic mode in its turn, since each batch before it needs the
+        # older weights it was dispatched for.
+        (self._queue.put if self._exact else self._queue.put_first)(request)
         request.done.wait()
         if request.error is not None:
             raise request.error

@@ -114,7 +114,8 @@ class TrainerActor:
         finally:
             self._last_end = time.perf_counter()
         metrics["async/trainer_idle_s"] = total(idle)
-        trained = [(g.group_id, sorted({v for s in g.samples for v in s.versions})) for g in groups]
+        trained = [{"id": g.group_id, "batch": g.batch_id, "worker": g.worker,
+                    "versions": sorted({v for s in g.samples for v in s.versions})} for g in groups]  # fmt: skip
         return StepResult(self.version, bool(groups), metrics, trained)
 
     def _take(self, batch_id: int) -> list[Group]:
