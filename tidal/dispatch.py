@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from tidal.config import RunConfig
@@ -59,10 +60,19 @@ class Dispatcher:
         """Block until step `step` may take its groups at trainer `version`, replacing filtered groups
         meanwhile (with weights >= `published`); a worker's failure or a wait past `ray.timeout_s`
         stops the run."""
+        self._wait_on(lambda: self.buffer.wait_ready.remote(step, version, POLL_S), published,
+                      f"rollout for step {step} did not finish")  # fmt: skip
+
+    def drain(self, published: int) -> None:
+        """Block until every dispatched group is in the buffer (filtered ones replaced as in `wait`),
+        so that a checkpoint holds no group in flight."""
+        self._wait_on(lambda: self.buffer.wait_drained.remote(POLL_S), published,
+                      "the groups in flight did not land for a checkpoint")  # fmt: skip
+
+    def _wait_on(self, poll: Callable[[], Any], published: int, what: str) -> None:
         deadline = time.monotonic() + self.cfg.ray.timeout_s
         while True:
-            status: BufferStatus = wait_for(self.buffer.wait_ready.remote(step, version, POLL_S), "buffer",
-                                            self.cfg.ray.timeout_s)  # fmt: skip
+            status: BufferStatus = wait_for(poll(), "buffer", self.cfg.ray.timeout_s)
             self.generated = status.generated
             self._check_workers()
             if self._replace_filtered(status.filtered, published):
@@ -70,9 +80,14 @@ class Dispatcher:
             if status.ready:
                 return
             if time.monotonic() > deadline:
-                raise RunError(f"rollout for step {step} did not finish within ray.timeout_s="
-                               f"{self.cfg.ray.timeout_s:g}s; raise it for slow models, or look for a hung "
-                               "actor in the run's run.log")  # fmt: skip
+                raise RunError(f"{what} within ray.timeout_s={self.cfg.ray.timeout_s:g}s; raise it for slow models, "
+                               "or look for a hung actor in the run's run.log")  # fmt: skip
+
+    def state(self) -> dict[str, Any]:
+        return {"sent": self.sent, "replaced": self.replaced}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sent, self.replaced = state["sent"], state["replaced"]
 
     def metrics(self) -> Metrics:
         out = {"rollout/oversampled_groups": total(float(self.oversampled))}

@@ -136,7 +136,8 @@ class WandbSink:
 
     BY_TIME = {"reward/mean": "by_time/reward", "eval/accuracy": "by_time/eval_accuracy"}
 
-    def __init__(self, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any]) -> None:
+    def __init__(self, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any],
+                 run_id: str | None = None) -> None:  # fmt: skip
         import wandb
 
         mode = cfg.wandb
@@ -146,6 +147,7 @@ class WandbSink:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.run = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=mode, config=config,
+                              id=run_id, resume="allow" if run_id else None,
                               settings=wandb.Settings(console="off", silent=True))  # fmt: skip
         self.run.define_metric("step", hidden=True)
         self.run.define_metric("perf/elapsed_s", hidden=True)
@@ -218,11 +220,16 @@ class Monitor:
 
     @classmethod
     def for_run(cls, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any],
-                total_steps: int | None = None) -> Monitor:  # fmt: skip
+                total_steps: int | None = None, wandb_id: str | None = None) -> Monitor:  # fmt: skip
+        """The run's sinks; `wandb_id` continues that wandb run (a resumed run)."""
         sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), ConsoleSink(total_steps, cfg.log_every)]
         if cfg.wandb != "disabled":
-            sinks.append(WandbSink(cfg, run_dir, name, config))
+            sinks.append(WandbSink(cfg, run_dir, name, config, wandb_id))
         return cls(sinks)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return next((s.run.id for s in self.sinks if isinstance(s, WandbSink)), None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for s in self.sinks:

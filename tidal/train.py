@@ -13,25 +13,23 @@ import json
 import logging
 import random
 import time
-from functools import partial
 from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from tidal import checkpoint
 from tidal.config import RewardsConfig, RunConfig, dump_config
 from tidal.data import check_prompt_lengths, load_splits
-from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, may_dispatch
+from tidal.driver import Driver, StopSignal
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
-from tidal.metrics import largest, merge, values
 from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
-from tidal.rollout.staleness import StalenessBound
 from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, run_log, start_ray, wait_for
 from tidal.trainer.group import TrainerGroup
-from tidal.types import Prompt, StepResult
+from tidal.types import Prompt
 from tidal.warm_start import resolve_policy_dir, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -59,6 +57,13 @@ class PromptSampler:
             out.append(Prompt(self.next_group_id, self.rows[env][self.order[env].pop()], env))
             self.next_group_id += 1
         return out
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": self.order, "next_group_id": self.next_group_id}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.order, self.next_group_id = state["order"], state["next_group_id"]
 
 
 def load_env_splits(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase,
@@ -90,6 +95,9 @@ def _prompt_text(env: Env, row: dict[str, Any]) -> str:
 def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type | None = None) -> dict[str, Any]:
     """Train with RL; returns the summary (held-out accuracy before / after, ledger, wall time).
 
+    With `train.resume` the run continues from its newest complete checkpoint. SIGTERM or SIGINT
+    stops it at the end of the step, with a checkpoint to resume from.
+
     `worker_cls` / `trainer_cls` replace the RolloutWorker / TrainerActor classes (benchmarks swap
     in calibrated sleeps while keeping the real actors, buffer and weight sync around them).
     """
@@ -100,6 +108,7 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     t_start = time.time()
     split: dict[str, float] = {}  # where the run's wall time went (summary perf/*_s)
     cfg = absolute_plugin_paths(cfg.for_rl())
+    resumed = _resume_point(cfg)
     _resolve_plugins(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,8 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     t0 = time.time()
     model_dir, warm = resolve_policy_dir(cfg.model)
     split["perf/warm_start_s"] = time.time() - t0
-    monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps)
+    monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps,
+                              wandb_id=resumed["wandb_id"] if resumed else None)  # fmt: skip
     file_log = run_log(run_dir)
     t0 = time.time()
     start_ray(cfg, log_file=run_dir / "run.log")
@@ -124,10 +134,15 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
         workers = _start_workers(cfg, str(model_dir), buffer, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
+        if resumed:
+            path = str(resumed["path"] / checkpoint.TRAINER)
+            wait_for([*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])],
+                     "resuming from the checkpoint", cfg.ray.timeout_s)  # fmt: skip
         split["perf/actors_start_s"] = time.time() - t_ray
-        summary = _loop(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, warm)
+        with StopSignal() as stop:
+            summary = Driver(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, stop, resumed).run(warm)
         t0 = time.time()
-        if cfg.train.save_checkpoint:
+        if cfg.train.save_checkpoint and "stopped_at_step" not in summary:
             saved = trainer.call("save", str(run_dir / "checkpoint"))
             summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.timeout_s)[0]
         summary["perf/save_s"] = time.time() - t0
@@ -144,11 +159,31 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         logging.getLogger().removeHandler(file_log)
         file_log.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if "stopped_at_step" in summary:
+        print(f"stopped by {summary['stopped_by']} at step {summary['stopped_at_step']} of {cfg.train.steps}: "
+              f"checkpoint in {summary['resumable_checkpoint']}; to continue, run the same command with "
+              "train.resume=true")  # fmt: skip
+        return summary
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     saved = f"; checkpoint at {summary['checkpoint']}" if "checkpoint" in summary else ""
     held_out = f"held-out accuracy {before:.1%} -> {after:.1%}" if eval_rows else "no held-out data to evaluate"
     print(f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): {held_out}{saved}")
     return summary
+
+
+def _resume_point(cfg: RunConfig) -> dict[str, Any] | None:
+    """The newest checkpoint's state (its directory under `path`) with `train.resume`, once the config
+    is known to fit it, and the run's logs cut back to its step; None for a new run, which must not
+    overwrite one that left checkpoints."""
+    if not cfg.train.resume:
+        checkpoint.refuse_overwrite(cfg.run_dir)
+        return None
+    path = checkpoint.latest_checkpoint(cfg.run_dir)
+    state = checkpoint.check_resume(path, cfg.model_dump(mode="json"), cfg.train.steps)
+    for name in ("metrics.jsonl", "schedule.jsonl"):
+        checkpoint.truncate_rows(cfg.run_dir / name, state["step"])
+    log.info("resuming %s from step %d (%s)", cfg.name, state["step"], path)
+    return {**state, "path": path}
 
 
 def _time_split(summary: dict[str, Any]) -> str:
@@ -208,90 +243,3 @@ def _join_weight_sync(cfg: RunConfig, trainer: TrainerGroup, workers: list[Any])
     group = wait_for(trainer.rank0.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.timeout_s)
     calls = [trainer.rank0.join_weight_sync.remote(group)] + [w.join_weight_sync.remote(group) for w in workers]
     wait_for(calls, "weight-sync setup", cfg.ray.timeout_s)
-
-
-def _loop(
-    cfg: RunConfig, sampler: PromptSampler, eval_rows: list[Prompt], workers: list[Any], buffer: Any,
-    trainer: TrainerGroup, monitor: Monitor, warm: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    """The asynchronous loop. Workers generate rollout batches ahead of the trainer as far as the
-    staleness bound allows (`may_dispatch`); step s trains the oldest ready groups (batch s in
-    deterministic mode). With max_staleness 0 rollout and training take turns (on-policy).
-    Held-out evaluations run on worker 0 between its generate calls, without stalling the loop."""
-    get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
-    minibatches, steps = cfg.algorithm.minibatches, cfg.train.steps
-    bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
-    dispatch = Dispatcher(cfg, sampler, workers, buffer, serving=[w.serve.remote() for w in workers])
-    evals = EvalTracker(workers[0], eval_rows, cfg.ray.timeout_s)
-    evals.request(0)  # first in worker 0's queue: the weights it starts with
-    offers = SyncTracker()
-    version = published = 0  # the trainer's version; the newest version offered to the workers
-    next_batch, t_prev = 1, time.perf_counter()
-    t_loop, first_eval_s = t_prev, 0.0
-    before: dict[str, float] = {}
-    schedule = (cfg.run_dir / "schedule.jsonl").open("w", buffering=1)  # each step's groups, as trained
-    for step in range(1, steps + 1):
-        while next_batch <= steps and may_dispatch(next_batch, step, version, published, minibatches, bound.bound):
-            dispatch.batch(next_batch, published)
-            next_batch += 1
-        if step == 1:
-            before = values((evals.collect(wait=True) or [{}])[-1])
-            first_eval_s = time.perf_counter() - t_loop
-            monitor.log({**before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}}, step=0)
-        t0 = time.perf_counter()
-        dispatch.wait(step, version, published)
-        t1 = time.perf_counter()
-        result: StepResult = get(trainer.call("step", batch_id=step), "trainer step")[0]
-        schedule.write(json.dumps({"step": step, "version": version, "groups": result.groups}) + "\n")
-        version = result.version
-        metrics = merge([result.metrics, get(buffer.pop_counts.remote(), "buffer"), dispatch.metrics()])
-        metrics["async/staleness_bound"] = largest(float(bound.bound))  # what this step dispatched under
-        bound.update(values(metrics))
-        t2 = time.perf_counter()
-        evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-        if step % cfg.weight_sync.every == 0 or evaluate:
-            handle, publish_metrics = get(trainer.call("publish"), "weight publish")[0]
-            offers.add([w.offer_weights.remote(handle) for w in workers])
-            published = handle.version
-            metrics.update(publish_metrics)
-            if evaluate:
-                evals.request(published)
-        t3 = time.perf_counter()
-        *older, newest = evals.collect(wait=step == steps) or [{}]
-        for m in older:  # ended together with a newer one: a row of its own, so no evaluation goes unlogged
-            monitor.log(values(m), step=step)
-        metrics.update(newest)
-        metrics.update(offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
-        t4 = time.perf_counter()
-        last = {**values(metrics), "train/version": float(version)}
-        last.update(_perf(last, (t_prev, t0, t1, t2, t3, t4)))
-        t_prev = t4
-        monitor.log(last, step=step)
-    schedule.close()
-    for w in workers:
-        w.stop.remote()
-    ledger = {**get(buffer.ledger.remote(), "buffer"), **get(trainer.rank0.ledger.remote(), "trainer")}
-    return {
-        **{f"{k}_before": v for k, v in before.items() if k.startswith("eval/")},
-        **{k: v for k, v in last.items() if k.startswith("eval/")},
-        "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
-        **{f"ledger/{k}": float(v) for k, v in ledger.items()},
-        "ledger/sampled_prompts": float(sampler.next_group_id),
-        "perf/first_eval_s": first_eval_s,
-        "perf/loop_s": t3 - t_loop - first_eval_s,  # step 1 to the last step's publish
-        "perf/final_s": t4 - t3,  # the last step's wait for the final evaluation and weight offers
-    }
-
-
-def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:
-    """Wall-clock split of one driver step: waiting for the batch's rollout (what the trainer idles
-    on), the train step, publishing, evaluation; step time is end to end since the last step."""
-    t_prev, t0, t1, t2, t3, t4 = times
-    return {
-        "perf/step_time_s": t4 - t_prev,
-        "perf/rollout_wall_s": t1 - t0,
-        "perf/train_wall_s": t2 - t1,
-        "perf/sync_wall_s": t3 - t2,
-        "perf/eval_wall_s": t4 - t3,
-        "perf/rollout_tokens_per_s": m.get("perf/rollout_tokens", 0.0) / max(m.get("perf/generate_time_s", 0.0), 1e-9),
-    }

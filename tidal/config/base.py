@@ -308,6 +308,14 @@ class TrainConfig(Strict):
     """Evaluate on the held-out split every this many steps (0: only before and after)."""
     save_checkpoint: bool = True
     """Save the final policy as a HF checkpoint under the run directory."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every this many steps under `runs/<name>/checkpoints/step_<k>/`, from which
+    `train.resume=true` continues exactly (0: only when stopped by SIGTERM or SIGINT)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept (the newest; older ones are deleted once a newer one is whole)."""
+    resume: bool = False
+    """Continue the run from its newest complete checkpoint. Without it, a run directory that
+    holds checkpoints is refused."""
 
 
 class RayConfig(Strict):

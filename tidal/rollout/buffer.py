@@ -200,6 +200,27 @@ class TrajectoryBuffer:
                 "held_groups": sum(len(b) for b in self.batches.values()),
             }
 
+    STATE = ("batches", "pending", "filtered", "generated_by_worker", "metrics", "counts", "totals")
+
+    def state(self) -> dict[str, object]:
+        """What a checkpoint keeps: the groups held, with their tokens, and every count."""
+        with self._cv:
+            return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        with self._cv:
+            for k in self.STATE:
+                setattr(self, k, state[k])
+
+    def wait_drained(self, timeout_s: float) -> BufferStatus:
+        """Block up to `timeout_s` until no dispatched group is still being generated; `ready` says
+        whether none is."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while (busy := any(self.pending.values())) and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            return BufferStatus(not busy, dict(self.filtered), dict(self.generated_by_worker))
+
     def _count(self, key: str, n: int) -> None:
         self.counts[key] += n
         self.totals[key] += n

@@ -261,6 +261,21 @@ class TrainerActor:
         """(the state dict published to the workers, version) of the current policy, in-process."""
         return {k: v for bucket in self.rollout_weights() for k, v in bucket.items()}, self.version
 
+    def save_state(self, path: str) -> None:
+        """Write this rank's part of a DeepSpeed checkpoint (parameters, optimizer, lr scheduler,
+        ZeRO partitions) with the groups trained and the RNG state. Collective."""
+        client = {"trained_groups": self.trained_groups, "rng": torch.get_rng_state()}
+        self.trainer.engine.save_checkpoint(path, tag="trainer", client_state=client, save_latest=False)
+
+    def load_state(self, path: str) -> int:
+        """Continue from `save_state`'s checkpoint in `path`; the version it holds. Collective."""
+        loaded, client = self.trainer.engine.load_checkpoint(path, tag="trainer")
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no trainer checkpoint in {path}")
+        self.trained_groups = client["trained_groups"]
+        torch.set_rng_state(client["rng"])
+        return self.version
+
     def save(self, out_dir: str) -> str:
         return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))
 

@@ -1,0 +1,109 @@
+"""Checkpoint directories: atomic commits, damaged or unfinished ones skipped, the newest kept, a
+resume refused when the config changes the run's meaning, logs cut back to the checkpoint's step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+
+from tidal import checkpoint
+from tidal.config import ConfigError, load_config
+from tidal.monitor import SUMMARY_KEY
+from tidal.rollout.buffer import TrajectoryBuffer
+from tidal.train import PromptSampler
+
+pytestmark = pytest.mark.unit
+
+
+def write(run_dir: Path, step: int, keep: int = 2, payload: bytes = b"weights") -> Path:
+    tmp = checkpoint.begin(run_dir, step)
+    (tmp / checkpoint.TRAINER).mkdir()
+    (tmp / checkpoint.TRAINER / "model.pt").write_bytes(payload)
+    checkpoint.write_driver_state(tmp, {"step": step})
+    return checkpoint.commit(tmp, keep)
+
+
+def test_commit_renames_a_whole_checkpoint_and_keeps_the_newest(tmp_path: Path) -> None:
+    paths = [write(tmp_path, step) for step in (2, 4, 6)]
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [4, 6]
+    assert not paths[0].exists() and checkpoint.latest_checkpoint(tmp_path) == paths[2]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    sizes = json.loads((paths[2] / checkpoint.MANIFEST).read_text())
+    assert sizes == {"driver.pkl": (paths[2] / "driver.pkl").stat().st_size, "trainer/model.pt": 7}
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = write(tmp_path, 4)
+    # Killed mid-write: the directory was never renamed.
+    half = checkpoint.begin(tmp_path, 6)
+    (half / checkpoint.DRIVER).write_bytes(b"\x80")
+    # Damaged after the fact: a file shorter than its manifest says, and one without a manifest.
+    bad = write(tmp_path, 8, keep=3)
+    (bad / checkpoint.TRAINER / "model.pt").write_bytes(b"cut")
+    (tmp_path / "checkpoints" / "step_00000010").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.latest_checkpoint(tmp_path) == good
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "step_00000008: trainer/model.pt is missing or not the size" in warned
+    assert "step_00000010: no readable manifest.json" in warned
+    assert "step_00000006" not in warned  # an unfinished save is not a checkpoint at all
+
+
+def test_no_complete_checkpoint_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.resume=true but .*checkpoints holds no complete checkpoint$"):
+        checkpoint.latest_checkpoint(tmp_path)
+
+
+def test_a_new_run_does_not_overwrite_one_with_checkpoints(tmp_path: Path) -> None:
+    checkpoint.refuse_overwrite(tmp_path)  # nothing there yet
+    write(tmp_path, 2)
+    with pytest.raises(ConfigError, match="already holds checkpoints: resume it with train.resume=true"):
+        checkpoint.refuse_overwrite(tmp_path)
+
+
+def test_resume_refuses_a_config_that_changes_the_run(tmp_path: Path) -> None:
+    saved = load_config(None, ["model.preset=tiny-qwen3-moe", "rollout.group_size=4"]).model_dump(mode="json")
+    path = write(tmp_path, 2)
+    checkpoint.write_driver_state(path, {"step": 2, "config": saved})
+    safe = ["model.preset=tiny-qwen3-moe", "rollout.group_size=4", "train.steps=500", "train.eval_every=3",
+            "monitor.wandb=disabled", "ray.timeout_s=60", "train.resume=true", "eval.num_samples=4"]  # fmt: skip
+    assert checkpoint.check_resume(path, load_config(None, safe).model_dump(mode="json"), 500)["step"] == 2
+    changed = load_config(None, ["model.preset=tiny-glm5-moe", "rollout.group_size=8",
+                                 "algorithm.loss.entropy_coef=0.1"])  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_resume(path, changed.model_dump(mode="json"), 100)
+    msg = str(err.value)
+    assert "changes algorithm.loss.entropy_coef, model.preset, rollout.group_size;" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match="is at step 2, past train.steps=1"):
+        checkpoint.check_resume(path, saved, 1)
+
+
+def test_logs_are_cut_back_to_the_checkpoint(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0}, {"step": 1}, {"step": 2}, {"step": 2, "eval/accuracy": 0.5}, {"step": 3},
+            {"step": 3, SUMMARY_KEY: 8.0}]  # fmt: skip
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint.truncate_rows(log, 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == rows[:4]
+
+
+def test_sampler_and_buffer_state_round_trip() -> None:
+    from datasets import Dataset
+
+    from tidal.config import FilterConfig
+
+    ds = Dataset.from_list([{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)])
+    a = PromptSampler({"": (ds, 1.0)}, seed=3)
+    a.take(7)
+    b = PromptSampler({"": (ds, 1.0)}, seed=99)
+    b.load_state(pickle.loads(pickle.dumps(a.state())))
+    assert [(p.group_id, p.row) for p in a.take(9)] == [(p.group_id, p.row) for p in b.take(9)]
+    buffer = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1)
+    buffer.dispatched(1, 2)
+    again = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1)
+    again.load_state(pickle.loads(pickle.dumps(buffer.state())))
+    assert again.ledger() == buffer.ledger() and again.ledger()["in_flight_groups"] == 2

@@ -1,0 +1,234 @@
+"""The RL driver's loop: dispatch, train, publish, evaluate, log, and checkpoint, step by step.
+
+Workers generate rollout batches ahead of the trainer as far as the staleness bound allows
+(`may_dispatch`); step s trains the oldest ready groups (batch s in deterministic mode). With
+max_staleness 0 rollout and training take turns (on-policy). Held-out evaluations run on worker 0
+between its generate calls, without stalling the loop.
+
+A checkpoint step (`train.checkpoint_every`, or the step a SIGTERM / SIGINT arrives in) publishes
+the trainer's weights, lets every group in flight land in the buffer, writes the driver's and the
+buffer's state, and has the trainer write DeepSpeed's checkpoint while the workers go on with the
+next batches; the checkpoint is sealed before the next train step (`tidal.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tidal import checkpoint
+from tidal.config import RunConfig
+from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, may_dispatch
+from tidal.metrics import largest, merge, values
+from tidal.monitor import Monitor
+from tidal.rollout.staleness import StalenessBound
+from tidal.runtime import wait_for
+from tidal.trainer.group import TrainerGroup
+from tidal.types import Prompt, StepResult
+
+log = logging.getLogger(__name__)
+
+
+class StopSignal:
+    """While entered (in the main thread): SIGTERM or SIGINT asks the run to stop at the end of the
+    step, with a checkpoint; a second one stops it at once."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        log.warning("%s: stopping at the end of this step, with a checkpoint (send it again to stop at once)",
+                    self.name)  # fmt: skip
+
+
+class Driver:
+    def __init__(
+        self, cfg: RunConfig, sampler: Any, eval_rows: list[Prompt], workers: list[Any], buffer: Any,
+        trainer: TrainerGroup, monitor: Monitor, stop: StopSignal, resumed: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg, self.sampler, self.workers, self.buffer = cfg, sampler, workers, buffer
+        self.trainer, self.monitor, self.stop = trainer, monitor, stop
+        self.get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
+        self.bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
+        self.dispatch = Dispatcher(cfg, sampler, workers, buffer, serving=[w.serve.remote() for w in workers])
+        self.evals = EvalTracker(workers[0], eval_rows, cfg.ray.timeout_s)
+        self.offers = SyncTracker()
+        self.step = 0  # the last step done
+        self.version = self.published = 0  # the trainer's version; the newest version offered to the workers
+        self.next_batch = 1
+        self.before: dict[str, float] = {}  # held-out metrics before training
+        self.saving: tuple[list[Any], Path, float] | None = None  # a checkpoint whose trainer part is being written
+        self.saved: Path | None = None
+        if resumed is not None:
+            self._restore(resumed)
+        # each step's groups as trained: group, batch, worker, generating versions
+        self.schedule = (cfg.run_dir / "schedule.jsonl").open("a" if resumed else "w", buffering=1)
+
+    def state(self) -> dict[str, Any]:
+        """The driver's part of a checkpoint (the buffer's and the trainer's are added to it)."""
+        return {"step": self.step, "version": self.version, "published": self.published,
+                "next_batch": self.next_batch, "sampler": self.sampler.state(), "dispatch": self.dispatch.state(),
+                "bound": (self.bound.rate, self.bound.bound), "before": self.before,
+                "wandb_id": self.monitor.wandb_id, "config": self.cfg.model_dump(mode="json")}  # fmt: skip
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step, self.version, self.published = state["step"], state["version"], state["published"]
+        self.next_batch, self.before = state["next_batch"], state["before"]
+        self.sampler.load_state(state["sampler"])
+        self.dispatch.load_state(state["dispatch"])
+        self.bound.rate, self.bound.bound = state["bound"]
+
+    def run(self, warm: dict[str, Any]) -> dict[str, Any]:
+        """Steps from the one after `self.step` to `train.steps` (or a stop signal); the summary."""
+        steps = self.cfg.train.steps
+        t_loop, first_eval_s = time.perf_counter(), 0.0
+        if self.step == 0:
+            self.evals.request(0)  # first in worker 0's queue: the weights it starts with
+        else:  # resumed: the workers start from the initial policy
+            self._publish()
+        start = self.step + 1
+        last: dict[str, float] = {}
+        t_prev = t_end = time.perf_counter()
+        for step in range(start, steps + 1):
+            self.step = step
+            self._dispatch()
+            if step == 1:
+                self.before = values((self.evals.collect(wait=True) or [{}])[-1])
+                first_eval_s = time.perf_counter() - t_loop
+                self.monitor.log({**self.before, **{f"warm_start/{k}": v for k, v in warm.items()
+                                                    if isinstance(v, float)}}, step=0)  # fmt: skip
+            last, t_end = self._step(t_prev)
+            t_prev = time.perf_counter()
+            if self._checkpoint_due():
+                self._save()
+                if self.stop.name:
+                    break
+        self._seal()
+        self.schedule.close()
+        for w in self.workers:
+            w.stop.remote()
+        ledger = {**self.get(self.buffer.ledger.remote(), "buffer"),
+                  **self.get(self.trainer.rank0.ledger.remote(), "trainer")}  # fmt: skip
+        return {
+            **{f"{k}_before": v for k, v in self.before.items() if k.startswith("eval/")},
+            **{k: v for k, v in last.items() if k.startswith("eval/")},
+            "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
+            **{f"ledger/{k}": float(v) for k, v in ledger.items()},
+            "ledger/sampled_prompts": float(self.sampler.next_group_id),
+            "perf/first_eval_s": first_eval_s,
+            "perf/loop_s": t_end - t_loop - first_eval_s,  # the first step to the last step's publish
+            "perf/final_s": t_prev - t_end,  # the last step's wait for the final evaluation and weight offers
+            **({"stopped_at_step": self.step, "stopped_by": self.stop.name} if self.stop.name else {}),
+            **({"resumable_checkpoint": str(self.saved)} if self.saved else {}),
+        }
+
+    def _dispatch(self) -> None:
+        while self.next_batch <= self.cfg.train.steps and may_dispatch(
+            self.next_batch, self.step, self.version, self.published, self.cfg.algorithm.minibatches, self.bound.bound
+        ):
+            self.dispatch.batch(self.next_batch, self.published)
+            self.next_batch += 1
+
+    def _step(self, t_prev: float) -> tuple[dict[str, float], float]:
+        """Train step `self.step` once its groups are in, publish, collect evaluations, log; the
+        step's row and when its publish ended."""
+        cfg, step, steps = self.cfg, self.step, self.cfg.train.steps
+        t0 = time.perf_counter()
+        self.dispatch.wait(step, self.version, self.published)
+        sealing = self._seal()  # the last checkpoint's trainer part was written meanwhile
+        t1 = time.perf_counter()
+        result: StepResult = self.get(self.trainer.call("step", batch_id=step), "trainer step")[0]
+        self.schedule.write(json.dumps({"step": step, "version": self.version, "groups": result.groups}) + "\n")
+        self.version = result.version
+        metrics = merge([result.metrics, self.get(self.buffer.pop_counts.remote(), "buffer"), self.dispatch.metrics()])
+        metrics["async/staleness_bound"] = largest(float(self.bound.bound))  # what this step dispatched under
+        if sealing is not None:
+            metrics["perf/checkpoint_wait_s"] = largest(sealing)
+        self.bound.update(values(metrics))
+        t2 = time.perf_counter()
+        evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
+        if step % cfg.weight_sync.every == 0 or evaluate or self._checkpoint_due():
+            metrics.update(self._publish())
+            if evaluate:
+                self.evals.request(self.published)
+        t3 = time.perf_counter()
+        *older, newest = self.evals.collect(wait=step == steps) or [{}]
+        for m in older:  # ended together with a newer one: a row of its own, so no evaluation goes unlogged
+            self.monitor.log(values(m), step=step)
+        metrics.update(newest)
+        metrics.update(self.offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
+        t4 = time.perf_counter()
+        row = {**values(metrics), "train/version": float(self.version)}
+        row.update(_perf(row, (t_prev, t0, t1, t2, t3, t4)))
+        self.monitor.log(row, step=step)
+        return row, t3
+
+    def _publish(self) -> dict[str, Any]:
+        handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
+        self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
+        self.published = handle.version
+        return metrics
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return self.stop.name is not None or bool(every and self.step % every == 0)
+
+    def _save(self) -> None:
+        """Start checkpoint `self.step`: no group left in flight, evaluations in, the driver's and the
+        buffer's state written; the trainer writes its part while the next batches generate."""
+        t0 = time.perf_counter()
+        self.dispatch.drain(self.published)
+        for m in self.evals.collect(wait=True):
+            self.monitor.log(values(m), step=self.step)
+        tmp = checkpoint.begin(self.cfg.run_dir, self.step)
+        buffer_state = self.get(self.buffer.state.remote(), "buffer")
+        checkpoint.write_driver_state(tmp, {**self.state(), "buffer": buffer_state})
+        self.saving = (self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), tmp, t0)
+
+    def _seal(self) -> float | None:
+        """Wait for the trainer's part of the checkpoint being written and seal it; seconds waited."""
+        if self.saving is None:
+            return None
+        refs, tmp, t0 = self.saving
+        t_wait = time.perf_counter()
+        self.get(refs, "checkpoint save")
+        self.saving = None
+        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints)
+        log.info("checkpoint of step %s in %s (%.1fs)", self.saved.name.removeprefix("step_").lstrip("0"),
+                 self.saved, time.perf_counter() - t0)  # fmt: skip
+        return time.perf_counter() - t_wait
+
+
+def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:
+    """Wall-clock split of one driver step: waiting for the batch's rollout (what the trainer idles
+    on), the train step, publishing, evaluation; step time is end to end since the last step."""
+    t_prev, t0, t1, t2, t3, t4 = times
+    return {
+        "perf/step_time_s": t4 - t_prev,
+        "perf/rollout_wall_s": t1 - t0,
+        "perf/train_wall_s": t2 - t1,
+        "perf/sync_wall_s": t3 - t2,
+        "perf/eval_wall_s": t4 - t3,
+        "perf/rollout_tokens_per_s": m.get("perf/rollout_tokens", 0.0) / max(m.get("perf/generate_time_s", 0.0), 1e-9),
+    }
