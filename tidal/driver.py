@@ -80,6 +80,7 @@ class Driver:
         self.before: dict[str, float] = {}  # held-out metrics before training
         self.saving: tuple[list[Any], Path, float] | None = None  # a checkpoint whose trainer part is being written
         self.saved: Path | None = None
+        self.save_times: dict[str, float] = {}  # the last checkpoint's, logged with the next step
         if resumed is not None:
             self._restore(resumed)
         # each step's groups as trained: group, batch, worker, generating versions
@@ -102,14 +103,14 @@ class Driver:
     def run(self, warm: dict[str, Any]) -> dict[str, Any]:
         """Steps from the one after `self.step` to `train.steps` (or a stop signal); the summary."""
         steps = self.cfg.train.steps
-        t_loop, first_eval_s = time.perf_counter(), 0.0
+        t_loop = t_prev = t_end = time.perf_counter()
+        first_eval_s = 0.0
         if self.step == 0:
             self.evals.request(0)  # first in worker 0's queue: the weights it starts with
         else:  # resumed: the workers start from the initial policy
             self._publish()
         start = self.step + 1
         last: dict[str, float] = {}
-        t_prev = t_end = time.perf_counter()
         for step in range(start, steps + 1):
             self.step = step
             self._dispatch()
@@ -118,8 +119,7 @@ class Driver:
                 first_eval_s = time.perf_counter() - t_loop
                 self.monitor.log({**self.before, **{f"warm_start/{k}": v for k, v in warm.items()
                                                     if isinstance(v, float)}}, step=0)  # fmt: skip
-            last, t_end = self._step(t_prev)
-            t_prev = time.perf_counter()
+            last, t_end, t_prev = self._step(t_prev)
             if self._checkpoint_due():
                 self._save()
                 if self.stop.name:
@@ -141,6 +141,7 @@ class Driver:
             "perf/final_s": t_prev - t_end,  # the last step's wait for the final evaluation and weight offers
             **({"stopped_at_step": self.step, "stopped_by": self.stop.name} if self.stop.name else {}),
             **({"resumable_checkpoint": str(self.saved)} if self.saved else {}),
+            **self.save_times,  # a checkpoint at the last step
         }
 
     def _dispatch(self) -> None:
@@ -150,21 +151,21 @@ class Driver:
             self.dispatch.batch(self.next_batch, self.published)
             self.next_batch += 1
 
-    def _step(self, t_prev: float) -> tuple[dict[str, float], float]:
+    def _step(self, t_prev: float) -> tuple[dict[str, float], float, float]:
         """Train step `self.step` once its groups are in, publish, collect evaluations, log; the
-        step's row and when its publish ended."""
+        step's row, when its publish ended and when it ended."""
         cfg, step, steps = self.cfg, self.step, self.cfg.train.steps
         t0 = time.perf_counter()
         self.dispatch.wait(step, self.version, self.published)
-        sealing = self._seal()  # the last checkpoint's trainer part was written meanwhile
+        self._seal()  # the last checkpoint's trainer part was written meanwhile
         t1 = time.perf_counter()
         result: StepResult = self.get(self.trainer.call("step", batch_id=step), "trainer step")[0]
         self.schedule.write(json.dumps({"step": step, "version": self.version, "groups": result.groups}) + "\n")
         self.version = result.version
         metrics = merge([result.metrics, self.get(self.buffer.pop_counts.remote(), "buffer"), self.dispatch.metrics()])
         metrics["async/staleness_bound"] = largest(float(self.bound.bound))  # what this step dispatched under
-        if sealing is not None:
-            metrics["perf/checkpoint_wait_s"] = largest(sealing)
+        metrics.update({k: largest(v) for k, v in self.save_times.items()})
+        self.save_times = {}
         self.bound.update(values(metrics))
         t2 = time.perf_counter()
         evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
@@ -182,7 +183,7 @@ class Driver:
         row = {**values(metrics), "train/version": float(self.version)}
         row.update(_perf(row, (t_prev, t0, t1, t2, t3, t4)))
         self.monitor.log(row, step=step)
-        return row, t3
+        return row, t3, t4
 
     def _publish(self) -> dict[str, Any]:
         handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
@@ -201,23 +202,28 @@ class Driver:
         self.dispatch.drain(self.published)
         for m in self.evals.collect(wait=True):
             self.monitor.log(values(m), step=self.step)
+        t1 = time.perf_counter()
         tmp = checkpoint.begin(self.cfg.run_dir, self.step)
         buffer_state = self.get(self.buffer.state.remote(), "buffer")
         checkpoint.write_driver_state(tmp, {**self.state(), "buffer": buffer_state})
         self.saving = (self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), tmp, t0)
+        # Draining, the workers finish the groups in flight; then none is dispatched until the state is written.
+        self.save_times = {"perf/checkpoint_drain_s": t1 - t0, "perf/checkpoint_state_s": time.perf_counter() - t1}
 
-    def _seal(self) -> float | None:
-        """Wait for the trainer's part of the checkpoint being written and seal it; seconds waited."""
+    def _seal(self) -> None:
+        """Wait for the trainer's part of the checkpoint being written and seal it."""
         if self.saving is None:
-            return None
+            return
         refs, tmp, t0 = self.saving
         t_wait = time.perf_counter()
-        self.get(refs, "checkpoint save")
+        trainer_s = max(self.get(refs, "checkpoint save"))
         self.saving = None
         self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints)
         log.info("checkpoint of step %s in %s (%.1fs)", self.saved.name.removeprefix("step_").lstrip("0"),
                  self.saved, time.perf_counter() - t0)  # fmt: skip
-        return time.perf_counter() - t_wait
+        # The trainer's write (it trains nothing meanwhile), and what of it the driver waited for.
+        self.save_times.update({"perf/checkpoint_trainer_s": trainer_s,
+                                "perf/checkpoint_wait_s": time.perf_counter() - t_wait})  # fmt: skip
 
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:

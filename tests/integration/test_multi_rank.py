@@ -166,3 +166,30 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
     # it, the bucket holding it, safetensors' bytes of it); a whole copy: +171 MB.
     assert streamed < 4 * 16 * 2**20 and streamed < 0.3 * model_bytes
     assert full > 0.6 * model_bytes  # the measurement does see a whole copy when there is one
+
+
+def test_two_ranks_resume_from_a_checkpoint_exactly(cluster: None, preset: Path, groups: list[Group],
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """ZeRO-3 over two ranks: each rank writes and reads back its own partition of the parameters
+    and of the optimizer's moments; training on from the checkpoint gives the same weights, bit for bit."""
+    cfg = config("trainer.num_ranks=2", "trainer.zero_stage=3")
+    path = str(tmp_path / "trainer")
+
+    def run(resume: bool) -> tuple[dict[str, torch.Tensor], int, dict[str, int]]:
+        group = TrainerGroup(TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(preset)), WAIT_S)
+        try:
+            if resume:
+                assert ray.get(group.call("load_state", path), timeout=WAIT_S) == [2, 2]  # two minibatches a step
+            else:
+                ray.get(group.call("step", groups), timeout=WAIT_S)
+                ray.get(group.call("save_state", path), timeout=WAIT_S)
+            for _ in range(2):
+                ray.get(group.call("step", groups), timeout=WAIT_S)
+            state, version = ray.get(group.call("snapshot"), timeout=WAIT_S)[0]
+            return state, version, ray.get(group.rank0.ledger.remote(), timeout=WAIT_S)
+        finally:
+            group.close()
+
+    (whole, version, ledger), (resumed, version_again, ledger_again) = run(False), run(True)
+    assert version == version_again == 6 and ledger == ledger_again == {"trained_groups": 9, "unique_trained_groups": 3}
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

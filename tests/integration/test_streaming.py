@@ -98,7 +98,7 @@ def test_a_group_is_in_the_buffer_before_the_slowest_of_its_call_ends(preset: Pa
         ray.get(buffer.dispatched.remote(1, len(prompts)))
         ray.get(worker.submit.remote(Work(prompts, batch_id=1, min_version=0)))
         assert ray.get(buffer.wait_ready.remote(1, 0, 120.0)).ready
-        groups = ray.get(buffer.take.remote(1, 0))  # in the order they were put
+        groups = ray.get(buffer.state.remote())["batches"][1]  # in the order they were put
         ray.get(worker.stop.remote())
         ray.get(serving, timeout=60)
     finally:

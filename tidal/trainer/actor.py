@@ -261,11 +261,14 @@ class TrainerActor:
         """(the state dict published to the workers, version) of the current policy, in-process."""
         return {k: v for bucket in self.rollout_weights() for k, v in bucket.items()}, self.version
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str) -> float:
         """Write this rank's part of a DeepSpeed checkpoint (parameters, optimizer, lr scheduler,
-        ZeRO partitions) with the groups trained and the RNG state. Collective."""
+        ZeRO partitions) with the groups trained and the RNG state; seconds it took. Collective."""
+        t0 = time.perf_counter()
         client = {"trained_groups": self.trained_groups, "rng": torch.get_rng_state()}
         self.trainer.engine.save_checkpoint(path, tag="trainer", client_state=client, save_latest=False)
+        self._last_end = time.perf_counter()  # not trainer idle time
+        return self._last_end - t0
 
     def load_state(self, path: str) -> int:
         """Continue from `save_state`'s checkpoint in `path`; the version it holds. Collective."""
