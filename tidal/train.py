@@ -134,7 +134,7 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
         workers = _start_workers(cfg, str(model_dir), buffer, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
-        if resumed:
+        if resumed:  # the trainer's DeepSpeed checkpoint, the buffer's groups and ledger
             path = str(resumed["path"] / checkpoint.TRAINER)
             wait_for([*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])],
                      "resuming from the checkpoint", cfg.ray.timeout_s)  # fmt: skip
@@ -159,16 +159,18 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         logging.getLogger().removeHandler(file_log)
         file_log.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(_last_line(summary, cfg.train.steps, bool(eval_rows)))
+    return summary
+
+
+def _last_line(summary: dict[str, Any], steps: int, held_out: bool) -> str:
     if "stopped_at_step" in summary:
-        print(f"stopped by {summary['stopped_by']} at step {summary['stopped_at_step']} of {cfg.train.steps}: "
-              f"checkpoint in {summary['resumable_checkpoint']}; to continue, run the same command with "
-              "train.resume=true")  # fmt: skip
-        return summary
+        return (f"stopped by {summary['stopped_by']} at step {summary['stopped_at_step']} of {steps}: checkpoint in "
+                f"{summary['resumable_checkpoint']}; to continue, run the same command with train.resume=true")
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     saved = f"; checkpoint at {summary['checkpoint']}" if "checkpoint" in summary else ""
-    held_out = f"held-out accuracy {before:.1%} -> {after:.1%}" if eval_rows else "no held-out data to evaluate"
-    print(f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): {held_out}{saved}")
-    return summary
+    accuracy = f"held-out accuracy {before:.1%} -> {after:.1%}" if held_out else "no held-out data to evaluate"
+    return f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): {accuracy}{saved}"
 
 
 def _resume_point(cfg: RunConfig) -> dict[str, Any] | None:
