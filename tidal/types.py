@@ -55,6 +55,10 @@ class Completion:
     version: int = 0
     """The oldest version among the tokens' (the engine's version for an empty completion)."""
     versions: list[int] = field(default_factory=list)
+    routing: torch.Tensor | None = None
+    """With routing recorded: (tokens fed to the model, MoE layers, top-k) expert indices (uint8, or
+    int16 past 256 experts) of the prompt's tokens and then every sampled token but the last
+    (never fed back), each from the weights that processed it."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ swapped in between tokens.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,6 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
 
 from tidal.modeling import pad_tokens, positions
+from tidal.routing import RoutingRecorder
 from tidal.types import Completion, SamplingParams
 from tidal.weight_sync import Weights, as_buckets
 
@@ -116,6 +118,7 @@ class TransformersEngine:
         self, prompts: list[list[int]], params: SamplingParams,
         on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
         on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
+        record_routing: bool = False,
     ) -> list[Completion]:  # fmt: skip
         """One completion per prompt (repeat a prompt to get a group). Row i stops with finish reason
         "length" at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None);
@@ -129,6 +132,8 @@ class TransformersEngine:
         step row i stops. `admit(running)` (continuous batching) is called at the same boundaries
         with the number of rows running and returns new (prompt, max tokens) rows to join the batch:
         they are prefilled and merged into its KV cache, numbered after the rows so far.
+        `record_routing` fills each completion's `routing` with the experts its tokens were routed
+        to in every MoE layer, as generation routed them (`tidal.routing`).
         """
         if not prompts:
             return []
@@ -139,6 +144,15 @@ class TransformersEngine:
         # An unseeded call seeds only its own generator, never torch's global one.
         gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
         rows = _Rows(self, params, gen, self._stop_ids(params), on_finish)
+        with RoutingRecorder(self.model) if record_routing else contextlib.nullcontext() as recorder:
+            rows.recorder = recorder
+            return self._decode_loop(rows, prompts, limits, on_chunk, chunk_tokens, admit)
+
+    def _decode_loop(
+        self, rows: _Rows, prompts: list[list[int]], limits: list[int], on_chunk: Callable[[], None] | None,
+        chunk_tokens: int, admit: Admit | None,
+    ) -> list[Completion]:  # fmt: skip
+        """`generate`'s loop: sample, call the chunk hook, admit new rows, decode."""
         batch: _Batch | None = rows.start(prompts, limits)
         if admit is not None and not batch.mergeable():  # type: ignore[union-attr]
             admit = None  # a cache layer type (sliding window, quantized) rows cannot join
@@ -155,15 +169,16 @@ class TransformersEngine:
                 if joined is not None:
                     batch = joined if batch is None else batch.merge(joined)
             if batch is not None:
-                batch.decode(self.model)
+                batch.decode(self.model, rows)
         return [rows.completion(i) for i in range(len(rows.prompts))]
 
     def _completion(self, prompt: list[int], tokens: list[int], logps: list[float], finish: str | None,
-                    versions: list[int]) -> Completion:  # fmt: skip
+                    versions: list[int], routing: torch.Tensor | None = None) -> Completion:  # fmt: skip
         return Completion(prompt_ids=list(prompt), token_ids=tokens,
                           text=self.tokenizer.decode(tokens, skip_special_tokens=True),
                           finish_reason=finish or "length",  # type: ignore[arg-type]
-                          logprobs=logps, version=min(versions, default=self.version), versions=versions)  # fmt: skip
+                          logprobs=logps, version=min(versions, default=self.version), versions=versions,
+                          routing=routing)  # fmt: skip
 
     @staticmethod
     def _sample(
@@ -203,6 +218,9 @@ class _Rows:
         self.finish: list[str | None] = []
         self.ended: dict[int, Completion] = {}
         """Completions already reported through `on_finish`."""
+        self.recorder: RoutingRecorder | None = None
+        self.routing: list[list[torch.Tensor]] = []
+        """With a recorder: each row's routing so far, a (tokens, layers, top-k) piece per forward."""
 
     def start(self, prompts: list[list[int]], limits: list[int]) -> _Batch:
         """New rows, prefilled as a batch of their own (its first tokens not sampled yet)."""
@@ -213,12 +231,13 @@ class _Rows:
             self.tokens.append([])
             self.logps.append([])
             self.versions.append([])
+            self.routing.append([])
             self.finish.append(None)
         engine = self.engine
         ids, mask = pad_tokens(prompts, engine.pad_id, "left", engine.device)
         batch = _Batch(DynamicCache(config=engine.model.config), ids, mask, positions(mask),
                        list(range(first, first + len(prompts))))  # fmt: skip
-        batch.decode(engine.model, logits_to_keep=1)
+        batch.decode(engine.model, self, logits_to_keep=1)
         return batch
 
     def add(self, i: int, token: int, logp: float) -> bool:
@@ -238,7 +257,9 @@ class _Rows:
         """Row i's completion (built once: the one reported when it ended, if it was)."""
         if i in self.ended:
             return self.ended[i]
-        return self.engine._completion(self.prompts[i], self.tokens[i], self.logps[i], self.finish[i], self.versions[i])
+        routing = torch.cat(self.routing[i]) if self.recorder is not None else None
+        return self.engine._completion(self.prompts[i], self.tokens[i], self.logps[i], self.finish[i], self.versions[i],
+                                       routing)  # fmt: skip
 
 
 class _Batch:
@@ -250,11 +271,19 @@ class _Batch:
         self.done = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)
         self.logits: torch.Tensor | None = None
 
-    def decode(self, model: PreTrainedModel, logits_to_keep: int = 0) -> None:
-        """Forward `ids` over the cache; the last position's logits are kept for sampling."""
+    def decode(self, model: PreTrainedModel, rows: _Rows, logits_to_keep: int = 0) -> None:
+        """Forward `ids` over the cache; the last position's logits are kept for sampling, and with a
+        routing recorder each running row's routing of the tokens it fed (not padding's)."""
         out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, past_key_values=self.cache,
                     use_cache=True, logits_to_keep=logits_to_keep)  # fmt: skip
         self.logits = out.logits[:, -1, :].float()
+        if rows.recorder is not None:
+            fed = self.ids.shape[1]
+            routing = rows.recorder.take()
+            routing = routing.view(len(self.rows), fed, *routing.shape[1:])
+            real = self.mask[:, -fed:].bool().cpu()
+            for j in (~self.done).nonzero().flatten().tolist():
+                rows.routing[self.rows[j]].append(routing[j][real[j]])
 
     def sample(self, rows: _Rows) -> _Batch | None:
         """Sample each running row's next token; None when every row has ended. Ended rows leave the
