@@ -10,10 +10,15 @@ trainer (rollout routing replay, R3).
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from typing import Any
 
 import torch
+
+from tidal.metrics import Metrics, largest, mean
+from tidal.modeling import forward, micro_batches
+from tidal.types import TrainBatch
 
 ROUTER_SUFFIX = "topkrouter"
 """How the routers' class names end (lower-cased), in every MoE architecture tidal supports."""
@@ -30,9 +35,10 @@ def routing_dtype(num_experts: int) -> torch.dtype:
 
 
 class RoutingRecorder:
-    """While entered, keeps the expert indices every MoE router picks; `take()` returns those of
-    the forwards since the last take as one (tokens, MoE layers, top-k) tensor, tokens in the
-    order the forwards saw them (row-major over each forward's (batch, length))."""
+    """While entered, keeps the expert indices every MoE router picks in forwards of the entering
+    thread (another thread's forward of the same model, such as an evaluation, is not recorded);
+    `take()` returns those of the forwards since the last take as one (tokens, MoE layers, top-k)
+    tensor, tokens in the order the forwards saw them (row-major over each forward's (batch, length))."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.routers = moe_routers(model)
@@ -42,8 +48,10 @@ class RoutingRecorder:
         self.dtype = routing_dtype(self.num_experts)
         self._picked: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self._hooks: list[Any] = []
+        self._thread = 0
 
     def __enter__(self) -> RoutingRecorder:
+        self._thread = threading.get_ident()
         self._hooks = [r.register_forward_hook(partial(self._keep, i)) for i, r in enumerate(self.routers)]
         return self
 
@@ -53,9 +61,57 @@ class RoutingRecorder:
         self._hooks = []
 
     def _keep(self, layer: int, module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
+        if threading.get_ident() != self._thread:
+            return
         self._picked[layer].append(output[2].detach().to("cpu", self.dtype))
 
     def take(self) -> torch.Tensor:
         layers = [torch.cat(picked) for picked in self._picked]
         self._picked = [[] for _ in self.routers]
         return torch.stack(layers, dim=1)
+
+
+def recorded_positions(batch: TrainBatch) -> torch.Tensor:
+    """(B, T) bool: the tokens generation fed to the model, so whose routing it recorded: every real
+    token but each row's last; none in a row without trained tokens (a rank's filler rows)."""
+    real = batch.attention_mask.bool()
+    last = real.long().cumsum(-1) == real.long().sum(-1, keepdim=True)
+    return real & ~last & (batch.loss_mask.sum(-1, keepdim=True) > 0)
+
+
+@torch.no_grad()
+def routing_health(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: int) -> Metrics:
+    """How `model` routes the batch's tokens against how generation routed them (`batch.routing`):
+    per MoE layer and overall, the share of (token, layer) whose top-k expert set is the same
+    (`moe/routing_agreement*`), the share of tokens routed differently in any layer
+    (`moe/routing_any_flip`), and the most overloaded expert in rollout and in training (load over
+    the balanced load, minus 1, the largest over layers: `moe/*_load_violation`)."""
+    assert batch.routing is not None
+    device = next(model.parameters()).device
+    layers, top_k = batch.routing.shape[2:]
+    agree, flips, tokens = torch.zeros(layers), 0, 0
+    loads: dict[str, torch.Tensor] = {}
+    with RoutingRecorder(model) as recorder:
+        num_experts = recorder.num_experts
+        loads = {"rollout": torch.zeros(layers, num_experts), "train": torch.zeros(layers, num_experts)}
+        for micro in micro_batches(batch, micro_batch_size):
+            forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+            mine = recorder.take().view(*micro.input_ids.shape, layers, top_k)[recorded_positions(micro)]
+            theirs = micro.routing[recorded_positions(micro)]  # (tokens, layers, top-k)
+            same = (mine.long().sort(-1).values == theirs.long().sort(-1).values).all(-1)  # (tokens, layers)
+            agree += same.sum(0)
+            flips += int((~same).any(-1).sum())
+            tokens += same.shape[0]
+            for name, picked in (("rollout", theirs), ("train", mine)):
+                loads[name] += torch.nn.functional.one_hot(picked.long(), num_experts).sum((0, 2)).float()
+    n = float(max(tokens, 1))
+    out: Metrics = {
+        "moe/routing_agreement": mean(float(agree.sum()) / (n * layers), n * layers),
+        "moe/routing_any_flip": mean(flips / n, n),
+        "moe/routing_bytes_per_token": mean(float(layers * top_k * batch.routing.element_size()), n),
+    }
+    out.update({f"moe/routing_agreement_layer{i}": mean(float(a) / n, n) for i, a in enumerate(agree)})
+    balanced = n * top_k / num_experts
+    for name, load in loads.items():
+        out[f"moe/{name}_load_violation"] = largest(float(load.max()) / balanced - 1.0)
+    return out

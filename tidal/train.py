@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tidal import checkpoint
-from tidal.config import RewardsConfig, RunConfig, dump_config
+from tidal.config import ConfigError, RewardsConfig, RunConfig, dump_config
 from tidal.data import check_prompt_lengths, load_splits
 from tidal.driver import Driver, StopSignal
 from tidal.envs.base import Env
@@ -203,7 +203,10 @@ def _time_split(summary: dict[str, Any]) -> str:
 def _resolve_plugins(cfg: RunConfig) -> None:
     """Fail fast on a bad plugin path or kwarg, or a missing vLLM, before any actor starts."""
     if cfg.envs:
-        resolve_envs(cfg.envs)
+        envs = resolve_envs(cfg.envs)
+        if cfg.rollout.record_routing and any(env.multi_turn for env in envs.values()):
+            raise ConfigError("rollout.record_routing works with single-turn envs for now (a multi-turn episode's "
+                              "turns would need their routing stitched together)")  # fmt: skip
         for spec in cfg.envs:
             resolve_rewards(RewardsConfig(functions=spec.rewards))
     else:

@@ -132,6 +132,9 @@ class Sample:
     """Rewards of a multi-turn episode's steps, in order."""
     env_info: dict[str, float] = field(default_factory=dict)
     """A multi-turn env's `Step.info` values, averaged over the episode."""
+    routing: torch.Tensor | None = None
+    """With `rollout.record_routing`: the experts generation routed each token fed to the model to
+    (see `Completion.routing`)."""
 
     @property
     def num_tokens(self) -> int:
@@ -145,7 +148,8 @@ class Sample:
     def for_training(self) -> TrainSample:
         """The part of the sample the buffer and the trainer use; the row, text and scores stay here."""
         return TrainSample(self.group_id, self.prompt_ids, self.response_ids, self.loss_mask, self.logp_mu,
-                           self.finish_reason, self.version, self.versions, self.reward, self.failed)  # fmt: skip
+                           self.finish_reason, self.version, self.versions, self.reward, self.failed,
+                           self.routing)  # fmt: skip
 
 
 @dataclass
@@ -165,6 +169,7 @@ class TrainSample:
     reward: float
     failed: bool
     """A reward or env call failed on the sample (`filter.drop_failed_rewards` drops it)."""
+    routing: torch.Tensor | None = None
 
 
 @dataclass
@@ -209,6 +214,9 @@ class TrainBatch(TokenBatch):
     m2po_keep: torch.Tensor | None = None
     """(B, T) bool, the M2PO trust region's mask over the whole rollout batch: True on the tokens it
     keeps (with `trust_region: m2po`; computed before the batch is split)."""
+    routing: torch.Tensor | None = None
+    """(B, T, MoE layers, top-k) experts generation routed each token to (`rollout.record_routing`;
+    zeros where nothing was recorded: padding and each row's last token)."""
 
 
 # ---------------------------------------------------------------------------------- actor results

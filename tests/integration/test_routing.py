@@ -62,3 +62,71 @@ def test_generation_records_the_routing_a_forward_of_its_tokens_takes(preset: st
     # Cached decoding and one forward sum floats in another order: a near tie may flip, rarely.
     assert agree / total > 0.98, (agree, total)
     assert engine.generate(prompts[:1], params)[0].routing is None  # recorded only when asked
+
+
+def test_routing_health_counts_each_flip(tmp_path: Path) -> None:
+    """The trainer's routing-health metrics on a batch whose recorded routing is generation's, with
+    known flips planted: the agreement drops by exactly them, per layer and per token."""
+    from tidal.metrics import values
+    from tidal.routing import routing_health
+    from tidal.trainer.rl import build_batch
+    from tidal.types import Group, Sample
+
+    path = materialize_preset("tiny-glm4-moe", seed=0)
+    model, tok = load_model(path), load_tokenizer(path)
+    outs = TransformersEngine(model, tok).generate([tok.encode(p) for p in PROMPTS],
+                                                   SamplingParams(temperature=1.0, max_new_tokens=6, seed=1),
+                                                   record_routing=True)  # fmt: skip
+    samples = [Sample(i // 2, c.prompt_ids, c.token_ids, [1] * len(c.token_ids), c.logprobs, c.finish_reason, 0,
+                      [0] * len(c.token_ids), reward=float(i % 2), routing=c.routing.clone())
+               for i, c in enumerate(outs)]  # fmt: skip
+    groups = [Group(g, [s.for_training() for s in samples if s.group_id == g]) for g in range(2)]
+    batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
+    fed = sum(len(c.routing) for c in outs)
+    clean = values(routing_health(model, batch, micro_batch_size=3))
+    assert clean["moe/routing_agreement"] == 1.0 and clean["moe/routing_any_flip"] == 0.0
+    # Plant flips: layer 0 of the first 3 tokens of row 0, and layer 1 of token 2 of row 1.
+    experts = model.config.n_routed_experts
+    batch.routing[0, :3, 0, 0] = (batch.routing[0, :3, 0, :].max(-1).values + 1) % experts
+    batch.routing[0, :3, 0, 1] = batch.routing[0, :3, 0, 0]  # a set of one expert twice: not the same set
+    batch.routing[1, 2, 1] = torch.tensor([experts - 1, experts - 1], dtype=torch.uint8)
+    got = values(routing_health(model, batch, micro_batch_size=3))
+    layers = len(moe_routers(model))
+    assert got["moe/routing_agreement"] == pytest.approx(1 - 4 / (fed * layers))
+    assert got["moe/routing_agreement_layer0"] == pytest.approx(1 - 3 / fed)
+    assert got["moe/routing_agreement_layer1"] == pytest.approx(1 - 1 / fed)
+    assert got["moe/routing_any_flip"] == pytest.approx(4 / fed)
+    assert got["moe/rollout_load_violation"] != clean["moe/rollout_load_violation"] >= 0.0  # the flips moved load
+    assert got["moe/train_load_violation"] == clean["moe/train_load_violation"]  # the trainer's routing did not
+    assert got["moe/routing_bytes_per_token"] == layers * 2
+
+
+def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -> None:
+    """`rollout.record_routing` through a real run: workers record, the buffer and Ray carry the
+    records, the DeepSpeed trainer compares its own routing before each update."""
+    import json
+
+    from tidal.config import load_config
+    from tidal.train import run_train
+
+    cfg = load_config(None, [
+        "model.preset=tiny-glm4-moe", "data.source.ops=[+]", "data.source.eval_size=8", "name=routing",
+        f"output_dir={tmp_path}", "rollout.max_new_tokens=4", "rollout.group_size=4", "rollout.prompts_per_step=4",
+        "rollout.max_staleness=0", "rollout.record_routing=true", "filter.zero_variance=false", "train.steps=3",
+        "train.eval_every=0", "eval.num_samples=4", "monitor.wandb=disabled", "train.save_checkpoint=false",
+    ])  # fmt: skip
+    summary = run_train(cfg)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/version" in r]
+    assert len(steps) == 3 and all("moe/routing_agreement" in r for r in steps)
+    # On-policy and fp32 on both sides: the trainer routes nearly every token as generation did.
+    assert all(r["moe/routing_agreement"] > 0.98 for r in steps), [r["moe/routing_agreement"] for r in steps]
+    assert all(r["moe/routing_bytes_per_token"] == 3 * 2 for r in steps)  # 3 MoE layers x top-2, one byte each
+    ledger_balances(summary, rows, 3, 4)
+
+
+def test_record_routing_is_refused_where_it_is_not_built_yet() -> None:
+    from tidal.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rollout.record_routing needs rollout.engine=transformers for now"):
+        load_config(None, ["rollout.engine=vllm", "rollout.record_routing=true"])

@@ -210,6 +210,11 @@ class RolloutConfig(Strict):
     adaptive_staleness: AdaptiveStaleness | None = None
     """Adapt the bound the driver dispatches under to the measured off-policy distance, between
     `min_staleness` and `max_staleness` (null: the bound is `max_staleness` throughout)."""
+    record_routing: bool = False
+    """Record the experts each token is routed to in every MoE layer, as generation routed it (the
+    transformers engine; single-turn envs), and log routing health under `moe/`: how often the
+    trainer routes the same tokens the same way, and expert load in rollout and in training. Costs
+    one no-grad forward per step in the trainer and (layers x top-k) bytes per token."""
     interruptible: bool = False
     """Partial rollouts: apply a newly published snapshot inside a generation, at a chunk boundary,
     instead of only between generations; the completions in flight go on from their tokens so far

@@ -99,6 +99,13 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _routing_records_need_transformers(self) -> RunConfig:
+        if self.rollout.record_routing and self.rollout.engine == "vllm":
+            raise ValueError("rollout.record_routing needs rollout.engine=transformers for now (vLLM's routed-experts "
+                             "output is not wired in yet)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _deterministic_leaves_nothing_to_timing(self) -> RunConfig:
         if self.rollout.deterministic and self.filter.max_oversample:
             raise ValueError("filter.max_oversample needs streaming rollout (rollout.deterministic: false): which "

@@ -67,6 +67,7 @@ def to_sample(c: Completion, prompt: Prompt) -> Sample:
         group_id=prompt.group_id, prompt_ids=c.prompt_ids, response_ids=c.token_ids, loss_mask=[1] * len(c.token_ids),
         logp_mu=c.logprobs, finish_reason=c.finish_reason, version=c.version,
         versions=c.versions or [c.version] * len(c.token_ids), text=c.text, row=prompt.row, env=prompt.env,
+        routing=c.routing,
     )  # fmt: skip
 
 
@@ -99,6 +100,8 @@ def generate_samples(
     kept, ids = _encode(rt, engine, prompts)
     params = replace(params, stop=list(dict.fromkeys([*rollout.stop, *rt.env.stop])))
     kwargs = {"on_chunk": on_chunk, "chunk_tokens": rollout.chunk_tokens}
+    if rollout.record_routing:  # the transformers engine's (the config refuses it with vLLM)
+        kwargs["record_routing"] = True
     flat = [(p, x) for p, x in zip(kept, ids, strict=True) for _ in range(n)]
     bs = rollout.batch_size
     if rt.env.multi_turn:

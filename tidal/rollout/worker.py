@@ -106,6 +106,9 @@ class RolloutWorker:
         self._last_end = time.perf_counter()
         self._queue = WorkQueue()
         self._serving = False
+        self._engine_lock = threading.Lock()
+        """Held while the engine generates or evaluates: an evaluation called before the serving loop
+        started never runs beside it."""
         self._scoring = ThreadPoolExecutor(1, thread_name_prefix="tidal-score")
         self._scored: list[Future[None]] = []
         self._ended: list[tuple[Work, list[Sample], Metrics]] = []  # groups ended, to score and put
@@ -199,13 +202,14 @@ class RolloutWorker:
             while items := self._queue.take(max(1, self.cfg.rollout.batch_size // self.cfg.rollout.group_size)):
                 self._raise_scoring_errors()
                 head = items[0]
-                if isinstance(head, EvalRequest):
-                    self._run_eval(head)
-                elif head.fixed:
-                    self._flush_scoring()
-                    self.rollout(head.prompts, head.seed, head.batch_id, head.min_version)
-                else:
-                    self._stream([w for w in items if isinstance(w, Work)])
+                with self._engine_lock:
+                    if isinstance(head, EvalRequest):
+                        self._run_eval(head)
+                    elif head.fixed:
+                        self._flush_scoring()
+                        self.rollout(head.prompts, head.seed, head.batch_id, head.min_version)
+                    else:
+                        self._stream([w for w in items if isinstance(w, Work)])
             self._flush_scoring()
         finally:
             self._serving = False
@@ -370,8 +374,9 @@ class RolloutWorker:
         """Greedy held-out metrics with weights of version >= `min_version`, scored by each env (the
         run's rewards without `envs`) exactly as in training. While the worker serves, the request
         goes first in its queue and runs between two generate calls."""
-        if not self._serving:
-            return self._evaluate(prompts, min_version)
+        if not self._serving:  # (a serving loop about to start waits for the engine)
+            with self._engine_lock:
+                return self._evaluate(prompts, min_version)
         request = EvalRequest(prompts, min_version)
         # First in the queue; in deterministic mode in its turn, since each batch before it needs the
         # older weights it was dispatched for.

@@ -41,6 +41,7 @@ from tidal.config import (
 from tidal.metrics import Metrics, PeakRSS, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
+from tidal.routing import routing_health
 from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
@@ -146,6 +147,10 @@ class TrainerActor:
         self.trained_groups += [g.group_id for g in groups]
         batch, metrics = build_batch(groups, self.cfg.algorithm.advantage, self.tokenizer.pad_token_id)
         metrics.update(_staleness(self.version, groups, batch, self.cfg.rollout.max_staleness))
+        if batch.routing is not None:  # before the update: the routing of the weights pi_old is
+            shard = self.trainer.shard(batch)
+            metrics.update(self.trainer.all_reduce(routing_health(self.trainer.module, shard,
+                                                                  self.cfg.trainer.micro_batch_size)))  # fmt: skip
         t_prep = time.perf_counter()
         cfg = self.cfg
         tokens = float(batch.loss_mask.sum())

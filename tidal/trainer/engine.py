@@ -275,7 +275,7 @@ class DeepSpeedTrainer:
             self.engine.step()
         else:
             self._step_reading_grads(on_grads)
-        out = self._all_reduce(merge(rows))
+        out = self.all_reduce(merge(rows))
         out["loss"] = mean(out["loss"].value / denominator, denominator)
         grad_norm = self._grad_norm if self._grad_norm is not None else self.engine.get_global_grad_norm()
         out.update(
@@ -329,7 +329,7 @@ class DeepSpeedTrainer:
                 out[name] = torch.zeros(p.shape) if grad is None else grad.detach().to("cpu", torch.float32, copy=True)
         return out
 
-    def _all_reduce(self, row: Metrics) -> Metrics:
+    def all_reduce(self, row: Metrics) -> Metrics:
         """The row over all ranks, one collective per reduction (a mean travels as its weighted sum and weight)."""
         keys = sorted(row)
         parts: dict[str, list[torch.Tensor]] = {"sum": [], "max": [], "min": []}

@@ -15,7 +15,7 @@ from tidal.metrics import Metrics
 from tidal.modeling import entropy, forward, pad, pad_tokens, token_logprobs
 from tidal.trainer.advantages import compute_advantages
 from tidal.trainer.losses import aggregate, policy_loss, router_aux_loss
-from tidal.types import Group, TrainBatch
+from tidal.types import Group, TrainBatch, TrainSample
 
 
 def build_batch(groups: list[Group], estimator: str, pad_id: int) -> tuple[TrainBatch, Metrics]:
@@ -37,8 +37,20 @@ def build_batch(groups: list[Group], estimator: str, pad_id: int) -> tuple[Train
         advantages=per_token([[float(a)] * len(s.response_ids) for s, a in zip(samples, adv, strict=True)],
                              torch.float32),
         versions=per_token([s.versions for s in samples], torch.long),
+        routing=_routing(samples, ids.shape[1]),
     )  # fmt: skip
     return batch, metrics
+
+
+def _routing(samples: list[TrainSample], length: int) -> torch.Tensor | None:
+    """(B, T, layers, top-k) recorded routing, zero-padded; None unless every sample has one."""
+    if not samples or any(s.routing is None for s in samples):
+        return None
+    first = samples[0].routing
+    out = first.new_zeros((len(samples), length, *first.shape[1:]))
+    for i, s in enumerate(samples):
+        out[i, : len(s.routing)] = s.routing
+    return out
 
 
 def loss_denominator(batch: TrainBatch, cfg: LossConfig, max_len: int) -> float:
