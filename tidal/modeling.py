@@ -12,9 +12,11 @@ recomputed in the backward pass (activation checkpointing) instead of being kept
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -192,14 +194,17 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float, micro_batch_size: int
-) -> torch.Tensor:
+    model: torch.nn.Module, batch: TokenBatch, temperature: float, micro_batch_size: int,
+    around: Callable[[Any], AbstractContextManager[Any]] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """(B, T) log-probs of the batch's tokens under `model` at `temperature`, micro-batch by
-    micro-batch, on the CPU."""
+    micro-batch, on the CPU; `around(micro)`, when given, is entered around each micro-batch's
+    forward (routing replay)."""
     device = next(model.parameters()).device
     parts = []
     for micro in micro_batches(batch, micro_batch_size):
-        logits, _ = forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+        with around(micro) if around is not None else contextlib.nullcontext():
+            logits, _ = forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
         parts.append(token_logprobs(logits, micro.input_ids.to(device), temperature).cpu())
     return torch.cat(parts)
 

@@ -115,3 +115,54 @@ def routing_health(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: 
     for name, load in loads.items():
         out[f"moe/{name}_load_violation"] = largest(float(load.max()) / balanced - 1.0)
     return out
+
+
+def gate_weights(router: torch.nn.Module, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """The gate weights of `experts` (N, top-k) from router logits (N, experts), as the router's
+    architecture computes them for the experts it picks: softmax probabilities (Qwen3-MoE) or
+    sigmoid scores without the load-balancing bias, then scaled (GLM-4.5, GLM-5); renormalised over
+    the top-k where the architecture does so."""
+    if hasattr(router, "e_score_correction_bias"):  # GLM: the bias only steers the choice
+        weights = logits.float().sigmoid().gather(1, experts)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * router.routed_scaling_factor
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, experts)
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights
+
+
+class RoutingReplay:
+    """While entered, the next forward of `model` routes token n (row-major over the forward's
+    (batch, length)) to the experts `routing[n]` (MoE layers, top-k) in every MoE layer where
+    `replay[n]`, and as its routers choose elsewhere. Gate weights are recomputed from the routers'
+    current logits over the replayed experts (`gate_weights`), so the routers still get gradients
+    and their logits still feed the auxiliary load-balancing loss (rollout routing replay, R3)."""
+
+    def __init__(self, model: torch.nn.Module, routing: torch.Tensor, replay: torch.Tensor) -> None:
+        self.routers = moe_routers(model)
+        if routing.shape[1] != len(self.routers):
+            raise ValueError(f"routing of {routing.shape[1]} MoE layers for a model with {len(self.routers)}")
+        self.routing, self.replay = routing, replay
+
+    def __enter__(self) -> RoutingReplay:
+        for layer, router in enumerate(self.routers):
+            router.forward = partial(self._route, router, layer, router.forward)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for router in self.routers:
+            del router.forward  # the class's own again
+
+    def _route(self, router: torch.nn.Module, layer: int, own: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, weights, picked = own(hidden)
+        replay = self.replay.to(picked.device)[:, None]
+        experts = torch.where(replay, self.routing[:, layer].to(picked.device, torch.long), picked)
+        return logits, gate_weights(router, logits, experts).to(weights.dtype), experts
+
+
+def replay_recorded(model: torch.nn.Module, micro: TrainBatch) -> RoutingReplay:
+    """`RoutingReplay` of a micro-batch's recorded routing (`TrainBatch.routing`) on its tokens."""
+    assert micro.routing is not None
+    return RoutingReplay(model, micro.routing.flatten(0, 1), recorded_positions(micro).flatten())

@@ -5,6 +5,7 @@ tokens routes to."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -102,8 +103,9 @@ def test_routing_health_counts_each_flip(tmp_path: Path) -> None:
 
 
 def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -> None:
-    """`rollout.record_routing` through a real run: workers record, the buffer and Ray carry the
-    records, the DeepSpeed trainer compares its own routing before each update."""
+    """Routing replay through a real run: `algorithm.routing_replay=r3` turns on the records; workers
+    record, the buffer and Ray carry the records, the DeepSpeed trainer compares its own routing
+    before each update (the health metrics), then replays the records in its forwards."""
     import json
 
     from tidal.config import load_config
@@ -112,13 +114,14 @@ def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -
     cfg = load_config(None, [
         "model.preset=tiny-glm4-moe", "data.source.ops=[+]", "data.source.eval_size=8", "name=routing",
         f"output_dir={tmp_path}", "rollout.max_new_tokens=4", "rollout.group_size=4", "rollout.prompts_per_step=4",
-        "rollout.max_staleness=0", "rollout.record_routing=true", "filter.zero_variance=false", "train.steps=3",
+        "rollout.max_staleness=0", "algorithm.routing_replay=r3", "filter.zero_variance=false", "train.steps=3",
         "train.eval_every=0", "eval.num_samples=4", "monitor.wandb=disabled", "train.save_checkpoint=false",
     ])  # fmt: skip
+    assert cfg.rollout.record_routing
     summary = run_train(cfg)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train/version" in r]
-    assert len(steps) == 3 and all("moe/routing_agreement" in r for r in steps)
+    assert len(steps) == 3 and all("moe/routing_agreement" in r and "train/loss" in r for r in steps)
     # On-policy and fp32 on both sides: the trainer routes nearly every token as generation did.
     assert all(r["moe/routing_agreement"] > 0.98 for r in steps), [r["moe/routing_agreement"] for r in steps]
     assert all(r["moe/routing_bytes_per_token"] == 3 * 2 for r in steps)  # 3 MoE layers x top-2, one byte each
@@ -130,3 +133,54 @@ def test_record_routing_is_refused_where_it_is_not_built_yet() -> None:
 
     with pytest.raises(ConfigError, match="rollout.record_routing needs rollout.engine=transformers for now"):
         load_config(None, ["rollout.engine=vllm", "rollout.record_routing=true"])
+
+
+def plain_routing(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        model(input_ids=ids)
+        return recorder.take().long()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_r3_routes_each_token_to_its_recorded_experts_and_the_router_still_learns(preset: str) -> None:
+    from tidal.routing import RoutingReplay
+
+    model = load_model(materialize_preset(preset, seed=0))
+    layers, top_k, experts = len(moe_routers(model)), moe_routers(model)[0].top_k, moe_routers(model)[0].weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, model.config.vocab_size, (2, 7), generator=g)
+    n = ids.numel()
+    # Any recorded routing, as a sample whose tokens came from two weight versions would carry.
+    recorded = torch.stack([torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(layers)])
+                            for _ in range(n)]).to(torch.uint8)  # fmt: skip
+    replay = torch.rand(n, generator=g) < 0.7
+    own = plain_routing(model, ids)
+    with RoutingReplay(model, recorded, replay), RoutingRecorder(model) as recorder:
+        out = model(input_ids=ids)
+        routed = recorder.take().long()
+    assert torch.equal(routed[replay], recorded[replay].long())  # every replayed token, every layer
+    with RoutingReplay(model, recorded, torch.zeros_like(replay)), RoutingRecorder(model) as recorder:
+        model(input_ids=ids)
+        assert torch.equal(recorder.take().long(), own)  # tokens not replayed go where the routers send them
+    out.logits.float().logsumexp(-1).mean().backward()
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in moe_routers(model))
+    assert torch.equal(plain_routing(model, ids), own)  # the routers route by themselves again
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_r3_with_the_routing_the_model_takes_changes_nothing(preset: str) -> None:
+    from tidal.routing import RoutingReplay
+
+    def loss_and_grads(replayed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = load_model(materialize_preset(preset, seed=0))
+        ids = torch.randint(6, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+        own = plain_routing(model, ids)
+        replay = RoutingReplay(model, own, torch.ones(ids.numel(), dtype=torch.bool))
+        with replay if replayed else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+    (plain, plain_grads), (r3, r3_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert r3 == pytest.approx(float(plain), abs=1e-6) and plain_grads.keys() == r3_grads.keys()
+    assert all(torch.allclose(plain_grads[k], r3_grads[k], atol=1e-6) for k in plain_grads)

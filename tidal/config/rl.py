@@ -179,6 +179,13 @@ class AlgorithmConfig(Strict):
     weights of pi_old, so its detached log-probs are pi_old's and the extra forward is skipped
     (about a fifth of a quickstart step); `perf/recompute_skipped` counts it. Off-policy metrics are
     the same either way (computed after the update from the same log-probs)."""
+    routing_replay: Literal["none", "r3"] = "none"
+    """MoE routing in the trainer. `r3` (rollout routing replay): every trainer forward of the
+    policy (pi_old's and the update's) routes each token to the experts generation routed it to,
+    in every MoE layer, with gate weights recomputed from the current router logits over those
+    experts, so the routers still learn; it needs, and turns on, `rollout.record_routing`. `none`:
+    the trainer routes by itself (the `moe/routing_*` metrics, with record_routing, show how often
+    that differs)."""
     loss: LossConfig = LossConfig()
     """Policy loss, off-policy correction and regularisers."""
 

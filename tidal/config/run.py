@@ -100,6 +100,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _routing_records_need_transformers(self) -> RunConfig:
+        if self.algorithm.routing_replay == "r3":
+            self.rollout.record_routing = True  # replay needs the records
         if self.rollout.record_routing and self.rollout.engine == "vllm":
             raise ValueError("rollout.record_routing needs rollout.engine=transformers for now (vLLM's routed-experts "
                              "output is not wired in yet)")  # fmt: skip

@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from tidal.config import (
 from tidal.metrics import Metrics, PeakRSS, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
-from tidal.routing import routing_health
+from tidal.routing import replay_recorded, routing_health
 from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
@@ -94,7 +95,8 @@ class TrainerActor:
         if cfg.algorithm.loss.kl.coef > 0:
             ref = load_model(model_dir, attn_implementation=attn)
             self.ref = ref.eval().requires_grad_(False).to(self.trainer.engine.device)
-        self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
+        self.replay = cfg.algorithm.routing_replay == "r3"
+        self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens, replay=self.replay)
         self.publisher: WeightPublisher | None = None
         self.trained_groups: list[int] = []
         """Group ids trained on, in order (a group trained twice would show here twice)."""
@@ -136,10 +138,12 @@ class TrainerActor:
             raise RuntimeError(f"trainer rank 0 could not take batch {batch_id}: {error}")
         return groups
 
-    def _logprobs(self, model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-        """(B, T) log-probs of the whole batch: each rank computes its share of the rows, then all gather."""
+    def _logprobs(self, model: torch.nn.Module, batch: TrainBatch, replay: bool = False) -> torch.Tensor:
+        """(B, T) log-probs of the whole batch: each rank computes its share of the rows, then all
+        gather; with `replay`, routed as generation routed (R3)."""
+        around = partial(replay_recorded, model) if replay else None
         local = batch_logprobs(model, self.trainer.shard(batch), self.cfg.rollout.temperature,
-                               self.cfg.trainer.micro_batch_size)  # fmt: skip
+                               self.cfg.trainer.micro_batch_size, around)  # fmt: skip
         return self.trainer.gather_rows(local, batch.input_ids.shape[0])
 
     def _train(self, groups: list[Group]) -> Metrics:
@@ -160,7 +164,8 @@ class TrainerActor:
         reuse = needs_pi_old and self._update_gives_pi_old()
         self.loss.pi_old_parts = [] if reuse else None
         if needs_pi_old and not reuse:
-            batch.logp_old = self._logprobs(self.trainer.module, batch)
+            replay = self.replay and batch.routing is not None
+            batch.logp_old = self._logprobs(self.trainer.module, batch, replay=replay)
             metrics.update(self._pi_old_metrics(batch, tokens, version))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;

@@ -8,11 +8,14 @@ passes the batch's aggregation denominator as the trainer's normalizer.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tidal.config import BehaviorCorrection, LossConfig
 from tidal.metrics import Metrics
 from tidal.modeling import entropy, forward, pad, pad_tokens, token_logprobs
+from tidal.routing import replay_recorded
 from tidal.trainer.advantages import compute_advantages
 from tidal.trainer.losses import aggregate, policy_loss, router_aux_loss
 from tidal.types import Group, TrainBatch, TrainSample
@@ -62,8 +65,11 @@ def loss_denominator(batch: TrainBatch, cfg: LossConfig, max_len: int) -> float:
 class RLLoss:
     """`loss_fn(model, micro) -> (numerator, metrics)` for `DeepSpeedTrainer.train_step`."""
 
-    def __init__(self, cfg: LossConfig, temperature: float, max_len: int, moe_metrics: bool = True) -> None:
+    def __init__(self, cfg: LossConfig, temperature: float, max_len: int, moe_metrics: bool = True,
+                 replay: bool = False) -> None:  # fmt: skip
         self.cfg = cfg
+        self.replay = replay
+        """Route each token to its recorded experts (`algorithm.routing_replay: r3`)."""
         self.temperature = temperature
         self.max_len = max_len
         self.moe_metrics = moe_metrics or cfg.router_aux_coef > 0
@@ -74,7 +80,8 @@ class RLLoss:
     def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
         mask = micro.loss_mask.float()  # (B, T)
-        logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=self.moe_metrics)
+        with replay_recorded(model, micro) if self.replay and micro.routing is not None else contextlib.nullcontext():
+            logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=self.moe_metrics)
         logp = token_logprobs(logits, micro.input_ids, self.temperature)  # (B, T)
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
         with torch.set_grad_enabled(cfg.entropy_coef > 0 and torch.is_grad_enabled()):
