@@ -103,7 +103,7 @@ def routing_health(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: 
             flips += int((~same).any(-1).sum())
             tokens += same.shape[0]
             for name, picked in (("rollout", theirs), ("train", mine)):
-                loads[name] += torch.nn.functional.one_hot(picked.long(), num_experts).sum((0, 2)).float()
+                loads[name] += expert_load(picked, num_experts)
     n = float(max(tokens, 1))
     out: Metrics = {
         "moe/routing_agreement": mean(float(agree.sum()) / (n * layers), n * layers),
@@ -166,3 +166,32 @@ def replay_recorded(model: torch.nn.Module, micro: TrainBatch) -> RoutingReplay:
     """`RoutingReplay` of a micro-batch's recorded routing (`TrainBatch.routing`) on its tokens."""
     assert micro.routing is not None
     return RoutingReplay(model, micro.routing.flatten(0, 1), recorded_positions(micro).flatten())
+
+
+def biased_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The routers that choose experts by score plus a per-expert correction bias (GLM-4.5, GLM-5:
+    DeepSeek-V3's auxiliary-loss-free load balancing)."""
+    return [r for r in moe_routers(model) if hasattr(r, "e_score_correction_bias")]
+
+
+def expert_load(picked: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(layers, experts) how many of the tokens' top-k slots went to each expert, from routing
+    (tokens, layers, top-k)."""
+    return torch.nn.functional.one_hot(picked.long(), num_experts).sum((0, 2)).float()
+
+
+@torch.no_grad()
+def update_router_bias(model: torch.nn.Module, load: torch.Tensor, rate: float) -> Metrics:
+    """DeepSeek-V3's bias update from a step's expert load (layers, experts): each router's correction
+    bias rises by `rate` for an expert below the mean load and falls by `rate` for one above, so
+    the next choices drift toward balance without an auxiliary loss (Megatron's
+    `moe_router_bias_update_rate`). The load's violation and the biases' spread are returned."""
+    routers = biased_routers(model)
+    for router, row in zip(routers, load, strict=True):
+        bias = router.e_score_correction_bias
+        bias.add_((rate * torch.sign(row.mean() - row)).to(bias.device, bias.dtype))
+    biases = torch.stack([r.e_score_correction_bias.float().cpu() for r in routers])
+    return {
+        "moe/bias_update_load_violation": largest(float((load.max(-1).values / load.mean(-1)).max()) - 1.0),
+        "moe/router_bias_abs_max": largest(float(biases.abs().max())),
+    }

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tidal.metrics import values
 from tidal.models import load_model, load_tokenizer, materialize_preset
 from tidal.rollout.engine import TransformersEngine
 from tidal.routing import RoutingRecorder, moe_routers
@@ -184,3 +185,63 @@ def test_r3_with_the_routing_the_model_takes_changes_nothing(preset: str) -> Non
     (plain, plain_grads), (r3, r3_grads) = loss_and_grads(False), loss_and_grads(True)
     assert r3 == pytest.approx(float(plain), abs=1e-6) and plain_grads.keys() == r3_grads.keys()
     assert all(torch.allclose(plain_grads[k], r3_grads[k], atol=1e-6) for k in plain_grads)
+
+
+def test_the_bias_update_balances_a_skewed_load() -> None:
+    """GLM's correction bias, moved by the update rule from the step's load, spreads a load skewed
+    onto two experts (a bias that favours them, as a drifted checkpoint might have)."""
+    from tidal.routing import biased_routers, expert_load, update_router_bias
+
+    model = load_model(materialize_preset("tiny-glm4-moe", seed=0))
+    ids = torch.randint(6, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    experts = biased_routers(model)[0].weight.shape[0]
+    for router in biased_routers(model):
+        router.e_score_correction_bias[:2] += 0.05
+
+    def load() -> torch.Tensor:
+        with RoutingRecorder(model) as recorder, torch.no_grad():
+            model(input_ids=ids)
+            return expert_load(recorder.take(), experts)
+
+    def violation(x: torch.Tensor) -> float:
+        return float((x.max(-1).values / x.mean(-1)).max()) - 1.0
+
+    start = violation(load())
+    for _ in range(20):
+        metrics = update_router_bias(model, load(), rate=0.01)
+    assert start > 1.5 and violation(load()) < start / 3, (start, violation(load()))
+    assert metrics["moe/router_bias_abs_max"].value > 0
+    assert all(r.weight.grad is None for r in biased_routers(model))  # a buffer, not a learned weight
+
+
+def test_rollout_routes_with_the_bias_the_trainer_publishes(tmp_path: Path) -> None:
+    from tidal.config import load_config
+    from tidal.rollout.worker import RolloutWorker, WorkerConfig
+    from tidal.routing import biased_routers
+    from tidal.trainer.actor import TrainerActor, TrainerActorConfig
+    from tidal.types import Prompt
+
+    path = materialize_preset("tiny-glm4-moe", seed=0)
+    cfg = load_config(None, [
+        f"model.path={path}", "rollout.group_size=4", "rollout.max_new_tokens=4", "trainer.micro_batch_size=8",
+        "trainer.lr=1e-3", "algorithm.loss.router_bias_update_rate=0.01", f"output_dir={tmp_path}",
+    ]).for_rl()  # fmt: skip
+    threads = torch.get_num_threads()
+    worker = RolloutWorker(WorkerConfig.of(cfg), str(path))
+    groups = worker.rollout([Prompt(i, {"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(2)], seed=0).groups
+    for g in groups:
+        for j, s in enumerate(g.samples):
+            s.reward = float(j % 2)
+    trainer = TrainerActor(TrainerActorConfig.of(cfg), str(path))
+    result = trainer.step([g for g in groups])
+    torch.set_num_threads(threads)
+    module = trainer.trainer.module
+    routers = biased_routers(module)
+    biases = {f"{n}.e_score_correction_bias": r.e_score_correction_bias.clone()
+              for n, r in module.named_modules() if any(r is x for x in routers)}  # fmt: skip
+    assert biases and all(b.abs().max() == 0.01 for b in biases.values())  # one step of the rule moved each
+    assert "moe/bias_update_load_violation" in values(result.metrics)
+    state, version = trainer.snapshot()
+    worker.load_weights((state, version))
+    held = dict(worker.engine.model.named_buffers())
+    assert all(torch.equal(held[name], bias) for name, bias in biases.items())

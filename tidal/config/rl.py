@@ -147,6 +147,13 @@ class LossConfig(Strict):
     """Weight of the entropy bonus (subtracted from the loss)."""
     router_aux_coef: float = Field(0.0, ge=0.0)
     """Weight of the MoE load-balancing (router aux) loss; needs a model that returns router logits."""
+    router_bias_update_rate: float = Field(0.0, ge=0.0)
+    """GLM-4.5 / GLM-5 load balancing without an auxiliary loss (DeepSeek-V3's; Megatron's
+    `moe_router_bias_update_rate`, typically 1e-3): after each step each router's per-expert
+    correction bias (`e_score_correction_bias`, which steers the choice of experts but not their
+    weights) moves by this much toward balancing the step's expert load, and is published with the
+    weights so rollout routes the same way. 0 keeps the biases frozen, right for RL on a released
+    checkpoint. Needs routers with such a bias (the GLM presets)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,7 @@ weights on every rank and rank 0 sends them, bucket by bucket.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -42,7 +43,14 @@ from tidal.config import (
 from tidal.metrics import Metrics, PeakRSS, largest, mean, merge, total
 from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
 from tidal.models import load_model, load_tokenizer
-from tidal.routing import replay_recorded, routing_health
+from tidal.routing import (
+    RoutingRecorder,
+    biased_routers,
+    expert_load,
+    replay_recorded,
+    routing_health,
+    update_router_bias,
+)
 from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
@@ -96,6 +104,10 @@ class TrainerActor:
             ref = load_model(model_dir, attn_implementation=attn)
             self.ref = ref.eval().requires_grad_(False).to(self.trainer.engine.device)
         self.replay = cfg.algorithm.routing_replay == "r3"
+        self.bias_rate = cfg.algorithm.loss.router_bias_update_rate
+        if self.bias_rate > 0 and not biased_routers(self.trainer.module):
+            raise ValueError("algorithm.loss.router_bias_update_rate needs MoE routers with a correction bias "
+                             f"(GLM-4.5, GLM-5); {type(self.trainer.module).__name__} has none")  # fmt: skip
         self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens, replay=self.replay)
         self.publisher: WeightPublisher | None = None
         self.trained_groups: list[int] = []
@@ -179,10 +191,14 @@ class TrainerActor:
             batch.logp_ref = self._logprobs(self.ref, batch)
         t_recompute = time.perf_counter()
         steps = []
-        for minibatch in split_parts(batch, cfg.algorithm.minibatches):
-            norm = loss_denominator(minibatch, loss_cfg, cfg.rollout.max_new_tokens)
-            shard = self.trainer.shard(minibatch)
-            steps.append(self.trainer.train_step(shard, loss_fn=self.loss, normalizer=norm))
+        with RoutingRecorder(self.trainer.module) if self.bias_rate else contextlib.nullcontext() as recorder:
+            for minibatch in split_parts(batch, cfg.algorithm.minibatches):
+                norm = loss_denominator(minibatch, loss_cfg, cfg.rollout.max_new_tokens)
+                shard = self.trainer.shard(minibatch)
+                steps.append(self.trainer.train_step(shard, loss_fn=self.loss, normalizer=norm))
+        if recorder is not None:  # the step's expert load, over every rank, steers the biases
+            load = self.trainer.sum_over_ranks(expert_load(recorder.take(), recorder.num_experts))
+            metrics.update(update_router_bias(self.trainer.module, load, self.bias_rate))
         if reuse:
             assert self.loss.pi_old_parts is not None
             local, self.loss.pi_old_parts = torch.cat(self.loss.pi_old_parts), None

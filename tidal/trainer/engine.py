@@ -329,6 +329,14 @@ class DeepSpeedTrainer:
                 out[name] = torch.zeros(p.shape) if grad is None else grad.detach().to("cpu", torch.float32, copy=True)
         return out
 
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over every rank, on the CPU; collective."""
+        if self.world_size == 1:
+            return t
+        out = t.to(self.engine.device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.cpu()
+
     def all_reduce(self, row: Metrics) -> Metrics:
         """The row over all ranks, one collective per reduction (a mean travels as its weighted sum and weight)."""
         keys = sorted(row)
