@@ -103,8 +103,9 @@ class RunConfig(Strict):
         if self.algorithm.routing_replay == "r3":
             self.rollout.record_routing = True  # replay needs the records
         if self.rollout.record_routing and self.rollout.engine == "vllm":
-            raise ValueError("rollout.record_routing needs rollout.engine=transformers for now (vLLM's routed-experts "
-                             "output is not wired in yet)")  # fmt: skip
+            raise ValueError("rollout.record_routing needs rollout.engine=transformers for now: vLLM 0.32 returns "
+                             "routed experts only from its V2 model runner (it needs Triton, so not on CPU), which "
+                             "tidal does not drive yet")  # fmt: skip
         return self
 
     @model_validator(mode="after")
