@@ -44,7 +44,8 @@ class RoutingRecorder:
         self.routers = moe_routers(model)
         if not self.routers:
             raise ValueError(f"{type(model).__name__} has no MoE router to record (no module named *TopkRouter)")
-        self.num_experts = max(int(r.weight.shape[0]) for r in self.routers)
+        # The routers' own count: under ZeRO-3 a router's weight is a partition, not (experts, hidden).
+        self.num_experts = max(int(r.num_experts) for r in self.routers)
         self.dtype = routing_dtype(self.num_experts)
         self._picked: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self._hooks: list[Any] = []

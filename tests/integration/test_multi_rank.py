@@ -193,3 +193,25 @@ def test_two_ranks_resume_from_a_checkpoint_exactly(cluster: None, preset: Path,
     (whole, version, ledger), (resumed, version_again, ledger_again) = run(False), run(True)
     assert version == version_again == 6 and ledger == ledger_again == {"trained_groups": 9, "unique_trained_groups": 3}
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_two_ranks_replay_routing_and_measure_it_like_one(cluster: None, preset: Path) -> None:
+    """R3 at ZeRO-3: each rank replays its share's recorded routing; the routing-health metrics,
+    summed over ranks, are the whole batch's."""
+    threads = torch.get_num_threads()
+    groups = RolloutWorker(WorkerConfig.of(config("rollout.record_routing=true")), str(preset)).rollout(
+        ROWS, seed=0).groups  # fmt: skip
+    torch.set_num_threads(threads)
+    for g in groups:
+        for j, s in enumerate(g.samples):
+            s.reward = float((j + g.group_id) % 2)
+    assert all(s.routing is not None for g in groups for s in g.samples)
+    extra = ("algorithm.routing_replay=r3", "trainer.zero_stage=3")
+    reference, ref_metrics = train(preset, groups, *extra)
+    state, metrics = train(preset, groups, "trainer.num_ranks=2", *extra)
+    assert max((state[k] - reference[k]).abs().max().item() for k in reference) < TOLERANCE
+    for m, ref in zip(metrics, ref_metrics, strict=True):
+        for key in ("moe/routing_agreement", "moe/routing_any_flip", "moe/routing_agreement_layer0"):
+            assert m[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert ref_metrics[0]["moe/routing_agreement"] > 0.98  # step 1: the weights that generated the groups
+    assert ref_metrics[-1]["moe/routing_agreement"] < ref_metrics[0]["moe/routing_agreement"]  # they moved
