@@ -38,10 +38,12 @@ TRAINER = "trainer"
 
 SAFE_TO_CHANGE = (
     "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
-    "train.save_checkpoint", "eval.", "monitor.", "ray.", "name", "output_dir",
+    "train.save_checkpoint", "eval.", "monitor.", "ray.", "name", "output_dir", "weight_sync.transport.",
+    "weight_sync.bucket_mb",
 )  # fmt: skip
-"""Config keys a resume may change (prefixes end with a dot): the run's length, cadence, logging and
-resources. Any other change alters what the run trains on or how, and is refused."""
+"""Config keys a resume may change (prefixes end with a dot): the run's length, cadence, logging,
+resources and how weights travel (every transport delivers the same bits). Any other change alters
+what the run trains on or how, and is refused."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -116,7 +118,8 @@ def check_resume(path: Path, config: dict[str, Any], steps: int) -> dict[str, An
     changed = changed_keys(state["config"], config)
     if changed:
         raise ConfigError(f"cannot resume {path} with a config that changes {', '.join(changed)}; only the run's "
-                          "length, eval and logging cadence, monitor.* and ray.* may change")  # fmt: skip
+                          "length, eval and logging cadence, monitor.*, ray.* and the weight transport may "
+                          "change")  # fmt: skip
     if state["step"] > steps:
         raise ConfigError(f"{path} is at step {state['step']}, past train.steps={steps}")
     return state

@@ -89,7 +89,8 @@ def outcome(run_dir: Path) -> dict[str, Any]:
 
 
 def test_a_killed_run_resumes_into_the_uninterrupted_one(config: Path, ledger_balances) -> None:
-    """Deterministic mode, ZeRO 0, the object-store transport."""
+    """Deterministic mode, ZeRO 0; the object-store transport, resumed with the disk transport (a
+    transport may change on resume: each delivers the same bits)."""
     det = ["rollout.deterministic=true"]
     whole = load_config(config, [*det, "name=whole"])
     run_train(whole)
@@ -105,8 +106,8 @@ def test_a_killed_run_resumes_into_the_uninterrupted_one(config: Path, ledger_ba
     # A save cut short by the kill would be left unfinished: resume must not take it.
     checkpoint.begin(killed, step + 1)
     with log.open("a") as f:
-        out = finish(tidal("train", str(config), *det, "name=killed", "train.resume=true", log=f, cwd=config.parent),
-                     log)  # fmt: skip
+        resume = [*det, "name=killed", "train.resume=true", "weight_sync.transport.type=disk"]
+        out = finish(tidal("train", str(config), *resume, log=f, cwd=config.parent), log)
     assert f"resuming killed from step {step}" in out
     a, b = outcome(whole.run_dir), outcome(killed)
     assert b["schedule"] == a["schedule"]  # the same groups, from the same workers and versions, at the same steps
