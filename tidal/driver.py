@@ -81,6 +81,7 @@ class Driver:
         self.saving: tuple[list[Any], Path, float] | None = None  # a checkpoint whose trainer part is being written
         self.saved: Path | None = None
         self.save_times: dict[str, float] = {}  # the last checkpoint's, logged with the next step
+        self.save_due = False  # decided once per step, before its publish: the checkpoint needs that publish
         if resumed is not None:
             self._restore(resumed)
         # each step's groups as trained: group, batch, worker, generating versions
@@ -120,7 +121,7 @@ class Driver:
                 self.monitor.log({**self.before, **{f"warm_start/{k}": v for k, v in warm.items()
                                                     if isinstance(v, float)}}, step=0)  # fmt: skip
             last, t_end, t_prev = self._step(t_prev)
-            if self._checkpoint_due():
+            if self.save_due:
                 self._save()
                 if self.stop.name:
                     break
@@ -169,7 +170,8 @@ class Driver:
         self.bound.update(values(metrics))
         t2 = time.perf_counter()
         evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-        if step % cfg.weight_sync.every == 0 or evaluate or self._checkpoint_due():
+        self.save_due = self._checkpoint_due()  # a signal arriving after this is taken at the next step
+        if step % cfg.weight_sync.every == 0 or evaluate or self.save_due:
             metrics.update(self._publish())
             if evaluate:
                 self.evals.request(self.published)

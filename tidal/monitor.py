@@ -153,7 +153,7 @@ class WandbSink:
         self.run.define_metric("perf/elapsed_s", hidden=True)
         self.run.define_metric("by_time/*", step_metric="perf/elapsed_s")
         self.run.define_metric("eval/accuracy", step_metric="step", summary="max,last")
-        self.prefixes = {"by_time", "eval/accuracy"}  # namespaces whose x axis is set
+        self.prefixes = {"by_time"}  # namespaces whose x axis is set
         self.t0: float | None = None
         self.last_step = 0
 

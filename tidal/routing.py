@@ -10,7 +10,9 @@ trainer (rollout routing replay, R3).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any
 
@@ -163,9 +165,11 @@ class RoutingReplay:
         return logits, gate_weights(router, logits, experts).to(weights.dtype), experts
 
 
-def replay_recorded(model: torch.nn.Module, micro: TrainBatch) -> RoutingReplay:
-    """`RoutingReplay` of a micro-batch's recorded routing (`TrainBatch.routing`) on its tokens."""
-    assert micro.routing is not None
+def replay_recorded(model: torch.nn.Module, micro: TrainBatch) -> AbstractContextManager[Any]:
+    """`RoutingReplay` of a micro-batch's recorded routing (`TrainBatch.routing`) on its tokens;
+    nothing to replay without one."""
+    if micro.routing is None:
+        return contextlib.nullcontext()
     return RoutingReplay(model, micro.routing.flatten(0, 1), recorded_positions(micro).flatten())
 
 

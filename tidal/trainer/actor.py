@@ -176,8 +176,7 @@ class TrainerActor:
         reuse = needs_pi_old and self._update_gives_pi_old()
         self.loss.pi_old_parts = [] if reuse else None
         if needs_pi_old and not reuse:
-            replay = self.replay and batch.routing is not None
-            batch.logp_old = self._logprobs(self.trainer.module, batch, replay=replay)
+            batch.logp_old = self._logprobs(self.trainer.module, batch, replay=self.replay)
             metrics.update(self._pi_old_metrics(batch, tokens, version))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;

@@ -80,7 +80,7 @@ class RLLoss:
     def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
         mask = micro.loss_mask.float()  # (B, T)
-        with replay_recorded(model, micro) if self.replay and micro.routing is not None else contextlib.nullcontext():
+        with replay_recorded(model, micro) if self.replay else contextlib.nullcontext():
             logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=self.moe_metrics)
         logp = token_logprobs(logits, micro.input_ids, self.temperature)  # (B, T)
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
