@@ -186,15 +186,26 @@ class AlgorithmConfig(Strict):
     weights of pi_old, so its detached log-probs are pi_old's and the extra forward is skipped
     (about a fifth of a quickstart step); `perf/recompute_skipped` counts it. Off-policy metrics are
     the same either way (computed after the update from the same log-probs)."""
-    routing_replay: Literal["none", "r3"] = "none"
+    routing_replay: Literal["none", "r3", "r2"] = "none"
     """MoE routing in the trainer. `r3` (rollout routing replay): every trainer forward of the
     policy (pi_old's and the update's) routes each token to the experts generation routed it to,
     in every MoE layer, with gate weights recomputed from the current router logits over those
-    experts, so the routers still learn; it needs, and turns on, `rollout.record_routing`. `none`:
-    the trainer routes by itself (the `moe/routing_*` metrics, with record_routing, show how often
-    that differs)."""
+    experts, so the routers still learn; it needs, and turns on, `rollout.record_routing`. `r2`
+    (routing replay of pi_old): the update routes each token as the trainer's own pi_old forward
+    routed it, so that later minibatches of a rollout batch (`minibatches` > 1) keep pi_old's
+    experts; it needs a pi_old forward, so not `loss.correction: behavior`, and with one minibatch
+    and `recompute_pi_old: auto` it is what the update does anyway. `none`: the trainer routes by
+    itself (the `moe/routing_*` metrics, with record_routing, show how often that differs from
+    generation)."""
     loss: LossConfig = LossConfig()
     """Policy loss, off-policy correction and regularisers."""
+
+    @model_validator(mode="after")
+    def _r2_needs_pi_old(self) -> AlgorithmConfig:
+        if self.routing_replay == "r2" and isinstance(self.loss.correction, BehaviorCorrection):
+            raise ValueError("algorithm.routing_replay=r2 replays the routing of the trainer's pi_old forward, and "
+                             "algorithm.loss.correction type behavior runs none: use r3, or another correction")
+        return self
 
 
 class FilterConfig(Strict):

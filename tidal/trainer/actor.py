@@ -103,12 +103,12 @@ class TrainerActor:
         if cfg.algorithm.loss.kl.coef > 0:
             ref = load_model(model_dir, attn_implementation=attn)
             self.ref = ref.eval().requires_grad_(False).to(self.trainer.engine.device)
-        self.replay = cfg.algorithm.routing_replay == "r3"
+        self.replay = cfg.algorithm.routing_replay
         self.bias_rate = cfg.algorithm.loss.router_bias_update_rate
         if self.bias_rate > 0 and not biased_routers(self.trainer.module):
             raise ValueError("algorithm.loss.router_bias_update_rate needs MoE routers with a correction bias "
                              f"(GLM-4.5, GLM-5); {type(self.trainer.module).__name__} has none")  # fmt: skip
-        self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens, replay=self.replay)
+        self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
         self.publisher: WeightPublisher | None = None
         self.trained_groups: list[int] = []
         """Group ids trained on, in order (a group trained twice would show here twice)."""
@@ -158,6 +158,16 @@ class TrainerActor:
                                self.cfg.trainer.micro_batch_size, around)  # fmt: skip
         return self.trainer.gather_rows(local, batch.input_ids.shape[0])
 
+    def _logprobs_and_routing(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_logprobs` of the policy, and the (B, T, layers, top-k) routing its forwards took (R2)."""
+        model = self.trainer.module
+        with RoutingRecorder(model) as recorder:
+            logp = self._logprobs(model, batch)
+            local = recorder.take()  # this rank's rows, micro-batch after micro-batch, each (rows, T)
+        rows, length = self.trainer.shard(batch).input_ids.shape
+        local = local.view(rows, length, *local.shape[1:])
+        return logp, self.trainer.gather_rows(local, batch.input_ids.shape[0])
+
     def _train(self, groups: list[Group]) -> Metrics:
         t0 = time.perf_counter()
         self.trained_groups += [g.group_id for g in groups]
@@ -175,8 +185,14 @@ class TrainerActor:
         needs_pi_old = not isinstance(loss_cfg.correction, BehaviorCorrection)
         reuse = needs_pi_old and self._update_gives_pi_old()
         self.loss.pi_old_parts = [] if reuse else None
-        if needs_pi_old and not reuse:
-            batch.logp_old = self._logprobs(self.trainer.module, batch, replay=self.replay)
+        # R3 replays generation's routing in every forward. R2 replays pi_old's in the update: where
+        # the update's forward is pi_old's (`reuse`), it routes that way by itself.
+        self.loss.replay = self.replay == "r3" or (self.replay == "r2" and not reuse)
+        if needs_pi_old and not reuse and self.replay == "r2":
+            batch.logp_old, batch.routing = self._logprobs_and_routing(batch)
+            metrics.update(self._pi_old_metrics(batch, tokens, version))
+        elif needs_pi_old and not reuse:
+            batch.logp_old = self._logprobs(self.trainer.module, batch, replay=self.replay == "r3")
             metrics.update(self._pi_old_metrics(batch, tokens, version))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;

@@ -69,7 +69,7 @@ class RLLoss:
                  replay: bool = False) -> None:  # fmt: skip
         self.cfg = cfg
         self.replay = replay
-        """Route each token to its recorded experts (`algorithm.routing_replay: r3`)."""
+        """Route each token to the experts in the micro-batch's `routing` (`algorithm.routing_replay`)."""
         self.temperature = temperature
         self.max_len = max_len
         self.moe_metrics = moe_metrics or cfg.router_aux_coef > 0
