@@ -4,24 +4,33 @@ Rewards (`tidal.rewards`) and environments (`tidal.envs`) both name user code by
 (`pkg.mod:attr`) or file path (`./file.py:attr`), resolved once at start-up with a one-line
 `ConfigError`, and both call into it through `BoundedCalls`: every call, sync or async, is bounded
 by a timeout and isolated, so one that raises or hangs is recorded and never crashes the run.
+A plugin a fresh process can load again (`plugin_ref`) can be called in a process of a pool
+(`BoundedCalls.in_process`), where a call past its timeout is killed rather than left running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import multiprocessing
+import multiprocessing.forkserver
+import os
 import re
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
+
+from pebble import ProcessPool
 
 from tidal.config import ConfigError
 
@@ -77,6 +86,10 @@ def _import_module(name: str, where: str) -> ModuleType:
         raise ConfigError(f"{where}: importing {name} raised {describe_exception(e)}") from None
 
 
+_FILE_MODULE_PREFIX = "_tidal_plugin_"
+"""Module names of plugins loaded from a file (`_tidal_plugin_<stem>_<digest of the path>`)."""
+
+
 def _load_file(source: str, where: str) -> ModuleType:
     file = Path(source).expanduser()
     if not file.is_file():
@@ -86,7 +99,7 @@ def _load_file(source: str, where: str) -> ModuleType:
     # file named by two specs is loaded once.
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:10]
     stem = re.sub(r"\W", "_", resolved.stem)
-    mod_name = f"_tidal_plugin_{stem}_{digest}"
+    mod_name = f"{_FILE_MODULE_PREFIX}{stem}_{digest}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, resolved)
@@ -101,6 +114,99 @@ def _load_file(source: str, where: str) -> ModuleType:
         del sys.modules[mod_name]
         raise ConfigError(f"{where}: importing {source} raised {describe_exception(e)}") from None
     return module
+
+
+# ------------------------------------------------------------------------------ plugins in processes
+
+
+@dataclass
+class PluginRef:
+    """How a fresh process loads a plugin again: the path `import_object` resolves (a file plugin's
+    absolute), and the kwargs to build it with when it names a class."""
+
+    path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def plugin_ref(obj: Any, kwargs: dict[str, Any] | None = None) -> PluginRef | None:
+    """The ref a fresh process can load `obj` by, None when it cannot load the same object.
+
+    `obj` is a function or class defined at the top level of a module that a fresh process imports
+    by name or, for a plugin loaded from a file, from that file; `kwargs` build a class. A closure,
+    lambda, bound method, instance, `__main__`'s objects or a module made in memory have no ref.
+    """
+    if not (inspect.isfunction(obj) or isinstance(obj, type)):
+        return None
+    module = sys.modules.get(obj.__module__)
+    if module is None or getattr(module, obj.__qualname__, None) is not obj:  # nested, local or replaced
+        return None
+    if module.__name__.startswith(_FILE_MODULE_PREFIX) and getattr(module, "__file__", None):
+        source = module.__file__
+    elif module.__name__ == "__main__" or module.__spec__ is None:  # a child has another __main__, or none
+        return None
+    else:
+        source = module.__name__
+    return PluginRef(f"{source}:{obj.__qualname__}", dict(kwargs or {}))
+
+
+_loaded: dict[str, Callable[..., Any]] = {}
+"""This process's plugins by ref (`load_plugin`): a reward process builds each one once."""
+
+
+def load_plugin(ref: PluginRef) -> Callable[..., Any]:
+    """The plugin `ref` names, built with its kwargs if it is a class; loaded once per process."""
+    key = repr((ref.path, ref.kwargs))
+    if key not in _loaded:
+        obj = import_object(ref.path, f"plugin {ref.path!r}")
+        _loaded[key] = obj(**ref.kwargs) if isinstance(obj, type) else obj
+    return _loaded[key]
+
+
+def _start_worker(cwd: str, path: list[str], refs: list[PluginRef]) -> None:
+    """A new pool process: the parent's working directory and import path, its plugins loaded ahead,
+    so a replacement for a killed process does not spend the next call's time on imports.
+
+    Never raises: pebble marks the whole pool broken when a process fails to start."""
+    if sys.platform == "linux":
+        # Killed with the forkserver, its parent, so that a call spinning when the rollout worker is
+        # killed outright does not outlive it. The forkserver exits when every holder of its "alive"
+        # pipe has closed it: the process that started it and, unless they close it as here, every
+        # process it forked, the spinning one included.
+        server = multiprocessing.forkserver._forkserver
+        if getattr(server, "_forkserver_alive_fd", None) is not None:
+            os.close(server._forkserver_alive_fd)
+            server._forkserver_alive_fd = None
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    try:
+        os.chdir(cwd)
+    except OSError:
+        pass
+    sys.path[:] = path
+    for ref in refs:
+        try:
+            load_plugin(ref)
+        except BaseException:  # the call itself loads it again and records why it failed
+            pass
+
+
+def start_forkserver(modules: Sequence[str]) -> None:
+    """Start this process's forkserver, if not yet running, importing `modules` once there (in the
+    background: this returns at once), so that the pool processes `BoundedCalls` forks from it later
+    start in milliseconds, with those modules already imported.
+
+    The preload list is the process's own (the first caller's wins). `__main__`, multiprocessing's
+    default, stays on it: imported once there (as `__mp_main__`) instead of in every process forked.
+    As with any multiprocessing but `fork`, a script that calls this must guard its top level with
+    `if __name__ == "__main__":`.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *modules])
+    multiprocessing.forkserver.ensure_running()
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on (its affinity, e.g. a container's or a Ray worker's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------- bounded calls
@@ -125,22 +231,43 @@ def is_async(fn: Callable[..., Any]) -> bool:
 class BoundedCalls:
     """Runs user calls on one long-lived event loop (in a daemon thread), each bounded by `timeout_s`.
 
-    Async calls run on the loop and are cancelled at the timeout (clients they keep stay bound to one
-    loop across batches). Sync calls run in daemon threads, at most `max_threads` at once; a timed-out
-    thread cannot be killed, so it is abandoned: it gives its slot back and, being a daemon, never
-    holds up process exit.
+    Three ways to run a call, by what it is:
+
+    - Async calls run on the loop and are cancelled at the timeout (clients they keep stay bound to
+      one loop across batches).
+    - Sync plugins a fresh process can load (`in_process`, given a `PluginRef`) run in a pool of
+      processes, at most `max_threads` and the CPU count; a call past the timeout is killed with its
+      process, which is replaced. This is where sync rewards run: a pathological input (math_verify
+      on a huge expression, a regex that backtracks) stops burning a core at its timeout.
+    - Other sync calls run in daemon threads, at most `max_threads` at once: env calls (`run`: an
+      env's `reset` and `step` change state that lives in this process, so they must run here),
+      and callables no fresh process can load (a closure, an env's bound `score`). A timed-out
+      thread cannot be killed, so it is abandoned: it gives its slot back and, being a daemon, never
+      holds up process exit.
+
+    The pool is made on the first `in_process` call, from a forkserver (`start_forkserver`) rather
+    than by forking this process: the caller is typically a Ray actor with threads of its own (Ray's,
+    torch's, maybe CUDA), and a fork copies their locks in whatever state they are, which can
+    deadlock the child. The forkserver is a clean, single-threaded process that imports tidal once,
+    so a replacement process after a timeout starts in milliseconds; the price is that a process
+    loads plugins again by ref, which a closure or an object made at run time has none of (those run
+    in threads). A process runs in this process's working directory and import path as they were
+    when the pool was made, with `preload`'s plugins loaded ahead.
     """
 
-    def __init__(self, timeout_s: float, max_threads: int = 16) -> None:
+    def __init__(self, timeout_s: float, max_threads: int = 16, preload: Sequence[PluginRef] = ()) -> None:
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self.timeout_s = timeout_s
         self.max_threads = max_threads
+        self.preload = list(preload)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-calls", daemon=True)
         self._thread.start()
         # The timeout starts when a call gets a slot, so a long queue is not mistaken for a slow call.
         self._slots = asyncio.Semaphore(max_threads)
+        self._pool: ProcessPool | None = None
+        self._pool_lock = asyncio.Lock()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the loop from any other thread and return its result."""
@@ -170,6 +297,43 @@ class BoundedCalls:
         async with self._slots:
             ok, value = await asyncio.wait_for(self._run_in_thread([fn], name, threading.Event())[0], self.timeout_s)
         return await self._await_returned(ok, value, t0)
+
+    async def in_process(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a process of the pool, bounded by `timeout_s` from when a process takes it.
+
+        `fn` is a module-level function (sent by name) that loads the plugin by its ref, calls it and
+        returns a small record: the user's own return value or exception may not survive pickling.
+        Raises TimeoutError past the timeout (the process is killed and replaced), and what the pool
+        raises when it could not run the call: `pebble.ProcessExpired` for a process that died (a
+        crash, `os._exit`), a pickling error for an argument that does not pickle.
+        """
+        pool = await self._process_pool(fn.__module__)
+        return await asyncio.wrap_future(pool.schedule(fn, args, timeout=self.timeout_s))
+
+    async def _process_pool(self, preload_module: str) -> ProcessPool:
+        if self._pool is not None and self._pool.active:
+            return self._pool
+        async with self._pool_lock:
+            if self._pool is None or not self._pool.active:  # not made yet, or broken (a process dying idle)
+                old, self._pool = self._pool, None
+                # Off the loop: the first start waits for the forkserver's imports (seconds), during
+                # which the loop's own timers would run late.
+                self._pool = await asyncio.to_thread(self._start_pool, preload_module, old)
+            return self._pool
+
+    def _start_pool(self, preload_module: str, old: ProcessPool | None) -> ProcessPool:
+        if old is not None:
+            old.stop()
+            old.join(timeout=10.0)
+        start_forkserver([preload_module])  # a no-op if the caller started it ahead
+        pool = ProcessPool(
+            max_workers=min(self.max_threads, _cpu_count()),
+            initializer=_start_worker,
+            initargs=(os.getcwd(), list(sys.path), self.preload),
+            context=multiprocessing.get_context("forkserver"),
+        )
+        pool.schedule(os.getpid).result()  # starts the processes now, off the loop, not on the first call
+        return pool
 
     async def bounded_each(self, fns: list[Callable[[], Any]], name: str) -> list[tuple[bool, Any] | None]:
         """`bounded` for many sync calls at once, in a few threads: (ok, value or exception) per call,
@@ -231,9 +395,13 @@ class BoundedCalls:
         return self.loop.is_closed()
 
     def close(self) -> None:
-        """Stop the loop; sync calls still running are abandoned (daemon threads)."""
+        """Stop the pool's processes (killing calls still running there) and the loop; sync calls
+        still running in threads are abandoned (daemon threads)."""
         if self.loop.is_closed():
             return
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join(timeout=10.0)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5.0)
         if not self._thread.is_alive():  # An async call blocking the loop would keep it running.

@@ -1,4 +1,5 @@
-"""A hung sync reward is abandoned on a daemon thread: the process still exits (a real subprocess)."""
+"""A scorer never closed, whose sync reward hung (killed in its reward process), does not hold up the
+exit of its process (a real subprocess): neither the pool's processes nor its threads keep it alive."""
 
 import subprocess
 import sys
@@ -29,4 +30,4 @@ def test_hung_reward_does_not_hold_up_process_exit(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1.0"
-    assert time.perf_counter() - start < 60  # the 120 s sleep is abandoned at exit
+    assert time.perf_counter() - start < 60  # not the 120 s sleep

@@ -249,7 +249,14 @@ class RewardsConfig(Strict):
     functions: list[RewardSpec] = [RewardSpec(name="arithmetic")]
     """Reward functions; a sample's reward is their weighted sum, each also logged as a sub-score."""
     timeout_s: float = Field(10.0, gt=0.0)
-    """Time limit of one reward call; a call over it is recorded as failed."""
+    """Time limit of one reward call; a call over it is recorded as failed. A sync reward past it is
+    killed with the process it runs in (async ones are cancelled)."""
+    retries: int = Field(1, ge=0, le=10)
+    """Further attempts of a reward call that failed transiently (timed out, a refused or lost
+    connection, HTTP 429 or 5xx) before it counts as failed; other errors are not retried. Each
+    attempt gets its own `timeout_s`, so a call that hangs every time holds its batch up to
+    (retries + 1) * timeout_s. `remote_judge` retries on its own (its `kwargs.retries`) and is not
+    retried again. 0: no retries."""
     failure_reward: float = 0.0
     """Score a failed reward call (raised, timed out, NaN, wrong type) contributes."""
     correct_threshold: float = 1.0

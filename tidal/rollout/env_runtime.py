@@ -169,19 +169,20 @@ def score_samples(runtimes: dict[str, EnvRuntime], samples: list[Sample]) -> Met
     """Score every sample with its env's scorer; `reward/` metrics over all samples, `rollout/accuracy`
     by each env's `is_correct`, and per env (with `envs`) `env/<label>/...`."""
     failed: Counter[str] = Counter()
-    elapsed = 0.0
+    elapsed, retried = 0.0, 0
     correct: list[bool] = []
     metrics: Metrics = {}
     for label, group in _by_env(samples).items():
         rt = runtimes[label]
         m = rt.scorer.score(group)
         elapsed += m["reward/score_time_s"].value
+        retried += int(m["reward/retried"].value)
         failed.update({k: int(m[f"reward/failed_{k}"].value) for k in FAILURE_KINDS})
         ok = [_is_correct(rt, s) for s in group]
         correct += ok
         if label:
             metrics.update(_env_metrics(f"env/{label}", group, ok))
-    metrics.update(reward_metrics(samples, failed, elapsed))
+    metrics.update(reward_metrics(samples, failed, elapsed, retried))
     metrics["rollout/accuracy"] = mean(sum(correct) / len(correct) if correct else 0.0, float(len(correct)))
     return metrics
 
