@@ -85,6 +85,14 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1][1]
 
 
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a run that stopped on a failure, for its one-line error."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return "no checkpoint to resume from (train.checkpoint_every writes them)"
+    return f"to continue from {found[-1][1]}, run the same command with train.resume=true"
+
+
 def refuse_overwrite(run_dir: Path) -> None:
     """A new run must not write over a run that left checkpoints."""
     root = checkpoints_dir(run_dir)

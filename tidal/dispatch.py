@@ -5,21 +5,31 @@ trainer as the staleness bound allows (`may_dispatch`). Streaming (the default) 
 the least loaded worker and starts a step as soon as the buffer holds enough ready groups; groups a
 filter drops are replaced by new ones (over-sampling). Deterministic mode (`rollout.deterministic`)
 splits each batch evenly into one seeded share per worker and starts step s when batch s is whole.
+
+A worker that dies is restarted (Ray's actor restarts, `rollout.max_worker_restarts`): the driver
+gives the new process the weight sync and the newest weights, starts its serving loop again, and
+hands it the groups its predecessor had not landed in the buffer, as they were (same prompts, group
+ids, batches; a deterministic share with its seed). The buffer keeps the first copy of a group
+handed out twice, so nothing is lost or trained twice.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from tidal.config import RunConfig
-from tidal.metrics import Metrics, mean, total, values
+from tidal.metrics import Metrics, largest, mean, total, values
 from tidal.rollout.buffer import BufferStatus
 from tidal.rollout.queue import Work
-from tidal.runtime import RunError, wait_for
+from tidal.runtime import RunError, Stalled, actor_error_line, wait_for
 from tidal.types import Prompt, SyncStats, mix_seed
+from tidal.weight_sync import WeightHandle
+
+log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 """Longest a readiness wait blocks in the buffer before the driver checks on the workers."""
@@ -51,6 +61,14 @@ class Dispatcher:
         self.replaced: Counter[int] = Counter()
         self.oversampled = 0
         self.max_replace = cfg.oversample_per_batch
+        self.in_flight: dict[int, tuple[int, Work]] = {}
+        """Groups handed out and not landed yet, by group id: (worker, the work to hand out again)."""
+        self.handles: dict[int, WeightHandle] = {}
+        """Published versions a restarted worker may need, by version (see `published`)."""
+        self.restarts = [0] * len(workers)
+        self.faults: Counter[str] = Counter()
+        """`fault/` counts since the last `metrics()`."""
+        self.restart_s: list[float] = []
 
     def batch(self, batch: int, min_version: int) -> None:
         """Hand out rollout batch `batch`, to generate with weights >= `min_version`."""
@@ -74,25 +92,41 @@ class Dispatcher:
         while True:
             status: BufferStatus = wait_for(poll(), "buffer", self.cfg.ray.timeout_s)
             self.generated = status.generated
-            self._check_workers()
+            for gid in status.landed:
+                self.in_flight.pop(gid, None)
+            if status.landed:  # progress: the bound is on a wait that sees none
+                deadline = time.monotonic() + self.cfg.ray.timeout_s
+            self.check_workers()
             if self._replace_filtered(status.filtered, published):
                 continue
             if status.ready:
                 return
             if time.monotonic() > deadline:
-                raise RunError(f"{what} within ray.timeout_s={self.cfg.ray.timeout_s:g}s; raise it for slow models, "
-                               "or look for a hung actor in the run's run.log")  # fmt: skip
+                raise Stalled(f"{what}: no group landed within ray.timeout_s={self.cfg.ray.timeout_s:g}s; raise it "
+                              "for slow models")  # fmt: skip
 
     def state(self) -> dict[str, Any]:
-        return {"sent": self.sent, "replaced": self.replaced}
+        return {"sent": self.sent, "replaced": self.replaced, "restarts": self.restarts}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.sent, self.replaced = state["sent"], state["replaced"]
+        self.restarts = state.get("restarts", self.restarts)
 
     def metrics(self) -> Metrics:
         out = {"rollout/oversampled_groups": total(float(self.oversampled))}
-        self.oversampled = 0
+        out.update({k: total(float(v)) for k, v in self.faults.items()})
+        if self.restart_s:
+            out["fault/worker_restart_s"] = largest(max(self.restart_s))
+        self.oversampled, self.faults, self.restart_s = 0, Counter(), []
         return out
+
+    def published(self, handle: WeightHandle) -> None:
+        """Keep `handle` for restarted workers: the newest version, and in deterministic mode every
+        version a group in flight was dispatched for (each is generated with exactly its own)."""
+        self.handles[handle.version] = handle
+        oldest = min((w.min_version for _, w in self.in_flight.values()), default=handle.version)
+        keep = oldest if self.cfg.rollout.deterministic else handle.version
+        self.handles = {v: h for v, h in self.handles.items() if v >= min(keep, handle.version)}
 
     def _replace_filtered(self, filtered: dict[int, int], published: int) -> bool:
         """Dispatch a new group for each filtered one not replaced yet, up to `filter.max_oversample`
@@ -125,44 +159,132 @@ class Dispatcher:
                 shares[w].append(p)
                 self.sent[w] += 1
             works = [Work(share, batch, min_version) for share in shares]
-        for worker, work in zip(self.workers, works, strict=True):
+        for i, (worker, work) in enumerate(zip(self.workers, works, strict=True)):
             if work.prompts:
+                for p in work.prompts:
+                    self.in_flight[p.group_id] = (i, work if work.fixed else Work([p], batch, min_version))
                 worker.submit.remote(work)
 
-    def _check_workers(self) -> None:
+    def recover(self, i: int, restarts: int) -> None:
+        """Worker i died under a call made when it had been restarted `restarts` times: restart it,
+        unless that was done meanwhile (waiting for its serving loop to end, as it must)."""
         import ray
 
-        done, _ = ray.wait(self.serving, num_returns=1, timeout=0)
-        if done:
-            ray.get(done[0])  # raises the worker's error
-            raise RunError("a rollout worker stopped serving before the run ended (see the run's run.log)")
+        if self.restarts[i] == restarts:
+            ray.wait([self.serving[i]], timeout=self.cfg.ray.timeout_s)
+        self.check_workers()
+
+    def check_workers(self) -> None:
+        """Restart each worker whose serving loop ended (it died, or its engine raised)."""
+        import ray
+
+        done, _ = ray.wait(self.serving, num_returns=len(self.serving), timeout=0)
+        for ref in done:
+            i = self.serving.index(ref)
+            died = False
+            try:
+                ray.get(ref)
+                why = "its serving loop ended"
+            except ray.exceptions.RayError as e:
+                why = actor_error_line(e, logs=str(self.cfg.run_dir / "run.log"))
+                died = isinstance(e, ray.exceptions.RayActorError)
+            self._restart(i, why, died)
+
+    def _restart(self, i: int, why: str, died: bool) -> None:
+        """Worker i's process anew (Ray restarts a dead actor; one alive with a broken engine is killed
+        for Ray to restart), with the weight sync, the newest weights and its predecessor's groups
+        still in flight."""
+        import ray
+
+        self.restarts[i] += 1
+        limit = self.cfg.rollout.max_worker_restarts
+        if self.restarts[i] > limit:
+            raise WorkerLost(f"rollout worker {i} failed and rollout.max_worker_restarts={limit} allows no more "
+                             f"restarts; the last failure: {why}")  # fmt: skip
+        if self.cfg.weight_sync.transport.type == "broadcast":
+            raise WorkerLost(f"rollout worker {i} failed ({why}), and the broadcast weight transport cannot "
+                             "re-form its group around a new process yet; use object_store or disk to survive "
+                             "worker failures")  # fmt: skip
+        log.warning("rollout worker %d failed (%s); restarting it (%d of %d)", i, why, self.restarts[i], limit)
+        t0 = time.perf_counter()
+        worker = self.workers[i]
+        if not died:
+            ray.kill(worker, no_restart=False)
+        self._await_restart(i)
+        timeout = self.cfg.ray.timeout_s
+        wait_for([worker.offer_weights.remote(h) for _, h in sorted(self.handles.items())],
+                 f"weights for restarted rollout worker {i}", timeout)  # fmt: skip
+        self.serving[i] = worker.serve.remote()
+        lost = {gid: work for gid, (w, work) in self.in_flight.items() if w == i}
+        works = list({id(work): work for work in lost.values()}.values())  # a fixed share once
+        ray.get(self.buffer.redispatching.remote(list(lost)))
+        for work in works:
+            worker.submit.remote(work)
+        self.faults["fault/worker_restarts"] += 1
+        self.faults["fault/redispatched_groups"] += len(lost)
+        self.restart_s.append(time.perf_counter() - t0)
+        log.warning("rollout worker %d is serving again after %.1fs, with %d groups handed out again", i,
+                    self.restart_s[-1], len(lost))  # fmt: skip
+
+    def _await_restart(self, i: int) -> None:
+        """Block until Ray has worker i's new process up (a call to the old one fails as unavailable)
+        and it has its weight-sync end."""
+        import ray
+
+        deadline = time.monotonic() + self.cfg.ray.timeout_s
+        while True:
+            try:
+                wait_for(self.workers[i].join_weight_sync.remote(None), f"restarting rollout worker {i}",
+                         max(deadline - time.monotonic(), 1.0))  # fmt: skip
+                return
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(0.2)
+            except ray.exceptions.ActorDiedError as e:
+                raise WorkerLost(f"rollout worker {i} could not be restarted: {actor_error_line(e)}") from None
+
+
+class WorkerLost(RunError):
+    """A rollout worker failed past `rollout.max_worker_restarts` (or could not be restarted)."""
 
 
 class EvalTracker:
     """Held-out evaluations in flight on worker 0: requested without waiting, logged when they end."""
 
-    def __init__(self, worker: Any, prompts: list[Prompt], timeout_s: float) -> None:
-        self.worker = worker
+    def __init__(self, dispatch: Dispatcher, prompts: list[Prompt], timeout_s: float) -> None:
+        self.dispatch = dispatch
+        self.worker = dispatch.workers[0]
         self.prompts = prompts
         self.timeout_s = timeout_s
-        self.pending: list[Any] = []
+        self.pending: dict[Any, tuple[int, int]] = {}
+        """Evaluations in flight: their refs, the version each asked for and the worker's restarts then."""
 
     def request(self, min_version: int) -> None:
         if self.prompts:
-            self.pending.append(self.worker.evaluate.remote(self.prompts, min_version))
+            ref = self.worker.evaluate.remote(self.prompts, min_version)
+            self.pending[ref] = (min_version, self.dispatch.restarts[0])
 
     def collect(self, wait: bool) -> list[Metrics]:
         """The finished evaluations' metrics, oldest version first (every one still pending when
-        `wait`). Two can end together when one outlasts the steps between evaluations."""
+        `wait`). Two can end together when one outlasts the steps between evaluations. One lost with
+        its worker (which the dispatcher restarts) is asked again."""
         import ray
 
-        if not self.pending:
-            return []
-        if wait:
-            done, self.pending = wait_for(self.pending, "held-out evaluation", self.timeout_s), []
-        else:
-            ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
-            done = ray.get(ready)
+        done: list[Metrics] = []
+        deadline = time.monotonic() + self.timeout_s
+        while self.pending:
+            left = max(deadline - time.monotonic(), 0.0) if wait else 0.0
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=left)
+            if wait and not ready:
+                raise Stalled(f"held-out evaluation did not answer within ray.timeout_s={self.timeout_s:g}s")
+            for ref in ready:
+                version, restarts = self.pending.pop(ref)
+                try:
+                    done.append(ray.get(ref))
+                except ray.exceptions.RayActorError:
+                    self.dispatch.recover(0, restarts)
+                    self.request(version)
+            if not wait:
+                break
         return sorted(done, key=lambda m: values(m)["eval/version"])
 
 
@@ -182,7 +304,12 @@ class SyncTracker:
         if not self.pending:
             return {}
         done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout_s)
-        stats: list[SyncStats] = ray.get(done)  # raises the error of a failed offer
+        stats: list[SyncStats] = []
+        for ref in done:
+            try:
+                stats.append(ray.get(ref))  # raises the error of a failed offer
+            except ray.exceptions.RayActorError:
+                pass  # the worker died: its restart gives the new process the newest weights
         if not stats:
             return {}
         seconds = sum(s.seconds for s in stats)

@@ -25,11 +25,11 @@ from typing import Any
 
 from tidal import checkpoint
 from tidal.config import RunConfig
-from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, may_dispatch
+from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, WorkerLost, may_dispatch
 from tidal.metrics import largest, merge, values
 from tidal.monitor import Monitor
 from tidal.rollout.staleness import StalenessBound
-from tidal.runtime import wait_for
+from tidal.runtime import RunError, wait_for
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt, StepResult
 
@@ -72,7 +72,7 @@ class Driver:
         self.get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
         self.bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
         self.dispatch = Dispatcher(cfg, sampler, workers, buffer, serving=[w.serve.remote() for w in workers])
-        self.evals = EvalTracker(workers[0], eval_rows, cfg.ray.timeout_s)
+        self.evals = EvalTracker(self.dispatch, eval_rows, cfg.ray.timeout_s)
         self.offers = SyncTracker()
         self.step = 0  # the last step done
         self.version = self.published = 0  # the trainer's version; the newest version offered to the workers
@@ -112,19 +112,23 @@ class Driver:
             self._publish()
         start = self.step + 1
         last: dict[str, float] = {}
-        for step in range(start, steps + 1):
-            self.step = step
-            self._dispatch()
-            if step == 1:
-                self.before = values((self.evals.collect(wait=True) or [{}])[-1])
-                first_eval_s = time.perf_counter() - t_loop
-                self.monitor.log({**self.before, **{f"warm_start/{k}": v for k, v in warm.items()
-                                                    if isinstance(v, float)}}, step=0)  # fmt: skip
-            last, t_end, t_prev = self._step(t_prev)
-            if self.save_due:
-                self._save()
-                if self.stop.name:
-                    break
+        try:
+            for step in range(start, steps + 1):
+                self.step = step
+                self._dispatch()
+                if step == 1:
+                    self.before = values((self.evals.collect(wait=True) or [{}])[-1])
+                    first_eval_s = time.perf_counter() - t_loop
+                    self.monitor.log({**self.before, **{f"warm_start/{k}": v for k, v in warm.items()
+                                                        if isinstance(v, float)}}, step=0)  # fmt: skip
+                last, t_end, t_prev = self._step(t_prev)
+                if self.save_due:
+                    self._save()
+                    if self.stop.name:
+                        break
+        except WorkerLost as e:
+            self._seal()
+            raise RunError(f"{e}; {checkpoint.resume_hint(self.cfg.run_dir)}") from None
         self._seal()
         self.schedule.close()
         for w in self.workers:
@@ -140,6 +144,7 @@ class Driver:
             "perf/first_eval_s": first_eval_s,
             "perf/loop_s": t_end - t_loop - first_eval_s,  # the first step to the last step's publish
             "perf/final_s": t_prev - t_end,  # the last step's wait for the final evaluation and weight offers
+            "fault/worker_restarts": float(sum(self.dispatch.restarts)),
             **({"stopped_at_step": self.step, "stopped_by": self.stop.name} if self.stop.name else {}),
             **({"resumable_checkpoint": str(self.saved)} if self.saved else {}),
             **self.save_times,  # a checkpoint at the last step
@@ -188,8 +193,15 @@ class Driver:
         return row, t3, t4
 
     def _publish(self) -> dict[str, Any]:
-        handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
+        import ray
+
+        try:
+            handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
+        except ray.exceptions.RayTaskError:
+            self.dispatch.check_workers()  # a dead worker fails a broadcast: it is the cause to name
+            raise
         self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
+        self.dispatch.published(handle)
         self.published = handle.version
         return metrics
 

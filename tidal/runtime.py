@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +21,10 @@ log = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """A run that cannot go on (an actor died, a wait timed out); the CLI prints it as one line."""
+
+
+class Stalled(RunError):
+    """A wait that saw no progress within `ray.timeout_s`: the run dumps every actor's stack."""
 
 
 def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
@@ -37,6 +44,8 @@ def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
 
 ACTOR_LOG_ENV = "TIDAL_ACTOR_LOG"
 """Names the run's log file to the actors' processes (see `actor_output_to_log`)."""
+STACKS_ENV = "TIDAL_STACKS_DIR"
+"""Names the directory (on each node) where the actors' processes dump their stacks on SIGUSR1."""
 
 
 def run_log(run_dir: Path) -> logging.Handler:
@@ -54,6 +63,7 @@ def actor_output_to_log() -> None:
     user's terminal. tidal's own warnings and every library's errors still reach Ray's stream to
     the driver (and the file), and an actor's exception still comes back as the call's error. Where
     the file cannot be opened (a node without the run directory), output stays on Ray's stream."""
+    _stacks_on_signal()
     path = os.environ.get(ACTOR_LOG_ENV)
     if not path:
         return
@@ -78,6 +88,69 @@ def actor_output_to_log() -> None:
     root.addHandler(shown)
 
 
+def _stacks_on_signal() -> None:
+    """SIGUSR1 makes this process write every thread's stack to `<TIDAL_STACKS_DIR>/<pid>.txt`:
+    faulthandler's handler runs in C, so it answers even where Python is stuck (a collective, a
+    kernel, a lock)."""
+    where = os.environ.get(STACKS_ENV)
+    if not where:
+        return
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        out = open(Path(where) / f"{os.getpid()}.txt", "w")  # noqa: SIM115 (kept open for the handler)
+    except OSError:
+        return
+    faulthandler.register(signal.SIGUSR1, file=out, all_threads=True)
+
+
+def dump_stacks(out: Path, wait_s: float = 2.0) -> Path | None:
+    """Every live actor's stack (each thread's), from every node, into `out`; None where the actors
+    cannot be listed (Ray's own table of actors: class, pid, node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    where = os.environ.get(STACKS_ENV)
+    try:
+        actors = ray._private.state.actors().values()
+    except Exception as e:  # a private table: a Ray that changed it must not hide the stall itself
+        log.warning("could not list the actors to dump their stacks: %s", e)
+        return None
+    by_node: dict[str, list[tuple[str, int]]] = {}
+    for a in actors:
+        if a.get("State") == "ALIVE" and a.get("Pid"):
+            by_node.setdefault(a["Address"]["NodeID"], []).append((a["ActorClassName"], int(a["Pid"])))
+    collect = ray.remote(_collect_stacks)
+    refs = [collect.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(procs, where, wait_s) for node, procs in by_node.items()]  # fmt: skip
+    try:
+        texts = ray.get(refs, timeout=wait_s + 30.0)
+    except Exception as e:
+        log.warning("could not collect the actors' stacks: %s", e)
+        return None
+    out.write_text("\n".join(texts))
+    return out
+
+
+def _collect_stacks(procs: list[tuple[str, int]], where: str | None, wait_s: float) -> str:
+    """On one node: signal each actor process to dump its stacks, then read them."""
+    import time
+
+    for _, pid in procs:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            pass
+    time.sleep(wait_s)
+    parts = []
+    for name, pid in procs:
+        try:
+            text = (Path(where) / f"{pid}.txt").read_text() if where else ""
+        except OSError:
+            text = ""
+        parts.append(f"=== {name} (pid {pid}) ===\n{text or '(no stack written)'}\n")
+    return "\n".join(parts)
+
+
 def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
     """Join `ray.address`, or start a local runtime with enough logical CPUs for the actors.
 
@@ -96,6 +169,7 @@ def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
     runtime_env: dict[str, Any] = {"env_vars": env}
     if log_file is not None:
         env[ACTOR_LOG_ENV] = str(Path(log_file).resolve())
+        env[STACKS_ENV] = os.environ[STACKS_ENV] = tempfile.mkdtemp(prefix="tidal-stacks-")
         runtime_env["worker_process_setup_hook"] = f"{__name__}.actor_output_to_log"
     if cfg.ray.address is not None:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
@@ -116,8 +190,8 @@ def wait_for(refs: Any, what: str, timeout_s: float) -> Any:
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise RunError(f"{what} did not answer within ray.timeout_s={timeout_s:g}s; raise it for slow "
-                       "models, or look for a hung actor in the run's run.log") from None  # fmt: skip
+        raise Stalled(f"{what} did not answer within ray.timeout_s={timeout_s:g}s; raise it for slow "
+                      "models") from None  # fmt: skip
 
 
 def actor_error_line(err: Exception, logs: str = "/tmp/ray/session_latest/logs") -> str:

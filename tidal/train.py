@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -27,7 +28,16 @@ from tidal.envs.loading import env_label, resolve_envs
 from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
 from tidal.rewards import resolve_rewards
-from tidal.runtime import RunError, absolute_plugin_paths, actor_error_line, run_log, start_ray, wait_for
+from tidal.runtime import (
+    RunError,
+    Stalled,
+    absolute_plugin_paths,
+    actor_error_line,
+    dump_stacks,
+    run_log,
+    start_ray,
+    wait_for,
+)
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt
 from tidal.warm_start import resolve_policy_dir, tokenizer_dir
@@ -149,8 +159,8 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         summary["perf/wall_time_s"] = time.time() - t_start
         summary.update(split)
         monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
-    except ray.exceptions.RayError as e:
-        raise RunError(actor_error_line(e, logs=str(run_dir / "run.log"))) from None
+    except (ray.exceptions.RayError, Stalled) as e:
+        raise _failure(e, run_dir) from None
     finally:
         if trainer is not None:
             trainer.close()
@@ -161,6 +171,17 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(_last_line(summary, cfg.train.steps, bool(eval_rows)))
     return summary
+
+
+def _failure(e: Exception, run_dir: Path) -> RunError:
+    """The one line a failed run stops with: the cause, for a hang every actor's stack (written now,
+    while Ray is up: where each is stuck says which and why), and how to resume."""
+    if isinstance(e, Stalled):
+        stacks = dump_stacks(run_dir / "stacks.txt")
+        line = f"{e}; " + (f"every actor's stack is in {stacks}" if stacks else "see the run's run.log")
+    else:
+        line = actor_error_line(e, logs=str(run_dir / "run.log"))
+    return RunError(f"{line}; {checkpoint.resume_hint(run_dir)}")
 
 
 def _last_line(summary: dict[str, Any], steps: int, held_out: bool) -> str:
@@ -236,7 +257,7 @@ def _start_workers(cfg: RunConfig, model_dir: str, buffer: Any, worker_cls: type
     r = cfg.rollout
     return [
         ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(worker_cls or RolloutWorker)
-        .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker)
+        .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker, max_restarts=r.max_worker_restarts)
         .remote(WorkerConfig.of(cfg), model_dir, i, buffer)
         for i in range(r.num_workers)
     ]  # fmt: skip

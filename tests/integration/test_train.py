@@ -299,21 +299,27 @@ def test_offline_wandb_run_reads_back(run: dict[str, Any]) -> None:
     assert len(json.loads(split.read_text())["data"]) == len(steps) * len(parts) == STEPS * 4
 
 
-def test_a_worker_that_dies_ends_the_run_with_one_line(tmp_path: Path) -> None:
+def test_a_worker_that_dies_past_its_restarts_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    """A user env that kills its worker's process (not the driver's) on every prompt: each restart
+    dies again, and past `rollout.max_worker_restarts` the run stops with one line."""
     from tidal.runtime import RunError
 
-    (tmp_path / "fatal.py").write_text("import os\n\ndef fatal(sample, row):\n    os._exit(3)\n")
+    (tmp_path / "fatal.py").write_text(
+        "import os\nfrom tidal.envs import Env\n\n\nclass Fatal(Env):\n    def prompt(self, row):\n"
+        f"        if os.getpid() != {os.getpid()}:\n            os._exit(3)\n        return row['prompt']\n"
+    )  # fmt: skip
     cfg = load_config(None, [
         "name=dies", f"output_dir={tmp_path / 'runs'}", "model.preset=tiny-qwen3-moe",
         "rollout.max_new_tokens=2", "rollout.group_size=2", "rollout.prompts_per_step=2",
-        f"rewards.functions=[{{path: '{tmp_path / 'fatal.py'}:fatal'}}]", "train.steps=2", "train.eval_every=0",
-        "eval.num_samples=2", "monitor.wandb=disabled",
+        f"envs=[{{path: '{tmp_path / 'fatal.py'}:Fatal'}}]", "rollout.max_worker_restarts=1", "train.steps=2",
+        "train.eval_every=0", "eval.num_samples=2", "monitor.wandb=disabled",
     ])  # fmt: skip
     with pytest.raises(RunError) as err:
         run_train(cfg)
     msg = str(err.value)
-    assert "\n" not in msg and "RolloutWorker actor died" in msg, msg
-    assert str(cfg.run_dir / "run.log") in msg, msg
+    assert "\n" not in msg and "rollout worker 0 failed and rollout.max_worker_restarts=1 allows no more" in msg, msg
+    assert "RolloutWorker actor died" in msg and str(cfg.run_dir / "run.log") in msg, msg
+    assert "no checkpoint to resume from" in msg
 
 
 def test_every_wait_is_bounded() -> None:

@@ -202,6 +202,11 @@ class RolloutConfig(Strict):
     """CPUs each worker declares to Ray (its torch thread count is this, rounded up)."""
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
     """GPUs each worker declares to Ray (0 on CPU machines)."""
+    max_worker_restarts: int = Field(3, ge=0)
+    """A worker that dies (killed, out of memory, a crash in its engine) is restarted by Ray, given
+    the newest weights, and handed again the groups it had not finished (same prompts and group
+    ids), up to this many times per worker; past it the run stops with one line naming the newest
+    checkpoint. Counted in `fault/worker_restarts` and `fault/redispatched_groups`."""
     max_staleness: int = Field(0, ge=0)
     """A sample of policy version v is trained at trainer version <= v + max_staleness, never later
     (0: on-policy, rollout and training take turns). Workers are given prompts only as far ahead as
@@ -329,8 +334,10 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local runtime (default: enough for the actors)."""
     timeout_s: float = Field(1800.0, gt=0.0)
-    """Longest wait on any actor call (a rollout, a train step, a weight sync); past it the run
-    stops with an error naming the call instead of hanging."""
+    """The hang watchdog: the longest wait on any actor call (a train step, a weight sync, an
+    evaluation), and the longest a step's rollout may go without a group landing. Past it the run
+    writes every actor's stack (each thread's) to `<run dir>/stacks.txt` and stops with one line
+    naming the stage that stalled."""
 
 
 # ------------------------------------------------------------------------------------------ sft, eval

@@ -59,6 +59,8 @@ class BufferStatus:
     """Groups filtered out so far, by the batch they were dispatched for."""
     generated: dict[int, int]
     """Groups put so far, by worker index."""
+    landed: tuple[int, ...] = ()
+    """Ids of the groups put since the previous status (the driver stops tracking them as in flight)."""
 
 
 class TrajectoryBuffer:
@@ -86,6 +88,11 @@ class TrajectoryBuffer:
         self.totals: Counter[str] = Counter()
         """Run totals of groups by fate: dispatched = generated + in flight; generated = filtered +
         dropped_stale + taken + still held."""
+        self.redispatched: set[int] = set()
+        """Groups handed out again after their worker died: the first copy to land counts, a late
+        one from the dead worker is dropped (`fault/duplicate_groups`)."""
+        self.landed_redispatched: set[int] = set()
+        self._landed: list[int] = []
         self._cv = threading.Condition()
 
     def dispatched(self, batch_id: int, n: int) -> None:
@@ -98,6 +105,8 @@ class TrajectoryBuffer:
         """Filter and hold `groups` of `batch_id`, with the rollout metrics of the call that made
         them; returns the number of groups kept."""
         with self._cv:
+            groups = self._first_copies(groups)
+            self._landed += [g.group_id for g in groups]
             counts: Counter[str] = Counter()
             kept = [g for g in (filter_group(g, self.cfg, counts) for g in groups) if g is not None]
             self.counts.update(counts)
@@ -115,6 +124,27 @@ class TrajectoryBuffer:
             self._cv.notify_all()
             return len(kept)
 
+    def redispatching(self, group_ids: list[int]) -> None:
+        """`group_ids` are being generated again (their worker died before they landed)."""
+        with self._cv:
+            self.redispatched.update(group_ids)
+
+    def _first_copies(self, groups: list[Group]) -> list[Group]:
+        """`groups` less the second copies of re-dispatched groups, which are counted."""
+        out = []
+        for g in groups:
+            if g.group_id in self.redispatched:
+                if g.group_id in self.landed_redispatched:
+                    self._count("fault/duplicate_groups", 1)
+                    continue
+                self.landed_redispatched.add(g.group_id)
+            out.append(g)
+        return out
+
+    def _status(self, ready: bool) -> BufferStatus:
+        landed, self._landed = tuple(self._landed), []
+        return BufferStatus(ready, dict(self.filtered), dict(self.generated_by_worker), landed)
+
     def ready(self, step: int, trainer_version: int) -> bool:
         """Whether step `step` may take its groups now: deterministic, when every group of batch
         `step` is in; streaming, when `per_step` fresh groups are held, or when no group of a batch
@@ -131,7 +161,7 @@ class TrajectoryBuffer:
         with self._cv:
             while not (ok := self.ready(step, trainer_version)) and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
-            return BufferStatus(ok, dict(self.filtered), dict(self.generated_by_worker))
+            return self._status(ok)
 
     def take(self, step: int, trainer_version: int) -> list[Group]:
         """The groups step `step` trains at `trainer_version` (they leave the buffer): batch `step`,
@@ -200,7 +230,8 @@ class TrajectoryBuffer:
                 "held_groups": sum(len(b) for b in self.batches.values()),
             }
 
-    STATE = ("batches", "pending", "filtered", "generated_by_worker", "metrics", "counts", "totals")
+    STATE = ("batches", "pending", "filtered", "generated_by_worker", "metrics", "counts", "totals", "redispatched",
+             "landed_redispatched")  # fmt: skip
 
     def state(self) -> dict[str, object]:
         """What a checkpoint keeps: the groups held, with their tokens, and every count."""
@@ -209,8 +240,8 @@ class TrajectoryBuffer:
 
     def load_state(self, state: dict[str, object]) -> None:
         with self._cv:
-            for k in self.STATE:
-                setattr(self, k, state[k])
+            for k in self.STATE:  # (a checkpoint written before a field existed keeps its default)
+                setattr(self, k, state.get(k, getattr(self, k)))
 
     def wait_drained(self, timeout_s: float) -> BufferStatus:
         """Block up to `timeout_s` until no dispatched group is still being generated; `ready` says
@@ -219,7 +250,7 @@ class TrajectoryBuffer:
         with self._cv:
             while (busy := any(self.pending.values())) and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
-            return BufferStatus(not busy, dict(self.filtered), dict(self.generated_by_worker))
+            return self._status(not busy)
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] += n

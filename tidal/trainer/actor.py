@@ -158,15 +158,18 @@ class TrainerActor:
                                self.cfg.trainer.micro_batch_size, around)  # fmt: skip
         return self.trainer.gather_rows(local, batch.input_ids.shape[0])
 
-    def _logprobs_and_routing(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_logprobs` of the policy, and the (B, T, layers, top-k) routing its forwards took (R2)."""
+    def _recompute_pi_old(self, batch: TrainBatch) -> None:
+        """The policy's log-probs as pi_old's (`batch.logp_old`): routed as generation routed with
+        R3; with R2, the routing these forwards take becomes `batch.routing`, for the update."""
         model = self.trainer.module
+        if self.replay != "r2":
+            batch.logp_old = self._logprobs(model, batch, replay=self.replay == "r3")
+            return
         with RoutingRecorder(model) as recorder:
-            logp = self._logprobs(model, batch)
+            batch.logp_old = self._logprobs(model, batch)
             local = recorder.take()  # this rank's rows, micro-batch after micro-batch, each (rows, T)
         rows, length = self.trainer.shard(batch).input_ids.shape
-        local = local.view(rows, length, *local.shape[1:])
-        return logp, self.trainer.gather_rows(local, batch.input_ids.shape[0])
+        batch.routing = self.trainer.gather_rows(local.view(rows, length, *local.shape[1:]), batch.input_ids.shape[0])
 
     def _train(self, groups: list[Group]) -> Metrics:
         t0 = time.perf_counter()
@@ -188,11 +191,8 @@ class TrainerActor:
         # R3 replays generation's routing in every forward. R2 replays pi_old's in the update: where
         # the update's forward is pi_old's (`reuse`), it routes that way by itself.
         self.loss.replay = self.replay == "r3" or (self.replay == "r2" and not reuse)
-        if needs_pi_old and not reuse and self.replay == "r2":
-            batch.logp_old, batch.routing = self._logprobs_and_routing(batch)
-            metrics.update(self._pi_old_metrics(batch, tokens, version))
-        elif needs_pi_old and not reuse:
-            batch.logp_old = self._logprobs(self.trainer.module, batch, replay=self.replay == "r3")
+        if needs_pi_old and not reuse:
+            self._recompute_pi_old(batch)
             metrics.update(self._pi_old_metrics(batch, tokens, version))
         if isinstance(loss_cfg.trust_region, M2POTrustRegion):
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;

@@ -1,0 +1,238 @@
+"""Runs that survive failures: rollout worker processes killed with SIGKILL at random moments, an
+engine that raises mid-run; each worker is restarted with the newest weights and its unfinished
+groups handed out again, so the ledger balances, no group is trained twice and reward still rises.
+Past `rollout.max_worker_restarts` (or with a transport that cannot take a new process) the run
+stops with one line naming the checkpoint to resume from.
+
+Real `tidal train` runs (Ray, DeepSpeed, the tiny MoE); the workers are the real RolloutWorker with
+one addition: each process writes its pid where the test finds it (and one raises once, as a
+crashing engine would).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from tidal.config import load_config
+from tidal.models import materialize_preset
+from tidal.rollout.worker import RolloutWorker
+from tidal.runtime import RunError
+from tidal.train import run_train
+from tidal.trainer.actor import TrainerActor
+
+pytestmark = pytest.mark.integration
+# The actors import tidal, not this test module: its classes travel by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STEPS = 30
+PER_STEP = 8
+OVERRIDES = [
+    "model.preset=tiny-qwen3-moe", "seed=1", "data.source.ops=[+]", "data.source.eval_size=16",
+    "rollout.max_new_tokens=4", "rollout.group_size=8", f"rollout.prompts_per_step={PER_STEP}",
+    "rollout.num_workers=2", "rollout.max_staleness=2", "trainer.lr=1e-3", "trainer.micro_batch_size=64",
+    # A format reward a random model hits about one time in ten: reward rises within a short run.
+    "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}}]",
+    "train.eval_every=10", "eval.num_samples=16", "eval.max_new_tokens=4", "monitor.wandb=disabled",
+    "train.save_checkpoint=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def preset(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    materialize_preset("tiny-qwen3-moe", seed=0)
+
+
+def pid_worker(pids: Path, crash_at_batch: int | None = None) -> type:
+    """The real worker class, whose processes leave `<index>-<pid>` files in `pids`; with
+    `crash_at_batch`, worker 1 raises once (in one process of the run), as an engine crash does,
+    when it first generates a group of that batch or a later one."""
+
+    class PidWorker(RolloutWorker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            (pids / f"{self.index}-{os.getpid()}").write_text(str(time.time()))
+
+        def _stream(self, works: list) -> None:
+            flag = pids / "crashed"
+            if crash_at_batch is not None and self.index == 1 and works[0].batch_id >= crash_at_batch:
+                if not flag.exists():
+                    flag.write_text(str(os.getpid()))
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+            super()._stream(works)
+
+    return PidWorker
+
+
+def live_pid(pids: Path, index: int) -> int:
+    """The newest process of worker `index`."""
+    files = sorted(pids.glob(f"{index}-*"), key=lambda f: float(f.read_text()))
+    return int(files[-1].name.split("-")[1])
+
+
+def steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(r) for r in path.read_text().splitlines()] if path.is_file() else []
+    return max((int(r["step"]) for r in rows if "train/version" in r), default=0)
+
+
+def killer(run_dir: Path, pids: Path, at_steps: list[int], rng: random.Random, log: list[dict],
+           replaced: bool = True) -> threading.Thread:  # fmt: skip
+    """Kills a random worker's process with SIGKILL once the run has done each step of `at_steps`
+    (after a random further delay). With `replaced`, it waits for the run to log the restart before
+    the next kill (a process killed while the driver restarts its predecessor dies within that
+    restart, which counts once)."""
+
+    def run() -> None:
+        for k, step in enumerate(at_steps):
+            while steps_done(run_dir) < step:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.0))
+            index = rng.randrange(2)
+            pid = live_pid(pids, index)
+            os.kill(pid, signal.SIGKILL)
+            t_kill = time.time()
+            while replaced and live_pid(pids, index) == pid and time.time() < t_kill + 120:  # Ray starts a new one
+                time.sleep(0.05)
+            started = float(sorted(pids.glob(f"{index}-*"), key=lambda f: float(f.read_text()))[-1].read_text())
+            log.append({"worker": index, "pid": pid, "step": steps_done(run_dir), "new_process_s": started - t_kill})
+            while replaced and restarts_logged(run_dir) <= k and time.time() < t_kill + 300:
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def restarts_logged(run_dir: Path) -> float:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(r) for r in path.read_text().splitlines()] if path.is_file() else []
+    return sum(r.get("fault/worker_restarts", 0.0) for r in rows if "train/version" in r)
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_chaos_three_workers_killed_the_run_completes_and_learns(tmp_path: Path, ledger_balances) -> None:
+    rng = random.Random(int(os.environ.get("TIDAL_CHAOS_SEED", time.time())))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cfg = load_config(None, [*OVERRIDES, "name=chaos", f"output_dir={tmp_path}", f"train.steps={STEPS}"])
+    kills: list[dict] = []
+    at_steps = sorted(rng.sample(range(2, STEPS - 12), 3))  # each restart logged with a step to spare
+    thread = killer(cfg.run_dir, pids, at_steps, rng, kills)
+    summary = run_train(cfg, worker_cls=pid_worker(pids))
+    thread.join(timeout=60)
+    print("kills:", kills)
+    rows = rows_of(cfg.run_dir)
+    steps = [r for r in rows if "train/version" in r]  # (the last row is the summary's)
+    assert len(kills) == 3, (at_steps, kills)
+    assert summary["fault/worker_restarts"] == 3 == sum(r.get("fault/worker_restarts", 0) for r in steps)
+    ledger_balances(summary, rows, STEPS, PER_STEP)
+    redispatched = sum(r.get("fault/redispatched_groups", 0) for r in steps)
+    print("redispatched groups:", redispatched, "restart s:", [r["fault/worker_restart_s"] for r in steps
+                                                                 if "fault/worker_restart_s" in r])  # fmt: skip
+    rewards = [r["reward/mean"] for r in steps if "reward/mean" in r]
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    assert last > first + 0.05, rewards
+
+
+def test_an_engine_crash_restarts_the_worker_over_the_disk_transport(tmp_path: Path, ledger_balances) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cfg = load_config(None, [*OVERRIDES, "name=crash", f"output_dir={tmp_path}", "train.steps=6",
+                             "weight_sync.transport.type=disk"])  # fmt: skip
+    summary = run_train(cfg, worker_cls=pid_worker(pids, crash_at_batch=3))
+    rows = rows_of(cfg.run_dir)
+    assert (pids / "crashed").is_file()
+    assert len(list(pids.glob("1-*"))) == 2 and len(list(pids.glob("0-*"))) == 1  # worker 1 got a new process
+    assert summary["fault/worker_restarts"] == 1
+    ledger_balances(summary, rows, 6, PER_STEP)
+    restarted = next(r for r in rows if r.get("fault/worker_restarts") and "train/version" in r)
+    # The new process holds the newest weights: every later batch comes from a recent version.
+    later = [r for r in rows if r["step"] > restarted["step"] and "async/worker_version" in r]
+    assert later and all(r["async/worker_version"] >= r["step"] - 1 - 2 for r in later), later
+
+
+@pytest.mark.parametrize("transport, restarts, why", [
+    ("object_store", 0, "rollout worker 1 failed and rollout.max_worker_restarts=0 allows no more restarts"),
+    ("broadcast", 3, "the broadcast weight transport cannot re-form its group"),
+])  # fmt: skip
+def test_a_worker_that_cannot_be_restarted_stops_the_run_in_one_line(
+    tmp_path: Path, transport: str, restarts: int, why: str
+) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cfg = load_config(None, [*OVERRIDES, "name=lost", f"output_dir={tmp_path}", "train.steps=12",
+                             "train.checkpoint_every=2", f"weight_sync.transport.type={transport}",
+                             f"rollout.max_worker_restarts={restarts}"])  # fmt: skip
+    kills: list[dict] = []
+    thread = killer(cfg.run_dir, pids, [3], random.Random(0), kills, replaced=False)
+    with pytest.raises(RunError) as err:
+        run_train(cfg, worker_cls=pid_worker(pids))
+    thread.join(timeout=10)
+    assert len(kills) == 1
+    line = str(err.value)
+    assert "\n" not in line and why in line, line
+    assert "to continue from" in line and "train.resume=true" in line and "step_0000" in line, line
+
+
+class FailingTrainer(TrainerActor):
+    """The real trainer, whose step 3 raises as an out-of-memory error does."""
+
+    def step(self, groups: Any = None, batch_id: int = 0) -> Any:
+        if batch_id == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return super().step(groups, batch_id)
+
+
+def test_a_trainer_failure_stops_the_run_in_one_line_and_the_checkpoint_resumes_it(tmp_path: Path,
+                                                                                  ledger_balances) -> None:  # fmt: skip
+    args = [*OVERRIDES, "name=trainer", f"output_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2"]
+    cfg = load_config(None, args)
+    with pytest.raises(RunError) as err:
+        run_train(cfg, trainer_cls=FailingTrainer)
+    line = str(err.value)
+    assert "\n" not in line and "RuntimeError: CUDA out of memory" in line, line
+    assert f"to continue from {cfg.run_dir / 'checkpoints' / 'step_00000002'}" in line, line
+    assert [r["step"] for r in rows_of(cfg.run_dir) if "train/version" in r] == [1, 2]  # written before it stopped
+    summary = run_train(load_config(None, [*args, "train.resume=true"]))
+    rows = rows_of(cfg.run_dir)
+    assert [r["step"] for r in rows if "train/version" in r] == [1, 2, 3, 4]
+    ledger_balances(summary, rows, 4, PER_STEP)
+
+
+class StallingTrainer(TrainerActor):
+    """The real trainer, whose step 2 hangs (as a collective waiting on a lost rank does)."""
+
+    def step(self, groups: Any = None, batch_id: int = 0) -> Any:
+        if batch_id == 2:
+            time.sleep(3600)
+        return super().step(groups, batch_id)
+
+
+def test_a_stalled_trainer_trips_the_watchdog_with_every_actors_stack(tmp_path: Path) -> None:
+    cfg = load_config(None, [*OVERRIDES, "name=stall", f"output_dir={tmp_path}", "train.steps=3", "ray.timeout_s=45"])
+    with pytest.raises(RunError) as err:
+        run_train(cfg, trainer_cls=StallingTrainer)
+    line = str(err.value)
+    stacks = cfg.run_dir / "stacks.txt"
+    assert "\n" not in line and "trainer step did not answer within ray.timeout_s=45s" in line, line
+    assert f"every actor's stack is in {stacks}" in line, line
+    text = stacks.read_text()
+    assert "=== StallingTrainer (pid" in text and text.count("=== RolloutWorker (pid") == 2, text[:2000]
+    # The trainer's stack shows where it hangs: this file's `step`, in time.sleep.
+    trainer = text.split("=== StallingTrainer")[1].split("\n=== ")[0]
+    assert "test_faults.py" in trainer and "in step" in trainer, trainer
