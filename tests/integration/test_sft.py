@@ -25,7 +25,8 @@ def tidal(*args: str) -> subprocess.CompletedProcess[str]:
 def test_tidal_sft_trains_evaluates_and_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
     """The loss falls, eval runs with the run's reward, the checkpoint loads."""
     args = [
-        "configs/sft_arithmetic.yaml", "name=t", f"output_dir={tmp_path}", "sft.steps=30", "sft.log_every=5",
+        "configs/sft_arithmetic.yaml", "model.preset=tiny-qwen3-moe", "name=t", f"output_dir={tmp_path}",
+        "sft.steps=30", "sft.log_every=5",
         "data.source.train_size=500", "data.source.eval_size=16", "trainer.micro_batch_size=16",
         "trainer.grad_accum=2", "trainer.zero_stage=2", "trainer.schedule.warmup_steps=2",
     ]  # fmt: skip
@@ -63,7 +64,8 @@ def test_eval_accuracy_is_what_math_verify_says_of_the_completions(tmp_path: Pat
         lines = [json.dumps({"question": p, "solution": a}) for p, a in rows.items()]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines * (8 if name == "train" else 1)))
     args = [
-        "configs/sft_arithmetic.yaml", "name=mv", f"output_dir={tmp_path}", "sft.steps=150",
+        "configs/sft_arithmetic.yaml", "model.preset=tiny-qwen3-moe", "name=mv", f"output_dir={tmp_path}",
+        "sft.steps=150",
         "sft.stop_at_accuracy=null",
         "data.source={type: files, train_files: [" + str(tmp_path / "train.jsonl") + "], eval_files: ["
         + str(tmp_path / "eval.jsonl") + "], prompt_field: question, answer_field: solution}",
