@@ -174,10 +174,13 @@ class Dispatcher:
             ray.wait([self.serving[i]], timeout=self.cfg.ray.timeout_s)
         self.check_workers()
 
-    def check_workers(self) -> None:
-        """Restart each worker whose serving loop ended (it died, or its engine raised)."""
+    def check_workers(self, wait_s: float = 0.0) -> None:
+        """Restart each worker whose serving loop ended (it died, or its engine raised); `wait_s`:
+        how long to give Ray to notice a death first."""
         import ray
 
+        if wait_s:
+            ray.wait(self.serving, num_returns=1, timeout=wait_s)
         done, _ = ray.wait(self.serving, num_returns=len(self.serving), timeout=0)
         for ref in done:
             i = self.serving.index(ref)

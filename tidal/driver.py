@@ -198,7 +198,7 @@ class Driver:
         try:
             handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
         except ray.exceptions.RayTaskError:
-            self.dispatch.check_workers()  # a dead worker fails a broadcast: it is the cause to name
+            self.dispatch.check_workers(wait_s=10.0)  # a dead worker fails a broadcast: it is the cause to name
             raise
         self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
         self.dispatch.published(handle)

@@ -90,12 +90,19 @@ def make_sample(text: str = "19", **row: Any) -> Sample:
     return Sample(0, [1], [2], [1], [-0.1], "stop", 0, [0], text=text, row={"prompt": "12+7=", **row})
 
 
-def pool_cpu_s(parent: psutil.Process) -> float:
-    """User + system CPU seconds of this process's children (the forkserver and the pool's processes)."""
+def forkserver_children(me: psutil.Process) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(this process's forkserver, the processes it forked): the reward pools' processes. Other
+    children (a Ray runtime or a wandb service an earlier test of the session left) are not theirs."""
+    servers = [p for p in me.children() if "forkserver" in " ".join(p.cmdline())]
+    return servers, [c for s in servers for c in s.children()]
+
+
+def cpu_s(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of `processes` (those still there)."""
     used = 0.0
-    for child in parent.children(recursive=True):
+    for p in processes:
         try:
-            t = child.cpu_times()
+            t = p.cpu_times()
         except psutil.NoSuchProcess:
             continue
         used += t.user + t.system
@@ -108,6 +115,7 @@ def test_spinning_reward_is_killed_and_its_process_replaced(tmp_path: Path) -> N
     spec = RewardSpec(path=f"{tmp_path}/spin.py:spin", kwargs={"pid_file": str(pid_file)})
     cfg = RewardsConfig(functions=[spec], timeout_s=1.0, retries=1, failure_reward=-1.0)
     me = psutil.Process()
+    others = {p.pid for p in forkserver_children(me)[1]}  # earlier tests' pools, if any are left
     with RewardScorer(cfg, max_threads=2) as scorer:
         assert values(scorer.score([make_sample(answer="19")]))["reward/spin"] == 1.0  # the pool is up
         hung, fine = make_sample(answer="spin"), make_sample(answer="19")
@@ -127,13 +135,13 @@ def test_spinning_reward_is_killed_and_its_process_replaced(tmp_path: Path) -> N
         assert [s.reward for s in later] == [1.0, 0.0] and metrics["reward/failed"] == 0.0
         # Nothing burns a core now: neither the pool's processes nor a thread of this process (where
         # an abandoned call would have kept spinning before).
-        pool_before, own_before = pool_cpu_s(me), sum(me.cpu_times()[:2])
+        servers, forked = forkserver_children(me)
+        workers = [w for w in forked if w.pid not in others]
+        assert len(servers) == 1 and len(workers) == 2  # max_threads, within the CPU count
+        pool_before, own_before = cpu_s(servers + workers), sum(me.cpu_times()[:2])
         time.sleep(1.0)
-        assert pool_cpu_s(me) - pool_before < 0.2
+        assert cpu_s(servers + workers) - pool_before < 0.2
         assert sum(me.cpu_times()[:2]) - own_before < 0.2
-        [forkserver] = [p for p in me.children() if "forkserver" in " ".join(p.cmdline())]
-        workers = forkserver.children()
-        assert len(workers) == 2  # max_threads, within the CPU count
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)  # closed with the scorer
 
 
