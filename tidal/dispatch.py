@@ -126,7 +126,7 @@ class Dispatcher:
         self.handles[handle.version] = handle
         oldest = min((w.min_version for _, w in self.in_flight.values()), default=handle.version)
         keep = oldest if self.cfg.rollout.deterministic else handle.version
-        self.handles = {v: h for v, h in self.handles.items() if v >= min(keep, handle.version)}
+        self.handles = {v: h for v, h in self.handles.items() if v >= keep}
 
     def _replace_filtered(self, filtered: dict[int, int], published: int) -> bool:
         """Dispatch a new group for each filtered one not replaced yet, up to `filter.max_oversample`

@@ -29,7 +29,7 @@ from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, WorkerLost, may
 from tidal.metrics import largest, merge, values
 from tidal.monitor import Monitor
 from tidal.rollout.staleness import StalenessBound
-from tidal.runtime import RunError, wait_for
+from tidal.runtime import wait_for
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt, StepResult
 
@@ -126,9 +126,9 @@ class Driver:
                     self._save()
                     if self.stop.name:
                         break
-        except WorkerLost as e:
-            self._seal()
-            raise RunError(f"{e}; {checkpoint.resume_hint(self.cfg.run_dir)}") from None
+        except WorkerLost:
+            self._seal()  # the checkpoint being written is the one to resume from
+            raise
         self._seal()
         self.schedule.close()
         for w in self.workers:

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from tidal import checkpoint
 from tidal.config import ConfigError, RewardsConfig, RunConfig, dump_config
 from tidal.data import check_prompt_lengths, load_splits
+from tidal.dispatch import WorkerLost
 from tidal.driver import Driver, StopSignal
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
@@ -159,7 +160,7 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         summary["perf/wall_time_s"] = time.time() - t_start
         summary.update(split)
         monitor.log({k: v for k, v in summary.items() if isinstance(v, float)}, step=cfg.train.steps)
-    except (ray.exceptions.RayError, Stalled) as e:
+    except (ray.exceptions.RayError, Stalled, WorkerLost) as e:
         raise _failure(e, run_dir) from None
     finally:
         if trainer is not None:
@@ -179,6 +180,8 @@ def _failure(e: Exception, run_dir: Path) -> RunError:
     if isinstance(e, Stalled):
         stacks = dump_stacks(run_dir / "stacks.txt")
         line = f"{e}; " + (f"every actor's stack is in {stacks}" if stacks else "see the run's run.log")
+    elif isinstance(e, WorkerLost):
+        line = str(e)
     else:
         line = actor_error_line(e, logs=str(run_dir / "run.log"))
     return RunError(f"{line}; {checkpoint.resume_hint(run_dir)}")

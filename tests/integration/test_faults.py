@@ -81,10 +81,14 @@ def live_pid(pids: Path, index: int) -> int:
     return int(files[-1].name.split("-")[1])
 
 
-def steps_done(run_dir: Path) -> int:
+def rows_of(run_dir: Path) -> list[dict]:
+    """The run's metric rows so far (none before its first)."""
     path = run_dir / "metrics.jsonl"
-    rows = [json.loads(r) for r in path.read_text().splitlines()] if path.is_file() else []
-    return max((int(r["step"]) for r in rows if "train/version" in r), default=0)
+    return [json.loads(r) for r in path.read_text().splitlines()] if path.is_file() else []
+
+
+def steps_done(run_dir: Path) -> int:
+    return max((int(r["step"]) for r in rows_of(run_dir) if "train/version" in r), default=0)
 
 
 def killer(run_dir: Path, pids: Path, at_steps: list[int], rng: random.Random, log: list[dict],
@@ -116,13 +120,7 @@ def killer(run_dir: Path, pids: Path, at_steps: list[int], rng: random.Random, l
 
 
 def restarts_logged(run_dir: Path) -> float:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(r) for r in path.read_text().splitlines()] if path.is_file() else []
-    return sum(r.get("fault/worker_restarts", 0.0) for r in rows if "train/version" in r)
-
-
-def rows_of(run_dir: Path) -> list[dict]:
-    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(r.get("fault/worker_restarts", 0.0) for r in rows_of(run_dir) if "train/version" in r)
 
 
 def test_chaos_three_workers_killed_the_run_completes_and_learns(tmp_path: Path, ledger_balances) -> None:

@@ -329,9 +329,9 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(status, int) and (status == 429 or status >= 500)
 
 
-def reward_metrics(samples: list[Sample], failed: Counter[str], elapsed: float, retried: int | None = None) -> Metrics:
+def reward_metrics(samples: list[Sample], failed: Counter[str], elapsed: float, retried: int) -> Metrics:
     """`reward/` metrics of a scored batch: mean, std, each function's mean, failures by kind, and
-    (when given) the calls retried after a transient failure, whether or not a retry succeeded."""
+    the calls retried after a transient failure, whether or not a retry succeeded."""
     rewards = [s.reward for s in samples]
     n = float(len(rewards))
     center = statistics.fmean(rewards) if rewards else 0.0
@@ -345,7 +345,6 @@ def reward_metrics(samples: list[Sample], failed: Counter[str], elapsed: float, 
         metrics[f"reward/{k}"] = mean(statistics.fmean(scored), float(len(scored)))
     metrics["reward/failed"] = total(float(sum(failed.values())))
     metrics.update({f"reward/failed_{kind}": total(float(failed[kind])) for kind in FAILURE_KINDS})
-    if retried is not None:
-        metrics["reward/retried"] = total(float(retried))
+    metrics["reward/retried"] = total(float(retried))
     metrics["reward/score_time_s"] = largest(elapsed)  # scorers of several workers run side by side
     return metrics
