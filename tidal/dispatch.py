@@ -19,6 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from tidal.config import RunConfig
@@ -69,6 +70,8 @@ class Dispatcher:
         self.faults: Counter[str] = Counter()
         """`fault/` counts since the last `metrics()`."""
         self.restart_s: list[float] = []
+        self.reform: Callable[[], None] | None = None
+        """Set by the driver: re-forms the broadcast group and sends the weights again (a restart)."""
 
     def batch(self, batch: int, min_version: int) -> None:
         """Hand out rollout batch `batch`, to generate with weights >= `min_version`."""
@@ -76,7 +79,7 @@ class Dispatcher:
 
     def wait(self, step: int, version: int, published: int) -> None:
         """Block until step `step` may take its groups at trainer `version`, replacing filtered groups
-        meanwhile (with weights >= `published`); a worker's failure or a wait past `ray.timeout_s`
+        meanwhile (with weights >= `published`); a worker's failure or a wait past `ray.stall_timeout_s`
         stops the run."""
         self._wait_on(lambda: self.buffer.wait_ready.remote(step, version, POLL_S), published,
                       f"rollout for step {step} did not finish")  # fmt: skip
@@ -88,29 +91,56 @@ class Dispatcher:
                       "the groups in flight did not land for a checkpoint")  # fmt: skip
 
     def _wait_on(self, poll: Callable[[], Any], published: int, what: str) -> None:
-        deadline = time.monotonic() + self.cfg.ray.timeout_s
+        deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
         while True:
-            status: BufferStatus = wait_for(poll(), "buffer", self.cfg.ray.timeout_s)
+            status: BufferStatus = wait_for(poll(), "buffer", self.cfg.ray.stall_timeout_s)
             self.generated = status.generated
             for gid in status.landed:
                 self.in_flight.pop(gid, None)
             if status.landed:  # progress: the bound is on a wait that sees none
-                deadline = time.monotonic() + self.cfg.ray.timeout_s
+                deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
             self.check_workers()
             if self._replace_filtered(status.filtered, published):
                 continue
             if status.ready:
                 return
             if time.monotonic() > deadline:
-                raise Stalled(f"{what}: no group landed within ray.timeout_s={self.cfg.ray.timeout_s:g}s; raise it "
+                raise Stalled(f"{what}: no group landed within ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s; raise it "
                               "for slow models")  # fmt: skip
 
     def state(self) -> dict[str, Any]:
-        return {"sent": self.sent, "replaced": self.replaced, "restarts": self.restarts}
+        """The dispatcher's part of a checkpoint; groups still in flight (a checkpoint written when a
+        worker was lost, see `settle`) are handed out again on resume."""
+        return {"sent": self.sent, "replaced": self.replaced, "restarts": self.restarts, "in_flight": self.in_flight}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.sent, self.replaced = state["sent"], state["replaced"]
         self.restarts = state.get("restarts", self.restarts)
+        self.in_flight = state.get("in_flight", {})
+
+    def settle(self) -> None:
+        """Stop every worker (the live ones after their current generate call) and account for the
+        groups that landed: those still in flight are the ones to hand out again."""
+        import ray
+
+        for worker in self.workers:
+            worker.stop.remote()
+        ray.wait(self.serving, num_returns=len(self.serving), timeout=self.cfg.ray.stall_timeout_s)
+        status: BufferStatus = wait_for(self.buffer.wait_drained.remote(0.0), "buffer", self.cfg.ray.stall_timeout_s)
+        for gid in status.landed:
+            self.in_flight.pop(gid, None)
+
+    def resubmit(self, min_version: int) -> None:
+        """Hand out again the groups a resumed checkpoint holds in flight, to the workers that had them,
+        with weights >= `min_version` (the versions they were dispatched for are gone with the run)."""
+        again: dict[int, tuple[int, Work]] = {}  # by the id of the work saved: a fixed share once
+        for gid, (i, work) in self.in_flight.items():
+            if id(work) not in again:
+                again[id(work)] = (i, replace(work, min_version=max(work.min_version, min_version)))
+                self.workers[i].submit.remote(again[id(work)][1])
+            self.in_flight[gid] = again[id(work)]
+        if again:
+            log.info("handing out again %d groups in flight when the checkpoint was written", len(self.in_flight))
 
     def metrics(self) -> Metrics:
         out = {"rollout/oversampled_groups": total(float(self.oversampled))}
@@ -171,8 +201,15 @@ class Dispatcher:
         import ray
 
         if self.restarts[i] == restarts:
-            ray.wait([self.serving[i]], timeout=self.cfg.ray.timeout_s)
+            ray.wait([self.serving[i]], timeout=self.cfg.ray.stall_timeout_s)
         self.check_workers()
+
+    def restarted_since(self, restarts: int) -> bool:
+        """After a failed weight transfer begun when the workers had `restarts` restarts in all:
+        whether a worker was restarted since (Ray is given 10 s to report a death first). A dead
+        member fails a broadcast; the restart re-formed the group and sent the weights again."""
+        self.check_workers(wait_s=10.0)
+        return sum(self.restarts) > restarts
 
     def check_workers(self, wait_s: float = 0.0) -> None:
         """Restart each worker whose serving loop ended (it died, or its engine raised); `wait_s`:
@@ -204,19 +241,27 @@ class Dispatcher:
         if self.restarts[i] > limit:
             raise WorkerLost(f"rollout worker {i} failed and rollout.max_worker_restarts={limit} allows no more "
                              f"restarts; the last failure: {why}")  # fmt: skip
-        if self.cfg.weight_sync.transport.type == "broadcast":
-            raise WorkerLost(f"rollout worker {i} failed ({why}), and the broadcast weight transport cannot "
-                             "re-form its group around a new process yet; use object_store or disk to survive "
-                             "worker failures")  # fmt: skip
+        broadcast = self.cfg.weight_sync.transport.type == "broadcast"
+        if broadcast and self.cfg.rollout.deterministic:
+            raise WorkerLost(f"rollout worker {i} failed ({why}); in deterministic mode its groups need the versions "
+                             "they were dispatched for, which the broadcast transport keeps nowhere: use "
+                             "object_store or disk to survive worker failures")  # fmt: skip
         log.warning("rollout worker %d failed (%s); restarting it (%d of %d)", i, why, self.restarts[i], limit)
         t0 = time.perf_counter()
         worker = self.workers[i]
+        old_pid = None
         if not died:
+            old_pid = wait_for(worker.pid.remote(), f"rollout worker {i}", self.cfg.ray.stall_timeout_s)
             ray.kill(worker, no_restart=False)
-        self._await_restart(i)
-        timeout = self.cfg.ray.timeout_s
-        wait_for([worker.offer_weights.remote(h) for _, h in sorted(self.handles.items())],
-                 f"weights for restarted rollout worker {i}", timeout)  # fmt: skip
+        self._await_restart(i, old_pid)
+        if broadcast:  # the group lost a member: every member joins a new one, and the weights go again
+            assert self.reform is not None
+            self.reform()
+        else:
+            wait_for(worker.join_weight_sync.remote(None), f"weight sync of restarted rollout worker {i}",
+                     self.cfg.ray.stall_timeout_s)  # fmt: skip
+            offers = [worker.offer_weights.remote(h) for _, h in sorted(self.handles.items())]
+            wait_for(offers, f"weights for restarted rollout worker {i}", self.cfg.ray.stall_timeout_s)
         self.serving[i] = worker.serve.remote()
         lost = {gid: work for gid, (w, work) in self.in_flight.items() if w == i}
         works = list({id(work): work for work in lost.values()}.values())  # a fixed share once
@@ -229,21 +274,31 @@ class Dispatcher:
         log.warning("rollout worker %d is serving again after %.1fs, with %d groups handed out again", i,
                     self.restart_s[-1], len(lost))  # fmt: skip
 
-    def _await_restart(self, i: int) -> None:
-        """Block until Ray has worker i's new process up (a call to the old one fails as unavailable)
-        and it has its weight-sync end."""
+    def _await_restart(self, i: int, old_pid: int | None) -> None:
+        """Block until Ray has worker i's new process up: not `old_pid`, which a kill may not have
+        reached yet (a call while Ray restarts it fails as unavailable)."""
         import ray
 
-        deadline = time.monotonic() + self.cfg.ray.timeout_s
+        deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
         while True:
             try:
-                wait_for(self.workers[i].join_weight_sync.remote(None), f"restarting rollout worker {i}",
-                         max(deadline - time.monotonic(), 1.0))  # fmt: skip
-                return
+                pid = wait_for(self.workers[i].pid.remote(), f"restarting rollout worker {i}", self.cfg.ray.stall_timeout_s)
+                if pid != old_pid:
+                    return
             except ray.exceptions.ActorUnavailableError:
-                time.sleep(0.2)
+                pass
             except ray.exceptions.ActorDiedError as e:
                 raise WorkerLost(f"rollout worker {i} could not be restarted: {actor_error_line(e)}") from None
+            if time.monotonic() > deadline:
+                raise Stalled(f"rollout worker {i} was not restarted within ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s")
+            time.sleep(0.2)
+
+
+def join_weight_sync(trainer: Any, workers: list[Any], group: tuple[str, int, int] | None, timeout_s: float) -> None:
+    """Both ends of the weight transport (`trainer`: rank 0, which publishes); a broadcast group forms
+    only once all members call in."""
+    calls = [trainer.join_weight_sync.remote(group)] + [w.join_weight_sync.remote(group) for w in workers]
+    wait_for(calls, "weight-sync setup", timeout_s)
 
 
 class WorkerLost(RunError):
@@ -278,7 +333,7 @@ class EvalTracker:
             left = max(deadline - time.monotonic(), 0.0) if wait else 0.0
             ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=left)
             if wait and not ready:
-                raise Stalled(f"held-out evaluation did not answer within ray.timeout_s={self.timeout_s:g}s")
+                raise Stalled(f"held-out evaluation did not answer within ray.stall_timeout_s={self.timeout_s:g}s")
             for ref in ready:
                 version, restarts = self.pending.pop(ref)
                 try:
@@ -295,24 +350,31 @@ class SyncTracker:
     """The workers' weight offers in flight: collected without blocking, so a failed sync surfaces
     as an error at the next step instead of being lost, and finished ones give sync throughput."""
 
-    def __init__(self) -> None:
-        self.pending: list[Any] = []
+    def __init__(self, dispatch: Dispatcher) -> None:
+        self.dispatch = dispatch
+        self.pending: dict[Any, int] = {}
+        """Offers in flight, with the workers' total restarts when each was made."""
 
     def add(self, refs: list[Any]) -> None:
-        self.pending += refs
+        self.pending.update(dict.fromkeys(refs, sum(self.dispatch.restarts)))
 
     def collect(self, timeout_s: float) -> Metrics:
         import ray
 
         if not self.pending:
             return {}
-        done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=timeout_s)
+        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout_s)
         stats: list[SyncStats] = []
         for ref in done:
+            restarts = self.pending.pop(ref)
             try:
                 stats.append(ray.get(ref))  # raises the error of a failed offer
             except ray.exceptions.RayActorError:
                 pass  # the worker died: its restart gives the new process the newest weights
+            except ray.exceptions.RayTaskError:
+                if not self.dispatch.restarted_since(restarts):
+                    raise
+        stats = [s for s in stats if s is not None]  # abandoned with a broadcast group a restart re-formed
         if not stats:
             return {}
         seconds = sum(s.seconds for s in stats)

@@ -25,7 +25,7 @@ from typing import Any
 
 from tidal import checkpoint
 from tidal.config import RunConfig
-from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, WorkerLost, may_dispatch
+from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, WorkerLost, join_weight_sync, may_dispatch
 from tidal.metrics import largest, merge, values
 from tidal.monitor import Monitor
 from tidal.rollout.staleness import StalenessBound
@@ -69,12 +69,14 @@ class Driver:
     ) -> None:  # fmt: skip
         self.cfg, self.sampler, self.workers, self.buffer = cfg, sampler, workers, buffer
         self.trainer, self.monitor, self.stop = trainer, monitor, stop
-        self.get = partial(wait_for, timeout_s=cfg.ray.timeout_s)
+        self.get = partial(wait_for, timeout_s=cfg.ray.stall_timeout_s)
         self.bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
         self.dispatch = Dispatcher(cfg, sampler, workers, buffer, serving=[w.serve.remote() for w in workers])
-        self.evals = EvalTracker(self.dispatch, eval_rows, cfg.ray.timeout_s)
-        self.offers = SyncTracker()
+        self.evals = EvalTracker(self.dispatch, eval_rows, cfg.ray.stall_timeout_s)
+        self.dispatch.reform = self._reform_weight_sync
+        self.offers = SyncTracker(self.dispatch)
         self.step = 0  # the last step done
+        self.trained = 0  # the last step the trainer took (a step fails after that, in its publish)
         self.version = self.published = 0  # the trainer's version; the newest version offered to the workers
         self.next_batch = 1
         self.before: dict[str, float] = {}  # held-out metrics before training
@@ -96,6 +98,7 @@ class Driver:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step, self.version, self.published = state["step"], state["version"], state["published"]
+        self.trained = self.step
         self.next_batch, self.before = state["next_batch"], state["before"]
         self.sampler.load_state(state["sampler"])
         self.dispatch.load_state(state["dispatch"])
@@ -110,6 +113,7 @@ class Driver:
             self.evals.request(0)  # first in worker 0's queue: the weights it starts with
         else:  # resumed: the workers start from the initial policy
             self._publish()
+            self.dispatch.resubmit(self.published)
         start = self.step + 1
         last: dict[str, float] = {}
         try:
@@ -127,7 +131,8 @@ class Driver:
                     if self.stop.name:
                         break
         except WorkerLost:
-            self._seal()  # the checkpoint being written is the one to resume from
+            self._seal()
+            self._save_lost()
             raise
         self._seal()
         self.schedule.close()
@@ -167,7 +172,7 @@ class Driver:
         t1 = time.perf_counter()
         result: StepResult = self.get(self.trainer.call("step", batch_id=step), "trainer step")[0]
         self.schedule.write(json.dumps({"step": step, "version": self.version, "groups": result.groups}) + "\n")
-        self.version = result.version
+        self.version, self.trained = result.version, step
         metrics = merge([result.metrics, self.get(self.buffer.pop_counts.remote(), "buffer"), self.dispatch.metrics()])
         metrics["async/staleness_bound"] = largest(float(self.bound.bound))  # what this step dispatched under
         metrics.update({k: largest(v) for k, v in self.save_times.items()})
@@ -176,16 +181,20 @@ class Driver:
         t2 = time.perf_counter()
         evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
         self.save_due = self._checkpoint_due()  # a signal arriving after this is taken at the next step
-        if step % cfg.weight_sync.every == 0 or evaluate or self.save_due:
-            metrics.update(self._publish())
-            if evaluate:
-                self.evals.request(self.published)
-        t3 = time.perf_counter()
-        *older, newest = self.evals.collect(wait=step == steps) or [{}]
-        for m in older:  # ended together with a newer one: a row of its own, so no evaluation goes unlogged
-            self.monitor.log(values(m), step=step)
-        metrics.update(newest)
-        metrics.update(self.offers.collect(cfg.ray.timeout_s if step == steps else 0.0))
+        try:
+            if step % cfg.weight_sync.every == 0 or evaluate or self.save_due:
+                metrics.update(self._publish())
+                if evaluate:
+                    self.evals.request(self.published)
+            t3 = time.perf_counter()
+            *older, newest = self.evals.collect(wait=step == steps) or [{}]
+            for m in older:  # ended together with a newer one: a row of its own, so no evaluation goes unlogged
+                self.monitor.log(values(m), step=step)
+            metrics.update(newest)
+            metrics.update(self.offers.collect(cfg.ray.stall_timeout_s if step == steps else 0.0))
+        except WorkerLost:  # the step is trained, and in the checkpoint written now: so is its row
+            self.monitor.log({**values(metrics), "train/version": float(self.version)}, step=step)
+            raise
         t4 = time.perf_counter()
         row = {**values(metrics), "train/version": float(self.version)}
         row.update(_perf(row, (t_prev, t0, t1, t2, t3, t4)))
@@ -195,15 +204,29 @@ class Driver:
     def _publish(self) -> dict[str, Any]:
         import ray
 
+        restarts = sum(self.dispatch.restarts)
         try:
             handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
         except ray.exceptions.RayTaskError:
-            self.dispatch.check_workers(wait_s=10.0)  # a dead worker fails a broadcast: it is the cause to name
+            if self.dispatch.restarted_since(restarts):  # a dead worker failed the broadcast: the restart
+                return {}  # re-formed the group and sent these weights
             raise
         self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
         self.dispatch.published(handle)
         self.published = handle.version
         return metrics
+
+    def _reform_weight_sync(self) -> None:
+        """A worker was restarted under the broadcast transport: every member leaves the old group (a
+        receive waiting for the dead member ends), all join a new one, and the current weights go to
+        every worker again (the new process has none; the others may have missed the last send)."""
+        self.get([w.leave_weight_sync.remote() for w in self.workers], "leaving the weight-sync group")
+        group = self.get(self.trainer.rank0.reform_weight_sync.remote(len(self.workers)), "weight-sync group")
+        join_weight_sync(self.trainer.rank0, self.workers, group, self.cfg.ray.stall_timeout_s)
+        handle, _ = self.get(self.trainer.call("publish"), "weight publish")[0]
+        self.get([w.offer_weights.remote(handle) for w in self.workers], "weights over the re-formed group")
+        self.dispatch.published(handle)
+        self.published = handle.version
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.train.checkpoint_every
@@ -223,6 +246,20 @@ class Driver:
         self.saving = (self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), tmp, t0)
         # Draining, the workers finish the groups in flight; then none is dispatched until the state is written.
         self.save_times = {"perf/checkpoint_drain_s": t1 - t0, "perf/checkpoint_state_s": time.perf_counter() - t1}
+
+    def _save_lost(self) -> None:
+        """A worker was lost for good: a checkpoint of the last step trained, holding the groups still
+        in flight (the dead worker's are not waited for), which the resumed run hands out again."""
+        if self.trained == 0:
+            return
+        self.step = self.trained
+        self.dispatch.settle()
+        tmp = checkpoint.begin(self.cfg.run_dir, self.step)
+        checkpoint.write_driver_state(tmp, {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")})
+        self.get(self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), "checkpoint save")
+        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints)
+        log.warning("checkpoint of step %d, with %d groups in flight, in %s", self.step, len(self.dispatch.in_flight),
+                    self.saved)  # fmt: skip
 
     def _seal(self) -> None:
         """Wait for the trainer's part of the checkpoint being written and seal it."""

@@ -24,7 +24,7 @@ class RunError(RuntimeError):
 
 
 class Stalled(RunError):
-    """A wait that saw no progress within `ray.timeout_s`: the run dumps every actor's stack."""
+    """A wait that saw no progress within `ray.stall_timeout_s`: the run dumps every actor's stack."""
 
 
 def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
@@ -190,7 +190,7 @@ def wait_for(refs: Any, what: str, timeout_s: float) -> Any:
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise Stalled(f"{what} did not answer within ray.timeout_s={timeout_s:g}s; raise it for slow "
+        raise Stalled(f"{what} did not answer within ray.stall_timeout_s={timeout_s:g}s; raise it for slow "
                       "models") from None  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from tidal import checkpoint
 from tidal.config import ConfigError, RewardsConfig, RunConfig, dump_config
 from tidal.data import check_prompt_lengths, load_splits
-from tidal.dispatch import WorkerLost
+from tidal.dispatch import WorkerLost, join_weight_sync
 from tidal.driver import Driver, StopSignal
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
@@ -142,20 +142,20 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers
         # take theirs.
         trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
-        trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.timeout_s)
+        trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.stall_timeout_s)
         workers = _start_workers(cfg, str(model_dir), buffer, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
         if resumed:  # the trainer's DeepSpeed checkpoint, the buffer's groups and ledger
             path = str(resumed["path"] / checkpoint.TRAINER)
             wait_for([*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])],
-                     "resuming from the checkpoint", cfg.ray.timeout_s)  # fmt: skip
+                     "resuming from the checkpoint", cfg.ray.stall_timeout_s)  # fmt: skip
         split["perf/actors_start_s"] = time.time() - t_ray
         with StopSignal() as stop:
             summary = Driver(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, stop, resumed).run(warm)
         t0 = time.time()
         if cfg.train.save_checkpoint and "stopped_at_step" not in summary:
             saved = trainer.call("save", str(run_dir / "checkpoint"))
-            summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.timeout_s)[0]
+            summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.stall_timeout_s)[0]
         summary["perf/save_s"] = time.time() - t0
         summary["perf/wall_time_s"] = time.time() - t_start
         summary.update(split)
@@ -267,8 +267,5 @@ def _start_workers(cfg: RunConfig, model_dir: str, buffer: Any, worker_cls: type
 
 
 def _join_weight_sync(cfg: RunConfig, trainer: TrainerGroup, workers: list[Any]) -> None:
-    """Both ends of the weight transport (trainer rank 0 publishes); a broadcast group forms only once
-    all members call in."""
-    group = wait_for(trainer.rank0.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.timeout_s)
-    calls = [trainer.rank0.join_weight_sync.remote(group)] + [w.join_weight_sync.remote(group) for w in workers]
-    wait_for(calls, "weight-sync setup", cfg.ray.timeout_s)
+    group = wait_for(trainer.rank0.weight_sync_group.remote(len(workers)), "weight-sync setup", cfg.ray.stall_timeout_s)
+    join_weight_sync(trainer.rank0, workers, group, cfg.ray.stall_timeout_s)

@@ -21,6 +21,7 @@ trainer calls `sync_group_address()`, then the trainer's `make_publisher` and ev
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -280,17 +281,43 @@ def _join_group(cfg: BroadcastSync, group: GroupAddress | None, rank: int) -> tu
     return store, dist.ProcessGroupNCCL(store, rank, world_size, options), device
 
 
-def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str) -> None:
-    """Broadcast `flat` from rank 0, bit for bit: sent as bytes, so any dtype goes through."""
+class SyncAbandoned(Exception):
+    """A broadcast given up because its group is being re-formed (a member died)."""
+
+
+def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str, abandoned: threading.Event) -> None:
+    """Broadcast `flat` from rank 0, bit for bit: sent as bytes, so any dtype goes through.
+
+    Polled rather than waited on, so that `abandoned` (set from another thread) ends a broadcast
+    that a dead member keeps from completing: every other member would otherwise wait it out.
+    """
     opts = torch.distributed.BroadcastOptions()
     opts.rootRank = 0
+    deadline = time.monotonic() + timeout_s
+    if abandoned.is_set():
+        raise SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed")
     try:
-        pg.broadcast([flat.view(torch.uint8)], opts).wait(datetime.timedelta(seconds=timeout_s))
+        work = pg.broadcast([flat.view(torch.uint8)], opts)
+        while not work.is_completed():
+            if abandoned.is_set():
+                raise SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed")
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out")
+            time.sleep(0.001)
+        work.wait()  # raises the collective's error
         if flat.is_cuda:  # NCCL's wait only orders the current stream; the caller needs the bytes
             torch.cuda.current_stream(flat.device).synchronize()
     except RuntimeError as e:
         raise RuntimeError(f"broadcast weight sync: {what} did not complete within timeout_s={timeout_s:g} "
                            f"(every worker must receive every published version): {e}") from e  # fmt: skip
+
+
+def _abandon(abandoned: threading.Event, pg: Any) -> None:
+    """Give up the group: a broadcast in progress raises SyncAbandoned; NCCL's kernels are aborted."""
+    abandoned.set()
+    if pg is not None:
+        with contextlib.suppress(RuntimeError):
+            pg.abort()
 
 
 class BroadcastPublisher:
@@ -309,6 +336,7 @@ class BroadcastPublisher:
     def __init__(self, cfg: BroadcastSync, weights_dir: Path, group: GroupAddress | None) -> None:
         self.cfg = cfg
         self._store, self._pg, self._device = _join_group(cfg, group, rank=0)
+        self._abandoned = threading.Event()
         self._sender: threading.Thread | None = None
         self._error: BaseException | None = None
         self._staged: list[torch.Tensor] = []
@@ -353,7 +381,7 @@ class BroadcastPublisher:
             n = len(self._staged)
             # A header first, so that a worker that skipped a version fails instead of mislabelling one.
             header = torch.tensor([version, n], dtype=torch.int64, device=self._device)
-            _broadcast(self._pg, header, self.cfg.timeout_s, f"sending v{version} (header)")
+            _broadcast(self._pg, header, self.cfg.timeout_s, f"sending v{version} (header)", self._abandoned)
             on_device = None
             if self._device.type == "cuda":
                 largest = max((flat.numel() * flat.element_size() for flat in self._staged), default=0)
@@ -363,7 +391,8 @@ class BroadcastPublisher:
                     data = flat.view(torch.uint8)
                     if on_device is not None:
                         data = on_device[: data.numel()].copy_(data)
-                    _broadcast(self._pg, data, self.cfg.timeout_s, f"sending v{version} (bucket {i + 1}/{n})")
+                    _broadcast(self._pg, data, self.cfg.timeout_s, f"sending v{version} (bucket {i + 1}/{n})",
+                               self._abandoned)  # fmt: skip
         except BaseException as e:  # re-raised in the trainer's thread by the next publish or close
             self._error = e
 
@@ -382,6 +411,14 @@ class BroadcastPublisher:
             self._pg = self._store = None
             self._staged = []
 
+    def abandon(self) -> None:
+        """Leave the group for a new one (a worker died): the send in progress ends, its error dropped."""
+        _abandon(self._abandoned, self._pg)
+        if self._sender is not None:
+            self._sender.join()
+        self._sender, self._error = None, None
+        self._pg = self._store = None
+
 
 class BroadcastReceiver(_Receiver):
     """Rank 1..N: receives every bucket into a fresh buffer and yields views of it by name.
@@ -396,6 +433,7 @@ class BroadcastReceiver(_Receiver):
         self.cfg = cfg
         self.rank = rank
         self._lock = threading.Lock()
+        self._abandoned = threading.Event()
         self._store, self._pg, self._device = _join_group(cfg, group, rank)
 
     def receive_buckets(self, handle: WeightHandle) -> Iterator[dict[str, torch.Tensor]]:
@@ -407,7 +445,7 @@ class BroadcastReceiver(_Receiver):
         plan: BroadcastPlan = handle.payload
         v = handle.version
         header = torch.empty(2, dtype=torch.int64, device=self._device)
-        _broadcast(self._pg, header, self.cfg.timeout_s, f"v{v} header (rank {self.rank})")
+        _broadcast(self._pg, header, self.cfg.timeout_s, f"v{v} header (rank {self.rank})", self._abandoned)
         sent_version, n_buckets = header.tolist()
         if (sent_version, n_buckets) != (v, len(plan.buckets)):
             raise RuntimeError(f"broadcast weight sync: rank {self.rank} asked for v{v} ({len(plan.buckets)} buckets) "
@@ -416,12 +454,18 @@ class BroadcastReceiver(_Receiver):
         for i, bucket in enumerate(plan.buckets):
             flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self._device)
             if bucket.numel:
-                _broadcast(self._pg, flat, self.cfg.timeout_s, f"v{v} bucket {i + 1}/{n_buckets} (rank {self.rank})")
+                what = f"v{v} bucket {i + 1}/{n_buckets} (rank {self.rank})"
+                _broadcast(self._pg, flat, self.cfg.timeout_s, what, self._abandoned)
             yield {slot.name: flat[slot.offset : slot.offset + torch.Size(slot.shape).numel()].view(slot.shape)
                    for slot in bucket.slots}  # fmt: skip
 
     def close(self) -> None:
         self._pg = self._store = None
+
+    def abandon(self) -> None:
+        """Leave the group for a new one (a member died): a receive in progress raises SyncAbandoned,
+        and so does every later one."""
+        _abandon(self._abandoned, self._pg)
 
 
 # ----------------------------------------------------------------------------------------------- disk

@@ -1,8 +1,8 @@
 """Runs that survive failures: rollout worker processes killed with SIGKILL at random moments, an
 engine that raises mid-run; each worker is restarted with the newest weights and its unfinished
 groups handed out again, so the ledger balances, no group is trained twice and reward still rises.
-Past `rollout.max_worker_restarts` (or with a transport that cannot take a new process) the run
-stops with one line naming the checkpoint to resume from.
+Past `rollout.max_worker_restarts` the run stops with one line naming the checkpoint to resume
+from.
 
 Real `tidal train` runs (Ray, DeepSpeed, the tiny MoE); the workers are the real RolloutWorker with
 one addition: each process writes its pid where the test finds it (and one raises once, as a
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import sys
@@ -127,7 +128,9 @@ def test_chaos_three_workers_killed_the_run_completes_and_learns(tmp_path: Path,
     rng = random.Random(int(os.environ.get("TIDAL_CHAOS_SEED", time.time())))
     pids = tmp_path / "pids"
     pids.mkdir()
-    cfg = load_config(None, [*OVERRIDES, "name=chaos", f"output_dir={tmp_path}", f"train.steps={STEPS}"])
+    transport = os.environ.get("TIDAL_CHAOS_TRANSPORT", "object_store")  # the others: in the engine-crash test
+    cfg = load_config(None, [*OVERRIDES, "name=chaos", f"output_dir={tmp_path}", f"train.steps={STEPS}",
+                             f"weight_sync.transport.type={transport}"])  # fmt: skip
     kills: list[dict] = []
     at_steps = sorted(rng.sample(range(2, STEPS - 12), 3))  # each restart logged with a step to spare
     thread = killer(cfg.run_dir, pids, at_steps, rng, kills)
@@ -147,11 +150,15 @@ def test_chaos_three_workers_killed_the_run_completes_and_learns(tmp_path: Path,
     assert last > first + 0.05, rewards
 
 
-def test_an_engine_crash_restarts_the_worker_over_the_disk_transport(tmp_path: Path, ledger_balances) -> None:
+@pytest.mark.parametrize("transport", ["disk", "broadcast"])
+def test_an_engine_crash_restarts_the_worker(tmp_path: Path, transport: str, ledger_balances) -> None:
+    """Over disk the new process reads the newest version's files; over broadcast every member
+    leaves the group (the dead one's absence would hold up every later send) and joins a new one,
+    and the trainer sends its weights again. (The chaos run covers the object store.)"""
     pids = tmp_path / "pids"
     pids.mkdir()
     cfg = load_config(None, [*OVERRIDES, "name=crash", f"output_dir={tmp_path}", "train.steps=6",
-                             "weight_sync.transport.type=disk"])  # fmt: skip
+                             f"weight_sync.transport.type={transport}"])  # fmt: skip
     summary = run_train(cfg, worker_cls=pid_worker(pids, crash_at_batch=3))
     rows = rows_of(cfg.run_dir)
     assert (pids / "crashed").is_file()
@@ -164,27 +171,39 @@ def test_an_engine_crash_restarts_the_worker_over_the_disk_transport(tmp_path: P
     assert later and all(r["async/worker_version"] >= r["step"] - 1 - 2 for r in later), later
 
 
-@pytest.mark.parametrize("transport, restarts, why", [
-    ("object_store", 0, "rollout worker 1 failed and rollout.max_worker_restarts=0 allows no more restarts"),
-    ("broadcast", 3, "the broadcast weight transport cannot re-form its group"),
-])  # fmt: skip
-def test_a_worker_that_cannot_be_restarted_stops_the_run_in_one_line(
-    tmp_path: Path, transport: str, restarts: int, why: str
-) -> None:
+def test_a_worker_past_its_restarts_stops_the_run_with_a_checkpoint_to_resume(tmp_path: Path, ledger_balances) -> None:
+    """The checkpoint is of the last step trained, not the last periodic one, and holds the groups
+    in flight (the dead worker's too), which the resumed run hands out again: no prompt lost or
+    trained twice."""
     pids = tmp_path / "pids"
     pids.mkdir()
-    cfg = load_config(None, [*OVERRIDES, "name=lost", f"output_dir={tmp_path}", "train.steps=12",
-                             "train.checkpoint_every=2", f"weight_sync.transport.type={transport}",
-                             f"rollout.max_worker_restarts={restarts}"])  # fmt: skip
+    args = [*OVERRIDES, "name=lost", f"output_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=4",
+            "rollout.max_worker_restarts=0"]  # fmt: skip
+    cfg = load_config(None, args)
     kills: list[dict] = []
-    thread = killer(cfg.run_dir, pids, [3], random.Random(0), kills, replaced=False)
+    thread = killer(cfg.run_dir, pids, [5], random.Random(0), kills, replaced=False)
     with pytest.raises(RunError) as err:
         run_train(cfg, worker_cls=pid_worker(pids))
     thread.join(timeout=10)
     assert len(kills) == 1
     line = str(err.value)
+    why = "rollout worker 1 failed and rollout.max_worker_restarts=0 allows no more restarts"
     assert "\n" not in line and why in line, line
-    assert "to continue from" in line and "train.resume=true" in line and "step_0000" in line, line
+    logged = [r["step"] for r in rows_of(cfg.run_dir) if "train/version" in r]
+    assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 5, logged
+    assert f"to continue from {cfg.run_dir / 'checkpoints' / f'step_{logged[-1]:08d}'}, run the same command " \
+           "with train.resume=true" in line, line  # fmt: skip
+    with (cfg.run_dir / "checkpoints" / f"step_{logged[-1]:08d}" / "driver.pkl").open("rb") as f:
+        saved = set(pickle.load(f)["dispatch"]["in_flight"])
+    assert saved  # at least the dead worker's current groups
+    summary = run_train(load_config(None, [*args, "train.resume=true"]), worker_cls=pid_worker(pids))
+    rows = rows_of(cfg.run_dir)
+    assert [r["step"] for r in rows if "train/version" in r] == list(range(1, 11))
+    ledger_balances(summary, rows, 10, PER_STEP)
+    # Handed out again and generated: some are trained (others may be filtered, none all of them).
+    trained = {g["id"] for line in (cfg.run_dir / "schedule.jsonl").read_text().splitlines()
+               for g in json.loads(line)["groups"]}  # fmt: skip
+    assert saved & trained, (saved, sorted(trained))
 
 
 class FailingTrainer(TrainerActor):
@@ -222,12 +241,12 @@ class StallingTrainer(TrainerActor):
 
 
 def test_a_stalled_trainer_trips_the_watchdog_with_every_actors_stack(tmp_path: Path) -> None:
-    cfg = load_config(None, [*OVERRIDES, "name=stall", f"output_dir={tmp_path}", "train.steps=3", "ray.timeout_s=45"])
+    cfg = load_config(None, [*OVERRIDES, "name=stall", f"output_dir={tmp_path}", "train.steps=3", "ray.stall_timeout_s=45"])
     with pytest.raises(RunError) as err:
         run_train(cfg, trainer_cls=StallingTrainer)
     line = str(err.value)
     stacks = cfg.run_dir / "stacks.txt"
-    assert "\n" not in line and "trainer step did not answer within ray.timeout_s=45s" in line, line
+    assert "\n" not in line and "trainer step did not answer within ray.stall_timeout_s=45s" in line, line
     assert f"every actor's stack is in {stacks}" in line, line
     text = stacks.read_text()
     assert "=== StallingTrainer (pid" in text and text.count("=== RolloutWorker (pid") == 2, text[:2000]

@@ -336,7 +336,7 @@ def test_every_wait_is_bounded() -> None:
 
             time.sleep(60)
 
-        with pytest.raises(RunError, match="trainer step did not answer within ray.timeout_s=0.5s"):
+        with pytest.raises(RunError, match="trainer step did not answer within ray.stall_timeout_s=0.5s"):
             wait_for(hang.remote(), "trainer step", timeout_s=0.5)
     finally:
         ray.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tidal.config import WeightSyncConfig
 from tidal.models import load_model, materialize_preset
 from tidal.weight_sync import (
     BroadcastPlan,
+    SyncAbandoned,
     WeightHandle,
     WeightPublisher,
     WeightReceiver,
@@ -252,6 +254,52 @@ def test_broadcast_names_a_skipped_version() -> None:
     with pytest.raises(RuntimeError, match="asked for v1 .* sending v2"):
         receiver.receive(v1)
     receiver.close()
+
+
+def _receive_all(receivers: list[WeightReceiver], handle: WeightHandle) -> list[Any]:
+    """Each receiver's copy of `handle`, received side by side (a broadcast needs every member)."""
+    got: list[Any] = [None] * len(receivers)
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, receivers[i].receive(handle)["w"]))
+               for i in range(len(receivers))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=WAIT_S)
+    return got
+
+
+def test_an_abandoned_broadcast_ends_at_once_and_a_new_group_forms() -> None:
+    """A worker died: the others' receives, which would wait out timeout_s for a send that does not
+    come, end when the group is abandoned, and every member (the dead one's successor too) joins a
+    new one."""
+    cfg = WeightSyncConfig.model_validate({"transport": {"type": "broadcast", "timeout_s": 120}})
+    publisher, receivers = _broadcast_group(cfg, workers=2)
+    v1 = publisher.publish({"w": torch.ones(8)}, version=1)
+    assert all(torch.equal(w, torch.ones(8)) for w in _receive_all(receivers, v1))
+    outcome: list[BaseException | None] = []
+
+    def wait_for_a_send() -> None:  # none comes: the trainer's went to a dead member and failed
+        try:
+            receivers[0].receive(v1)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=wait_for_a_send)
+    thread.start()
+    time.sleep(1.0)
+    assert not outcome, outcome
+    t0 = time.monotonic()
+    receivers[0].abandon()
+    publisher.abandon()
+    thread.join(timeout=30)
+    assert time.monotonic() - t0 < 30 and len(outcome) == 1 and isinstance(outcome[0], SyncAbandoned), outcome
+    with pytest.raises(SyncAbandoned):  # an abandoned receiver takes no further send
+        receivers[0].receive(v1)
+    publisher, receivers = _broadcast_group(cfg, workers=2)
+    v2 = publisher.publish({"w": torch.arange(8.0)}, version=2)
+    assert all(w is not None and torch.equal(w, torch.arange(8.0)) for w in _receive_all(receivers, v2))
+    publisher.close()
 
 
 @pytest.mark.gpu

@@ -70,7 +70,7 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path: Path) -> None:
     path = write(tmp_path, 2)
     checkpoint.write_driver_state(path, {"step": 2, "config": saved})
     safe = ["model.preset=tiny-qwen3-moe", "rollout.group_size=4", "train.steps=500", "train.eval_every=3",
-            "monitor.wandb=disabled", "ray.timeout_s=60", "train.resume=true", "eval.num_samples=4",
+            "monitor.wandb=disabled", "ray.stall_timeout_s=60", "train.resume=true", "eval.num_samples=4",
             "weight_sync.transport.type=disk"]  # fmt: skip
     assert checkpoint.check_resume(path, load_config(None, safe).model_dump(mode="json"), 500)["step"] == 2
     changed = load_config(None, ["model.preset=tiny-glm5-moe", "rollout.group_size=8",

@@ -333,7 +333,7 @@ class RayConfig(Strict):
     """Address of a running Ray cluster to join (null: start a local runtime)."""
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local runtime (default: enough for the actors)."""
-    timeout_s: float = Field(1800.0, gt=0.0)
+    stall_timeout_s: float = Field(1800.0, gt=0.0)
     """The hang watchdog: the longest wait on any actor call (a train step, a weight sync, an
     evaluation), and the longest a step's rollout may go without a group landing. Past it the run
     writes every actor's stack (each thread's) to `<run dir>/stacks.txt` and stops with one line

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,7 +52,7 @@ from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.queue import EvalRequest, Work, WorkQueue
 from tidal.types import Group, Prompt, RolloutResult, Sample, SamplingParams, SyncStats, mix_seed
-from tidal.weight_sync import WeightHandle, WeightReceiver, make_receiver
+from tidal.weight_sync import BroadcastReceiver, SyncAbandoned, WeightHandle, WeightReceiver, make_receiver
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ class WorkerConfig:
     weight_sync: WeightSyncConfig
     seed: int
     timeout_s: float
-    """Longest wait for weights (`ray.timeout_s`)."""
+    """Longest wait for weights (`ray.stall_timeout_s`)."""
 
     @classmethod
     def of(cls, cfg: RunConfig) -> WorkerConfig:
         return cls(cfg.model, cfg.data, cfg.rollout, cfg.rewards, cfg.envs, cfg.eval, cfg.weight_sync, cfg.seed,
-                   cfg.ray.timeout_s)  # fmt: skip
+                   cfg.ray.stall_timeout_s)  # fmt: skip
 
 
 def sampling_params(r: RolloutConfig, seed: int) -> SamplingParams:
@@ -127,12 +128,29 @@ class RolloutWorker:
         self._receiver = make_receiver(self.cfg.weight_sync, group, rank=self.index + 1)
 
     @ray.method(concurrency_group="control")
-    def offer_weights(self, handle: WeightHandle) -> SyncStats:
-        """Receive a published snapshot and stage it for the generation thread."""
+    def pid(self) -> int:
+        """This process's id: a restart checks it reached the new process."""
+        return os.getpid()
+
+    @ray.method(concurrency_group="queue")
+    def leave_weight_sync(self) -> None:
+        """Give up the broadcast group for a new one (a member died): a receive in progress, which
+        would wait for the dead member, ends at once. In the queue group, beside the receive."""
+        if isinstance(self._receiver, BroadcastReceiver):
+            self._receiver.abandon()
+
+    @ray.method(concurrency_group="control")
+    def offer_weights(self, handle: WeightHandle) -> SyncStats | None:
+        """Receive a published snapshot and stage it for the generation thread; None when its
+        broadcast was abandoned (the group is re-formed, and the snapshot sent again)."""
         t0 = time.perf_counter()
         if self._receiver is None:
             self._receiver = make_receiver(self.cfg.weight_sync)
-        buckets = [{name: t.cpu() for name, t in bucket.items()} for bucket in self._receiver.receive_buckets(handle)]
+        try:
+            received = self._receiver.receive_buckets(handle)
+            buckets = [{name: t.cpu() for name, t in bucket.items()} for bucket in received]
+        except SyncAbandoned:
+            return None
         seconds = time.perf_counter() - t0
         self._check_fits(buckets, handle.version)
         with self._cv:
@@ -333,7 +351,7 @@ class RolloutWorker:
 
         with self._cv:
             if not self._cv.wait_for(ready, timeout=timeout):
-                raise TimeoutError(f"rollout worker {self.index} waited {timeout:g}s (ray.timeout_s) for weights "
+                raise TimeoutError(f"rollout worker {self.index} waited {timeout:g}s (ray.stall_timeout_s) for weights "
                                    f"v{min_version} but holds v{self.version}; did a weight sync fail?")  # fmt: skip
             self._pinned = min_version
         self._apply_staged()

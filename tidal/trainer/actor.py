@@ -56,7 +56,14 @@ from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import Group, StepResult, TrainBatch
-from tidal.weight_sync import WeightHandle, WeightPublisher, buckets, make_publisher, sync_group_address
+from tidal.weight_sync import (
+    BroadcastPublisher,
+    WeightHandle,
+    WeightPublisher,
+    buckets,
+    make_publisher,
+    sync_group_address,
+)
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,14 @@ class TrainerActorConfig:
     """Rollout batches of the run (`train.steps`), for the lr schedule's length."""
     seed: int
     timeout_s: float
-    """Longest wait on the buffer (`ray.timeout_s`)."""
+    """Longest wait on the buffer (`ray.stall_timeout_s`)."""
     weights_dir: Path
     """Where the `disk` transport writes snapshots by default."""
 
     @classmethod
     def of(cls, cfg: RunConfig) -> TrainerActorConfig:
         return cls(cfg.model, cfg.trainer, cfg.algorithm, cfg.rollout, cfg.weight_sync, cfg.train.steps, cfg.seed,
-                   cfg.ray.timeout_s, cfg.run_dir / "weights")  # fmt: skip
+                   cfg.ray.stall_timeout_s, cfg.run_dir / "weights")  # fmt: skip
 
 
 class TrainerActor:
@@ -259,6 +266,13 @@ class TrainerActor:
         if self.cfg.weight_sync.transport.type != "broadcast":
             return None
         return (*sync_group_address(), num_workers + 1)
+
+    def reform_weight_sync(self, num_workers: int) -> tuple[str, int, int] | None:
+        """Give up the broadcast group (a worker died; the send in progress ends) and return a new
+        one's address, for every member to join again."""
+        if isinstance(self.publisher, BroadcastPublisher):
+            self.publisher.abandon()
+        return self.weight_sync_group(num_workers)
 
     def join_weight_sync(self, group: tuple[str, int, int] | None) -> None:
         """Build the publishing end; with `broadcast` this blocks until every worker has joined."""

@@ -66,7 +66,7 @@ class TrainerGroup:
             ray.util.remove_placement_group(pg)
             free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             raise RunError(f"the cluster cannot place trainer.num_ranks={n} ranks of {bundle} "
-                           f"(trainer.placement={cfg.placement}) within ray.timeout_s={timeout_s:g}s; "
+                           f"(trainer.placement={cfg.placement}) within ray.stall_timeout_s={timeout_s:g}s; "
                            f"free now: {free}")  # fmt: skip
 
         def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
