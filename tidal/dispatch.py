@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tidal.config import RunConfig
@@ -72,6 +72,8 @@ class Dispatcher:
         self.restart_s: list[float] = []
         self.reform: Callable[[], None] | None = None
         """Set by the driver: re-forms the broadcast group and sends the weights again (a restart)."""
+        self.down: dict[int, _Restart] = {}
+        """Workers being restarted: no work is handed to them until their new process is in."""
 
     def batch(self, batch: int, min_version: int) -> None:
         """Hand out rollout batch `batch`, to generate with weights >= `min_version`."""
@@ -105,8 +107,8 @@ class Dispatcher:
             if status.ready:
                 return
             if time.monotonic() > deadline:
-                raise Stalled(f"{what}: no group landed within ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s; raise it "
-                              "for slow models")  # fmt: skip
+                raise Stalled(f"{what}: no group landed within ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s; "
+                              "raise it for slow models")  # fmt: skip
 
     def state(self) -> dict[str, Any]:
         """The dispatcher's part of a checkpoint; groups still in flight (a checkpoint written when a
@@ -177,30 +179,46 @@ class Dispatcher:
 
         # Counted before any of them can be put, so the buffer never sees a batch as whole too early.
         ray.get(self.buffer.dispatched.remote(batch, len(prompts)))
-        n = len(self.workers)
-        if self.cfg.rollout.deterministic:
-            shares = [prompts[i::n] for i in range(n)]
-            works = [Work(share, batch, min_version, mix_seed(self.cfg.seed, batch * n + i), fixed=True)
-                     for i, share in enumerate(shares)]  # fmt: skip
-        else:
-            shares = [[] for _ in range(n)]
-            for p in prompts:  # each to the worker with the fewest groups still to generate
-                w = min(range(n), key=lambda i: self.sent[i] - self.generated.get(i, 0))
-                shares[w].append(p)
-                self.sent[w] += 1
-            works = [Work(share, batch, min_version) for share in shares]
-        for i, (worker, work) in enumerate(zip(self.workers, works, strict=True)):
+        n, live = len(self.workers), self.live()
+        if self.cfg.rollout.deterministic:  # share i keeps its seed, on another worker while i restarts
+            works = [(i if i in live else live[i % len(live)],
+                      Work(prompts[i::n], batch, min_version, mix_seed(self.cfg.seed, batch * n + i), fixed=True))
+                     for i in range(n)]  # fmt: skip
+        else:  # each prompt to the worker with the fewest groups still to generate
+            load = {i: self.sent[i] - self.generated.get(i, 0) for i in live}
+            shares: dict[int, list[Prompt]] = {}
+            for p in prompts:
+                i = min(live, key=load.__getitem__)
+                load[i] += 1
+                shares.setdefault(i, []).append(p)
+            works = [(i, Work(share, batch, min_version)) for i, share in shares.items()]
+        for i, work in works:
             if work.prompts:
-                for p in work.prompts:
-                    self.in_flight[p.group_id] = (i, work if work.fixed else Work([p], batch, min_version))
-                worker.submit.remote(work)
+                self._hand(i, work)
+
+    def live(self) -> list[int]:
+        """The workers not being restarted (all of them when every one is: work then waits for them)."""
+        return [i for i in range(len(self.workers)) if i not in self.down] or list(range(len(self.workers)))
+
+    def _least_loaded(self, among: list[int]) -> int:
+        """The worker of `among` with the fewest groups still to generate."""
+        return min(among, key=lambda i: self.sent[i] - self.generated.get(i, 0))
+
+    def _hand(self, i: int, work: Work) -> None:
+        """Give `work` to worker i: now, or once its new process is in. Its groups are tracked each
+        on its own (handed out again one by one), a deterministic share as a whole."""
+        for p in work.prompts:
+            self.in_flight[p.group_id] = (i, work if work.fixed else Work([p], work.batch_id, work.min_version))
+        self.sent[i] += len(work.prompts)
+        if i not in self.down:
+            self.workers[i].submit.remote(work)
 
     def recover(self, i: int, restarts: int) -> None:
         """Worker i died under a call made when it had been restarted `restarts` times: restart it,
         unless that was done meanwhile (waiting for its serving loop to end, as it must)."""
         import ray
 
-        if self.restarts[i] == restarts:
+        if self.restarts[i] == restarts and i not in self.down:
             ray.wait([self.serving[i]], timeout=self.cfg.ray.stall_timeout_s)
         self.check_workers()
 
@@ -212,13 +230,14 @@ class Dispatcher:
         return sum(self.restarts) > restarts
 
     def check_workers(self, wait_s: float = 0.0) -> None:
-        """Restart each worker whose serving loop ended (it died, or its engine raised); `wait_s`:
-        how long to give Ray to notice a death first."""
+        """Restart each worker whose serving loop ended (it died, or its engine raised), and bring in
+        each restarted one whose new process is up; `wait_s`: how long to give Ray to notice a death."""
         import ray
 
-        if wait_s:
-            ray.wait(self.serving, num_returns=1, timeout=wait_s)
-        done, _ = ray.wait(self.serving, num_returns=len(self.serving), timeout=0)
+        serving = [ref for i, ref in enumerate(self.serving) if i not in self.down]
+        if wait_s and serving:
+            ray.wait(serving, num_returns=1, timeout=wait_s)
+        done, _ = ray.wait(serving, num_returns=len(serving), timeout=0) if serving else ([], [])
         for ref in done:
             i = self.serving.index(ref)
             died = False
@@ -229,11 +248,15 @@ class Dispatcher:
                 why = actor_error_line(e, logs=str(self.cfg.run_dir / "run.log"))
                 died = isinstance(e, ray.exceptions.RayActorError)
             self._restart(i, why, died)
+        for i in list(self.down):
+            if self._is_up(i):
+                self._rejoin(i)
 
     def _restart(self, i: int, why: str, died: bool) -> None:
-        """Worker i's process anew (Ray restarts a dead actor; one alive with a broken engine is killed
-        for Ray to restart), with the weight sync, the newest weights and its predecessor's groups
-        still in flight."""
+        """Have Ray start worker i's process anew (it restarts a dead actor; one alive with a broken
+        engine is killed for it) and hand its groups in flight to the other workers. Over the object
+        store or disk the run goes on meanwhile, and `check_workers` brings the new process in once it
+        is up; a broadcast group needs every member, so there the driver waits for it."""
         import ray
 
         self.restarts[i] += 1
@@ -247,51 +270,94 @@ class Dispatcher:
                              "they were dispatched for, which the broadcast transport keeps nowhere: use "
                              "object_store or disk to survive worker failures")  # fmt: skip
         log.warning("rollout worker %d failed (%s); restarting it (%d of %d)", i, why, self.restarts[i], limit)
-        t0 = time.perf_counter()
-        worker = self.workers[i]
-        old_pid = None
+        self.faults["fault/worker_restarts"] += 1
+        t0, worker, old_pid = time.perf_counter(), self.workers[i], None
         if not died:
             old_pid = wait_for(worker.pid.remote(), f"rollout worker {i}", self.cfg.ray.stall_timeout_s)
             ray.kill(worker, no_restart=False)
-        self._await_restart(i, old_pid)
-        if broadcast:  # the group lost a member: every member joins a new one, and the weights go again
-            assert self.reform is not None
-            self.reform()
-        else:
-            wait_for(worker.join_weight_sync.remote(None), f"weight sync of restarted rollout worker {i}",
-                     self.cfg.ray.stall_timeout_s)  # fmt: skip
-            offers = [worker.offer_weights.remote(h) for _, h in sorted(self.handles.items())]
-            wait_for(offers, f"weights for restarted rollout worker {i}", self.cfg.ray.stall_timeout_s)
-        self.serving[i] = worker.serve.remote()
-        lost = {gid: work for gid, (w, work) in self.in_flight.items() if w == i}
-        works = list({id(work): work for work in lost.values()}.values())  # a fixed share once
-        ray.get(self.buffer.redispatching.remote(list(lost)))
-        for work in works:
-            worker.submit.remote(work)
-        self.faults["fault/worker_restarts"] += 1
-        self.faults["fault/redispatched_groups"] += len(lost)
-        self.restart_s.append(time.perf_counter() - t0)
-        log.warning("rollout worker %d is serving again after %.1fs, with %d groups handed out again", i,
-                    self.restart_s[-1], len(lost))  # fmt: skip
+        self.down[i] = _Restart(t0, old_pid, worker.pid.remote())
+        self._hand_over(i)
+        while broadcast and i in self.down:
+            if self._is_up(i):
+                self._rejoin(i)
+            else:
+                time.sleep(0.2)
 
-    def _await_restart(self, i: int, old_pid: int | None) -> None:
-        """Block until Ray has worker i's new process up: not `old_pid`, which a kill may not have
-        reached yet (a call while Ray restarts it fails as unavailable)."""
+    def await_restarts(self) -> None:
+        """Block until every worker being restarted is in again (the run ends with all serving)."""
+        while self.down:
+            self.check_workers()
+            time.sleep(0.2)
+
+    def _hand_over(self, i: int) -> None:
+        """Worker i's groups in flight, to the live workers (kept for i when there is none): the
+        same prompts, group ids and batches (a deterministic share with its seed). A copy that still
+        lands from the dying process is dropped by the buffer."""
         import ray
 
-        deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
-        while True:
-            try:
-                pid = wait_for(self.workers[i].pid.remote(), f"restarting rollout worker {i}", self.cfg.ray.stall_timeout_s)
-                if pid != old_pid:
-                    return
-            except ray.exceptions.ActorUnavailableError:
-                pass
-            except ray.exceptions.ActorDiedError as e:
-                raise WorkerLost(f"rollout worker {i} could not be restarted: {actor_error_line(e)}") from None
-            if time.monotonic() > deadline:
-                raise Stalled(f"rollout worker {i} was not restarted within ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s")
-            time.sleep(0.2)
+        lost = {gid: work for gid, (w, work) in self.in_flight.items() if w == i}
+        ray.get(self.buffer.redispatching.remote(list(lost)))
+        self.sent[i] -= len(lost)
+        for work in {id(work): work for work in lost.values()}.values():  # a fixed share once
+            self._hand(self._least_loaded(self.live()), work)
+        self.faults["fault/redispatched_groups"] += len(lost)
+        log.warning("rollout worker %d: its %d groups in flight handed out again", i, len(lost))
+
+    def _is_up(self, i: int) -> bool:
+        """Whether restarting worker i's new process answers (not the one killed, which a kill may not
+        have reached yet; a call while Ray restarts it fails as unavailable)."""
+        import ray
+
+        r = self.down[i]
+        if not ray.wait([r.probe], timeout=0)[0]:
+            if time.perf_counter() - r.t0 > self.cfg.ray.stall_timeout_s:
+                raise Stalled(f"rollout worker {i} was not restarted within "
+                              f"ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s")  # fmt: skip
+            return False
+        try:
+            if ray.get(r.probe) != r.old_pid:
+                return True
+        except ray.exceptions.ActorUnavailableError:
+            pass
+        except ray.exceptions.ActorDiedError as e:
+            raise WorkerLost(f"rollout worker {i} could not be restarted: {actor_error_line(e)}") from None
+        r.probe = self.workers[i].pid.remote()
+        return False
+
+    def _rejoin(self, i: int) -> None:
+        """Worker i's new process joins: the weight sync and the newest weights (over broadcast a new
+        group, see `reform`), its serving loop, and the work kept for it."""
+        import ray
+
+        worker, timeout = self.workers[i], self.cfg.ray.stall_timeout_s
+        try:
+            if self.cfg.weight_sync.transport.type == "broadcast":
+                assert self.reform is not None
+                self.reform()
+            else:
+                wait_for(worker.join_weight_sync.remote(None), f"weight sync of restarted rollout worker {i}", timeout)
+                offers = [worker.offer_weights.remote(h) for _, h in sorted(self.handles.items())]
+                wait_for(offers, f"weights for restarted rollout worker {i}", timeout)
+        except ray.exceptions.RayActorError as e:  # the new process died too
+            self.down.pop(i)
+            self._restart(i, actor_error_line(e, logs=str(self.cfg.run_dir / "run.log")), died=True)
+            return
+        self.serving[i] = worker.serve.remote()
+        kept = {id(work): work for w, work in self.in_flight.values() if w == i}
+        for work in kept.values():
+            worker.submit.remote(work)
+        self.restart_s.append(time.perf_counter() - self.down.pop(i).t0)
+        log.warning("rollout worker %d is serving again after %.1fs", i, self.restart_s[-1])
+
+
+@dataclass
+class _Restart:
+    """A worker being restarted: since when, the process killed (None: it died), and the call that
+    answers once Ray has its new process up."""
+
+    t0: float
+    old_pid: int | None
+    probe: Any
 
 
 def join_weight_sync(trainer: Any, workers: list[Any], group: tuple[str, int, int] | None, timeout_s: float) -> None:
@@ -306,20 +372,21 @@ class WorkerLost(RunError):
 
 
 class EvalTracker:
-    """Held-out evaluations in flight on worker 0: requested without waiting, logged when they end."""
+    """Held-out evaluations in flight on a worker: requested without waiting, logged when they end."""
 
     def __init__(self, dispatch: Dispatcher, prompts: list[Prompt], timeout_s: float) -> None:
         self.dispatch = dispatch
-        self.worker = dispatch.workers[0]
         self.prompts = prompts
         self.timeout_s = timeout_s
-        self.pending: dict[Any, tuple[int, int]] = {}
-        """Evaluations in flight: their refs, the version each asked for and the worker's restarts then."""
+        self.pending: dict[Any, tuple[int, int, int]] = {}
+        """Evaluations in flight: their refs, the version each asked for, the worker and its restarts then."""
 
     def request(self, min_version: int) -> None:
+        """An evaluation with weights >= `min_version`, on the first worker not being restarted."""
         if self.prompts:
-            ref = self.worker.evaluate.remote(self.prompts, min_version)
-            self.pending[ref] = (min_version, self.dispatch.restarts[0])
+            i = self.dispatch.live()[0]
+            ref = self.dispatch.workers[i].evaluate.remote(self.prompts, min_version)
+            self.pending[ref] = (min_version, i, self.dispatch.restarts[i])
 
     def collect(self, wait: bool) -> list[Metrics]:
         """The finished evaluations' metrics, oldest version first (every one still pending when
@@ -335,11 +402,11 @@ class EvalTracker:
             if wait and not ready:
                 raise Stalled(f"held-out evaluation did not answer within ray.stall_timeout_s={self.timeout_s:g}s")
             for ref in ready:
-                version, restarts = self.pending.pop(ref)
+                version, i, restarts = self.pending.pop(ref)
                 try:
                     done.append(ray.get(ref))
                 except ray.exceptions.RayActorError:
-                    self.dispatch.recover(0, restarts)
+                    self.dispatch.recover(i, restarts)
                     self.request(version)
             if not wait:
                 break

@@ -135,6 +135,10 @@ class Driver:
             self._save_lost()
             raise
         self._seal()
+        self.dispatch.await_restarts()
+        late = {k: v for k, v in values(self.dispatch.metrics()).items() if k.startswith("fault/") and v}
+        if late:  # a restart that ended after the last step: a row of its own
+            self.monitor.log(late, step=self.step)
         self.schedule.close()
         for w in self.workers:
             w.stop.remote()

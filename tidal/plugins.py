@@ -19,6 +19,7 @@ import inspect
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import pickle
 import re
 import signal
 import sys
@@ -26,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -126,6 +128,8 @@ class PluginRef:
 
     path: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str | None = None
+    """Of the object built, this method is the plugin (an env's `step`)."""
 
 
 def plugin_ref(obj: Any, kwargs: dict[str, Any] | None = None) -> PluginRef | None:
@@ -154,12 +158,72 @@ _loaded: dict[str, Callable[..., Any]] = {}
 
 
 def load_plugin(ref: PluginRef) -> Callable[..., Any]:
-    """The plugin `ref` names, built with its kwargs if it is a class; loaded once per process."""
+    """The plugin `ref` names, built with its kwargs if it is a class (once per process: an env's
+    methods share one instance), or that object's `method`."""
     key = repr((ref.path, ref.kwargs))
     if key not in _loaded:
         obj = import_object(ref.path, f"plugin {ref.path!r}")
         _loaded[key] = obj(**ref.kwargs) if isinstance(obj, type) else obj
-    return _loaded[key]
+    return _loaded[key] if ref.method is None else getattr(_loaded[key], ref.method)
+
+
+def call_plugin(ref: PluginRef, args: tuple[Any, ...]) -> tuple[bool, Any, Any]:
+    """In a pool process: the plugin `ref` names, called on `args` (an awaitable it returns is run
+    to its end). (True, its return value, `args[0]` after the call: a state it may have changed in
+    place), or (False, the exception it raised, made to pickle, None)."""
+    try:
+        out = load_plugin(ref)(*args)
+        if inspect.isawaitable(out):
+            out = asyncio.run(_awaited(out))
+    except BaseException as e:  # the isolation boundary, as in a thread
+        return False, _portable(e), None
+    return True, out, args[0] if args else None
+
+
+def _portable(e: BaseException) -> Exception:
+    """`e` as the caller can receive and raise it: itself if it pickles, else (or for SystemExit and
+    the like, which must not escape a caller's event loop) a RuntimeError naming it."""
+    if isinstance(e, Exception):
+        try:
+            pickle.loads(pickle.dumps(e))
+            return e
+        except Exception:
+            pass
+    return RuntimeError(describe_exception(e))
+
+
+async def pool_call(calls: BoundedCalls, ref: PluginRef, copy_back: bool, *args: Any) -> Any:
+    """The plugin `ref` names, called on `args` in a process of `calls`' pool and killed there past
+    the timeout (counted from when a process takes it: `BoundedCalls.run` adds no bound of its own);
+    with `copy_back`, what the call changed in `args[0]` (a state) is copied into the caller's."""
+    ok, value, first = await calls.in_process(call_plugin, ref, args)
+    if not ok:
+        raise value
+    if copy_back:
+        copy_into(args[0], first)
+    return value
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def copy_into(target: Any, source: Any) -> None:
+    """Make `target` hold what `source` does, in place: a dict, list or set's items, or an object's
+    attributes (a state changed in a pool process, made the caller's own again)."""
+    if target is source:
+        return
+    if isinstance(target, dict) and isinstance(source, dict):
+        target.clear()
+        target.update(source)
+    elif isinstance(target, list) and isinstance(source, list):
+        target[:] = source
+    elif isinstance(target, set) and isinstance(source, set):
+        target.clear()
+        target.update(source)
+    elif hasattr(target, "__dict__") and type(target) is type(source):
+        vars(target).clear()
+        vars(target).update(vars(source))
 
 
 def _start_worker(cwd: str, path: list[str], refs: list[PluginRef]) -> None:
@@ -282,10 +346,23 @@ class BoundedCalls:
 
     async def _run_one(self, call: Callable[[], Any]) -> CallResult:
         try:
-            ok, value = await self.bounded(call, getattr(call, "__name__", "call"), is_async(call))
+            if isinstance(call, partial) and call.func is pool_call:  # bounded in the pool
+                ok, value = await self._pool_call(call)
+            else:
+                ok, value = await self.bounded(call, getattr(call, "__name__", "call"), is_async(call))
         except TimeoutError:
             return CallResult(False, reason=f"timed out after {self.timeout_s}s")
         return CallResult(True, value) if ok else CallResult(False, reason=f"raised {describe_exception(value)}")
+
+    @staticmethod
+    async def _pool_call(call: Callable[[], Any]) -> tuple[bool, Any]:
+        """(ok, value or the exception raised) of a `pool_call`; TimeoutError when the pool killed it."""
+        try:
+            return True, await call()
+        except TimeoutError:
+            raise
+        except Exception as e:
+            return False, e
 
     async def bounded(self, fn: Callable[[], Any], name: str, async_fn: bool) -> tuple[bool, Any]:
         """(ok, return value or the exception raised) of `fn()` on the loop, bounded by `timeout_s`
@@ -309,6 +386,11 @@ class BoundedCalls:
         """
         pool = await self._process_pool(fn.__module__)
         return await asyncio.wrap_future(pool.schedule(fn, args, timeout=self.timeout_s))
+
+    def start_pool(self, preload_module: str) -> None:
+        """Start the process pool now, if not running: outside any call's timeout, which an async call
+        into the pool (an isolated env's) would otherwise spend on the start."""
+        self.submit(self._process_pool(preload_module))
 
     async def _process_pool(self, preload_module: str) -> ProcessPool:
         if self._pool is not None and self._pool.active:

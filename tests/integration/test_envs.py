@@ -87,10 +87,10 @@ def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def config(env: str, *extra: str) -> RunConfig:
+def config(env: str, *extra: str, isolation: str = "thread") -> RunConfig:
     return load_config(None, [
         "model.preset=tiny-qwen3-moe", "rollout.group_size=3", "rollout.max_new_tokens=5", "rollout.temperature=1.0",
-        "monitor.wandb=disabled", f"envs=[{{path: '{env}', label: scripted}}]", *extra,
+        "monitor.wandb=disabled", f"envs=[{{path: '{env}', label: scripted, isolation: {isolation}}}]", *extra,
     ])  # fmt: skip
 
 
@@ -102,8 +102,12 @@ def segments(mask: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(preset: Path, env_file: Path) -> None:
-    worker = RolloutWorker(WorkerConfig.of(config(f"{env_file}:Scripted")), str(preset))
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(preset: Path, env_file: Path,
+                                                                         isolation: str) -> None:  # fmt: skip
+    """In a process the env's `step` changes a copy of the state: it comes back, or every turn would
+    be the first."""
+    worker = RolloutWorker(WorkerConfig.of(config(f"{env_file}:Scripted", isolation=isolation)), str(preset))
     tok = load_tokenizer(preset)
     prompts = [Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted"), Prompt(1, {"prompt": "5-3=", "answer": "2"},
                                                                                    "scripted")]  # fmt: skip
@@ -171,8 +175,10 @@ def test_each_episode_gets_its_own_context_room(preset: Path, env_file: Path) ->
     assert env.seen[long.row["prompt"], 1] == worker.engine.tokenizer.decode(s.response_ids, skip_special_tokens=True)
 
 
-def test_hostile_env_is_contained(preset: Path, env_file: Path) -> None:
-    cfg = config(f"{env_file}:Hostile", "rewards.timeout_s=0.5", "rewards.failure_reward=-1")
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_hostile_env_is_contained(preset: Path, env_file: Path, isolation: str) -> None:
+    """A thread that sleeps past the timeout is abandoned; a process is killed. The same record."""
+    cfg = config(f"{env_file}:Hostile", "rewards.timeout_s=0.5", "rewards.failure_reward=-1", isolation=isolation)
     worker = RolloutWorker(WorkerConfig.of(cfg), str(preset))
     prompts = [Prompt(k, {"prompt": "1+1=", "answer": "2", "kind": str(k)}, "scripted") for k in range(4)]
     result = worker.rollout(prompts, seed=0)

@@ -1,4 +1,5 @@
-"""Reward calls that hang are killed with their process, and transient failures are retried.
+"""Reward calls (and env calls, with `isolation: process`) that hang are killed with their process,
+and transient failures are retried.
 
 Rewards here are loaded from files, so they run in the scorer's process pool: a module-level
 counter would live in a child process, so attempts are counted in files.
@@ -8,15 +9,17 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tidal.config import RewardsConfig, RewardSpec
+from tidal.config import DataConfig, EnvSpec, RewardsConfig, RewardSpec
 from tidal.metrics import values
 from tidal.rewards import RewardScorer
+from tidal.rollout.env_runtime import build_runtimes
 from tidal.types import Sample
 
 pytestmark = pytest.mark.integration
@@ -201,3 +204,63 @@ def test_results_and_failures_in_a_reward_process_are_as_in_threads(tmp_path: Pa
     assert again.reward == 0.5
     assert metrics["reward/failed_exception"] == 2.0 and metrics["reward/failed_nan"] == 1.0
     assert metrics["reward/failed_type"] == 1.0 and metrics["reward/retried"] == 0.0
+
+
+ISOLATED_ENV = """
+import os
+from pathlib import Path
+
+from tidal.envs import MultiTurnEnv, Step
+
+class Counter(MultiTurnEnv):
+    def __init__(self, parent_pid, pid_file):
+        self.parent_pid, self.pid_file = parent_pid, pid_file
+
+    def reset(self, row):
+        return {"turns": [], "pid": os.getpid()}
+
+    def step(self, state, text):
+        if text == "spin":
+            Path(self.pid_file).write_text(str(os.getpid()))
+            while True:
+                pass
+        if text == "bad":
+            raise ValueError("bad turn")
+        state["turns"].append(text)  # changed in place, as a user's env does
+        return Step(observation=f"turn {len(state['turns'])}", done=len(state["turns"]) == 2)
+
+    def score(self, sample, row):
+        return float(os.getpid() != self.parent_pid)
+"""
+
+
+def test_an_isolated_env_runs_in_processes_and_a_spinning_step_is_killed(tmp_path: Path) -> None:
+    """`isolation: process`: reset, step and score run in the pool's processes, a state `step` changes
+    in place is the caller's again, a step that spins is killed at the timeout (its core freed) and
+    the pool goes on; a step that raises is recorded as in a thread."""
+    (tmp_path / "env.py").write_text(ISOLATED_ENV)
+    pid_file = tmp_path / "pid"
+    spec = EnvSpec(path=f"{tmp_path}/env.py:Counter", isolation="process",
+                   kwargs={"parent_pid": os.getpid(), "pid_file": str(pid_file)})  # fmt: skip
+    rt = build_runtimes([spec], RewardsConfig(timeout_s=2.0), DataConfig())["Counter"]
+    calls = rt.scorer.calls
+    try:
+        reset, step = rt.method("reset"), rt.method("step")
+        states = [r.value for r in calls.run([partial(reset, {"prompt": "p"}) for _ in range(2)])]
+        assert all(s["pid"] != os.getpid() and s["turns"] == [] for s in states), states
+        first = calls.run([partial(step, states[0], "a"), partial(step, states[1], "bad")])
+        assert first[0].ok and first[0].value.observation == "turn 1" and states[0]["turns"] == ["a"]
+        assert not first[1].ok and first[1].reason == "raised ValueError: bad turn", first[1]
+        start = time.perf_counter()
+        second = calls.run([partial(step, states[0], "b"), partial(step, states[1], "spin")])
+        assert time.perf_counter() - start < 15.0
+        assert second[0].ok and second[0].value.done and states[0]["turns"] == ["a", "b"]
+        assert not second[1].ok and second[1].reason == "timed out after 2.0s", second[1]
+        spun = int(pid_file.read_text())
+        time.sleep(0.5)
+        assert not psutil.pid_exists(spun) or psutil.Process(spun).status() == psutil.STATUS_ZOMBIE
+        sample = make_sample()
+        rt.scorer.score([sample])  # the env's score, in a process of the pool that replaced the killed one
+        assert sample.reward == 1.0 and sample.reward_errors == [], sample.reward_errors
+    finally:
+        rt.scorer.close()

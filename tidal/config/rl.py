@@ -286,6 +286,13 @@ class EnvSpec(Strict):
     rewards: list[RewardSpec] = []
     """Extra reward functions added to the env's own score (e.g. a format reward), same form as
     `rewards.functions`."""
+    isolation: Literal["thread", "process"] = "thread"
+    """Where the env's sync `reset`, `step` and `score` run. `thread`: in the rollout worker, a call
+    past `rewards.timeout_s` is abandoned (a thread cannot be killed, so one that spins keeps a core).
+    `process`: in the reward process pool, each process building its own copy of the env, a call
+    past the timeout killed with its process, which is replaced; the env must be a class a fresh
+    process can import, and episode states, samples and results must pickle (a state `step` changes
+    in place is copied back: a dict, list, set or an object's attributes)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvSpec:

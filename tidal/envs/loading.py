@@ -6,10 +6,12 @@ and where; the class is built with its kwargs here, so a bad kwarg fails before 
 
 from __future__ import annotations
 
+import pickle
+
 from tidal.config import ConfigError, EnvSpec
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.builtins import BUILTIN_ENVS
-from tidal.plugins import describe_exception, import_object
+from tidal.plugins import describe_exception, import_object, plugin_ref
 
 
 def env_label(spec: EnvSpec) -> str:
@@ -43,7 +45,21 @@ def resolve_env(spec: EnvSpec, index: int) -> Env:
                           f"{describe_exception(e)}") from None  # fmt: skip
     if isinstance(env, MultiTurnEnv) and (not isinstance(env.max_turns, int) or env.max_turns < 1):
         raise ConfigError(f"{where}: max_turns must be a positive int, got {env.max_turns!r}")
+    if spec.isolation == "process":
+        _check_isolable(cls, spec, f"envs[{index}]")
     return env
+
+
+def _check_isolable(cls: type, spec: EnvSpec, where: str) -> None:
+    """`isolation: process` builds the env again in each pool process: from its class's ref and kwargs."""
+    if plugin_ref(cls, spec.kwargs) is None:
+        raise ConfigError(f"{where}: isolation: process needs a class a fresh process can import (defined at "
+                          f"the top level of a module or file, not in __main__), {cls.__name__} is not")  # fmt: skip
+    try:
+        pickle.dumps(spec.kwargs)
+    except Exception as e:
+        raise ConfigError(f"{where}: isolation: process sends the kwargs to each pool process, and they do not "
+                          f"pickle: {describe_exception(e)}") from None  # fmt: skip
 
 
 def resolve_envs(specs: list[EnvSpec]) -> dict[str, Env]:

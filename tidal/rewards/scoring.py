@@ -96,16 +96,18 @@ class RewardScorer:
     def __init__(
         self, cfg: RewardsConfig, max_threads: int = 16,
         rewards: list[tuple[str, Callable[..., Any], dict[str, Any], float]] | None = None,
+        refs: list[PluginRef | None] | None = None,
     ) -> None:  # fmt: skip
         """`rewards` (name, callable, kwargs, weight) replaces `cfg.functions` (e.g. an env's score and
         its extra rewards); `cfg` still gives the timeout, the retries and the failure reward. Of
-        those, only top-level functions run in processes (an instance's kwargs are unknown here)."""
+        those, the ones `refs` names run in processes (default: the top-level functions; an
+        instance's kwargs are unknown here)."""
         self.cfg = cfg
         if rewards is None:
             resolved = resolve_rewards(cfg)
             rewards = [(n, fn, kw, spec.weight) for (n, fn, kw), spec in zip(resolved, cfg.functions, strict=True)]
             refs = [_spec_ref(spec) for spec in cfg.functions]
-        else:
+        elif refs is None:
             refs = [plugin_ref(fn) if inspect.isfunction(fn) else None for _, fn, _, _ in rewards]
         self._rewards = [
             _Reward(n, fn, kw, w, is_async(fn), is_trl_style(fn), ref=None if is_async(fn) else ref,

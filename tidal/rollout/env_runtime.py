@@ -9,6 +9,7 @@ scores them and returns the `reward/`, `rollout/` and per-env `env/<label>/` met
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from tidal.data import encode_texts
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.loading import resolve_envs
 from tidal.metrics import Metrics, mean, total
+from tidal.plugins import PluginRef, call_plugin, is_async, plugin_ref, pool_call
 from tidal.rewards import RewardScorer, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
 from tidal.rollout.engine import Engine
@@ -47,6 +49,18 @@ class EnvRuntime:
     env: Env
     scorer: RewardScorer
     data: DataConfig
+    ref: PluginRef | None = None
+    """With `isolation: process`, how a pool process builds the env: its sync calls run there."""
+
+    def method(self, name: str) -> Callable[..., Any]:
+        """The env's `reset` or `step` as the worker calls it: the env's own, or (isolated, sync) an
+        async call into a pool process, killed at the timeout, whose changes to `step`'s state are
+        copied back into the caller's."""
+        own = getattr(self.env, name)
+        if self.ref is None or is_async(own):
+            return own
+        self.scorer.calls.start_pool(call_plugin.__module__)
+        return partial(pool_call, self.scorer.calls, replace(self.ref, method=name), name == "step")
 
 
 def build_runtimes(envs: list[EnvSpec], rewards: RewardsConfig, data: DataConfig) -> dict[str, EnvRuntime]:
@@ -55,10 +69,14 @@ def build_runtimes(envs: list[EnvSpec], rewards: RewardsConfig, data: DataConfig
         return {"": EnvRuntime("", DataEnv(rewards.correct_threshold), RewardScorer(rewards), data)}
     out = {}
     for spec, (label, env) in zip(envs, resolve_envs(envs).items(), strict=True):
+        ref = plugin_ref(type(env), spec.kwargs) if spec.isolation == "process" else None
         extra = resolve_rewards(RewardsConfig(functions=spec.rewards)) if spec.rewards else []
         scored = [(label, env.score, {}, 1.0)]
         scored += [(name, fn, kw, s.weight) for (name, fn, kw), s in zip(extra, spec.rewards, strict=True)]
-        out[label] = EnvRuntime(label, env, RewardScorer(rewards, rewards=scored), spec.data or data)
+        refs = [replace(ref, method="score") if ref is not None and not is_async(env.score) else None]
+        refs += [plugin_ref(fn) if inspect.isfunction(fn) else None for _, fn, _ in extra]
+        scorer = RewardScorer(rewards, rewards=scored, refs=refs)
+        out[label] = EnvRuntime(label, env, scorer, spec.data or data, ref)
     return out
 
 
@@ -108,14 +126,15 @@ def generate_samples(
         env = rt.env
         assert isinstance(env, MultiTurnEnv)
         episodes = []
-        for (_, x), state in zip(flat, rt.scorer.calls.run([partial(env.reset, p.row) for p, _ in flat]), strict=True):
+        reset = rt.method("reset")
+        for (_, x), state in zip(flat, rt.scorer.calls.run([partial(reset, p.row) for p, _ in flat]), strict=True):
             ep = Episode(x, state.value)
             if not state.ok:
                 ep.errors.append(f"reset: {state.reason}")
                 ep.done = True
             episodes.append(ep)
-        run_episodes(env, episodes, engine, params, rt.scorer.calls.run, rollout.max_context_tokens, bs, kwargs,
-                     between_generations)  # fmt: skip
+        run_episodes(env, rt.method("step"), episodes, engine, params, rt.scorer.calls.run,
+                     rollout.max_context_tokens, bs, kwargs, between_generations)  # fmt: skip
         samples = [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
         for s in samples if on_sample is not None else []:
             on_sample(s)

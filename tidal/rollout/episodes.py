@@ -69,13 +69,15 @@ class Episode:
 
 
 def run_episodes(
-    env: MultiTurnEnv, episodes: list[Episode], engine: Engine, params: SamplingParams, call: Caller,
+    env: MultiTurnEnv, step: Callable[..., Any], episodes: list[Episode], engine: Engine, params: SamplingParams,
+    call: Caller,
     max_context_tokens: int, batch_size: int, generate_kwargs: dict[str, Any] | None = None,
     between_generations: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
     """Advance every episode to its end. Each generate call (a chunk of `batch_size` running
     episodes, turn by turn) samples with `params`, seeded `params.seeded(i)` for call i;
-    `between_generations` is called before each (the worker applies newer weights there). Each
+    `between_generations` is called before each (the worker applies newer weights there). `step` is
+    the env's (or its call into a process, see `EnvRuntime.method`), run through `call`. Each
     episode's turn gets at most what is left of its own `max_context_tokens`. Env failures end the
     episode and are recorded in `Episode.errors`."""
     calls = 0
@@ -100,7 +102,7 @@ def run_episodes(
             for e, c in zip(chunk, outs, strict=True):
                 e.add_turn(c)
         texts = [engine.tokenizer.decode(e.response_ids[e.turn_start :], skip_special_tokens=True) for e in running]
-        results = call([partial(env.step, e.state, text) for e, text in zip(running, texts, strict=True)])
+        results = call([partial(step, e.state, text) for e, text in zip(running, texts, strict=True)])
         for e, res in zip(running, results, strict=True):
             _apply_step(e, res, engine, last_turn=turn == env.max_turns - 1, max_context_tokens=max_context_tokens)
 
