@@ -224,8 +224,8 @@ class Dispatcher:
 
     def restarted_since(self, restarts: int) -> bool:
         """After a failed weight transfer begun when the workers had `restarts` restarts in all:
-        whether a worker was restarted since (Ray is given 10 s to report a death first). A dead
-        member fails a broadcast; the restart re-formed the group and sent the weights again."""
+        whether a worker was restarted since (Ray is given 10 s to report a death first, so that a
+        death is named as the cause)."""
         self.check_workers(wait_s=10.0)
         return sum(self.restarts) > restarts
 
@@ -438,8 +438,9 @@ class SyncTracker:
                 stats.append(ray.get(ref))  # raises the error of a failed offer
             except ray.exceptions.RayActorError:
                 pass  # the worker died: its restart gives the new process the newest weights
-            except ray.exceptions.RayTaskError:
-                if not self.dispatch.restarted_since(restarts):
+            except ray.exceptions.RayTaskError:  # a broadcast that a dead member failed, re-formed since
+                broadcast = self.dispatch.cfg.weight_sync.transport.type == "broadcast"
+                if not (broadcast and self.dispatch.restarted_since(restarts)):
                     raise
         stats = [s for s in stats if s is not None]  # abandoned with a broadcast group a restart re-formed
         if not stats:

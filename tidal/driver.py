@@ -212,8 +212,10 @@ class Driver:
         try:
             handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
         except ray.exceptions.RayTaskError:
-            if self.dispatch.restarted_since(restarts):  # a dead worker failed the broadcast: the restart
-                return {}  # re-formed the group and sent these weights
+            # A dead worker fails a broadcast: then it is the cause to name, and its restart re-formed
+            # the group and sent these weights.
+            if self.dispatch.restarted_since(restarts) and self.cfg.weight_sync.transport.type == "broadcast":
+                return {}
             raise
         self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
         self.dispatch.published(handle)
