@@ -57,10 +57,11 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> None:
     materialize_preset("tiny-qwen3-moe", seed=0)
 
 
-def pid_worker(pids: Path, crash_at_batch: int | None = None) -> type:
+def pid_worker(pids: Path, crash_at_batch: int | None = None, die: bool = False) -> type:
     """The real worker class, whose processes leave `<index>-<pid>` files in `pids`; with
     `crash_at_batch`, worker 1 raises once (in one process of the run), as an engine crash does,
-    when it first generates a group of that batch or a later one."""
+    when it first generates a group of that batch or a later one; with `die`, its process is
+    killed there instead (SIGKILL, holding the groups it was generating)."""
 
     class PidWorker(RolloutWorker):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -72,6 +73,8 @@ def pid_worker(pids: Path, crash_at_batch: int | None = None) -> type:
             if crash_at_batch is not None and self.index == 1 and works[0].batch_id >= crash_at_batch:
                 if not flag.exists():
                     flag.write_text(str(os.getpid()))
+                    if die:
+                        os.kill(os.getpid(), signal.SIGKILL)
                     raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
             super()._stream(works)
 
@@ -110,27 +113,26 @@ def run_log(run_dir: Path) -> str:
     return log.read_text() if log.is_file() else ""
 
 
-def killer(run_dir: Path, pids: Path, at_steps: list[int], rng: random.Random, log: list[dict],
-           replaced: bool = True) -> threading.Thread:  # fmt: skip
+def killer(run_dir: Path, pids: Path, at_steps: list[int], rng: random.Random, log: list[dict]) -> threading.Thread:
     """Kills a random worker's process with SIGKILL once the run has done each step of `at_steps`
-    (after a random further delay). With `replaced`, only a worker that is serving (not one being
-    restarted: Ray would restart the new process within the restart, which counts once), and it
-    waits for the run to notice each kill before the next."""
+    (after a random further delay): only a worker that is serving (not one being restarted: Ray
+    would restart the new process within the restart, which counts once), and it waits for the run
+    to notice each kill before the next."""
 
     def run() -> None:
         for step in at_steps:
             while steps_done(run_dir) < step:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 1.0))
-            while replaced and not serving(run_dir):
+            while not serving(run_dir):
                 time.sleep(0.05)
-            index = rng.choice(serving(run_dir)) if replaced else rng.randrange(2)
+            index = rng.choice(serving(run_dir))
             pid = live_pid(pids, index)
             noticed = restarts_begun(run_dir)[index]
             os.kill(pid, signal.SIGKILL)
             log.append({"worker": index, "pid": pid, "step": steps_done(run_dir), "t_kill": time.time()})
             t_kill = time.time()
-            while replaced and restarts_begun(run_dir)[index] == noticed and time.time() < t_kill + 60:
+            while restarts_begun(run_dir)[index] == noticed and time.time() < t_kill + 60:
                 time.sleep(0.05)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -197,27 +199,24 @@ def test_an_engine_crash_restarts_the_worker(tmp_path: Path, transport: str, led
 
 
 def test_a_worker_past_its_restarts_stops_the_run_with_a_checkpoint_to_resume(tmp_path: Path, ledger_balances) -> None:
-    """The checkpoint is of the last step trained, not the last periodic one, and holds the groups
-    in flight (the dead worker's too), which the resumed run hands out again: no prompt lost or
-    trained twice."""
+    """The checkpoint is written then, of the last step trained (the run writes no periodic ones),
+    and holds the groups in flight (the dead worker's: it dies generating them), which the resumed
+    run hands out again: no prompt lost or trained twice."""
     pids = tmp_path / "pids"
     pids.mkdir()
-    args = [*OVERRIDES, "name=lost", f"output_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=4",
+    args = [*OVERRIDES, "name=lost", f"output_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=0",
             "rollout.max_worker_restarts=0"]  # fmt: skip
     cfg = load_config(None, args)
-    kills: list[dict] = []
-    thread = killer(cfg.run_dir, pids, [5], random.Random(0), kills, replaced=False)
     with pytest.raises(RunError) as err:
-        run_train(cfg, worker_cls=pid_worker(pids))
-    thread.join(timeout=10)
-    assert len(kills) == 1
+        run_train(cfg, worker_cls=pid_worker(pids, crash_at_batch=5, die=True))
     line = str(err.value)
     why = "rollout worker 1 failed and rollout.max_worker_restarts=0 allows no more restarts"
     assert "\n" not in line and why in line, line
     logged = [r["step"] for r in rows_of(cfg.run_dir) if "train/version" in r]
-    assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 5, logged
+    assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 2, logged  # batch 5 is handed out at step 3
     assert f"to continue from {cfg.run_dir / 'checkpoints' / f'step_{logged[-1]:08d}'}, run the same command " \
            "with train.resume=true" in line, line  # fmt: skip
+    assert [p.name for p in (cfg.run_dir / "checkpoints").iterdir()] == [f"step_{logged[-1]:08d}"]
     with (cfg.run_dir / "checkpoints" / f"step_{logged[-1]:08d}" / "driver.pkl").open("rb") as f:
         saved = set(pickle.load(f)["dispatch"]["in_flight"])
     assert saved  # at least the dead worker's current groups
