@@ -96,9 +96,7 @@ class Dispatcher:
         deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
         while True:
             status: BufferStatus = wait_for(poll(), "buffer", self.cfg.ray.stall_timeout_s)
-            self.generated = status.generated
-            for gid in status.landed:
-                self.in_flight.pop(gid, None)
+            self._account(status)
             if status.landed:  # progress: the bound is on a wait that sees none
                 deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
             self.check_workers()
@@ -128,7 +126,11 @@ class Dispatcher:
         for worker in self.workers:
             worker.stop.remote()
         ray.wait(self.serving, num_returns=len(self.serving), timeout=self.cfg.ray.stall_timeout_s)
-        status: BufferStatus = wait_for(self.buffer.wait_drained.remote(0.0), "buffer", self.cfg.ray.stall_timeout_s)
+        self._account(wait_for(self.buffer.wait_drained.remote(0.0), "buffer", self.cfg.ray.stall_timeout_s))
+
+    def _account(self, status: BufferStatus) -> None:
+        """What the buffer reports: groups generated per worker, and the groups landed (no longer in flight)."""
+        self.generated = status.generated
         for gid in status.landed:
             self.in_flight.pop(gid, None)
 
@@ -185,7 +187,7 @@ class Dispatcher:
                       Work(prompts[i::n], batch, min_version, mix_seed(self.cfg.seed, batch * n + i), fixed=True))
                      for i in range(n)]  # fmt: skip
         else:  # each prompt to the worker with the fewest groups still to generate
-            load = {i: self.sent[i] - self.generated.get(i, 0) for i in live}
+            load = {i: self._outstanding(i) for i in live}
             shares: dict[int, list[Prompt]] = {}
             for p in prompts:
                 i = min(live, key=load.__getitem__)
@@ -201,8 +203,15 @@ class Dispatcher:
         return [i for i in range(len(self.workers)) if i not in self.down] or list(range(len(self.workers)))
 
     def _least_loaded(self, among: list[int]) -> int:
-        """The worker of `among` with the fewest groups still to generate."""
-        return min(among, key=lambda i: self.sent[i] - self.generated.get(i, 0))
+        return min(among, key=self._outstanding)
+
+    def _outstanding(self, i: int) -> int:
+        """Groups handed to worker i that it has still to generate."""
+        return self.sent[i] - self.generated.get(i, 0)
+
+    def _works_of(self, i: int) -> list[Work]:
+        """The work in flight on worker i, each once (a deterministic share holds several groups)."""
+        return list({id(work): work for w, work in self.in_flight.values() if w == i}.values())
 
     def _hand(self, i: int, work: Work) -> None:
         """Give `work` to worker i: now, or once its new process is in. Its groups are tracked each
@@ -295,10 +304,10 @@ class Dispatcher:
         lands from the dying process is dropped by the buffer."""
         import ray
 
-        lost = {gid: work for gid, (w, work) in self.in_flight.items() if w == i}
-        ray.get(self.buffer.redispatching.remote(list(lost)))
+        lost = [gid for gid, (w, _) in self.in_flight.items() if w == i]
+        ray.get(self.buffer.redispatching.remote(lost))
         self.sent[i] -= len(lost)
-        for work in {id(work): work for work in lost.values()}.values():  # a fixed share once
+        for work in self._works_of(i):
             self._hand(self._least_loaded(self.live()), work)
         self.faults["fault/redispatched_groups"] += len(lost)
         log.warning("rollout worker %d: its %d groups in flight handed out again", i, len(lost))
@@ -343,8 +352,7 @@ class Dispatcher:
             self._restart(i, actor_error_line(e, logs=str(self.cfg.run_dir / "run.log")), died=True)
             return
         self.serving[i] = worker.serve.remote()
-        kept = {id(work): work for w, work in self.in_flight.values() if w == i}
-        for work in kept.values():
+        for work in self._works_of(i):
             worker.submit.remote(work)
         self.restart_s.append(time.perf_counter() - self.down.pop(i).t0)
         log.warning("rollout worker %d is serving again after %.1fs", i, self.restart_s[-1])

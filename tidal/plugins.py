@@ -213,14 +213,11 @@ def copy_into(target: Any, source: Any) -> None:
     attributes (a state changed in a pool process, made the caller's own again)."""
     if target is source:
         return
-    if isinstance(target, dict) and isinstance(source, dict):
+    if any(isinstance(target, kind) and isinstance(source, kind) for kind in (dict, set)):
         target.clear()
         target.update(source)
     elif isinstance(target, list) and isinstance(source, list):
         target[:] = source
-    elif isinstance(target, set) and isinstance(source, set):
-        target.clear()
-        target.update(source)
     elif hasattr(target, "__dict__") and type(target) is type(source):
         vars(target).clear()
         vars(target).update(vars(source))

@@ -100,15 +100,17 @@ class RewardScorer:
     ) -> None:  # fmt: skip
         """`rewards` (name, callable, kwargs, weight) replaces `cfg.functions` (e.g. an env's score and
         its extra rewards); `cfg` still gives the timeout, the retries and the failure reward. Of
-        those, the ones `refs` names run in processes (default: the top-level functions; an
-        instance's kwargs are unknown here)."""
+        those, the top-level functions run in processes, and any other that `refs` gives a ref for
+        (an env's `score` with `isolation: process`; an instance's kwargs are unknown here)."""
         self.cfg = cfg
         if rewards is None:
             resolved = resolve_rewards(cfg)
             rewards = [(n, fn, kw, spec.weight) for (n, fn, kw), spec in zip(resolved, cfg.functions, strict=True)]
             refs = [_spec_ref(spec) for spec in cfg.functions]
-        elif refs is None:
-            refs = [plugin_ref(fn) if inspect.isfunction(fn) else None for _, fn, _, _ in rewards]
+        else:
+            given = refs or [None] * len(rewards)
+            refs = [ref if ref is not None else plugin_ref(fn) if inspect.isfunction(fn) else None
+                    for ref, (_, fn, _, _) in zip(given, rewards, strict=True)]  # fmt: skip
         self._rewards = [
             _Reward(n, fn, kw, w, is_async(fn), is_trl_style(fn), ref=None if is_async(fn) else ref,
                     # The judge retries its own requests (its kwargs.retries); retrying its calls would multiply them.

@@ -9,7 +9,6 @@ scores them and returns the `reward/`, `rollout/` and per-env `env/<label>/` met
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -73,9 +72,8 @@ def build_runtimes(envs: list[EnvSpec], rewards: RewardsConfig, data: DataConfig
         extra = resolve_rewards(RewardsConfig(functions=spec.rewards)) if spec.rewards else []
         scored = [(label, env.score, {}, 1.0)]
         scored += [(name, fn, kw, s.weight) for (name, fn, kw), s in zip(extra, spec.rewards, strict=True)]
-        refs = [replace(ref, method="score") if ref is not None and not is_async(env.score) else None]
-        refs += [plugin_ref(fn) if inspect.isfunction(fn) else None for _, fn, _ in extra]
-        scorer = RewardScorer(rewards, rewards=scored, refs=refs)
+        score = replace(ref, method="score") if ref is not None and not is_async(env.score) else None
+        scorer = RewardScorer(rewards, rewards=scored, refs=[score] + [None] * len(extra))
         out[label] = EnvRuntime(label, env, scorer, spec.data or data, ref)
     return out
 
