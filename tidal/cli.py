@@ -1,5 +1,5 @@
-"""`tidal check | sft | train | eval CONFIG [key=value ...]`, `tidal plot RUN_DIR ...`: parse the arguments, then
-import the heavy modules."""
+"""`tidal check [--stage sft] | sft | train | eval CONFIG [key=value ...]`, `tidal plot RUN_DIR ...`: parse the
+arguments, then import the heavy modules."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 from tidal.config import ConfigError, dump_config, load_config
+from tidal.runtime import terminal_log
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidal", description="Asynchronous RL post-training for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [
-        ("check", "validate a run config and print it resolved"),
+        ("check", "run the start-up checks of `tidal train` (or --stage sft) and print the config as it would run"),
         ("sft", "supervised fine-tuning"),
         ("train", "RL training (rollout workers, buffer and DeepSpeed trainer on Ray)"),
         ("eval", "score a checkpoint (checkpoint=PATH; default the config's policy) on the held-out data"),
@@ -24,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=2e-5")
+        if name == "check":
+            p.add_argument("--stage", choices=["train", "sft"], default="train",
+                           help="the command whose checks to run (default: train)")  # fmt: skip
     plot = sub.add_parser("plot", help="draw runs' curves, staleness and time split as PNGs in their directories")
     plot.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     args = parser.parse_args(argv)
     # Read when transformers is imported: its weight-loading bars would cut through the progress display.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, handlers=[terminal_log()])
     if args.command == "plot":
         return _plot(args.runs)
     try:
@@ -39,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("checkpoint=PATH is an argument of `tidal eval` only")
         cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("checkpoint=")])
         if args.command == "check":
-            print(dump_config(cfg), end="")
+            from tidal.preflight import check_sft, check_train
+
+            print(dump_config((check_sft if args.stage == "sft" else check_train)(cfg).cfg), end="")
             return 0
         if args.command == "sft":
             from tidal.sft import run_sft

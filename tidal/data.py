@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +139,23 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: Data
     return out
 
 
-def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig, split: str) -> None:
+@dataclass(frozen=True)
+class Room:
+    """The model positions a prompt shares with what is generated after it: `new_tokens` (the
+    setting `key`), within `positions` (whose origin `limit` names, e.g. "the model's
+    max_position_embeddings")."""
+
+    new_tokens: int
+    key: str
+    positions: int
+    limit: str
+
+
+def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig, split: str,
+                         room: Room | None = None) -> None:  # fmt: skip
     """Fail, naming the file and row, on the first prompt text of `split` ("train" or "eval", one
-    text per row of that split) longer than `data.max_prompt_tokens` after the chat template."""
+    text per row of that split) longer than `data.max_prompt_tokens` after the chat template, or,
+    with `room`, too long to leave the model positions for its completion."""
     formatted = [format_prompt(tokenizer, t, cfg.chat_template) for t in texts]
     lengths = [len(ids) for ids in tokenizer(formatted, add_special_tokens=False)["input_ids"]] if texts else []
     for i, n in enumerate(lengths):
@@ -148,6 +163,10 @@ def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], c
             where, limit = _row_origin(cfg.source, split, i), cfg.max_prompt_tokens
             raise ConfigError(f"{where}: the prompt has {n} tokens > data.max_prompt_tokens={limit}; raise "
                               "data.max_prompt_tokens or shorten the row")  # fmt: skip
+        if room is not None and n + room.new_tokens > room.positions:
+            where, key = _row_origin(cfg.source, split, i), f"{room.key}={room.new_tokens}"
+            raise ConfigError(f"{where}: the prompt has {n} tokens, and {key} more make {n + room.new_tokens} > "
+                              f"{room.limit}={room.positions}; lower {room.key} or shorten the row")  # fmt: skip
 
 
 def _row_origin(src: ArithmeticData | FileData, split: str, index: int) -> str:

@@ -9,8 +9,11 @@ splits each batch evenly into one seeded share per worker and starts step s when
 A worker that dies is restarted (Ray's actor restarts, `rollout.max_worker_restarts`): the driver
 gives the new process the weight sync and the newest weights, starts its serving loop again, and
 hands it the groups its predecessor had not landed in the buffer, as they were (same prompts, group
-ids, batches; a deterministic share with its seed). The buffer keeps the first copy of a group
-handed out twice, so nothing is lost or trained twice.
+ids, batches; a deterministic share with its seed), less those the buffer says landed meanwhile.
+The buffer keeps the first copy of a group handed out twice, so nothing is lost or trained twice.
+A failure counts against `rollout.max_worker_restarts` wherever it is noticed: the serving loop
+ending, the restart's check of the process, the new process dying before it answers or while it
+rejoins.
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ class Dispatcher:
     def resubmit(self, min_version: int) -> None:
         """Hand out again the groups a resumed checkpoint holds in flight, to the workers that had them,
         with weights >= `min_version` (the versions they were dispatched for are gone with the run)."""
+        landed = self.buffer.redispatching.remote(list(self.in_flight))
+        for gid in wait_for(landed, "buffer", self.cfg.ray.stall_timeout_s):  # put after the checkpoint's status
+            self.in_flight.pop(gid)
         again: dict[int, tuple[int, Work]] = {}  # by the id of the work saved: a fixed share once
         for gid, (i, work) in self.in_flight.items():
             if id(work) not in again:
@@ -177,10 +183,8 @@ class Dispatcher:
         return sent
 
     def _send(self, prompts: list[Prompt], batch: int, min_version: int) -> None:
-        import ray
-
         # Counted before any of them can be put, so the buffer never sees a batch as whole too early.
-        ray.get(self.buffer.dispatched.remote(batch, len(prompts)))
+        wait_for(self.buffer.dispatched.remote(batch, len(prompts)), "buffer", self.cfg.ray.stall_timeout_s)
         n, live = len(self.workers), self.live()
         if self.cfg.rollout.deterministic:  # share i keeps its seed, on another worker while i restarts
             works = [(i if i in live else live[i % len(live)],
@@ -251,15 +255,14 @@ class Dispatcher:
             i = self.serving.index(ref)
             died = False
             try:
-                ray.get(ref)
+                ray.get(ref, timeout=0)  # done
                 why = "its serving loop ended"
             except ray.exceptions.RayError as e:
                 why = actor_error_line(e, logs=str(self.cfg.run_dir / "run.log"))
                 died = isinstance(e, ray.exceptions.RayActorError)
             self._restart(i, why, died)
         for i in list(self.down):
-            if self._is_up(i):
-                self._rejoin(i)
+            self._bring_in(i)
 
     def _restart(self, i: int, why: str, died: bool) -> None:
         """Have Ray start worker i's process anew (it restarts a dead actor; one alive with a broken
@@ -281,15 +284,17 @@ class Dispatcher:
         log.warning("rollout worker %d failed (%s); restarting it (%d of %d)", i, why, self.restarts[i], limit)
         self.faults["fault/worker_restarts"] += 1
         t0, worker, old_pid = time.perf_counter(), self.workers[i], None
-        if not died:
-            old_pid = wait_for(worker.pid.remote(), f"rollout worker {i}", self.cfg.ray.stall_timeout_s)
-            ray.kill(worker, no_restart=False)
+        if not died:  # alive with a broken engine: killed, for Ray to start it anew
+            try:
+                old_pid = wait_for(worker.pid.remote(), f"rollout worker {i}", self.cfg.ray.stall_timeout_s)
+                ray.kill(worker, no_restart=False)
+            except ray.exceptions.RayActorError:  # it died meanwhile, the same failure: Ray restarts it
+                old_pid = None
         self.down[i] = _Restart(t0, old_pid, worker.pid.remote())
         self._hand_over(i)
         while broadcast and i in self.down:
-            if self._is_up(i):
-                self._rejoin(i)
-            else:
+            self._bring_in(i)
+            if i in self.down:
                 time.sleep(0.2)
 
     def await_restarts(self) -> None:
@@ -300,21 +305,24 @@ class Dispatcher:
 
     def _hand_over(self, i: int) -> None:
         """Worker i's groups in flight, to the live workers (kept for i when there is none): the
-        same prompts, group ids and batches (a deterministic share with its seed). A copy that still
-        lands from the dying process is dropped by the buffer."""
-        import ray
-
+        same prompts, group ids and batches (a deterministic share with its seed), less those that
+        landed since the driver's last status of the buffer. A copy that still lands from the failed
+        process is dropped by the buffer."""
         lost = [gid for gid, (w, _) in self.in_flight.items() if w == i]
-        ray.get(self.buffer.redispatching.remote(lost))
+        for gid in wait_for(self.buffer.redispatching.remote(lost), "buffer", self.cfg.ray.stall_timeout_s):
+            self.in_flight.pop(gid)
+        lost = [gid for gid in lost if gid in self.in_flight]
         self.sent[i] -= len(lost)
         for work in self._works_of(i):
             self._hand(self._least_loaded(self.live()), work)
         self.faults["fault/redispatched_groups"] += len(lost)
         log.warning("rollout worker %d: its %d groups in flight handed out again", i, len(lost))
 
-    def _is_up(self, i: int) -> bool:
-        """Whether restarting worker i's new process answers (not the one killed, which a kill may not
-        have reached yet; a call while Ray restarts it fails as unavailable)."""
+    def _bring_in(self, i: int) -> None:
+        """Restarting worker i: once its new process answers (not the one killed, which a kill may
+        not have reached yet; a call while Ray restarts it fails as unavailable), it rejoins. A new
+        process that died instead (in its constructor, or as it answered; Ray restarts it again or
+        has no restart left) is one more failure of worker i."""
         import ray
 
         r = self.down[i]
@@ -322,16 +330,19 @@ class Dispatcher:
             if time.perf_counter() - r.t0 > self.cfg.ray.stall_timeout_s:
                 raise Stalled(f"rollout worker {i} was not restarted within "
                               f"ray.stall_timeout_s={self.cfg.ray.stall_timeout_s:g}s")  # fmt: skip
-            return False
+            return
         try:
-            if ray.get(r.probe) != r.old_pid:
-                return True
+            pid = ray.get(r.probe, timeout=0)  # done
         except ray.exceptions.ActorUnavailableError:
-            pass
-        except ray.exceptions.ActorDiedError as e:
-            raise WorkerLost(f"rollout worker {i} could not be restarted: {actor_error_line(e)}") from None
-        r.probe = self.workers[i].pid.remote()
-        return False
+            pid = r.old_pid
+        except ray.exceptions.RayActorError as e:
+            self.down.pop(i)
+            self._restart(i, actor_error_line(e, logs=str(self.cfg.run_dir / "run.log")), died=True)
+            return
+        if pid == r.old_pid:
+            r.probe = self.workers[i].pid.remote()
+            return
+        self._rejoin(i)
 
     def _rejoin(self, i: int) -> None:
         """Worker i's new process joins: the weight sync and the newest weights (over broadcast a new
@@ -376,7 +387,8 @@ def join_weight_sync(trainer: Any, workers: list[Any], group: tuple[str, int, in
 
 
 class WorkerLost(RunError):
-    """A rollout worker failed past `rollout.max_worker_restarts` (or could not be restarted)."""
+    """A rollout worker failed past `rollout.max_worker_restarts` (or, in deterministic mode over
+    broadcast, at all)."""
 
 
 class EvalTracker:
@@ -412,7 +424,7 @@ class EvalTracker:
             for ref in ready:
                 version, i, restarts = self.pending.pop(ref)
                 try:
-                    done.append(ray.get(ref))
+                    done.append(ray.get(ref, timeout=0))  # done
                 except ray.exceptions.RayActorError:
                     self.dispatch.recover(i, restarts)
                     self.request(version)
@@ -443,7 +455,7 @@ class SyncTracker:
         for ref in done:
             restarts = self.pending.pop(ref)
             try:
-                stats.append(ray.get(ref))  # raises the error of a failed offer
+                stats.append(ray.get(ref, timeout=0))  # done; raises the error of a failed offer
             except ray.exceptions.RayActorError:
                 pass  # the worker died: its restart gives the new process the newest weights
             except ray.exceptions.RayTaskError:  # a broadcast that a dead member failed, re-formed since

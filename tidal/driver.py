@@ -29,7 +29,7 @@ from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, WorkerLost, joi
 from tidal.metrics import largest, merge, values
 from tidal.monitor import Monitor
 from tidal.rollout.staleness import StalenessBound
-from tidal.runtime import wait_for
+from tidal.runtime import RunError, wait_for
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt, StepResult
 
@@ -144,6 +144,10 @@ class Driver:
             w.stop.remote()
         ledger = {**self.get(self.buffer.ledger.remote(), "buffer"),
                   **self.get(self.trainer.rank0.ledger.remote(), "trainer")}  # fmt: skip
+        if ledger["trained_groups"] != ledger["unique_trained_groups"]:  # a fault's second copy got through
+            raise RunError(f"the trainer trained {ledger['trained_groups']} groups but only "
+                           f"{ledger['unique_trained_groups']} distinct ones: a group was trained twice (see "
+                           f"fault/ in {self.cfg.run_dir / 'metrics.jsonl'}); please report it")  # fmt: skip
         return {
             **{f"{k}_before": v for k, v in self.before.items() if k.startswith("eval/")},
             **{k: v for k, v in last.items() if k.startswith("eval/")},
@@ -262,8 +266,8 @@ class Driver:
         self.dispatch.settle()
         tmp = checkpoint.begin(self.cfg.run_dir, self.step)
         checkpoint.write_driver_state(tmp, {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")})
-        self.get(self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), "checkpoint save")
-        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints)
+        shards = self.get(self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), "checkpoint save")
+        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints, shards)
         log.warning("checkpoint of step %d, with %d groups in flight, in %s", self.step, len(self.dispatch.in_flight),
                     self.saved)  # fmt: skip
 
@@ -273,9 +277,10 @@ class Driver:
             return
         refs, tmp, t0 = self.saving
         t_wait = time.perf_counter()
-        trainer_s = max(self.get(refs, "checkpoint save"))
+        shards = self.get(refs, "checkpoint save")  # each rank's files, which the commit checks it sees
+        trainer_s = max(shard.seconds for shard in shards)
         self.saving = None
-        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints)
+        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints, shards)
         log.info("checkpoint of step %s in %s (%.1fs)", self.saved.name.removeprefix("step_").lstrip("0"),
                  self.saved, time.perf_counter() - t0)  # fmt: skip
         # The trainer's write (it trains nothing meanwhile), and what of it the driver waited for.
@@ -285,7 +290,12 @@ class Driver:
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:
     """Wall-clock split of one driver step: waiting for the batch's rollout (what the trainer idles
-    on), the train step, publishing, evaluation; step time is end to end since the last step."""
+    on), the train step, publishing, evaluation; step time is end to end since the last step.
+
+    Rollout tokens/s is the fleet's: the tokens generated since the last step over the time during
+    which at least one worker was generating (`perf/generate_time_s`, the union of the generate calls'
+    intervals). A worker's calls add up, workers side by side count once; time with every worker idle
+    (waiting for weights, held back by the staleness bound) is left out."""
     t_prev, t0, t1, t2, t3, t4 = times
     return {
         "perf/step_time_s": t4 - t_prev,

@@ -18,10 +18,10 @@ from rich.table import Table
 from tidal.config import ConfigError, RunConfig
 from tidal.metrics import values
 from tidal.models import load_tokenizer
+from tidal.preflight import load_env_splits
 from tidal.rollout.env_runtime import build_runtimes
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.worker import build_engine
-from tidal.train import load_env_splits
 from tidal.warm_start import resolve_policy_dir
 
 

@@ -2,10 +2,10 @@
 
 A rollout worker, a trainer rank or a micro-batch reports a `Stat` per key: a count is a `total`
 (summed), a rate or an average a `mean` with its weight (the samples or tokens it averages over), an
-extreme a `largest` or `smallest`. Merging rows from several workers, ranks or micro-batches then
-follows each value's own declaration (`merge`), never its name: a mean of minima or an average of
-counts cannot happen by accident. Values may be floats or 0-dim tensors (inside the trainer, until
-its ranks have reduced them).
+extreme a `largest` or `smallest`, time spent busy a `busy` interval. Merging rows from several
+workers, ranks or micro-batches then follows each value's own declaration (`merge`), never its name:
+a mean of minima or an average of counts cannot happen by accident. Values may be floats or 0-dim
+tensors (inside the trainer, until its ranks have reduced them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Reduce = Literal["sum", "mean", "max", "min", "std"]
+Reduce = Literal["sum", "mean", "max", "min", "std", "union"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Stat:
     """What a `mean` or `std` is over (samples, tokens); unused by the other reductions."""
     center: float = 0.0
     """The mean a `std` is taken around (to pool deviations of several rows exactly)."""
+    spans: tuple[tuple[float, float], ...] = ()
+    """The disjoint wall-clock intervals (start, end) a `union` covers; its value is their total length."""
 
 
 Metrics = dict[str, Stat]
@@ -60,6 +62,12 @@ def spread(std: float, center: float, weight: float) -> Stat:
     return Stat(std, "std", weight, center)
 
 
+def busy(start: float, seconds: float) -> Stat:
+    """Wall time busy from `start` (a `time.time()`, comparable across processes) for `seconds`; merged
+    as the length of the union of all the intervals: the time during which at least one was running."""
+    return Stat(seconds, "union", spans=((start, start + seconds),))
+
+
 def merge(rows: Iterable[Metrics]) -> Metrics:
     """One row of metrics from several, key by key by each value's declared reduction. A key missing
     from a row merges the rows that have it; a key declared with two reductions is an error."""
@@ -81,6 +89,8 @@ def _merge_key(key: str, stats: list[Stat]) -> Stat:
         return largest(max(s.value for s in stats))
     if kind == "min":
         return smallest(min(s.value for s in stats))
+    if kind == "union":
+        return _union([span for s in stats for span in s.spans])
     weight = sum(s.weight for s in stats)
     if kind == "std":
         if float(weight) == 0:
@@ -91,6 +101,16 @@ def _merge_key(key: str, stats: list[Stat]) -> Stat:
     if float(weight) == 0:  # nothing to average over: the plain mean keeps the value defined
         return mean(sum(s.value for s in stats) / len(stats), weight)
     return mean(sum(s.value * s.weight for s in stats) / weight, weight)
+
+
+def _union(spans: list[tuple[float, float]]) -> Stat:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return Stat(sum(end - start for start, end in merged), "union", spans=tuple(merged))
 
 
 def values(row: Metrics) -> dict[str, float]:

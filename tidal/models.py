@@ -74,7 +74,9 @@ def _moe_common(vocab_size: int, tok: PreTrainedTokenizerBase) -> dict:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
-        max_position_embeddings=512,
+        # As long as the default rollout.max_context_tokens, so that the defaults of every token limit
+        # fit a preset. Rotary positions have no weights: the same seed gives the same model at 512.
+        max_position_embeddings=4096,
         initializer_range=0.02,
     )
 

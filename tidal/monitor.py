@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,10 +139,7 @@ class WandbSink:
                  run_id: str | None = None) -> None:  # fmt: skip
         import wandb
 
-        mode = cfg.wandb
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            log.warning("monitor.wandb=online but WANDB_API_KEY is not set; logging offline instead")
-            mode = "offline"
+        mode = wandb_mode(cfg.wandb)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         self.run = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=mode, config=config,
@@ -196,6 +192,30 @@ class WandbSink:
                 xname="step")  # fmt: skip
         if charts:
             self.run.log({**charts, "step": self.last_step})
+
+
+def wandb_mode(requested: str) -> str:
+    """The wandb mode to run in: `requested`, except `online` without any credential becomes `offline`
+    (a run that cannot log in would otherwise stop at `wandb.init`).
+
+    Credentials are looked up the way `wandb.init` does, without the network: WANDB_API_KEY, an
+    identity token file, the netrc entry `wandb login` writes, the api_key of the wandb settings."""
+    if requested != "online" or _wandb_credential_found():
+        return requested
+    log.warning("monitor.wandb=online but wandb finds no credential (run `wandb login` or set WANDB_API_KEY); "
+                "logging offline instead")  # fmt: skip
+    return "offline"
+
+
+def _wandb_credential_found() -> bool:
+    # wandb's own lookup (wandb.sdk.lib.wbauth, as in wandb 0.31); wandb.login would also ask the server.
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    auth = wbauth.authenticate_session(host=host, source="tidal", prompt=False, update_session=False)
+    return auth is not None
 
 
 def _pair(m: dict[str, float], mean: str, most: str) -> str | None:

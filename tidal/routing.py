@@ -66,12 +66,13 @@ class RoutingRecorder:
     def _keep(self, layer: int, module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
         if threading.get_ident() != self._thread:
             return
-        self._picked[layer].append(output[2].detach().to("cpu", self.dtype))
+        # Kept on the device until `take`: a copy to the host per layer would wait for the GPU each time.
+        self._picked[layer].append(output[2].detach().to(self.dtype))
 
     def take(self) -> torch.Tensor:
         layers = [torch.cat(picked) for picked in self._picked]
         self._picked = [[] for _ in self.routers]
-        return torch.stack(layers, dim=1)
+        return torch.stack(layers, dim=1).cpu()
 
 
 def recorded_positions(batch: TrainBatch) -> torch.Tensor:
@@ -125,7 +126,7 @@ def gate_weights(router: torch.nn.Module, logits: torch.Tensor, experts: torch.T
     architecture computes them for the experts it picks: softmax probabilities (Qwen3-MoE) or
     sigmoid scores without the load-balancing bias, then scaled (GLM-4.5, GLM-5); renormalised over
     the top-k where the architecture does so."""
-    if hasattr(router, "e_score_correction_bias"):  # GLM: the bias only steers the choice
+    if has_correction_bias(router):  # GLM: the bias only steers the choice
         weights = logits.float().sigmoid().gather(1, experts)
         if router.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -173,10 +174,15 @@ def replay_recorded(model: torch.nn.Module, micro: TrainBatch) -> AbstractContex
     return RoutingReplay(model, micro.routing.flatten(0, 1), recorded_positions(micro).flatten())
 
 
+def has_correction_bias(router: torch.nn.Module) -> bool:
+    """Whether `router` chooses experts by sigmoid score plus a per-expert correction bias (GLM-4.5,
+    GLM-5: DeepSeek-V3's auxiliary-loss-free load balancing) rather than by softmax (Qwen3-MoE)."""
+    return hasattr(router, "e_score_correction_bias")
+
+
 def biased_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The routers that choose experts by score plus a per-expert correction bias (GLM-4.5, GLM-5:
-    DeepSeek-V3's auxiliary-loss-free load balancing)."""
-    return [r for r in moe_routers(model) if hasattr(r, "e_score_correction_bias")]
+    """The routers that choose experts by score plus a per-expert correction bias."""
+    return [r for r in moe_routers(model) if has_correction_bias(r)]
 
 
 def expert_load(picked: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -48,6 +48,16 @@ STACKS_ENV = "TIDAL_STACKS_DIR"
 """Names the directory (on each node) where the actors' processes dump their stacks on SIGUSR1."""
 
 
+def terminal_log() -> logging.Handler:
+    """The driver's log records on the terminal: tidal's from INFO, other libraries' from WARNING. A
+    library's notices (matplotlib building its font cache on a machine's first run) are not the
+    user's business; the run's log file (`run_log`) keeps them, as it keeps the actors'."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(lambda r: r.name.startswith("tidal") or r.levelno >= logging.WARNING)
+    return handler
+
+
 def run_log(run_dir: Path) -> logging.Handler:
     """The driver's log records also into `<run_dir>/run.log`, the file the actors write to; the
     caller removes the handler when the run ends."""

@@ -18,11 +18,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tidal.config import RunConfig, dump_config
-from tidal.data import check_prompt_lengths, encode_prompts, load_splits
+from tidal.data import encode_prompts
 from tidal.metrics import values
 from tidal.modeling import pad, pad_tokens
 from tidal.models import load_model, load_tokenizer, resolve_model_dir
 from tidal.monitor import Monitor
+from tidal.preflight import check_sft
 from tidal.rollout.engine import TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes
 from tidal.rollout.evaluate import evaluate
@@ -81,7 +82,8 @@ class HeldOut:
 
 def run_sft(cfg: RunConfig) -> dict[str, float]:
     """Train, evaluate before/after, save; returns the final summary metrics."""
-    cfg = cfg.for_sft()
+    start = check_sft(cfg)  # every refusal of a config, before anything is written
+    cfg, tokenizer, train_rows, eval_rows = start.cfg, start.tokenizer, start.train_rows, start.eval_rows
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -89,11 +91,6 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     model_dir = resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    train_ds, eval_ds = load_splits(cfg.data)
-    train_rows, eval_rows = train_ds.to_list(), eval_ds.to_list() if eval_ds is not None else []
-    for split, rows in (("train", train_rows), ("eval", eval_rows)):
-        check_prompt_lengths(tokenizer, [r["prompt"] for r in rows], cfg.data, split)
     examples = sft_examples(tokenizer, train_rows, cfg)
     held_out = HeldOut(cfg, eval_rows)
     monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.sft.steps)

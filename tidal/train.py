@@ -13,26 +13,21 @@ import json
 import logging
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
 
 from tidal import checkpoint
-from tidal.config import ConfigError, RewardsConfig, RunConfig, dump_config
-from tidal.data import check_prompt_lengths, load_splits
+from tidal.config import RunConfig, dump_config
 from tidal.dispatch import WorkerLost, join_weight_sync
 from tidal.driver import Driver, StopSignal
-from tidal.envs.base import Env
-from tidal.envs.loading import env_label, resolve_envs
-from tidal.models import load_tokenizer
 from tidal.monitor import Monitor
-from tidal.rewards import resolve_rewards
+from tidal.preflight import check_train
 from tidal.runtime import (
     RunError,
     Stalled,
-    absolute_plugin_paths,
     actor_error_line,
     dump_stacks,
     run_log,
@@ -41,7 +36,7 @@ from tidal.runtime import (
 )
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt
-from tidal.warm_start import resolve_policy_dir, tokenizer_dir
+from tidal.warm_start import resolve_policy_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,32 +72,6 @@ class PromptSampler:
         self.order, self.next_group_id = state["order"], state["next_group_id"]
 
 
-def load_env_splits(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase,
-                    check_train: bool = True) -> tuple[PromptSampler, list[Prompt]]:  # fmt: skip
-    """The prompt sampler over every env's train split, and the held-out prompts of every env. A
-    prompt over `data.max_prompt_tokens` fails here, with its file and row, before any actor starts;
-    `check_train=False` checks the held-out split only (`tidal eval`, which uses nothing else)."""
-    envs = resolve_envs(cfg.envs) if cfg.envs else {"": Env()}
-    specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
-    sources, held_out = {}, []
-    for label, weight, data in specs:
-        train_ds, eval_ds = load_splits(data)
-        eval_rows = eval_ds.to_list() if eval_ds is not None else []
-        train_rows = train_ds.to_list() if check_train else []
-        for split, rows in (("train", train_rows), ("eval", eval_rows)):
-            check_prompt_lengths(tokenizer, [_prompt_text(envs[label], row) for row in rows], data, split)
-        sources[label] = (train_ds, weight)
-        held_out += [Prompt(-1, row, label) for row in eval_rows]
-    return PromptSampler(sources, cfg.seed), held_out
-
-
-def _prompt_text(env: Env, row: dict[str, Any]) -> str:
-    try:
-        return env.prompt(row)
-    except Exception:  # the user's env: at run time its group is skipped and logged
-        return ""
-
-
 def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type | None = None) -> dict[str, Any]:
     """Train with RL; returns the summary (held-out accuracy before / after, ledger, wall time).
 
@@ -118,13 +87,14 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
 
     t_start = time.time()
     split: dict[str, float] = {}  # where the run's wall time went (summary perf/*_s)
-    cfg = absolute_plugin_paths(cfg.for_rl())
-    resumed = _resume_point(cfg)
-    _resolve_plugins(cfg)
+    start = check_train(cfg)  # every refusal of a config, before anything starts or is written
+    cfg, resumed, eval_rows = start.cfg, start.resumed, start.held_out
+    sampler = PromptSampler(start.sources, cfg.seed)
+    if resumed:
+        _cut_back(cfg, resumed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    sampler, eval_rows = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)))
     t0 = time.time()
     model_dir, warm = resolve_policy_dir(cfg.model)
     split["perf/warm_start_s"] = time.time() - t0
@@ -138,12 +108,13 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
     trainer = None
     try:
-        buffer = _start_buffer(cfg)
+        buffer_name = f"tidal-buffer-{uuid.uuid4().hex}"  # unique on a cluster that runs several
+        buffer = _start_buffer(cfg, buffer_name)
         # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers
         # take theirs.
         trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
         trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.stall_timeout_s)
-        workers = _start_workers(cfg, str(model_dir), buffer, worker_cls)
+        workers = _start_workers(cfg, str(model_dir), buffer_name, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
         if resumed:  # the trainer's DeepSpeed checkpoint, the buffer's groups and ledger
             path = str(resumed["path"] / checkpoint.TRAINER)
@@ -197,19 +168,12 @@ def _last_line(summary: dict[str, Any], steps: int, held_out: bool) -> str:
     return f"train done in {summary['perf/wall_time_s']:.0f}s ({_time_split(summary)}): {accuracy}{saved}"
 
 
-def _resume_point(cfg: RunConfig) -> dict[str, Any] | None:
-    """The newest checkpoint's state (its directory under `path`) with `train.resume`, once the config
-    is known to fit it, and the run's logs cut back to its step; None for a new run, which must not
-    overwrite one that left checkpoints."""
-    if not cfg.train.resume:
-        checkpoint.refuse_overwrite(cfg.run_dir)
-        return None
-    path = checkpoint.latest_checkpoint(cfg.run_dir)
-    state = checkpoint.check_resume(path, cfg.model_dump(mode="json"), cfg.train.steps)
+def _cut_back(cfg: RunConfig, resumed: dict[str, Any]) -> None:
+    """The run's logs cut back to the step of the checkpoint it resumes from, and the resume's first
+    log line, which says how the lr schedule goes on."""
     for name in ("metrics.jsonl", "schedule.jsonl"):
-        checkpoint.truncate_rows(cfg.run_dir / name, state["step"])
-    log.info("resuming %s from step %d (%s)", cfg.name, state["step"], path)
-    return {**state, "path": path}
+        checkpoint.truncate_rows(cfg.run_dir / name, resumed["step"])
+    log.info("resuming %s from step %d (%s); %s", cfg.name, resumed["step"], resumed["path"], resumed["schedule"])
 
 
 def _time_split(summary: dict[str, Any]) -> str:
@@ -224,35 +188,24 @@ def _time_split(summary: dict[str, Any]) -> str:
     return ", ".join(f"{name} {sec:.0f}s" for name, sec in parts if sec >= 0.5)
 
 
-def _resolve_plugins(cfg: RunConfig) -> None:
-    """Fail fast on a bad plugin path or kwarg, or a missing vLLM, before any actor starts."""
-    if cfg.envs:
-        envs = resolve_envs(cfg.envs)
-        if cfg.rollout.record_routing and any(env.multi_turn for env in envs.values()):
-            raise ConfigError("rollout.record_routing works with single-turn envs for now (a multi-turn episode's "
-                              "turns would need their routing stitched together)")  # fmt: skip
-        for spec in cfg.envs:
-            resolve_rewards(RewardsConfig(functions=spec.rewards))
-    else:
-        resolve_rewards(cfg.rewards)
-    if cfg.rollout.engine == "vllm":
-        from tidal.rollout.vllm_engine import require_vllm
-
-        require_vllm()
-
-
-def _start_buffer(cfg: RunConfig) -> Any:
-    """The buffer actor: threaded, so workers put while the driver waits and the trainer takes."""
+def _start_buffer(cfg: RunConfig, name: str) -> Any:
+    """The buffer actor, named `name`: threaded, so workers put while the driver waits and the trainer
+    takes."""
     import ray
 
     from tidal.rollout.buffer import TrajectoryBuffer
 
     r = cfg.rollout
     per_step = None if r.deterministic else r.prompts_per_step
-    return ray.remote(max_concurrency=16)(TrajectoryBuffer).remote(cfg.filter, r.max_staleness, per_step)
+    return (ray.remote(max_concurrency=16)(TrajectoryBuffer).options(name=name)
+            .remote(cfg.filter, r.max_staleness, per_step))  # fmt: skip
 
 
-def _start_workers(cfg: RunConfig, model_dir: str, buffer: Any, worker_cls: type | None) -> list[Any]:
+def _start_workers(cfg: RunConfig, model_dir: str, buffer: str, worker_cls: type | None) -> list[Any]:
+    """The rollout workers. Each gets the buffer's name and looks it up itself: a restart runs the
+    constructor again with the same arguments, and an object reference among them (an actor handle
+    is one) may be gone by then (ray-project/ray#53727; Ray warns of it on the terminal). Names and
+    plain values cannot be lost, and the buffer lives as long as the driver holds its handle."""
     import ray
 
     from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, WorkerConfig

@@ -252,3 +252,15 @@ class SyncStats:
     nbytes: int
     seconds: float
     """Time to receive the snapshot."""
+
+
+@dataclass(frozen=True)
+class CheckpointShard:
+    """What one trainer rank reports it wrote into the trainer part of a checkpoint: the files there as
+    the rank sees them once every rank has written (names relative to that directory) with their
+    sizes, for the driver to find before it seals the checkpoint (`tidal.checkpoint.check_shards`)."""
+
+    rank: int
+    files: dict[str, int]
+    seconds: float
+    """Time the rank took to write."""

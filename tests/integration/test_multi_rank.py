@@ -42,7 +42,6 @@ ZeRO-3 differs from one rank at ZeRO-0 by 2.2e-5 for the same reason."""
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     return materialize_preset("tiny-qwen3-moe", seed=0)
 
 
@@ -171,18 +170,23 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
 def test_two_ranks_resume_from_a_checkpoint_exactly(cluster: None, preset: Path, groups: list[Group],
                                                     tmp_path: Path) -> None:  # fmt: skip
     """ZeRO-3 over two ranks: each rank writes and reads back its own partition of the parameters
-    and of the optimizer's moments; training on from the checkpoint gives the same weights, bit for bit."""
+    and of the optimizer's moments, sealed as the driver seals them; training on from the checkpoint
+    gives the same weights, bit for bit."""
+    from tidal import checkpoint
+
     cfg = config("trainer.num_ranks=2", "trainer.zero_stage=3")
-    path = str(tmp_path / "trainer")
 
     def run(resume: bool) -> tuple[dict[str, torch.Tensor], int, dict[str, int]]:
         group = TrainerGroup(TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(preset)), WAIT_S)
         try:
             if resume:
+                path = str(checkpoint.latest_checkpoint(tmp_path) / checkpoint.TRAINER)
                 assert ray.get(group.call("load_state", path), timeout=WAIT_S) == [2, 2]  # two minibatches a step
             else:
                 ray.get(group.call("step", groups), timeout=WAIT_S)
-                ray.get(group.call("save_state", path), timeout=WAIT_S)
+                tmp = checkpoint.begin(tmp_path, 1)
+                shards = ray.get(group.call("save_state", str(tmp / checkpoint.TRAINER)), timeout=WAIT_S)
+                checkpoint.commit(tmp, keep=1, shards=shards)  # every rank's files are where the driver looks
             for _ in range(2):
                 ray.get(group.call("step", groups), timeout=WAIT_S)
             state, version = ray.get(group.call("snapshot"), timeout=WAIT_S)[0]

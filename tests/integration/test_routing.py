@@ -6,7 +6,6 @@ tokens routes to."""
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,6 @@ pytestmark = pytest.mark.integration
 PROMPTS = ["12+7=", "3-5=", "40+2=", "9+9="]
 LATE = ["100-1=", "7+8="]
 PRESETS = ["tiny-qwen3-moe", "tiny-glm4-moe", "tiny-glm5-moe"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -340,3 +334,58 @@ def test_tokens_keep_the_routing_of_the_weights_that_made_them(preset: str) -> N
         assert agree > 0.95, (v, agree)  # cached decoding and one forward may round a near tie apart
     flipped = (torch.stack(mine[1]) != torch.stack(old_after)).any(-1)
     assert flipped.float().mean() > 0.5  # the redrawn router routes the later tokens elsewhere
+
+
+@pytest.mark.parametrize(("preset", "skew"), [("tiny-qwen3-moe", "replay"), ("tiny-glm4-moe", "bias"),
+                                              ("tiny-glm5-moe", "bias")])  # fmt: skip
+def test_the_logged_expert_load_is_that_of_the_experts_the_model_routes_to(preset: str, skew: str) -> None:
+    """`moe/expert_load_*`, logged by the RL loss, on a batch where the softmax top-k of the router
+    logits is not where the tokens go: on GLM a correction bias that sends every token to experts 0
+    and 1 (GLM routes by sigmoid scores plus that bias, in groups), on Qwen3-MoE routing replayed
+    from a record that does the same (R3). The load logged is that of the experts a recorder sees
+    the same forward route the batch's real tokens to; `moe/aux_loss` is the architecture's own
+    balance loss over those choices (Switch on Qwen3-MoE, DeepSeek-V3's sequence-wise on GLM)."""
+    from tidal.config import LossConfig
+    from tidal.modeling import forward
+    from tidal.routing import expert_load
+    from tidal.trainer.rl import RLLoss
+    from tidal.types import TrainBatch
+
+    model = load_model(materialize_preset(preset, seed=0))
+    routers = moe_routers(model)
+    layers, top_k, experts = len(routers), routers[0].top_k, routers[0].num_experts
+    ids = torch.randint(6, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[0, 9:] = 0  # a padded row: its padding is no token of the batch
+    ids[0, 9:] = model.config.pad_token_id
+    zeros = torch.zeros(ids.shape)
+    mask = torch.zeros_like(ids)
+    mask[:, 5:] = attn[:, 5:]
+    two = torch.arange(top_k)[None, None, None, :].expand(*ids.shape, layers, top_k)  # every token to 0..k-1
+    batch = TrainBatch(ids, attn, mask, logp_mu=zeros, advantages=zeros + 1.0, versions=zeros.long(),
+                       routing=two.to(torch.uint8) if skew == "replay" else None)  # fmt: skip
+    if skew == "bias":
+        for router in routers:
+            router.e_score_correction_bias[:top_k] += 10.0
+    loss = RLLoss(LossConfig(), temperature=1.0, max_len=12, replay=skew == "replay")
+    with RoutingRecorder(model) as recorder:
+        _, metrics = loss(model, batch)
+        picked = recorder.take()  # (B*T, layers, top-k)
+    real = attn.flatten().bool()
+    n = int(real.sum())
+    load = expert_load(picked[real], experts) * experts / (n * top_k)  # (layers, experts), 1.0 = uniform
+    logged = values(metrics)
+    assert logged["moe/expert_load_max"] == pytest.approx(float(load.max()))
+    assert logged["moe/expert_load_min"] == pytest.approx(float(load.min()))
+    assert float(load.max()) > 0.9 * experts / top_k and float(load.min()) == 0.0  # skewed onto two experts
+    # The softmax top-k of the router logits (what these metrics used to count) routes otherwise.
+    with torch.no_grad():
+        _, router_logits = forward(model, ids, attn, router_logits=True)
+        softmax = torch.stack([z.softmax(-1).topk(top_k).indices for z in router_logits], dim=1)
+        assert not torch.equal(expert_load(softmax[real], experts), expert_load(picked[real], experts))
+        from tidal.trainer.losses import sequence_aux_loss, switch_aux_loss
+
+        balance = switch_aux_loss if preset == "tiny-qwen3-moe" else sequence_aux_loss
+        own, _ = balance(router_logits, picked, attn.bool())
+    if skew == "bias":  # without replay the forward above routes as the loss's did
+        assert logged["moe/aux_loss"] == pytest.approx(float(own), rel=1e-5)

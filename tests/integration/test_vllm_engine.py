@@ -9,7 +9,6 @@ Skipped without vLLM (`bash scripts/setup.sh --vllm` installs it; the README's t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,6 @@ class VLLMHost:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     ray.init(num_cpus=3, include_dashboard=False)
     yield
     ray.shutdown()
@@ -155,13 +153,34 @@ def test_per_row_token_limits_match_the_transformers_engine(host: Any, reference
     assert max_gap(got, [torch.tensor(w.logprobs) for w in want]) < 1e-4
 
 
+def truncated_logprobs(model: Any, outs: list[Completion], temperature: float, top_k: int) -> list[torch.Tensor]:
+    """Log-probs of each completion's tokens under softmax(logits / T) cut to the top k, renormalised."""
+    got = []
+    with torch.no_grad():
+        for o in outs:
+            z = model(torch.tensor([o.prompt_ids + o.token_ids])).logits[0, len(o.prompt_ids) - 1 : -1] / temperature
+            z = z.masked_fill(z < z.topk(top_k, -1).values[:, -1:], float("-inf"))  # (N, V)
+            got.append(z.log_softmax(-1).gather(-1, torch.tensor(o.token_ids)[:, None]).squeeze(-1))
+    return got
+
+
 def test_sampled_logprobs_are_of_the_tempered_distribution(host: Any, reference: TransformersEngine) -> None:
-    """Behavior log-probs are log_softmax(logits / T) of the token sampled (vLLM's processed mode):
-    within 1e-4 of a transformers forward at T, and far from the untempered ones vLLM gives by default."""
+    """Behavior log-probs are log_softmax(logits / T) of the token sampled, from either engine (vLLM's
+    processed mode): within 1e-4 of the trainer's recompute at T (`completion_logprobs`), and far from
+    the untempered ones vLLM gives by default. With truncation (top-k) they part: vLLM's are of the
+    truncated, renormalised distribution, the transformers engine's of the whole one, so importance
+    weights would depend on the engine; this is why `tidal train` refuses top_p < 1 and top_k > 0."""
     prompts = [p for p in encode(reference) for _ in range(4)]
     outs = gen(host, prompts, SamplingParams(temperature=0.7, max_new_tokens=10, seed=3))
     assert max_gap(outs, forward_logprobs(reference.model, outs, reference.pad_id, 0.7)) < 1e-4
     assert max_gap(outs, forward_logprobs(reference.model, outs, reference.pad_id, 1.0)) > 1e-2
+    mine = reference.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=10, seed=3))
+    assert max_gap(mine, forward_logprobs(reference.model, mine, reference.pad_id, 0.7)) < 1e-4
+    cut = SamplingParams(temperature=0.7, top_k=3, max_new_tokens=10, seed=3)
+    v, t = gen(host, prompts, cut), reference.generate(prompts, cut)
+    assert max_gap(v, truncated_logprobs(reference.model, v, 0.7, 3)) < 1e-4
+    assert max_gap(v, forward_logprobs(reference.model, v, reference.pad_id, 0.7)) > 1e-2
+    assert max_gap(t, forward_logprobs(reference.model, t, reference.pad_id, 0.7)) < 1e-4
     # A group's completions differ, and a seeded call repeats itself whatever vLLM's batching.
     assert len({tuple(o.token_ids) for o in outs[:4]}) > 1
     again = gen(host, prompts[:4], SamplingParams(temperature=0.7, max_new_tokens=10, seed=3))
@@ -345,8 +364,8 @@ def test_cpu_chunked_prefill_breaks_seeded_requests(preset: Path, reference: Tra
 
 def test_a_prompt_longer_than_the_model_is_a_clear_error(host: Any, reference: TransformersEngine) -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=4)
-    with pytest.raises(ray.exceptions.RayTaskError, match="does not fit the vllm engine's max_model_len 512"):
-        gen(host, [encode(reference)[0] * 200], params)
+    with pytest.raises(ray.exceptions.RayTaskError, match="does not fit the vllm engine's max_model_len 4096"):
+        gen(host, [encode(reference)[0] * 600], params)  # 7 tokens each
     assert len(gen(host, encode(reference)[:1], params)[0].token_ids) > 0  # and the engine goes on
 
 

@@ -173,3 +173,39 @@ def test_work_queue_batches_streaming_groups_and_keeps_fixed_work_alone() -> Non
     assert fixed.fixed and fixed.seed == 7 and [p.group_id for p in fixed.prompts] == [3, 4]
     left = q.close()
     assert [w.batch_id for w in left] == [3] and q.take(max_groups=2) is None
+
+
+def test_a_group_handed_out_twice_lands_once_whatever_the_order_of_its_copies() -> None:
+    """A worker's engine crashes: its scoring thread puts group 2 after the driver's last status
+    (the driver still counts it in flight), and group 3 after the driver handed it out again. Each
+    is trained once, and the buffer tells the driver which of the groups it is about to hand out
+    again have landed already."""
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=2, per_step=4)
+    buf.dispatched(1, 4)
+    buf.put([Group(0, [sample(0, 1.0)]), Group(1, [sample(1, 1.0)])], batch_id=1, worker=0)
+    assert buf.wait_ready(1, 0, timeout_s=0.0).landed == (0, 1)  # the driver's last status
+    buf.put([Group(2, [sample(2, 1.0)])], batch_id=1, worker=1)  # the crashed worker's, after that status
+    landed = buf.redispatching([2, 3])  # the driver hands out again what it saw in flight
+    buf.put([Group(2, [sample(2, 0.0)])], batch_id=1, worker=0)  # a copy of 2 handed out all the same
+    buf.put([Group(3, [sample(3, 1.0)])], batch_id=1, worker=1)  # the crashed worker's late copy of 3
+    buf.put([Group(3, [sample(3, 0.0)])], batch_id=1, worker=0)  # the copy handed out again
+    taken = buf.take(1, trainer_version=0)
+    assert [(g.group_id, g.samples[0].reward) for g in taken] == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)]
+    assert values(buf.pop_counts())["fault/duplicate_groups"] == 2
+    assert buf.ledger()["generated_groups"] == 4 and buf.ledger()["in_flight_groups"] == 0
+    assert landed == [2]
+
+
+def test_a_resumed_buffer_still_drops_a_second_copy() -> None:
+    """A checkpoint written when a worker was lost may hold a group both landed and in flight (the
+    driver hands it out again on resume): the landed ids travel with the buffer's state."""
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=2, per_step=2)
+    buf.dispatched(1, 3)
+    buf.put([Group(g, [sample(g, 1.0)]) for g in (0, 1, 5)], batch_id=1)
+    assert (buf.landed.below, buf.landed.above) == (2, {5})  # the ids kept stay few over a run
+    resumed = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=2, per_step=2)
+    resumed.load_state(buf.state())
+    assert resumed.redispatching([1, 2, 5, 6]) == [1, 5]
+    assert resumed.put([Group(5, [sample(5, 0.0)]), Group(6, [sample(6, 0.0)])], batch_id=1) == 1
+    assert [g.group_id for g in resumed.take(1, 0)] == [0, 1]
+    assert [g.group_id for g in resumed.take(2, 0)] == [5, 6]

@@ -83,6 +83,26 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path: Path) -> None:
         checkpoint.check_resume(path, saved, 1)
 
 
+def test_a_resume_with_more_steps_keeps_the_lr_schedule_it_started_with(tmp_path: Path) -> None:
+    """`train.steps` may change on a resume, the lr schedule's length does not follow it (see
+    test_trainer_schedule.py for the curve); set explicitly, the length may change too."""
+    run = [f"output_dir={tmp_path}", "name=r", "trainer.schedule.type=cosine", "trainer.lr=1e-3"]
+    saved = load_config(None, [*run, "train.steps=4"]).for_rl()
+    tmp = checkpoint.begin(tmp_path / "r", 2)
+    checkpoint.write_driver_state(tmp, {"step": 2, "config": saved.model_dump(mode="json")})
+    path = checkpoint.commit(tmp, keep=2)
+    cfg, state = checkpoint.resume_point(load_config(None, [*run, "train.steps=6", "train.resume=true"]).for_rl())
+    assert state is not None and (state["step"], state["path"]) == (2, path)
+    assert cfg.train.steps == 6 and cfg.trainer.schedule.total_steps == 4
+    assert "keeps the length it started with, 4 optimizer steps, so the last 2 train at its floor" in state["schedule"]
+    longer = load_config(None, [*run, "train.steps=6", "train.resume=true", "trainer.schedule.total_steps=6"])
+    cfg, state = checkpoint.resume_point(longer.for_rl())
+    assert cfg.trainer.schedule.total_steps == 6 and state is not None and "now spans" in state["schedule"]
+    # A new run is not resumed, and keeps its config as it is.
+    new = saved.model_copy(update={"name": "new"})
+    assert checkpoint.resume_point(new) == (new, None)
+
+
 def test_logs_are_cut_back_to_the_checkpoint(tmp_path: Path) -> None:
     log = tmp_path / "metrics.jsonl"
     rows = [{"step": 0}, {"step": 1}, {"step": 2}, {"step": 2, "eval/accuracy": 0.5}, {"step": 3},
@@ -108,3 +128,49 @@ def test_sampler_and_buffer_state_round_trip() -> None:
     again = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1)
     again.load_state(pickle.loads(pickle.dumps(buffer.state())))
     assert again.ledger() == buffer.ledger() and again.ledger()["in_flight_groups"] == 2
+
+
+# ------------------------------------------------------------------------- trainer ranks' shards
+
+
+def test_a_rank_whose_files_the_driver_cannot_see_fails_the_save_in_one_line(tmp_path: Path) -> None:
+    """Trainer ranks on nodes that do not share output_dir write into a `step_*.tmp/` of their own:
+    the driver, which seals the checkpoint, must see every file each rank reports, at its size."""
+    from tidal.runtime import RunError
+    from tidal.types import CheckpointShard
+
+    tmp = checkpoint.begin(tmp_path, 2)
+    (tmp / checkpoint.TRAINER).mkdir()
+    (tmp / checkpoint.TRAINER / "model.pt").write_bytes(b"weights")
+    checkpoint.write_driver_state(tmp, {"step": 2})
+    rank0 = CheckpointShard(rank=0, files={"model.pt": 7}, seconds=0.1)
+    elsewhere = CheckpointShard(rank=1, files={"zero_1.pt": 5, "model.pt": 7}, seconds=0.1)
+    with pytest.raises(RunError) as err:
+        checkpoint.commit(tmp, keep=2, shards=[rank0, elsewhere])
+    line = str(err.value)
+    assert "\n" not in line and "rank 1" in line and "trainer/zero_1.pt (missing)" in line, line
+    assert "rank 0" not in line and "shared" in line and "output_dir" in line, line
+    assert not checkpoint.complete_checkpoints(tmp_path) and tmp.is_dir()  # nothing sealed
+    # A file the driver sees at another size than its rank wrote is not that rank's file either.
+    with pytest.raises(RunError, match=r"rank 0 .*trainer/model\.pt \(7 bytes here, 9 written\)"):
+        checkpoint.commit(tmp, keep=2, shards=[CheckpointShard(rank=0, files={"model.pt": 9}, seconds=0.1)])
+    sealed = checkpoint.commit(tmp, keep=2, shards=[rank0])
+    assert [p for _, p in checkpoint.complete_checkpoints(tmp_path)] == [sealed]
+
+
+def test_a_rank_checks_its_view_of_the_checkpoint_before_loading_it(tmp_path: Path) -> None:
+    path = write(tmp_path, 2, payload=b"weights")
+    trainer = path / checkpoint.TRAINER
+    assert checkpoint.shard_problem(trainer, rank=1) is None  # all there
+    (trainer / "model.pt").write_bytes(b"cut")
+    assert checkpoint.shard_problem(trainer, rank=1) == (
+        f"trainer rank 1 finds trainer/model.pt (3 bytes, the manifest says 7) in {path}"
+    )
+    (trainer / "model.pt").unlink()
+    assert checkpoint.shard_problem(trainer, rank=1) == f"trainer rank 1 finds trainer/model.pt (missing) in {path}"
+    (path / checkpoint.DRIVER).unlink()  # not the trainer's: its own check is the driver's
+    assert "driver.pkl" not in str(checkpoint.shard_problem(trainer, rank=1))
+    (path / checkpoint.MANIFEST).unlink()  # a node that sees none of the run's checkpoint
+    assert checkpoint.shard_problem(trainer, rank=0) == (
+        f"trainer rank 0 cannot read {path / checkpoint.MANIFEST} (FileNotFoundError)"
+    )

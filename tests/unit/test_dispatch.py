@@ -64,3 +64,28 @@ def test_the_batch_about_to_train_always_goes_out() -> None:
     assert may_dispatch(5, 5, version=9, published=0, minibatches=1, bound=0)
     assert not may_dispatch(6, 5, version=4, published=4, minibatches=1, bound=0)
     assert may_dispatch(6, 5, version=4, published=4, minibatches=1, bound=1)
+
+
+# A wait its caller bounds: the snapshot's buckets are in the object store already, and a receive
+# that hung would hold the worker's weights, whose wait (`_wait_for_version`) ends at
+# ray.stall_timeout_s and fails the worker's serving loop.
+UNBOUNDED_BY_DESIGN = {("tidal/weight_sync.py", "receive_buckets")}
+
+
+def test_every_ray_get_in_tidal_is_bounded(repo) -> None:
+    """A `ray.get` without a timeout waits forever on a hung actor, out of the stall watchdog's
+    reach (`tidal.runtime.wait_for`): each one passes `timeout=` (0 for a ref known to be done)."""
+    import ast
+
+    unbounded = []
+    for path in sorted((repo / "tidal").rglob("*.py")):
+        rel = path.relative_to(repo).as_posix()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or (rel, fn.name) in UNBOUNDED_BY_DESIGN:
+                continue
+            for call in ast.walk(fn):
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "get"
+                        and isinstance(call.func.value, ast.Name) and call.func.value.id == "ray"
+                        and not any(k.arg == "timeout" for k in call.keywords)):  # fmt: skip
+                    unbounded.append(f"{rel}:{call.lineno} in {fn.name}")
+    assert not unbounded, unbounded

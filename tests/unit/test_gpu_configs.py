@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tidal.cli import main
+from tidal.models import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -43,8 +44,12 @@ def check(path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> tu
 
 
 def placeholders(tmp_path: Path) -> list[str]:
-    """Overrides that point the placeholders at a model directory and data files that exist."""
+    """Overrides that point the placeholders at a model directory and data files that exist. The
+    check reads the model's config and tokenizer, never weights: the config holds the smaller of the
+    two models' position limits (Qwen3-30B-A3B's 40960; GLM-4.5-Air's is 131072)."""
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 40960}))
+    build_char_tokenizer().save_pretrained(tmp_path / "model")
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
     return [f"model.path={tmp_path / 'model'}", f"data.source.train_files=['{tmp_path / 'train.jsonl'}']",

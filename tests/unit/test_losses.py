@@ -22,11 +22,13 @@ from tidal.modeling import token_logprobs
 from tidal.trainer.losses import (
     aggregate,
     aggregated_loss,
+    expert_load_stats,
     importance_weights,
     kl_penalty,
     policy_loss,
     ppo_clip_loss,
-    router_aux_loss,
+    sequence_aux_loss,
+    switch_aux_loss,
 )
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 
@@ -340,9 +342,13 @@ def test_everything_is_zero_and_finite_when_nothing_is_valid(trust: ClipTrustReg
     modes = ["token-mean", "sequence-mean", "constant"]
     total = sum(aggregated_loss(per_token, mask, mode, max_len=T) for mode in modes)
     router = torch.randn(B * T, 4, requires_grad=True)
-    aux, aux_metrics = router_aux_loss((router,), 4, 2, mask)
-    assert aux.item() == 0.0 and aux_metrics["moe/aux_loss"].value.item() == 0.0
-    (total + aux).backward()
+    picked = torch.tensor([[[0, 1]]] * (B * T))  # (B*T, 1 layer, top-2)
+    for balance in (switch_aux_loss, sequence_aux_loss):
+        aux, aux_metrics = balance((router,), picked, mask.bool())
+        assert aux.item() == 0.0 and aux_metrics["moe/aux_loss"].value.item() == 0.0
+        total = total + aux
+    assert all(m.value == 0.0 for m in expert_load_stats(picked, mask.bool().flatten(), 4).values())
+    total.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and router.grad is not None
     assert torch.isfinite(router.grad).all()
 
@@ -353,26 +359,68 @@ BALANCED = torch.tensor([[LN3, 0.0], [0.0, LN3]])  # probs [.75, .25], [.25, .75
 SKEWED = torch.tensor([[LN3, 0.0], [LN3, 0.0]])  # both tokens to expert 0
 
 
-def test_router_aux_loss_hand_values() -> None:
-    loss, m = router_aux_loss((BALANCED,), num_experts=2, top_k=1, attention_mask=None)
+def top_k(*layers: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """(tokens, layers, k) the experts a softmax router (Qwen3-MoE) picks from these logits."""
+    return torch.stack([layer.softmax(-1).topk(k).indices for layer in layers], dim=1)
+
+
+def test_switch_aux_loss_hand_values() -> None:
+    loss, m = switch_aux_loss((BALANCED,), top_k(BALANCED), None)
     assert approx(loss, 2 * (0.5 * 0.5 + 0.5 * 0.5))  # f = P = [.5, .5] -> 1.0
-    assert approx(m["moe/expert_load_max"], 1.0) and approx(m["moe/expert_load_min"], 1.0)
-    loss, m = router_aux_loss((SKEWED,), 2, 1, None)
+    loss, m = switch_aux_loss((SKEWED,), top_k(SKEWED), None)
     assert approx(loss, 2 * (1.0 * 0.75 + 0.0 * 0.25))  # 1.5
-    assert approx(m["moe/expert_load_max"], 2.0) and approx(m["moe/expert_load_min"], 0.0)
+    assert approx(m["moe/aux_loss"], 1.5) and m["moe/aux_loss"].weight == 2
     # Two layers: f averaged [.75, .25], P averaged [.625, .375] -> 2 (.75 * .625 + .25 * .375) = 1.125.
-    assert approx(router_aux_loss((BALANCED, SKEWED), 2, 1, None)[0], 1.125)
+    assert approx(switch_aux_loss((BALANCED, SKEWED), top_k(BALANCED, SKEWED), None)[0], 1.125)
     # A padded third token routed to expert 1 is excluded: same as SKEWED alone.
     padded = torch.cat([SKEWED, torch.tensor([[0.0, 5.0]])])
-    assert approx(router_aux_loss((padded,), 2, 1, torch.tensor([[1, 1, 0]]))[0], 1.5)
+    assert approx(switch_aux_loss((padded,), top_k(padded), torch.tensor([[True, True, False]]))[0], 1.5)
+    # f counts the experts the tokens went to, not the softmax's choice (routing replay): SKEWED's
+    # probabilities [.75, .25] with both tokens sent to expert 1 -> 2 (0 * .75 + 1 * .25) = 0.5, not 1.5.
+    assert approx(switch_aux_loss((SKEWED,), torch.tensor([[[1]], [[1]]]), None)[0], 2 * 0.25)
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_router_aux_loss_matches_transformers(use_mask: bool) -> None:
+def test_switch_aux_loss_matches_transformers(use_mask: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     layers = tuple(torch.randn(2 * 5, 8, generator=gen) for _ in range(3))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]) if use_mask else None
-    ours, _ = router_aux_loss(layers, num_experts=8, top_k=2, attention_mask=mask)
+    ours, _ = switch_aux_loss(layers, top_k(*layers, k=2), mask.bool() if use_mask else None)
     theirs = load_balancing_loss_func(layers, num_experts=8, top_k=2, attention_mask=mask)
     assert isinstance(theirs, torch.Tensor)
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_sequence_aux_loss_hand_values() -> None:
+    """DeepSeek-V3's sequence-wise balance loss on sigmoid scores (GLM-4.5, GLM-5): per sequence
+    f_i = E / (k T) * (tokens routed to i), P_i = mean over tokens of sigmoid(z_i) / sum_j sigmoid(z_j)."""
+    # Sequence 0: scores [.5, .5] and [.75, .25] (normalised: the same), P = [.625, .375]; a correction
+    # bias sent both tokens to expert 1, so f = [0, 2]: sum f P = .75. A softmax top-1 would pick 0 then 0.
+    # Sequence 1: two tokens, scores [.5, .5], routed to 0 and 1: f = [1, 1], P = [.5, .5] -> 1.0, the
+    # value at perfect balance; its third token is padding, excluded.
+    z = torch.tensor([[0.0, 0.0], [LN3, -LN3], [9.0, 9.0], [0.0, 0.0], [0.0, 0.0], [5.0, -5.0]])  # (B*T, E)
+    picked = torch.tensor([1, 1, 0, 0, 1, 0])[:, None, None]  # (B*T, 1 layer, top-1)
+    keep = torch.tensor([[True, True, False], [True, True, False]])
+    loss, m = sequence_aux_loss((z,), picked, keep)
+    assert approx(loss, (0.75 + 1.0) / 2)
+    assert approx(m["moe/aux_loss"], 0.875) and m["moe/aux_loss"].weight == 2  # a mean over sequences
+    # Layers average: a second layer routing sequence 0 evenly too -> (1.0 + 1.0) / 2 for it.
+    even = torch.tensor([0, 1, 0, 0, 1, 0])[:, None, None]
+    loss2, _ = sequence_aux_loss((z, z), torch.cat([picked, even], dim=1), keep)
+    assert approx(loss2, ((0.75 + 1.0) / 2 + 1.0) / 2)
+    # Differentiable in the router logits: the gradient lowers the score of the overloaded expert 1.
+    z = z.clone().requires_grad_()
+    sequence_aux_loss((z,), picked, keep)[0].backward()
+    assert z.grad is not None and z.grad[1, 1] > 0 and z.grad[2].abs().sum() == 0  # padding gets none
+
+
+def test_expert_load_stats_are_the_load_of_the_experts_picked() -> None:
+    # 4 experts, top-2, two layers; layer 0 spreads 3 tokens as [2, 2, 1, 1] slots, layer 1 as [3, 3, 0, 0].
+    picked = torch.tensor([[[0, 1], [0, 1]], [[2, 3], [1, 0]], [[0, 1], [0, 1]], [[3, 3], [3, 3]]])
+    keep = torch.tensor([True, True, True, False])  # the fourth token is padding
+    m = expert_load_stats(picked, keep, num_experts=4)
+    # load = slots / (tokens * k / E) = slots / 1.5
+    assert approx(m["moe/expert_load_max"], 3 / 1.5) and m["moe/expert_load_max"].reduce == "max"
+    assert approx(m["moe/expert_load_min"], 0.0) and m["moe/expert_load_min"].reduce == "min"
+    m = expert_load_stats(picked[:, :1], keep, num_experts=4)
+    assert approx(m["moe/expert_load_max"], 2 / 1.5) and approx(m["moe/expert_load_min"], 1 / 1.5)

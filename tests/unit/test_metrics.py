@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from tidal.config import EnvSpec, RewardsConfig
-from tidal.metrics import largest, mean, merge, smallest, spread, total, values
+from tidal.driver import _perf
+from tidal.metrics import Metrics, largest, mean, merge, smallest, spread, total, values
 from tidal.rollout.env_runtime import build_runtimes, score_samples
-from tidal.trainer.losses import router_aux_loss
+from tidal.rollout.worker import generate_timing
+from tidal.trainer.losses import expert_load_stats, switch_aux_loss
 from tidal.types import Sample
 
 pytestmark = pytest.mark.unit
@@ -24,6 +26,31 @@ def test_each_reduction() -> None:
     assert values(merge([a, {"only_here": total(1.0)}]))["only_here"] == 1.0  # a key one row lacks
     with pytest.raises(ValueError, match="several reductions"):
         merge([{"x": total(1.0)}, {"x": mean(1.0)}])
+
+
+def generate_call(start: float, seconds: float, tokens: float) -> Metrics:
+    """The timing and token count a rollout worker reports for one generate call."""
+    return {**generate_timing(start, seconds), "perf/rollout_tokens": total(tokens)}
+
+
+def tokens_per_s(rows: list[Metrics]) -> float:
+    return _perf(values(merge(rows)), (0.0,) * 6)["perf/rollout_tokens_per_s"]
+
+
+def test_rollout_tokens_per_s_of_one_worker_counts_all_its_generate_calls() -> None:
+    """Two calls one after the other, 100 tokens in 2 s each: 50 tokens/s, not 200 tokens over the
+    longer call's 2 s."""
+    assert tokens_per_s([generate_call(10.0, 2.0, 100.0), generate_call(12.5, 2.0, 100.0)]) == 50.0
+
+
+def test_rollout_tokens_per_s_of_a_fleet_is_over_the_time_any_worker_generated() -> None:
+    """Worker 0 generates from 0 to 2 s and from 3 to 5 s, worker 1 beside it from 1 to 4 s, 100
+    tokens per call: the fleet made 300 tokens in the 5 s during which a worker was generating."""
+    calls = [generate_call(0.0, 2.0, 100.0), generate_call(3.0, 2.0, 100.0), generate_call(1.0, 3.0, 100.0)]
+    assert values(merge(calls))["perf/generate_time_s"] == 5.0
+    assert tokens_per_s(calls) == 60.0
+    # The buffer merges the rows it got, the driver merges that with more: the same 5 s.
+    assert values(merge([merge(calls[:1]), merge(calls[1:])]))["perf/generate_time_s"] == 5.0
 
 
 def sample(text: str, answer: str, env: str, versions: list[int] | None = None) -> Sample:
@@ -66,7 +93,8 @@ def test_expert_load_min_is_a_min_over_micro_batches() -> None:
     # Two micro-batches: the first routes evenly, the second sends every token to expert 0.
     even = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # (rows, E): top-1 alternates
     skewed = torch.tensor([[5.0, 0.0], [5.0, 0.0]])
-    rows = [router_aux_loss((r,), 2, 1, None)[1] for r in (even, skewed)]
+    rows = [{**switch_aux_loss((r,), picked, None)[1], **expert_load_stats(picked, None, 2)}
+            for r, picked in ((even, torch.tensor([[[0]], [[1]]])), (skewed, torch.tensor([[[0]], [[0]]])))]
     m = values(merge(rows))
     assert m["moe/expert_load_min"] == 0.0 and m["moe/expert_load_max"] == 2.0  # a mean would say 0.5 and 1.5
     assert m["moe/aux_loss"] == pytest.approx((values(rows[0])["moe/aux_loss"] + values(rows[1])["moe/aux_loss"]) / 2)

@@ -1,13 +1,18 @@
-"""The terminal sink off a terminal: one plain line every `log_every` steps and at the last, no ANSI."""
+"""The terminal sink off a terminal: one plain line every `log_every` steps and at the last, no ANSI.
+And the wandb mode a run asks for: online stays online whenever wandb itself finds a credential."""
 
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import wandb
 from rich.console import Console
 
-from tidal.monitor import ConsoleSink
+from tidal.monitor import ConsoleSink, wandb_mode
 
 pytestmark = pytest.mark.unit
 
@@ -39,3 +44,34 @@ def test_a_row_with_nothing_to_show_prints_no_empty_line() -> None:
     assert out.getvalue().splitlines() == [
         "[step 0/20] eval_acc_before=0.1250", "[step 10/20] loss=1.5000", "[step 10/20] probe_acc=0.2500",
     ]  # fmt: skip
+
+
+@pytest.fixture
+def bare_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A HOME with no wandb credential anywhere: no WANDB_API_KEY, an empty netrc path, no settings."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".config" / "wandb"))
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    wandb.teardown()  # wandb caches its settings and the session's credential per process
+    yield tmp_path
+    wandb.teardown()
+
+
+def test_online_stays_online_for_a_user_logged_in_with_wandb_login(bare_home: Path) -> None:
+    """`wandb login` writes the key to ~/.netrc, not to the environment."""
+    (bare_home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "a1" * 20 + "\n")
+    assert wandb_mode("online") == "online"
+
+
+def test_online_falls_back_to_offline_without_any_credential(bare_home: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tidal.monitor"):
+        assert wandb_mode("online") == "offline"
+    assert len(caplog.records) == 1 and "offline" in caplog.records[0].getMessage()
+
+
+def test_online_with_the_key_in_the_environment(bare_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "b2" * 20)
+    assert wandb_mode("online") == "online"
+    assert wandb_mode("offline") == "offline"

@@ -67,3 +67,42 @@ def test_next_token_nll_by_hand() -> None:
 def test_position_ids_skip_left_padding() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_a_resume_with_more_steps_goes_on_along_the_lr_curve_it_started() -> None:
+    """A cosine run of 10 steps x 2 minibatches (20 optimizer steps), resumed at step 6 with
+    train.steps=15: optimizer steps 12.. follow the 20-step curve, then its floor, as without the
+    resume, where a 30-step curve (the length now) would make the lr jump up."""
+    from tidal.checkpoint import resumed_schedule
+    from tidal.config import load_config
+
+    args = ["trainer.schedule={type: cosine, warmup_steps: 2, min_lr_ratio: 0.1}", "algorithm.minibatches=2",
+            "trainer.lr=1e-3", "train.resume=true"]  # fmt: skip
+    first = load_config(None, [*args, "train.steps=10"]).for_rl()
+    resumed, note = resumed_schedule(first.model_dump(mode="json"), load_config(None, [*args, "train.steps=15"]))
+    s = resumed.trainer.schedule
+    assert s.total_steps == 20 and resumed.train.steps == 15
+    curve = [lr_factor(i, first.trainer.schedule, 20) for i in range(30)]
+    assert [lr_factor(i, s, s.total_steps) for i in range(12, 30)] == curve[12:]
+    assert curve[19:] == pytest.approx([0.1] * 11)
+    assert lr_factor(13, s, 30) - lr_factor(12, s, 20) > 0.1  # the jump a 30-step curve makes after the resume
+    assert note == ("train.steps is 15 now (30 optimizer steps), but the cosine lr schedule keeps the length it "
+                    "started with, 20 optimizer steps, so the last 10 train at its floor, lr 0.0001 "
+                    "(trainer.schedule.min_lr_ratio=0.1); set trainer.schedule.total_steps to re-time it")  # fmt: skip
+    # A later resume keeps it too: the checkpoints carry the length in their config.
+    again, note = resumed_schedule(resumed.model_dump(mode="json"), load_config(None, [*args, "train.steps=15"]))
+    assert again.trainer.schedule.total_steps == 20
+    assert "keeps the length it started with, 20 optimizer steps, so the last 10 train at its floor" in note
+    # Set on the resume, the length re-times the schedule.
+    longer = load_config(None, [*args, "train.steps=15", "trainer.schedule.total_steps=30"])
+    retimed, note = resumed_schedule(first.model_dump(mode="json"), longer)
+    assert retimed.trainer.schedule.total_steps == 30
+    assert note == ("the cosine lr schedule spanned 20 optimizer steps and now spans trainer.schedule.total_steps=30: "
+                    "the lr moves to the new curve at once")  # fmt: skip
+    # Unchanged steps: the same curve; a constant schedule has no length to keep.
+    same, note = resumed_schedule(first.model_dump(mode="json"), load_config(None, [*args, "train.steps=10"]))
+    assert same.trainer.schedule.total_steps == 20
+    assert note == "the cosine lr schedule goes on over its 20 optimizer steps"
+    flat = load_config(None, ["train.steps=10"])
+    kept, note = resumed_schedule(flat.model_dump(mode="json"), load_config(None, ["train.steps=15"]))
+    assert kept == load_config(None, ["train.steps=15"]) and "constant" in note

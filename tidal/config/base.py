@@ -179,11 +179,17 @@ class RolloutConfig(Strict):
     temperature: float = Field(1.0, ge=0.0)
     """Sampling temperature; 0 is greedy. Behavior log-probs are of logits / temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. `tidal train` refuses any value below 1: the trainer's log-probs
+    (pi_old, pi) are of the untruncated distribution, logits / temperature, so behavior log-probs of
+    a truncated one would make every importance weight depend on the engine (vLLM reports the
+    truncated distribution's, transformers the untruncated one's). Held-out evaluation is greedy."""
     top_k: int = Field(0, ge=0)
-    """Keep the k most likely tokens (0: no limit)."""
+    """Keep the k most likely tokens (0: no limit). `tidal train` refuses any other value, for the
+    reason given under `top_p`."""
     max_new_tokens: int = Field(1024, ge=1)
-    """Largest number of generated tokens per completion (the tiny presets' configs set a few)."""
+    """Largest number of generated tokens per completion (the tiny presets' configs set a few). A
+    prompt and its completion must fit the model's `max_position_embeddings` (or
+    `rollout.vllm.max_model_len`): checked when the config loads, and for each prompt when the data does."""
     stop: list[str] = []
     """Stop strings: generation of a completion ends after the token that completes one."""
     ignore_eos: bool = False
@@ -229,7 +235,8 @@ class RolloutConfig(Strict):
     chunk_tokens: int = Field(8, ge=1)
     """With `interruptible`: decode steps (vLLM: engine steps) between two checks for a new snapshot."""
     max_context_tokens: int = Field(4096, ge=2)
-    """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens."""
+    """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens
+    (at most the model's `max_position_embeddings`, checked when the config loads)."""
     deterministic: bool = False
     """Keep a fixed assignment of prompts to training steps: step s trains the prompts dispatched as
     batch s (split evenly among the workers, each share generated as one seeded call), once the
@@ -264,7 +271,10 @@ class ScheduleConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up from 0 over this many optimizer steps."""
     total_steps: int | None = Field(None, ge=1)
-    """Steps the decay spans (default: the run's number of steps)."""
+    """Optimizer steps the decay spans. Default: the run's, `sft.steps` for `tidal sft` and
+    `train.steps` x `algorithm.minibatches` for `tidal train`, fixed when the run first starts: a
+    resume with more `train.steps` keeps the schedule's length (the lr stays at its floor past it).
+    Setting it on a resume re-times the schedule from there (the lr moves to the new curve at once)."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """Floor of the decay as a fraction of `lr`."""
 
@@ -359,7 +369,8 @@ class EvalConfig(Strict):
     num_samples: int | None = Field(None, ge=1)
     """Held-out problems to evaluate, per env with `envs` (default: the whole held-out split)."""
     max_new_tokens: int | None = Field(None, ge=1)
-    """Largest number of tokens of a greedy answer (default: `rollout.max_new_tokens`)."""
+    """Largest number of tokens of a greedy answer (default: `rollout.max_new_tokens`); with each
+    held-out prompt it must fit the model's positions, as `rollout.max_new_tokens` must."""
 
 
 class MonitorConfig(Strict):

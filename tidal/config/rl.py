@@ -146,7 +146,9 @@ class LossConfig(Strict):
     entropy_coef: float = Field(0.0, ge=0.0)
     """Weight of the entropy bonus (subtracted from the loss)."""
     router_aux_coef: float = Field(0.0, ge=0.0)
-    """Weight of the MoE load-balancing (router aux) loss; needs a model that returns router logits."""
+    """Weight of the MoE load-balancing (router aux) loss, each architecture's own over the experts
+    the tokens were routed to: Switch's on Qwen3-MoE, DeepSeek-V3's sequence-wise one on the sigmoid
+    scores on GLM-4.5 / GLM-5 (GLM-4.5 trained with 1e-4, beside `router_bias_update_rate`)."""
     router_bias_update_rate: float = Field(0.0, ge=0.0)
     """GLM-4.5 / GLM-5 load balancing without an auxiliary loss (DeepSeek-V3's; Megatron's
     `moe_router_bias_update_rate`, typically 1e-3): after each step each router's per-expert

@@ -141,6 +141,14 @@ class RunConfig(Strict):
         if r.temperature == 0:
             raise ConfigError("rollout.temperature=0 (greedy) cannot train: RL needs sampled completions and "
                               "their behavior log-probs; use a temperature > 0 (greedy is for evaluation)")  # fmt: skip
+        for key, value, default in (("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0)):
+            if value != default:
+                raise ConfigError(
+                    f"rollout.{key}={value:g} truncates the sampling distribution, but the trainer's log-probs are of "
+                    "the untruncated distribution (logits / temperature), so importance weights would depend on the "
+                    f"engine (vLLM reports truncated log-probs, transformers untruncated ones); use rollout.{key}="
+                    f"{default:g} and the temperature to sharpen sampling"
+                )
         return self._with_lr(RL_LR)
 
     def for_sft(self) -> RunConfig:

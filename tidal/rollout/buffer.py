@@ -49,6 +49,26 @@ def filter_group(group: Group, cfg: FilterConfig, counts: Counter[str]) -> Group
     return Group(group.group_id, samples)
 
 
+class LandedIds:
+    """A set of group ids that stays small over a run: ids are handed out counting up from 0 and
+    nearly all land in that order, so those below the lowest one not landed are kept as that bound."""
+
+    def __init__(self) -> None:
+        self.below = 0
+        """Every id in [0, below) has landed."""
+        self.above: set[int] = set()
+        """The other ids landed."""
+
+    def add(self, gid: int) -> None:
+        self.above.add(gid)
+        while self.below in self.above:
+            self.above.remove(self.below)
+            self.below += 1
+
+    def __contains__(self, gid: int) -> bool:
+        return 0 <= gid < self.below or gid in self.above
+
+
 @dataclass(frozen=True)
 class BufferStatus:
     """What the driver reads while it waits for a step: whether the step may start, and the counts it
@@ -88,10 +108,10 @@ class TrajectoryBuffer:
         self.totals: Counter[str] = Counter()
         """Run totals of groups by fate: dispatched = generated + in flight; generated = filtered +
         dropped_stale + taken + still held."""
-        self.redispatched: set[int] = set()
-        """Groups handed out again after their worker died: the first copy to land counts, a late
-        one from the dead worker is dropped (`fault/duplicate_groups`)."""
-        self.landed_redispatched: set[int] = set()
+        self.landed = LandedIds()
+        """Every group put: a group handed out again after its worker failed lands once, whichever
+        copy comes first (a late one from the failed worker, or the new one); later copies are
+        dropped and counted (`fault/duplicate_groups`)."""
         self._landed: list[int] = []
         self._cv = threading.Condition()
 
@@ -124,20 +144,20 @@ class TrajectoryBuffer:
             self._cv.notify_all()
             return len(kept)
 
-    def redispatching(self, group_ids: list[int]) -> None:
-        """`group_ids` are being generated again (their worker died before they landed)."""
+    def redispatching(self, group_ids: list[int]) -> list[int]:
+        """Of `group_ids`, which the driver is about to hand out again (their worker failed and its
+        last status showed them in flight), those that landed meanwhile: not to be handed out."""
         with self._cv:
-            self.redispatched.update(group_ids)
+            return [gid for gid in group_ids if gid in self.landed]
 
     def _first_copies(self, groups: list[Group]) -> list[Group]:
-        """`groups` less the second copies of re-dispatched groups, which are counted."""
+        """`groups` less the copies of groups landed already, which are counted."""
         out = []
         for g in groups:
-            if g.group_id in self.redispatched:
-                if g.group_id in self.landed_redispatched:
-                    self._count("fault/duplicate_groups", 1)
-                    continue
-                self.landed_redispatched.add(g.group_id)
+            if g.group_id in self.landed:
+                self._count("fault/duplicate_groups", 1)
+                continue
+            self.landed.add(g.group_id)
             out.append(g)
         return out
 
@@ -230,8 +250,7 @@ class TrajectoryBuffer:
                 "held_groups": sum(len(b) for b in self.batches.values()),
             }
 
-    STATE = ("batches", "pending", "filtered", "generated_by_worker", "metrics", "counts", "totals", "redispatched",
-             "landed_redispatched")  # fmt: skip
+    STATE = ("batches", "pending", "filtered", "generated_by_worker", "metrics", "counts", "totals", "landed")
 
     def state(self) -> dict[str, object]:
         """What a checkpoint keeps: the groups held, with their tokens, and every count."""

@@ -45,7 +45,7 @@ from tidal.config import (
     RunConfig,
     WeightSyncConfig,
 )
-from tidal.metrics import Metrics, largest, mean, merge, smallest, total
+from tidal.metrics import Metrics, busy, largest, mean, merge, smallest, total
 from tidal.models import load_model, load_tokenizer
 from tidal.rollout.engine import Engine, TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
@@ -89,10 +89,12 @@ def sampling_params(r: RolloutConfig, seed: int) -> SamplingParams:
 
 class RolloutWorker:
     def __init__(self, cfg: WorkerConfig, model_dir: str, index: int = 0, buffer: Any = None) -> None:
+        """`buffer`: the buffer actor to put groups into, or its name; a name is looked up here, so a
+        restarted worker finds the buffer again (see `tidal.train._start_workers`)."""
         torch.set_num_threads(max(1, math.ceil(cfg.rollout.num_cpus_per_worker)))
         self.cfg = cfg
         self.index = index
-        self.buffer = buffer
+        self.buffer = ray.get_actor(buffer) if isinstance(buffer, str) else buffer
         self.engine = build_engine(cfg.model, cfg.rollout, model_dir, seed=mix_seed(cfg.seed, index))
         self._forward_model = own_forward(self.engine)  # for the held-out log-prob check
         self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
@@ -172,7 +174,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         idle = t0 - self._last_end
         weight_wait = self._wait_for_version(min_version)
-        t_gen0 = time.perf_counter()
+        t_gen0, start = time.perf_counter(), time.time()
         samples = self._generate(prompts, seed)
         t_gen = time.perf_counter() - t_gen0
         metrics = score_samples(self.envs, samples)
@@ -182,9 +184,9 @@ class RolloutWorker:
         groups = [Group(gid, group) for gid, group in by_group.items()]
         metrics.update(sample_metrics(samples))
         metrics.update(self._call_metrics(idle, weight_wait))
-        metrics["perf/generate_time_s"] = largest(t_gen)  # workers generate side by side
+        metrics.update(generate_timing(start, t_gen))
         if self.buffer is not None:
-            ray.get(self.buffer.put.remote([_slim(g) for g in groups], batch_id, metrics, self.index))
+            self._put([_slim(g) for g in groups], batch_id, metrics)
             groups = []
         metrics["perf/rollout_time_s"] = largest(time.perf_counter() - t0)
         self._last_end = time.perf_counter()
@@ -229,6 +231,9 @@ class RolloutWorker:
                     else:
                         self._stream([w for w in items if isinstance(w, Work)])
             self._flush_scoring()
+        except BaseException:
+            self._settle_scoring()
+            raise
         finally:
             self._serving = False
             self.stop()
@@ -258,7 +263,7 @@ class RolloutWorker:
                 waiting[w.prompts[0].group_id] = (w, [])
             return [w.prompts[0] for w in more]
 
-        t_gen0 = time.perf_counter()
+        t_gen0, start = time.perf_counter(), time.time()
         on_chunk = self._at_chunk_boundary if r.interruptible else None
         for label, prompts in group_by_env([w.prompts[0] for w in works]).items():
             params = sampling_params(r, mix_seed(mix_seed(self.cfg.seed, self.index), self._calls))
@@ -269,7 +274,7 @@ class RolloutWorker:
         t_gen = time.perf_counter() - t_gen0
         for work, samples in list(waiting.values()):  # groups short of samples (a prompt its env could not make)
             self._put_group(work, samples, first.pop() if first else {})
-        timing = {"perf/generate_time_s": largest(t_gen)}
+        timing = generate_timing(start, t_gen)
         self._scored.append(self._scoring.submit(self._put, [], works[0].batch_id, timing))
         self._last_end = time.perf_counter()
 
@@ -298,7 +303,11 @@ class RolloutWorker:
     def _put(self, groups: list[Group], batch_id: int, metrics: Metrics) -> None:
         if self.buffer is None:
             raise RuntimeError("a serving rollout worker needs a buffer to put its groups into")
-        ray.get(self.buffer.put.remote(groups, batch_id, metrics, self.index))
+        try:
+            ray.get(self.buffer.put.remote(groups, batch_id, metrics, self.index), timeout=self.cfg.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"rollout worker {self.index}: the buffer did not take its groups within "
+                               f"ray.stall_timeout_s={self.cfg.timeout_s:g}s") from None  # fmt: skip
 
     def _raise_scoring_errors(self) -> None:
         for f in [f for f in self._scored if f.done()]:
@@ -308,6 +317,17 @@ class RolloutWorker:
     def _flush_scoring(self) -> None:
         while self._scored:
             self._scored.pop(0).result()
+
+    def _settle_scoring(self) -> None:
+        """The serving loop failed: every group that ended is scored and put before the failure
+        reaches the driver, which then hands out again only the groups that did not land (none is
+        put behind its back, and trained twice). A scoring error meanwhile is logged: the loop's
+        own error is the one reported."""
+        scored, self._scored = self._scored, []
+        for f in scored:
+            if (e := f.exception()) is not None:
+                log.warning("rollout worker %d: a group could not be scored and put after the failure: %r",
+                            self.index, e)  # fmt: skip
 
     def _run_eval(self, request: EvalRequest) -> None:
         self._flush_scoring()  # the reward scorers then serve the evaluation alone
@@ -409,6 +429,13 @@ class RolloutWorker:
         self._wait_for_version(min_version)
         out, _ = evaluate(self.engine, self.envs, prompts, self.cfg.eval, self.cfg.rollout, self._forward_model)
         return {**out, "eval/version": largest(float(self.version))}
+
+
+def generate_timing(start: float, seconds: float) -> Metrics:
+    """A generate call's wall time, from `start` (a `time.time()`) for `seconds`. Merged over a step,
+    `perf/generate_time_s` is the time during which at least one worker was generating: a worker's
+    calls add up, workers generating side by side count their common time once."""
+    return {"perf/generate_time_s": busy(start, seconds)}
 
 
 def sample_metrics(samples: list[Sample]) -> Metrics:

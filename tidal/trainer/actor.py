@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tidal import checkpoint
 from tidal.config import (
     AlgorithmConfig,
     BehaviorCorrection,
@@ -51,11 +52,12 @@ from tidal.routing import (
     routing_health,
     update_router_bias,
 )
+from tidal.runtime import RunError
 from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
-from tidal.types import Group, StepResult, TrainBatch
+from tidal.types import CheckpointShard, Group, StepResult, TrainBatch
 from tidal.weight_sync import (
     BroadcastPublisher,
     WeightHandle,
@@ -316,17 +318,30 @@ class TrainerActor:
         """(the state dict published to the workers, version) of the current policy, in-process."""
         return {k: v for bucket in self.rollout_weights() for k, v in bucket.items()}, self.version
 
-    def save_state(self, path: str) -> float:
+    def save_state(self, path: str) -> CheckpointShard:
         """Write this rank's part of a DeepSpeed checkpoint (parameters, optimizer, lr scheduler,
-        ZeRO partitions) with the groups trained and the RNG state; seconds it took. Collective."""
+        ZeRO partitions) with the groups trained and the RNG state. Collective. Returns the files this
+        rank sees in `path` once written (DeepSpeed's save ends with a barrier, so every rank's are
+        written by then), for the driver to find in its own view before it seals the checkpoint."""
         t0 = time.perf_counter()
         client = {"trained_groups": self.trained_groups, "rng": torch.get_rng_state()}
         self.trainer.engine.save_checkpoint(path, tag="trainer", client_state=client, save_latest=False)
+        files = checkpoint.listing(Path(path))
         self._last_end = time.perf_counter()  # not trainer idle time
-        return self._last_end - t0
+        return CheckpointShard(self.trainer.rank, files, self._last_end - t0)
 
     def load_state(self, path: str) -> int:
-        """Continue from `save_state`'s checkpoint in `path`; the version it holds. Collective."""
+        """Continue from `save_state`'s checkpoint in `path`; the version it holds. Collective. First
+        every rank checks that it sees the files the checkpoint's manifest lists, at their sizes (on a
+        node that does not share output_dir it does not), and all ranks fail together, in one line
+        naming each rank's missing files, before any of them starts DeepSpeed's collective load."""
+        mine = checkpoint.shard_problem(Path(path), self.trainer.rank)
+        problems: list[str | None] = [mine]
+        if self.trainer.world_size > 1:
+            problems = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(problems, mine)
+        if any(problems):
+            raise RunError(f"cannot resume: {'; '.join(p for p in problems if p)}; {checkpoint.SHARED}")
         loaded, client = self.trainer.engine.load_checkpoint(path, tag="trainer")
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no trainer checkpoint in {path}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tidal.config import TrainerConfig
-from tidal.runtime import RunError
+from tidal.runtime import RunError, wait_for
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class TrainerGroup:
         def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
 
-        address = ray.get(ray.remote(_node_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote())
+        address = wait_for(ray.remote(_node_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote(),
+                           "trainer rank 0's address", timeout_s)  # fmt: skip
         self.ranks = [actor.options(**resources, scheduling_strategy=in_bundle(i))
                       .remote(*args, rank=RankInfo(i, n, *address)) for i in range(n)]  # fmt: skip
 

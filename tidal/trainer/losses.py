@@ -30,6 +30,7 @@ from tidal.config import (
     TISCorrection,
 )
 from tidal.metrics import Metrics, Stat, largest, mean, smallest
+from tidal.routing import expert_load
 
 Correction = NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection
 
@@ -363,46 +364,78 @@ def aggregated_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_
     return num / den if den > 0 else num * 0.0
 
 
-def router_aux_loss(
-    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+def expert_load_stats(picked: torch.Tensor, keep: torch.Tensor | None, num_experts: int) -> Metrics:
+    """How evenly the tokens were routed: `moe/expert_load_max` and `moe/expert_load_min`, the max and
+    min over MoE layers l and experts e of load_{l,e} = (slots of layer l's kept tokens sent to e) /
+    (kept tokens * top_k / E), relative to a uniform share (1.0 everywhere = balanced, E / top_k = every
+    token to the same experts). `picked` (N, L, k) holds the experts the N tokens were routed to in
+    each MoE layer, as `tidal.routing.RoutingRecorder` records them: the model's real choice (softmax
+    top-k on Qwen3-MoE; sigmoid plus correction bias, by groups, on GLM), or the replayed one under R3.
+    `keep` (N,) drops padding. Over micro-batches they merge as the max and min of their extremes."""
+    kept = picked if keep is None else picked[keep.to(picked.device)]  # (n, L, k)
+    slots = max(kept.shape[0] * kept.shape[-1], 1)
+    load = expert_load(kept, num_experts) * num_experts / slots  # (L, E)
+    return {"moe/expert_load_max": largest(load.max()), "moe/expert_load_min": smallest(load.min())}
+
+
+def switch_aux_loss(
+    router_logits: tuple[torch.Tensor, ...], picked: torch.Tensor, keep: torch.Tensor | None
 ) -> tuple[torch.Tensor, Metrics]:
-    """Switch-Transformer load-balancing loss, equal to transformers' `load_balancing_loss_func`.
+    """Switch-Transformer load-balancing loss, Qwen3-MoE's own (transformers' `load_balancing_loss_func`).
 
-    Fedus et al. 2021, "Switch Transformers", eqs. (4)-(6). `router_logits` holds one (B*T, E) tensor
-    per MoE layer; tokens with attention_mask (B, T) == 0 are excluded. Over all layers' kept rows,
-    f_e = (number of top-k assignments to expert e) / rows, so sum_e f_e = top_k, and P_e = mean router
-    probability of e; loss = E * sum_e f_e P_e, which is top_k at perfectly uniform routing.
-
-    Metrics: `moe/aux_loss`; `moe/expert_load_max` and `moe/expert_load_min`, the max and min over
-    layers l and experts e of load_{l,e} = f_{l,e} * E / top_k, the share of layer l's routing slots
-    sent to e relative to a uniform share (1.0 everywhere = balanced, E = all slots to one expert).
-    Over several micro-batches they merge as the max and min of each micro-batch's extremes, and the
-    aux loss as the mean weighted by kept rows.
+    Fedus et al. 2021, "Switch Transformers", eqs. (4)-(6). `router_logits` holds one (N, E) tensor
+    per MoE layer, `picked` (N, L, k) the experts the N tokens were routed to, `keep` (N,) or (B, T)
+    the tokens that count (padding excluded). Over all layers' kept tokens, f_e = (top-k assignments to
+    expert e) / tokens, so sum_e f_e = k, and P_e = mean softmax probability of e; loss = E * sum_e
+    f_e P_e, which is k at perfectly uniform routing. Without routing replay `picked` is the softmax
+    top-k of the logits and this is transformers' value; with it, f counts the replayed experts, where
+    the tokens went. Metric `moe/aux_loss`, a mean weighted by kept tokens.
     """
-    if not router_logits:
-        raise ValueError("router_aux_loss needs at least one layer of router logits")
+    num_experts = router_logits[0].shape[-1]
     device = router_logits[0].device
-    rows = router_logits[0].shape[0]
-    keep = attention_mask.reshape(-1).to(device).bool() if attention_mask is not None else None  # (B*T,)
-    counts, prob_sums = [], []
+    keep = keep.reshape(-1).to(device) if keep is not None else None  # (N,)
+    kept = picked if keep is None else picked[keep.to(picked.device)]  # (n, L, k)
+    n = torch.tensor(float(kept.shape[0]), device=device)
+    f = expert_load(kept, num_experts).to(device) / n.clamp(min=1)  # (L, E)
+    prob_sums = []
     for layer in router_logits:
-        probs = torch.softmax(layer.float(), dim=-1)  # (B*T, E)
-        chosen = torch.topk(probs, top_k, dim=-1).indices  # (B*T, k)
-        slot_weight = torch.ones(rows, top_k, device=device)  # (B*T, k)
-        if keep is not None:
-            probs = torch.where(keep[:, None], probs, 0.0)
-            slot_weight = slot_weight * keep[:, None]
-        count = torch.zeros(num_experts, device=device).index_add_(0, chosen.reshape(-1), slot_weight.reshape(-1))
-        counts.append(count)  # (E,)
-        prob_sums.append(probs.sum(0))  # (E,)
-    n = keep.sum().float() if keep is not None else torch.tensor(float(rows), device=device)
-    f = torch.stack(counts) / n.clamp(min=1)  # (L, E)
+        probs = torch.softmax(layer.float(), dim=-1)  # (N, E)
+        prob_sums.append((torch.where(keep[:, None], probs, 0.0) if keep is not None else probs).sum(0))  # (E,)
     P = torch.stack(prob_sums) / n.clamp(min=1)  # (L, E)
     loss = num_experts * (f.mean(0) * P.mean(0)).sum()
-    load = f * num_experts / top_k  # (L, E)
-    metrics = {
-        "moe/aux_loss": mean(loss.detach(), n),
-        "moe/expert_load_max": largest(load.max().detach()),
-        "moe/expert_load_min": smallest(load.min().detach()),
-    }
-    return loss, metrics
+    return loss, {"moe/aux_loss": mean(loss.detach(), n)}
+
+
+def sequence_aux_loss(
+    router_logits: tuple[torch.Tensor, ...], picked: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, Metrics]:
+    """Sequence-wise balance loss of sigmoid-scored routers (GLM-4.5, GLM-5), DeepSeek-V3's.
+
+    DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", eqs. (17)-(20); GLM-4.5 trains with it (weight
+    1e-4) beside the correction-bias update (`router_bias_update_rate`). `router_logits` holds one
+    (B*T, E) tensor per MoE layer, `picked` (B*T, L, k) the experts the tokens were routed to (chosen by
+    score plus correction bias, in groups), `keep` (B, T) the tokens that count. For each sequence of
+    T_b kept tokens and each layer: f_i = E / (k T_b) * (tokens routed to i), P_i = mean over its tokens
+    of s'_i = sigmoid(z_i) / sum_j sigmoid(z_j); its loss is sum_i f_i P_i, 1 at perfect balance. The
+    loss is the mean over layers and over sequences with a kept token; metric `moe/aux_loss`, a mean
+    weighted by those sequences. A softmax-based loss (`switch_aux_loss`) would balance probabilities
+    these routers never compute.
+    """
+    num_experts = router_logits[0].shape[-1]
+    device = router_logits[0].device
+    w = keep.to(device)  # (B, T)
+    B, T = w.shape
+    k = picked.shape[-1]
+    tokens = w.sum(-1).float()  # (B,)
+    per_layer = []
+    for layer, z in enumerate(router_logits):
+        scores = z.float().sigmoid()  # (B*T, E)
+        s = torch.where(w[..., None], (scores / scores.sum(-1, keepdim=True)).view(B, T, num_experts), 0.0)
+        P = s.sum(1) / tokens.clamp(min=1)[:, None]  # (B, E)
+        hits = torch.nn.functional.one_hot(picked[:, layer].to(device).long(), num_experts).sum(1)  # (B*T, E)
+        hits = torch.where(w[..., None], hits.view(B, T, num_experts), 0).sum(1).float()  # (B, E)
+        f = hits * num_experts / (k * tokens.clamp(min=1)[:, None])  # (B, E)
+        per_layer.append((f * P).sum(-1))  # (B,)
+    sequences = (tokens > 0).sum().float()
+    loss = torch.stack(per_layer).mean(0).sum() / sequences.clamp(min=1)  # sequences without tokens add 0
+    return loss, {"moe/aux_loss": mean(loss.detach(), sequences)}

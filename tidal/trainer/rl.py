@@ -15,9 +15,9 @@ import torch
 from tidal.config import BehaviorCorrection, LossConfig
 from tidal.metrics import Metrics
 from tidal.modeling import entropy, forward, pad, pad_tokens, token_logprobs
-from tidal.routing import replay_recorded
+from tidal.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
 from tidal.trainer.advantages import compute_advantages
-from tidal.trainer.losses import aggregate, policy_loss, router_aux_loss
+from tidal.trainer.losses import aggregate, expert_load_stats, policy_loss, sequence_aux_loss, switch_aux_loss
 from tidal.types import Group, TrainBatch, TrainSample
 
 
@@ -80,8 +80,12 @@ class RLLoss:
     def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
         mask = micro.loss_mask.float()  # (B, T)
-        with replay_recorded(model, micro) if self.replay else contextlib.nullcontext():
-            logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=self.moe_metrics)
+        recorder = RoutingRecorder(model) if self.moe_metrics and moe_routers(model) else None
+        if recorder is None and cfg.router_aux_coef > 0:
+            raise ValueError(f"algorithm.loss.router_aux_coef > 0 but {type(model).__name__} has no MoE router")
+        replay = replay_recorded(model, micro) if self.replay else contextlib.nullcontext()
+        with recorder or contextlib.nullcontext(), replay:
+            logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=recorder is not None)
         logp = token_logprobs(logits, micro.input_ids, self.temperature)  # (B, T)
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
         with torch.set_grad_enabled(cfg.entropy_coef > 0 and torch.is_grad_enabled()):
@@ -96,28 +100,24 @@ class RLLoss:
         per_token, metrics = policy_loss(logp, logp_old, micro.logp_mu, micro.advantages, mask, cfg,
                                          keep=micro.m2po_keep, logp_ref=micro.logp_ref, entropy=H)  # fmt: skip
         numerator, _ = aggregate(per_token, mask, cfg.aggregation, self.max_len)
-        if router:
-            aux, moe = router_aux_loss(router, model_num_experts(model), model_top_k(model), micro.attention_mask)
+        if recorder is not None:
+            aux, moe = _balance(recorder, router, micro.attention_mask.bool())
             metrics.update(moe)
             if cfg.router_aux_coef > 0:
-                # The aux loss is a per-token mean; weighting it by this micro-batch's share of the
-                # denominator keeps it a mean after the trainer's division.
+                # The aux loss is a mean over this micro-batch's tokens (or sequences); weighting it by
+                # the micro-batch's share of the denominator keeps it a mean after the trainer's division.
                 share = aggregate(torch.zeros_like(mask), mask, cfg.aggregation, self.max_len)[1]
                 numerator = numerator + cfg.router_aux_coef * aux * share
-        elif cfg.router_aux_coef > 0:
-            raise ValueError("algorithm.loss.router_aux_coef > 0 but the model returns no router logits")
         return numerator, metrics
 
 
-def _moe_config(model: torch.nn.Module) -> object:
-    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    return module.config
-
-
-def model_num_experts(model: torch.nn.Module) -> int:
-    c = _moe_config(model)
-    return int(getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", None) or 0)
-
-
-def model_top_k(model: torch.nn.Module) -> int:
-    return int(getattr(_moe_config(model), "num_experts_per_tok", 1))
+def _balance(recorder: RoutingRecorder, router_logits: tuple[torch.Tensor, ...],
+             real: torch.Tensor) -> tuple[torch.Tensor, Metrics]:  # fmt: skip
+    """(aux loss, `moe/` metrics) of one forward's routing: the expert load of the experts the real
+    tokens (B, T) went to, as `recorder` saw them, and the architecture's own balance loss: DeepSeek-V3's
+    sequence-wise one for sigmoid-scored routers with a correction bias (GLM), Switch's otherwise."""
+    picked = recorder.take()  # (B*T, MoE layers, top-k)
+    metrics = expert_load_stats(picked, real.flatten(), recorder.num_experts)
+    balance = sequence_aux_loss if any(has_correction_bias(r) for r in recorder.routers) else switch_aux_loss
+    aux, moe = balance(router_logits, picked, real)
+    return aux, {**metrics, **moe}

@@ -1,0 +1,231 @@
+"""The start-up checks of `tidal train` and `tidal sft`, in one place.
+
+Each stage runs them before it starts anything, and `tidal check` runs the very same functions
+(`check_train`, or `check_sft` with `--stage sft`): a config the check accepts is not refused by its
+stage, one it refuses gets the stage's one line. They read the config, the plugins it names, the
+policy's model config (never its weights), the tokenizer, the data and the run directory's
+checkpoints; they start no actor or engine and write no file.
+
+Every generation must fit the model's positions (`max_position_embeddings`, or vLLM's
+`max_model_len`): a longer one runs past the position embeddings and produces garbage, silently.
+The limits alone are checked against the model config, each prompt with its limit against the data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from tidal import checkpoint
+from tidal.config import ConfigError, ModelConfig, RewardsConfig, RolloutConfig, RunConfig, load_config
+from tidal.data import Room, check_prompt_lengths, load_splits
+from tidal.envs.base import Env
+from tidal.envs.loading import env_label, resolve_envs
+from tidal.models import build_char_tokenizer, load_tokenizer, preset_config
+from tidal.rewards import resolve_rewards
+from tidal.runtime import absolute_plugin_paths
+from tidal.types import Prompt
+from tidal.warm_start import tokenizer_dir, warm_start_dir
+
+Sources = dict[str, tuple[Dataset, float]]
+"""Each env's train split and sampling weight, by env label."""
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What `tidal train` starts from, once every start-up check passed."""
+
+    cfg: RunConfig
+    """The config as the run goes on: RL defaults filled in, on a resume the lr schedule's length kept."""
+    resumed: dict[str, Any] | None
+    """With `train.resume`, the newest checkpoint's driver state (its directory under "path")."""
+    sources: Sources
+    held_out: list[Prompt]
+    """The held-out prompts of every env."""
+
+
+@dataclass(frozen=True)
+class SFTStart:
+    """What `tidal sft` starts from, once every start-up check passed."""
+
+    cfg: RunConfig
+    """The config with SFT defaults filled in."""
+    tokenizer: PreTrainedTokenizerBase
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+
+
+def check_train(cfg: RunConfig) -> TrainStart:
+    """`cfg` through every check `tidal train` makes before it starts anything: the RL rules of the
+    config (`RunConfig.for_rl`), the plugins, vLLM when named, the token limits against the model's
+    positions, the run directory's checkpoints, an SFT warm start that is still to train (by the rules
+    of `tidal sft`), then every prompt of the data. Plugin file paths come back absolute (actors may
+    not share this process's working directory)."""
+    cfg = absolute_plugin_paths(cfg.for_rl())
+    envs = resolve_plugins(cfg)
+    positions = position_limit(cfg.model, cfg.rollout)
+    rooms = generation_rooms(cfg, positions, [env.multi_turn for env in envs.values()])
+    cfg, resumed = checkpoint.resume_point(cfg)
+    warm = cfg.model.sft_warm_start
+    if warm is not None and not (warm_start_dir(warm) / "summary.json").is_file():
+        check_sft(load_config(warm))  # `tidal train` trains it first
+    sources, held_out = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)), rooms=rooms)
+    return TrainStart(cfg, resumed, sources, held_out)
+
+
+def check_sft(cfg: RunConfig) -> SFTStart:
+    """`cfg` through every check `tidal sft` makes before it trains: its rewards (the held-out
+    evaluation's), its data, and the evaluation's token limit against the model's positions."""
+    cfg = cfg.for_sft()
+    resolve_rewards(cfg.rewards)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
+    train_ds, eval_ds = load_splits(cfg.data)
+    train_rows, eval_rows = train_ds.to_list(), eval_ds.to_list() if eval_ds is not None else []
+    room = None
+    # The only generation of SFT: greedy answers to the held-out rows, with the transformers engine.
+    if eval_rows and (positions := position_limit(cfg.model, None)) is not None:
+        room = _eval_room(cfg, positions)
+    check_prompt_lengths(tokenizer, [r["prompt"] for r in train_rows], cfg.data, "train")
+    check_prompt_lengths(tokenizer, [r["prompt"] for r in eval_rows], cfg.data, "eval", room)
+    return SFTStart(cfg, tokenizer, train_rows, eval_rows)
+
+
+# ------------------------------------------------------------------------------------------- plugins
+
+
+def resolve_plugins(cfg: RunConfig) -> dict[str, Env]:
+    """Fail fast on a bad plugin path or kwarg, or a missing vLLM; the envs by label (one unnamed
+    `Env` without `envs`)."""
+    if not cfg.envs:
+        resolve_rewards(cfg.rewards)
+        envs = {"": Env()}
+    else:
+        envs = resolve_envs(cfg.envs)
+        if cfg.rollout.record_routing and any(env.multi_turn for env in envs.values()):
+            raise ConfigError("rollout.record_routing works with single-turn envs for now (a multi-turn episode's "
+                              "turns would need their routing stitched together)")  # fmt: skip
+        for spec in cfg.envs:
+            resolve_rewards(RewardsConfig(functions=spec.rewards))
+    if cfg.rollout.engine == "vllm":
+        from tidal.rollout.vllm_engine import require_vllm
+
+        require_vllm()
+    return envs
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_env_splits(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, check_train: bool = True,
+                    rooms: dict[str, Room] | None = None) -> tuple[Sources, list[Prompt]]:  # fmt: skip
+    """Every env's train split with its weight, by label, and the held-out prompts of every env. A
+    prompt over `data.max_prompt_tokens`, or with `rooms` (by split, "train" and "eval") too long for
+    its single-turn completion, fails here with its file and row, before any actor starts;
+    `check_train=False` checks the held-out split only (`tidal eval`, which uses nothing else)."""
+    envs = resolve_envs(cfg.envs) if cfg.envs else {"": Env()}
+    specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
+    sources, held_out = {}, []
+    for label, weight, data in specs:
+        train_ds, eval_ds = load_splits(data)
+        eval_rows = eval_ds.to_list() if eval_ds is not None else []
+        train_rows = train_ds.to_list() if check_train else []
+        # A multi-turn episode ends at rollout.max_context_tokens, which the config check holds to the positions.
+        env_rooms = {} if envs[label].multi_turn else rooms or {}
+        for split, rows in (("train", train_rows), ("eval", eval_rows)):
+            texts = [_prompt_text(envs[label], row) for row in rows]
+            check_prompt_lengths(tokenizer, texts, data, split, env_rooms.get(split))
+        sources[label] = (train_ds, weight)
+        held_out += [Prompt(-1, row, label) for row in eval_rows]
+    return sources, held_out
+
+
+def _prompt_text(env: Env, row: dict[str, Any]) -> str:
+    try:
+        return env.prompt(row)
+    except Exception:  # the user's env: at run time its group is skipped and logged
+        return ""
+
+
+# ----------------------------------------------------------------------------------------- positions
+
+
+@dataclass(frozen=True)
+class Positions:
+    """How many positions a generation may use, and what sets that limit (for the error line)."""
+
+    n: int
+    limit: str
+    """e.g. "the model's max_position_embeddings" or "rollout.vllm.max_model_len"."""
+
+
+def position_limit(model: ModelConfig, rollout: RolloutConfig | None) -> Positions | None:
+    """The positions of generation with the policy: its config's `max_position_embeddings`, or with
+    `rollout` on the vllm engine a `rollout.vllm.max_model_len` (at most the former). None when the
+    model's config names no limit."""
+    n = model_positions(model)
+    vllm = rollout.vllm.max_model_len if rollout is not None and rollout.engine == "vllm" else None
+    if vllm is not None and n is not None and vllm > n:
+        raise ConfigError(f"rollout.vllm.max_model_len={vllm} is more than the model's max_position_embeddings={n}; "
+                          "lower it, or leave it unset (vLLM then takes the model's)")  # fmt: skip
+    if vllm is not None:
+        return Positions(vllm, "rollout.vllm.max_model_len")
+    return Positions(n, "the model's max_position_embeddings") if n is not None else None
+
+
+def model_positions(model: ModelConfig) -> int | None:
+    """`max_position_embeddings` of the policy, read from its config alone: a preset's, a model
+    directory's config.json, an SFT warm start's (its cached checkpoint, else its base model)."""
+    if model.sft_warm_start is not None:
+        cached = warm_start_dir(model.sft_warm_start) / "checkpoint" / "config.json"
+        return _json_positions(cached) if cached.is_file() else model_positions(load_config(model.sft_warm_start).model)
+    if model.preset is not None:
+        return preset_config(model.preset, build_char_tokenizer()).max_position_embeddings
+    assert model.path is not None
+    file = Path(model.path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"model.path {model.path!r} has no config.json; point it at a save_pretrained folder")
+    return _json_positions(file)
+
+
+def _json_positions(file: Path) -> int | None:
+    config = json.loads(file.read_text())
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+
+
+def generation_rooms(cfg: RunConfig, positions: Positions | None, multi_turn: list[bool]) -> dict[str, Room]:
+    """The room a prompt of each split ("train", "eval") leaves for what `tidal train` generates after
+    it, once each limit alone is known to fit: `rollout.max_new_tokens` (and the evaluation's) for
+    single-turn envs, `rollout.max_context_tokens` for multi-turn ones (`multi_turn`: one per env)."""
+    if positions is None:
+        return {}
+    r = cfg.rollout
+    if any(multi_turn) and r.max_context_tokens > positions.n:
+        raise ConfigError(f"rollout.max_context_tokens={r.max_context_tokens} is more than {positions.limit}="
+                          f"{positions.n}, and a multi-turn episode grows to it; lower it")  # fmt: skip
+    if all(multi_turn):
+        return {}
+    train = _fits(Room(r.max_new_tokens, "rollout.max_new_tokens", positions.n, positions.limit))
+    return {"train": train, "eval": _eval_room(cfg, positions)}
+
+
+def _eval_room(cfg: RunConfig, positions: Positions) -> Room:
+    """The held-out evaluation's room: `eval.max_new_tokens`, or `rollout.max_new_tokens` when unset."""
+    if cfg.eval.max_new_tokens is not None:
+        return _fits(Room(cfg.eval.max_new_tokens, "eval.max_new_tokens", positions.n, positions.limit))
+    room = Room(cfg.rollout.max_new_tokens, "rollout.max_new_tokens", positions.n, positions.limit)
+    return _fits(room, " (eval.max_new_tokens unset)")
+
+
+def _fits(room: Room, note: str = "") -> Room:
+    """`room`, once its generation leaves at least one position for a prompt."""
+    if room.new_tokens >= room.positions:
+        raise ConfigError(f"{room.key}={room.new_tokens}{note} leaves no room for a prompt within {room.limit}="
+                          f"{room.positions} (a prompt and its completion share them); lower {room.key}")  # fmt: skip
+    return room
