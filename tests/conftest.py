@@ -1,13 +1,19 @@
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Keep wandb quiet and local in every test; presets are cached per user as in normal use.
+# Keep wandb quiet and local in every test.
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Presets and SFT warm starts are cached by content (a directory's name hashes everything that built
+# it), so every test shares one cache that outlives the run, apart from the user's own: a warm start is
+# trained once per machine, not inside each test that needs it.
+os.environ.setdefault("TIDAL_CACHE", str(Path.home() / ".cache" / "tidal-tests"))
 # Every test's Ray cluster is local and its own. Ray caches the auth mode per process, so one test
 # clusters with token auth and another without would fail to start each other's GCS; none uses it.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -37,25 +43,50 @@ def ledger_balances():
     return _check_ledger
 
 
-# ------------------------------------------------------------------------------------------ exit
-# Once every test has run and pytest has printed its report, the process ends with pytest's own exit
-# status without running the interpreter's finalization. With every test passing, CI on 2026-12-01
-# still ended with a segmentation fault (exit 139) after pytest's summary line: a crash in
-# third-party teardown at interpreter exit (Ray's, vLLM's in-process engine, torch's threads), which
-# says nothing about the tests and turned a green run red. The test report is complete by then.
-_exit_status: list[int] = []
+# ---------------------------------------------------------------------------------------- budget
+# `bash scripts/test.sh` runs the per-commit tiers with `--budget-s=900`: a run whose tests take longer
+# fails, naming its slowest tests, so the suite cannot creep past what a commit can afford (the slow
+# evidence runs live in the `--all` tier).
+_started: list[float] = []
+_durations: dict[str, float] = {}
+_verdict: list[str] = []
 
 
-@pytest.hookimpl(trylast=True)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--budget-s", type=float, default=None,
+                     help="fail the run when its tests take longer than this many seconds (wall time)")  # fmt: skip
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _started.append(time.monotonic())
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def _over_budget(config: pytest.Config) -> str | None:
+    budget = config.getoption("--budget-s")
+    if budget is None or not _started:
+        return None
+    took = time.monotonic() - _started[0]
+    if took <= budget:
+        return None
+    slowest = sorted(_durations.items(), key=lambda kv: -kv[1])[:10]
+    named = "\n".join(f"  {s:7.1f} s  {test}" for test, s in slowest)
+    return f"the tests took {took:.0f} s, over the budget of {budget:.0f} s; the slowest:\n{named}"
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _exit_status.append(int(exitstatus))
+    over = _over_budget(session.config)
+    if over:
+        _verdict.append(over)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config: pytest.Config) -> None:
-    import sys
-
-    if _exit_status:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_exit_status[0])
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for over in _verdict:
+        terminalreporter.section("test budget", sep="=", red=True, bold=True)
+        terminalreporter.line(over)

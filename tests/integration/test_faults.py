@@ -53,7 +53,6 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module", autouse=True)
 def preset(tmp_path_factory: pytest.TempPathFactory) -> None:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     materialize_preset("tiny-qwen3-moe", seed=0)
 
 
@@ -146,34 +145,47 @@ def new_process_s(pids: Path, kill: dict) -> float:
     return next(t for t in started if t > kill["t_kill"]) - kill["t_kill"]
 
 
-def test_chaos_three_workers_killed_the_run_completes_and_learns(tmp_path: Path, ledger_balances) -> None:
-    rng = random.Random(int(os.environ.get("TIDAL_CHAOS_SEED", time.time())))
+@pytest.mark.parametrize("steps, kills, last_kill", [
+    pytest.param(14, 2, 5, id="short"),
+    pytest.param(STEPS, 3, STEPS - 13, marks=pytest.mark.slow, id="full"),
+])  # fmt: skip
+def test_chaos_workers_killed_the_run_completes(tmp_path: Path, ledger_balances, capsys: pytest.CaptureFixture,
+                                                steps: int, kills: int, last_kill: int) -> None:  # fmt: skip
+    """SIGKILLs at random steps after random delays; the seed is printed (in the report of a failure
+    too) and TIDAL_CHAOS_SEED=<seed> replays its choices. The full run also shows the reward rising."""
+    seed = int(os.environ.get("TIDAL_CHAOS_SEED", time.time_ns() % 2**31))
+    with capsys.disabled():
+        print(f"\nchaos seed {seed} (replay: TIDAL_CHAOS_SEED={seed})")
+    rng = random.Random(seed)
     pids = tmp_path / "pids"
     pids.mkdir()
     transport = os.environ.get("TIDAL_CHAOS_TRANSPORT", "object_store")  # the others: in the engine-crash test
-    cfg = load_config(None, [*OVERRIDES, "name=chaos", f"output_dir={tmp_path}", f"train.steps={STEPS}",
+    cfg = load_config(None, [*OVERRIDES, "name=chaos", f"output_dir={tmp_path}", f"train.steps={steps}",
                              f"weight_sync.transport.type={transport}"])  # fmt: skip
-    kills: list[dict] = []
-    at_steps = sorted(rng.sample(range(2, STEPS - 12), 3))  # each restart logged with a step to spare
-    thread = killer(cfg.run_dir, pids, at_steps, rng, kills)
+    log: list[dict] = []
+    # Kills by step `last_kill`, leaving steps to spare for the run to notice each (a restart that
+    # ends after the last step is still waited for).
+    at_steps = sorted(rng.sample(range(2, last_kill + 1), kills))
+    thread = killer(cfg.run_dir, pids, at_steps, rng, log)
     summary = run_train(cfg, worker_cls=pid_worker(pids))
     thread.join(timeout=60)
-    print("kills:", kills)
+    print("seed:", seed, "kills:", log)
     rows = rows_of(cfg.run_dir)
-    steps = [r for r in rows if "train/version" in r]  # (the last row is the summary's)
-    assert len(kills) == 3, (at_steps, kills)
-    print("new process s:", [round(new_process_s(pids, k), 1) for k in kills])
-    assert summary["fault/worker_restarts"] == 3 == sum(r.get("fault/worker_restarts", 0) for r in steps)
-    ledger_balances(summary, rows, STEPS, PER_STEP)
-    redispatched = sum(r.get("fault/redispatched_groups", 0) for r in steps)
+    trained = [r for r in rows if "train/version" in r]  # (the last row is the summary's)
+    assert len(log) == kills, (seed, at_steps, log)
+    print("new process s:", [round(new_process_s(pids, k), 1) for k in log])
+    assert summary["fault/worker_restarts"] == kills == sum(r.get("fault/worker_restarts", 0) for r in trained)
+    ledger_balances(summary, rows, steps, PER_STEP)
+    redispatched = sum(r.get("fault/redispatched_groups", 0) for r in trained)
     print("redispatched groups:", redispatched, "restart s:", [r["fault/worker_restart_s"] for r in rows
                                                                  if "fault/worker_restart_s" in r])  # fmt: skip
-    rewards = [r["reward/mean"] for r in steps if "reward/mean" in r]
-    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
-    assert last > first + 0.05, rewards
+    if steps >= 24:
+        rewards = [r["reward/mean"] for r in trained if "reward/mean" in r]
+        first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+        assert last > first + 0.05, (seed, rewards)
 
 
-@pytest.mark.parametrize("transport", ["disk", "broadcast"])
+@pytest.mark.parametrize("transport", [pytest.param("disk", marks=pytest.mark.slow), "broadcast"])
 def test_an_engine_crash_restarts_the_worker(tmp_path: Path, transport: str, ledger_balances) -> None:
     """Over disk the new process reads the newest version's files; over broadcast every member
     leaves the group (the dead one's absence would hold up every later send) and joins a new one,
@@ -198,6 +210,7 @@ def test_an_engine_crash_restarts_the_worker(tmp_path: Path, transport: str, led
     assert all(r["async/worker_version"] >= r["step"] - 1 - 2 for r in later), later
 
 
+@pytest.mark.slow  # per commit, test_train's dying env ends a run past its restarts (without the resume)
 def test_a_worker_past_its_restarts_stops_the_run_with_a_checkpoint_to_resume(tmp_path: Path, ledger_balances) -> None:
     """The checkpoint is written then, of the last step trained (the run writes no periodic ones),
     and holds the groups in flight (the dead worker's: it dies generating them), which the resumed

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     threads = torch.get_num_threads()
     yield materialize_preset("tiny-qwen3-moe", seed=0)
     torch.set_num_threads(threads)  # the worker and the actor set one thread

@@ -5,7 +5,6 @@ top-p set."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,7 +48,6 @@ def one_thread() -> Iterator[None]:
 
 
 def load(name: str, tmp_path_factory: pytest.TempPathFactory, attn_implementation: str | None = None) -> Loaded:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     path = materialize_preset(name, seed=0)
     model, tok = load_model(path, attn_implementation=attn_implementation), load_tokenizer(path)
     prompts = [tok.encode(t, add_special_tokens=False) for t in TEXTS]

@@ -9,7 +9,6 @@ The runs are short real `tidal train` runs (Ray, DeepSpeed, the buffer actor).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ STOP = ["1"]  # the random model writes a "1" at varied points: ragged lengths
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     return materialize_preset("tiny-qwen3-moe", seed=0)
 
 

@@ -60,7 +60,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (tmp / "config.yaml").write_text(dump_config(cfg))
     # A cluster of our own without token auth (tests/conftest.py); a user's cluster hands its token
     # to `ray.init` itself (RAY_AUTH_TOKEN or ~/.ray/auth_token), which the driver inherits unchanged.
-    env = {**os.environ, "TIDAL_CACHE": os.environ.get("TIDAL_CACHE", str(tmp / "cache"))}
+    env = dict(os.environ)
     ray.init(num_cpus=4, include_dashboard=False)  # two rollout workers and two trainer ranks
     try:
         address = ray.get_runtime_context().gcs_address
@@ -154,7 +154,7 @@ def test_tidal_eval_reproduces_the_final_held_out_metrics(run: dict[str, Any], t
         assert out[key] == pytest.approx(run["summary"][key], abs=1e-9), key
     assert out["eval/num_samples"] == 32
     (tmp_path / "config.yaml").write_text(dump_config(run["cfg"]))
-    env = {**os.environ, "TIDAL_CACHE": os.environ.get("TIDAL_CACHE", str(tmp_path / "cache"))}
+    env = dict(os.environ)
     def tidal_eval(checkpoint: str) -> subprocess.CompletedProcess[str]:
         args = ["eval", str(tmp_path / "config.yaml"), f"checkpoint={checkpoint}"]
         return subprocess.run([sys.executable, "-m", "tidal.cli", *args], capture_output=True, text=True, timeout=600,

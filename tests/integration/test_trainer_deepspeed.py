@@ -62,7 +62,6 @@ BF16_COS_TOL = 2e-3
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     return materialize_preset("tiny-qwen3-moe", seed=0)
 
 

@@ -4,7 +4,6 @@ ever waiting for them in `publish`."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -106,7 +105,6 @@ class Worker:
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    os.environ.setdefault("TIDAL_CACHE", str(tmp_path_factory.mktemp("cache")))
     return materialize_preset("tiny-qwen3-moe", seed=0)
 
 
