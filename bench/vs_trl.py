@@ -51,7 +51,7 @@ What differs and could not be removed:
 - TRL logs its metrics every step (kept in results.json); tidal logs every step to metrics.jsonl.
 
     .venv/bin/python bench/vs_trl.py [--steps 300] [--eval-size 1000] [--tidal-variants k1,k0]
-        [--seed 0] [--trl-threads 1,2] [--out runs/bench-vs-trl] [key=value ...]
+        [--seed 0] [--trl-threads 1,2] [--tidal-first] [--out runs/bench-vs-trl] [key=value ...]
 
 Needs the `bench` extra (`scripts/setup.sh --bench`, or `pip install -e '.[bench]'`).
 """
@@ -398,6 +398,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-threads", default="1,2", help="torch thread counts to run TRL with, one run each")
     ap.add_argument("--out", default="runs/bench-vs-trl")
+    ap.add_argument("--tidal-first", action="store_true",
+                    help="run tidal's variants before TRL (alternate the order between runs of the script)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in the child process
     ap.add_argument("overrides", nargs="*", help="further key=value overrides of the tidal config (both systems)")
     args = ap.parse_args()
@@ -421,7 +423,8 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     path = out / "results.json"
     trl_runs = [] if args.no_trl else [f"trl-t{int(t)}" for t in args.trl_threads.split(",") if t]
-    for system in trl_runs + [f"tidal-{v}" for v in variants]:
+    tidal_runs = [f"tidal-{v}" for v in variants]
+    for system in tidal_runs + trl_runs if args.tidal_first else trl_runs + tidal_runs:
         r = in_own_process(args, system)
         r["after"] = held_out_accuracy(cfg, r["checkpoint"])
         print(f"{system}: held-out accuracy {before:.1%} -> {r['after']:.1%}", flush=True)

@@ -140,7 +140,8 @@ def test_async_metrics_are_logged(jittery: dict[str, Any]) -> None:
     assert any("async/sync_bytes_per_s" in r and r["async/sync_bytes_per_s"] > 0 for r in steps)
 
 
-@pytest.mark.parametrize("transport", ["broadcast", "disk"])
+# Per commit over disk; broadcast runs per commit in test_faults (an engine crash) and test_resume (SIGTERM).
+@pytest.mark.parametrize("transport", [pytest.param("broadcast", marks=pytest.mark.slow), "disk"])
 def test_weight_transports_in_a_run(cache: Path, tmp_path: Path, transport: str, ledger_balances) -> None:
     extra = ["weight_sync.bucket_mb=0.5"] if transport == "broadcast" else ["weight_sync.transport.keep=2"]
     out = run(tmp_path, transport, "rollout.max_staleness=1", "train.steps=4", "train.eval_every=2",
@@ -174,7 +175,8 @@ def test_sync_every_two(cache: Path, tmp_path: Path, ledger_balances) -> None:
     assert out["summary"]["ledger/dropped_stale_groups"] == 0
 
 
-@pytest.mark.parametrize("m2_target, final_bound", [(1.0e-12, 1), (1.0e6, 4)])
+# The floor case in the slow tier (and as pure logic in tests/unit/test_staleness_bound.py).
+@pytest.mark.parametrize("m2_target, final_bound", [pytest.param(1.0e-12, 1, marks=pytest.mark.slow), (1.0e6, 4)])
 def test_adaptive_bound_follows_the_measured_m2(cache: Path, tmp_path: Path, m2_target: float, final_bound: int,
                                                  ledger_balances) -> None:  # fmt: skip
     # No batch can meet a target of 1e-12 (any drift at all exceeds it): the bound stays at its floor

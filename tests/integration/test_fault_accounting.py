@@ -26,7 +26,7 @@ from tidal.dispatch import Dispatcher
 from tidal.models import materialize_preset
 from tidal.rollout.buffer import TrajectoryBuffer
 from tidal.rollout.worker import RolloutWorker
-from tidal.runtime import RunError, Stalled
+from tidal.runtime import RunError, Stalled, dump_stacks, start_ray
 from tidal.train import run_train
 from tidal.types import Prompt
 
@@ -120,8 +120,11 @@ class Prompts:
 
 
 def test_a_hung_buffer_ends_the_dispatchers_wait_with_the_watchdogs_line(tmp_path: Path) -> None:
-    cfg = load_config(None, [f"output_dir={tmp_path}", "ray.stall_timeout_s=2", "monitor.wandb=disabled"])
-    ray.init(num_cpus=1, include_dashboard=False)
+    """...and the stall's dump of every actor's stack shows where the buffer hangs (the slow tier's
+    stalled trainer shows it in a whole run)."""
+    cfg = load_config(None, [f"output_dir={tmp_path}", "ray.stall_timeout_s=2", "monitor.wandb=disabled",
+                             "ray.num_cpus=1"])  # fmt: skip
+    start_ray(cfg, log_file=tmp_path / "run.log")  # as a run starts it: actors dump their stacks on SIGUSR1
     try:
         buffer = ray.remote(max_concurrency=4)(HungBuffer).remote(FilterConfig(), 0, 2)
         dispatch = Dispatcher(cfg, Prompts(), [], buffer, serving=[])
@@ -140,6 +143,10 @@ def test_a_hung_buffer_ends_the_dispatchers_wait_with_the_watchdogs_line(tmp_pat
         assert not thread.is_alive(), "the dispatcher's call to a hung buffer did not end"
         assert isinstance(raised[0], Stalled) and time.monotonic() - t0 < 10, raised
         assert str(raised[0]).startswith("buffer did not answer within ray.stall_timeout_s=2s"), raised
+        stacks = dump_stacks(tmp_path / "stacks.txt")
+        assert stacks is not None
+        hung = stacks.read_text().split("=== HungBuffer (pid")[1].split("\n=== ")[0]
+        assert "test_fault_accounting.py" in hung and "in dispatched" in hung, hung
     finally:
         ray.shutdown()
 

@@ -87,7 +87,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen3-moe", "tiny-glm4-moe"])
+# Per commit on Qwen3-MoE; GLM-4.5's architecture too in the slow tier.
+@pytest.fixture(scope="module", params=["tiny-qwen3-moe", pytest.param("tiny-glm4-moe", marks=pytest.mark.slow)])
 def preset(request: pytest.FixtureRequest, cluster: None) -> Path:
     return materialize_preset(request.param, seed=0)
 
@@ -305,6 +306,7 @@ def test_prefix_cache_reset_is_needed(preset: Path, reference: TransformersEngin
         ray.kill(h)
 
 
+@pytest.mark.slow  # the path of tensor-parallel engines on GPUs; per commit vLLM runs in process
 def test_engine_subprocess_takes_weights_through_a_file(preset: Path, reference: TransformersEngine) -> None:
     """vLLM's default engine subprocess (`in_process: false`): tensors do not survive its RPC, so the
     update travels as a safetensors file in shared memory; the outputs match the new weights' forward
@@ -378,7 +380,9 @@ TRANSPORTS = {
 }
 
 
-@pytest.mark.parametrize("transport", list(TRANSPORTS))
+# Per commit the default transport; every transport delivers the same bits (test_weight_sync.py).
+@pytest.mark.parametrize("transport", [t if t == "object_store" else pytest.param(t, marks=pytest.mark.slow)
+                                       for t in TRANSPORTS])
 def test_worker_applies_every_transport(preset: Path, reference: TransformersEngine, transport: str,
                                         tmp_path: Path) -> None:  # fmt: skip
     """A RolloutWorker actor with `rollout.engine: vllm` receives a published snapshot over the
