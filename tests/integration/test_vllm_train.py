@@ -56,7 +56,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
-    return {"rows": rows, "steps": [r for r in rows if "reward/mean" in r], "summary": summary}
+    return {"rows": rows, "steps": [r for r in rows if "reward/mean" in r], "summary": summary,
+            "config": tmp / "config.yaml"}
 
 
 def test_reward_rises(run: dict[str, Any]) -> None:
@@ -89,3 +90,16 @@ def test_ledger_and_eval(run: dict[str, Any], ledger_balances) -> None:
     # Each logged at the step it ended (beside training), with the version it measured; the last waited for.
     assert sorted({r["eval/version"] for r in evals}) == [0, 12, 24]
     assert all(r["step"] >= r["eval/version"] for r in evals) and evals[-1]["step"] == 24
+
+
+@pytest.mark.slow
+def test_tidal_eval_with_the_vllm_engine_exits_zero(run: dict[str, Any]) -> None:
+    """`tidal eval` on the run's checkpoint with `rollout.engine: vllm` (vLLM in its process): the
+    process ends with status 0 once it printed its numbers (nothing at interpreter exit turns a good
+    job into a failed one)."""
+    proc = subprocess.run([sys.executable, "-m", "tidal.cli", "eval", str(run["config"]),
+                           f"checkpoint={run['summary']['checkpoint']}"], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The same greedy answers up to a near-tie that vLLM's own load of the checkpoint may break (1e-6).
+    assert "eval/accuracy" in proc.stdout, proc.stdout
