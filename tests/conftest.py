@@ -1,5 +1,9 @@
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,49 @@ os.environ.setdefault("TIDAL_CACHE", str(Path.home() / ".cache" / "tidal-tests")
 # Every test's Ray cluster is local and its own. Ray caches the auth mode per process, so one test
 # clusters with token auth and another without would fail to start each other's GCS; none uses it.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+# ----------------------------------------------------------------------------------- one Ray runtime
+# The process that holds the session's Ray runtime: it starts one and waits until its stdin closes
+# (the session ended, or the pytest process died), then stops it.
+_HOLDER = """
+import logging, sys
+import ray
+ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_runtime(request: pytest.FixtureRequest) -> Iterator[None]:
+    """One Ray runtime for every run of the session: a run joins it as a job of its own through
+    RAY_ADDRESS, as under `ray job submit` (`tidal.runtime.start_ray`), instead of starting and
+    stopping a runtime of its own (about 4 s each). Its 8 logical CPUs fit any one run's actors while a
+    finished run's are still going away. Started only when an integration test is selected."""
+    if "RAY_ADDRESS" in os.environ or not any(i.get_closest_marker("integration") for i in request.session.items):
+        yield
+        return
+    log = tempfile.NamedTemporaryFile(prefix="tidal-tests-ray-", suffix=".log", delete=False)  # noqa: SIM115
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=log, text=True)  # fmt: skip
+    address = holder.stdout.readline().strip() if holder.stdout else ""
+    if not address:
+        holder.kill()
+        raise RuntimeError(f"the tests' Ray runtime did not start; see {log.name}")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        del os.environ["RAY_ADDRESS"]
+        if holder.stdin:
+            holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+        log.close()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ A plugin a fresh process can load again (`plugin_ref`) can be called in a proces
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import hashlib
 import importlib
@@ -402,8 +403,7 @@ class BoundedCalls:
 
     def _start_pool(self, preload_module: str, old: ProcessPool | None) -> ProcessPool:
         if old is not None:
-            old.stop()
-            old.join(timeout=10.0)
+            _stop_pools([old])
         start_forkserver([preload_module])  # a no-op if the caller started it ahead
         pool = ProcessPool(
             max_workers=min(self.max_threads, _cpu_count()),
@@ -411,6 +411,7 @@ class BoundedCalls:
             initargs=(os.getcwd(), list(sys.path), self.preload),
             context=multiprocessing.get_context("forkserver"),
         )
+        _live_pools.add(pool)
         pool.schedule(os.getpid).result()  # starts the processes now, off the loop, not on the first call
         return pool
 
@@ -479,12 +480,30 @@ class BoundedCalls:
         if self.loop.is_closed():
             return
         if self._pool is not None:
-            self._pool.stop()
-            self._pool.join(timeout=10.0)
+            _stop_pools([self._pool])
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5.0)
         if not self._thread.is_alive():  # An async call blocking the loop would keep it running.
             self.loop.close()
+
+
+def _stop_pools(pools: list[ProcessPool]) -> None:
+    """Stop `pools` (killing calls still running) and wait for their manager threads and processes."""
+    for pool in pools:
+        pool.stop()
+        pool.join(timeout=10.0)
+        _live_pools.discard(pool)
+
+
+_live_pools: set[ProcessPool] = set()
+"""The pools started and not stopped yet, which the process stops as it exits (`atexit` below)."""
+
+# A pool never closed is stopped at interpreter exit, before pebble's own exit hook runs: that hook lists
+# the pool's processes without waiting for the pool's manager thread, so a process the manager starts
+# meanwhile (replacing one killed at its timeout; slow under load) escapes it, and multiprocessing's exit
+# then waits on that process forever. `ProcessPool.join` waits for the manager thread first. atexit runs
+# the hooks registered last first, and pebble registered its own when this module imported it.
+atexit.register(lambda: _stop_pools(list(_live_pools)))
 
 
 async def _run_async(fn: Callable[[], Any]) -> tuple[bool, Any]:

@@ -114,8 +114,9 @@ def _stacks_on_signal() -> None:
 
 
 def dump_stacks(out: Path, wait_s: float = 2.0) -> Path | None:
-    """Every live actor's stack (each thread's), from every node, into `out`; None where the actors
-    cannot be listed (Ray's own table of actors: class, pid, node)."""
+    """Every live actor's stack (each thread's) of this job (not of others on a shared cluster), from
+    every node, into `out`; None where the actors cannot be listed (Ray's own table of actors: class,
+    pid, node, job)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -125,9 +126,10 @@ def dump_stacks(out: Path, wait_s: float = 2.0) -> Path | None:
     except Exception as e:  # a private table: a Ray that changed it must not hide the stall itself
         log.warning("could not list the actors to dump their stacks: %s", e)
         return None
+    job = ray.get_runtime_context().get_job_id()
     by_node: dict[str, list[tuple[str, int]]] = {}
     for a in actors:
-        if a.get("State") == "ALIVE" and a.get("Pid"):
+        if a.get("State") == "ALIVE" and a.get("Pid") and a.get("JobID") == job:
             by_node.setdefault(a["Address"]["NodeID"], []).append((a["ActorClassName"], int(a["Pid"])))
     collect = ray.remote(_collect_stacks)
     refs = [collect.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
@@ -181,8 +183,9 @@ def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
         env[ACTOR_LOG_ENV] = str(Path(log_file).resolve())
         env[STACKS_ENV] = os.environ[STACKS_ENV] = tempfile.mkdtemp(prefix="tidal-stacks-")
         runtime_env["worker_process_setup_hook"] = f"{__name__}.actor_output_to_log"
-    if cfg.ray.address is not None:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     need = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_ranks * cfg.trainer.num_cpus
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))

@@ -52,7 +52,7 @@ def cluster() -> Iterator[None]:
     # memory follows what it holds and the publish's peak is measurable.
     pythonpath = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {"PYTHONPATH": pythonpath, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(runtime_env={"env_vars": env})  # the session's runtime (tests/conftest.py), as a job of its own
     yield
     ray.shutdown()
 
@@ -112,8 +112,8 @@ def test_two_ranks_train_like_one(cluster: None, preset: Path, groups: list[Grou
 def test_a_group_that_cannot_be_placed_fails_with_one_line(cluster: None, preset: Path) -> None:
     from tidal.runtime import RunError
 
-    cfg = config("trainer.num_ranks=2", "trainer.num_cpus=2")  # 4 CPUs on a cluster of 2
-    with pytest.raises(RunError, match=r"cannot place trainer.num_ranks=2 ranks of \{'CPU': 2.0\}"):
+    cfg = config("trainer.num_ranks=2", "trainer.num_cpus=5")  # 10 CPUs on a cluster of 8
+    with pytest.raises(RunError, match=r"cannot place trainer.num_ranks=2 ranks of \{'CPU': 5.0\}"):
         TrainerGroup(TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(preset)), timeout_s=2)
 
 

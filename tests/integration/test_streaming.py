@@ -85,7 +85,7 @@ def test_a_group_is_in_the_buffer_before_the_slowest_of_its_call_ends(preset: Pa
         "model.preset=tiny-qwen3-moe", f"output_dir={tmp_path}", "rollout.max_new_tokens=24",
         "rollout.group_size=1", "rollout.batch_size=64", f"rollout.stop={json.dumps(STOP)}",
     ])  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init()  # the session's runtime (tests/conftest.py)
     try:
         buffer = ray.remote(max_concurrency=4)(TrajectoryBuffer).remote(FilterConfig(zero_variance=False), 0)
         worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).remote(

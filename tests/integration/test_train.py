@@ -38,10 +38,8 @@ def flaky(sample, row):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`tidal train` from the command line, joining a Ray cluster this test process started
-    (`ray.address`), as a user joins a cluster."""
-    import ray
-
+    """`tidal train` from the command line, joining a running Ray cluster by `ray.address` (the
+    session's, tests/conftest.py), as a user joins a cluster."""
     tmp = tmp_path_factory.mktemp("train")
     (tmp / "flaky.py").write_text(FLAKY_REWARD)
     cfg = load_config(None, [
@@ -58,18 +56,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "monitor.wandb=offline",
     ])  # fmt: skip
     (tmp / "config.yaml").write_text(dump_config(cfg))
-    # A cluster of our own without token auth (tests/conftest.py); a user's cluster hands its token
-    # to `ray.init` itself (RAY_AUTH_TOKEN or ~/.ray/auth_token), which the driver inherits unchanged.
-    env = dict(os.environ)
-    ray.init(num_cpus=4, include_dashboard=False)  # two rollout workers and two trainer ranks
-    try:
-        address = ray.get_runtime_context().gcs_address
-        proc = subprocess.run(
-            [sys.executable, "-m", "tidal.cli", "train", str(tmp / "config.yaml"), f"ray.address={address}"],
-            capture_output=True, text=True, timeout=900, env=env,
-        )  # fmt: skip
-    finally:
-        ray.shutdown()
+    # A cluster without token auth (tests/conftest.py); a user's cluster hands its token to `ray.init`
+    # itself (RAY_AUTH_TOKEN or ~/.ray/auth_token), which the driver inherits unchanged.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the address comes from the config only
+    address = os.environ["RAY_ADDRESS"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli", "train", str(tmp / "config.yaml"), f"ray.address={address}"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
@@ -327,7 +321,7 @@ def test_every_wait_is_bounded() -> None:
 
     from tidal.runtime import RunError, wait_for
 
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init()  # the session's runtime (tests/conftest.py)
     try:
 
         @ray.remote

@@ -82,7 +82,7 @@ class VLLMHost:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init()  # the session's runtime (tests/conftest.py)
     yield
     ray.shutdown()
 

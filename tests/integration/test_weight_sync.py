@@ -110,7 +110,7 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init()  # the session's runtime (tests/conftest.py)
     yield
     ray.shutdown()
 

@@ -340,7 +340,8 @@ class TrainConfig(Strict):
 
 class RayConfig(Strict):
     address: str | None = None
-    """Address of a running Ray cluster to join (null: start a local runtime)."""
+    """Address of a running Ray cluster to join (null: the cluster RAY_ADDRESS names, as under
+    `ray job submit`, else a local runtime of its own)."""
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a local runtime (default: enough for the actors)."""
     stall_timeout_s: float = Field(1800.0, gt=0.0)
