@@ -113,6 +113,31 @@ def test_streaming_takes_the_oldest_ready_groups_whatever_their_batch() -> None:
     assert buf.ledger()["dropped_stale_groups"] == 1 and buf.ledger()["held_groups"] == 0
 
 
+def test_a_group_overtaken_until_too_stale_is_reported_for_replacement_before_the_step() -> None:
+    """A slow worker's group of version 0 lands after fresher ones trained step 1: at step 2 (trainer
+    version 2, bound 1) it can never train. The status the driver reads before the step counts it with
+    the filtered groups of its batch, so that over-sampling replaces it and the step waits for the
+    replacement instead of training short (a run's last step once trained 2 groups of 8 so)."""
+    buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=1, per_step=2)
+    buf.dispatched(1, 2)
+    buf.put([Group(0, [sample(0, 1.0, version=0)]), Group(1, [sample(1, 1.0, version=0)])], batch_id=1)
+    assert [g.group_id for g in buf.take(1, trainer_version=1)] == [0, 1]
+    buf.dispatched(2, 2)
+    buf.put([Group(3, [sample(3, 1.0, version=1)]), Group(2, [sample(2, 1.0, version=0)])], batch_id=2)
+    # Nothing is generating, so the step could start: the dispatcher first replaces what the status
+    # counts (Dispatcher._wait_on), after which the step waits for the replacement.
+    replace = buf.wait_ready(2, trainer_version=2, timeout_s=0.0).filtered
+    assert {b: n for b, n in replace.items() if n} == {2: 1}
+    assert buf.ledger()["dropped_stale_groups"] == 1
+    buf.dispatched(2, 1)  # the replacement, as the dispatcher sends it
+    assert not buf.wait_ready(2, trainer_version=2, timeout_s=0.0).ready
+    buf.put([Group(4, [sample(4, 1.0, version=2)])], batch_id=2)
+    assert buf.wait_ready(2, trainer_version=2, timeout_s=0.0).ready
+    assert [g.group_id for g in buf.take(2, trainer_version=2)] == [3, 4]
+    ledger = buf.ledger()
+    assert ledger["generated_groups"] == ledger["dropped_stale_groups"] + ledger["taken_groups"] == 5
+
+
 def test_wait_ready_wakes_on_a_put_from_another_thread() -> None:
     import threading
 

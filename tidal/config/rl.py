@@ -219,11 +219,12 @@ class FilterConfig(Strict):
     """Drop completions whose reward failed (raised, timed out, NaN) instead of scoring them with
     rewards.failure_reward, counted."""
     max_oversample: float = Field(0.0, ge=0.0)
-    """Over-sampling (DAPO's dynamic sampling): each group a filter drops is replaced by a newly
-    dispatched prompt, up to this fraction of `rollout.prompts_per_step` extra groups per batch, so a
-    step still trains `prompts_per_step` groups. Counted in `rollout/oversampled_groups`. It costs
-    what it adds: on the quickstart, where the zero-variance filter drops about half the groups,
-    1.0 doubles each step's rollout and training (0: off, a step trains the groups that pass)."""
+    """Over-sampling (DAPO's dynamic sampling): each group a filter drops (or, streaming, that a slow
+    worker made too stale to train) is replaced by a newly dispatched prompt, up to this fraction of
+    `rollout.prompts_per_step` extra groups per batch, so a step still trains `prompts_per_step`
+    groups. Counted in `rollout/oversampled_groups`. It costs what it adds: on the quickstart, where
+    the zero-variance filter drops about half the groups, 1.0 doubles each step's rollout and training
+    (0: off, a step trains the groups that pass)."""
 
 
 # -------------------------------------------------------------------------------------------- rewards

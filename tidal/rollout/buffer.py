@@ -76,7 +76,8 @@ class BufferStatus:
 
     ready: bool
     filtered: dict[int, int]
-    """Groups filtered out so far, by the batch they were dispatched for."""
+    """Groups that will train nothing so far (filtered out, or with streaming dropped as too stale),
+    by the batch they were dispatched for: over-sampling replaces them."""
     generated: dict[int, int]
     """Groups put so far, by worker index."""
     landed: tuple[int, ...] = ()
@@ -176,12 +177,26 @@ class TrajectoryBuffer:
             return fresh >= self.per_step or not any(n for b, n in self.pending.items() if b <= step)
 
     def wait_ready(self, step: int, trainer_version: int, timeout_s: float) -> BufferStatus:
-        """Block up to `timeout_s` for `ready(step, trainer_version)`; the status either way."""
+        """Block up to `timeout_s` for `ready(step, trainer_version)`; the status either way. With
+        streaming, groups already too stale for the step are dropped first (the trainer's version only
+        grows): a slow worker's groups that fresher ones overtook. They count with the filtered ones,
+        so that over-sampling replaces them before the step starts (it would otherwise train short)."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while not (ok := self.ready(step, trainer_version)) and (left := deadline - time.monotonic()) > 0:
+            while True:
+                if self.per_step is not None:
+                    self._drop_stale(trainer_version)
+                if (ok := self.ready(step, trainer_version)) or (left := deadline - time.monotonic()) <= 0:
+                    return self._status(ok)
                 self._cv.wait(left)
-            return self._status(ok)
+
+    def _drop_stale(self, trainer_version: int) -> None:
+        for b, gs in list(self.batches.items()):
+            for g in [g for g in gs if self._stale(g, trainer_version)]:
+                self._count("async/dropped_stale_groups", 1)
+                self.counts["async/dropped_stale_samples"] += len(g.samples)
+                self.filtered[b] += 1
+                self._remove(g)
 
     def take(self, step: int, trainer_version: int) -> list[Group]:
         """The groups step `step` trains at `trainer_version` (they leave the buffer): batch `step`,
