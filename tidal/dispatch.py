@@ -140,9 +140,7 @@ class Dispatcher:
     def resubmit(self, min_version: int) -> None:
         """Hand out again the groups a resumed checkpoint holds in flight, to the workers that had them,
         with weights >= `min_version` (the versions they were dispatched for are gone with the run)."""
-        landed = self.buffer.redispatching.remote(list(self.in_flight))
-        for gid in wait_for(landed, "buffer", self.cfg.ray.stall_timeout_s):  # put after the checkpoint's status
-            self.in_flight.pop(gid)
+        self._drop_landed(list(self.in_flight))  # put after the checkpoint's status
         again: dict[int, tuple[int, Work]] = {}  # by the id of the work saved: a fixed share once
         for gid, (i, work) in self.in_flight.items():
             if id(work) not in again:
@@ -308,15 +306,19 @@ class Dispatcher:
         same prompts, group ids and batches (a deterministic share with its seed), less those that
         landed since the driver's last status of the buffer. A copy that still lands from the failed
         process is dropped by the buffer."""
-        lost = [gid for gid, (w, _) in self.in_flight.items() if w == i]
-        for gid in wait_for(self.buffer.redispatching.remote(lost), "buffer", self.cfg.ray.stall_timeout_s):
-            self.in_flight.pop(gid)
-        lost = [gid for gid in lost if gid in self.in_flight]
+        lost = self._drop_landed([gid for gid, (w, _) in self.in_flight.items() if w == i])
         self.sent[i] -= len(lost)
         for work in self._works_of(i):
             self._hand(self._least_loaded(self.live()), work)
         self.faults["fault/redispatched_groups"] += len(lost)
         log.warning("rollout worker %d: its %d groups in flight handed out again", i, len(lost))
+
+    def _drop_landed(self, gids: list[int]) -> list[int]:
+        """Of `gids`, about to be handed out again, those still in flight: the ones the buffer says
+        landed meanwhile leave `in_flight`."""
+        for gid in wait_for(self.buffer.redispatching.remote(gids), "buffer", self.cfg.ray.stall_timeout_s):
+            self.in_flight.pop(gid)
+        return [gid for gid in gids if gid in self.in_flight]
 
     def _bring_in(self, i: int) -> None:
         """Restarting worker i: once its new process answers (not the one killed, which a kill may
