@@ -420,9 +420,14 @@ class EvalTracker:
         deadline = time.monotonic() + self.timeout_s
         while self.pending:
             left = max(deadline - time.monotonic(), 0.0) if wait else 0.0
-            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=left)
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=min(left, 1.0))
             if wait and not ready:
-                raise Stalled(f"held-out evaluation did not answer within ray.stall_timeout_s={self.timeout_s:g}s")
+                if not left:
+                    raise Stalled(f"held-out evaluation did not answer within ray.stall_timeout_s={self.timeout_s:g}s")
+                # Asked of a worker being restarted, an evaluation waits for its serving loop, which
+                # starts once the dispatcher brings the new process in.
+                self.dispatch.check_workers()
+                continue
             for ref in ready:
                 version, i, restarts = self.pending.pop(ref)
                 try:

@@ -218,3 +218,44 @@ def test_a_worker_that_keeps_failing_ends_the_run_with_one_line_wherever_it_fail
     assert line.startswith("rollout worker 0 failed and rollout.max_worker_restarts=1 allows no more restarts; "
                            "the last failure: "), line  # fmt: skip
     assert len(list(procs.iterdir())) == 2, sorted(p.name for p in procs.iterdir())
+
+
+# ------------------------------------------------------------ every worker down at the last evaluation
+
+
+def dying_at_weights(procs: Path, version: int) -> type:
+    """The real worker, whose first process (of each worker) is killed when it is offered the weights of
+    `version`: both die as the driver asks the last evaluation, which then waits on their restarts."""
+
+    class DyingWorker(RolloutWorker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.first = not any(procs.glob(f"{self.index}-*"))
+            (procs / f"{self.index}-{os.getpid()}").write_text("")
+
+        @ray.method(concurrency_group="control")
+        def offer_weights(self, handle: Any) -> Any:
+            if self.first and handle.version == version:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().offer_weights(handle)
+
+    return DyingWorker
+
+
+def test_every_worker_dying_as_the_last_evaluation_is_asked_is_restarted_and_the_run_ends(tmp_path: Path) -> None:
+    """The evaluation goes to a worker being restarted, and waits for its serving loop: the driver
+    brings the new processes in while it waits (it once waited out `ray.stall_timeout_s` instead, a
+    hang of half an hour with the default)."""
+    procs = tmp_path / "procs"
+    procs.mkdir()
+    cfg = load_config(None, [
+        "name=both", f"output_dir={tmp_path / 'runs'}", "model.preset=tiny-qwen3-moe", "rollout.max_new_tokens=2",
+        "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.num_workers=2", "train.steps=2",
+        "train.eval_every=0", "filter.zero_variance=false",  # every step trains: the last publish is version 2
+        "eval.num_samples=2", "eval.max_new_tokens=2", "monitor.wandb=disabled", "train.save_checkpoint=false",
+        "ray.stall_timeout_s=60",
+    ])  # fmt: skip
+    summary = run_train(cfg, worker_cls=dying_at_weights(procs, version=2))
+    assert summary["fault/worker_restarts"] == 2
+    assert sorted(p.name.split("-")[0] for p in procs.iterdir()) == ["0", "0", "1", "1"]
+    assert summary["eval/version"] == 2, summary
