@@ -33,14 +33,21 @@ import torch
 def build_model(size: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tidal.models import build_char_tokenizer, load_model, materialize_preset, preset_config
+    from tidal.model.loading import build_char_tokenizer, load_model, materialize_preset, preset_config
 
     if size == "tiny":
         return load_model(materialize_preset("tiny-qwen3-moe", seed=0))
     tok = build_char_tokenizer()
     base = preset_config("tiny-qwen3-moe", tok).to_dict()
-    base.update(hidden_size=768, intermediate_size=1536, moe_intermediate_size=768, num_hidden_layers=9,
-                num_attention_heads=12, num_key_value_heads=4, head_dim=64)  # 8 experts: ~135M params, ~540 MB
+    base.update(
+        hidden_size=768,
+        intermediate_size=1536,
+        moe_intermediate_size=768,
+        num_hidden_layers=9,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+    )  # 8 experts: ~135M params, ~540 MB
     base.pop("model_type", None)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **base), dtype=torch.float32)
@@ -91,26 +98,48 @@ def time_save_load(size: str, rounds: int, root: Path) -> dict[str, float]:
 
 def run_pauses(steps: int, root: Path) -> dict[str, dict[str, float]]:
     from tidal.config import load_config
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
     out = {}
     for every in (0, 2):
-        cfg = load_config(None, [
-            "model.preset=tiny-qwen3-moe", "data.source.ops=[+]", "data.source.eval_size=8",
-            f"name=ckpt-every-{every}", f"output_dir={root / 'runs'}", "rollout.max_new_tokens=4",
-            "rollout.group_size=4", "rollout.prompts_per_step=8", "rollout.num_workers=2",
-            "rollout.max_staleness=1", "trainer.lr=1e-3", "trainer.micro_batch_size=32", "train.eval_every=0",
-            "eval.num_samples=8", "monitor.wandb=disabled", "train.save_checkpoint=false", f"train.steps={steps}",
-            "filter.zero_variance=false",  # the random-init model's rewards are all 0: every step still trains
-            f"train.checkpoint_every={every}",
-        ])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                "model.preset=tiny-qwen3-moe",
+                "data.source.ops=[+]",
+                "data.source.eval_size=8",
+                f"name=ckpt-every-{every}",
+                f"output_dir={root / 'runs'}",
+                "rollout.max_new_tokens=4",
+                "rollout.group_size=4",
+                "rollout.prompts_per_step=8",
+                "rollout.num_workers=2",
+                "rollout.max_staleness=1",
+                "trainer.lr=1e-3",
+                "trainer.micro_batch_size=32",
+                "train.eval_every=0",
+                "eval.num_samples=8",
+                "monitor.wandb=disabled",
+                "train.save_checkpoint=false",
+                f"train.steps={steps}",
+                "filter.zero_variance=false",  # the random-init model's rewards are all 0: every step still trains
+                f"train.checkpoint_every={every}",
+            ],
+        )
         summary = run_train(cfg)
         rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-        keys = ["perf/checkpoint_drain_s", "perf/checkpoint_state_s", "perf/checkpoint_trainer_s",
-                "perf/checkpoint_wait_s"]  # fmt: skip
+        keys = [
+            "perf/checkpoint_drain_s",
+            "perf/checkpoint_state_s",
+            "perf/checkpoint_trainer_s",
+            "perf/checkpoint_wait_s",
+        ]
         per = {k: [r[k] for r in rows if k in r] for k in keys}  # the last step's are in the summary row
-        out[every] = {"loop_s": summary["perf/loop_s"], "checkpoints": len(per[keys[0]]),
-                      **{k.split("/")[1]: statistics.median(v) if v else 0.0 for k, v in per.items()}}  # fmt: skip
+        out[every] = {
+            "loop_s": summary["perf/loop_s"],
+            "checkpoints": len(per[keys[0]]),
+            **{k.split("/")[1]: statistics.median(v) if v else 0.0 for k, v in per.items()},
+        }
     return out
 
 
@@ -128,18 +157,24 @@ def main() -> None:
         for size in args.sizes.split(","):
             r = time_save_load(size, args.rounds, root)
             save, load = r["ds_save"] / r["torch_save"], r["ds_load"] / r["torch_load"]
-            print(f"{size:8s} {r['params_m']:7.1f}M  {r['ds_mb']:8.1f} / {r['torch_mb']:8.1f} MB     "
-                  f"{r['ds_save']:6.2f} / {r['torch_save']:6.2f} s = {save:4.2f}x   "
-                  f"{r['ds_load']:6.2f} / {r['torch_load']:6.2f} s = {load:4.2f}x")  # fmt: skip
+            print(
+                f"{size:8s} {r['params_m']:7.1f}M  {r['ds_mb']:8.1f} / {r['torch_mb']:8.1f} MB     "
+                f"{r['ds_save']:6.2f} / {r['torch_save']:6.2f} s = {save:4.2f}x   "
+                f"{r['ds_load']:6.2f} / {r['torch_load']:6.2f} s = {load:4.2f}x"
+            )
         runs = run_pauses(args.steps, root)
         a, b = runs[0], runs[2]
-        print(f"\ntidal train, tiny preset, {args.steps} steps: loop {a['loop_s']:.1f} s without checkpoints, "
-              f"{b['loop_s']:.1f} s with one every 2 steps ({b['checkpoints']} checkpoints, "
-              f"{b['loop_s'] / a['loop_s']:.2f}x)")  # fmt: skip
-        print(f"per checkpoint (median): drain {b['checkpoint_drain_s']:.2f} s (workers finish the groups in flight), "
-              f"state write {b['checkpoint_state_s']:.3f} s (nothing new dispatched), trainer's DeepSpeed write "
-              f"{b['checkpoint_trainer_s']:.2f} s (the workers generate meanwhile), of which the driver waited "
-              f"{b['checkpoint_wait_s']:.2f} s")  # fmt: skip
+        print(
+            f"\ntidal train, tiny preset, {args.steps} steps: loop {a['loop_s']:.1f} s without checkpoints, "
+            f"{b['loop_s']:.1f} s with one every 2 steps ({b['checkpoints']} checkpoints, "
+            f"{b['loop_s'] / a['loop_s']:.2f}x)"
+        )
+        print(
+            f"per checkpoint (median): drain {b['checkpoint_drain_s']:.2f} s (workers finish the groups in flight), "
+            f"state write {b['checkpoint_state_s']:.3f} s (nothing new dispatched), trainer's DeepSpeed write "
+            f"{b['checkpoint_trainer_s']:.2f} s (the workers generate meanwhile), of which the driver waited "
+            f"{b['checkpoint_wait_s']:.2f} s"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from tidal.models import materialize_preset
-from tidal.patches import apply_model_fixes
+from tidal.model.loading import materialize_preset
+from tidal.model.patches import apply_model_fixes
 
 PRESET = "tiny-glm5-moe"
 NUM_SPECIAL = 6  # token ids below this are special tokens; sequences use plain characters only
@@ -81,8 +81,12 @@ def main() -> None:
             cached, prefix = [], []
             for seed in range(args.seeds):
                 model = load(seed, index_topk, fixed, args.weight_scale)
-                ids = torch.randint(NUM_SPECIAL, model.config.vocab_size, (args.batch, args.tokens),
-                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                ids = torch.randint(
+                    NUM_SPECIAL,
+                    model.config.vocab_size,
+                    (args.batch, args.tokens),
+                    generator=torch.Generator().manual_seed(seed),
+                )
                 c, p = gaps(model, ids, args.prefill)
                 cached.append(c)
                 prefix.append(p)

@@ -1,8 +1,8 @@
 """Why do the GLM presets learn the quickstart SFT task slower than tiny-qwen3-moe? (issue 18, point 5)
 
-Each variant is a preset config (`tidal.models.preset_config`) with some fields changed, built with
+Each variant is a preset config (`tidal.model.loading.preset_config`) with some fields changed, built with
 the preset's init seed and trained with the quickstart recipe (configs/sft_arithmetic.yaml: lr 3e-3,
-cosine over `sft.steps`, held-out accuracy every 10 steps) through tidal.sft's own pieces. A run
+cosine over `sft.steps`, held-out accuracy every 10 steps) through tidal.stages.sft's own pieces. A run
 stops at `--stop` held-out accuracy or after `--cap` steps (the lr schedule still spans the
 recipe's `sft.steps`, so the first `--cap` steps are those of the real recipe). Router load is
 measured on a fixed training batch at init and at the end: per MoE layer, the share of top-k slots of the
@@ -64,7 +64,7 @@ def build_variant(name: str, init_seed: int, root: Path) -> Path:
     """save_pretrained directory of variant `name` (model + tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    from tidal.models import build_char_tokenizer, preset_config
+    from tidal.model.loading import build_char_tokenizer, preset_config
 
     preset, changes = VARIANTS[name]
     tok = build_char_tokenizer()
@@ -109,15 +109,21 @@ def router_load(model: torch.nn.Module, batch: Any) -> tuple[float, float]:
 def run(name: str, seed: int, cap: int, stop: float, root: Path) -> dict[str, Any]:
     from tidal.config import load_config
     from tidal.data import load_splits
-    from tidal.metrics import values
-    from tidal.models import load_model, load_tokenizer
-    from tidal.rollout.engine import TransformersEngine
-    from tidal.sft import HeldOut, collate, sft_examples
+    from tidal.model.loading import load_model, load_tokenizer
+    from tidal.rollout.engines.transformers import TransformersEngine
+    from tidal.stages.sft import HeldOut, collate, sft_examples
+    from tidal.telemetry.metrics import values
     from tidal.trainer.engine import DeepSpeedTrainer
 
     model_dir = build_variant(name, 0, root)
-    overrides = ["model.preset=null", f"model.path={model_dir}", f"seed={seed}", f"name=glmprobe-{name}-{seed}",
-                 f"output_dir={root / 'runs'}", "monitor.wandb=disabled"]  # fmt: skip
+    overrides = [
+        "model.preset=null",
+        f"model.path={model_dir}",
+        f"seed={seed}",
+        f"name=glmprobe-{name}-{seed}",
+        f"output_dir={root / 'runs'}",
+        "monitor.wandb=disabled",
+    ]
     cfg = load_config("configs/sft_arithmetic.yaml", overrides).for_sft()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -57,7 +57,7 @@ def write_task(d: Path, rows: int, median: float, sigma: float, cap: int, seed: 
 
 def main() -> None:
     from tidal.config import load_config
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -78,36 +78,63 @@ def main() -> None:
     results = []
     for engine in args.engines.split(","):
         for name in args.variants.split(","):
-            cfg = load_config(None, [
-                "model.preset=tiny-qwen3-moe", f"data.source={{type: files, train_files: ['{data}'], "
-                "metadata_fields: [max_new_tokens]}", f"rewards.functions=[{{path: '{tmp / 'coin.py'}:coin'}}]",
-                f"rollout.engine={engine}", f"rollout.max_new_tokens={args.cap}", "rollout.ignore_eos=true",
-                "rollout.group_size=4", "rollout.prompts_per_step=8", "rollout.batch_size=64",
-                "rollout.max_staleness=2", "rollout.chunk_tokens=4", "filter.zero_variance=false",
-                "trainer.lr=1e-4", "trainer.micro_batch_size=32", f"train.steps={args.steps}", "train.eval_every=0",
-                "train.save_checkpoint=false", "monitor.wandb=disabled", f"output_dir={args.out}",
-                f"name={engine}-{name}", *VARIANTS[name], *args.overrides,
-            ])  # fmt: skip
+            cfg = load_config(
+                None,
+                [
+                    "model.preset=tiny-qwen3-moe",
+                    f"data.source={{type: files, train_files: ['{data}'], metadata_fields: [max_new_tokens]}}",
+                    f"rewards.functions=[{{path: '{tmp / 'coin.py'}:coin'}}]",
+                    f"rollout.engine={engine}",
+                    f"rollout.max_new_tokens={args.cap}",
+                    "rollout.ignore_eos=true",
+                    "rollout.group_size=4",
+                    "rollout.prompts_per_step=8",
+                    "rollout.batch_size=64",
+                    "rollout.max_staleness=2",
+                    "rollout.chunk_tokens=4",
+                    "filter.zero_variance=false",
+                    "trainer.lr=1e-4",
+                    "trainer.micro_batch_size=32",
+                    f"train.steps={args.steps}",
+                    "train.eval_every=0",
+                    "train.save_checkpoint=false",
+                    "monitor.wandb=disabled",
+                    f"output_dir={args.out}",
+                    f"name={engine}-{name}",
+                    *VARIANTS[name],
+                    *args.overrides,
+                ],
+            )
             run_train(cfg)
             rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
             steps = [r for r in rows if "perf/step_time_s" in r]
             loop = sum(r["perf/step_time_s"] for r in steps)
             tokens = sum(r.get("perf/rollout_tokens", 0.0) for r in steps)
-            results.append({
-                "engine": engine, "variant": name, "loop_s": loop, "rollout_tokens": tokens,
-                "tokens_per_s": tokens / loop, "trainer_idle_s": sum(r["perf/rollout_wall_s"] for r in steps),
-                "median_step_s": statistics.median(r["perf/step_time_s"] for r in steps),
-                "interrupted_samples": sum(r.get("rollout/interrupted_samples", 0.0) for r in steps),
-            })  # fmt: skip
+            results.append(
+                {
+                    "engine": engine,
+                    "variant": name,
+                    "loop_s": loop,
+                    "rollout_tokens": tokens,
+                    "tokens_per_s": tokens / loop,
+                    "trainer_idle_s": sum(r["perf/rollout_wall_s"] for r in steps),
+                    "median_step_s": statistics.median(r["perf/step_time_s"] for r in steps),
+                    "interrupted_samples": sum(r.get("rollout/interrupted_samples", 0.0) for r in steps),
+                }
+            )
             Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'engine':>12} {'variant':>18} {'loop s':>7} {'speed-up':>8} {'tokens':>7} {'tokens/s':>8} "
-          f"{'trainer idle s':>14} {'median step s':>13} {'interrupted':>11}")  # fmt: skip
+    print(
+        f"\n{'engine':>12} {'variant':>18} {'loop s':>7} {'speed-up':>8} {'tokens':>7} {'tokens/s':>8} "
+        f"{'trainer idle s':>14} {'median step s':>13} {'interrupted':>11}"
+    )
     for r in results:
         base = next(b for b in results if b["engine"] == r["engine"] and b["variant"] == "lockstep")["loop_s"]
-        print(f"{r['engine']:>12} {r['variant']:>18} {r['loop_s']:7.1f} {base / r['loop_s']:7.2f}x "
-              f"{r['rollout_tokens']:7.0f} {r['tokens_per_s']:8.0f} {r['trainer_idle_s']:14.1f} "
-              f"{r['median_step_s']:13.2f} {r['interrupted_samples']:11.0f}")  # fmt: skip
+        print(
+            f"{r['engine']:>12} {r['variant']:>18} {r['loop_s']:7.1f} {base / r['loop_s']:7.2f}x "
+            f"{r['rollout_tokens']:7.0f} {r['tokens_per_s']:8.0f} {r['trainer_idle_s']:14.1f} "
+            f"{r['median_step_s']:13.2f} {r['interrupted_samples']:11.0f}"
+        )
 
 
 if __name__ == "__main__":

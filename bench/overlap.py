@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tidal.metrics import Metrics, largest
 from tidal.rollout.worker import RolloutWorker
+from tidal.telemetry.metrics import Metrics, largest
 from tidal.trainer.actor import TrainerActor
 from tidal.types import Group, Prompt, Sample
 
@@ -36,10 +36,21 @@ class SleepWorker(RolloutWorker):
         time.sleep(float(os.environ["BENCH_R"]))
         v = self.version
         return [
-            Sample(p.group_id, [1, 2], [3, 4], [1, 1], [-1.0, -1.0], "stop", v, [v, v],
-                   text=p.row["answer"] if j % 2 else "x", row=p.row)  # half right: every group has variance
-            for p in prompts for j in range(self.cfg.rollout.group_size)
-        ]  # fmt: skip
+            Sample(
+                p.group_id,
+                [1, 2],
+                [3, 4],
+                [1, 1],
+                [-1.0, -1.0],
+                "stop",
+                v,
+                [v, v],
+                text=p.row["answer"] if j % 2 else "x",
+                row=p.row,
+            )  # half right: every group has variance
+            for p in prompts
+            for j in range(self.cfg.rollout.group_size)
+        ]
 
 
 class SleepTrainer(TrainerActor):
@@ -54,16 +65,27 @@ class SleepTrainer(TrainerActor):
 
 def run(r: float, t: float, staleness: int, steps: int, out_dir: Path) -> dict[str, float]:
     from tidal.config import load_config
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
     os.environ.update(BENCH_R=str(r), BENCH_T=str(t))
     name = f"r{r:g}-t{t:g}-k{staleness}"
-    cfg = load_config(None, [
-        f"name={name}", f"output_dir={out_dir}", "model.preset=tiny-qwen3-moe", "rollout.group_size=4",
-        "rollout.prompts_per_step=8", f"rollout.max_staleness={staleness}", f"train.steps={steps}",
-        "train.eval_every=0", "data.source.eval_size=1", "filter.zero_variance=false", "monitor.wandb=disabled",
-        "train.save_checkpoint=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"name={name}",
+            f"output_dir={out_dir}",
+            "model.preset=tiny-qwen3-moe",
+            "rollout.group_size=4",
+            "rollout.prompts_per_step=8",
+            f"rollout.max_staleness={staleness}",
+            f"train.steps={steps}",
+            "train.eval_every=0",
+            "data.source.eval_size=1",
+            "filter.zero_variance=false",
+            "monitor.wandb=disabled",
+            "train.save_checkpoint=false",
+        ],
+    )
     run_train(cfg, worker_cls=SleepWorker, trainer_cls=SleepTrainer)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [row for row in rows if WARMUP_STEPS < row.get("step", 0) < steps and "perf/step_time_s" in row]
@@ -87,12 +109,16 @@ def main() -> None:
             sync, async_ = (run(r, t, k, args.steps, Path(tmp)) for k in (0, 1))
             results.append((ratio, r, t, sync, async_))
     print(f"\nsteady-state step time, median of steps {WARMUP_STEPS + 1}..{args.steps - 1} (seconds)")
-    print(f"{'R/T':>5} {'R':>5} {'T':>5} | {'sync':>6} {'/(R+T)':>7} | {'async':>6} {'/max(R,T)':>9} "
-          f"{'staleness':>9} | {'speed-up':>8}")  # fmt: skip
+    print(
+        f"{'R/T':>5} {'R':>5} {'T':>5} | {'sync':>6} {'/(R+T)':>7} | {'async':>6} {'/max(R,T)':>9} "
+        f"{'staleness':>9} | {'speed-up':>8}"
+    )
     for ratio, r, t, sync, async_ in results:
-        print(f"{ratio:>5g} {r:>5.2f} {t:>5.2f} | {sync['step_s']:>6.3f} {sync['step_s'] / (r + t):>7.3f} | "
-              f"{async_['step_s']:>6.3f} {async_['step_s'] / max(r, t):>9.3f} {async_['staleness_max']:>9.0f} | "
-              f"{sync['step_s'] / async_['step_s']:>7.2f}x")  # fmt: skip
+        print(
+            f"{ratio:>5g} {r:>5.2f} {t:>5.2f} | {sync['step_s']:>6.3f} {sync['step_s'] / (r + t):>7.3f} | "
+            f"{async_['step_s']:>6.3f} {async_['step_s'] / max(r, t):>9.3f} {async_['staleness_max']:>9.0f} | "
+            f"{sync['step_s'] / async_['step_s']:>7.2f}x"
+        )
 
 
 if __name__ == "__main__":

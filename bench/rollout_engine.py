@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 import transformers
 
-from tidal.modeling import pad_tokens
-from tidal.models import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.engine import TransformersEngine
+from tidal.model.forward import pad_tokens
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.types import SamplingParams
 
 
@@ -78,9 +78,15 @@ def bench_preset(name: str, args: argparse.Namespace) -> tuple[float, float]:
     @torch.no_grad()
     def run_hf() -> int:
         out = model.generate(
-            ids, attention_mask=mask, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
+            ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=args.new_tokens,
+            pad_token_id=tok.pad_token_id,
+        )
         return out[:, ids.shape[1] :].numel()
 
     runs = {"engine": run_engine, "hf": run_hf}

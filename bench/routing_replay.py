@@ -36,8 +36,8 @@ import torch
 
 def sampled_batch(preset: str, prompts: int, group_size: int, max_new_tokens: int):
     """(fp32 model, TrainBatch) of groups a bf16 engine of the same weights sampled, routing recorded."""
-    from tidal.models import load_model, load_tokenizer, materialize_preset
-    from tidal.rollout.engine import TransformersEngine
+    from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+    from tidal.rollout.engines.transformers import TransformersEngine
     from tidal.trainer.rl import build_batch
     from tidal.types import Group, Sample, SamplingParams
 
@@ -45,20 +45,33 @@ def sampled_batch(preset: str, prompts: int, group_size: int, max_new_tokens: in
     tok = load_tokenizer(path)
     engine = TransformersEngine(load_model(path, torch.bfloat16), tok)
     rows = [tok.encode(f"{i}+{i + 1}=") for i in range(prompts) for _ in range(group_size)]
-    outs = engine.generate(rows, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=0),
-                           record_routing=True)  # fmt: skip
-    samples = [Sample(i // group_size, c.prompt_ids, c.token_ids, [1] * len(c.token_ids), c.logprobs, c.finish_reason,
-                      0, [0] * len(c.token_ids), reward=float(i % 2), routing=c.routing)
-               for i, c in enumerate(outs)]  # fmt: skip
+    outs = engine.generate(
+        rows, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=0), record_routing=True
+    )
+    samples = [
+        Sample(
+            i // group_size,
+            c.prompt_ids,
+            c.token_ids,
+            [1] * len(c.token_ids),
+            c.logprobs,
+            c.finish_reason,
+            0,
+            [0] * len(c.token_ids),
+            reward=float(i % 2),
+            routing=c.routing,
+        )
+        for i, c in enumerate(outs)
+    ]
     groups = [Group(g, [s.for_training() for s in samples if s.group_id == g]) for g in range(prompts)]
     batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
     return load_model(path), batch
 
 
 def drift(model: torch.nn.Module, batch, replay: bool) -> dict[str, float]:
-    from tidal.metrics import values
-    from tidal.modeling import batch_logprobs
-    from tidal.routing import RoutingRecorder, recorded_positions, replay_recorded, routing_health
+    from tidal.model.forward import batch_logprobs
+    from tidal.model.routing import RoutingRecorder, recorded_positions, replay_recorded, routing_health
+    from tidal.telemetry.metrics import values
 
     around = partial(replay_recorded, model) if replay else None
     with torch.no_grad():
@@ -74,8 +87,12 @@ def drift(model: torch.nn.Module, batch, replay: bool) -> dict[str, float]:
         agreement = float(same.float().mean())
     else:
         agreement = values(routing_health(model, batch, 64))["moe/routing_agreement"]
-    return {"agreement": agreement, "dlogp": float(d.abs().mean()), "k1": float(d.mean()),
-            "k3": float((torch.exp(-d) - 1 + d).mean())}  # fmt: skip
+    return {
+        "agreement": agreement,
+        "dlogp": float(d.abs().mean()),
+        "k1": float(d.mean()),
+        "k3": float((torch.exp(-d) - 1 + d).mean()),
+    }
 
 
 def update_times(model: torch.nn.Module, batch, rounds: int) -> dict[str, float]:
@@ -98,15 +115,24 @@ def update_times(model: torch.nn.Module, batch, rounds: int) -> dict[str, float]
 
 def quickstart_runs(steps: int, root: Path) -> dict[str, dict]:
     from tidal.config import load_config
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
     out = {}
     for replay in ("none", "r3"):
-        cfg = load_config(Path(__file__).parent.parent / "configs" / "quickstart.yaml", [
-            f"name=r3-{replay}", f"output_dir={root}", "model.dtype=bfloat16", f"algorithm.routing_replay={replay}",
-            "rollout.record_routing=true", f"train.steps={steps}", f"train.eval_every={max(steps // 4, 1)}",
-            "monitor.wandb=disabled", "train.save_checkpoint=false",
-        ])  # fmt: skip
+        cfg = load_config(
+            Path(__file__).parent.parent / "configs" / "quickstart.yaml",
+            [
+                f"name=r3-{replay}",
+                f"output_dir={root}",
+                "model.dtype=bfloat16",
+                f"algorithm.routing_replay={replay}",
+                "rollout.record_routing=true",
+                f"train.steps={steps}",
+                f"train.eval_every={max(steps // 4, 1)}",
+                "monitor.wandb=disabled",
+                "train.save_checkpoint=false",
+            ],
+        )
         summary = run_train(cfg)
         rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
         steps_rows = [r for r in rows if "train/version" in r]
@@ -126,16 +152,20 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TIDAL_CACHE", str(Path(tempfile.gettempdir()) / "tidal-bench-cache"))
     torch.manual_seed(0)
-    print("bf16 rollout, fp32 trainer          routing agreement   mean |dlogp|        KL k1 / k3 (x1e-4)"
-          "        update time (s)")
+    print(
+        "bf16 rollout, fp32 trainer          routing agreement   mean |dlogp|        KL k1 / k3 (x1e-4)"
+        "        update time (s)"
+    )
     for preset in args.presets.split(","):
         model, batch = sampled_batch(preset, args.prompts, args.group_size, args.max_new_tokens)
         a, b = drift(model, batch, replay=False), drift(model, batch, replay=True)
         t = update_times(model, batch, args.rounds)
-        print(f"{preset:15s} none -> r3:  {a['agreement']:.4f} -> {b['agreement']:.4f}   "
-              f"{a['dlogp']:.2e} -> {b['dlogp']:.2e}   {a['k1'] * 1e4:+.2f}/{a['k3'] * 1e4:.2f} -> "
-              f"{b['k1'] * 1e4:+.2f}/{b['k3'] * 1e4:.2f}   {t['none']:.3f} -> {t['r3']:.3f} "
-              f"({t['r3'] / t['none'] - 1:+.1%})")  # fmt: skip
+        print(
+            f"{preset:15s} none -> r3:  {a['agreement']:.4f} -> {b['agreement']:.4f}   "
+            f"{a['dlogp']:.2e} -> {b['dlogp']:.2e}   {a['k1'] * 1e4:+.2f}/{a['k3'] * 1e4:.2f} -> "
+            f"{b['k1'] * 1e4:+.2f}/{b['k3'] * 1e4:.2f}   {t['none']:.3f} -> {t['r3']:.3f} "
+            f"({t['r3'] / t['none'] - 1:+.1%})"
+        )
     if args.steps:
         runs = quickstart_runs(args.steps, Path(tempfile.mkdtemp(prefix="tidal-r3-")))
         print(f"\nquickstart, bf16 rollout, {args.steps} steps: reward (mean of each tenth of the run)")
@@ -145,9 +175,12 @@ def main() -> None:
             curve = [statistics.mean(rewards[i : i + tenth]) for i in range(0, len(rewards), tenth)]
             s = run["summary"]
             agree = statistics.mean(r["moe/routing_agreement"] for r in run["rows"] if "moe/routing_agreement" in r)
-            print(f"  {name:4s} " + " ".join(f"{x:.3f}" for x in curve) +
-                  f"   held-out {s['eval/accuracy_before']:.1%} -> {s['eval/accuracy']:.1%}, routing agreement "
-                  f"{agree:.4f}, loop {s['perf/loop_s']:.0f} s")  # fmt: skip
+            print(
+                f"  {name:4s} "
+                + " ".join(f"{x:.3f}" for x in curve)
+                + f"   held-out {s['eval/accuracy_before']:.1%} -> {s['eval/accuracy']:.1%}, routing agreement "
+                f"{agree:.4f}, loop {s['perf/loop_s']:.0f} s"
+            )
 
 
 if __name__ == "__main__":

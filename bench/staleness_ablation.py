@@ -54,37 +54,52 @@ CORRECTIONS = {
 
 def run_cell(args: argparse.Namespace, staleness: int, correction: str, seed: int) -> dict:
     from tidal.config import load_config
-    from tidal.monitor import SUMMARY_KEY
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
+    from tidal.telemetry.rows import SUMMARY_KEY
 
     name = f"k{staleness}-{correction}-s{seed}"
-    cfg = load_config(args.config, [
-        f"rollout.max_staleness={staleness}", *CORRECTIONS[correction],
-        f"seed={seed}", f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
-        f"data.source.eval_size={args.eval_size}", *args.overrides,
-        f"name={name}", f"output_dir={args.out}", "monitor.wandb=disabled",
-    ])  # fmt: skip
+    cfg = load_config(
+        args.config,
+        [
+            f"rollout.max_staleness={staleness}",
+            *CORRECTIONS[correction],
+            f"seed={seed}",
+            f"train.steps={args.steps}",
+            f"train.eval_every={args.eval_every}",
+            f"data.source.eval_size={args.eval_size}",
+            *args.overrides,
+            f"name={name}",
+            f"output_dir={args.out}",
+            "monitor.wandb=disabled",
+        ],
+    )
     start = time.perf_counter()
     summary = run_train(cfg)
     wall_s = time.perf_counter() - start
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "train/loss" in r]
     return {
-        "cell": name, "staleness": staleness, "correction": correction, "seed": seed, "run_dir": str(cfg.run_dir),
-        "steps": cfg.train.steps, "wall_s": wall_s,
+        "cell": name,
+        "staleness": staleness,
+        "correction": correction,
+        "seed": seed,
+        "run_dir": str(cfg.run_dir),
+        "steps": cfg.train.steps,
+        "wall_s": wall_s,
         "loop_s": sum(r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r),
-        "before": summary["eval/accuracy_before"], "after": summary["eval/accuracy"],
+        "before": summary["eval/accuracy_before"],
+        "after": summary["eval/accuracy"],
         "staleness_mean": statistics.fmean(r["async/staleness_mean"] for r in trained),
         "bound_mean": statistics.fmean(r.get("async/staleness_bound", staleness) for r in trained),
         "dropped": summary["ledger/dropped_stale_groups"],
         "evals": [[r["step"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r and SUMMARY_KEY not in r],
-    }  # fmt: skip
+    }
 
 
 def eval_times(result: dict, out: Path) -> list[tuple[int, float, float]]:
     """(step, held-out accuracy, seconds of the loop up to that step, evaluations left out) per
     evaluation of one run, read back from its metrics.jsonl."""
-    from tidal.monitor import SUMMARY_KEY
+    from tidal.telemetry.rows import SUMMARY_KEY
 
     path = Path(result.get("run_dir", out / result["cell"])) / "metrics.jsonl"
     spent, points = 0.0, []
@@ -135,30 +150,47 @@ def table(results: list[dict], staleness: list[int], corrections: list[str], out
             acc, acc_std = mean_std([r["after"] for r in cell])
             loop, loop_std = mean_std([r["loop_s"] for r in cell])
             loop_median = statistics.median(r["loop_s"] for r in cell)
-            rows.append({"staleness": k, "correction": c, "seeds": len(cell), "acc": acc, "acc_std": acc_std,
-                         "delta": acc - base, "loop_s": loop, "loop_std": loop_std, "loop_median": loop_median,
-                         "before": statistics.fmean(r["before"] for r in cell),
-                         "staleness_mean": statistics.fmean(r["staleness_mean"] for r in cell),
-                         "time_to_on_policy": time_to(mean_curve(cell, out), base),
-                         "shared": any(r["correction"] != c for r in cell)})  # fmt: skip
+            rows.append(
+                {
+                    "staleness": k,
+                    "correction": c,
+                    "seeds": len(cell),
+                    "acc": acc,
+                    "acc_std": acc_std,
+                    "delta": acc - base,
+                    "loop_s": loop,
+                    "loop_std": loop_std,
+                    "loop_median": loop_median,
+                    "before": statistics.fmean(r["before"] for r in cell),
+                    "staleness_mean": statistics.fmean(r["staleness_mean"] for r in cell),
+                    "time_to_on_policy": time_to(mean_curve(cell, out), base),
+                    "shared": any(r["correction"] != c for r in cell),
+                }
+            )
     return rows
 
 
 def print_table(rows: list[dict], steps: int) -> None:
-    print(f"\nheld-out accuracy after {steps} steps (mean ± std over seeds), train-loop time (evaluations left "
-          "out), mean staleness of the trained samples, and loop seconds until the mean curve reaches the "
-          "on-policy final accuracy (-: not within the run)")  # fmt: skip
-    print(f"{'staleness':>9} {'correction':>10} {'seeds':>5} {'accuracy':>14} {'vs on-policy':>12} {'loop s':>12} "
-          f"{'median':>6} {'mean age':>8} {'to on-policy':>12}")  # fmt: skip
+    print(
+        f"\nheld-out accuracy after {steps} steps (mean ± std over seeds), train-loop time (evaluations left "
+        "out), mean staleness of the trained samples, and loop seconds until the mean curve reaches the "
+        "on-policy final accuracy (-: not within the run)"
+    )
+    print(
+        f"{'staleness':>9} {'correction':>10} {'seeds':>5} {'accuracy':>14} {'vs on-policy':>12} {'loop s':>12} "
+        f"{'median':>6} {'mean age':>8} {'to on-policy':>12}"
+    )
     on_policy = next((r["time_to_on_policy"] for r in rows if r["staleness"] == 0), None)
     for r in rows:
         note = "  (same runs for every correction)" if r["shared"] else ""
         reach = r["time_to_on_policy"]
         speedup = f" {on_policy / reach:.2f}x" if reach and on_policy else ""
         reached = f"{reach:>6.0f}{speedup}" if reach is not None else "-"
-        print(f"{r['staleness']:>9} {r['correction']:>10} {r['seeds']:>5} {r['acc']:>7.1%} ± {r['acc_std']:>4.1%} "
-              f"{r['delta'] * 100:>+11.1f}p {r['loop_s']:>6.0f} ± {r['loop_std']:>3.0f} "
-              f"{r['loop_median']:>6.0f} {r['staleness_mean']:>8.2f} {reached:>12}{note}")  # fmt: skip
+        print(
+            f"{r['staleness']:>9} {r['correction']:>10} {r['seeds']:>5} {r['acc']:>7.1%} ± {r['acc_std']:>4.1%} "
+            f"{r['delta'] * 100:>+11.1f}p {r['loop_s']:>6.0f} ± {r['loop_std']:>3.0f} "
+            f"{r['loop_median']:>6.0f} {r['staleness_mean']:>8.2f} {reached:>12}{note}"
+        )
 
 
 COLORS = {"none": "tab:blue", "tis": "tab:orange", "mask": "tab:green", "m2po": "tab:purple", "adaptive": "tab:red"}
@@ -176,10 +208,24 @@ def plot(rows: list[dict], results: list[dict], corrections: list[str], curves: 
     for c in corrections:
         mine = [r for r in rows if r["correction"] == c]
         ks = [r["staleness"] for r in mine]
-        ax_acc.errorbar(ks, [100 * r["acc"] for r in mine], yerr=[100 * r["acc_std"] for r in mine],
-                        marker="o", capsize=4, label=c, color=COLORS.get(c))  # fmt: skip
-        ax_time.errorbar(ks, [r["loop_s"] for r in mine], yerr=[r["loop_std"] for r in mine], marker="o",
-                         capsize=4, label=c, color=COLORS.get(c))  # fmt: skip
+        ax_acc.errorbar(
+            ks,
+            [100 * r["acc"] for r in mine],
+            yerr=[100 * r["acc_std"] for r in mine],
+            marker="o",
+            capsize=4,
+            label=c,
+            color=COLORS.get(c),
+        )
+        ax_time.errorbar(
+            ks,
+            [r["loop_s"] for r in mine],
+            yerr=[r["loop_std"] for r in mine],
+            marker="o",
+            capsize=4,
+            label=c,
+            color=COLORS.get(c),
+        )
     on_policy = [r for r in rows if r["staleness"] == 0]
     if on_policy:
         base = 100 * on_policy[0]["acc"]
@@ -197,8 +243,11 @@ def plot(rows: list[dict], results: list[dict], corrections: list[str], curves: 
         ax_curve.plot([s for s, _, _ in curve], [100 * a for _, a, _ in curve], marker=".", label=f"k{k} {c}", **style)
         ax_clock.plot([t for _, _, t in curve], [100 * a for _, a, _ in curve], marker=".", label=f"k{k} {c}", **style)
     ax_curve.set(xlabel="step", ylabel="held-out accuracy (%)", title="mean curve over seeds")
-    ax_clock.set(xlabel="train-loop seconds (evaluations left out)", ylabel="held-out accuracy (%)",
-                 title="mean curve over seeds, against time")  # fmt: skip
+    ax_clock.set(
+        xlabel="train-loop seconds (evaluations left out)",
+        ylabel="held-out accuracy (%)",
+        title="mean curve over seeds, against time",
+    )
     if on_policy:
         ax_clock.axhline(base, color="grey", linewidth=0.8, label="on-policy final")
     for ax in (ax_curve, ax_clock):
@@ -233,8 +282,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     staleness = [int(k) for k in args.staleness.split(",")]
     corrections = args.corrections.split(",")
-    cells = [(int(k), c) for k, c in (cell[1:].split("-") for cell in args.cells.split(","))] if args.cells else [
-        (k, c) for k in staleness for c in (corrections if k > 0 or args.full_k0 else ["tis"])]  # fmt: skip
+    cells = (
+        [(int(k), c) for k, c in (cell[1:].split("-") for cell in args.cells.split(","))]
+        if args.cells
+        else [(k, c) for k in staleness for c in (corrections if k > 0 or args.full_k0 else ["tis"])]
+    )
     if args.cells:
         staleness = sorted({k for k, _ in cells})
         corrections = list(dict.fromkeys(c for _, c in cells))

@@ -40,7 +40,7 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def plain_torch_step_fn(model: torch.nn.Module, cfg, batch) -> Callable[[], None]:
-    from tidal.modeling import micro_batches
+    from tidal.model.forward import micro_batches
     from tidal.trainer.losses_sft import num_targets, sft_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -63,8 +63,15 @@ def rl_groups(path, prompts: int, group_size: int, max_new_tokens: int):
     from tidal.rollout.worker import RolloutWorker, WorkerConfig
     from tidal.types import Prompt
 
-    cfg = load_config(None, [f"model.path={path}", f"rollout.group_size={group_size}",
-                             f"rollout.max_new_tokens={max_new_tokens}", "rollout.stop=[]"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.path={path}",
+            f"rollout.group_size={group_size}",
+            f"rollout.max_new_tokens={max_new_tokens}",
+            "rollout.stop=[]",
+        ],
+    )
     rows = [Prompt(i, {"prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1)}) for i in range(prompts)]
     groups = RolloutWorker(WorkerConfig.of(cfg), str(path)).rollout(rows, seed=0).groups
     for g in groups:
@@ -79,7 +86,7 @@ def bench_ranks(args: argparse.Namespace) -> None:
     import ray
 
     from tidal.config import load_config
-    from tidal.models import materialize_preset
+    from tidal.model.loading import materialize_preset
     from tidal.trainer.actor import TrainerActor, TrainerActorConfig
     from tidal.trainer.group import TrainerGroup
 
@@ -90,11 +97,20 @@ def bench_ranks(args: argparse.Namespace) -> None:
     for stage in [int(s) for s in args.stages.split(",")]:
         variants = {}
         for ranks in (1, 2):
-            cfg = load_config(None, [f"model.path={path}", "trainer.lr=1e-5", f"trainer.zero_stage={stage}",
-                                     f"trainer.num_ranks={ranks}", f"trainer.micro_batch_size={args.micro}",
-                                     f"rollout.max_new_tokens={args.seq}"]).for_rl()  # fmt: skip
+            cfg = load_config(
+                None,
+                [
+                    f"model.path={path}",
+                    "trainer.lr=1e-5",
+                    f"trainer.zero_stage={stage}",
+                    f"trainer.num_ranks={ranks}",
+                    f"trainer.micro_batch_size={args.micro}",
+                    f"rollout.max_new_tokens={args.seq}",
+                ],
+            ).for_rl()
             variants[f"ZeRO-{stage}, {ranks} rank{'s' * (ranks > 1)}"] = TrainerGroup(
-                TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(path)), 600)
+                TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(path)), 600
+            )
         times.update({name: [] for name in variants})
         for i in range(args.warmup + args.steps):  # interleaved: load from elsewhere falls on both alike
             for name, group in variants.items():
@@ -105,15 +121,19 @@ def bench_ranks(args: argparse.Namespace) -> None:
         for group in variants.values():
             group.close()
     rows = sum(len(g.samples) for g in groups)
-    print(f"\nRL step of {rows} samples ({args.preset}, up to {args.seq} new tokens), micro-batch {args.micro}, "
-          f"1 CPU per rank on {os.cpu_count()} cpus: median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"\nRL step of {rows} samples ({args.preset}, up to {args.seq} new tokens), micro-batch {args.micro}, "
+        f"1 CPU per rank on {os.cpu_count()} cpus: median of {args.steps} steps after {args.warmup} warm-up"
+    )
     print(f"{'variant':<18} {'median s':>9} {'min s':>8} {'max s':>8} {'vs 1 rank':>10}")
     for name, ts in times.items():
         base = statistics.median(times[name.replace("2 ranks", "1 rank")])
         med = statistics.median(ts)
         print(f"{name:<18} {med:>9.4f} {min(ts):>8.4f} {max(ts):>8.4f} {med / base:>9.2f}x")
-    print("Two ranks use two CPUs (a torch thread each) where one rank uses one, so 0.50x is the ideal; the rest "
-          "is the ranks' collectives (gloo), on a machine whose few cores Ray and the driver share.")
+    print(
+        "Two ranks use two CPUs (a torch thread each) where one rank uses one, so 0.50x is the ideal; the rest "
+        "is the ranks' collectives (gloo), on a machine whose few cores Ray and the driver share."
+    )
     ray.shutdown()
 
 
@@ -134,7 +154,7 @@ def main() -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from tidal.config import TrainerConfig
-    from tidal.models import load_model, materialize_preset
+    from tidal.model.loading import load_model, materialize_preset
     from tidal.trainer.engine import DeepSpeedTrainer
 
     path = materialize_preset(args.preset, seed=0)

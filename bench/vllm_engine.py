@@ -33,9 +33,9 @@ import ray
 import torch
 
 from tidal.config import VLLMConfig
-from tidal.modeling import completion_logprobs
-from tidal.models import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.engine import TransformersEngine
+from tidal.model.forward import completion_logprobs
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.types import SamplingParams
 
 
@@ -60,7 +60,7 @@ class Host:
         torch.set_num_threads(threads)
         tok = load_tokenizer(model_dir)
         if kind == "vllm":
-            from tidal.rollout.vllm_engine import VLLMEngine
+            from tidal.rollout.engines.vllm import VLLMEngine
 
             self.engine: Any = VLLMEngine(model_dir, tok, VLLMConfig(in_process=in_process, kv_cache_gb=1.0))
         else:
@@ -84,15 +84,19 @@ class Host:
 def make_prompts(tok: Any, n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     chars = string.ascii_letters + string.digits + " +-*=,."
-    return [[tok.bos_token_id, *tok.encode("".join(rng.choices(chars, k=rng.randint(8, 32))), add_special_tokens=False)]
-            for _ in range(n)]  # fmt: skip
+    return [
+        [tok.bos_token_id, *tok.encode("".join(rng.choices(chars, k=rng.randint(8, 32))), add_special_tokens=False)]
+        for _ in range(n)
+    ]
 
 
 def throughput(name: str, args: argparse.Namespace) -> tuple[float, float]:
     """(vllm tokens/s, transformers tokens/s), medians over alternating calls."""
     path = str(materialize_preset(name, seed=0))
-    hosts = {"vllm": Host.remote("vllm", path, args.threads), "transformers": Host.remote("transformers", path,
-                                                                                          args.threads)}  # fmt: skip
+    hosts = {
+        "vllm": Host.remote("vllm", path, args.threads),
+        "transformers": Host.remote("transformers", path, args.threads),
+    }
     prompts = [p for p in make_prompts(load_tokenizer(path), args.prompts) for _ in range(args.group)]
     expected = len(prompts) * args.new_tokens
     times: dict[str, list[float]] = {k: [] for k in hosts}
@@ -114,9 +118,16 @@ def large_model_dir(layers: int, root: Path) -> Path:
 
     path = materialize_preset("tiny-qwen3-moe", seed=0)
     out = root / f"qwen3-moe-{layers}L-h512"
-    config = AutoConfig.from_pretrained(path, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
-                                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                                        head_dim=64)  # fmt: skip
+    config = AutoConfig.from_pretrained(
+        path,
+        hidden_size=512,
+        intermediate_size=1024,
+        moe_intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
     load_tokenizer(path).save_pretrained(out)
@@ -134,8 +145,11 @@ def weight_update(path: Path, args: argparse.Namespace) -> None:
         _ = {k: v.clone() for k, v in state.items()}
         clone_times.append(time.perf_counter() - t0)
     clone_s = statistics.median(clone_times[1:])
-    variants = {"vllm in-process": ("vllm", True), "vllm subprocess": ("vllm", False),
-                "transformers": ("transformers", True)}  # fmt: skip
+    variants = {
+        "vllm in-process": ("vllm", True),
+        "vllm subprocess": ("vllm", False),
+        "transformers": ("transformers", True),
+    }
     prompts = make_prompts(load_tokenizer(path), 4)
     model.load_state_dict(state)
     print(f"\n{path.name}: {nbytes / 2**20:.1f} MiB fp32; clone() {clone_s * 1e3:.1f} ms")
@@ -144,8 +158,14 @@ def weight_update(path: Path, args: argparse.Namespace) -> None:
         host = Host.remote(kind, str(path), args.threads, in_process)
         times = [ray.get(host.time_update.remote(ref, v)) for v in range(1, args.repeats + 2)][1:]
         outs = ray.get(host.greedy.remote(prompts))
-        gap = max(float((torch.tensor(o.logprobs) - r).abs().max()) for o, r in zip(outs, completion_logprobs(
-            model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], 0), strict=True))  # fmt: skip
+        gap = max(
+            float((torch.tensor(o.logprobs) - r).abs().max())
+            for o, r in zip(
+                outs,
+                completion_logprobs(model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], 0),
+                strict=True,
+            )
+        )
         s = statistics.median(times)
         print(f"{label:<18} {s:>9.3f} {nbytes / s / 2**30:>7.2f} {s / clone_s:>8.1f}x {gap:>27.1e}")
         ray.kill(host)
@@ -155,13 +175,19 @@ def main() -> None:
     args = parse_args()
     logging.getLogger("vllm").setLevel(logging.WARNING)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}},
+    )
     import vllm
 
-    print(f"torch {torch.__version__}, vllm {vllm.__version__}, {args.threads} torch thread(s) per engine; "
-          f"batch {args.prompts} prompts x {args.group} = {args.prompts * args.group} sequences x "
-          f"{args.new_tokens} new tokens (eos ignored), temperature 1; median of {args.repeats}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, vllm {vllm.__version__}, {args.threads} torch thread(s) per engine; "
+        f"batch {args.prompts} prompts x {args.group} = {args.prompts * args.group} sequences x "
+        f"{args.new_tokens} new tokens (eos ignored), temperature 1; median of {args.repeats}"
+    )
     print(f"{'preset':<16} {'vllm tok/s':>11} {'transformers tok/s':>19} {'vllm speed-up':>14}")
     for name in args.presets:
         ours, hf = throughput(name, args)

@@ -2,9 +2,9 @@
 
 One run of this script trains the quickstart task (GRPO on 2-digit addition, configs/quickstart.yaml)
 from the same cached SFT warm start with TRL 1.16 (`GRPOTrainer`, transformers generate, synchronous
-generate-then-train) and with tidal (`tidal.train.run_train`), one after the other on this machine,
+generate-then-train) and with tidal (`tidal.stages.train.run_train`), one after the other on this machine,
 each in a fresh Python process (the script runs itself with `--only SYSTEM`), then scores every
-final model with tidal's own held-out evaluation (`tidal.evaluation.run_eval`: greedy answers to the
+final model with tidal's own held-out evaluation (`tidal.stages.eval.run_eval`: greedy answers to the
 same `--eval-size` held-out problems, scored by the same reward), the warm start once.
 
 tidal runs as the quickstart does (`k1`: max_staleness 1, truncated IS) and on-policy (`k0`:
@@ -199,15 +199,27 @@ def trl_reward(cfg: Any, eos_id: int, columns: list[str]) -> tuple[Any, Any]:
 
     scorer = RewardScorer(cfg.rewards)
 
-    def tidal_rewards(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                      **kwargs: Any) -> list[float]:  # fmt: skip
+    def tidal_rewards(
+        prompts: list[str], completions: list[str], completion_ids: list[list[int]], **kwargs: Any
+    ) -> list[float]:
         samples = []
         for i, (text, ids) in enumerate(zip(completions, completion_ids, strict=True)):
             row = {c: kwargs[c][i] for c in columns} | {"prompt": kwargs["raw_prompt"][i]}
             finish = "stop" if ids and ids[-1] == eos_id else "length"
-            samples.append(Sample(group_id=i // cfg.rollout.group_size, prompt_ids=[], response_ids=list(ids),
-                                  loss_mask=[1] * len(ids), logp_mu=[0.0] * len(ids), finish_reason=finish,
-                                  version=0, versions=[0] * len(ids), text=text, row=row))  # fmt: skip
+            samples.append(
+                Sample(
+                    group_id=i // cfg.rollout.group_size,
+                    prompt_ids=[],
+                    response_ids=list(ids),
+                    loss_mask=[1] * len(ids),
+                    logp_mu=[0.0] * len(ids),
+                    finish_reason=finish,
+                    version=0,
+                    versions=[0] * len(ids),
+                    text=text,
+                    row=row,
+                )
+            )
         scorer.score(samples)
         return [s.reward for s in samples]
 
@@ -234,8 +246,11 @@ def step_timer(steps: int) -> Any:
             self.logs.append({"step": state.global_step, **(logs or {})})
             n = state.global_step
             if logs and "reward" in logs and (n % max(1, steps // 10) == 0 or n == steps):
-                print(f"trl step {n}/{steps}: reward {logs['reward']:.3f}, "
-                      f"{self.end[-1] - self.begin[-1]:.2f} s (generate + train)", flush=True)  # fmt: skip
+                print(
+                    f"trl step {n}/{steps}: reward {logs['reward']:.3f}, "
+                    f"{self.end[-1] - self.begin[-1]:.2f} s (generate + train)",
+                    flush=True,
+                )
 
     return StepTimer()
 
@@ -246,7 +261,7 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tidal.models import load_model, load_tokenizer
+    from tidal.model.loading import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -257,9 +272,15 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
     columns = [c for c in dataset.column_names if c not in ("prompt", "raw_prompt")]
     reward, scorer = trl_reward(cfg, tokenizer.eos_token_id, columns)
     timer = step_timer(steps)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**trl_settings(cfg, steps, seed, out)),
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
-                          optimizers=build_optimizer(model, cfg, steps))  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=GRPOConfig(**trl_settings(cfg, steps, seed, out)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[timer],
+        optimizers=build_optimizer(model, cfg, steps),
+    )
     trainer.remove_callback(PrinterCallback)  # the timer prints a line every tenth of the run instead
     t_train = time.perf_counter()
     try:
@@ -274,13 +295,19 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
     ends = timer.end
     step_s = [e - s for e, s in zip(ends, [timer.begin[0], *ends[:-1]], strict=True)]
     return {
-        "system": "trl", "steps": len(ends), "threads": threads, "checkpoint": str(final), "wall_s": wall_s,
-        "loop_s": ends[-1] - timer.begin[0], "train_call_s": t_done - t_train, "step_s": step_s,
+        "system": "trl",
+        "steps": len(ends),
+        "threads": threads,
+        "checkpoint": str(final),
+        "wall_s": wall_s,
+        "loop_s": ends[-1] - timer.begin[0],
+        "train_call_s": t_done - t_train,
+        "step_s": step_s,
         "step_s_median": statistics.median(step_s),
         "reward": [row["reward"] for row in timer.logs if "reward" in row],
         "frac_reward_zero_std": [row["frac_reward_zero_std"] for row in timer.logs if "frac_reward_zero_std" in row],
         "logs": timer.logs,
-    }  # fmt: skip
+    }
 
 
 # ------------------------------------------------------------------------------------------- tidal
@@ -289,13 +316,22 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
 def run_tidal(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """The quickstart with tidal, variant `variant` of TIDAL_VARIANTS, evaluating as the config says."""
     from tidal.config import load_config
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
     name = f"tidal-{variant}"
-    cfg = load_config(args.config, [
-        *TIDAL_VARIANTS[variant], f"train.steps={args.steps}", f"data.source.eval_size={args.eval_size}",
-        f"seed={args.seed}", *args.overrides, f"name={name}", f"output_dir={args.out}", "monitor.wandb=disabled",
-    ])  # fmt: skip
+    cfg = load_config(
+        args.config,
+        [
+            *TIDAL_VARIANTS[variant],
+            f"train.steps={args.steps}",
+            f"data.source.eval_size={args.eval_size}",
+            f"seed={args.seed}",
+            *args.overrides,
+            f"name={name}",
+            f"output_dir={args.out}",
+            "monitor.wandb=disabled",
+        ],
+    )
     t0, started = time.perf_counter(), time.time()
     summary = run_train(cfg)
     wall_s = time.perf_counter() - t0
@@ -308,14 +344,21 @@ def run_tidal(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     # Each held-out evaluation as (seconds since the start when it was logged, the version it scored, accuracy).
     evals = [(r["time"] - started, r["eval/version"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     return {
-        "system": name, "steps": len(steps), "checkpoint": summary["checkpoint"],
+        "system": name,
+        "steps": len(steps),
+        "checkpoint": summary["checkpoint"],
         "threads": f"{trainer_threads}+{worker_threads}",
-        "wall_s": wall_s, "loop_s": sum(step_s), "step_s": step_s, "step_s_median": statistics.median(step_s),
-        "evals": evals, "time_split": {k: v for k, v in summary.items() if k.startswith("perf/") and k.endswith("_s")},
-        "run_before": summary.get("eval/accuracy_before"), "run_after": summary.get("eval/accuracy"),
+        "wall_s": wall_s,
+        "loop_s": sum(step_s),
+        "step_s": step_s,
+        "step_s_median": statistics.median(step_s),
+        "evals": evals,
+        "time_split": {k: v for k, v in summary.items() if k.startswith("perf/") and k.endswith("_s")},
+        "run_before": summary.get("eval/accuracy_before"),
+        "run_after": summary.get("eval/accuracy"),
         "reward": [r["reward/mean"] for r in steps if "reward/mean" in r],
         "dropped_zero_variance_groups": sum(r.get("rollout/filtered_zero_variance_groups", 0.0) for r in steps),
-    }  # fmt: skip
+    }
 
 
 def time_to(evals: list[list[float]], accuracy: float) -> float | None:
@@ -328,7 +371,7 @@ def time_to(evals: list[list[float]], accuracy: float) -> float | None:
 
 def held_out_accuracy(cfg: Any, checkpoint: str | Path) -> float:
     """tidal's held-out accuracy of `checkpoint` (`tidal eval CONFIG checkpoint=PATH`), table hidden."""
-    from tidal.evaluation import run_eval
+    from tidal.stages.eval import run_eval
 
     with contextlib.redirect_stdout(io.StringIO()):
         return run_eval(cfg, str(checkpoint))["eval/accuracy"]
@@ -337,20 +380,26 @@ def held_out_accuracy(cfg: Any, checkpoint: str | Path) -> float:
 def print_table(results: list[dict[str, Any]], before: float) -> None:
     trl = next((r for r in results if r["system"].startswith("trl")), None)
     target = f"to {trl['after']:.1%} s" if trl else "to TRL acc s"
-    print(f"\n{'system':>18} {'steps':>5} {'wall s':>7} {target:>12} {'loop s':>7} {'s/step':>7} {'accuracy':>17}"
-          f" {'threads':>7}")  # fmt: skip
+    print(
+        f"\n{'system':>18} {'steps':>5} {'wall s':>7} {target:>12} {'loop s':>7} {'s/step':>7} {'accuracy':>17}"
+        f" {'threads':>7}"
+    )
     for r in results:
         acc = f"{before:.1%} -> {r['after']:.1%}"
         reach = time_to(r["evals"], trl["after"]) if trl and "evals" in r else None
-        print(f"{r['system']:>18} {r['steps']:>5} {r['wall_s']:>7.1f} {'-' if reach is None else f'{reach:.1f}':>12} "
-              f"{r['loop_s']:>7.1f} {r['step_s_median']:>7.3f} {acc:>17} {r['threads']:>7}")  # fmt: skip
+        print(
+            f"{r['system']:>18} {r['steps']:>5} {r['wall_s']:>7.1f} {'-' if reach is None else f'{reach:.1f}':>12} "
+            f"{r['loop_s']:>7.1f} {r['step_s_median']:>7.3f} {acc:>17} {r['threads']:>7}"
+        )
     for t in (r for r in results if r["system"].startswith("trl")):
         for r in (r for r in results if not r["system"].startswith("trl")):
             reach = time_to(r["evals"], t["after"])
             to_acc = f"{t['wall_s'] / reach:.2f}x" if reach else f"never reached {t['after']:.1%}"
-            print(f"{t['system']} / {r['system']}: to TRL's accuracy {to_acc}, "
-                  f"wall {t['wall_s'] / r['wall_s']:.2f}x, s/step {t['step_s_median'] / r['step_s_median']:.2f}x, "
-                  f"loop {t['loop_s'] / r['loop_s']:.2f}x")  # fmt: skip
+            print(
+                f"{t['system']} / {r['system']}: to TRL's accuracy {to_acc}, "
+                f"wall {t['wall_s'] / r['wall_s']:.2f}x, s/step {t['step_s_median'] / r['step_s_median']:.2f}x, "
+                f"loop {t['loop_s'] / r['loop_s']:.2f}x"
+            )
     for r in (r for r in results if "time_split" in r):
         split = ", ".join(f"{k.removeprefix('perf/').removesuffix('_s')} {v:.1f}" for k, v in r["time_split"].items())
         print(f"{r['system']} wall time (s): {split}")
@@ -368,7 +417,7 @@ def base_config(args: argparse.Namespace) -> Any:
 def run_system(args: argparse.Namespace, system: str) -> dict[str, Any]:
     """Train `system` (`trl` or `tidal-<variant>`) in this process; its result, without accuracy."""
     if system.startswith("trl-t"):
-        from tidal.warm_start import resolve_policy_dir
+        from tidal.stages.warm_start import resolve_policy_dir
 
         cfg = base_config(args)
         model_dir, _ = resolve_policy_dir(cfg.model)
@@ -382,8 +431,22 @@ def in_own_process(args: argparse.Namespace, system: str) -> dict[str, Any]:
     (TRL imports vLLM when it is installed and sets environment variables that Ray's actors would
     inherit; Ray leaves state behind) reaches the next, and each pays its own start-up."""
     result = Path(args.out) / f"{system}.json"
-    cmd = [sys.executable, __file__, "--only", system, "--config", args.config, "--steps", str(args.steps),
-           "--eval-size", str(args.eval_size), "--seed", str(args.seed), "--out", args.out]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--only",
+        system,
+        "--config",
+        args.config,
+        "--steps",
+        str(args.steps),
+        "--eval-size",
+        str(args.eval_size),
+        "--seed",
+        str(args.seed),
+        "--out",
+        args.out,
+    ]
     subprocess.run([*cmd, *args.overrides], check=True)
     return json.loads(result.read_text())
 
@@ -398,8 +461,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-threads", default="1,2", help="torch thread counts to run TRL with, one run each")
     ap.add_argument("--out", default="runs/bench-vs-trl")
-    ap.add_argument("--tidal-first", action="store_true",
-                    help="run tidal's variants before TRL (alternate the order between runs of the script)")
+    ap.add_argument(
+        "--tidal-first",
+        action="store_true",
+        help="run tidal's variants before TRL (alternate the order between runs of the script)",
+    )
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in the child process
     ap.add_argument("overrides", nargs="*", help="further key=value overrides of the tidal config (both systems)")
     args = ap.parse_args()
@@ -413,7 +479,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown tidal variant(s) {unknown}; known: {', '.join(TIDAL_VARIANTS)}")
 
-    from tidal.warm_start import resolve_policy_dir
+    from tidal.stages.warm_start import resolve_policy_dir
 
     cfg = base_config(args)
     check_mappable(cfg)
@@ -429,9 +495,18 @@ def main() -> None:
         r["after"] = held_out_accuracy(cfg, r["checkpoint"])
         print(f"{system}: held-out accuracy {before:.1%} -> {r['after']:.1%}", flush=True)
         results.append(r)
-        path.write_text(json.dumps({"args": vars(args), "warm_start": str(model_dir), "before": before,
-                                    "trl_settings": trl_settings(cfg, args.steps, args.seed, out / "trl-t1"),
-                                    "results": results}, indent=2))  # fmt: skip
+        path.write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "warm_start": str(model_dir),
+                    "before": before,
+                    "trl_settings": trl_settings(cfg, args.steps, args.seed, out / "trl-t1"),
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     print_table(results, before)
     print(f"\nper-step times and logs: {path}")
 

@@ -42,9 +42,21 @@ from tidal.weight_sync import (
     sync_group_address,
 )
 
+
+def whole(receiver: Any, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    """The snapshot `handle` names, received as one state dict."""
+    return {name: t for bucket in receiver.receive_buckets(handle) for name, t in bucket.items()}
+
+
 TRANSPORTS = ("object_store", "broadcast", "disk")
-WIDE = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 512, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "head_dim": 64}  # fmt: skip
+WIDE = {
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+}
 """The preset's Qwen3-MoE widened: ~28 MB of fp32 weights per layer."""
 
 
@@ -69,7 +81,7 @@ class Receiver:
 
     def receive(self, handle: WeightHandle) -> int:
         self.state = {}  # the old weights go before the new arrive, as in a worker short of memory
-        self.state = self.receivers[handle.transport].receive(handle)
+        self.state = whole(self.receivers[handle.transport], handle)
         return handle.version
 
     def digest(self) -> str:
@@ -83,7 +95,7 @@ class Receiver:
 def build_state(name: str, layers: int) -> dict[str, torch.Tensor]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tidal.models import load_model, materialize_preset
+    from tidal.model.loading import load_model, materialize_preset
 
     path = materialize_preset("tiny-qwen3-moe", seed=0)
     if name == "tiny-qwen3-moe":
@@ -113,9 +125,13 @@ Times = dict[str, tuple[list[float], list[float]]]
 
 
 def bench_model(
-    state: dict[str, torch.Tensor], actor: Any, publishers: dict[str, Any], repeats: int, first_version: int,
+    state: dict[str, torch.Tensor],
+    actor: Any,
+    publishers: dict[str, Any],
+    repeats: int,
+    first_version: int,
     bucket_mb: float,
-) -> Times:  # fmt: skip
+) -> Times:
     times: Times = {v: ([], []) for v in ("copy", *TRANSPORTS)}
     version = first_version
     for i in range(1 + repeats):
@@ -143,16 +159,22 @@ def bench_model(
 
 def report(name: str, state: dict[str, torch.Tensor], times: Times) -> None:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"\n{name}: {len(state)} tensors, {nbytes / 1e6:.1f} MB fp32; median (min-max) of "
-          f"{len(times['copy'][0])} repeats")  # fmt: skip
+    print(
+        f"\n{name}: {len(state)} tensors, {nbytes / 1e6:.1f} MB fp32; median (min-max) of "
+        f"{len(times['copy'][0])} repeats"
+    )
     base = statistics.median(times["copy"][0])
-    print(f"{'variant':<13} {'publish s':>10} {'(min-max)':>15} {'GB/s':>6} {'/copy':>6}   "
-          f"{'e2e s':>7} {'(min-max)':>15} {'GB/s':>6} {'/copy':>6}")  # fmt: skip
+    print(
+        f"{'variant':<13} {'publish s':>10} {'(min-max)':>15} {'GB/s':>6} {'/copy':>6}   "
+        f"{'e2e s':>7} {'(min-max)':>15} {'GB/s':>6} {'/copy':>6}"
+    )
     for variant, (pub, e2e) in times.items():
         p, e = statistics.median(pub), statistics.median(e2e)
-        print(f"{variant:<13} {p:>10.4f} {f'({min(pub):.4f}-{max(pub):.4f})':>15} {nbytes / p / 1e9:>6.2f} "
-              f"{p / base:>5.2f}x   {e:>7.4f} {f'({min(e2e):.4f}-{max(e2e):.4f})':>15} {nbytes / e / 1e9:>6.2f} "
-              f"{e / base:>5.2f}x")  # fmt: skip
+        print(
+            f"{variant:<13} {p:>10.4f} {f'({min(pub):.4f}-{max(pub):.4f})':>15} {nbytes / p / 1e9:>6.2f} "
+            f"{p / base:>5.2f}x   {e:>7.4f} {f'({min(e2e):.4f}-{max(e2e):.4f})':>15} {nbytes / e / 1e9:>6.2f} "
+            f"{e / base:>5.2f}x"
+        )
 
 
 # ------------------------------------------------------------------------- the trainer's publish
@@ -162,7 +184,7 @@ def save_model(layers: int, out: Path) -> Path:
     """The large model of `build_state` as a model directory with the preset's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tidal.models import load_tokenizer, materialize_preset
+    from tidal.model.loading import load_tokenizer, materialize_preset
 
     path = materialize_preset("tiny-qwen3-moe", seed=0)
     torch.manual_seed(0)
@@ -177,8 +199,8 @@ def bench_trainer_publish(model_dir: Path, weights_dir: Path, repeats: int, buck
     transport (files are not the process's memory, so the peak is the trainer's own), against a
     plain clone of the same fp32 state dict in this process."""
     from tidal.config import load_config
-    from tidal.metrics import PeakRSS, values
-    from tidal.models import load_model
+    from tidal.model.loading import load_model
+    from tidal.telemetry.metrics import PeakRSS, values
     from tidal.trainer.actor import TrainerActor, TrainerActorConfig
     from tidal.trainer.group import TrainerGroup
 
@@ -196,11 +218,19 @@ def bench_trainer_publish(model_dir: Path, weights_dir: Path, repeats: int, buck
     rows = [("clone() fp32", statistics.median(clone_s), max(clone_mem))]
     for dtype in ("float32", "bfloat16"):
         for ranks in (1, 2):
-            cfg = load_config(None, [
-                f"model.path={model_dir}", f"model.dtype={dtype}", "trainer.lr=1e-5", "trainer.zero_stage=3",
-                f"trainer.num_ranks={ranks}", "weight_sync.transport.type=disk",
-                f"weight_sync.transport.dir={weights_dir}", f"weight_sync.bucket_mb={bucket_mb}",
-            ]).for_rl()  # fmt: skip
+            cfg = load_config(
+                None,
+                [
+                    f"model.path={model_dir}",
+                    f"model.dtype={dtype}",
+                    "trainer.lr=1e-5",
+                    "trainer.zero_stage=3",
+                    f"trainer.num_ranks={ranks}",
+                    "weight_sync.transport.type=disk",
+                    f"weight_sync.transport.dir={weights_dir}",
+                    f"weight_sync.bucket_mb={bucket_mb}",
+                ],
+            ).for_rl()
             group = TrainerGroup(TrainerActor, cfg.trainer, (TrainerActorConfig.of(cfg), str(model_dir)), 600)
             times, mems = [], []
             for _ in range(1 + repeats):  # the first publish warms up
@@ -209,15 +239,24 @@ def bench_trainer_publish(model_dir: Path, weights_dir: Path, repeats: int, buck
                 times.append(m["perf/publish_time_s"])
                 mems.append(m["perf/publish_peak_mem_mb"] * 2**20)
             group.close()
-            rows.append((f"{ranks} rank{'s' if ranks > 1 else ''} {'fp32' if dtype == 'float32' else 'bf16'}",
-                         statistics.median(times[1:]), max(mems[1:])))  # fmt: skip
-    print(f"\ntrainer publish (ZeRO-3, disk transport, {bucket_mb:g} MB buckets) of a {nbytes / 2**20:.0f} MB fp32 "
-          f"model; median time and largest peak of {repeats} publishes after one warm-up")  # fmt: skip
+            rows.append(
+                (
+                    f"{ranks} rank{'s' if ranks > 1 else ''} {'fp32' if dtype == 'float32' else 'bf16'}",
+                    statistics.median(times[1:]),
+                    max(mems[1:]),
+                )
+            )
+    print(
+        f"\ntrainer publish (ZeRO-3, disk transport, {bucket_mb:g} MB buckets) of a {nbytes / 2**20:.0f} MB fp32 "
+        f"model; median time and largest peak of {repeats} publishes after one warm-up"
+    )
     base_s, base_mem = rows[0][1], rows[0][2]
     print(f"{'variant':<14} {'time s':>8} {'/clone':>7} {'peak MB':>8} {'/model':>7} {'/clone':>7}")
     for name, t, mem in rows:
-        print(f"{name:<14} {t:>8.3f} {t / base_s:>6.2f}x {mem / 2**20:>8.0f} {mem / nbytes:>6.2f}x "
-              f"{mem / base_mem:>6.2f}x")  # fmt: skip
+        print(
+            f"{name:<14} {t:>8.3f} {t / base_s:>6.2f}x {mem / 2**20:>8.0f} {mem / nbytes:>6.2f}x "
+            f"{mem / base_mem:>6.2f}x"
+        )
 
 
 def main() -> None:
@@ -253,8 +292,9 @@ def bench_transports(args: argparse.Namespace) -> None:
         for i, name in enumerate(("tiny-qwen3-moe", f"qwen3-moe-{args.layers}L-h512")):
             state = build_state(name, args.layers)
             # Versions go on across models, as they would across a run.
-            times = bench_model(state, actor, publishers, args.repeats, first_version=i * 1000,
-                                bucket_mb=args.bucket_mb)  # fmt: skip
+            times = bench_model(
+                state, actor, publishers, args.repeats, first_version=i * 1000, bucket_mb=args.bucket_mb
+            )
             report(name, state, times)
         for p in publishers.values():
             p.close()

@@ -13,5 +13,6 @@ for arg in "$@"; do
 done
 bash scripts/setup.sh --vllm
 .venv/bin/ruff check tidal tests bench
+.venv/bin/ruff format --check tidal tests bench
 # -X faulthandler: a crash, in a test or at exit, prints every thread's stack.
 exec .venv/bin/python -X faulthandler -m pytest "${TIER[@]}" "${ARGS[@]}"

@@ -46,8 +46,9 @@ def ray_runtime(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     log = tempfile.NamedTemporaryFile(prefix="tidal-tests-ray-", suffix=".log", delete=False)  # noqa: SIM115
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=log, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+    )
     address = holder.stdout.readline().strip() if holder.stdout else ""
     if not address:
         holder.kill()
@@ -100,8 +101,12 @@ _verdict: list[str] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--budget-s", type=float, default=None,
-                     help="fail the run when its tests take longer than this many seconds (wall time)")  # fmt: skip
+    parser.addoption(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="fail the run when its tests take longer than this many seconds (wall time)",
+    )
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

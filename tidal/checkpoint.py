@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from tidal.config import ConfigError, RunConfig
-from tidal.monitor import SUMMARY_KEY
 from tidal.runtime import RunError
+from tidal.telemetry.rows import SUMMARY_KEY
 from tidal.types import CheckpointShard
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,21 @@ DRIVER = "driver.pkl"
 TRAINER = "trainer"
 
 SAFE_TO_CHANGE = (
-    "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
-    "train.save_checkpoint", "eval.", "monitor.", "ray.", "name", "output_dir", "weight_sync.transport.",
-    "weight_sync.bucket_mb", "trainer.schedule.total_steps",
-)  # fmt: skip
+    "train.steps",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.save_checkpoint",
+    "eval.",
+    "monitor.",
+    "ray.",
+    "name",
+    "output_dir",
+    "weight_sync.transport.",
+    "weight_sync.bucket_mb",
+    "trainer.schedule.total_steps",
+)
 """Config keys a resume may change (prefixes end with a dot): the run's length, cadence, logging,
 resources, how weights travel (every transport delivers the same bits) and the lr schedule's length
 (see `resumed_schedule`). Any other change alters what the run trains on or how, and is refused."""
@@ -113,8 +124,10 @@ def refuse_overwrite(run_dir: Path) -> None:
     """A new run must not write over a run that left checkpoints."""
     root = checkpoints_dir(run_dir)
     if root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir()):
-        raise ConfigError(f"{run_dir} already holds checkpoints: resume it with train.resume=true, or choose "
-                          "another name or output_dir")  # fmt: skip
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: resume it with train.resume=true, or choose "
+            "another name or output_dir"
+        )
 
 
 def changed_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -141,9 +154,11 @@ def check_resume(path: Path, config: dict[str, Any], steps: int) -> dict[str, An
         state = pickle.load(f)
     changed = changed_keys(state["config"], config)
     if changed:
-        raise ConfigError(f"cannot resume {path} with a config that changes {', '.join(changed)}; only the run's "
-                          "length, eval and logging cadence, monitor.*, ray.* and the weight transport may "
-                          "change")  # fmt: skip
+        raise ConfigError(
+            f"cannot resume {path} with a config that changes {', '.join(changed)}; only the run's "
+            "length, eval and logging cadence, monitor.*, ray.* and the weight transport may "
+            "change"
+        )
     if state["step"] > steps:
         raise ConfigError(f"{path} is at step {state['step']}, past train.steps={steps}")
     return state
@@ -179,18 +194,26 @@ def resumed_schedule(saved: dict[str, Any], cfg: RunConfig) -> tuple[RunConfig, 
     if schedule.total_steps is not None:
         if schedule.total_steps == was:
             return cfg, f"{curve} goes on over its {was} optimizer steps (trainer.schedule.total_steps)"
-        return cfg, (f"{curve} spanned {was} optimizer steps and now spans trainer.schedule.total_steps="
-                     f"{schedule.total_steps}: the lr moves to the new curve at once")  # fmt: skip
+        return cfg, (
+            f"{curve} spanned {was} optimizer steps and now spans trainer.schedule.total_steps="
+            f"{schedule.total_steps}: the lr moves to the new curve at once"
+        )
     trainer = cfg.trainer.model_copy(update={"schedule": schedule.model_copy(update={"total_steps": was})})
     kept = cfg.model_copy(update={"trainer": trainer})
     now = cfg.train.steps * cfg.algorithm.minibatches
     if now == was:
         return kept, f"{curve} goes on over its {was} optimizer steps"
     floor = schedule.min_lr_ratio * (cfg.trainer.lr or 0.0)
-    end = (f"the last {now - was} train at its floor, lr {floor:g} (trainer.schedule.min_lr_ratio="
-           f"{schedule.min_lr_ratio:g})" if now > was else "the run ends before its decay does")  # fmt: skip
-    return kept, (f"train.steps is {cfg.train.steps} now ({now} optimizer steps), but {curve} keeps the length it "
-                  f"started with, {was} optimizer steps, so {end}; set trainer.schedule.total_steps to re-time it")
+    end = (
+        f"the last {now - was} train at its floor, lr {floor:g} (trainer.schedule.min_lr_ratio="
+        f"{schedule.min_lr_ratio:g})"
+        if now > was
+        else "the run ends before its decay does"
+    )
+    return kept, (
+        f"train.steps is {cfg.train.steps} now ({now} optimizer steps), but {curve} keeps the length it "
+        f"started with, {was} optimizer steps, so {end}; set trainer.schedule.total_steps to re-time it"
+    )
 
 
 def truncate_rows(path: Path, step: int) -> None:
@@ -250,9 +273,11 @@ def check_shards(tmp: Path, shards: Sequence[CheckpointShard]) -> None:
     for shard in sorted(shards, key=lambda s: s.rank):
         unlike = _unlike(root, shard.files)
         if unlike:
-            files = ", ".join(f"{TRAINER}/{name} " + ("(missing)" if size is None else
-                                                     f"({size} bytes here, {shard.files[name]} written)")
-                              for name, size in unlike)  # fmt: skip
+            files = ", ".join(
+                f"{TRAINER}/{name} "
+                + ("(missing)" if size is None else f"({size} bytes here, {shard.files[name]} written)")
+                for name, size in unlike
+            )
             unseen.append(f"trainer rank {shard.rank} wrote {files}")
     if unseen:
         raise RunError(f"checkpoint {tmp} is incomplete as the driver sees it: {'; '.join(unseen)}; {SHARED}")
@@ -272,6 +297,8 @@ def shard_problem(path: Path, rank: int) -> str | None:
     unlike = _unlike(path.parent, mine)
     if not unlike:
         return None
-    files = ", ".join(f"{name} " + ("(missing)" if size is None else f"({size} bytes, the manifest says {mine[name]})")
-                      for name, size in unlike)  # fmt: skip
+    files = ", ".join(
+        f"{name} " + ("(missing)" if size is None else f"({size} bytes, the manifest says {mine[name]})")
+        for name, size in unlike
+    )
     return f"trainer rank {rank} finds {files} in {path.parent}"

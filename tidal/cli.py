@@ -26,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="YAML run config")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=2e-5")
         if name == "check":
-            p.add_argument("--stage", choices=["train", "sft"], default="train",
-                           help="the command whose checks to run (default: train)")  # fmt: skip
+            p.add_argument(
+                "--stage",
+                choices=["train", "sft"],
+                default="train",
+                help="the command whose checks to run (default: train)",
+            )
     plot = sub.add_parser("plot", help="draw runs' curves, staleness and time split as PNGs in their directories")
     plot.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     args = parser.parse_args(argv)
@@ -43,20 +47,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("checkpoint=PATH is an argument of `tidal eval` only")
         cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("checkpoint=")])
         if args.command == "check":
-            from tidal.preflight import check_sft, check_train
+            from tidal.stages.check import check_sft, check_train
 
             print(dump_config((check_sft if args.stage == "sft" else check_train)(cfg).cfg), end="")
             return 0
         if args.command == "sft":
-            from tidal.sft import run_sft
+            from tidal.stages.sft import run_sft
 
             run_sft(cfg)
         elif args.command == "eval":
-            from tidal.evaluation import run_eval
+            from tidal.stages.eval import run_eval
 
             run_eval(cfg, checkpoints[-1] if checkpoints else None)
         else:
-            from tidal.train import run_train
+            from tidal.stages.train import run_train
 
             run_train(cfg)
     except ConfigError as e:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(runs: list[str]) -> int:
-    from tidal.plots import plot_runs
+    from tidal.telemetry.plots import plot_runs
 
     try:
         for path in plot_runs([Path(r) for r in runs]):

@@ -151,8 +151,9 @@ class Room:
     limit: str
 
 
-def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig, split: str,
-                         room: Room | None = None) -> None:  # fmt: skip
+def check_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig, split: str, room: Room | None = None
+) -> None:
     """Fail, naming the file and row, on the first prompt text of `split` ("train" or "eval", one
     text per row of that split) longer than `data.max_prompt_tokens` after the chat template, or,
     with `room`, too long to leave the model positions for its completion."""
@@ -161,12 +162,16 @@ def check_prompt_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], c
     for i, n in enumerate(lengths):
         if n > cfg.max_prompt_tokens:
             where, limit = _row_origin(cfg.source, split, i), cfg.max_prompt_tokens
-            raise ConfigError(f"{where}: the prompt has {n} tokens > data.max_prompt_tokens={limit}; raise "
-                              "data.max_prompt_tokens or shorten the row")  # fmt: skip
+            raise ConfigError(
+                f"{where}: the prompt has {n} tokens > data.max_prompt_tokens={limit}; raise "
+                "data.max_prompt_tokens or shorten the row"
+            )
         if room is not None and n + room.new_tokens > room.positions:
             where, key = _row_origin(cfg.source, split, i), f"{room.key}={room.new_tokens}"
-            raise ConfigError(f"{where}: the prompt has {n} tokens, and {key} more make {n + room.new_tokens} > "
-                              f"{room.limit}={room.positions}; lower {room.key} or shorten the row")  # fmt: skip
+            raise ConfigError(
+                f"{where}: the prompt has {n} tokens, and {key} more make {n + room.new_tokens} > "
+                f"{room.limit}={room.positions}; lower {room.key} or shorten the row"
+            )
 
 
 def _row_origin(src: ArithmeticData | FileData, split: str, index: int) -> str:

@@ -132,8 +132,12 @@ def dump_stacks(out: Path, wait_s: float = 2.0) -> Path | None:
         if a.get("State") == "ALIVE" and a.get("Pid") and a.get("JobID") == job:
             by_node.setdefault(a["Address"]["NodeID"], []).append((a["ActorClassName"], int(a["Pid"])))
     collect = ray.remote(_collect_stacks)
-    refs = [collect.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(procs, where, wait_s) for node, procs in by_node.items()]  # fmt: skip
+    refs = [
+        collect.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            procs, where, wait_s
+        )
+        for node, procs in by_node.items()
+    ]
     try:
         texts = ray.get(refs, timeout=wait_s + 30.0)
     except Exception as e:
@@ -176,8 +180,12 @@ def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
         sys.path.insert(0, cwd)
     pythonpath = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
     # Actors load models quietly: no weight-loading bars between the driver's progress lines.
-    env = {"PYTHONPATH": pythonpath, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+    env = {
+        "PYTHONPATH": pythonpath,
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     runtime_env: dict[str, Any] = {"env_vars": env}
     if log_file is not None:
         env[ACTOR_LOG_ENV] = str(Path(log_file).resolve())
@@ -192,8 +200,13 @@ def start_ray(cfg: RunConfig, log_file: Path | None = None) -> None:
     # The runtime tidal starts is its own: Ray's notice that it turned token auth on (the safe
     # default) is not news to the user.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-             logging_level=logging.WARNING, log_to_driver=True)  # fmt: skip
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
 
 
 def wait_for(refs: Any, what: str, timeout_s: float) -> Any:
@@ -203,8 +216,9 @@ def wait_for(refs: Any, what: str, timeout_s: float) -> Any:
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise Stalled(f"{what} did not answer within ray.stall_timeout_s={timeout_s:g}s; raise it for slow "
-                      "models") from None  # fmt: skip
+        raise Stalled(
+            f"{what} did not answer within ray.stall_timeout_s={timeout_s:g}s; raise it for slow models"
+        ) from None
 
 
 def actor_error_line(err: Exception, logs: str = "/tmp/ray/session_latest/logs") -> str:

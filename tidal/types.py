@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from tidal.metrics import Metrics
+from tidal.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:  # only annotations: the buffer actor, which holds these records, never imports torch
     import torch
@@ -147,9 +147,19 @@ class Sample:
 
     def for_training(self) -> TrainSample:
         """The part of the sample the buffer and the trainer use; the row, text and scores stay here."""
-        return TrainSample(self.group_id, self.prompt_ids, self.response_ids, self.loss_mask, self.logp_mu,
-                           self.finish_reason, self.version, self.versions, self.reward, self.failed,
-                           self.routing)  # fmt: skip
+        return TrainSample(
+            self.group_id,
+            self.prompt_ids,
+            self.response_ids,
+            self.loss_mask,
+            self.logp_mu,
+            self.finish_reason,
+            self.version,
+            self.versions,
+            self.reward,
+            self.failed,
+            self.routing,
+        )
 
 
 @dataclass

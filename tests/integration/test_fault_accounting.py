@@ -22,12 +22,12 @@ import pytest
 import ray
 
 from tidal.config import FilterConfig, load_config
-from tidal.dispatch import Dispatcher
-from tidal.models import materialize_preset
+from tidal.driver.dispatch import Dispatcher
+from tidal.model.loading import materialize_preset
 from tidal.rollout.buffer import TrajectoryBuffer
 from tidal.rollout.worker import RolloutWorker
 from tidal.runtime import RunError, Stalled, dump_stacks, start_ray
-from tidal.train import run_train
+from tidal.stages.train import run_train
 from tidal.types import Prompt
 
 pytestmark = pytest.mark.integration
@@ -88,14 +88,28 @@ def late_put_worker(flag: Path) -> type:
 
 def test_groups_scored_when_an_engine_crashes_are_trained_once(tmp_path: Path, ledger_balances) -> None:
     overrides = [
-        "name=late", f"output_dir={tmp_path}", "model.preset=tiny-qwen3-moe", "seed=1", "data.source.ops=[+]",
-        "data.source.eval_size=8", "rollout.max_new_tokens=4", "rollout.group_size=8",
-        f"rollout.prompts_per_step={PER_STEP}", "rollout.num_workers=2", "rollout.max_staleness=2",
-        "trainer.micro_batch_size=64", f"train.steps={STEPS}", "train.eval_every=0", "eval.num_samples=8",
-        "eval.max_new_tokens=4", "monitor.wandb=disabled", "train.save_checkpoint=false",
+        "name=late",
+        f"output_dir={tmp_path}",
+        "model.preset=tiny-qwen3-moe",
+        "seed=1",
+        "data.source.ops=[+]",
+        "data.source.eval_size=8",
+        "rollout.max_new_tokens=4",
+        "rollout.group_size=8",
+        f"rollout.prompts_per_step={PER_STEP}",
+        "rollout.num_workers=2",
+        "rollout.max_staleness=2",
+        "trainer.micro_batch_size=64",
+        f"train.steps={STEPS}",
+        "train.eval_every=0",
+        "eval.num_samples=8",
+        "eval.max_new_tokens=4",
+        "monitor.wandb=disabled",
+        "train.save_checkpoint=false",
         # Every group is trained (none filtered), so a second copy would be trained too.
-        "filter.zero_variance=false", "ray.stall_timeout_s=120",
-    ]  # fmt: skip
+        "filter.zero_variance=false",
+        "ray.stall_timeout_s=120",
+    ]
     cfg = load_config(None, overrides)
     summary = run_train(cfg, worker_cls=late_put_worker(tmp_path / "crashed"))
     assert (tmp_path / "crashed").is_file()
@@ -122,12 +136,14 @@ class Prompts:
 def test_a_hung_buffer_ends_the_dispatchers_wait_with_the_watchdogs_line(tmp_path: Path) -> None:
     """...and the stall's dump of every actor's stack shows where the buffer hangs (the slow tier's
     stalled trainer shows it in a whole run)."""
-    cfg = load_config(None, [f"output_dir={tmp_path}", "ray.stall_timeout_s=2", "monitor.wandb=disabled",
-                             "ray.num_cpus=1"])  # fmt: skip
+    cfg = load_config(
+        None, [f"output_dir={tmp_path}", "ray.stall_timeout_s=2", "monitor.wandb=disabled", "ray.num_cpus=1"]
+    )
     start_ray(cfg, log_file=tmp_path / "run.log")  # as a run starts it: actors dump their stacks on SIGUSR1
     try:
         buffer = ray.remote(max_concurrency=4)(HungBuffer).remote(FilterConfig(), 0, 2)
-        dispatch = Dispatcher(cfg, Prompts(), [], buffer, serving=[])
+        ray.get(buffer.ledger.remote(), timeout=300)  # up: the watchdog's 2 s time the hang, not the start
+        dispatch = Dispatcher(cfg, Prompts(), [], buffer)
         raised: list[BaseException] = []
 
         def hand_out() -> None:
@@ -201,22 +217,40 @@ def failing_worker(procs: Path, where: str) -> type:
 
 # Per commit the new process that dies before it answers (the path whose line once depended on timing);
 # test_train's dying env fails in `generate` per commit too.
-@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.slow) if w != "constructor" else w
-                                   for w in ("generate", "constructor", "join_weight_sync", "pid")])
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(w, marks=pytest.mark.slow) if w != "constructor" else w
+        for w in ("generate", "constructor", "join_weight_sync", "pid")
+    ],
+)
 def test_a_worker_that_keeps_failing_ends_the_run_with_one_line_wherever_it_fails(tmp_path: Path, where: str) -> None:
     procs = tmp_path / "procs"
     procs.mkdir()
-    cfg = load_config(None, [
-        f"name={where}", f"output_dir={tmp_path / 'runs'}", "model.preset=tiny-qwen3-moe", "rollout.max_new_tokens=2",
-        "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.max_worker_restarts=1", "train.steps=4",
-        "train.eval_every=0", "eval.num_samples=2", "monitor.wandb=disabled", "train.save_checkpoint=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"name={where}",
+            f"output_dir={tmp_path / 'runs'}",
+            "model.preset=tiny-qwen3-moe",
+            "rollout.max_new_tokens=2",
+            "rollout.group_size=2",
+            "rollout.prompts_per_step=2",
+            "rollout.max_worker_restarts=1",
+            "train.steps=4",
+            "train.eval_every=0",
+            "eval.num_samples=2",
+            "monitor.wandb=disabled",
+            "train.save_checkpoint=false",
+        ],
+    )
     with pytest.raises(RunError) as err:
         run_train(cfg, worker_cls=failing_worker(procs, where))
     line = str(err.value)
     assert "\n" not in line, line
-    assert line.startswith("rollout worker 0 failed and rollout.max_worker_restarts=1 allows no more restarts; "
-                           "the last failure: "), line  # fmt: skip
+    assert line.startswith(
+        "rollout worker 0 failed and rollout.max_worker_restarts=1 allows no more restarts; the last failure: "
+    ), line
     assert len(list(procs.iterdir())) == 2, sorted(p.name for p in procs.iterdir())
 
 
@@ -248,13 +282,26 @@ def test_every_worker_dying_as_the_last_evaluation_is_asked_is_restarted_and_the
     hang of half an hour with the default)."""
     procs = tmp_path / "procs"
     procs.mkdir()
-    cfg = load_config(None, [
-        "name=both", f"output_dir={tmp_path / 'runs'}", "model.preset=tiny-qwen3-moe", "rollout.max_new_tokens=2",
-        "rollout.group_size=2", "rollout.prompts_per_step=2", "rollout.num_workers=2", "train.steps=2",
-        "train.eval_every=0", "filter.zero_variance=false",  # every step trains: the last publish is version 2
-        "eval.num_samples=2", "eval.max_new_tokens=2", "monitor.wandb=disabled", "train.save_checkpoint=false",
-        "ray.stall_timeout_s=60",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "name=both",
+            f"output_dir={tmp_path / 'runs'}",
+            "model.preset=tiny-qwen3-moe",
+            "rollout.max_new_tokens=2",
+            "rollout.group_size=2",
+            "rollout.prompts_per_step=2",
+            "rollout.num_workers=2",
+            "train.steps=2",
+            "train.eval_every=0",
+            "filter.zero_variance=false",  # every step trains: the last publish is version 2
+            "eval.num_samples=2",
+            "eval.max_new_tokens=2",
+            "monitor.wandb=disabled",
+            "train.save_checkpoint=false",
+            "ray.stall_timeout_s=300",
+        ],
+    )
     summary = run_train(cfg, worker_cls=dying_at_weights(procs, version=2))
     assert summary["fault/worker_restarts"] == 2
     assert sorted(p.name.split("-")[0] for p in procs.iterdir()) == ["0", "0", "1", "1"]

@@ -28,11 +28,11 @@ import pytest
 import ray
 
 from tidal.config import load_config
-from tidal.models import materialize_preset
-from tidal.monitor import SUMMARY_KEY
+from tidal.model.loading import materialize_preset
 from tidal.rollout.worker import RolloutWorker
 from tidal.runtime import RunError
-from tidal.train import run_train
+from tidal.stages.train import run_train
+from tidal.telemetry.rows import SUMMARY_KEY
 from tidal.trainer.actor import TrainerActor
 
 pytestmark = pytest.mark.integration
@@ -42,14 +42,26 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 STEPS = 30
 PER_STEP = 8
 OVERRIDES = [
-    "model.preset=tiny-qwen3-moe", "seed=1", "data.source.ops=[+]", "data.source.eval_size=16",
-    "rollout.max_new_tokens=4", "rollout.group_size=8", f"rollout.prompts_per_step={PER_STEP}",
-    "rollout.num_workers=2", "rollout.max_staleness=2", "trainer.lr=1e-3", "trainer.micro_batch_size=64",
+    "model.preset=tiny-qwen3-moe",
+    "seed=1",
+    "data.source.ops=[+]",
+    "data.source.eval_size=16",
+    "rollout.max_new_tokens=4",
+    "rollout.group_size=8",
+    f"rollout.prompts_per_step={PER_STEP}",
+    "rollout.num_workers=2",
+    "rollout.max_staleness=2",
+    "trainer.lr=1e-3",
+    "trainer.micro_batch_size=64",
     # A format reward a random model hits about one time in ten: reward rises within a short run.
     "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}}]",
-    "train.eval_every=10", "eval.num_samples=16", "eval.max_new_tokens=4", "monitor.wandb=disabled",
-    "train.save_checkpoint=false", "ray.stall_timeout_s=300",  # a hang fails in minutes, not half an hour
-]  # fmt: skip
+    "train.eval_every=10",
+    "eval.num_samples=16",
+    "eval.max_new_tokens=4",
+    "monitor.wandb=disabled",
+    "train.save_checkpoint=false",
+    "ray.stall_timeout_s=300",  # a hang fails in minutes, not half an hour
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,14 +158,18 @@ def new_process_s(pids: Path, kill: dict) -> float:
     return next(t for t in started if t > kill["t_kill"]) - kill["t_kill"]
 
 
-@pytest.mark.parametrize("steps, kills, last_kill", [
-    # Both workers down at once happens here too (seeds 1921575665, 1061637256: the last evaluation then
-    # waited out the stall timeout; test_fault_accounting asserts that case every time).
-    pytest.param(14, 2, 5, id="short"),
-    pytest.param(STEPS, 3, STEPS - 13, marks=pytest.mark.slow, id="full"),
-])  # fmt: skip
-def test_chaos_workers_killed_the_run_completes(tmp_path: Path, ledger_balances, capsys: pytest.CaptureFixture,
-                                                steps: int, kills: int, last_kill: int) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "steps, kills, last_kill",
+    [
+        # Both workers down at once happens here too (seeds 1921575665, 1061637256: the last evaluation then
+        # waited out the stall timeout; test_fault_accounting asserts that case every time).
+        pytest.param(14, 2, 5, id="short"),
+        pytest.param(STEPS, 3, STEPS - 13, marks=pytest.mark.slow, id="full"),
+    ],
+)
+def test_chaos_workers_killed_the_run_completes(
+    tmp_path: Path, ledger_balances, capsys: pytest.CaptureFixture, steps: int, kills: int, last_kill: int
+) -> None:
     """SIGKILLs at random steps after random delays; the seed is printed (in the report of a failure
     too) and TIDAL_CHAOS_SEED=<seed> replays its choices. The full run also shows the reward rising."""
     seed = int(os.environ.get("TIDAL_CHAOS_SEED", time.time_ns() % 2**31))
@@ -163,8 +179,16 @@ def test_chaos_workers_killed_the_run_completes(tmp_path: Path, ledger_balances,
     pids = tmp_path / "pids"
     pids.mkdir()
     transport = os.environ.get("TIDAL_CHAOS_TRANSPORT", "object_store")  # the others: in the engine-crash test
-    cfg = load_config(None, [*OVERRIDES, "name=chaos", f"output_dir={tmp_path}", f"train.steps={steps}",
-                             f"weight_sync.transport.type={transport}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *OVERRIDES,
+            "name=chaos",
+            f"output_dir={tmp_path}",
+            f"train.steps={steps}",
+            f"weight_sync.transport.type={transport}",
+        ],
+    )
     log: list[dict] = []
     # Kills by step `last_kill`, leaving steps to spare for the run to notice each (a restart that
     # ends after the last step is still waited for).
@@ -182,8 +206,12 @@ def test_chaos_workers_killed_the_run_completes(tmp_path: Path, ledger_balances,
     assert summary["fault/worker_restarts"] == kills == counted, (seed, log)
     ledger_balances(summary, rows, steps, PER_STEP)
     redispatched = sum(r.get("fault/redispatched_groups", 0) for r in trained)
-    print("redispatched groups:", redispatched, "restart s:", [r["fault/worker_restart_s"] for r in rows
-                                                                 if "fault/worker_restart_s" in r])  # fmt: skip
+    print(
+        "redispatched groups:",
+        redispatched,
+        "restart s:",
+        [r["fault/worker_restart_s"] for r in rows if "fault/worker_restart_s" in r],
+    )
     if steps >= 24:
         rewards = [r["reward/mean"] for r in trained if "reward/mean" in r]
         first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
@@ -197,8 +225,16 @@ def test_an_engine_crash_restarts_the_worker(tmp_path: Path, transport: str, led
     and the trainer sends its weights again. (The chaos run covers the object store.)"""
     pids = tmp_path / "pids"
     pids.mkdir()
-    cfg = load_config(None, [*OVERRIDES, "name=crash", f"output_dir={tmp_path}", "train.steps=6",
-                             f"weight_sync.transport.type={transport}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *OVERRIDES,
+            "name=crash",
+            f"output_dir={tmp_path}",
+            "train.steps=6",
+            f"weight_sync.transport.type={transport}",
+        ],
+    )
     summary = run_train(cfg, worker_cls=pid_worker(pids, crash_at_batch=3))
     rows = rows_of(cfg.run_dir)
     assert (pids / "crashed").is_file()
@@ -222,8 +258,14 @@ def test_a_worker_past_its_restarts_stops_the_run_with_a_checkpoint_to_resume(tm
     run hands out again: no prompt lost or trained twice."""
     pids = tmp_path / "pids"
     pids.mkdir()
-    args = [*OVERRIDES, "name=lost", f"output_dir={tmp_path}", "train.steps=10", "train.checkpoint_every=0",
-            "rollout.max_worker_restarts=0"]  # fmt: skip
+    args = [
+        *OVERRIDES,
+        "name=lost",
+        f"output_dir={tmp_path}",
+        "train.steps=10",
+        "train.checkpoint_every=0",
+        "rollout.max_worker_restarts=0",
+    ]
     cfg = load_config(None, args)
     with pytest.raises(RunError) as err:
         run_train(cfg, worker_cls=pid_worker(pids, crash_at_batch=5, die=True))
@@ -232,8 +274,10 @@ def test_a_worker_past_its_restarts_stops_the_run_with_a_checkpoint_to_resume(tm
     assert "\n" not in line and why in line, line
     logged = [r["step"] for r in rows_of(cfg.run_dir) if "train/version" in r]
     assert logged == list(range(1, logged[-1] + 1)) and logged[-1] >= 2, logged  # batch 5 is handed out at step 3
-    assert f"to continue from {cfg.run_dir / 'checkpoints' / f'step_{logged[-1]:08d}'}, run the same command " \
-           "with train.resume=true" in line, line  # fmt: skip
+    assert (
+        f"to continue from {cfg.run_dir / 'checkpoints' / f'step_{logged[-1]:08d}'}, run the same command "
+        "with train.resume=true" in line
+    ), line
     assert [p.name for p in (cfg.run_dir / "checkpoints").iterdir()] == [f"step_{logged[-1]:08d}"]
     with (cfg.run_dir / "checkpoints" / f"step_{logged[-1]:08d}" / "driver.pkl").open("rb") as f:
         saved = set(pickle.load(f)["dispatch"]["in_flight"])
@@ -243,8 +287,11 @@ def test_a_worker_past_its_restarts_stops_the_run_with_a_checkpoint_to_resume(tm
     assert [r["step"] for r in rows if "train/version" in r] == list(range(1, 11))
     ledger_balances(summary, rows, 10, PER_STEP)
     # Handed out again and generated: some are trained (others may be filtered, none all of them).
-    trained = {g["id"] for line in (cfg.run_dir / "schedule.jsonl").read_text().splitlines()
-               for g in json.loads(line)["groups"]}  # fmt: skip
+    trained = {
+        g["id"]
+        for line in (cfg.run_dir / "schedule.jsonl").read_text().splitlines()
+        for g in json.loads(line)["groups"]
+    }
     assert saved & trained, (saved, sorted(trained))
 
 
@@ -257,8 +304,9 @@ class FailingTrainer(TrainerActor):
         return super().step(groups, batch_id)
 
 
-def test_a_trainer_failure_stops_the_run_in_one_line_and_the_checkpoint_resumes_it(tmp_path: Path,
-                                                                                  ledger_balances) -> None:  # fmt: skip
+def test_a_trainer_failure_stops_the_run_in_one_line_and_the_checkpoint_resumes_it(
+    tmp_path: Path, ledger_balances
+) -> None:
     args = [*OVERRIDES, "name=trainer", f"output_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2"]
     cfg = load_config(None, args)
     with pytest.raises(RunError) as err:
@@ -284,8 +332,9 @@ class StallingTrainer(TrainerActor):
 
 @pytest.mark.slow  # 45 s of watchdog; per commit test_fault_accounting's hung buffer trips it in 2 s, stacks dumped
 def test_a_stalled_trainer_trips_the_watchdog_with_every_actors_stack(tmp_path: Path) -> None:
-    cfg = load_config(None, [*OVERRIDES, "name=stall", f"output_dir={tmp_path}", "train.steps=3",
-                             "ray.stall_timeout_s=45"])  # fmt: skip
+    cfg = load_config(
+        None, [*OVERRIDES, "name=stall", f"output_dir={tmp_path}", "train.steps=3", "ray.stall_timeout_s=45"]
+    )
     with pytest.raises(RunError) as err:
         run_train(cfg, trainer_cls=StallingTrainer)
     line = str(err.value)

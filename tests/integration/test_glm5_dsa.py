@@ -1,7 +1,7 @@
 """GLM-5 sparse attention gives the same log-probs whichever way a sequence is run.
 
 The tiny-glm5-moe preset (index_topk 64, 4 indexer heads) leaves about 6% of indexer scores at
-exactly 0, so without tidal.patches' tie-stable top-k these tests fail by 1e-2 to 1.
+exactly 0, so without tidal.model.patches' tie-stable top-k these tests fail by 1e-2 to 1.
 """
 
 import pickle
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from tidal.models import build_char_tokenizer, load_model, materialize_preset, preset_config
-from tidal.patches import apply_model_fixes
+from tidal.model.loading import build_char_tokenizer, load_model, materialize_preset, preset_config
+from tidal.model.patches import apply_model_fixes
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def test_fix_selects_as_upstream_when_scores_do_not_tie() -> None:
 
 def test_fix_leaves_other_architectures_alone(tmp_path: Path) -> None:
     model = load_model(materialize_preset("tiny-qwen3-moe", seed=0, root=tmp_path))
-    assert not [name for name, m in model.named_modules() if type(m).__module__ == "tidal.patches"]
+    assert not [name for name, m in model.named_modules() if type(m).__module__ == "tidal.model.patches"]
 
 
 def test_fixed_model_survives_pickle(model: PreTrainedModel) -> None:

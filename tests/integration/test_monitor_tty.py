@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = """
 import time
-from tidal.monitor import ConsoleSink
+from tidal.telemetry.monitor import ConsoleSink
 sink = ConsoleSink(total_steps=6, log_every=100)
 assert sink.live is not None, "a terminal was not detected"
 for step in range(1, 7):

@@ -13,9 +13,9 @@ import ray
 import torch
 
 from tidal.config import RunConfig, load_config
-from tidal.metrics import PeakRSS, values
-from tidal.models import load_model, materialize_preset
+from tidal.model.loading import load_model, materialize_preset
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
+from tidal.telemetry.metrics import PeakRSS, values
 from tidal.trainer.actor import TrainerActor, TrainerActorConfig
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Group, Prompt
@@ -27,9 +27,15 @@ WAIT_S = 300.0
 PROBLEMS = [("12+7=", "19"), ("3-5=", "-2"), ("40+2=", "42")]
 ROWS = [Prompt(i, {"prompt": p, "answer": a}) for i, (p, a) in enumerate(PROBLEMS)]
 OVERRIDES = [
-    "model.preset=tiny-qwen3-moe", "rollout.group_size=3", "rollout.max_new_tokens=4", "trainer.micro_batch_size=2",
-    "trainer.lr=1e-3", "monitor.wandb=disabled", "algorithm.minibatches=2", "algorithm.loss.kl.coef=0.01",
-]  # fmt: skip
+    "model.preset=tiny-qwen3-moe",
+    "rollout.group_size=3",
+    "rollout.max_new_tokens=4",
+    "trainer.micro_batch_size=2",
+    "trainer.lr=1e-3",
+    "monitor.wandb=disabled",
+    "algorithm.minibatches=2",
+    "algorithm.loss.kl.coef=0.01",
+]
 """3 groups of 3: 9 rows in minibatches of 4 and 5, so with two ranks one share of 5 rows is padded."""
 STEPS = 3
 TOLERANCE = 3e-5
@@ -132,11 +138,18 @@ def wide_model(preset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The preset's architecture widened to ~140 MB of fp32 weights (random init), with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tidal.models import load_tokenizer
+    from tidal.model.loading import load_tokenizer
 
-    config = AutoConfig.from_pretrained(preset, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
-                                        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-                                        head_dim=64)  # fmt: skip
+    config = AutoConfig.from_pretrained(
+        preset,
+        hidden_size=512,
+        intermediate_size=1024,
+        moe_intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("wide")
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
@@ -148,9 +161,19 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
     """Rank 0 of two at ZeRO-3 publishes through the disk transport in 4 MB buckets: its peak memory
     grows by a few of the largest tensor (a layer's fused experts, 16 MB), not by the model."""
     overrides = [o for o in OVERRIDES if not o.startswith("model.preset")]
-    cfg = load_config(None, [*overrides, f"model.path={wide_model}", "trainer.num_ranks=2", "trainer.zero_stage=3",
-                             "algorithm.loss.kl.coef=0", "weight_sync.transport.type=disk",
-                             f"weight_sync.transport.dir={tmp_path}", "weight_sync.bucket_mb=4"]).for_rl()  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            f"model.path={wide_model}",
+            "trainer.num_ranks=2",
+            "trainer.zero_stage=3",
+            "algorithm.loss.kl.coef=0",
+            "weight_sync.transport.type=disk",
+            f"weight_sync.transport.dir={tmp_path}",
+            "weight_sync.bucket_mb=4",
+        ],
+    ).for_rl()
     model_bytes = sum(t.numel() * 4 for t in load_model(str(wide_model)).state_dict().values())
     group = TrainerGroup(FullCopyTrainer, cfg.trainer, (TrainerActorConfig.of(cfg), str(wide_model)), WAIT_S)
     try:
@@ -159,8 +182,10 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
         full = ray.get(group.call("full_copy_peak"), timeout=WAIT_S)[0]
     finally:
         group.close()
-    print(f"model {model_bytes / 2**20:.0f} MB: publish peak +{streamed / 2**20:.0f} MB, "
-          f"whole fp32 copy +{full / 2**20:.0f} MB")
+    print(
+        f"model {model_bytes / 2**20:.0f} MB: publish peak +{streamed / 2**20:.0f} MB, "
+        f"whole fp32 copy +{full / 2**20:.0f} MB"
+    )
     assert handle.nbytes == model_bytes and len(handle.payload.files) > 10
     # Measured: +46 MB for a 163 MB model, about three copies of the largest tensor (ZeRO-3's gather of
     # it, the bucket holding it, safetensors' bytes of it); a whole copy: +171 MB.
@@ -168,8 +193,9 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
     assert full > 0.6 * model_bytes  # the measurement does see a whole copy when there is one
 
 
-def test_two_ranks_resume_from_a_checkpoint_exactly(cluster: None, preset: Path, groups: list[Group],
-                                                    tmp_path: Path) -> None:  # fmt: skip
+def test_two_ranks_resume_from_a_checkpoint_exactly(
+    cluster: None, preset: Path, groups: list[Group], tmp_path: Path
+) -> None:
     """ZeRO-3 over two ranks: each rank writes and reads back its own partition of the parameters
     and of the optimizer's moments, sealed as the driver seals them; training on from the checkpoint
     gives the same weights, bit for bit."""
@@ -204,8 +230,9 @@ def test_two_ranks_replay_routing_and_measure_it_like_one(cluster: None, preset:
     """R3 at ZeRO-3: each rank replays its share's recorded routing; the routing-health metrics,
     summed over ranks, are the whole batch's."""
     threads = torch.get_num_threads()
-    groups = RolloutWorker(WorkerConfig.of(config("rollout.record_routing=true")), str(preset)).rollout(
-        ROWS, seed=0).groups  # fmt: skip
+    groups = (
+        RolloutWorker(WorkerConfig.of(config("rollout.record_routing=true")), str(preset)).rollout(ROWS, seed=0).groups
+    )
     torch.set_num_threads(threads)
     for g in groups:
         for j, s in enumerate(g.samples):

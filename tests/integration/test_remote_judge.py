@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from tidal.config import RewardsConfig, RewardSpec
-from tidal.metrics import values
 from tidal.rewards import RewardResult, RewardScorer
 from tidal.rewards.remote import RemoteJudge, RemoteJudgeError
+from tidal.telemetry.metrics import values
 from tidal.types import Sample
 
 pytestmark = pytest.mark.integration

@@ -24,8 +24,8 @@ import yaml
 from tidal import checkpoint
 from tidal.cli import main
 from tidal.config import load_config
-from tidal.models import materialize_preset
-from tidal.train import run_train
+from tidal.model.loading import materialize_preset
+from tidal.stages.train import run_train
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +55,14 @@ def tidal(*args: str, **kwargs: Any) -> subprocess.Popen:
     """`tidal ...` in a session of its own, so that killing the group kills the driver and every actor."""
     # Not this process's wandb service (a run in it started one): each run starts its own, as from a shell.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return subprocess.Popen([*TIDAL, *args], start_new_session=True, stdout=kwargs.pop("log"),
-                            stderr=subprocess.STDOUT, cwd=kwargs.pop("cwd"), env=env)  # fmt: skip
+    return subprocess.Popen(
+        [*TIDAL, *args],
+        start_new_session=True,
+        stdout=kwargs.pop("log"),
+        stderr=subprocess.STDOUT,
+        cwd=kwargs.pop("cwd"),
+        env=env,
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
@@ -113,8 +119,9 @@ def test_a_killed_run_resumes_into_the_uninterrupted_one(config: Path, ledger_ba
     assert b["schedule"] == a["schedule"]  # the same groups, from the same workers and versions, at the same steps
     assert [r["step"] for r in b["steps"]] == list(range(1, STEPS + 1))  # each step logged once
     assert [r["train/loss"] for r in b["steps"]] == [r["train/loss"] for r in a["steps"]]
-    assert a["params"].keys() == b["params"].keys() and all(torch.equal(a["params"][k], b["params"][k])
-                                                            for k in a["params"])  # fmt: skip
+    assert a["params"].keys() == b["params"].keys() and all(
+        torch.equal(a["params"][k], b["params"][k]) for k in a["params"]
+    )
     ledger_balances(b["summary"], b["rows"], STEPS, 8)
     assert b["summary"]["ledger/trained_groups"] == STEPS * 8
     assert b["summary"]["eval/accuracy_before"] == a["summary"]["eval/accuracy_before"]
@@ -166,10 +173,11 @@ def test_sigterm_checkpoints_exits_zero_and_resume_finishes(config: Path, ledger
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
     # ...and a resume that would change the run, or a new run over it, is refused with one line.
     for more, message in [
-        (["train.resume=true", "rollout.group_size=2", "model.preset=tiny-glm5-moe"],
-         "with a config that changes model.preset, rollout.group_size;"),
+        (
+            ["train.resume=true", "rollout.group_size=2", "model.preset=tiny-glm5-moe"],
+            "with a config that changes model.preset, rollout.group_size;",
+        ),
         ([], "already holds checkpoints: resume it with train.resume=true"),
         (["name=never-ran", "train.resume=true"], "holds no complete checkpoint"),
-    ]:  # fmt: skip
+    ]:
         assert message in refused(config, [*args, *more])
-

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tidal.config import load_config
-from tidal.train import run_train
+from tidal.stages.train import run_train
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_a_resume_with_more_steps_keeps_the_lr_schedule(tmp_path: Path, caplog: 
     first = lrs(run_dir)
     assert [first[s] for s in (1, 2, 3)] == pytest.approx([LR, 0.75 * LR, 0.5 * LR])
 
-    with caplog.at_level(logging.INFO, logger="tidal.train"):
+    with caplog.at_level(logging.INFO, logger="tidal.stages.train"):
         run_train(load_config(path, ["train.resume=true", "train.steps=6"]))
     resumed = lrs(run_dir)
     # From the step-2 checkpoint: step 3 as before (its lr was set before the save), then the floor.
@@ -57,5 +57,6 @@ def test_a_resume_with_more_steps_keeps_the_lr_schedule(tmp_path: Path, caplog: 
     assert line.startswith("resuming cosine from step 2 (") and line.endswith(
         "; train.steps is 6 now (6 optimizer steps), but the cosine lr schedule keeps the length it started with, "
         "3 optimizer steps, so the last 3 train at its floor, lr 0.0005 (trainer.schedule.min_lr_ratio=0.5); set "
-        "trainer.schedule.total_steps to re-time it")  # fmt: skip
+        "trainer.schedule.total_steps to re-time it"
+    )
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["schedule"]["total_steps"] == 3

@@ -17,7 +17,7 @@ def test_hung_reward_does_not_hold_up_process_exit(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         from tidal.config import RewardsConfig, RewardSpec
-        from tidal.metrics import values
+        from tidal.telemetry.metrics import values
         from tidal.rewards import RewardScorer
         from tidal.types import Sample
 

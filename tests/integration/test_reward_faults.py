@@ -17,9 +17,9 @@ import psutil
 import pytest
 
 from tidal.config import DataConfig, EnvSpec, RewardsConfig, RewardSpec
-from tidal.metrics import values
 from tidal.rewards import RewardScorer
 from tidal.rollout.env_runtime import build_runtimes
+from tidal.telemetry.metrics import values
 from tidal.types import Sample
 
 pytestmark = pytest.mark.integration
@@ -186,8 +186,9 @@ def test_transient_failures_are_retried_others_are_not(tmp_path: Path) -> None:
 
 def test_results_and_failures_in_a_reward_process_are_as_in_threads(tmp_path: Path) -> None:
     (tmp_path / "judge.py").write_text(CONTAINED)
-    cfg = RewardsConfig(functions=[RewardSpec(path=f"{tmp_path}/judge.py:Judge", kwargs={"bonus": 0.5})],
-                        failure_reward=-1.0)  # fmt: skip
+    cfg = RewardsConfig(
+        functions=[RewardSpec(path=f"{tmp_path}/judge.py:Judge", kwargs={"bonus": 0.5})], failure_reward=-1.0
+    )
     kinds = ["plain", "sub", "exit", "nan", "gen", "crash", "plain"]
     samples = [make_sample("abc", kind=k) for k in kinds]
     with RewardScorer(cfg) as scorer:
@@ -240,8 +241,11 @@ def test_an_isolated_env_runs_in_processes_and_a_spinning_step_is_killed(tmp_pat
     the pool goes on; a step that raises is recorded as in a thread."""
     (tmp_path / "env.py").write_text(ISOLATED_ENV)
     pid_file = tmp_path / "pid"
-    spec = EnvSpec(path=f"{tmp_path}/env.py:Counter", isolation="process",
-                   kwargs={"parent_pid": os.getpid(), "pid_file": str(pid_file)})  # fmt: skip
+    spec = EnvSpec(
+        path=f"{tmp_path}/env.py:Counter",
+        isolation="process",
+        kwargs={"parent_pid": os.getpid(), "pid_file": str(pid_file)},
+    )
     rt = build_runtimes([spec], RewardsConfig(timeout_s=2.0), DataConfig())["Counter"]
     calls = rt.scorer.calls
     try:

@@ -15,13 +15,13 @@ from transformers import PreTrainedTokenizerBase
 
 import tidal.trainer.actor as actor_module
 from tidal.config import LossConfig, RunConfig, TISCorrection, TrainerConfig, load_config
-from tidal.metrics import values
-from tidal.modeling import batch_logprobs, token_logprobs
-from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.model.forward import batch_logprobs, token_logprobs
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
+from tidal.telemetry.metrics import values
 from tidal.trainer.actor import TrainerActor, TrainerActorConfig
 from tidal.trainer.engine import DeepSpeedTrainer
-from tidal.trainer.losses import aggregated_loss, policy_loss
+from tidal.trainer.losses import aggregate, policy_loss
 from tidal.trainer.offpolicy import m2po_mask
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import Group, Prompt, Sample, TrainBatch
@@ -31,11 +31,15 @@ pytestmark = pytest.mark.integration
 MAX_NEW = 4
 ROWS = [Prompt(7, {"prompt": "12+7=", "answer": "19"}), Prompt(8, {"prompt": "3-5=", "answer": "-2"})]
 OVERRIDES = [
-    "model.preset=tiny-qwen3-moe", "rollout.group_size=4", f"rollout.max_new_tokens={MAX_NEW}",
-    "trainer.micro_batch_size=3", "trainer.lr=1e-3", "monitor.wandb=disabled",
+    "model.preset=tiny-qwen3-moe",
+    "rollout.group_size=4",
+    f"rollout.max_new_tokens={MAX_NEW}",
+    "trainer.micro_batch_size=3",
+    "trainer.lr=1e-3",
+    "monitor.wandb=disabled",
     # exact_match at weight 0.5 beside arithmetic: a reward of 0.5 shows the weighted sum and sub-scores.
     "rewards.functions=[{name: arithmetic}, {name: exact_match, weight: 0.5}]",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +130,25 @@ def hand_batch(preset: Path) -> TrainBatch:
     tok, model = load_tokenizer(preset), load_model(preset)
     g = torch.Generator().manual_seed(0)
     groups = [
-        Group(p.group_id, [
-            Sample(p.group_id, tok(p.row["prompt"], add_special_tokens=False)["input_ids"],
-                   torch.randint(6, 100, (n,), generator=g).tolist(), [1] * n, [0.0] * n, "length", 0, [0] * n,
-                   reward=r)  # fmt: skip
-            for n, r in zip(lengths, rewards, strict=True)
-        ])
+        Group(
+            p.group_id,
+            [
+                Sample(
+                    p.group_id,
+                    tok(p.row["prompt"], add_special_tokens=False)["input_ids"],
+                    torch.randint(6, 100, (n,), generator=g).tolist(),
+                    [1] * n,
+                    [0.0] * n,
+                    "length",
+                    0,
+                    [0] * n,
+                    reward=r,
+                )
+                for n, r in zip(lengths, rewards, strict=True)
+            ],
+        )
         for p, lengths, rewards in zip(ROWS, LENGTHS, REWARDS, strict=True)
-    ]  # fmt: skip
+    ]
     batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
     true = batch_logprobs(model, batch, 1.0, micro_batch_size=5)
     for i, s in enumerate(s for grp in groups for s in grp.samples):
@@ -169,6 +184,12 @@ def grad_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> fl
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "sequence-mean", "constant"])
+def mean_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int) -> torch.Tensor:
+    """The loss of one full batch by `aggregate`'s numerator and denominator."""
+    num, den = aggregate(per_token, mask, mode, max_len)
+    return num / den
+
+
 def test_rl_step_matches_plain_torch(preset: Path, mode: str) -> None:
     """The trainer's RL gradient, in uneven micro-batches, is plain torch's on the whole batch."""
     batch = hand_batch(preset)
@@ -180,10 +201,10 @@ def test_rl_step_matches_plain_torch(preset: Path, mode: str) -> None:
     mask = batch.loss_mask.float()
     logp = token_logprobs(logits, batch.input_ids, 1.0)
     per_token, m = policy_loss(logp, batch.logp_old, batch.logp_mu, batch.advantages, mask, loss_cfg)
-    loss = aggregated_loss(per_token, mask, mode, M)
+    loss = mean_loss(per_token, mask, mode, M)
     # The wrong normaliser to rule out: each micro-batch's own aggregate, averaged over micro-batches.
     micros = [slice(i, i + cfg.micro_batch_size) for i in range(0, len(mask), cfg.micro_batch_size)]
-    per_micro = sum(aggregated_loss(per_token[r], mask[r], mode, M) for r in micros) / len(micros)
+    per_micro = sum(mean_loss(per_token[r], mask[r], mode, M) for r in micros) / len(micros)
     ref, ref_per_micro = gradients(model, loss), gradients(model, per_micro)
     ref_norm = torch.nn.utils.get_total_norm(list(ref.values())).item()
     assert values(m)["offpolicy/frac_truncated"] == pytest.approx(6 / 20)  # weights both truncated and not
@@ -270,8 +291,10 @@ def test_one_minibatch_takes_pi_old_from_the_update_forward(
         return batch_logprobs(model, batch, *args)
 
     monkeypatch.setattr(actor_module, "batch_logprobs", counted)
-    actors = {mode: TrainerActor(TrainerActorConfig.of(config(f"algorithm.recompute_pi_old={mode}")), str(preset))
-              for mode in ("always", "auto")}  # fmt: skip
+    actors = {
+        mode: TrainerActor(TrainerActorConfig.of(config(f"algorithm.recompute_pi_old={mode}")), str(preset))
+        for mode in ("always", "auto")
+    }
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in actors}
     for mode, actor in actors.items():
         calls.clear()
@@ -280,8 +303,16 @@ def test_one_minibatch_takes_pi_old_from_the_update_forward(
         assert all(("perf/recompute_skipped" in m) == (mode == "auto") for m in runs[mode])
     stale = runs["auto"][1]
     assert stale["async/staleness_max"] == 1 and stale["offpolicy/m2"] > 1e-6  # the check has teeth
-    for key in ("train/loss", "train/grad_norm", "offpolicy/m2", "offpolicy/ess", "offpolicy/is_weight_mean",
-                "rollout/logp_mismatch_mean", "rollout/logp_mismatch_max", "offpolicy/m2_per_version"):
+    for key in (
+        "train/loss",
+        "train/grad_norm",
+        "offpolicy/m2",
+        "offpolicy/ess",
+        "offpolicy/is_weight_mean",
+        "rollout/logp_mismatch_mean",
+        "rollout/logp_mismatch_max",
+        "offpolicy/m2_per_version",
+    ):
         for a, b in zip(runs["always"], runs["auto"], strict=True):
             if key in a or key in b:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

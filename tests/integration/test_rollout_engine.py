@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tidal.modeling import completion_logprobs, logp_mismatch
-from tidal.models import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.engine import TransformersEngine
+from tidal.model.forward import completion_logprobs, logp_mismatch
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.types import Completion, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -224,8 +224,9 @@ def test_per_row_token_limits(qwen: Loaded) -> None:
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs), atol=TOL, rtol=0)
     # A stop still ends a row before its limit.
     stop_id = out[1].token_ids[first_plain_token(m.tok, out[1].token_ids, 4)]
-    stopped = m.engine.generate(m.prompts, SamplingParams(**{**vars(params), "stop_token_ids": [stop_id]}),
-                                max_tokens=limits)  # fmt: skip
+    stopped = m.engine.generate(
+        m.prompts, SamplingParams(**{**vars(params), "stop_token_ids": [stop_id]}), max_tokens=limits
+    )
     assert stopped[1].finish_reason == "stop" and stopped[1].token_ids[-1] == stop_id
     assert len(stopped[1].token_ids) < 17
     with pytest.raises(ValueError, match="one limit >= 1 per prompt"):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidal.metrics import values
-from tidal.models import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.engine import TransformersEngine
-from tidal.routing import RoutingRecorder, moe_routers
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+from tidal.model.routing import RoutingRecorder, moe_routers
+from tidal.rollout.engines.transformers import TransformersEngine
+from tidal.telemetry.metrics import values
 from tidal.types import SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -63,19 +63,31 @@ def test_generation_records_the_routing_a_forward_of_its_tokens_takes(preset: st
 def test_routing_health_counts_each_flip(tmp_path: Path) -> None:
     """The trainer's routing-health metrics on a batch whose recorded routing is generation's, with
     known flips planted: the agreement drops by exactly them, per layer and per token."""
-    from tidal.metrics import values
-    from tidal.routing import routing_health
+    from tidal.model.routing import routing_health
+    from tidal.telemetry.metrics import values
     from tidal.trainer.rl import build_batch
     from tidal.types import Group, Sample
 
     path = materialize_preset("tiny-glm4-moe", seed=0)
     model, tok = load_model(path), load_tokenizer(path)
-    outs = TransformersEngine(model, tok).generate([tok.encode(p) for p in PROMPTS],
-                                                   SamplingParams(temperature=1.0, max_new_tokens=6, seed=1),
-                                                   record_routing=True)  # fmt: skip
-    samples = [Sample(i // 2, c.prompt_ids, c.token_ids, [1] * len(c.token_ids), c.logprobs, c.finish_reason, 0,
-                      [0] * len(c.token_ids), reward=float(i % 2), routing=c.routing.clone())
-               for i, c in enumerate(outs)]  # fmt: skip
+    outs = TransformersEngine(model, tok).generate(
+        [tok.encode(p) for p in PROMPTS], SamplingParams(temperature=1.0, max_new_tokens=6, seed=1), record_routing=True
+    )
+    samples = [
+        Sample(
+            i // 2,
+            c.prompt_ids,
+            c.token_ids,
+            [1] * len(c.token_ids),
+            c.logprobs,
+            c.finish_reason,
+            0,
+            [0] * len(c.token_ids),
+            reward=float(i % 2),
+            routing=c.routing.clone(),
+        )
+        for i, c in enumerate(outs)
+    ]
     groups = [Group(g, [s.for_training() for s in samples if s.group_id == g]) for g in range(2)]
     batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
     fed = sum(len(c.routing) for c in outs)
@@ -104,14 +116,29 @@ def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -
     import json
 
     from tidal.config import load_config
-    from tidal.train import run_train
+    from tidal.stages.train import run_train
 
-    cfg = load_config(None, [
-        "model.preset=tiny-glm4-moe", "data.source.ops=[+]", "data.source.eval_size=8", "name=routing",
-        f"output_dir={tmp_path}", "rollout.max_new_tokens=4", "rollout.group_size=4", "rollout.prompts_per_step=4",
-        "rollout.max_staleness=0", "algorithm.routing_replay=r3", "filter.zero_variance=false", "train.steps=3",
-        "train.eval_every=0", "eval.num_samples=4", "monitor.wandb=disabled", "train.save_checkpoint=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.preset=tiny-glm4-moe",
+            "data.source.ops=[+]",
+            "data.source.eval_size=8",
+            "name=routing",
+            f"output_dir={tmp_path}",
+            "rollout.max_new_tokens=4",
+            "rollout.group_size=4",
+            "rollout.prompts_per_step=4",
+            "rollout.max_staleness=0",
+            "algorithm.routing_replay=r3",
+            "filter.zero_variance=false",
+            "train.steps=3",
+            "train.eval_every=0",
+            "eval.num_samples=4",
+            "monitor.wandb=disabled",
+            "train.save_checkpoint=false",
+        ],
+    )
     assert cfg.rollout.record_routing
     summary = run_train(cfg)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -138,7 +165,7 @@ def plain_routing(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_r3_routes_each_token_to_its_recorded_experts_and_the_router_still_learns(preset: str) -> None:
-    from tidal.routing import RoutingReplay
+    from tidal.model.routing import RoutingReplay
 
     model = load_model(materialize_preset(preset, seed=0))
     layers, top_k, experts = len(moe_routers(model)), moe_routers(model)[0].top_k, moe_routers(model)[0].weight.shape[0]
@@ -146,8 +173,9 @@ def test_r3_routes_each_token_to_its_recorded_experts_and_the_router_still_learn
     ids = torch.randint(6, model.config.vocab_size, (2, 7), generator=g)
     n = ids.numel()
     # Any recorded routing, as a sample whose tokens came from two weight versions would carry.
-    recorded = torch.stack([torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(layers)])
-                            for _ in range(n)]).to(torch.uint8)  # fmt: skip
+    recorded = torch.stack(
+        [torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(layers)]) for _ in range(n)]
+    ).to(torch.uint8)
     replay = torch.rand(n, generator=g) < 0.7
     own = plain_routing(model, ids)
     with RoutingReplay(model, recorded, replay), RoutingRecorder(model) as recorder:
@@ -164,7 +192,7 @@ def test_r3_routes_each_token_to_its_recorded_experts_and_the_router_still_learn
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_r3_with_the_routing_the_model_takes_changes_nothing(preset: str) -> None:
-    from tidal.routing import RoutingReplay
+    from tidal.model.routing import RoutingReplay
 
     def loss_and_grads(replayed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = load_model(materialize_preset(preset, seed=0))
@@ -184,7 +212,7 @@ def test_r3_with_the_routing_the_model_takes_changes_nothing(preset: str) -> Non
 def test_the_bias_update_balances_a_skewed_load() -> None:
     """GLM's correction bias, moved by the update rule from the step's load, spreads a load skewed
     onto two experts (a bias that favours them, as a drifted checkpoint might have)."""
-    from tidal.routing import biased_routers, expert_load, update_router_bias
+    from tidal.model.routing import biased_routers, expert_load, update_router_bias
 
     model = load_model(materialize_preset("tiny-glm4-moe", seed=0))
     ids = torch.randint(6, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -210,16 +238,24 @@ def test_the_bias_update_balances_a_skewed_load() -> None:
 
 def test_rollout_routes_with_the_bias_the_trainer_publishes(tmp_path: Path) -> None:
     from tidal.config import load_config
+    from tidal.model.routing import biased_routers
     from tidal.rollout.worker import RolloutWorker, WorkerConfig
-    from tidal.routing import biased_routers
     from tidal.trainer.actor import TrainerActor, TrainerActorConfig
     from tidal.types import Prompt
 
     path = materialize_preset("tiny-glm4-moe", seed=0)
-    cfg = load_config(None, [
-        f"model.path={path}", "rollout.group_size=4", "rollout.max_new_tokens=4", "trainer.micro_batch_size=8",
-        "trainer.lr=1e-3", "algorithm.loss.router_bias_update_rate=0.01", f"output_dir={tmp_path}",
-    ]).for_rl()  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.path={path}",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=4",
+            "trainer.micro_batch_size=8",
+            "trainer.lr=1e-3",
+            "algorithm.loss.router_bias_update_rate=0.01",
+            f"output_dir={tmp_path}",
+        ],
+    ).for_rl()
     threads = torch.get_num_threads()
     worker = RolloutWorker(WorkerConfig.of(cfg), str(path))
     groups = worker.rollout([Prompt(i, {"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(2)], seed=0).groups
@@ -231,8 +267,11 @@ def test_rollout_routes_with_the_bias_the_trainer_publishes(tmp_path: Path) -> N
     torch.set_num_threads(threads)
     module = trainer.trainer.module
     routers = biased_routers(module)
-    biases = {f"{n}.e_score_correction_bias": r.e_score_correction_bias.clone()
-              for n, r in module.named_modules() if any(r is x for x in routers)}  # fmt: skip
+    biases = {
+        f"{n}.e_score_correction_bias": r.e_score_correction_bias.clone()
+        for n, r in module.named_modules()
+        if any(r is x for x in routers)
+    }
     assert biases and all(b.abs().max() == 0.01 for b in biases.values())  # one step of the rule moved each
     assert "moe/bias_update_load_violation" in values(result.metrics)
     state, version = trainer.snapshot()
@@ -246,17 +285,26 @@ def test_r2_routes_every_minibatch_as_pi_old_routed(tmp_path: Path, mode: str) -
     """With two minibatches the second is trained on weights the first moved: `r2` routes its tokens
     as the trainer's pi_old forward routed them; `none` (the control) lets them flip."""
     from tidal.config import load_config
+    from tidal.model.routing import recorded_positions
     from tidal.rollout.worker import RolloutWorker, WorkerConfig
-    from tidal.routing import recorded_positions
     from tidal.trainer.actor import TrainerActor, TrainerActorConfig
     from tidal.trainer.rl import build_batch
     from tidal.types import Prompt
 
     path = materialize_preset("tiny-glm4-moe", seed=0)
-    cfg = load_config(None, [
-        f"model.path={path}", "rollout.group_size=4", "rollout.max_new_tokens=6", "trainer.micro_batch_size=4",
-        "trainer.lr=0.05", "algorithm.minibatches=2", f"algorithm.routing_replay={mode}", f"output_dir={tmp_path}",
-    ]).for_rl()  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.path={path}",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=6",
+            "trainer.micro_batch_size=4",
+            "trainer.lr=0.05",
+            "algorithm.minibatches=2",
+            f"algorithm.routing_replay={mode}",
+            f"output_dir={tmp_path}",
+        ],
+    ).for_rl()
     threads = torch.get_num_threads()
     rows = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}) for i in range(4)]
     groups = RolloutWorker(WorkerConfig.of(cfg), str(path)).rollout(rows, seed=0).groups
@@ -312,8 +360,9 @@ def test_tokens_keep_the_routing_of_the_weights_that_made_them(preset: str) -> N
             engine.load_weights(swap, version=1)
 
     params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=1, ignore_eos=True)
-    outs = engine.generate([tok.encode(p) for p in PROMPTS], params, on_chunk=on_chunk, chunk_tokens=3,
-                           record_routing=True)  # fmt: skip
+    outs = engine.generate(
+        [tok.encode(p) for p in PROMPTS], params, on_chunk=on_chunk, chunk_tokens=3, record_routing=True
+    )
     mine: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     theirs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     old_after: list[torch.Tensor] = []  # the old routers' choice where the new ones routed
@@ -336,8 +385,9 @@ def test_tokens_keep_the_routing_of_the_weights_that_made_them(preset: str) -> N
     assert flipped.float().mean() > 0.5  # the redrawn router routes the later tokens elsewhere
 
 
-@pytest.mark.parametrize(("preset", "skew"), [("tiny-qwen3-moe", "replay"), ("tiny-glm4-moe", "bias"),
-                                              ("tiny-glm5-moe", "bias")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("preset", "skew"), [("tiny-qwen3-moe", "replay"), ("tiny-glm4-moe", "bias"), ("tiny-glm5-moe", "bias")]
+)
 def test_the_logged_expert_load_is_that_of_the_experts_the_model_routes_to(preset: str, skew: str) -> None:
     """`moe/expert_load_*`, logged by the RL loss, on a batch where the softmax top-k of the router
     logits is not where the tokens go: on GLM a correction bias that sends every token to experts 0
@@ -346,8 +396,8 @@ def test_the_logged_expert_load_is_that_of_the_experts_the_model_routes_to(prese
     the same forward route the batch's real tokens to; `moe/aux_loss` is the architecture's own
     balance loss over those choices (Switch on Qwen3-MoE, DeepSeek-V3's sequence-wise on GLM)."""
     from tidal.config import LossConfig
-    from tidal.modeling import forward
-    from tidal.routing import expert_load
+    from tidal.model.forward import forward
+    from tidal.model.routing import expert_load
     from tidal.trainer.rl import RLLoss
     from tidal.types import TrainBatch
 
@@ -362,8 +412,15 @@ def test_the_logged_expert_load_is_that_of_the_experts_the_model_routes_to(prese
     mask = torch.zeros_like(ids)
     mask[:, 5:] = attn[:, 5:]
     two = torch.arange(top_k)[None, None, None, :].expand(*ids.shape, layers, top_k)  # every token to 0..k-1
-    batch = TrainBatch(ids, attn, mask, logp_mu=zeros, advantages=zeros + 1.0, versions=zeros.long(),
-                       routing=two.to(torch.uint8) if skew == "replay" else None)  # fmt: skip
+    batch = TrainBatch(
+        ids,
+        attn,
+        mask,
+        logp_mu=zeros,
+        advantages=zeros + 1.0,
+        versions=zeros.long(),
+        routing=two.to(torch.uint8) if skew == "replay" else None,
+    )
     if skew == "bias":
         for router in routers:
             router.e_score_correction_bias[:top_k] += 10.0

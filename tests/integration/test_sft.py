@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.rewards.builtins import MathVerify
-from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.types import Sample, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -18,18 +18,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tidal(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tidal.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "tidal.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_tidal_sft_trains_evaluates_and_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
     """The loss falls, eval runs with the run's reward, the checkpoint loads."""
     args = [
-        "configs/sft_arithmetic.yaml", "model.preset=tiny-qwen3-moe", "name=t", f"output_dir={tmp_path}",
-        "sft.steps=30", "sft.log_every=5",
-        "data.source.train_size=500", "data.source.eval_size=16", "trainer.micro_batch_size=16",
-        "trainer.grad_accum=2", "trainer.zero_stage=2", "trainer.schedule.warmup_steps=2",
-    ]  # fmt: skip
+        "configs/sft_arithmetic.yaml",
+        "model.preset=tiny-qwen3-moe",
+        "name=t",
+        f"output_dir={tmp_path}",
+        "sft.steps=30",
+        "sft.log_every=5",
+        "data.source.train_size=500",
+        "data.source.eval_size=16",
+        "trainer.micro_batch_size=16",
+        "trainer.grad_accum=2",
+        "trainer.zero_stage=2",
+        "trainer.schedule.warmup_steps=2",
+    ]
     r = tidal("sft", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "t"
@@ -64,14 +73,23 @@ def test_eval_accuracy_is_what_math_verify_says_of_the_completions(tmp_path: Pat
         lines = [json.dumps({"question": p, "solution": a}) for p, a in rows.items()]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines * (8 if name == "train" else 1)))
     args = [
-        "configs/sft_arithmetic.yaml", "model.preset=tiny-qwen3-moe", "name=mv", f"output_dir={tmp_path}",
+        "configs/sft_arithmetic.yaml",
+        "model.preset=tiny-qwen3-moe",
+        "name=mv",
+        f"output_dir={tmp_path}",
         "sft.steps=150",
         "sft.stop_at_accuracy=null",
-        "data.source={type: files, train_files: [" + str(tmp_path / "train.jsonl") + "], eval_files: ["
-        + str(tmp_path / "eval.jsonl") + "], prompt_field: question, answer_field: solution}",
-        "trainer.micro_batch_size=32", "trainer.schedule.warmup_steps=5", "rewards.functions=[{name: math_verify}]",
-        "eval.max_new_tokens=8", "monitor.wandb=disabled",
-    ]  # fmt: skip
+        "data.source={type: files, train_files: ["
+        + str(tmp_path / "train.jsonl")
+        + "], eval_files: ["
+        + str(tmp_path / "eval.jsonl")
+        + "], prompt_field: question, answer_field: solution}",
+        "trainer.micro_batch_size=32",
+        "trainer.schedule.warmup_steps=5",
+        "rewards.functions=[{name: math_verify}]",
+        "eval.max_new_tokens=8",
+        "monitor.wandb=disabled",
+    ]
     r = tidal("sft", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "mv" / "summary.json").read_text())
@@ -84,8 +102,10 @@ def test_eval_accuracy_is_what_math_verify_says_of_the_completions(tmp_path: Pat
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
     assert [o.text for o in outs] == list(TRAIN.values())  # memorised, so the LaTeX golds are really tested
     verify = MathVerify()
-    verdicts = [verify(Sample(0, o.prompt_ids, o.token_ids, [1], [0.0], "stop", 0, [0], text=o.text), {"answer": a})
-                for o, a in zip(outs, HELD_OUT.values(), strict=True)]  # fmt: skip
+    verdicts = [
+        verify(Sample(0, o.prompt_ids, o.token_ids, [1], [0.0], "stop", 0, [0], text=o.text), {"answer": a})
+        for o, a in zip(outs, HELD_OUT.values(), strict=True)
+    ]
     assert verdicts == [1.0, 1.0, 1.0, 0.0]
     assert summary["eval/accuracy"] == pytest.approx(sum(verdicts) / len(verdicts))
     assert summary["eval/reward"] == pytest.approx(0.75)

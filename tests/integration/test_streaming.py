@@ -18,11 +18,11 @@ import ray
 import torch
 
 from tidal.config import FilterConfig, load_config
-from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.rollout.buffer import TrajectoryBuffer
-from tidal.rollout.engine import TransformersEngine
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, Work, WorkerConfig
-from tidal.train import run_train
+from tidal.stages.train import run_train
 from tidal.types import Completion, Prompt, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,11 @@ def test_engine_reports_each_row_the_step_it_ends(preset: Path) -> None:
     engine = TransformersEngine(load_model(preset), tok)
     prompts = [tok.encode(f"{i}+{i}=", add_special_tokens=False) for i in range(8)]
     ended: list[tuple[int, Completion]] = []
-    outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=24, seed=0, stop=STOP),
-                           on_finish=lambda i, c: ended.append((i, c)))  # fmt: skip
+    outs = engine.generate(
+        prompts,
+        SamplingParams(temperature=1.0, max_new_tokens=24, seed=0, stop=STOP),
+        on_finish=lambda i, c: ended.append((i, c)),
+    )
     assert sorted(i for i, _ in ended) == list(range(8))  # each row once
     lengths = [len(c.token_ids) for _, c in ended]
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]  # in the order they ended
@@ -81,10 +84,17 @@ def test_rows_admitted_mid_generation_decode_as_if_alone(preset: Path, name: str
 
 
 def test_a_group_is_in_the_buffer_before_the_slowest_of_its_call_ends(preset: Path, tmp_path: Path) -> None:
-    cfg = load_config(None, [
-        "model.preset=tiny-qwen3-moe", f"output_dir={tmp_path}", "rollout.max_new_tokens=24",
-        "rollout.group_size=1", "rollout.batch_size=64", f"rollout.stop={json.dumps(STOP)}",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.preset=tiny-qwen3-moe",
+            f"output_dir={tmp_path}",
+            "rollout.max_new_tokens=24",
+            "rollout.group_size=1",
+            "rollout.batch_size=64",
+            f"rollout.stop={json.dumps(STOP)}",
+        ],
+    )
     ray.init()  # the session's runtime (tests/conftest.py)
     try:
         buffer = ray.remote(max_concurrency=4)(TrajectoryBuffer).remote(FilterConfig(zero_variance=False), 0)
@@ -109,14 +119,30 @@ def test_a_group_is_in_the_buffer_before_the_slowest_of_its_call_ends(preset: Pa
 
 
 def run(tmp: Path, name: str, *overrides: str, worker_cls: type | None = None) -> dict[str, Any]:
-    cfg = load_config(None, [
-        "model.preset=tiny-qwen3-moe", "data.source.ops=[+]", "data.source.eval_size=8", f"name={name}",
-        f"output_dir={tmp / 'runs'}", "rollout.max_new_tokens=4", "rollout.group_size=4",
-        "rollout.prompts_per_step=8", "rollout.num_workers=2", "rollout.max_staleness=1",
-        "trainer.lr=1e-3", "trainer.micro_batch_size=32", "train.eval_every=0", "eval.num_samples=8",
-        "eval.max_new_tokens=4", "monitor.wandb=disabled", "train.save_checkpoint=false", "train.steps=6",
-        *overrides,
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.preset=tiny-qwen3-moe",
+            "data.source.ops=[+]",
+            "data.source.eval_size=8",
+            f"name={name}",
+            f"output_dir={tmp / 'runs'}",
+            "rollout.max_new_tokens=4",
+            "rollout.group_size=4",
+            "rollout.prompts_per_step=8",
+            "rollout.num_workers=2",
+            "rollout.max_staleness=1",
+            "trainer.lr=1e-3",
+            "trainer.micro_batch_size=32",
+            "train.eval_every=0",
+            "eval.num_samples=8",
+            "eval.max_new_tokens=4",
+            "monitor.wandb=disabled",
+            "train.save_checkpoint=false",
+            "train.steps=6",
+            *overrides,
+        ],
+    )
     summary = run_train(cfg, worker_cls=worker_cls)
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     schedule = [json.loads(line) for line in (cfg.run_dir / "schedule.jsonl").read_text().splitlines()]
@@ -134,8 +160,12 @@ def coin(sample, row):
 def test_over_sampling_keeps_every_batch_full(preset: Path, tmp_path: Path, ledger_balances) -> None:
     # A fair coin per sample: 1 group in 8 has equal rewards and is filtered; each is replaced.
     (tmp_path / "coin.py").write_text(COIN_REWARD)
-    out = run(tmp_path, "oversample", f"rewards.functions=[{{path: '{tmp_path / 'coin.py'}:coin'}}]",
-              "filter.max_oversample=1.0")
+    out = run(
+        tmp_path,
+        "oversample",
+        f"rewards.functions=[{{path: '{tmp_path / 'coin.py'}:coin'}}]",
+        "filter.max_oversample=1.0",
+    )
     s, steps = out["summary"], out["steps"]
     assert s["ledger/filtered_groups"] > 0  # without replacements the last steps would be short
     assert [r["train/groups"] for r in steps] == [8.0] * 6

@@ -22,18 +22,18 @@ from typing import Any
 import pytest
 
 from tidal.config import dump_config, load_config
-from tidal.train import run_train
+from tidal.stages.train import run_train
 
 pytestmark = pytest.mark.integration
 
 STEPS = 24
-FLAKY_REWARD = '''
+FLAKY_REWARD = """
 def flaky(sample, row):
     print("flaky reward prints to its stdout")
     if sample.group_id % 4 == 0:
         raise ValueError("flaky reward failed on purpose")
     return 0.0
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +42,34 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     session's, tests/conftest.py), as a user joins a cluster."""
     tmp = tmp_path_factory.mktemp("train")
     (tmp / "flaky.py").write_text(FLAKY_REWARD)
-    cfg = load_config(None, [
-        "name=rl-test", f"output_dir={tmp / 'runs'}", "seed=1",
-        "model.preset=tiny-qwen3-moe",
-        "data.source.ops=[+]", "data.source.eval_size=32",
-        "rollout.max_new_tokens=4", "rollout.group_size=8", "rollout.prompts_per_step=16",
-        "rollout.batch_size=128", "rollout.num_workers=2",
-        "trainer.lr=1e-3", "trainer.micro_batch_size=64", "trainer.num_ranks=2", "trainer.zero_stage=2",
-        "algorithm.loss.kl.coef=0.001",
-        "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}},"
-        f" {{path: '{tmp / 'flaky.py'}:flaky', weight: 0.0}}]",
-        f"train.steps={STEPS}", "train.eval_every=12", "eval.num_samples=32", "eval.max_new_tokens=4",
-        "monitor.wandb=offline",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "name=rl-test",
+            f"output_dir={tmp / 'runs'}",
+            "seed=1",
+            "model.preset=tiny-qwen3-moe",
+            "data.source.ops=[+]",
+            "data.source.eval_size=32",
+            "rollout.max_new_tokens=4",
+            "rollout.group_size=8",
+            "rollout.prompts_per_step=16",
+            "rollout.batch_size=128",
+            "rollout.num_workers=2",
+            "trainer.lr=1e-3",
+            "trainer.micro_batch_size=64",
+            "trainer.num_ranks=2",
+            "trainer.zero_stage=2",
+            "algorithm.loss.kl.coef=0.001",
+            "rewards.functions=[{name: regex, kwargs: {pattern: '^[0-9]', mode: search}},"
+            f" {{path: '{tmp / 'flaky.py'}:flaky', weight: 0.0}}]",
+            f"train.steps={STEPS}",
+            "train.eval_every=12",
+            "eval.num_samples=32",
+            "eval.max_new_tokens=4",
+            "monitor.wandb=offline",
+        ],
+    )
     (tmp / "config.yaml").write_text(dump_config(cfg))
     # A cluster without token auth (tests/conftest.py); a user's cluster hands its token to `ray.init`
     # itself (RAY_AUTH_TOKEN or ~/.ray/auth_token), which the driver inherits unchanged.
@@ -62,8 +77,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     address = os.environ["RAY_ADDRESS"]
     proc = subprocess.run(
         [sys.executable, "-m", "tidal.cli", "train", str(tmp / "config.yaml"), f"ray.address={address}"],
-        capture_output=True, text=True, timeout=900, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
@@ -88,12 +106,29 @@ def test_two_trainer_ranks_lose_nothing_and_workers_hold_every_version(run: dict
 
 def test_every_step_logs_the_metrics_users_watch(run: dict[str, Any]) -> None:
     expected = [
-        "reward/mean", "reward/std", "rollout/accuracy", "rollout/response_length", "train/loss",
-        "train/grad_norm", "train/entropy", "train/kl", "offpolicy/is_weight_mean", "offpolicy/is_weight_max",
-        "offpolicy/frac_truncated", "offpolicy/frac_masked", "async/staleness_mean", "async/staleness_max",
-        "perf/rollout_tokens_per_s", "perf/train_tokens_per_s", "perf/rollout_wall_s", "perf/train_wall_s",
-        "perf/sync_wall_s", "perf/step_time_s", "moe/aux_loss", "rollout/logp_mismatch_mean",
-    ]  # fmt: skip
+        "reward/mean",
+        "reward/std",
+        "rollout/accuracy",
+        "rollout/response_length",
+        "train/loss",
+        "train/grad_norm",
+        "train/entropy",
+        "train/kl",
+        "offpolicy/is_weight_mean",
+        "offpolicy/is_weight_max",
+        "offpolicy/frac_truncated",
+        "offpolicy/frac_masked",
+        "async/staleness_mean",
+        "async/staleness_max",
+        "perf/rollout_tokens_per_s",
+        "perf/train_tokens_per_s",
+        "perf/rollout_wall_s",
+        "perf/train_wall_s",
+        "perf/sync_wall_s",
+        "perf/step_time_s",
+        "moe/aux_loss",
+        "rollout/logp_mismatch_mean",
+    ]
     trained = [r for r in run["steps"] if "train/skipped_steps" not in r]
     # A step is skipped only when the filter left no group (every group all right or all wrong).
     assert all(r["rollout/groups_kept"] == 0 for r in run["steps"] if "train/skipped_steps" in r)
@@ -140,7 +175,7 @@ def test_eval_every_and_checkpoint(run: dict[str, Any]) -> None:
 def test_tidal_eval_reproduces_the_final_held_out_metrics(run: dict[str, Any], tmp_path: Path) -> None:
     """`tidal eval CONFIG checkpoint=...` on the run's saved checkpoint scores what the run's own
     final evaluation scored (same path, same rewards, same greedy answers)."""
-    from tidal.evaluation import run_eval
+    from tidal.stages.eval import run_eval
 
     ckpt = run["summary"]["checkpoint"]
     out = run_eval(run["cfg"], ckpt)
@@ -149,10 +184,12 @@ def test_tidal_eval_reproduces_the_final_held_out_metrics(run: dict[str, Any], t
     assert out["eval/num_samples"] == 32
     (tmp_path / "config.yaml").write_text(dump_config(run["cfg"]))
     env = dict(os.environ)
+
     def tidal_eval(checkpoint: str) -> subprocess.CompletedProcess[str]:
         args = ["eval", str(tmp_path / "config.yaml"), f"checkpoint={checkpoint}"]
-        return subprocess.run([sys.executable, "-m", "tidal.cli", *args], capture_output=True, text=True, timeout=600,
-                              env=env)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "tidal.cli", *args], capture_output=True, text=True, timeout=600, env=env
+        )
 
     cli = tidal_eval(ckpt)
     assert cli.returncode == 0, cli.stderr[-2000:]
@@ -161,7 +198,8 @@ def test_tidal_eval_reproduces_the_final_held_out_metrics(run: dict[str, Any], t
     bad = tidal_eval(str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"tidal: error: checkpoint {str(tmp_path / 'nowhere')!r} is not a model directory (no config.json); name a "
-        "run's checkpoint/ folder or any save_pretrained directory"], bad.stderr
+        "run's checkpoint/ folder or any save_pretrained directory"
+    ], bad.stderr
 
 
 def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
@@ -169,13 +207,18 @@ def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
 
     from matplotlib.image import imread
 
-    from tidal.plots import draw_curves, draw_staleness, read_rows
+    from tidal.telemetry.plots import draw_curves, draw_staleness
+    from tidal.telemetry.rows import read_rows
 
     run_dir = run["cfg"].run_dir
     twin = tmp_path / "twin"
     shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("wandb", "checkpoint"))
-    cli = subprocess.run([sys.executable, "-m", "tidal.cli", "plot", str(run_dir), str(twin)], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    cli = subprocess.run(
+        [sys.executable, "-m", "tidal.cli", "plot", str(run_dir), str(twin)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     written = [Path(line) for line in cli.stdout.split()]
     expected = [d / f"{n}.png" for d in (run_dir, twin) for n in ("curves", "staleness", "time_split")]
@@ -198,8 +241,12 @@ def test_tidal_plot_draws_the_run(run: dict[str, Any], tmp_path: Path) -> None:
     assert list(by_step["mean age"].get_ydata()) == [r["async/staleness_mean"] for r in run["steps"]]
     assert list(by_step["bound"].get_xdata()) == list(range(1, STEPS + 1))
     assert set(by_step["bound"].get_ydata()) == {0.0}
-    bad = subprocess.run([sys.executable, "-m", "tidal.cli", "plot", str(tmp_path / "nothing")], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "tidal.cli", "plot", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "has no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -208,7 +255,7 @@ def test_actor_start_up_output_goes_to_the_run_log(run: dict[str, Any]) -> None:
     records and the actors' own, not on the user's terminal; tidal's warnings (the flaky reward's
     failures) still reach it, and no DeepSpeed start-up warning does."""
     text = (run["cfg"].run_dir / "run.log").read_text()
-    assert "flaky reward prints to its stdout" in text and "tidal.train: run rl-test" in text, text[:2000]
+    assert "flaky reward prints to its stdout" in text and "tidal.stages.train: run rl-test" in text, text[:2000]
     assert " pid " in text and "flaky reward failed on purpose" in text  # an actor's record, with its pid
     terminal = run["stdout"] + run["stderr"]
     assert "flaky reward prints" not in terminal and "real_accelerator" not in terminal, terminal[-3000:]
@@ -223,13 +270,21 @@ def test_progress_line_per_step(run: dict[str, Any]) -> None:
 
 def test_summary_says_where_the_time_went(run: dict[str, Any]) -> None:
     s, steps = run["summary"], [r for r in run["rows"] if "perf/step_time_s" in r]
-    parts = ["perf/warm_start_s", "perf/ray_start_s", "perf/actors_start_s", "perf/first_eval_s", "perf/loop_s",
-             "perf/final_s", "perf/save_s"]  # fmt: skip
+    parts = [
+        "perf/warm_start_s",
+        "perf/ray_start_s",
+        "perf/actors_start_s",
+        "perf/first_eval_s",
+        "perf/loop_s",
+        "perf/final_s",
+        "perf/save_s",
+    ]
     assert all(s[k] >= 0 for k in parts) and sum(s[k] for k in parts) <= s["perf/wall_time_s"], s
     assert s["perf/actors_start_s"] > 0 and s["perf/loop_s"] > 0
     # The steps' own clock: the first eval's wait, the loop and the final wait are the steps' times.
     assert s["perf/first_eval_s"] + s["perf/loop_s"] + s["perf/final_s"] == pytest.approx(
-        sum(r["perf/step_time_s"] for r in steps), rel=1e-6)
+        sum(r["perf/step_time_s"] for r in steps), rel=1e-6
+    )
     assert "(start-up " in run["stdout"] and " steps " in run["stdout"]
     # One minibatch: pi_old comes from the update's own forward (the KL reference's forward remains).
     trained = [r for r in steps if "train/loss" in r]
@@ -282,7 +337,7 @@ def test_offline_wandb_run_reads_back(run: dict[str, Any]) -> None:
     elapsed = [r["perf/elapsed_s"] for r in evals]
     assert elapsed == sorted(elapsed) and elapsed[-1] > 0
     assert evals[1]["by_time/eval_accuracy"] == evals[1]["eval/accuracy"]
-    from tidal.plots import read_rows, staleness_fractions, time_split
+    from tidal.telemetry.rows import read_rows, staleness_fractions, time_split
 
     (table,) = log_file.parent.glob("files/media/table/charts/staleness_table_*.table.json")
     ages, fractions, _ = staleness_fractions(read_rows(run["cfg"].run_dir))
@@ -301,13 +356,24 @@ def test_a_worker_that_dies_past_its_restarts_ends_the_run_with_one_line(tmp_pat
     (tmp_path / "fatal.py").write_text(
         "import os\nfrom tidal.envs import Env\n\n\nclass Fatal(Env):\n    def prompt(self, row):\n"
         f"        if os.getpid() != {os.getpid()}:\n            os._exit(3)\n        return row['prompt']\n"
-    )  # fmt: skip
-    cfg = load_config(None, [
-        "name=dies", f"output_dir={tmp_path / 'runs'}", "model.preset=tiny-qwen3-moe",
-        "rollout.max_new_tokens=2", "rollout.group_size=2", "rollout.prompts_per_step=2",
-        f"envs=[{{path: '{tmp_path / 'fatal.py'}:Fatal'}}]", "rollout.max_worker_restarts=1", "train.steps=2",
-        "train.eval_every=0", "eval.num_samples=2", "monitor.wandb=disabled",
-    ])  # fmt: skip
+    )
+    cfg = load_config(
+        None,
+        [
+            "name=dies",
+            f"output_dir={tmp_path / 'runs'}",
+            "model.preset=tiny-qwen3-moe",
+            "rollout.max_new_tokens=2",
+            "rollout.group_size=2",
+            "rollout.prompts_per_step=2",
+            f"envs=[{{path: '{tmp_path / 'fatal.py'}:Fatal'}}]",
+            "rollout.max_worker_restarts=1",
+            "train.steps=2",
+            "train.eval_every=0",
+            "eval.num_samples=2",
+            "monitor.wandb=disabled",
+        ],
+    )
     with pytest.raises(RunError) as err:
         run_train(cfg)
     msg = str(err.value)

@@ -15,9 +15,9 @@ import torch
 import torch.multiprocessing as mp
 
 from tidal.config import ScheduleConfig, TrainerConfig
-from tidal.metrics import values
-from tidal.modeling import forward
-from tidal.models import load_model, load_tokenizer, materialize_preset
+from tidal.model.forward import forward
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+from tidal.telemetry.metrics import values
 from tidal.trainer.engine import DeepSpeedTrainer, lr_factor
 from tidal.trainer.losses_sft import next_token_nll, num_targets
 from tidal.types import TokenBatch
@@ -133,8 +133,14 @@ def cosine(a: Grads, b: Grads) -> float:
     return torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0).item()
 
 
-def check_step(metrics: dict[str, float], grads: Grads, params: dict[str, torch.Tensor], ref: Reference,
-               init: dict[str, torch.Tensor], cfg: TrainerConfig) -> None:  # fmt: skip
+def check_step(
+    metrics: dict[str, float],
+    grads: Grads,
+    params: dict[str, torch.Tensor],
+    ref: Reference,
+    init: dict[str, torch.Tensor],
+    cfg: TrainerConfig,
+) -> None:
     """The step's loss, gradient and update against plain torch on the whole batch."""
     assert metrics["tokens"] == 23
     assert metrics["loss"] == pytest.approx(ref.loss, rel=LOSS_TOL)
@@ -299,8 +305,9 @@ def _disjoint_worker(rank: int, port: int, path: str, out_dir: str) -> None:
     half = TokenBatch(*(t[2 * rank : 2 * rank + 2] for t in (full.input_ids, full.attention_mask, full.loss_mask)))
     model = load_model(path)
     _pin_routing(model, RANK_EXPERTS[rank])
-    trainer = DeepSpeedTrainer(model, CFG.model_copy(update={"zero_stage": 3, "micro_batch_size": 1,
-                                                             "weight_decay": 0.0}))  # fmt: skip
+    trainer = DeepSpeedTrainer(
+        model, CFG.model_copy(update={"zero_stage": 3, "micro_batch_size": 1, "weight_decay": 0.0})
+    )
     leaves = sorted({type(m).__name__ for m in get_z3_leaf_modules(trainer.module)})
     for _ in range(2):
         trainer.train_step(half)
@@ -317,8 +324,9 @@ def test_zero3_moe_with_disjoint_experts_per_rank_finishes(preset: Path, tmp_pat
     from tidal.trainer.engine import _free_port
 
     path = materialize_preset(name, seed=0)
-    ctx = mp.start_processes(_disjoint_worker, args=(_free_port(), str(path), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")  # fmt: skip
+    ctx = mp.start_processes(
+        _disjoint_worker, args=(_free_port(), str(path), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 300  # a hang fails the test instead of stalling CI
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

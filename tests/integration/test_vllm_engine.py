@@ -20,10 +20,10 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (bash scripts/setup.sh --vllm)")
 
 from tidal.config import VLLMConfig, load_config  # noqa: E402
-from tidal.modeling import completion_logprobs  # noqa: E402
-from tidal.models import load_model, load_tokenizer, materialize_preset  # noqa: E402
-from tidal.rollout.engine import TransformersEngine  # noqa: E402
-from tidal.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from tidal.model.forward import completion_logprobs  # noqa: E402
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset  # noqa: E402
+from tidal.rollout.engines.transformers import TransformersEngine  # noqa: E402
+from tidal.rollout.engines.vllm import VLLMEngine  # noqa: E402
 from tidal.rollout.worker import CONCURRENCY_GROUPS, RolloutWorker, WorkerConfig  # noqa: E402
 from tidal.types import Completion, Prompt, SamplingParams  # noqa: E402
 from tidal.weight_sync import make_publisher, sync_group_address  # noqa: E402
@@ -40,26 +40,36 @@ class VLLMHost:
     """A real VLLMEngine in its own process; the test drives it as the rollout worker does."""
 
     def __init__(self, model_dir: str, llm_kwargs: dict[str, Any] | None = None, **cfg: Any) -> None:
-        self.engine = VLLMEngine(model_dir, load_tokenizer(model_dir), VLLMConfig(kv_cache_gb=0.25, **cfg),
-                                 **(llm_kwargs or {}))  # fmt: skip
+        self.engine = VLLMEngine(
+            model_dir, load_tokenizer(model_dir), VLLMConfig(kv_cache_gb=0.25, **cfg), **(llm_kwargs or {})
+        )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 max_tokens: list[int] | None = None) -> list[Completion]:  # fmt: skip
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, max_tokens: list[int] | None = None
+    ) -> list[Completion]:
         return self.engine.generate(prompts, params, max_tokens=max_tokens)
 
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         self.engine.load_weights(state, version)
         return self.engine.version
 
-    def generate_admitting(self, prompts: list[list[int]], params: SamplingParams, later: list[list[int]],
-                           chunk_tokens: int) -> list[Completion]:  # fmt: skip
+    def generate_admitting(
+        self, prompts: list[list[int]], params: SamplingParams, later: list[list[int]], chunk_tokens: int
+    ) -> list[Completion]:
         """A generation that admits `later` at its first chunk boundary (continuous batching)."""
         joins = [[(p, params.max_new_tokens) for p in later]]
-        return self.engine.generate(prompts, params, chunk_tokens=chunk_tokens,
-                                    admit=lambda running: joins.pop() if joins else [])  # fmt: skip
+        return self.engine.generate(
+            prompts, params, chunk_tokens=chunk_tokens, admit=lambda running: joins.pop() if joins else []
+        )
 
-    def generate_partial(self, prompts: list[list[int]], params: SamplingParams, state: dict[str, torch.Tensor],
-                         version: int, chunk_tokens: int) -> list[Completion]:  # fmt: skip
+    def generate_partial(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        state: dict[str, torch.Tensor],
+        version: int,
+        chunk_tokens: int,
+    ) -> list[Completion]:
         """A generation whose first chunk boundary loads `state` as `version` (a partial rollout)."""
         loads: list[int] = []
 
@@ -110,14 +120,14 @@ def encode(ref: TransformersEngine, texts: list[str] = TEXTS) -> list[list[int]]
     return [[ref.tokenizer.bos_token_id, *ref.tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
 
 
-def gen(host: Any, prompts: list[list[int]], params: SamplingParams,
-        max_tokens: list[int] | None = None) -> list[Completion]:  # fmt: skip
+def gen(
+    host: Any, prompts: list[list[int]], params: SamplingParams, max_tokens: list[int] | None = None
+) -> list[Completion]:
     return ray.get(host.generate.remote(prompts, params, max_tokens), timeout=WAIT_S)
 
 
 def forward_logprobs(model: Any, outs: list[Completion], pad_id: int, temperature: float = 1.0) -> list[torch.Tensor]:
-    return completion_logprobs(model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], pad_id,
-                                   temperature)  # fmt: skip
+    return completion_logprobs(model, [o.prompt_ids for o in outs], [o.token_ids for o in outs], pad_id, temperature)
 
 
 def max_gap(outs: list[Completion], ref: list[torch.Tensor]) -> float:
@@ -127,8 +137,10 @@ def max_gap(outs: list[Completion], ref: list[torch.Tensor]) -> float:
 def perturbed(model: Any, seed: int) -> dict[str, torch.Tensor]:
     """The model's state dict plus noise large enough to move every log-prob (not in place)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-            for k, v in model.state_dict().items()}  # fmt: skip
+    return {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
 
 
 def test_greedy_matches_the_transformers_engine(host: Any, reference: TransformersEngine) -> None:
@@ -136,8 +148,12 @@ def test_greedy_matches_the_transformers_engine(host: Any, reference: Transforme
     params = SamplingParams(temperature=0.0, max_new_tokens=12)
     got, want = gen(host, prompts, params), reference.generate(prompts, params)
     for g, w in zip(got, want, strict=True):
-        assert (g.prompt_ids, g.token_ids, g.text, g.finish_reason) == (w.prompt_ids, w.token_ids, w.text,
-                                                                          w.finish_reason)  # fmt: skip
+        assert (g.prompt_ids, g.token_ids, g.text, g.finish_reason) == (
+            w.prompt_ids,
+            w.token_ids,
+            w.text,
+            w.finish_reason,
+        )
         assert g.version == 0 and g.versions == [0] * len(g.token_ids)
         assert len(g.logprobs) == len(g.token_ids) > 0
     assert max_gap(got, [torch.tensor(w.logprobs) for w in want]) < 1e-4
@@ -231,14 +247,18 @@ def test_requests_admitted_mid_generation(host: Any, reference: TransformersEngi
     assert [o.prompt_ids for o in outs] == prompts
     assert [o.token_ids for o in outs] == [o.token_ids for o in gen(host, prompts, params)]
     assert max_gap(outs, forward_logprobs(reference.model, outs, reference.pad_id)) < 1e-4
-    sampled = ray.get(host.generate_admitting.remote(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=10,
-                                                                                 seed=1), prompts[2:] * 3, 2),
-                      timeout=WAIT_S)  # fmt: skip
+    sampled = ray.get(
+        host.generate_admitting.remote(
+            prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=10, seed=1), prompts[2:] * 3, 2
+        ),
+        timeout=WAIT_S,
+    )
     assert max_gap(sampled, forward_logprobs(reference.model, sampled, reference.pad_id)) < 1e-4
 
 
-def test_partial_rollout_resumes_requests_with_the_new_weights(host: Any, reference: TransformersEngine,
-                                                                preset: Path) -> None:  # fmt: skip
+def test_partial_rollout_resumes_requests_with_the_new_weights(
+    host: Any, reference: TransformersEngine, preset: Path
+) -> None:
     """Requests in flight at a weight update go on from their tokens so far: each token's version and
     behavior log-prob are those of the weights that sampled it (a forward of the old weights for the
     tokens before the update, of the new ones, over the whole context, for those after)."""
@@ -264,7 +284,7 @@ def test_partial_rollout_resumes_requests_with_the_new_weights(host: Any, refere
 
 
 def test_cpu_moe_reload_needs_the_repack(preset: Path, reference: TransformersEngine) -> None:
-    """The upstream bug the extension works around (see tidal/rollout/vllm_ext.py): reloading the very
+    """The upstream bug the extension works around (see tidal/rollout/engines/vllm_ext.py): reloading the very
     same weights without re-running the CPU MoE repack changes the outputs. When this fails, vLLM has
     fixed it and `repack_cpu_moe` can go."""
     h = VLLMHost.remote(str(preset))
@@ -381,20 +401,34 @@ TRANSPORTS = {
 
 
 # Per commit the default transport; every transport delivers the same bits (test_weight_sync.py).
-@pytest.mark.parametrize("transport", [t if t == "object_store" else pytest.param(t, marks=pytest.mark.slow)
-                                       for t in TRANSPORTS])
-def test_worker_applies_every_transport(preset: Path, reference: TransformersEngine, transport: str,
-                                        tmp_path: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "transport", [t if t == "object_store" else pytest.param(t, marks=pytest.mark.slow) for t in TRANSPORTS]
+)
+def test_worker_applies_every_transport(
+    preset: Path, reference: TransformersEngine, transport: str, tmp_path: Path
+) -> None:
     """A RolloutWorker actor with `rollout.engine: vllm` receives a published snapshot over the
     transport and its next rollout samples from it: behavior log-probs match the new weights."""
     if preset.name.startswith("tiny-glm4"):
         pytest.skip("the transports are the same for every architecture")
-    cfg = load_config(None, [
-        f"output_dir={tmp_path}", f"model.path={preset}", "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25",
-        "rollout.temperature=0.7", "rollout.max_new_tokens=6", "rollout.group_size=4", *TRANSPORTS[transport],
-    ])  # fmt: skip
-    worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).options(num_cpus=1).remote(
-        WorkerConfig.of(cfg), str(preset))
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            f"model.path={preset}",
+            "rollout.engine=vllm",
+            "rollout.vllm.kv_cache_gb=0.25",
+            "rollout.temperature=0.7",
+            "rollout.max_new_tokens=6",
+            "rollout.group_size=4",
+            *TRANSPORTS[transport],
+        ],
+    )
+    worker = (
+        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+        .options(num_cpus=1)
+        .remote(WorkerConfig.of(cfg), str(preset))
+    )
     try:
         group = (*sync_group_address(), 2) if transport == "broadcast" else None
         joined = worker.join_weight_sync.remote(group)
@@ -410,8 +444,9 @@ def test_worker_applies_every_transport(preset: Path, reference: TransformersEng
         assert all(s.version == 1 and set(s.versions) == {1} for s in samples)
         new = load_model(preset)
         new.load_state_dict(state)
-        ref = completion_logprobs(new, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                      reference.pad_id, 0.7)  # fmt: skip
+        ref = completion_logprobs(
+            new, [s.prompt_ids for s in samples], [s.response_ids for s in samples], reference.pad_id, 0.7
+        )
         gap = max(float((torch.tensor(s.logp_mu) - r).abs().max()) for s, r in zip(samples, ref, strict=True))
         assert gap < 1e-4
         publisher.close()
@@ -444,13 +479,24 @@ def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine
     if preset.name.startswith("tiny-glm4"):
         pytest.skip("episodes are the same for every architecture")
     (tmp_path / "echo.py").write_text(ECHO_ENV)
-    cfg = load_config(None, [
-        f"output_dir={tmp_path}", f"model.path={preset}", "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25",
-        "rollout.temperature=0.7", "rollout.max_new_tokens=5", "rollout.group_size=2",
-        f"envs=[{{path: '{tmp_path / 'echo.py'}:Echo'}}]",
-    ])  # fmt: skip
-    worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker).options(num_cpus=1).remote(
-        WorkerConfig.of(cfg), str(preset))
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            f"model.path={preset}",
+            "rollout.engine=vllm",
+            "rollout.vllm.kv_cache_gb=0.25",
+            "rollout.temperature=0.7",
+            "rollout.max_new_tokens=5",
+            "rollout.group_size=2",
+            f"envs=[{{path: '{tmp_path / 'echo.py'}:Echo'}}]",
+        ],
+    )
+    worker = (
+        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+        .options(num_cpus=1)
+        .remote(WorkerConfig.of(cfg), str(preset))
+    )
     try:
         prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}, env="Echo") for i in range(3)]
         groups = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S).groups

@@ -39,25 +39,50 @@ def slow_format(sample, row):
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("vllm-train")
     (tmp / "slow.py").write_text(SLOW_REWARD)
-    cfg = load_config(None, [
-        "name=vllm-test", f"output_dir={tmp / 'runs'}", "seed=1", "model.preset=tiny-qwen3-moe",
-        "data.source.ops=[+]", "data.source.eval_size=32",
-        "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "rollout.num_workers=2",
-        "rollout.max_new_tokens=4", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.batch_size=128",
-        "trainer.lr=1e-3", "trainer.micro_batch_size=64",
-        f"rewards.functions=[{{path: '{tmp / 'slow.py'}:slow_format'}}]",
-        f"train.steps={STEPS}", "train.eval_every=12", "eval.num_samples=32", "eval.max_new_tokens=4",
-        "monitor.wandb=disabled",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "name=vllm-test",
+            f"output_dir={tmp / 'runs'}",
+            "seed=1",
+            "model.preset=tiny-qwen3-moe",
+            "data.source.ops=[+]",
+            "data.source.eval_size=32",
+            "rollout.engine=vllm",
+            "rollout.vllm.kv_cache_gb=0.25",
+            "rollout.num_workers=2",
+            "rollout.max_new_tokens=4",
+            "rollout.group_size=8",
+            "rollout.prompts_per_step=16",
+            "rollout.batch_size=128",
+            "trainer.lr=1e-3",
+            "trainer.micro_batch_size=64",
+            f"rewards.functions=[{{path: '{tmp / 'slow.py'}:slow_format'}}]",
+            f"train.steps={STEPS}",
+            "train.eval_every=12",
+            "eval.num_samples=32",
+            "eval.max_new_tokens=4",
+            "monitor.wandb=disabled",
+        ],
+    )
     (tmp / "config.yaml").write_text(dump_config(cfg))
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "tidal.cli", "train", str(tmp / "config.yaml")],
-                          capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli", "train", str(tmp / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
-    return {"rows": rows, "steps": [r for r in rows if "reward/mean" in r], "summary": summary,
-            "config": tmp / "config.yaml"}
+    return {
+        "rows": rows,
+        "steps": [r for r in rows if "reward/mean" in r],
+        "summary": summary,
+        "config": tmp / "config.yaml",
+    }
 
 
 def test_reward_rises(run: dict[str, Any]) -> None:
@@ -74,7 +99,8 @@ def test_vllm_samples_match_the_trainer_at_every_step(run: dict[str, Any]) -> No
     assert [r["train/version"] for r in trained] == list(range(1, len(trained) + 1))
     # Every worker held the version the trainer published before generating the next batch.
     assert all(r["async/worker_version"] == r["train/version"] - 1 for r in trained), [
-        (r["async/worker_version"], r["train/version"]) for r in trained]
+        (r["async/worker_version"], r["train/version"]) for r in trained
+    ]
     # Once vLLM holds weights tidal loaded (from step 2) its log-probs are the trainer's to float noise.
     assert max(r["rollout/logp_mismatch_max"] for r in trained if r["step"] > 1) < 1e-3
     # Version 0 is vLLM's own load of the checkpoint (its CPU MoE prepack), 1e-6 off the trainer's
@@ -97,9 +123,12 @@ def test_tidal_eval_with_the_vllm_engine_exits_zero(run: dict[str, Any]) -> None
     """`tidal eval` on the run's checkpoint with `rollout.engine: vllm` (vLLM in its process): the
     process ends with status 0 once it printed its numbers (nothing at interpreter exit turns a good
     job into a failed one)."""
-    proc = subprocess.run([sys.executable, "-m", "tidal.cli", "eval", str(run["config"]),
-                           f"checkpoint={run['summary']['checkpoint']}"], capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidal.cli", "eval", str(run["config"]), f"checkpoint={run['summary']['checkpoint']}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The same greedy answers up to a near-tie that vLLM's own load of the checkpoint may break (1e-6).
     assert "eval/accuracy" in proc.stdout, proc.stdout

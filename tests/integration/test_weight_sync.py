@@ -4,6 +4,7 @@ ever waiting for them in `publish`."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +16,8 @@ import ray
 import torch
 
 from tidal.config import WeightSyncConfig
-from tidal.models import load_model, materialize_preset
+from tidal.model.loading import load_model, materialize_preset
 from tidal.weight_sync import (
-    BroadcastPlan,
     SyncAbandoned,
     WeightHandle,
     WeightPublisher,
@@ -27,8 +27,17 @@ from tidal.weight_sync import (
     make_receiver,
     sync_group_address,
 )
+from tidal.weight_sync.broadcast import BroadcastPlan
+
+
+def whole(receiver: Any, handle: WeightHandle) -> dict[str, torch.Tensor]:
+    """The snapshot `handle` names, received as one state dict."""
+    return {name: t for bucket in receiver.receive_buckets(handle) for name, t in bucket.items()}
+
 
 pytestmark = pytest.mark.integration
+# The actors import tidal, not this test module: what they call of it travels by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 WAIT_S = 60.0
 BUCKET_BYTES = 10_000
@@ -92,7 +101,7 @@ class Worker:
         self.receiver = make_receiver(cfg, group, rank)
 
     def receive(self, handle: WeightHandle) -> int:
-        self.model.load_state_dict(self.receiver.receive(handle))
+        self.model.load_state_dict(whole(self.receiver, handle))
         self.version = handle.version
         return self.version
 
@@ -181,13 +190,13 @@ def test_disk_keeps_the_newest_files_and_names_a_removed_one(tmp_path: Path) -> 
     state = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
     handles = [publisher.publish({k: v + i for k, v in state.items()}, version=i) for i in range(1, 4)]
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["v00000002", "v00000003"]
-    assert torch.equal(receiver.receive(handles[2])["w"], state["w"] + 3)
+    assert torch.equal(whole(receiver, handles[2])["w"], state["w"] + 3)
     with pytest.raises(FileNotFoundError, match=r"v00000001 \(v1\) was removed.*keep \(now 2\)"):
-        receiver.receive(handles[0])
+        whole(receiver, handles[0])
     # A restarted run counts from v1 again: the previous run's newer-numbered files must not push
     # its fresh file out.
     restarted = make_publisher(cfg, tmp_path / "unused").publish(state, version=1)
-    assert torch.equal(receiver.receive(restarted)["b"], state["b"])
+    assert torch.equal(whole(receiver, restarted)["b"], state["b"])
 
 
 def _broadcast_group(cfg: WeightSyncConfig, workers: int) -> tuple[WeightPublisher, list[WeightReceiver]]:
@@ -195,8 +204,10 @@ def _broadcast_group(cfg: WeightSyncConfig, workers: int) -> tuple[WeightPublish
     address, port = sync_group_address()
     group = (address, port, 1 + workers)
     receivers: dict[int, WeightReceiver] = {}
-    threads = [threading.Thread(target=lambda r=r: receivers.__setitem__(r, make_receiver(cfg, group, r)))
-               for r in range(1, 1 + workers)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda r=r: receivers.__setitem__(r, make_receiver(cfg, group, r)))
+        for r in range(1, 1 + workers)
+    ]
     for t in threads:
         t.start()
     publisher = make_publisher(cfg, Path("unused"), group)
@@ -224,7 +235,7 @@ def test_every_dtype_and_layout_bit_for_bit(cluster: None, transport: str, tmp_p
         "nan": torch.tensor([float("nan"), -0.0]),
     }
     # 100-byte buckets: tied tensors and dtypes land in different pieces.
-    got = receiver.receive(publisher.publish(buckets(state.items(), 100), version=1))
+    got = whole(receiver, publisher.publish(buckets(state.items(), 100), version=1))
     assert sorted(got) == sorted(state)
     for name, t in state.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
@@ -247,18 +258,20 @@ def test_broadcast_names_a_skipped_version() -> None:
     cfg = WeightSyncConfig.model_validate({"transport": {"type": "broadcast", "timeout_s": 10}})
     publisher, (receiver,) = _broadcast_group(cfg, workers=1)
     v1 = publisher.publish({"w": torch.ones(4)}, version=1)
-    assert torch.equal(receiver.receive(v1)["w"], torch.ones(4))
+    assert torch.equal(whole(receiver, v1)["w"], torch.ones(4))
     publisher.publish({"w": torch.zeros(4)}, version=2)
     with pytest.raises(RuntimeError, match="asked for v1 .* sending v2"):
-        receiver.receive(v1)
+        whole(receiver, v1)
     receiver.close()
 
 
 def _receive_all(receivers: list[WeightReceiver], handle: WeightHandle) -> list[Any]:
     """Each receiver's copy of `handle`, received side by side (a broadcast needs every member)."""
     got: list[Any] = [None] * len(receivers)
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, receivers[i].receive(handle)["w"]))
-               for i in range(len(receivers))]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda i=i: got.__setitem__(i, whole(receivers[i], handle)["w"]))
+        for i in range(len(receivers))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -278,7 +291,7 @@ def test_an_abandoned_broadcast_ends_at_once_and_a_new_group_forms() -> None:
 
     def wait_for_a_send() -> None:  # none comes: the trainer's went to a dead member and failed
         try:
-            receivers[0].receive(v1)
+            whole(receivers[0], v1)
             outcome.append(None)
         except BaseException as e:
             outcome.append(e)
@@ -293,7 +306,7 @@ def test_an_abandoned_broadcast_ends_at_once_and_a_new_group_forms() -> None:
     thread.join(timeout=30)
     assert time.monotonic() - t0 < 30 and len(outcome) == 1 and isinstance(outcome[0], SyncAbandoned), outcome
     with pytest.raises(SyncAbandoned):  # an abandoned receiver takes no further send
-        receivers[0].receive(v1)
+        whole(receivers[0], v1)
     publisher, receivers = _broadcast_group(cfg, workers=2)
     v2 = publisher.publish({"w": torch.arange(8.0)}, version=2)
     assert all(w is not None and torch.equal(w, torch.arange(8.0)) for w in _receive_all(receivers, v2))
@@ -328,5 +341,5 @@ def _nccl_worker(cfg: WeightSyncConfig, group: tuple[str, int, int], inbox: Any,
     torch.cuda.set_device(1)
     receiver = make_receiver(cfg, group, rank=1)
     handle = inbox.get(timeout=WAIT_S)
-    outbox.put({k: v.cpu() for k, v in receiver.receive(handle).items()})
+    outbox.put({k: v.cpu() for k, v in whole(receiver, handle).items()})
     receiver.close()

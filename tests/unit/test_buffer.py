@@ -5,27 +5,38 @@ from __future__ import annotations
 import pytest
 
 from tidal.config import FilterConfig
-from tidal.metrics import values
 from tidal.rollout.buffer import TrajectoryBuffer
-from tidal.train import PromptSampler
+from tidal.stages.train import PromptSampler
+from tidal.telemetry.metrics import values
 from tidal.types import Group, Prompt, Sample
 
 pytestmark = pytest.mark.unit
 
 
 def sample(gid: int, reward: float, version: int = 0, finish: str = "stop", errors: list[str] | None = None) -> Sample:
-    return Sample(group_id=gid, prompt_ids=[1, 2], response_ids=[3], loss_mask=[1], logp_mu=[-0.5],
-                  finish_reason=finish, version=version, versions=[version], reward=reward,  # type: ignore[arg-type]
-                  reward_errors=errors or [])  # fmt: skip
+    return Sample(
+        group_id=gid,
+        prompt_ids=[1, 2],
+        response_ids=[3],
+        loss_mask=[1],
+        logp_mu=[-0.5],
+        finish_reason=finish,
+        version=version,
+        versions=[version],
+        reward=reward,  # type: ignore[arg-type]
+        reward_errors=errors or [],
+    )
 
 
 def test_zero_variance_groups_are_dropped_and_counted() -> None:
     buf = TrajectoryBuffer(FilterConfig(zero_variance=True), max_staleness=0)
-    kept = buf.put([
-        Group(0, [sample(0, 1.0), sample(0, 0.0)]),
-        Group(1, [sample(1, 1.0), sample(1, 1.0), sample(1, 1.0)]),
-        Group(2, [sample(2, 0.0)]),
-    ])  # fmt: skip
+    kept = buf.put(
+        [
+            Group(0, [sample(0, 1.0), sample(0, 0.0)]),
+            Group(1, [sample(1, 1.0), sample(1, 1.0), sample(1, 1.0)]),
+            Group(2, [sample(2, 0.0)]),
+        ]
+    )
     assert kept == 1
     assert [g.group_id for g in buf.take(0, trainer_version=0)] == [0]
     counts = values(buf.pop_counts())
@@ -33,8 +44,11 @@ def test_zero_variance_groups_are_dropped_and_counted() -> None:
     assert counts["rollout/filtered_zero_variance_samples"] == 4
     assert counts["rollout/groups_generated"] == 3 and counts["rollout/groups_kept"] == 1
     # Counters are per call.
-    assert values(buf.pop_counts()) == {"async/buffer_groups": 0.0, "async/buffer_batches": 0.0,
-                                        "async/in_flight_groups": 0.0}  # fmt: skip
+    assert values(buf.pop_counts()) == {
+        "async/buffer_groups": 0.0,
+        "async/buffer_batches": 0.0,
+        "async/in_flight_groups": 0.0,
+    }
 
 
 def test_zero_variance_filter_off_keeps_everything() -> None:
@@ -45,10 +59,12 @@ def test_zero_variance_filter_off_keeps_everything() -> None:
 def test_sample_filters_leave_unequal_groups() -> None:
     cfg = FilterConfig(zero_variance=True, drop_truncated=True, drop_failed_rewards=True)
     buf = TrajectoryBuffer(cfg, max_staleness=0)
-    buf.put([
-        Group(0, [sample(0, 1.0), sample(0, 0.0, finish="length"), sample(0, 0.0), sample(0, 0.0, errors=["x"])]),
-        Group(1, [sample(1, 0.0, finish="length")]),
-    ])  # fmt: skip
+    buf.put(
+        [
+            Group(0, [sample(0, 1.0), sample(0, 0.0, finish="length"), sample(0, 0.0), sample(0, 0.0, errors=["x"])]),
+            Group(1, [sample(1, 0.0, finish="length")]),
+        ]
+    )
     (g,) = buf.take(0, 0)
     assert [s.reward for s in g.samples] == [1.0, 0.0]
     counts = values(buf.pop_counts())
@@ -90,9 +106,15 @@ def test_ledger_accounts_for_every_group() -> None:
     buf.take(1, trainer_version=0)
     buf.take(2, trainer_version=2)  # version 0 at trainer version 2: too stale
     values(buf.pop_counts())  # per-step counters are cleared; the ledger keeps run totals
-    assert buf.ledger() == {"dispatched_groups": 5, "in_flight_groups": 1, "generated_groups": 4,
-                            "filtered_groups": 1, "dropped_stale_groups": 1, "taken_groups": 1,
-                            "held_groups": 1}  # fmt: skip
+    assert buf.ledger() == {
+        "dispatched_groups": 5,
+        "in_flight_groups": 1,
+        "generated_groups": 4,
+        "filtered_groups": 1,
+        "dropped_stale_groups": 1,
+        "taken_groups": 1,
+        "held_groups": 1,
+    }
 
 
 def test_streaming_takes_the_oldest_ready_groups_whatever_their_batch() -> None:

@@ -12,9 +12,9 @@ import pytest
 
 from tidal import checkpoint
 from tidal.config import ConfigError, load_config
-from tidal.monitor import SUMMARY_KEY
 from tidal.rollout.buffer import TrajectoryBuffer
-from tidal.train import PromptSampler
+from tidal.stages.train import PromptSampler
+from tidal.telemetry.rows import SUMMARY_KEY
 
 pytestmark = pytest.mark.unit
 
@@ -69,12 +69,21 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path: Path) -> None:
     saved = load_config(None, ["model.preset=tiny-qwen3-moe", "rollout.group_size=4"]).model_dump(mode="json")
     path = write(tmp_path, 2)
     checkpoint.write_driver_state(path, {"step": 2, "config": saved})
-    safe = ["model.preset=tiny-qwen3-moe", "rollout.group_size=4", "train.steps=500", "train.eval_every=3",
-            "monitor.wandb=disabled", "ray.stall_timeout_s=60", "train.resume=true", "eval.num_samples=4",
-            "weight_sync.transport.type=disk"]  # fmt: skip
+    safe = [
+        "model.preset=tiny-qwen3-moe",
+        "rollout.group_size=4",
+        "train.steps=500",
+        "train.eval_every=3",
+        "monitor.wandb=disabled",
+        "ray.stall_timeout_s=60",
+        "train.resume=true",
+        "eval.num_samples=4",
+        "weight_sync.transport.type=disk",
+    ]
     assert checkpoint.check_resume(path, load_config(None, safe).model_dump(mode="json"), 500)["step"] == 2
-    changed = load_config(None, ["model.preset=tiny-glm5-moe", "rollout.group_size=8",
-                                 "algorithm.loss.entropy_coef=0.1"])  # fmt: skip
+    changed = load_config(
+        None, ["model.preset=tiny-glm5-moe", "rollout.group_size=8", "algorithm.loss.entropy_coef=0.1"]
+    )
     with pytest.raises(ConfigError) as err:
         checkpoint.check_resume(path, changed.model_dump(mode="json"), 100)
     msg = str(err.value)
@@ -105,8 +114,14 @@ def test_a_resume_with_more_steps_keeps_the_lr_schedule_it_started_with(tmp_path
 
 def test_logs_are_cut_back_to_the_checkpoint(tmp_path: Path) -> None:
     log = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0}, {"step": 1}, {"step": 2}, {"step": 2, "eval/accuracy": 0.5}, {"step": 3},
-            {"step": 3, SUMMARY_KEY: 8.0}]  # fmt: skip
+    rows = [
+        {"step": 0},
+        {"step": 1},
+        {"step": 2},
+        {"step": 2, "eval/accuracy": 0.5},
+        {"step": 3},
+        {"step": 3, SUMMARY_KEY: 8.0},
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     checkpoint.truncate_rows(log, 2)
     assert [json.loads(line) for line in log.read_text().splitlines()] == rows[:4]

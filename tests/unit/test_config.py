@@ -108,12 +108,17 @@ def test_model_path_must_exist_and_excludes_preset(tmp_path: Path) -> None:
 
 def test_parse_overrides_types() -> None:
     assert parse_overrides(["a.b=1", "a.c=1e-3", "a.d=true", "a.e=[1, 2]", "a.f=hello", "a.g="]) == [
-        ("a.b", 1), ("a.c", 1e-3), ("a.d", True), ("a.e", [1, 2]), ("a.f", "hello"), ("a.g", ""),
-    ]  # fmt: skip
+        ("a.b", 1),
+        ("a.c", 1e-3),
+        ("a.d", True),
+        ("a.e", [1, 2]),
+        ("a.f", "hello"),
+        ("a.g", ""),
+    ]
 
 
 def test_every_field_has_a_docstring() -> None:
-    """The README's field reference is generated from these; an undocumented field is a bug."""
+    """The field reference (docs/config.md) is generated from these; an undocumented field is a bug."""
     from pydantic import BaseModel
 
     seen: set[type] = set()
@@ -141,18 +146,18 @@ def _models_in(annotation: object) -> list[type]:
     return [m for a in get_args(annotation) for m in _models_in(a)]
 
 
-def test_readme_config_reference_is_current() -> None:
-    from tidal.docs import BEGIN, END, reference
+def test_docs_config_reference_is_current() -> None:
+    from tidal.config.reference import BEGIN, END, reference
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "config.md").read_text()
     section = text[text.index(BEGIN) : text.index(END) + len(END)]
-    assert section == reference(), "README config reference is stale: run `python -m tidal.docs`"
+    assert section == reference(), "docs/config.md's config reference is stale: run `python -m tidal.config.reference`"
 
 
 def test_reference_shows_the_defaults_a_user_gets() -> None:
     """A tagged union's `type` row shows the variant chosen by default (not each variant's own tag),
     and only the default variant's fields carry the default instance's values."""
-    from tidal.docs import reference_rows
+    from tidal.config.reference import reference_rows
 
     rows = reference_rows(RunConfig)
     (correction,) = [r for r in rows if r.startswith("| `algorithm.loss.correction.type` |")]

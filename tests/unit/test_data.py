@@ -5,7 +5,7 @@ import pytest
 
 from tidal.config import ArithmeticData, ConfigError, DataConfig, FileData
 from tidal.data import arithmetic_splits, encode_prompts, exact_match, format_prompt, load_splits
-from tidal.models import build_char_tokenizer
+from tidal.model.loading import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -50,8 +50,15 @@ def test_files_jsonl_and_parquet_with_custom_fields(tmp_path: Path) -> None:
     import datasets
 
     datasets.Dataset.from_list(rows[:4]).to_parquet(str(tmp_path / "eval.parquet"))
-    cfg = DataConfig(source=FileData(train_files=[str(f)], eval_files=[str(tmp_path / "eval.parquet")],
-                                     prompt_field="q", answer_field="a", metadata_fields=["level"]))  # fmt: skip
+    cfg = DataConfig(
+        source=FileData(
+            train_files=[str(f)],
+            eval_files=[str(tmp_path / "eval.parquet")],
+            prompt_field="q",
+            answer_field="a",
+            metadata_fields=["level"],
+        )
+    )
     train, held = load_splits(cfg)
     assert train.num_rows == 10 and held is not None and held.num_rows == 4
     assert train[3] == {"prompt": "3+1=", "answer": "4", "level": 0}

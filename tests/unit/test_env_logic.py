@@ -15,31 +15,55 @@ from tidal.config import ConfigError, EnvSpec, RewardsConfig, RewardSpec, load_c
 from tidal.envs import Env, MultiTurnEnv, Step
 from tidal.envs.builtins import CalculatorEnv, calculate, extract_code
 from tidal.envs.loading import resolve_envs
-from tidal.metrics import values
 from tidal.plugins import BoundedCalls
 from tidal.rewards import RewardScorer
+from tidal.telemetry.metrics import values
 from tidal.types import Sample
 
 pytestmark = pytest.mark.unit
 
 
 def sample(text: str, row: dict[str, Any], gid: int = 0) -> Sample:
-    return Sample(group_id=gid, prompt_ids=[1], response_ids=[2] * max(len(text), 1), loss_mask=[1] * max(len(text), 1),
-                  logp_mu=[-1.0] * max(len(text), 1), finish_reason="stop", version=0, versions=[0] * max(len(text), 1),
-                  text=text, row=row)  # fmt: skip
+    return Sample(
+        group_id=gid,
+        prompt_ids=[1],
+        response_ids=[2] * max(len(text), 1),
+        loss_mask=[1] * max(len(text), 1),
+        logp_mu=[-1.0] * max(len(text), 1),
+        finish_reason="stop",
+        version=0,
+        versions=[0] * max(len(text), 1),
+        text=text,
+        row=row,
+    )
 
 
 # ----------------------------------------------------------------------------------------- calculator
 
 
-@pytest.mark.parametrize(("expr", "value"), [("12*34", 408), (" (7 - 9) * 3 ", -6), ("-5+2", -3), ("17 // 5", 3),
-                                             ("17 % 5", 2), ("+4", 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("expr", "value"), [("12*34", 408), (" (7 - 9) * 3 ", -6), ("-5+2", -3), ("17 // 5", 3), ("17 % 5", 2), ("+4", 4)]
+)
 def test_calculate(expr: str, value: int) -> None:
     assert calculate(expr) == value
 
 
-@pytest.mark.parametrize("expr", ["__import__('os').system('x')", "2**10", "a+1", "1/2", "3.5*2", "1//0", "[1]",
-                                  "10**20", "999999999*999999999", "open('f')", ""])  # fmt: skip
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os').system('x')",
+        "2**10",
+        "a+1",
+        "1/2",
+        "3.5*2",
+        "1//0",
+        "[1]",
+        "10**20",
+        "999999999*999999999",
+        "open('f')",
+        "",
+    ],
+)
 def test_calculate_rejects_anything_else(expr: str) -> None:
     with pytest.raises(ValueError):
         calculate(expr)
@@ -67,7 +91,7 @@ def test_extract_code() -> None:
 
 # -------------------------------------------------------------------------------------------- loading
 
-USER_ENVS = '''
+USER_ENVS = """
 from tidal.envs import Env, MultiTurnEnv, Step
 
 class Echo(Env):
@@ -82,28 +106,34 @@ class Chat(MultiTurnEnv):
 
 class NotAnEnv:
     pass
-'''
+"""
 
 
 def test_envs_resolve_by_name_and_path(tmp_path: Path) -> None:
     (tmp_path / "user_envs.py").write_text(USER_ENVS)
-    envs = resolve_envs([
-        EnvSpec(name="arithmetic"), EnvSpec(path=f"{tmp_path}/user_envs.py:Echo", kwargs={"bonus": 0.5}),
-        EnvSpec(path=f"{tmp_path}/user_envs.py:Chat", label="chat"),
-    ])  # fmt: skip
+    envs = resolve_envs(
+        [
+            EnvSpec(name="arithmetic"),
+            EnvSpec(path=f"{tmp_path}/user_envs.py:Echo", kwargs={"bonus": 0.5}),
+            EnvSpec(path=f"{tmp_path}/user_envs.py:Chat", label="chat"),
+        ]
+    )
     assert list(envs) == ["arithmetic", "Echo", "chat"]
     assert envs["Echo"].score(sample("x", {}), {}) == 1.5
     assert isinstance(envs["chat"], MultiTurnEnv) and envs["chat"].max_turns == 4
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"name": "chess"}, "'chess' is not a built-in environment (known: arithmetic, calculator, code, math)"),
-    ({"path": "{tmp}/user_envs.py:NotAnEnv"}, "'NotAnEnv' is not a tidal.envs.Env subclass"),
-    ({"path": "{tmp}/user_envs.py:Missing"}, "has no attribute 'Missing' (it has: Chat, Echo, NotAnEnv)"),
-    ({"path": "{tmp}/nope.py:Echo"}, "file {tmp}/nope.py not found"),
-    ({"path": "{tmp}/user_envs.py:Echo", "kwargs": {"bonsu": 1}}, "building Echo with kwargs {'bonsu': 1} raised"),
-    ({"name": "calculator", "kwargs": {"max_turns": 0}}, "max_turns must be >= 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "chess"}, "'chess' is not a built-in environment (known: arithmetic, calculator, code, math)"),
+        ({"path": "{tmp}/user_envs.py:NotAnEnv"}, "'NotAnEnv' is not a tidal.envs.Env subclass"),
+        ({"path": "{tmp}/user_envs.py:Missing"}, "has no attribute 'Missing' (it has: Chat, Echo, NotAnEnv)"),
+        ({"path": "{tmp}/nope.py:Echo"}, "file {tmp}/nope.py not found"),
+        ({"path": "{tmp}/user_envs.py:Echo", "kwargs": {"bonsu": 1}}, "building Echo with kwargs {'bonsu': 1} raised"),
+        ({"name": "calculator", "kwargs": {"max_turns": 0}}, "max_turns must be >= 1"),
+    ],
+)
 def test_env_mistakes_are_one_line_config_errors(tmp_path: Path, spec: dict[str, Any], message: str) -> None:
     (tmp_path / "user_envs.py").write_text(USER_ENVS)
     spec = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in spec.items()}
@@ -174,8 +204,10 @@ def nan_for_b(prompts, completions, answer, **kwargs):
 
 def test_trl_style_rewards_score_the_whole_batch(tmp_path: Path) -> None:
     (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS)
-    specs = [RewardSpec(path=f"{tmp_path}/trl_rewards.py:{name}") for name in
-             ("length_penalty", "bad_length", "crashes", "nan_for_b")]  # fmt: skip
+    specs = [
+        RewardSpec(path=f"{tmp_path}/trl_rewards.py:{name}")
+        for name in ("length_penalty", "bad_length", "crashes", "nan_for_b")
+    ]
     rows = [{"prompt": "p1", "answer": "a", "kind": "x"}, {"prompt": "p2", "answer": "b", "kind": "skip"}]
     samples = [sample("abcd", rows[0]), sample("ab", rows[1], gid=1)]
     with RewardScorer(RewardsConfig(functions=specs, failure_reward=-1.0)) as scorer:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tidal.cli import main
-from tidal.models import build_char_tokenizer
+from tidal.model.loading import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -25,15 +25,43 @@ GPU_GB = 141.0  # NVIDIA H200
 # micro_batch_size 1 and 4k tokens without activation checkpointing (the top of the header's
 # estimate, GB); whether the header says it fits (the header comment of each file says why).
 LAYOUTS = {
-    "qwen3-30b-a3b-1node.yaml": {"nodes": 1, "ranks": 6, "workers": 2, "tp": 1, "params_b": 30.5, "act_gb": 45,
-                                 "fits": True},
-    "qwen3-30b-a3b-2nodes.yaml": {"nodes": 2, "ranks": 8, "workers": 4, "tp": 2, "params_b": 30.5, "act_gb": 45,
-                                  "fits": True},
-    "glm45-air-1node.yaml": {"nodes": 1, "ranks": 4, "workers": 1, "tp": 4, "params_b": 106, "act_gb": 70,
-                             "fits": False},
-    "glm45-air-2nodes.yaml": {"nodes": 2, "ranks": 8, "workers": 2, "tp": 4, "params_b": 106, "act_gb": 70,
-                              "fits": False},
-}  # fmt: skip
+    "qwen3-30b-a3b-1node.yaml": {
+        "nodes": 1,
+        "ranks": 6,
+        "workers": 2,
+        "tp": 1,
+        "params_b": 30.5,
+        "act_gb": 45,
+        "fits": True,
+    },
+    "qwen3-30b-a3b-2nodes.yaml": {
+        "nodes": 2,
+        "ranks": 8,
+        "workers": 4,
+        "tp": 2,
+        "params_b": 30.5,
+        "act_gb": 45,
+        "fits": True,
+    },
+    "glm45-air-1node.yaml": {
+        "nodes": 1,
+        "ranks": 4,
+        "workers": 1,
+        "tp": 4,
+        "params_b": 106,
+        "act_gb": 70,
+        "fits": False,
+    },
+    "glm45-air-2nodes.yaml": {
+        "nodes": 2,
+        "ranks": 8,
+        "workers": 2,
+        "tp": 4,
+        "params_b": 106,
+        "act_gb": 70,
+        "fits": False,
+    },
+}
 
 
 def check(path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> tuple[int, dict[str, Any], str]:
@@ -52,8 +80,11 @@ def placeholders(tmp_path: Path) -> list[str]:
     build_char_tokenizer().save_pretrained(tmp_path / "model")
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
-    return [f"model.path={tmp_path / 'model'}", f"data.source.train_files=['{tmp_path / 'train.jsonl'}']",
-            f"data.source.eval_files=['{tmp_path / 'test.jsonl'}']"]  # fmt: skip
+    return [
+        f"model.path={tmp_path / 'model'}",
+        f"data.source.train_files=['{tmp_path / 'train.jsonl'}']",
+        f"data.source.eval_files=['{tmp_path / 'test.jsonl'}']",
+    ]
 
 
 def test_every_gpu_config_has_a_layout_here() -> None:

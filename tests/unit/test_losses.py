@@ -16,12 +16,11 @@ from tidal.config import (
     NoCorrection,
     TISCorrection,
 )
-from tidal.metrics import Stat, merge
-from tidal.modeling import entropy as entropy_from_logits
-from tidal.modeling import token_logprobs
+from tidal.model.forward import entropy as entropy_from_logits
+from tidal.model.forward import token_logprobs
+from tidal.telemetry.metrics import Stat, merge
 from tidal.trainer.losses import (
     aggregate,
-    aggregated_loss,
     expert_load_stats,
     importance_weights,
     kl_penalty,
@@ -175,8 +174,15 @@ def test_gspo_sequence_ratio_is_exp_of_the_mean() -> None:
     assert approx(m["train/ratio_mean"], s)
     loss.sum().backward()
     assert logp.grad is not None and approx(logp.grad, [[-s, -s, 0.0]])  # GSPO-token: gradient per token
-    long_loss, _ = ppo_clip_loss(torch.full((1, 100), 0.1), torch.zeros(1, 100), torch.ones(1, 100),
-                                 torch.ones(1, 100), 1e6, 1e6, ratio="sequence")  # fmt: skip
+    long_loss, _ = ppo_clip_loss(
+        torch.full((1, 100), 0.1),
+        torch.zeros(1, 100),
+        torch.ones(1, 100),
+        torch.ones(1, 100),
+        1e6,
+        1e6,
+        ratio="sequence",
+    )
     assert torch.allclose(long_loss, torch.full((1, 100), -1.1051709))  # e^0.1, not e^10
 
 
@@ -223,8 +229,12 @@ def test_clipped_token_diagnostics_and_their_merge_over_micro_batches() -> None:
     assert approx(m["offpolicy/clipped_pos_adv_frac"], 0.5)  # one above 1 + eps_high, one below 1 - eps_low
     assert float(m["offpolicy/clipped_token_entropy"].weight) == 2
     # Split into micro-batches [0, 1] and [2, 3, 4], the declared reductions give the same values.
-    parts = [ppo_clip_loss(logp[:, s], torch.zeros(1, 5)[:, s], A[:, s], torch.ones(1, 5)[:, s], 0.1, 0.3,
-                           entropy=H[:, s])[1] for s in (slice(0, 2), slice(2, 5))]  # fmt: skip
+    parts = [
+        ppo_clip_loss(logp[:, s], torch.zeros(1, 5)[:, s], A[:, s], torch.ones(1, 5)[:, s], 0.1, 0.3, entropy=H[:, s])[
+            1
+        ]
+        for s in (slice(0, 2), slice(2, 5))
+    ]
     merged = merge(parts)
     for key in ("offpolicy/clipped_token_entropy", "offpolicy/clipped_pos_adv_frac", "train/clip_frac"):
         assert approx(merged[key], float(m[key].value)), key
@@ -283,8 +293,9 @@ def test_policy_loss_mask_correction_drops_out_of_range_tokens() -> None:
 def test_policy_loss_adds_kl_and_subtracts_entropy() -> None:
     cfg = LossConfig(correction=NoCorrection(), kl=KLConfig(coef=0.1, type="k1"), entropy_coef=0.01)
     logp = t([0.0, 0.0])
-    loss, m = policy_loss(logp, logp.clone(), None, t([1.0, -1.0]), t([1, 1]), cfg,
-                          logp_ref=t([-LN2, 0.0]), entropy=t([2.0, 1.0]))  # fmt: skip
+    loss, m = policy_loss(
+        logp, logp.clone(), None, t([1.0, -1.0]), t([1, 1]), cfg, logp_ref=t([-LN2, 0.0]), entropy=t([2.0, 1.0])
+    )
     # pg = [-1, 1]; k1 = [ln 2, 0]; per token = pg + 0.1 k1 - 0.01 H.
     assert approx(loss, [[-1 + 0.1 * LN2 - 0.02, 1 - 0.01]])
     assert approx(m["train/kl"], LN2 / 2) and approx(m["train/entropy"], 1.5)
@@ -311,7 +322,6 @@ MASK = t([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0])
 def test_aggregate_hand_values_and_additivity_over_row_splits(mode: str, num: float, den: float) -> None:
     n, d = aggregate(PER_TOKEN, MASK, mode, max_len=5)
     assert approx(n, num) and d == den
-    assert approx(aggregated_loss(PER_TOKEN, MASK, mode, max_len=5), num / den)
     (n1, d1), (n2, d2) = aggregate(PER_TOKEN[:1], MASK[:1], mode, 5), aggregate(PER_TOKEN[1:], MASK[1:], mode, 5)
     assert approx(n1 + n2, num) and d1 + d2 == den
 
@@ -329,8 +339,13 @@ def test_everything_is_zero_and_finite_when_nothing_is_valid(trust: ClipTrustReg
     logp = token_logprobs(logits, torch.zeros(B, T, dtype=torch.long))
     entropy = entropy_from_logits(logits)
     bad = torch.full((B, T), NAN)
-    cfg = LossConfig(correction=TISCorrection(level="sequence"), ratio="sequence", trust_region=trust,
-                     kl=KLConfig(coef=0.1), entropy_coef=0.01)  # fmt: skip
+    cfg = LossConfig(
+        correction=TISCorrection(level="sequence"),
+        ratio="sequence",
+        trust_region=trust,
+        kl=KLConfig(coef=0.1),
+        entropy_coef=0.01,
+    )
     mu = torch.full((B, T), -INF)
     keep, batch_metrics = m2po_mask(bad, mu, mask, 0.04)
     per_token, metrics = policy_loss(logp, bad, mu, bad, mask, cfg, keep=keep, logp_ref=bad, entropy=entropy)
@@ -340,7 +355,7 @@ def test_everything_is_zero_and_finite_when_nothing_is_valid(trust: ClipTrustReg
     assert all(v.value.item() == 0.0 for v in metrics.values()), metrics
     assert all(float(v.weight) == 0.0 for v in metrics.values() if v.reduce == "mean")  # nothing to average
     modes = ["token-mean", "sequence-mean", "constant"]
-    total = sum(aggregated_loss(per_token, mask, mode, max_len=T) for mode in modes)
+    total = sum(aggregate(per_token, mask, mode, max_len=T)[0] for mode in modes)
     router = torch.randn(B * T, 4, requires_grad=True)
     picked = torch.tensor([[[0, 1]]] * (B * T))  # (B*T, 1 layer, top-2)
     for balance in (switch_aux_loss, sequence_aux_loss):

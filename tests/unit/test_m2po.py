@@ -18,7 +18,7 @@ from tidal.config import (
     TISCorrection,
     load_config,
 )
-from tidal.metrics import Stat
+from tidal.telemetry.metrics import Stat
 from tidal.trainer.losses import m2po_loss, policy_loss
 from tidal.trainer.offpolicy import m2po_mask
 
@@ -170,19 +170,27 @@ def test_m2po_config_from_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, error",
     [
-        (["algorithm.loss.trust_region.type=m2po", "algorithm.loss.trust_region.threshold=0"],
-         "config key 'algorithm.loss.trust_region.threshold': Input should be greater than 0"),
-        (["algorithm.loss.trust_region.type=m2po", "algorithm.loss.trust_region.threshold=-0.1"],
-         "config key 'algorithm.loss.trust_region.threshold': Input should be greater than 0"),
-        (["algorithm.loss.trust_region.type=m2po", "algorithm.loss.trust_region.eps_high=0.3"],
-         "unknown config key 'algorithm.loss.trust_region.eps_high'"),
+        (
+            ["algorithm.loss.trust_region.type=m2po", "algorithm.loss.trust_region.threshold=0"],
+            "config key 'algorithm.loss.trust_region.threshold': Input should be greater than 0",
+        ),
+        (
+            ["algorithm.loss.trust_region.type=m2po", "algorithm.loss.trust_region.threshold=-0.1"],
+            "config key 'algorithm.loss.trust_region.threshold': Input should be greater than 0",
+        ),
+        (
+            ["algorithm.loss.trust_region.type=m2po", "algorithm.loss.trust_region.eps_high=0.3"],
+            "unknown config key 'algorithm.loss.trust_region.eps_high'",
+        ),
         (["algorithm.loss.trust_region.threshold=0.04"], "unknown config key 'algorithm.loss.trust_region.threshold'"),
         (["algorithm.loss.trust_region.type=ppo"], "'algorithm.loss.trust_region.type'.*'clip', 'm2po'"),
         (["algorithm.loss.eps_high=0.3"], "algorithm.loss.eps_high is now algorithm.loss.trust_region.eps_high"),
-        (["algorithm.loss.trust_region.type=m2po", "algorithm.loss.correction.type=behavior"],
-         "m2po .* needs the recomputed pi_old"),
+        (
+            ["algorithm.loss.trust_region.type=m2po", "algorithm.loss.correction.type=behavior"],
+            "m2po .* needs the recomputed pi_old",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_trust_region_configs_say_what_to_change(overrides: list[str], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         load_config(None, overrides)

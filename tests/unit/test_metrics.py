@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tidal.config import EnvSpec, RewardsConfig
-from tidal.driver import _perf
-from tidal.metrics import Metrics, largest, mean, merge, smallest, spread, total, values
+from tidal.driver.loop import _perf
 from tidal.rollout.env_runtime import build_runtimes, score_samples
 from tidal.rollout.worker import generate_timing
+from tidal.telemetry.metrics import Metrics, largest, mean, merge, smallest, spread, total, values
 from tidal.trainer.losses import expert_load_stats, switch_aux_loss
 from tidal.types import Sample
 
@@ -55,9 +55,19 @@ def test_rollout_tokens_per_s_of_a_fleet_is_over_the_time_any_worker_generated()
 
 def sample(text: str, answer: str, env: str, versions: list[int] | None = None) -> Sample:
     n = len(text)
-    return Sample(group_id=0, prompt_ids=[1], response_ids=[5] * n, loss_mask=[1] * n, logp_mu=[-1.0] * n,
-                  finish_reason="stop", version=0, versions=versions or [0] * n, text=text,
-                  row={"prompt": "1+1=", "answer": answer}, env=env)  # fmt: skip
+    return Sample(
+        group_id=0,
+        prompt_ids=[1],
+        response_ids=[5] * n,
+        loss_mask=[1] * n,
+        logp_mu=[-1.0] * n,
+        finish_reason="stop",
+        version=0,
+        versions=versions or [0] * n,
+        text=text,
+        row={"prompt": "1+1=", "answer": answer},
+        env=env,
+    )
 
 
 def test_two_workers_merge_to_the_metrics_of_all_their_samples() -> None:
@@ -65,8 +75,12 @@ def test_two_workers_merge_to_the_metrics_of_all_their_samples() -> None:
     runtimes = build_runtimes(envs, RewardsConfig(), data=None)  # type: ignore[arg-type]
     calc_info = {"correct": 1.0, "calls": 0.0}
     # Worker 1: 3 arithmetic samples (2 right), 1 calculator episode; worker 2: 1 arithmetic (right), 3 calc.
-    one = [sample("2", "2", "arithmetic"), sample("2", "2", "arithmetic"), sample("3", "2", "arithmetic"),
-           sample("4", "4", "calc")]  # fmt: skip
+    one = [
+        sample("2", "2", "arithmetic"),
+        sample("2", "2", "arithmetic"),
+        sample("3", "2", "arithmetic"),
+        sample("4", "4", "calc"),
+    ]
     two = [sample("7", "7", "arithmetic"), sample("5", "5", "calc"), sample("6", "5", "calc"), sample("9", "8", "calc")]
     for s in [*one, *two]:
         if s.env == "calc":
@@ -93,8 +107,10 @@ def test_expert_load_min_is_a_min_over_micro_batches() -> None:
     # Two micro-batches: the first routes evenly, the second sends every token to expert 0.
     even = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # (rows, E): top-1 alternates
     skewed = torch.tensor([[5.0, 0.0], [5.0, 0.0]])
-    rows = [{**switch_aux_loss((r,), picked, None)[1], **expert_load_stats(picked, None, 2)}
-            for r, picked in ((even, torch.tensor([[[0]], [[1]]])), (skewed, torch.tensor([[[0]], [[0]]])))]
+    rows = [
+        {**switch_aux_loss((r,), picked, None)[1], **expert_load_stats(picked, None, 2)}
+        for r, picked in ((even, torch.tensor([[[0]], [[1]]])), (skewed, torch.tensor([[[0]], [[0]]])))
+    ]
     m = values(merge(rows))
     assert m["moe/expert_load_min"] == 0.0 and m["moe/expert_load_max"] == 2.0  # a mean would say 0.5 and 1.5
     assert m["moe/aux_loss"] == pytest.approx((values(rows[0])["moe/aux_loss"] + values(rows[1])["moe/aux_loss"]) / 2)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tidal.modeling as modeling
-from tidal.modeling import entropy, micro_batches, split_parts, token_logprobs
+import tidal.model.forward as modeling
+from tidal.model.forward import entropy, micro_batches, split_parts, token_logprobs
 from tidal.types import TokenBatch
 
 pytestmark = pytest.mark.unit

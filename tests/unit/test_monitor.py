@@ -12,7 +12,7 @@ import pytest
 import wandb
 from rich.console import Console
 
-from tidal.monitor import ConsoleSink, wandb_mode
+from tidal.telemetry.monitor import ConsoleSink, wandb_mode
 
 pytestmark = pytest.mark.unit
 
@@ -42,8 +42,10 @@ def test_a_row_with_nothing_to_show_prints_no_empty_line() -> None:
     sink.log({"perf/something_else": 3.0}, step=20)
     sink.close()
     assert out.getvalue().splitlines() == [
-        "[step 0/20] eval_acc_before=0.1250", "[step 10/20] loss=1.5000", "[step 10/20] probe_acc=0.2500",
-    ]  # fmt: skip
+        "[step 0/20] eval_acc_before=0.1250",
+        "[step 10/20] loss=1.5000",
+        "[step 10/20] probe_acc=0.2500",
+    ]
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def test_online_stays_online_for_a_user_logged_in_with_wandb_login(bare_home: Pa
 
 
 def test_online_falls_back_to_offline_without_any_credential(bare_home: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="tidal.monitor"):
+    with caplog.at_level(logging.WARNING, logger="tidal.telemetry.monitor"):
         assert wandb_mode("online") == "offline"
     assert len(caplog.records) == 1 and "offline" in caplog.records[0].getMessage()
 

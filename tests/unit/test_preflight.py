@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tidal.cli import main
-from tidal.models import build_char_tokenizer, materialize_preset, preset_config
+from tidal.model.loading import build_char_tokenizer, materialize_preset, preset_config
 
 pytestmark = pytest.mark.unit
 
@@ -73,8 +73,9 @@ def short_model(tmp_path: Path) -> Path:
         (["eval.max_new_tokens=4096"], "eval.max_new_tokens=4096 leaves no room for a prompt"),
     ],
 )
-def test_check_refuses_what_train_refuses(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                          overrides: list[str], needle: str) -> None:  # fmt: skip
+def test_check_refuses_what_train_refuses(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, overrides: list[str], needle: str
+) -> None:
     line = refused(capsys, SFT, f"output_dir={tmp_path}", *overrides)
     assert needle in line
 
@@ -116,14 +117,18 @@ def test_a_generation_longer_than_the_model_is_refused_naming_the_keys(
 ) -> None:
     model = f"model.path={short_model}"
     line = refused(capsys, SFT, model, "rollout.max_new_tokens=64")
-    assert line == ("tidal: error: rollout.max_new_tokens=64 leaves no room for a prompt within the model's "
-                    "max_position_embeddings=64 (a prompt and its completion share them); lower "
-                    "rollout.max_new_tokens")  # fmt: skip
+    assert line == (
+        "tidal: error: rollout.max_new_tokens=64 leaves no room for a prompt within the model's "
+        "max_position_embeddings=64 (a prompt and its completion share them); lower "
+        "rollout.max_new_tokens"
+    )
     # The arithmetic prompts have up to 6 tokens ("99+99="): 58 new tokens fit 64 positions, 59 do not.
     assert check(capsys, SFT, model, "rollout.max_new_tokens=58")[0] == 0
     line = refused(capsys, SFT, model, "rollout.max_new_tokens=59")
-    assert "the prompt has 6 tokens, and rollout.max_new_tokens=59 more make 65 > the model's " \
-           "max_position_embeddings=64; lower rollout.max_new_tokens or shorten the row" in line
+    assert (
+        "the prompt has 6 tokens, and rollout.max_new_tokens=59 more make 65 > the model's "
+        "max_position_embeddings=64; lower rollout.max_new_tokens or shorten the row" in line
+    )
     assert line.startswith("tidal: error: arithmetic train problem ")
     # The held-out split with the evaluation's limit.
     line = refused(capsys, SFT, model, "rollout.max_new_tokens=8", "eval.max_new_tokens=59")
@@ -136,8 +141,9 @@ def test_a_generation_longer_than_the_model_is_refused_naming_the_keys(
     # vLLM's context is its own limit.
     line = refused(capsys, SFT, model, "rollout.engine=vllm", "rollout.vllm.max_model_len=128")
     assert "rollout.vllm.max_model_len=128 is more than the model's max_position_embeddings=64" in line
-    line = refused(capsys, SFT, model, "rollout.engine=vllm", "rollout.vllm.max_model_len=32",
-                   "rollout.max_new_tokens=30")  # fmt: skip
+    line = refused(
+        capsys, SFT, model, "rollout.engine=vllm", "rollout.vllm.max_model_len=32", "rollout.max_new_tokens=30"
+    )
     assert "rollout.max_new_tokens=30 more make 36 > rollout.vllm.max_model_len=32" in line
 
 
@@ -157,10 +163,12 @@ def test_check_refuses_a_run_directory_train_would_refuse(capsys: pytest.Capture
     assert not (tmp_path / "x" / "config.yaml").exists()  # a check writes nothing
 
 
-@pytest.mark.parametrize("path", ["configs/quickstart.yaml", "configs/sft_arithmetic.yaml",
-                                  "examples/custom_env/config.yaml"])  # fmt: skip
-def test_shipped_configs_pass_the_check_of_their_stage(capsys: pytest.CaptureFixture[str], path: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["configs/quickstart.yaml", "configs/sft_arithmetic.yaml", "examples/custom_env/config.yaml"]
+)
+def test_shipped_configs_pass_the_check_of_their_stage(
+    capsys: pytest.CaptureFixture[str], path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(REPO)  # their plugin and warm-start paths are relative to the repository
     stage = "sft" if "sft" in path else "train"
     code, out, err = check(capsys, "--stage", stage, path)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from tidal.config import ConfigError, RewardsConfig, RewardSpec
-from tidal.metrics import values
 from tidal.plugins import BoundedCalls
 from tidal.rewards import RewardResult, RewardScorer, resolve_reward, resolve_rewards
 from tidal.rewards.builtins import MathVerify, Regex, arithmetic, exact_match
+from tidal.telemetry.metrics import values
 from tidal.types import Sample
 
 pytestmark = pytest.mark.unit
@@ -221,8 +221,11 @@ def test_duplicate_and_reserved_names_get_suffixes(monkeypatch: pytest.MonkeyPat
         (RewardSpec(path="{dir}/r.py:Judge"), REWARD_FILE, "building Judge with kwargs {} raised TypeError"),
         (RewardSpec(path="{dir}/r.py:C"), "class C:\n    pass\n", "instances of class C are not callable"),
         (RewardSpec(path="{dir}/r.py:f"), "def f(sample):\n    return 1\n", "cannot be called as fn(sample, row"),
-        (RewardSpec(name="foo"), None,
-         "is not a built-in reward (known: arithmetic, exact_match, math_verify, regex, remote_judge)"),
+        (
+            RewardSpec(name="foo"),
+            None,
+            "is not a built-in reward (known: arithmetic, exact_match, math_verify, regex, remote_judge)",
+        ),
         (RewardSpec(name="regex"), None, "raised ValueError: the regex reward needs kwargs.pattern"),
         (RewardSpec(name="regex", kwargs={"pattern": "("}), None, "invalid pattern '(': missing ), unterminated"),
         (RewardSpec(name="regex", kwargs={"pattern": "a", "mode": "match"}), None, "mode must be 'fullmatch' or"),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidal.modeling import logp_mismatch, pad, pad_tokens, positions
-from tidal.rollout.engine import filter_logits
+from tidal.model.forward import logp_mismatch, pad, pad_tokens, positions
+from tidal.rollout.engines.transformers import filter_logits
 
 pytestmark = pytest.mark.unit
 

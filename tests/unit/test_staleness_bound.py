@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tidal.config import AdaptiveStaleness, ConfigError, load_config
-from tidal.dispatch import may_dispatch
-from tidal.rollout.staleness import SMOOTHING, StalenessBound, bound_for
+from tidal.driver.dispatch import may_dispatch
+from tidal.driver.staleness import SMOOTHING, StalenessBound, bound_for
 from tidal.trainer.offpolicy import offpolicy_stats
 
 pytestmark = pytest.mark.unit
@@ -131,7 +131,9 @@ def test_config_refuses_a_floor_above_the_limit_and_rare_publishes() -> None:
     with pytest.raises(ConfigError, match="2 versions behind, more than rollout.adaptive_staleness.min_staleness=1"):
         load_config(None, ["rollout.max_staleness=4", "rollout.adaptive_staleness={}", "weight_sync.every=3"])
     with pytest.raises(ConfigError, match="correction type behavior skips"):
-        load_config(None, ["rollout.max_staleness=4", "rollout.adaptive_staleness={}",
-                           "algorithm.loss.correction={type: behavior}"])  # fmt: skip
+        load_config(
+            None,
+            ["rollout.max_staleness=4", "rollout.adaptive_staleness={}", "algorithm.loss.correction={type: behavior}"],
+        )
     with pytest.raises(ConfigError, match="m2_target"):
         load_config(None, ["rollout.max_staleness=4", "rollout.adaptive_staleness={m2_target: 0}"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tidal.config import ScheduleConfig
-from tidal.modeling import micro_batches, positions
+from tidal.model.forward import micro_batches, positions
 from tidal.trainer.engine import lr_factor
 from tidal.trainer.losses_sft import next_token_nll, num_targets
 from tidal.types import TokenBatch
@@ -76,8 +76,12 @@ def test_a_resume_with_more_steps_goes_on_along_the_lr_curve_it_started() -> Non
     from tidal.checkpoint import resumed_schedule
     from tidal.config import load_config
 
-    args = ["trainer.schedule={type: cosine, warmup_steps: 2, min_lr_ratio: 0.1}", "algorithm.minibatches=2",
-            "trainer.lr=1e-3", "train.resume=true"]  # fmt: skip
+    args = [
+        "trainer.schedule={type: cosine, warmup_steps: 2, min_lr_ratio: 0.1}",
+        "algorithm.minibatches=2",
+        "trainer.lr=1e-3",
+        "train.resume=true",
+    ]
     first = load_config(None, [*args, "train.steps=10"]).for_rl()
     resumed, note = resumed_schedule(first.model_dump(mode="json"), load_config(None, [*args, "train.steps=15"]))
     s = resumed.trainer.schedule
@@ -86,9 +90,11 @@ def test_a_resume_with_more_steps_goes_on_along_the_lr_curve_it_started() -> Non
     assert [lr_factor(i, s, s.total_steps) for i in range(12, 30)] == curve[12:]
     assert curve[19:] == pytest.approx([0.1] * 11)
     assert lr_factor(13, s, 30) - lr_factor(12, s, 20) > 0.1  # the jump a 30-step curve makes after the resume
-    assert note == ("train.steps is 15 now (30 optimizer steps), but the cosine lr schedule keeps the length it "
-                    "started with, 20 optimizer steps, so the last 10 train at its floor, lr 0.0001 "
-                    "(trainer.schedule.min_lr_ratio=0.1); set trainer.schedule.total_steps to re-time it")  # fmt: skip
+    assert note == (
+        "train.steps is 15 now (30 optimizer steps), but the cosine lr schedule keeps the length it "
+        "started with, 20 optimizer steps, so the last 10 train at its floor, lr 0.0001 "
+        "(trainer.schedule.min_lr_ratio=0.1); set trainer.schedule.total_steps to re-time it"
+    )
     # A later resume keeps it too: the checkpoints carry the length in their config.
     again, note = resumed_schedule(resumed.model_dump(mode="json"), load_config(None, [*args, "train.steps=15"]))
     assert again.trainer.schedule.total_steps == 20
@@ -97,8 +103,10 @@ def test_a_resume_with_more_steps_goes_on_along_the_lr_curve_it_started() -> Non
     longer = load_config(None, [*args, "train.steps=15", "trainer.schedule.total_steps=30"])
     retimed, note = resumed_schedule(first.model_dump(mode="json"), longer)
     assert retimed.trainer.schedule.total_steps == 30
-    assert note == ("the cosine lr schedule spanned 20 optimizer steps and now spans trainer.schedule.total_steps=30: "
-                    "the lr moves to the new curve at once")  # fmt: skip
+    assert note == (
+        "the cosine lr schedule spanned 20 optimizer steps and now spans trainer.schedule.total_steps=30: "
+        "the lr moves to the new curve at once"
+    )
     # Unchanged steps: the same curve; a constant schedule has no length to keep.
     same, note = resumed_schedule(first.model_dump(mode="json"), load_config(None, [*args, "train.steps=10"]))
     assert same.trainer.schedule.total_steps == 20

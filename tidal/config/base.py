@@ -250,15 +250,19 @@ class RolloutConfig(Strict):
     def _gpus_for_tensor_parallel(self) -> RolloutConfig:
         tp = self.vllm.tensor_parallel_size
         if self.engine == "vllm" and tp > 1 and self.num_gpus_per_worker < tp:
-            raise ValueError(f"rollout.vllm.tensor_parallel_size={tp} shards each engine over {tp} GPUs, but "
-                             f"rollout.num_gpus_per_worker={self.num_gpus_per_worker:g}; set it to {tp}")  # fmt: skip
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size={tp} shards each engine over {tp} GPUs, but "
+                f"rollout.num_gpus_per_worker={self.num_gpus_per_worker:g}; set it to {tp}"
+            )
         return self
 
     @model_validator(mode="after")
     def _adaptive_within_bound(self) -> RolloutConfig:
         if self.adaptive_staleness and self.adaptive_staleness.min_staleness > self.max_staleness:
-            raise ValueError(f"rollout.adaptive_staleness.min_staleness={self.adaptive_staleness.min_staleness} "
-                             f"is above rollout.max_staleness={self.max_staleness}")  # fmt: skip
+            raise ValueError(
+                f"rollout.adaptive_staleness.min_staleness={self.adaptive_staleness.min_staleness} "
+                f"is above rollout.max_staleness={self.max_staleness}"
+            )
         return self
 
 

@@ -161,16 +161,20 @@ class LossConfig(Strict):
     @classmethod
     def _default_tag(cls, data: Any) -> Any:
         if isinstance(data, dict) and (moved := [k for k in _MOVED_TO_TRUST_REGION if k in data]):
-            raise ValueError(f"algorithm.loss.{moved[0]} is now algorithm.loss.trust_region.{moved[0]} "
-                             "(trust_region type clip, the default)")  # fmt: skip
+            raise ValueError(
+                f"algorithm.loss.{moved[0]} is now algorithm.loss.trust_region.{moved[0]} "
+                "(trust_region type clip, the default)"
+            )
         return _with_default_tag(_with_default_tag(data, "correction", "tis"), "trust_region", "clip")
 
     @model_validator(mode="after")
     def _m2po_needs_pi_old(self) -> LossConfig:
         if isinstance(self.trust_region, M2POTrustRegion) and isinstance(self.correction, BehaviorCorrection):
-            raise ValueError("algorithm.loss.trust_region type m2po masks by log(pi_old/mu) and needs the "
-                             "recomputed pi_old, which correction type behavior skips; use correction tis, "
-                             "mask or none")  # fmt: skip
+            raise ValueError(
+                "algorithm.loss.trust_region type m2po masks by log(pi_old/mu) and needs the "
+                "recomputed pi_old, which correction type behavior skips; use correction tis, "
+                "mask or none"
+            )
         return self
 
 
@@ -205,8 +209,10 @@ class AlgorithmConfig(Strict):
     @model_validator(mode="after")
     def _r2_needs_pi_old(self) -> AlgorithmConfig:
         if self.routing_replay == "r2" and isinstance(self.loss.correction, BehaviorCorrection):
-            raise ValueError("algorithm.routing_replay=r2 replays the routing of the trainer's pi_old forward, and "
-                             "algorithm.loss.correction type behavior runs none: use r3, or another correction")
+            raise ValueError(
+                "algorithm.routing_replay=r2 replays the routing of the trainer's pi_old forward, and "
+                "algorithm.loss.correction type behavior runs none: use r3, or another correction"
+            )
         return self
 
 

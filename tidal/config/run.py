@@ -74,8 +74,10 @@ class RunConfig(Strict):
         # Compared with the default rather than "was it set", so a dumped config (every field
         # written out) loads back.
         if self.envs and self.rewards.functions != RewardsConfig().functions:
-            raise ValueError("rewards.functions scores the run's `data`, which `envs` replaces; give each env "
-                             "its extra rewards in envs[i].rewards instead")  # fmt: skip
+            raise ValueError(
+                "rewards.functions scores the run's `data`, which `envs` replaces; give each env "
+                "its extra rewards in envs[i].rewards instead"
+            )
         return self
 
     @model_validator(mode="after")
@@ -85,8 +87,11 @@ class RunConfig(Strict):
         # adaptive bound can fall to its floor (at most max_staleness), so the lag must fit that.
         lag = (self.weight_sync.every - 1) * self.algorithm.minibatches
         adaptive = self.rollout.adaptive_staleness
-        key, bound = (("adaptive_staleness.min_staleness", adaptive.min_staleness) if adaptive
-                      else ("max_staleness", self.rollout.max_staleness))  # fmt: skip
+        key, bound = (
+            ("adaptive_staleness.min_staleness", adaptive.min_staleness)
+            if adaptive
+            else ("max_staleness", self.rollout.max_staleness)
+        )
         if lag > bound:
             raise ValueError(
                 f"weight_sync.every={self.weight_sync.every} with algorithm.minibatches="
@@ -94,8 +99,10 @@ class RunConfig(Strict):
                 f"rollout.{key}={bound}; raise {key.rsplit('.', 1)[-1]} or lower every"
             )
         if adaptive and isinstance(self.algorithm.loss.correction, BehaviorCorrection):
-            raise ValueError("rollout.adaptive_staleness measures log(pi_old/mu) on the recomputed pi_old, which "
-                             "correction type behavior skips; use correction tis, mask or none")  # fmt: skip
+            raise ValueError(
+                "rollout.adaptive_staleness measures log(pi_old/mu) on the recomputed pi_old, which "
+                "correction type behavior skips; use correction tis, mask or none"
+            )
         return self
 
     @model_validator(mode="after")
@@ -103,19 +110,25 @@ class RunConfig(Strict):
         if self.algorithm.routing_replay == "r3":
             self.rollout.record_routing = True  # replay needs the records
         if self.rollout.record_routing and self.rollout.engine == "vllm":
-            raise ValueError("rollout.record_routing needs rollout.engine=transformers for now: vLLM 0.32 returns "
-                             "routed experts only from its V2 model runner (it needs Triton, so not on CPU), which "
-                             "tidal does not drive yet")  # fmt: skip
+            raise ValueError(
+                "rollout.record_routing needs rollout.engine=transformers for now: vLLM 0.32 returns "
+                "routed experts only from its V2 model runner (it needs Triton, so not on CPU), which "
+                "tidal does not drive yet"
+            )
         return self
 
     @model_validator(mode="after")
     def _deterministic_leaves_nothing_to_timing(self) -> RunConfig:
         if self.rollout.deterministic and self.filter.max_oversample:
-            raise ValueError("filter.max_oversample needs streaming rollout (rollout.deterministic: false): which "
-                             "prompt replaces a filtered group depends on timing")  # fmt: skip
+            raise ValueError(
+                "filter.max_oversample needs streaming rollout (rollout.deterministic: false): which "
+                "prompt replaces a filtered group depends on timing"
+            )
         if self.rollout.deterministic and self.rollout.interruptible:
-            raise ValueError("rollout.interruptible needs streaming rollout (rollout.deterministic: false): where "
-                             "new weights land inside a generation depends on timing")  # fmt: skip
+            raise ValueError(
+                "rollout.interruptible needs streaming rollout (rollout.deterministic: false): where "
+                "new weights land inside a generation depends on timing"
+            )
         return self
 
     @property
@@ -139,8 +152,10 @@ class RunConfig(Strict):
                 "group's own reward, so every advantage is 0 and nothing is learned; use rollout.group_size >= 2"
             )
         if r.temperature == 0:
-            raise ConfigError("rollout.temperature=0 (greedy) cannot train: RL needs sampled completions and "
-                              "their behavior log-probs; use a temperature > 0 (greedy is for evaluation)")  # fmt: skip
+            raise ConfigError(
+                "rollout.temperature=0 (greedy) cannot train: RL needs sampled completions and "
+                "their behavior log-probs; use a temperature > 0 (greedy is for evaluation)"
+            )
         for key, value, default in (("top_p", r.top_p, 1.0), ("top_k", r.top_k, 0)):
             if value != default:
                 raise ConfigError(

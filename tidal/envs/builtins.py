@@ -48,8 +48,13 @@ class MathEnv(Env):
 
 # ----------------------------------------------------------------------------------------- calculator
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-        ast.Mod: operator.mod}  # fmt: skip
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 _CALL = re.compile(r"<calc>(.*?)</calc>", re.S)
 
 
@@ -105,8 +110,11 @@ class CalculatorEnv(MultiTurnEnv):
         call = _CALL.search(text)
         if call is None:
             correct = text.strip() == state["answer"]
-            return Step(reward=float(correct) - self.call_cost * state["calls"], done=True,
-                        info={"correct": float(correct), "calls": float(state["calls"])})  # fmt: skip
+            return Step(
+                reward=float(correct) - self.call_cost * state["calls"],
+                done=True,
+                info={"correct": float(correct), "calls": float(state["calls"])},
+            )
         state["calls"] += 1
         try:
             result = str(calculate(call.group(1)))
@@ -139,13 +147,15 @@ class CodeEnv(Env):
     `rewards.timeout_s`.
     """
 
-    def __init__(self, tests_field: str = "tests", timeout_s: float = 5.0, memory_mb: int = 512,
-                 max_processes: int = 16) -> None:  # fmt: skip
+    def __init__(
+        self, tests_field: str = "tests", timeout_s: float = 5.0, memory_mb: int = 512, max_processes: int = 16
+    ) -> None:
         from tidal.envs.sandbox import SandboxLimits
 
         self.tests_field = tests_field
-        self.limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s) + 1), memory_mb=memory_mb,
-                                    max_processes=max_processes)  # fmt: skip
+        self.limits = SandboxLimits(
+            timeout_s=timeout_s, cpu_s=max(1, int(timeout_s) + 1), memory_mb=memory_mb, max_processes=max_processes
+        )
 
     def score(self, sample: Sample, row: dict[str, Any]) -> RewardResult:
         from tidal.envs.sandbox import run_tests
@@ -156,8 +166,9 @@ class CodeEnv(Env):
         if not tests:
             raise ValueError(f"row has no tests in column {self.tests_field!r}")
         result = run_tests(extract_code(sample.text), list(tests), self.limits)
-        return RewardResult(result.passed / max(result.total, 1),
-                            {"passed": float(result.passed), "timed_out": float(result.timed_out)})  # fmt: skip
+        return RewardResult(
+            result.passed / max(result.total, 1), {"passed": float(result.passed), "timed_out": float(result.timed_out)}
+        )
 
 
 BUILTIN_ENVS: dict[str, type[Env]] = {

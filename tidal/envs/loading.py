@@ -36,13 +36,16 @@ def resolve_env(spec: EnvSpec, index: int) -> Env:
         where = f"envs[{index}].path {spec.path!r}"
         cls = import_object(spec.path, where)
     if not (isinstance(cls, type) and issubclass(cls, Env)):
-        raise ConfigError(f"{where}: {getattr(cls, '__name__', cls)!r} is not a tidal.envs.Env subclass; subclass "
-                          "Env (single turn: prompt, score) or MultiTurnEnv (reset, step)")  # fmt: skip
+        raise ConfigError(
+            f"{where}: {getattr(cls, '__name__', cls)!r} is not a tidal.envs.Env subclass; subclass "
+            "Env (single turn: prompt, score) or MultiTurnEnv (reset, step)"
+        )
     try:
         env = cls(**spec.kwargs)
     except Exception as e:
-        raise ConfigError(f"{where}: building {cls.__name__} with kwargs {spec.kwargs} raised "
-                          f"{describe_exception(e)}") from None  # fmt: skip
+        raise ConfigError(
+            f"{where}: building {cls.__name__} with kwargs {spec.kwargs} raised {describe_exception(e)}"
+        ) from None
     if isinstance(env, MultiTurnEnv) and (not isinstance(env.max_turns, int) or env.max_turns < 1):
         raise ConfigError(f"{where}: max_turns must be a positive int, got {env.max_turns!r}")
     if spec.isolation == "process":
@@ -53,13 +56,17 @@ def resolve_env(spec: EnvSpec, index: int) -> Env:
 def _check_isolable(cls: type, spec: EnvSpec, where: str) -> None:
     """`isolation: process` builds the env again in each pool process: from its class's ref and kwargs."""
     if plugin_ref(cls, spec.kwargs) is None:
-        raise ConfigError(f"{where}: isolation: process needs a class a fresh process can import (defined at "
-                          f"the top level of a module or file, not in __main__), {cls.__name__} is not")  # fmt: skip
+        raise ConfigError(
+            f"{where}: isolation: process needs a class a fresh process can import (defined at "
+            f"the top level of a module or file, not in __main__), {cls.__name__} is not"
+        )
     try:
         pickle.dumps(spec.kwargs)
     except Exception as e:
-        raise ConfigError(f"{where}: isolation: process sends the kwargs to each pool process, and they do not "
-                          f"pickle: {describe_exception(e)}") from None  # fmt: skip
+        raise ConfigError(
+            f"{where}: isolation: process sends the kwargs to each pool process, and they do not "
+            f"pickle: {describe_exception(e)}"
+        ) from None
 
 
 def resolve_envs(specs: list[EnvSpec]) -> dict[str, Env]:

@@ -140,20 +140,44 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
             os.chown(workdir, plan.uid, plan.gid)
         payload = os.path.join(workdir, ".payload.json")
         with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump({"nonce": nonce, "fd": result_w, "code": code, "tests": list(tests),
-                       "cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "max_file_mb": limits.max_file_mb,
-                       "max_processes": limits.max_processes, "inner_nproc": plan.inner_nproc,
-                       "nproc": _tasks_of(os.getuid() if plan.uid is None else plan.uid) + limits.max_processes + 2},
-                      f)  # fmt: skip
+            json.dump(
+                {
+                    "nonce": nonce,
+                    "fd": result_w,
+                    "code": code,
+                    "tests": list(tests),
+                    "cpu_s": limits.cpu_s,
+                    "memory_mb": limits.memory_mb,
+                    "max_file_mb": limits.max_file_mb,
+                    "max_processes": limits.max_processes,
+                    "inner_nproc": plan.inner_nproc,
+                    "nproc": _tasks_of(os.getuid() if plan.uid is None else plan.uid) + limits.max_processes + 2,
+                },
+                f,
+            )
         if plan.uid is not None:
             os.chown(payload, plan.uid, plan.gid)
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               _MARKER: run_id}  # fmt: skip
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            _MARKER: run_id,
+        }
         proc = subprocess.Popen(
-            [plan.python, "-I", "-S", "-B", "-c", _RUNNER, payload], cwd=workdir, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(result_w,),
-            start_new_session=True, user=plan.uid, group=plan.gid, extra_groups=[] if plan.uid is not None else None,
-        )  # fmt: skip
+            [plan.python, "-I", "-S", "-B", "-c", _RUNNER, payload],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(result_w,),
+            start_new_session=True,
+            user=plan.uid,
+            group=plan.gid,
+            extra_groups=[] if plan.uid is not None else None,
+        )
         os.close(result_w)
         result_w = -1
         assert proc.stdout is not None and proc.stderr is not None
@@ -179,8 +203,18 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
             os.close(result_w)
         _remove(workdir)
     _warn_missing(layers, plan)
-    return _result(records, nonce, len(tests), timed_out, proc.returncode, pipes.output(out_fd), pipes.output(err_fd),
-                   time.monotonic() - start, limits, layers)  # fmt: skip
+    return _result(
+        records,
+        nonce,
+        len(tests),
+        timed_out,
+        proc.returncode,
+        pipes.output(out_fd),
+        pipes.output(err_fd),
+        time.monotonic() - start,
+        limits,
+        layers,
+    )
 
 
 # ------------------------------------------------------------------------------------------- parent side
@@ -209,13 +243,24 @@ def _plan() -> _Plan:
         uid, gid = _NOBODY, _NOBODY
     # The interpreter of this process may sit where `nobody` cannot reach (a pyenv under /root): take the
     # first candidate it can run. Any Python >= 3.8 will do, the runner only needs the stdlib.
-    candidates = [sys.executable, os.path.realpath(sys.executable), getattr(sys, "_base_executable", ""),
-                  shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin") or ""]  # fmt: skip
+    candidates = [
+        sys.executable,
+        os.path.realpath(sys.executable),
+        getattr(sys, "_base_executable", ""),
+        shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin") or "",
+    ]
     probe = "import sys; sys.exit(sys.version_info < (3, 8))"
     for python in dict.fromkeys(c for c in candidates if c):
         try:
-            done = subprocess.run([python, "-I", "-S", "-c", probe], user=uid, group=gid, extra_groups=[],
-                                  cwd="/", capture_output=True, timeout=30)  # fmt: skip
+            done = subprocess.run(
+                [python, "-I", "-S", "-c", probe],
+                user=uid,
+                group=gid,
+                extra_groups=[],
+                cwd="/",
+                capture_output=True,
+                timeout=30,
+            )
         except (OSError, subprocess.SubprocessError):
             continue
         if done.returncode == 0:
@@ -427,8 +472,18 @@ def _parse_layers(records: bytes, nonce: str) -> dict[str, bool]:
     return {}
 
 
-def _result(records: bytes, nonce: str, total: int, timed_out: bool, returncode: int | None, out: bytes,
-            err: bytes, seconds: float, limits: SandboxLimits, layers: dict[str, bool]) -> SandboxResult:  # fmt: skip
+def _result(
+    records: bytes,
+    nonce: str,
+    total: int,
+    timed_out: bool,
+    returncode: int | None,
+    out: bytes,
+    err: bytes,
+    seconds: float,
+    limits: SandboxLimits,
+    layers: dict[str, bool],
+) -> SandboxResult:
     tests: dict[int, tuple[bool, str]] = {}
     solution: tuple[bool, str] | None = None
     done, exit_code = False, returncode
@@ -458,8 +513,17 @@ def _result(records: bytes, nonce: str, total: int, timed_out: bool, returncode:
         error = f"{total - passed} of {total} tests failed; test {failed[0]}: {tests[failed[0]][1]}"
     else:
         error = ""
-    return SandboxResult(passed, total, timed_out, exit_code, error[:500], out.decode("utf-8", "replace"),
-                         err.decode("utf-8", "replace"), seconds, layers)  # fmt: skip
+    return SandboxResult(
+        passed,
+        total,
+        timed_out,
+        exit_code,
+        error[:500],
+        out.decode("utf-8", "replace"),
+        err.decode("utf-8", "replace"),
+        seconds,
+        layers,
+    )
 
 
 # ------------------------------------------------------------------------------------------- child side
@@ -468,4 +532,3 @@ def _result(records: bytes, nonce: str, total: int, timed_out: bool, returncode:
 # its own file, read as text: the sandbox's interpreter may be a different Python (see `_plan`), so
 # the runner imports nothing of tidal and stays compatible with Python 3.8.
 _RUNNER = (Path(__file__).parent / "sandbox_runner.py").read_text()
-

@@ -42,9 +42,17 @@ def _main():
             return False
 
     mb = 1 << 20
-    layers = {"rlimits": all([lower("RLIMIT_AS", cfg["memory_mb"] * mb), lower("RLIMIT_CPU", cfg["cpu_s"]),
-                              lower("RLIMIT_FSIZE", cfg["max_file_mb"] * mb), lower("RLIMIT_CORE", 0),
-                              lower("RLIMIT_NOFILE", 256)])}
+    layers = {
+        "rlimits": all(
+            [
+                lower("RLIMIT_AS", cfg["memory_mb"] * mb),
+                lower("RLIMIT_CPU", cfg["cpu_s"]),
+                lower("RLIMIT_FSIZE", cfg["max_file_mb"] * mb),
+                lower("RLIMIT_CORE", 0),
+                lower("RLIMIT_NOFILE", 256),
+            ]
+        )
+    }
     layers["nproc"] = lower("RLIMIT_NPROC", cfg["nproc"]) and os.getuid() != 0
     uid, gid = os.getuid(), os.getgid()
     libc, names = _unshare(uid, gid)
@@ -73,8 +81,13 @@ def _main():
     os.write(tokens_w, b"x" * cfg["max_processes"])
     os.close(tokens_w)
     os.set_blocking(tokens, False)
-    roots = [os.path.realpath(p) for p in sys.path if p] + ["/dev/null", "/dev/zero", "/dev/urandom",
-                                                            "/dev/random", "/usr/share/zoneinfo"]
+    roots = [os.path.realpath(p) for p in sys.path if p] + [
+        "/dev/null",
+        "/dev/zero",
+        "/dev/urandom",
+        "/dev/random",
+        "/usr/share/zoneinfo",
+    ]
     # With seccomp, exec fails in the kernel; without, _posixsubprocess (an unaudited fork_exec) is refused.
     denied_imports = ("ctypes", "_ctypes") + (() if layers["seccomp"] else ("_posixsubprocess",))
     sys.addaudithook(_make_hook(os.path.realpath(os.getcwd()), tuple(roots), tokens, stat.S_ISDIR, denied_imports))
@@ -97,8 +110,11 @@ def _unshare(uid, gid):
     else:
         return libc, ()
     try:  # keep our ids inside (no root in the namespace); failing leaves the overflow id, still isolated
-        for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                           ("/proc/self/gid_map", f"{gid} {gid} 1")):
+        for path, text in (
+            ("/proc/self/setgroups", "deny"),
+            ("/proc/self/uid_map", f"{uid} {uid} 1"),
+            ("/proc/self/gid_map", f"{gid} {gid} 1"),
+        ):
             with open(path, "w") as f:
                 f.write(text)
     except OSError:
@@ -144,9 +160,14 @@ def _seccomp(libc):
     n = len(checks)
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]  # other ABIs: kill
     prog += [(code, (9 + n) - (4 + i) - 1, 0, k) for i, (code, k) in enumerate(checks)]  # -> deny at 9 + n
-    prog += [(jeq, 1, 0, socket_nr), (ret, 0, 0, allow),  # 4 + n: socket(): check the family
-             (ld, 0, 0, 16), (jeq, 0, 1, 1), (ret, 0, 0, allow),  # args[0] == AF_UNIX
-             (ret, 0, 0, deny)]
+    prog += [
+        (jeq, 1, 0, socket_nr),
+        (ret, 0, 0, allow),  # 4 + n: socket(): check the family
+        (ld, 0, 0, 16),
+        (jeq, 0, 1, 1),
+        (ret, 0, 0, allow),  # args[0] == AF_UNIX
+        (ret, 0, 0, deny),
+    ]
 
     class Insn(ctypes.Structure):
         _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
@@ -158,8 +179,9 @@ def _seccomp(libc):
     fprog = Prog(len(prog), insns)
     if _prctl(libc, 38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS, required for an unprivileged filter
         return False
-    return libc.prctl(ctypes.c_int(22), ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0),
-                      ctypes.c_ulong(0)) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    return (
+        libc.prctl(ctypes.c_int(22), ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    )  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
 def _make_hook(root, read_roots, tokens, is_dir, denied_imports):
@@ -174,15 +196,47 @@ def _make_hook(root, read_roots, tokens, is_dir, denied_imports):
     getcwd, readlink, stat_, read = os.getcwd, os.readlink, os.stat, os.read
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     # event -> ((path arg, dir_fd arg or -1), ...) for calls that modify the filesystem
-    mutators = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
-                "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, -1),),
-                "os.rename": ((0, 2), (1, 3)), "os.setxattr": ((0, -1),), "os.removexattr": ((0, -1),),
-                "os.chflags": ((0, -1),), "os.lchflags": ((0, -1),), "shutil.rmtree": ((0, 1),)}
-    denied = frozenset(("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.forkpty", "pty.spawn",
-                        "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.startfile",
-                        "os.link", "os.symlink", "resource.prlimit", "sys._current_frames",
-                        "sys._current_exceptions", "sys.settrace", "sys.setprofile", "gc.get_objects",
-                        "gc.get_referrers", "gc.get_referents", "sys.monitoring.register_callback"))
+    mutators = {
+        "os.remove": ((0, 1),),
+        "os.rmdir": ((0, 1),),
+        "os.mkdir": ((0, 2),),
+        "os.chmod": ((0, 2),),
+        "os.chown": ((0, 3),),
+        "os.utime": ((0, 3),),
+        "os.truncate": ((0, -1),),
+        "os.rename": ((0, 2), (1, 3)),
+        "os.setxattr": ((0, -1),),
+        "os.removexattr": ((0, -1),),
+        "os.chflags": ((0, -1),),
+        "os.lchflags": ((0, -1),),
+        "shutil.rmtree": ((0, 1),),
+    }
+    denied = frozenset(
+        (
+            "os.system",
+            "os.exec",
+            "os.posix_spawn",
+            "os.spawn",
+            "os.forkpty",
+            "pty.spawn",
+            "subprocess.Popen",
+            "os.kill",
+            "os.killpg",
+            "signal.pthread_kill",
+            "os.startfile",
+            "os.link",
+            "os.symlink",
+            "resource.prlimit",
+            "sys._current_frames",
+            "sys._current_exceptions",
+            "sys.settrace",
+            "sys.setprofile",
+            "gc.get_objects",
+            "gc.get_referrers",
+            "gc.get_referents",
+            "sys.monitoring.register_callback",
+        )
+    )
     frame_attrs = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
     denied_imports = frozenset(denied_imports + ("_xxsubinterpreters", "_testcapi", "_testinternalcapi"))
 

@@ -89,7 +89,7 @@ class MathVerify:
 
     def __call__(self, sample: Sample, row: dict[str, Any]) -> float:
         # Timeouts off: math_verify's use signal.alarm, which raises outside the main thread, and the
-        # scorer runs rewards in threads and bounds each call itself.
+        # scorer bounds each call itself (killing a pool process past its timeout).
         gold_text = str(row[self.answer_field])
         # A bare gold answer is boxed so that all of it is parsed as LaTeX: raw, `1+x` parses as 1
         # and `\sqrt{2}` not at all.

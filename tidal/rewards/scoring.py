@@ -26,7 +26,6 @@ from typing import Any
 import httpx
 
 from tidal.config import RewardsConfig, RewardSpec
-from tidal.metrics import Metrics, largest, mean, spread, total
 from tidal.plugins import (
     BoundedCalls,
     PluginRef,
@@ -41,6 +40,7 @@ from tidal.rewards.base import RewardResult, is_trl_style
 from tidal.rewards.builtins import BUILTINS
 from tidal.rewards.loading import resolve_rewards
 from tidal.rewards.remote import RemoteJudge
+from tidal.telemetry.metrics import Metrics, largest, mean, spread, total
 from tidal.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,12 @@ class RewardScorer:
     """
 
     def __init__(
-        self, cfg: RewardsConfig, max_threads: int = 16,
+        self,
+        cfg: RewardsConfig,
+        max_threads: int = 16,
         rewards: list[tuple[str, Callable[..., Any], dict[str, Any], float]] | None = None,
         refs: list[PluginRef | None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`rewards` (name, callable, kwargs, weight) replaces `cfg.functions` (e.g. an env's score and
         its extra rewards); `cfg` still gives the timeout, the retries and the failure reward. Of
         those, the top-level functions run in processes, and any other that `refs` gives a ref for
@@ -109,14 +111,24 @@ class RewardScorer:
             refs = [_spec_ref(spec) for spec in cfg.functions]
         else:
             given = refs or [None] * len(rewards)
-            refs = [ref if ref is not None else plugin_ref(fn) if inspect.isfunction(fn) else None
-                    for ref, (_, fn, _, _) in zip(given, rewards, strict=True)]  # fmt: skip
+            refs = [
+                ref if ref is not None else plugin_ref(fn) if inspect.isfunction(fn) else None
+                for ref, (_, fn, _, _) in zip(given, rewards, strict=True)
+            ]
         self._rewards = [
-            _Reward(n, fn, kw, w, is_async(fn), is_trl_style(fn), ref=None if is_async(fn) else ref,
-                    # The judge retries its own requests (its kwargs.retries); retrying its calls would multiply them.
-                    retries=0 if isinstance(fn, RemoteJudge) else cfg.retries)
+            _Reward(
+                n,
+                fn,
+                kw,
+                w,
+                is_async(fn),
+                is_trl_style(fn),
+                ref=None if is_async(fn) else ref,
+                # The judge retries its own requests (its kwargs.retries); retrying its calls would multiply them.
+                retries=0 if isinstance(fn, RemoteJudge) else cfg.retries,
+            )
             for (n, fn, kw, w), ref in zip(rewards, refs, strict=True)
-        ]  # fmt: skip
+        ]
         preload = [r.ref for r in self._rewards if r.ref is not None]
         self.calls = BoundedCalls(cfg.timeout_s, max_threads, preload)
         if preload:
@@ -263,8 +275,9 @@ def _score_one(ref: PluginRef, sample: Sample, row: dict[str, Any], kwargs: dict
     return _outcome(*_call(ref, sample, row, **kwargs))
 
 
-def _score_batch(ref: PluginRef, prompts: list[Any], completions: list[str], kwargs: dict[str, Any],
-                 n: int) -> list[_Outcome]:  # fmt: skip
+def _score_batch(
+    ref: PluginRef, prompts: list[Any], completions: list[str], kwargs: dict[str, Any], n: int
+) -> list[_Outcome]:
     """A TRL-style call in a reward process, checked there."""
     return _batch_outcomes(*_call(ref, prompts, completions, **kwargs), n)
 

@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from tidal.config import FilterConfig
-from tidal.metrics import Metrics, merge, total
+from tidal.telemetry.metrics import Metrics, merge, total
 from tidal.types import Group
 
 
@@ -206,8 +206,9 @@ class TrajectoryBuffer:
             if self.per_step is None:  # in group order, not arrival order: a run does not depend on timing
                 candidates = sorted(self.batches.pop(step, []), key=lambda g: g.group_id)
             else:
-                candidates = sorted(((b, g) for b, gs in self.batches.items() for g in gs),
-                                    key=lambda bg: (bg[0], bg[1].group_id))  # fmt: skip
+                candidates = sorted(
+                    ((b, g) for b, gs in self.batches.items() for g in gs), key=lambda bg: (bg[0], bg[1].group_id)
+                )
                 candidates = [g for _, g in candidates]
             out: list[Group] = []
             for g in candidates:

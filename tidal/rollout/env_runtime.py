@@ -20,12 +20,12 @@ from tidal.config import DataConfig, EnvSpec, RewardsConfig, RolloutConfig
 from tidal.data import encode_texts
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.loading import resolve_envs
-from tidal.metrics import Metrics, mean, total
 from tidal.plugins import PluginRef, call_plugin, is_async, plugin_ref, pool_call
 from tidal.rewards import RewardScorer, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
-from tidal.rollout.engine import Engine
+from tidal.rollout.engines.base import Engine
 from tidal.rollout.episodes import Episode, run_episodes
+from tidal.telemetry.metrics import Metrics, mean, total
 from tidal.types import Completion, Prompt, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -80,28 +80,53 @@ def build_runtimes(envs: list[EnvSpec], rewards: RewardsConfig, data: DataConfig
 
 def to_sample(c: Completion, prompt: Prompt) -> Sample:
     return Sample(
-        group_id=prompt.group_id, prompt_ids=c.prompt_ids, response_ids=c.token_ids, loss_mask=[1] * len(c.token_ids),
-        logp_mu=c.logprobs, finish_reason=c.finish_reason, version=c.version,
-        versions=c.versions or [c.version] * len(c.token_ids), text=c.text, row=prompt.row, env=prompt.env,
+        group_id=prompt.group_id,
+        prompt_ids=c.prompt_ids,
+        response_ids=c.token_ids,
+        loss_mask=[1] * len(c.token_ids),
+        logp_mu=c.logprobs,
+        finish_reason=c.finish_reason,
+        version=c.version,
+        versions=c.versions or [c.version] * len(c.token_ids),
+        text=c.text,
+        row=prompt.row,
+        env=prompt.env,
         routing=c.routing,
-    )  # fmt: skip
+    )
 
 
 def episode_sample(e: Episode, prompt: Prompt, engine: Engine) -> Sample:
     return Sample(
-        group_id=prompt.group_id, prompt_ids=e.prompt_ids, response_ids=e.response_ids, loss_mask=e.loss_mask,
-        logp_mu=e.logp_mu, finish_reason=e.finish_reason, version=min(e.versions, default=engine.version),
-        versions=e.versions, text=engine.tokenizer.decode(e.response_ids, skip_special_tokens=True),
-        row=prompt.row, reward_errors=list(e.errors), env=prompt.env, turns=e.turns, step_rewards=e.step_rewards,
+        group_id=prompt.group_id,
+        prompt_ids=e.prompt_ids,
+        response_ids=e.response_ids,
+        loss_mask=e.loss_mask,
+        logp_mu=e.logp_mu,
+        finish_reason=e.finish_reason,
+        version=min(e.versions, default=engine.version),
+        versions=e.versions,
+        text=engine.tokenizer.decode(e.response_ids, skip_special_tokens=True),
+        row=prompt.row,
+        reward_errors=list(e.errors),
+        env=prompt.env,
+        turns=e.turns,
+        step_rewards=e.step_rewards,
         env_info=e.info,
-    )  # fmt: skip
+    )
 
 
 def generate_samples(
-    rt: EnvRuntime, engine: Engine, prompts: list[Prompt], n: int, params: SamplingParams, rollout: RolloutConfig,
-    between_generations: Callable[[], None] | None = None, on_chunk: Callable[[], None] | None = None,
-    on_sample: Callable[[Sample], None] | None = None, admit: Callable[[int], list[Prompt]] | None = None,
-) -> list[Sample]:  # fmt: skip
+    rt: EnvRuntime,
+    engine: Engine,
+    prompts: list[Prompt],
+    n: int,
+    params: SamplingParams,
+    rollout: RolloutConfig,
+    between_generations: Callable[[], None] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+    on_sample: Callable[[Sample], None] | None = None,
+    admit: Callable[[int], list[Prompt]] | None = None,
+) -> list[Sample]:
     """`n` samples per prompt (consecutive), unscored.
 
     Generate call i (a chunk of `rollout.batch_size` sequences, or a multi-turn episode's turn) samples
@@ -131,8 +156,18 @@ def generate_samples(
                 ep.errors.append(f"reset: {state.reason}")
                 ep.done = True
             episodes.append(ep)
-        run_episodes(env, rt.method("step"), episodes, engine, params, rt.scorer.calls.run,
-                     rollout.max_context_tokens, bs, kwargs, between_generations)  # fmt: skip
+        run_episodes(
+            env,
+            rt.method("step"),
+            episodes,
+            engine,
+            params,
+            rt.scorer.calls.run,
+            rollout.max_context_tokens,
+            bs,
+            kwargs,
+            between_generations,
+        )
         samples = [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
         for s in samples if on_sample is not None else []:
             on_sample(s)

@@ -16,7 +16,7 @@ from typing import Any
 
 from tidal.envs.base import MultiTurnEnv, Step
 from tidal.plugins import CallResult
-from tidal.rollout.engine import Engine
+from tidal.rollout.engines.base import Engine
 from tidal.types import Completion, FinishReason, SamplingParams
 
 Caller = Callable[[list[Callable[[], Any]]], list[CallResult]]
@@ -69,11 +69,17 @@ class Episode:
 
 
 def run_episodes(
-    env: MultiTurnEnv, step: Callable[..., Any], episodes: list[Episode], engine: Engine, params: SamplingParams,
+    env: MultiTurnEnv,
+    step: Callable[..., Any],
+    episodes: list[Episode],
+    engine: Engine,
+    params: SamplingParams,
     call: Caller,
-    max_context_tokens: int, batch_size: int, generate_kwargs: dict[str, Any] | None = None,
+    max_context_tokens: int,
+    batch_size: int,
+    generate_kwargs: dict[str, Any] | None = None,
     between_generations: Callable[[], None] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Advance every episode to its end. Each generate call (a chunk of `batch_size` running
     episodes, turn by turn) samples with `params`, seeded `params.seeded(i)` for call i;
     `between_generations` is called before each (the worker applies newer weights there). `step` is
@@ -96,8 +102,9 @@ def run_episodes(
             budgets = [min(params.max_new_tokens, max_context_tokens - len(e.context)) for e in chunk]
             if between_generations is not None:
                 between_generations()
-            outs = engine.generate([e.context for e in chunk], params.seeded(calls), max_tokens=budgets,
-                                   **(generate_kwargs or {}))  # fmt: skip
+            outs = engine.generate(
+                [e.context for e in chunk], params.seeded(calls), max_tokens=budgets, **(generate_kwargs or {})
+            )
             calls += 1
             for e, c in zip(chunk, outs, strict=True):
                 e.add_turn(c)
@@ -107,8 +114,7 @@ def run_episodes(
             _apply_step(e, res, engine, last_turn=turn == env.max_turns - 1, max_context_tokens=max_context_tokens)
 
 
-def _apply_step(e: Episode, res: CallResult, engine: Engine, last_turn: bool,
-                max_context_tokens: int) -> None:  # fmt: skip
+def _apply_step(e: Episode, res: CallResult, engine: Engine, last_turn: bool, max_context_tokens: int) -> None:
     if not res.ok:
         e.errors.append(f"step: {res.reason}")
         e.done = True

@@ -14,17 +14,22 @@ from __future__ import annotations
 import torch
 
 from tidal.config import EvalConfig, RolloutConfig
-from tidal.metrics import Metrics, largest, mean
-from tidal.modeling import completion_logprobs, logp_mismatch
-from tidal.rollout.engine import Engine, TransformersEngine
+from tidal.model.forward import completion_logprobs, logp_mismatch
+from tidal.rollout.engines.base import Engine
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.rollout.env_runtime import EnvRuntime, eval_metrics, generate_samples, group_by_env
+from tidal.telemetry.metrics import Metrics, largest, mean
 from tidal.types import Prompt, Sample, SamplingParams
 
 
 def evaluate(
-    engine: Engine, runtimes: dict[str, EnvRuntime], prompts: list[Prompt], eval_cfg: EvalConfig,
-    rollout: RolloutConfig, forward_model: torch.nn.Module | None = None,
-) -> tuple[Metrics, list[Sample]]:  # fmt: skip
+    engine: Engine,
+    runtimes: dict[str, EnvRuntime],
+    prompts: list[Prompt],
+    eval_cfg: EvalConfig,
+    rollout: RolloutConfig,
+    forward_model: torch.nn.Module | None = None,
+) -> tuple[Metrics, list[Sample]]:
     """Greedy held-out metrics of `prompts` (at most `eval.num_samples` per env) and the scored samples.
 
     `forward_model`, a model holding the engine's weights, adds the behavior-vs-teacher-forced
@@ -56,5 +61,7 @@ def _mismatch(model: torch.nn.Module, samples: list[Sample], pad_id: int) -> Met
     gap = logp_mismatch(behavior, torch.cat(recomputed), mask)
     if not gap:
         return {}
-    return {"eval/logp_mismatch_mean": mean(gap["logp_mismatch_mean"], float(mask.sum())),
-            "eval/logp_mismatch_max": largest(gap["logp_mismatch_max"])}  # fmt: skip
+    return {
+        "eval/logp_mismatch_mean": mean(gap["logp_mismatch_mean"], float(mask.sum())),
+        "eval/logp_mismatch_max": largest(gap["logp_mismatch_max"]),
+    }

@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from tidal.metrics import Metrics
+from tidal.telemetry.metrics import Metrics
 from tidal.types import Prompt
 
 

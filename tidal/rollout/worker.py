@@ -45,12 +45,13 @@ from tidal.config import (
     RunConfig,
     WeightSyncConfig,
 )
-from tidal.metrics import Metrics, busy, largest, mean, merge, smallest, total
-from tidal.models import load_model, load_tokenizer
-from tidal.rollout.engine import Engine, TransformersEngine
+from tidal.model.loading import load_model, load_tokenizer
+from tidal.rollout.engines.base import Engine
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.queue import EvalRequest, Work, WorkQueue
+from tidal.telemetry.metrics import Metrics, busy, largest, mean, merge, smallest, total
 from tidal.types import Group, Prompt, RolloutResult, Sample, SamplingParams, SyncStats, mix_seed
 from tidal.weight_sync import BroadcastReceiver, SyncAbandoned, WeightHandle, WeightReceiver, make_receiver
 
@@ -78,19 +79,35 @@ class WorkerConfig:
 
     @classmethod
     def of(cls, cfg: RunConfig) -> WorkerConfig:
-        return cls(cfg.model, cfg.data, cfg.rollout, cfg.rewards, cfg.envs, cfg.eval, cfg.weight_sync, cfg.seed,
-                   cfg.ray.stall_timeout_s)  # fmt: skip
+        return cls(
+            cfg.model,
+            cfg.data,
+            cfg.rollout,
+            cfg.rewards,
+            cfg.envs,
+            cfg.eval,
+            cfg.weight_sync,
+            cfg.seed,
+            cfg.ray.stall_timeout_s,
+        )
 
 
 def sampling_params(r: RolloutConfig, seed: int) -> SamplingParams:
-    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          stop=list(r.stop), seed=seed, ignore_eos=r.ignore_eos)  # fmt: skip
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop=list(r.stop),
+        seed=seed,
+        ignore_eos=r.ignore_eos,
+    )
 
 
 class RolloutWorker:
     def __init__(self, cfg: WorkerConfig, model_dir: str, index: int = 0, buffer: Any = None) -> None:
         """`buffer`: the buffer actor to put groups into, or its name; a name is looked up here, so a
-        restarted worker finds the buffer again (see `tidal.train._start_workers`)."""
+        restarted worker finds the buffer again (see `tidal.stages.train._start_workers`)."""
         torch.set_num_threads(max(1, math.ceil(cfg.rollout.num_cpus_per_worker)))
         self.cfg = cfg
         self.index = index
@@ -268,9 +285,18 @@ class RolloutWorker:
         for label, prompts in group_by_env([w.prompts[0] for w in works]).items():
             params = sampling_params(r, mix_seed(mix_seed(self.cfg.seed, self.index), self._calls))
             self._calls += 1
-            generate_samples(self.envs[label], self.engine, prompts, r.group_size, params, r, on_chunk=on_chunk,
-                             between_generations=self._apply_staged, on_sample=on_sample,
-                             admit=partial(admit, label))  # fmt: skip
+            generate_samples(
+                self.envs[label],
+                self.engine,
+                prompts,
+                r.group_size,
+                params,
+                r,
+                on_chunk=on_chunk,
+                between_generations=self._apply_staged,
+                on_sample=on_sample,
+                admit=partial(admit, label),
+            )
         t_gen = time.perf_counter() - t_gen0
         for work, samples in list(waiting.values()):  # groups short of samples (a prompt its env could not make)
             self._put_group(work, samples, first.pop() if first else {})
@@ -293,8 +319,13 @@ class RolloutWorker:
             by_batch.setdefault(item[0].batch_id, []).append(item)
         for batch_id, items in by_batch.items():
             samples = [s for _, group, _ in items for s in group]
-            metrics = merge([score_samples(self.envs, samples) if samples else {}, sample_metrics(samples),
-                             *(extra for _, _, extra in items)])  # fmt: skip
+            metrics = merge(
+                [
+                    score_samples(self.envs, samples) if samples else {},
+                    sample_metrics(samples),
+                    *(extra for _, _, extra in items),
+                ]
+            )
             if samples:  # the weights they were generated with (the oldest token's)
                 metrics["async/worker_version"] = smallest(float(min(s.version for s in samples)))
             groups = [_slim(Group(work.prompts[0].group_id, group)) for work, group, _ in items]
@@ -306,8 +337,10 @@ class RolloutWorker:
         try:
             ray.get(self.buffer.put.remote(groups, batch_id, metrics, self.index), timeout=self.cfg.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"rollout worker {self.index}: the buffer did not take its groups within "
-                               f"ray.stall_timeout_s={self.cfg.timeout_s:g}s") from None  # fmt: skip
+            raise TimeoutError(
+                f"rollout worker {self.index}: the buffer did not take its groups within "
+                f"ray.stall_timeout_s={self.cfg.timeout_s:g}s"
+            ) from None
 
     def _raise_scoring_errors(self) -> None:
         for f in [f for f in self._scored if f.done()]:
@@ -326,8 +359,9 @@ class RolloutWorker:
         scored, self._scored = self._scored, []
         for f in scored:
             if (e := f.exception()) is not None:
-                log.warning("rollout worker %d: a group could not be scored and put after the failure: %r",
-                            self.index, e)  # fmt: skip
+                log.warning(
+                    "rollout worker %d: a group could not be scored and put after the failure: %r", self.index, e
+                )
 
     def _run_eval(self, request: EvalRequest) -> None:
         self._flush_scoring()  # the reward scorers then serve the evaluation alone
@@ -347,8 +381,16 @@ class RolloutWorker:
         samples: list[Sample] = []
         for k, (label, group) in enumerate(group_by_env(prompts).items()):
             params = sampling_params(r, mix_seed(seed, k))
-            samples += generate_samples(self.envs[label], self.engine, group, r.group_size, params, r,
-                                        between_generations=self._apply_staged, on_chunk=on_chunk)  # fmt: skip
+            samples += generate_samples(
+                self.envs[label],
+                self.engine,
+                group,
+                r.group_size,
+                params,
+                r,
+                between_generations=self._apply_staged,
+                on_chunk=on_chunk,
+            )
         return samples
 
     def _at_chunk_boundary(self) -> None:
@@ -361,8 +403,10 @@ class RolloutWorker:
         t0 = time.perf_counter()
         timeout = self.cfg.timeout_s
         if self._exact and self.engine.version > min_version:
-            raise RuntimeError(f"rollout worker {self.index} holds v{self.version}, past v{min_version} that its "
-                               "next batch was dispatched for (rollout.deterministic)")  # fmt: skip
+            raise RuntimeError(
+                f"rollout worker {self.index} holds v{self.version}, past v{min_version} that its "
+                "next batch was dispatched for (rollout.deterministic)"
+            )
 
         def ready() -> bool:
             if self._exact:
@@ -371,8 +415,10 @@ class RolloutWorker:
 
         with self._cv:
             if not self._cv.wait_for(ready, timeout=timeout):
-                raise TimeoutError(f"rollout worker {self.index} waited {timeout:g}s (ray.stall_timeout_s) for weights "
-                                   f"v{min_version} but holds v{self.version}; did a weight sync fail?")  # fmt: skip
+                raise TimeoutError(
+                    f"rollout worker {self.index} waited {timeout:g}s (ray.stall_timeout_s) for weights "
+                    f"v{min_version} but holds v{self.version}; did a weight sync fail?"
+                )
             self._pinned = min_version
         self._apply_staged()
         return time.perf_counter() - t0
@@ -404,8 +450,10 @@ class RolloutWorker:
         names, got = self.engine.weight_names(), {name for bucket in buckets for name in bucket}
         missing, unexpected = sorted(names - got), sorted(got - names)
         if missing or unexpected:
-            raise RuntimeError(f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")  # fmt: skip
+            raise RuntimeError(
+                f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
 
     @ray.method(concurrency_group="queue")
     def evaluate(self, prompts: list[Prompt], min_version: int = 0) -> Metrics:
@@ -458,7 +506,7 @@ def _slim(g: Group) -> Group:
 def build_engine(model: ModelConfig, rollout: RolloutConfig, model_dir: str, seed: int = 0) -> Engine:
     """The rollout engine `rollout.engine` names, over the policy in `model_dir`, at version 0."""
     if rollout.engine == "vllm":
-        from tidal.rollout.vllm_engine import VLLMEngine
+        from tidal.rollout.engines.vllm import VLLMEngine
 
         return VLLMEngine(model_dir, load_tokenizer(model_dir), rollout.vllm, dtype=model.dtype, seed=seed)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32

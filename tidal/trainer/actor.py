@@ -41,10 +41,9 @@ from tidal.config import (
     TrainerConfig,
     WeightSyncConfig,
 )
-from tidal.metrics import Metrics, PeakRSS, largest, mean, merge, total
-from tidal.modeling import batch_logprobs, logp_mismatch, split_parts
-from tidal.models import load_model, load_tokenizer
-from tidal.routing import (
+from tidal.model.forward import batch_logprobs, logp_mismatch, split_parts
+from tidal.model.loading import load_model, load_tokenizer
+from tidal.model.routing import (
     RoutingRecorder,
     biased_routers,
     expert_load,
@@ -53,6 +52,7 @@ from tidal.routing import (
     update_router_bias,
 )
 from tidal.runtime import RunError
+from tidal.telemetry.metrics import Metrics, PeakRSS, largest, mean, merge, total
 from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
@@ -88,8 +88,17 @@ class TrainerActorConfig:
 
     @classmethod
     def of(cls, cfg: RunConfig) -> TrainerActorConfig:
-        return cls(cfg.model, cfg.trainer, cfg.algorithm, cfg.rollout, cfg.weight_sync, cfg.train.steps, cfg.seed,
-                   cfg.ray.stall_timeout_s, cfg.run_dir / "weights")  # fmt: skip
+        return cls(
+            cfg.model,
+            cfg.trainer,
+            cfg.algorithm,
+            cfg.rollout,
+            cfg.weight_sync,
+            cfg.train.steps,
+            cfg.seed,
+            cfg.ray.stall_timeout_s,
+            cfg.run_dir / "weights",
+        )
 
 
 class TrainerActor:
@@ -115,8 +124,10 @@ class TrainerActor:
         self.replay = cfg.algorithm.routing_replay
         self.bias_rate = cfg.algorithm.loss.router_bias_update_rate
         if self.bias_rate > 0 and not biased_routers(self.trainer.module):
-            raise ValueError("algorithm.loss.router_bias_update_rate needs MoE routers with a correction bias "
-                             f"(GLM-4.5, GLM-5); {type(self.trainer.module).__name__} has none")  # fmt: skip
+            raise ValueError(
+                "algorithm.loss.router_bias_update_rate needs MoE routers with a correction bias "
+                f"(GLM-4.5, GLM-5); {type(self.trainer.module).__name__} has none"
+            )
         self.loss = RLLoss(cfg.algorithm.loss, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
         self.publisher: WeightPublisher | None = None
         self.trained_groups: list[int] = []
@@ -138,8 +149,15 @@ class TrainerActor:
         finally:
             self._last_end = time.perf_counter()
         metrics["async/trainer_idle_s"] = total(idle)
-        trained = [{"id": g.group_id, "batch": g.batch_id, "worker": g.worker,
-                    "versions": sorted({v for s in g.samples for v in s.versions})} for g in groups]  # fmt: skip
+        trained = [
+            {
+                "id": g.group_id,
+                "batch": g.batch_id,
+                "worker": g.worker,
+                "versions": sorted({v for s in g.samples for v in s.versions}),
+            }
+            for g in groups
+        ]
         return StepResult(self.version, bool(groups), metrics, trained)
 
     def _take(self, batch_id: int) -> list[Group]:
@@ -163,8 +181,9 @@ class TrainerActor:
         """(B, T) log-probs of the whole batch: each rank computes its share of the rows, then all
         gather; with `replay`, routed as generation routed (R3)."""
         around = partial(replay_recorded, model) if replay else None
-        local = batch_logprobs(model, self.trainer.shard(batch), self.cfg.rollout.temperature,
-                               self.cfg.trainer.micro_batch_size, around)  # fmt: skip
+        local = batch_logprobs(
+            model, self.trainer.shard(batch), self.cfg.rollout.temperature, self.cfg.trainer.micro_batch_size, around
+        )
         return self.trainer.gather_rows(local, batch.input_ids.shape[0])
 
     def _recompute_pi_old(self, batch: TrainBatch) -> None:
@@ -187,8 +206,9 @@ class TrainerActor:
         metrics.update(_staleness(self.version, groups, batch, self.cfg.rollout.max_staleness))
         if batch.routing is not None:  # before the update: the routing of the weights pi_old is
             shard = self.trainer.shard(batch)
-            metrics.update(self.trainer.all_reduce(routing_health(self.trainer.module, shard,
-                                                                  self.cfg.trainer.micro_batch_size)))  # fmt: skip
+            metrics.update(
+                self.trainer.all_reduce(routing_health(self.trainer.module, shard, self.cfg.trainer.micro_batch_size))
+            )
         t_prep = time.perf_counter()
         cfg = self.cfg
         tokens = float(batch.loss_mask.sum())
@@ -232,14 +252,16 @@ class TrainerActor:
         t_end = time.perf_counter()
         # The loss's metrics carry their namespace (train/, offpolicy/, moe/); the trainer's do not.
         metrics.update({k if "/" in k else f"train/{k}": v for k, v in merge(steps).items()})
-        metrics.update({
-            "train/samples": total(float(batch.input_ids.shape[0])),
-            "train/groups": total(float(len(groups))),
-            "perf/train_tokens": total(tokens),
-            "perf/train_tokens_per_s": mean(tokens / max(t_end - t_recompute, 1e-9)),
-            "perf/recompute_time_s": total(t_recompute - t_prep),
-            "perf/train_time_s": total(t_end - t0),
-        })  # fmt: skip
+        metrics.update(
+            {
+                "train/samples": total(float(batch.input_ids.shape[0])),
+                "train/groups": total(float(len(groups))),
+                "perf/train_tokens": total(tokens),
+                "perf/train_tokens_per_s": mean(tokens / max(t_end - t_recompute, 1e-9)),
+                "perf/recompute_time_s": total(t_recompute - t_prep),
+                "perf/train_time_s": total(t_end - t0),
+            }
+        )
         return metrics
 
     def _update_gives_pi_old(self) -> bool:
@@ -247,8 +269,9 @@ class TrainerActor:
         redundant (`algorithm.recompute_pi_old: auto`): one optimizer step per rollout batch, and no
         M2PO mask, which needs pi_old for the whole batch before the update."""
         a = self.cfg.algorithm
-        return (a.recompute_pi_old == "auto" and a.minibatches == 1
-                and not isinstance(a.loss.trust_region, M2POTrustRegion))  # fmt: skip
+        return (
+            a.recompute_pi_old == "auto" and a.minibatches == 1 and not isinstance(a.loss.trust_region, M2POTrustRegion)
+        )
 
     @staticmethod
     def _pi_old_metrics(batch: TrainBatch, tokens: float, version: int) -> Metrics:
@@ -295,8 +318,10 @@ class TrainerActor:
         with PeakRSS() as peak:
             handle = self.publisher.publish(self.rollout_weights(), self.version)
         self._last_end = time.perf_counter()
-        metrics = {"perf/publish_time_s": total(self._last_end - t0),
-                   "async/published_version": largest(float(self.version))}  # fmt: skip
+        metrics = {
+            "perf/publish_time_s": total(self._last_end - t0),
+            "async/published_version": largest(float(self.version)),
+        }
         if peak.growth is not None:
             metrics["perf/publish_peak_mem_mb"] = largest(peak.growth / 2**20)
         return handle, metrics
@@ -364,8 +389,9 @@ def _staleness(version: int, groups: list[Group], batch: TrainBatch, max_stalene
     out = {
         "async/staleness_mean": mean(statistics.fmean(ages), n),
         "async/staleness_max": largest(float(max(ages))),
-        "async/token_staleness_mean": mean(float(token_ages.mean()) if token_ages.numel() else 0.0,
-                                           float(token_ages.numel())),
-    }  # fmt: skip
+        "async/token_staleness_mean": mean(
+            float(token_ages.mean()) if token_ages.numel() else 0.0, float(token_ages.numel())
+        ),
+    }
     out.update({f"async/staleness_frac_{a}": mean(sum(x == a for x in ages) / n, n) for a in range(max_staleness + 1)})
     return out

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from tidal.metrics import Metrics, mean
+from tidal.telemetry.metrics import Metrics, mean
 
 
 def _group_stats(r: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,8 +66,9 @@ def rloo(r: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.T
     return torch.where(n > 1, n / (n - 1).clamp(min=1) * (r - mean), torch.zeros_like(r))
 
 
-def reinforce_pp(r: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
-                 token_counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def reinforce_pp(
+    r: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, token_counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """REINFORCE++ with a group baseline: a_i = r_i - mean_g, then whitened over the batch's tokens.
 
     Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward
@@ -96,9 +97,12 @@ ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def compute_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, estimator: str, eps: float = 1e-6,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    estimator: str,
+    eps: float = 1e-6,
     token_counts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:  # fmt: skip
+) -> tuple[torch.Tensor, Metrics]:
     """Advantages (N,) of `rewards` (N,) grouped by `group_ids` (N,), and summary metrics.
 
     `estimator` is a key of `ESTIMATORS` (`grpo`, `drgrpo`, `rloo`, `reinforce_pp`); `token_counts`

@@ -33,9 +33,9 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, set_z3
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from tidal.config import ScheduleConfig, TrainerConfig  # noqa: E402
-from tidal.metrics import Metrics, Stat, mean, merge, total  # noqa: E402
-from tidal.modeling import micro_batches, shard_rows, to_device
-from tidal.models import load_model
+from tidal.model.forward import micro_batches, shard_rows, to_device
+from tidal.model.loading import load_model
+from tidal.telemetry.metrics import Metrics, Stat, mean, merge, total  # noqa: E402
 from tidal.trainer.losses_sft import num_targets, sft_loss
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ B = TypeVar("B")
 T = TypeVar("T")
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
 """`loss_fn(model, micro_batch) -> (loss_sum, metrics)`: the loss summed over the micro-batch's
-target tokens (a scalar with grad), and metrics that declare how they merge (`tidal.metrics`)."""
+target tokens (a scalar with grad), and metrics that declare how they merge (`tidal.telemetry.metrics`)."""
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -172,8 +172,10 @@ class DeepSpeedTrainer:
 
     def __init__(self, model: PreTrainedModel, cfg: TrainerConfig, total_steps: int | None = None) -> None:
         if cfg.lr is None:
-            raise ValueError("trainer.lr is unset; `tidal train` and `tidal sft` fill in their defaults "
-                             "(RunConfig.for_rl / for_sft), other callers must set it")  # fmt: skip
+            raise ValueError(
+                "trainer.lr is unset; `tidal train` and `tidal sft` fill in their defaults "
+                "(RunConfig.for_rl / for_sft), other callers must set it"
+            )
         init_distributed(cfg.backend)
         self.cfg = cfg
         self.total_steps = cfg.schedule.total_steps or total_steps

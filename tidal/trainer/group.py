@@ -29,8 +29,13 @@ class RankInfo:
     def environ(self) -> dict[str, str]:
         """torch.distributed's env:// variables. Ray shows each rank only its own GPUs, so the local
         device is always the first visible one."""
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}  # fmt: skip
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
 def _node_address() -> tuple[str, int]:
@@ -65,17 +70,24 @@ class TrainerGroup:
         if not ready:
             ray.util.remove_placement_group(pg)
             free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-            raise RunError(f"the cluster cannot place trainer.num_ranks={n} ranks of {bundle} "
-                           f"(trainer.placement={cfg.placement}) within ray.stall_timeout_s={timeout_s:g}s; "
-                           f"free now: {free}")  # fmt: skip
+            raise RunError(
+                f"the cluster cannot place trainer.num_ranks={n} ranks of {bundle} "
+                f"(trainer.placement={cfg.placement}) within ray.stall_timeout_s={timeout_s:g}s; "
+                f"free now: {free}"
+            )
 
         def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
 
-        address = wait_for(ray.remote(_node_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote(),
-                           "trainer rank 0's address", timeout_s)  # fmt: skip
-        self.ranks = [actor.options(**resources, scheduling_strategy=in_bundle(i))
-                      .remote(*args, rank=RankInfo(i, n, *address)) for i in range(n)]  # fmt: skip
+        address = wait_for(
+            ray.remote(_node_address).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote(),
+            "trainer rank 0's address",
+            timeout_s,
+        )
+        self.ranks = [
+            actor.options(**resources, scheduling_strategy=in_bundle(i)).remote(*args, rank=RankInfo(i, n, *address))
+            for i in range(n)
+        ]
 
     @property
     def rank0(self) -> Any:

@@ -4,7 +4,7 @@ Conventions. Per-token tensors are (B, T) and aligned with the token at position
 predicted from the logits at position t - 1 (so position 0 is never a target). `mask` (B, T) is 1 on
 trained response tokens and 0 on prompt and padding. Values at masked positions never reach a
 result, even when they are -inf or NaN: they are replaced with `torch.where` before any product or
-sum, because `0 * inf = nan`. Metrics are `tidal.metrics.Stat`s of detached 0-dim float tensors,
+sum, because `0 * inf = nan`. Metrics are `tidal.telemetry.metrics.Stat`s of detached 0-dim float tensors,
 each declaring how it merges over micro-batches and ranks: a mean over valid tokens carries their
 count as its weight, a maximum or minimum says so. With no valid token every metric and every loss
 is 0.
@@ -29,8 +29,8 @@ from tidal.config import (
     NoCorrection,
     TISCorrection,
 )
-from tidal.metrics import Metrics, Stat, largest, mean, smallest
-from tidal.routing import expert_load
+from tidal.model.routing import expert_load
+from tidal.telemetry.metrics import Metrics, Stat, largest, mean, smallest
 
 Correction = NoCorrection | BehaviorCorrection | TISCorrection | MaskCorrection
 
@@ -309,8 +309,9 @@ def policy_loss(
             raise ValueError("loss.trust_region.type='m2po' needs `keep`, the rollout batch's mask from m2po_mask")
         surrogate, metrics = m2po_loss(logp, prox, advantages, mask, keep, cfg.ratio, entropy=H)  # (B, T)
     elif isinstance(trust, ClipTrustRegion):
-        surrogate, metrics = ppo_clip_loss(logp, prox, advantages, mask, trust.eps_low, trust.eps_high,
-                                           trust.dual_clip, cfg.ratio, entropy=H)  # fmt: skip
+        surrogate, metrics = ppo_clip_loss(
+            logp, prox, advantages, mask, trust.eps_low, trust.eps_high, trust.dual_clip, cfg.ratio, entropy=H
+        )
     else:
         raise ValueError(f"unknown trust region {trust!r}; known: clip, m2po")
     # none / behavior may lack one of pi_old, mu; their weight is 1 whatever k is, so use k = 1 then.
@@ -358,18 +359,12 @@ def aggregate(
     raise ValueError(f"unknown aggregation {mode!r}; known: token-mean, sequence-mean, constant")
 
 
-def aggregated_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None) -> torch.Tensor:
-    """numerator / denominator of `aggregate` on one full batch; 0 (with a grad) when nothing is valid."""
-    num, den = aggregate(per_token, mask, mode, max_len)
-    return num / den if den > 0 else num * 0.0
-
-
 def expert_load_stats(picked: torch.Tensor, keep: torch.Tensor | None, num_experts: int) -> Metrics:
     """How evenly the tokens were routed: `moe/expert_load_max` and `moe/expert_load_min`, the max and
     min over MoE layers l and experts e of load_{l,e} = (slots of layer l's kept tokens sent to e) /
     (kept tokens * top_k / E), relative to a uniform share (1.0 everywhere = balanced, E / top_k = every
     token to the same experts). `picked` (N, L, k) holds the experts the N tokens were routed to in
-    each MoE layer, as `tidal.routing.RoutingRecorder` records them: the model's real choice (softmax
+    each MoE layer, as `tidal.model.routing.RoutingRecorder` records them: the model's real choice (softmax
     top-k on Qwen3-MoE; sigmoid plus correction bias, by groups, on GLM), or the replayed one under R3.
     `keep` (N,) drops padding. Over micro-batches they merge as the max and min of their extremes."""
     kept = picked if keep is None else picked[keep.to(picked.device)]  # (n, L, k)

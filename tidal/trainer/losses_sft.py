@@ -3,7 +3,7 @@
 Loss functions plugged into `DeepSpeedTrainer.train_step` share one shape: `loss_fn(model, micro)
 -> (loss_sum, metrics)`, where `loss_sum` is a *sum* over the micro-batch's target tokens (the
 trainer divides by the global number of target tokens, so the step is a token mean over the whole
-global batch whatever the micro-batch split and world size) and `metrics` are `tidal.metrics`
+global batch whatever the micro-batch split and world size) and `metrics` are `tidal.telemetry.metrics`
 values that declare how they merge over micro-batches and ranks.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from tidal.metrics import Metrics
-from tidal.modeling import forward, token_logprobs
+from tidal.model.forward import forward, token_logprobs
+from tidal.telemetry.metrics import Metrics
 from tidal.types import TokenBatch
 
 

@@ -7,15 +7,15 @@ update, mu the behavior policy that sampled the rollout (stale weights, inferenc
 A valid token whose log k is not finite (mu gave its token probability 0, or a NaN) is left out of
 the statistics and always dropped by the M2PO mask. Statistics are computed in float64.
 
-Several trainer ranks would each hold a share of the batch: both functions would then need the
-valid tokens' log k all-gathered (or, for the statistics, their sums all-reduced) to stay global.
+With several trainer ranks each rank calls them on the whole batch: pi_old is recomputed on each
+rank's share and gathered, so every rank builds the same mask and the same statistics.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tidal.metrics import Metrics, mean
+from tidal.telemetry.metrics import Metrics, mean
 
 
 def _log_k(logp_old: torch.Tensor, logp_mu: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

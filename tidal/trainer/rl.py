@@ -1,7 +1,7 @@
 """From scored groups to one RL update: advantages, the padded batch, log-prob recompute, the loss.
 
 `build_batch` turns groups into a right-padded `TrainBatch` (the proximal and reference log-probs
-are filled by `tidal.modeling.batch_logprobs`); `RLLoss` is the `loss_fn` the DeepSpeed trainer
+are filled by `tidal.model.forward.batch_logprobs`); `RLLoss` is the `loss_fn` the DeepSpeed trainer
 calls per micro-batch: it returns the aggregation numerator plus its metrics, and the caller
 passes the batch's aggregation denominator as the trainer's normalizer.
 """
@@ -13,9 +13,9 @@ import contextlib
 import torch
 
 from tidal.config import BehaviorCorrection, LossConfig
-from tidal.metrics import Metrics
-from tidal.modeling import entropy, forward, pad, pad_tokens, token_logprobs
-from tidal.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
+from tidal.model.forward import entropy, forward, pad, pad_tokens, token_logprobs
+from tidal.model.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
+from tidal.telemetry.metrics import Metrics
 from tidal.trainer.advantages import compute_advantages
 from tidal.trainer.losses import aggregate, expert_load_stats, policy_loss, sequence_aux_loss, switch_aux_loss
 from tidal.types import Group, TrainBatch, TrainSample
@@ -35,13 +35,16 @@ def build_batch(groups: list[Group], estimator: str, pad_id: int) -> tuple[Train
         return pad([[0] * len(s.prompt_ids) + v for s, v in zip(samples, values, strict=True)], 0, dtype=dtype)
 
     batch = TrainBatch(
-        ids, attn, per_token([s.loss_mask for s in samples], torch.long),
+        ids,
+        attn,
+        per_token([s.loss_mask for s in samples], torch.long),
         logp_mu=per_token([s.logp_mu for s in samples], torch.float32),
-        advantages=per_token([[float(a)] * len(s.response_ids) for s, a in zip(samples, adv, strict=True)],
-                             torch.float32),
+        advantages=per_token(
+            [[float(a)] * len(s.response_ids) for s, a in zip(samples, adv, strict=True)], torch.float32
+        ),
         versions=per_token([s.versions for s in samples], torch.long),
         routing=_routing(samples, ids.shape[1]),
-    )  # fmt: skip
+    )
     return batch, metrics
 
 
@@ -65,8 +68,9 @@ def loss_denominator(batch: TrainBatch, cfg: LossConfig, max_len: int) -> float:
 class RLLoss:
     """`loss_fn(model, micro) -> (numerator, metrics)` for `DeepSpeedTrainer.train_step`."""
 
-    def __init__(self, cfg: LossConfig, temperature: float, max_len: int, moe_metrics: bool = True,
-                 replay: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: LossConfig, temperature: float, max_len: int, moe_metrics: bool = True, replay: bool = False
+    ) -> None:
         self.cfg = cfg
         self.replay = replay
         """Route each token to the experts in the micro-batch's `routing` (`algorithm.routing_replay`)."""
@@ -97,8 +101,17 @@ class RLLoss:
             logp_old = micro.logp_mu
         else:
             logp_old = micro.logp_old
-        per_token, metrics = policy_loss(logp, logp_old, micro.logp_mu, micro.advantages, mask, cfg,
-                                         keep=micro.m2po_keep, logp_ref=micro.logp_ref, entropy=H)  # fmt: skip
+        per_token, metrics = policy_loss(
+            logp,
+            logp_old,
+            micro.logp_mu,
+            micro.advantages,
+            mask,
+            cfg,
+            keep=micro.m2po_keep,
+            logp_ref=micro.logp_ref,
+            entropy=H,
+        )
         numerator, _ = aggregate(per_token, mask, cfg.aggregation, self.max_len)
         if recorder is not None:
             aux, moe = _balance(recorder, router, micro.attention_mask.bool())
@@ -111,8 +124,9 @@ class RLLoss:
         return numerator, metrics
 
 
-def _balance(recorder: RoutingRecorder, router_logits: tuple[torch.Tensor, ...],
-             real: torch.Tensor) -> tuple[torch.Tensor, Metrics]:  # fmt: skip
+def _balance(
+    recorder: RoutingRecorder, router_logits: tuple[torch.Tensor, ...], real: torch.Tensor
+) -> tuple[torch.Tensor, Metrics]:
     """(aux loss, `moe/` metrics) of one forward's routing: the expert load of the experts the real
     tokens (B, T) went to, as `recorder` saw them, and the architecture's own balance loss: DeepSeek-V3's
     sequence-wise one for sigmoid-scored routers with a correction bias (GLM), Switch's otherwise."""

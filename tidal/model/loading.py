@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tidal.config import ModelConfig
+from tidal.config import ModelConfig, load_config
 
 log = logging.getLogger(__name__)
 
@@ -86,31 +86,74 @@ def preset_config(name: str, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
     common = _moe_common(len(tok), tok)
     if name == "tiny-qwen3-moe":
         return AutoConfig.for_model(
-            "qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-            router_aux_loss_coef=0.01, **common,
-        )  # fmt: skip
+            "qwen3_moe",
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            router_aux_loss_coef=0.01,
+            **common,
+        )
     if name == "tiny-glm4-moe":
         # QK-norm as zai-org/GLM-4.5 (use_qk_norm; GLM-4.5-Air has none). Without it the quickstart SFT (lr 3e-3)
         # took >800 and 700 steps to 30% held-out accuracy on seeds 0, 1; with it 470 and 470, as qwen3 (450, 400).
         # The real models' qkv bias (attention_bias) is left out: with it 690 and 850 (bench/glm_presets.py).
         return AutoConfig.for_model(
-            "glm4_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
-            partial_rotary_factor=0.5, use_qk_norm=True, **common,
-        )  # fmt: skip
+            "glm4_moe",
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            partial_rotary_factor=0.5,
+            use_qk_norm=True,
+            **common,
+        )
     if name == "tiny-glm5-moe":
         return AutoConfig.for_model(
-            "glm_moe_dsa", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-            q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
-            head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
-            routed_scaling_factor=1.0, index_topk=64, index_head_dim=32, index_n_heads=4, **common,
-        )  # fmt: skip
+            "glm_moe_dsa",
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=64,
+            kv_lora_rank=32,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            index_topk=64,
+            index_head_dim=32,
+            index_n_heads=4,
+            **common,
+        )
     raise ValueError(f"unknown model preset {name!r}")
 
 
@@ -161,15 +204,39 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ) -> PreTrainedModel:
-    """The causal LM in `path`, with tidal.patches' fixes applied.
+    """The causal LM in `path`, with tidal.model.patches' fixes applied.
 
     `attn_implementation` None takes transformers' own default, `sdpa` where the model class supports
     it (`_supports_sdpa`), else `eager` (`PreTrainedModel.get_correct_attn_implementation`); passed
     explicitly, None also overrides an `attn_implementation` written in the checkpoint's config.json.
     """
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
-    from tidal.patches import apply_model_fixes
+    from tidal.model.patches import apply_model_fixes
 
     apply_model_fixes(model)
     log.debug("loaded %s with attention %s", path, model.config._attn_implementation)
     return model
+
+
+# ---------------------------------------------------------------------- an SFT warm start's place
+
+_WEIGHT_KEYS = ("seed", "model", "data", "trainer", "sft")
+
+
+def warm_start_dir(sft_config: str | Path) -> Path:
+    """The cached SFT run directory of `sft_config` (it may not exist yet)."""
+    cfg = load_config(sft_config)
+    tree = cfg.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps({k: tree[k] for k in _WEIGHT_KEYS}, sort_keys=True).encode()).hexdigest()
+    return cache_root() / "warm_start" / f"{Path(sft_config).stem}-{digest[:10]}"
+
+
+def tokenizer_dir(cfg: ModelConfig) -> Path:
+    """A directory with the policy's tokenizer, without training a warm start that is not cached yet
+    (an SFT run keeps its base model's tokenizer): what start-up checks of the data need."""
+    if cfg.sft_warm_start is None:
+        return resolve_model_dir(cfg)
+    cached = warm_start_dir(cfg.sft_warm_start) / "checkpoint"
+    if (cached / "tokenizer_config.json").is_file():
+        return cached
+    return resolve_model_dir(load_config(cfg.sft_warm_start).model)

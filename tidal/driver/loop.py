@@ -25,11 +25,13 @@ from typing import Any
 
 from tidal import checkpoint
 from tidal.config import RunConfig
-from tidal.dispatch import Dispatcher, EvalTracker, SyncTracker, WorkerLost, join_weight_sync, may_dispatch
-from tidal.metrics import largest, merge, values
-from tidal.monitor import Monitor
-from tidal.rollout.staleness import StalenessBound
+from tidal.driver.dispatch import Dispatcher, may_dispatch
+from tidal.driver.staleness import StalenessBound
+from tidal.driver.supervisor import Supervisor, WorkerLost, join_weight_sync
+from tidal.driver.trackers import EvalTracker, SyncTracker
 from tidal.runtime import RunError, wait_for
+from tidal.telemetry.metrics import largest, merge, values
+from tidal.telemetry.monitor import Monitor
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt, StepResult
 
@@ -58,23 +60,32 @@ class StopSignal:
         if self.name is not None:
             raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
-        log.warning("%s: stopping at the end of this step, with a checkpoint (send it again to stop at once)",
-                    self.name)  # fmt: skip
+        log.warning(
+            "%s: stopping at the end of this step, with a checkpoint (send it again to stop at once)", self.name
+        )
 
 
 class Driver:
     def __init__(
-        self, cfg: RunConfig, sampler: Any, eval_rows: list[Prompt], workers: list[Any], buffer: Any,
-        trainer: TrainerGroup, monitor: Monitor, stop: StopSignal, resumed: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: RunConfig,
+        sampler: Any,
+        eval_rows: list[Prompt],
+        workers: list[Any],
+        buffer: Any,
+        trainer: TrainerGroup,
+        monitor: Monitor,
+        stop: StopSignal,
+        resumed: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg, self.sampler, self.workers, self.buffer = cfg, sampler, workers, buffer
         self.trainer, self.monitor, self.stop = trainer, monitor, stop
         self.get = partial(wait_for, timeout_s=cfg.ray.stall_timeout_s)
         self.bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
-        self.dispatch = Dispatcher(cfg, sampler, workers, buffer, serving=[w.serve.remote() for w in workers])
-        self.evals = EvalTracker(self.dispatch, eval_rows, cfg.ray.stall_timeout_s)
-        self.dispatch.reform = self._reform_weight_sync
-        self.offers = SyncTracker(self.dispatch)
+        self.dispatch = Dispatcher(cfg, sampler, workers, buffer)
+        self.supervisor = Supervisor(cfg, self.dispatch, [w.serve.remote() for w in workers], self._reform_weight_sync)
+        self.evals = EvalTracker(self.supervisor, eval_rows, cfg.ray.stall_timeout_s)
+        self.offers = SyncTracker(self.supervisor, broadcast=cfg.weight_sync.transport.type == "broadcast")
         self.step = 0  # the last step done
         self.trained = 0  # the last step the trainer took (a step fails after that, in its publish)
         self.version = self.published = 0  # the trainer's version; the newest version offered to the workers
@@ -91,10 +102,18 @@ class Driver:
 
     def state(self) -> dict[str, Any]:
         """The driver's part of a checkpoint (the buffer's and the trainer's are added to it)."""
-        return {"step": self.step, "version": self.version, "published": self.published,
-                "next_batch": self.next_batch, "sampler": self.sampler.state(), "dispatch": self.dispatch.state(),
-                "bound": (self.bound.rate, self.bound.bound), "before": self.before,
-                "wandb_id": self.monitor.wandb_id, "config": self.cfg.model_dump(mode="json")}  # fmt: skip
+        return {
+            "step": self.step,
+            "version": self.version,
+            "published": self.published,
+            "next_batch": self.next_batch,
+            "sampler": self.sampler.state(),
+            "dispatch": {**self.dispatch.state(), "restarts": self.supervisor.restarts},
+            "bound": (self.bound.rate, self.bound.bound),
+            "before": self.before,
+            "wandb_id": self.monitor.wandb_id,
+            "config": self.cfg.model_dump(mode="json"),
+        }
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step, self.version, self.published = state["step"], state["version"], state["published"]
@@ -102,6 +121,7 @@ class Driver:
         self.next_batch, self.before = state["next_batch"], state["before"]
         self.sampler.load_state(state["sampler"])
         self.dispatch.load_state(state["dispatch"])
+        self.supervisor.restarts = state["dispatch"].get("restarts", self.supervisor.restarts)
         self.bound.rate, self.bound.bound = state["bound"]
 
     def run(self, warm: dict[str, Any]) -> dict[str, Any]:
@@ -123,8 +143,10 @@ class Driver:
                 if step == 1:
                     self.before = values((self.evals.collect(wait=True) or [{}])[-1])
                     first_eval_s = time.perf_counter() - t_loop
-                    self.monitor.log({**self.before, **{f"warm_start/{k}": v for k, v in warm.items()
-                                                        if isinstance(v, float)}}, step=0)  # fmt: skip
+                    self.monitor.log(
+                        {**self.before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}},
+                        step=0,
+                    )
                 last, t_end, t_prev = self._step(t_prev)
                 if self.save_due:
                     self._save()
@@ -135,19 +157,23 @@ class Driver:
             self._save_lost()
             raise
         self._seal()
-        self.dispatch.await_restarts()
-        late = {k: v for k, v in values(self.dispatch.metrics()).items() if k.startswith("fault/") and v}
+        self.supervisor.await_restarts()
+        late = {k: v for k, v in values(self.supervisor.metrics()).items() if k.startswith("fault/") and v}
         if late:  # a restart that ended after the last step: a row of its own
             self.monitor.log(late, step=self.step)
         self.schedule.close()
         for w in self.workers:
             w.stop.remote()
-        ledger = {**self.get(self.buffer.ledger.remote(), "buffer"),
-                  **self.get(self.trainer.rank0.ledger.remote(), "trainer")}  # fmt: skip
+        ledger = {
+            **self.get(self.buffer.ledger.remote(), "buffer"),
+            **self.get(self.trainer.rank0.ledger.remote(), "trainer"),
+        }
         if ledger["trained_groups"] != ledger["unique_trained_groups"]:  # a fault's second copy got through
-            raise RunError(f"the trainer trained {ledger['trained_groups']} groups but only "
-                           f"{ledger['unique_trained_groups']} distinct ones: a group was trained twice (see "
-                           f"fault/ in {self.cfg.run_dir / 'metrics.jsonl'}); please report it")  # fmt: skip
+            raise RunError(
+                f"the trainer trained {ledger['trained_groups']} groups but only "
+                f"{ledger['unique_trained_groups']} distinct ones: a group was trained twice (see "
+                f"fault/ in {self.cfg.run_dir / 'metrics.jsonl'}); please report it"
+            )
         return {
             **{f"{k}_before": v for k, v in self.before.items() if k.startswith("eval/")},
             **{k: v for k, v in last.items() if k.startswith("eval/")},
@@ -157,7 +183,7 @@ class Driver:
             "perf/first_eval_s": first_eval_s,
             "perf/loop_s": t_end - t_loop - first_eval_s,  # the first step to the last step's publish
             "perf/final_s": t_prev - t_end,  # the last step's wait for the final evaluation and weight offers
-            "fault/worker_restarts": float(sum(self.dispatch.restarts)),
+            "fault/worker_restarts": float(sum(self.supervisor.restarts)),
             **({"stopped_at_step": self.step, "stopped_by": self.stop.name} if self.stop.name else {}),
             **({"resumable_checkpoint": str(self.saved)} if self.saved else {}),
             **self.save_times,  # a checkpoint at the last step
@@ -181,7 +207,14 @@ class Driver:
         result: StepResult = self.get(self.trainer.call("step", batch_id=step), "trainer step")[0]
         self.schedule.write(json.dumps({"step": step, "version": self.version, "groups": result.groups}) + "\n")
         self.version, self.trained = result.version, step
-        metrics = merge([result.metrics, self.get(self.buffer.pop_counts.remote(), "buffer"), self.dispatch.metrics()])
+        metrics = merge(
+            [
+                result.metrics,
+                self.get(self.buffer.pop_counts.remote(), "buffer"),
+                self.dispatch.metrics(),
+                self.supervisor.metrics(),
+            ]
+        )
         metrics["async/staleness_bound"] = largest(float(self.bound.bound))  # what this step dispatched under
         metrics.update({k: largest(v) for k, v in self.save_times.items()})
         self.save_times = {}
@@ -212,17 +245,17 @@ class Driver:
     def _publish(self) -> dict[str, Any]:
         import ray
 
-        restarts = sum(self.dispatch.restarts)
+        restarts = sum(self.supervisor.restarts)
         try:
             handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
         except ray.exceptions.RayTaskError:
             # A dead worker fails a broadcast: then it is the cause to name, and its restart re-formed
             # the group and sent these weights.
-            if self.dispatch.restarted_since(restarts) and self.cfg.weight_sync.transport.type == "broadcast":
+            if self.supervisor.restarted_since(restarts) and self.cfg.weight_sync.transport.type == "broadcast":
                 return {}
             raise
         self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
-        self.dispatch.published(handle)
+        self.supervisor.published(handle)
         self.published = handle.version
         return metrics
 
@@ -235,7 +268,7 @@ class Driver:
         join_weight_sync(self.trainer.rank0, self.workers, group, self.cfg.ray.stall_timeout_s)
         handle, _ = self.get(self.trainer.call("publish"), "weight publish")[0]
         self.get([w.offer_weights.remote(handle) for w in self.workers], "weights over the re-formed group")
-        self.dispatch.published(handle)
+        self.supervisor.published(handle)
         self.published = handle.version
 
     def _checkpoint_due(self) -> bool:
@@ -263,13 +296,17 @@ class Driver:
         if self.trained == 0:
             return
         self.step = self.trained
-        self.dispatch.settle()
+        self.supervisor.settle()
         tmp = checkpoint.begin(self.cfg.run_dir, self.step)
         checkpoint.write_driver_state(tmp, {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")})
         shards = self.get(self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), "checkpoint save")
         self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints, shards)
-        log.warning("checkpoint of step %d, with %d groups in flight, in %s", self.step, len(self.dispatch.in_flight),
-                    self.saved)  # fmt: skip
+        log.warning(
+            "checkpoint of step %d, with %d groups in flight, in %s",
+            self.step,
+            len(self.dispatch.in_flight),
+            self.saved,
+        )
 
     def _seal(self) -> None:
         """Wait for the trainer's part of the checkpoint being written and seal it."""
@@ -281,11 +318,16 @@ class Driver:
         trainer_s = max(shard.seconds for shard in shards)
         self.saving = None
         self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints, shards)
-        log.info("checkpoint of step %s in %s (%.1fs)", self.saved.name.removeprefix("step_").lstrip("0"),
-                 self.saved, time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "checkpoint of step %s in %s (%.1fs)",
+            self.saved.name.removeprefix("step_").lstrip("0"),
+            self.saved,
+            time.perf_counter() - t0,
+        )
         # The trainer's write (it trains nothing meanwhile), and what of it the driver waited for.
-        self.save_times.update({"perf/checkpoint_trainer_s": trainer_s,
-                                "perf/checkpoint_wait_s": time.perf_counter() - t_wait})  # fmt: skip
+        self.save_times.update(
+            {"perf/checkpoint_trainer_s": trainer_s, "perf/checkpoint_wait_s": time.perf_counter() - t_wait}
+        )
 
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:

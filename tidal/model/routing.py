@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from tidal.metrics import Metrics, largest, mean
-from tidal.modeling import forward, micro_batches
+from tidal.model.forward import forward, micro_batches
+from tidal.telemetry.metrics import Metrics, largest, mean
 from tidal.types import TrainBatch
 
 ROUTER_SUFFIX = "topkrouter"

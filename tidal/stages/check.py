@@ -26,11 +26,10 @@ from tidal.config import ConfigError, ModelConfig, RewardsConfig, RolloutConfig,
 from tidal.data import Room, check_prompt_lengths, load_splits
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
-from tidal.models import build_char_tokenizer, load_tokenizer, preset_config
+from tidal.model.loading import build_char_tokenizer, load_tokenizer, preset_config, tokenizer_dir, warm_start_dir
 from tidal.rewards import resolve_rewards
 from tidal.runtime import absolute_plugin_paths
 from tidal.types import Prompt
-from tidal.warm_start import tokenizer_dir, warm_start_dir
 
 Sources = dict[str, tuple[Dataset, float]]
 """Each env's train split and sampling weight, by env label."""
@@ -109,12 +108,14 @@ def resolve_plugins(cfg: RunConfig) -> dict[str, Env]:
     else:
         envs = resolve_envs(cfg.envs)
         if cfg.rollout.record_routing and any(env.multi_turn for env in envs.values()):
-            raise ConfigError("rollout.record_routing works with single-turn envs for now (a multi-turn episode's "
-                              "turns would need their routing stitched together)")  # fmt: skip
+            raise ConfigError(
+                "rollout.record_routing works with single-turn envs for now (a multi-turn episode's "
+                "turns would need their routing stitched together)"
+            )
         for spec in cfg.envs:
             resolve_rewards(RewardsConfig(functions=spec.rewards))
     if cfg.rollout.engine == "vllm":
-        from tidal.rollout.vllm_engine import require_vllm
+        from tidal.rollout.engines.vllm import require_vllm
 
         require_vllm()
     return envs
@@ -123,8 +124,9 @@ def resolve_plugins(cfg: RunConfig) -> dict[str, Env]:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_env_splits(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, check_train: bool = True,
-                    rooms: dict[str, Room] | None = None) -> tuple[Sources, list[Prompt]]:  # fmt: skip
+def load_env_splits(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, check_train: bool = True, rooms: dict[str, Room] | None = None
+) -> tuple[Sources, list[Prompt]]:
     """Every env's train split with its weight, by label, and the held-out prompts of every env. A
     prompt over `data.max_prompt_tokens`, or with `rooms` (by split, "train" and "eval") too long for
     its single-turn completion, fails here with its file and row, before any actor starts;
@@ -172,8 +174,10 @@ def position_limit(model: ModelConfig, rollout: RolloutConfig | None) -> Positio
     n = model_positions(model)
     vllm = rollout.vllm.max_model_len if rollout is not None and rollout.engine == "vllm" else None
     if vllm is not None and n is not None and vllm > n:
-        raise ConfigError(f"rollout.vllm.max_model_len={vllm} is more than the model's max_position_embeddings={n}; "
-                          "lower it, or leave it unset (vLLM then takes the model's)")  # fmt: skip
+        raise ConfigError(
+            f"rollout.vllm.max_model_len={vllm} is more than the model's max_position_embeddings={n}; "
+            "lower it, or leave it unset (vLLM then takes the model's)"
+        )
     if vllm is not None:
         return Positions(vllm, "rollout.vllm.max_model_len")
     return Positions(n, "the model's max_position_embeddings") if n is not None else None
@@ -207,8 +211,10 @@ def generation_rooms(cfg: RunConfig, positions: Positions | None, multi_turn: li
         return {}
     r = cfg.rollout
     if any(multi_turn) and r.max_context_tokens > positions.n:
-        raise ConfigError(f"rollout.max_context_tokens={r.max_context_tokens} is more than {positions.limit}="
-                          f"{positions.n}, and a multi-turn episode grows to it; lower it")  # fmt: skip
+        raise ConfigError(
+            f"rollout.max_context_tokens={r.max_context_tokens} is more than {positions.limit}="
+            f"{positions.n}, and a multi-turn episode grows to it; lower it"
+        )
     if all(multi_turn):
         return {}
     train = _fits(Room(r.max_new_tokens, "rollout.max_new_tokens", positions.n, positions.limit))
@@ -226,6 +232,8 @@ def _eval_room(cfg: RunConfig, positions: Positions) -> Room:
 def _fits(room: Room, note: str = "") -> Room:
     """`room`, once its generation leaves at least one position for a prompt."""
     if room.new_tokens >= room.positions:
-        raise ConfigError(f"{room.key}={room.new_tokens}{note} leaves no room for a prompt within {room.limit}="
-                          f"{room.positions} (a prompt and its completion share them); lower {room.key}")  # fmt: skip
+        raise ConfigError(
+            f"{room.key}={room.new_tokens}{note} leaves no room for a prompt within {room.limit}="
+            f"{room.positions} (a prompt and its completion share them); lower {room.key}"
+        )
     return room

@@ -1,6 +1,6 @@
 """`tidal train`: the RL driver. Builds the actors from the config and runs the loop.
 
-Data flow (DESIGN.md): prompts -> RolloutWorker x N (generate + score groups) -> TrajectoryBuffer
+Data flow (docs/architecture.md): prompts -> RolloutWorker x N (generate + score groups) -> TrajectoryBuffer
 (filter, staleness bound) -> Trainer (recompute log-probs, advantages, corrected policy loss,
 optimizer step) -> weights published back to the workers, which pick them up between generations.
 With `rollout.max_staleness: k > 0` the workers generate the next batches while the trainer trains;
@@ -21,10 +21,8 @@ from datasets import Dataset
 
 from tidal import checkpoint
 from tidal.config import RunConfig, dump_config
-from tidal.dispatch import WorkerLost, join_weight_sync
-from tidal.driver import Driver, StopSignal
-from tidal.monitor import Monitor
-from tidal.preflight import check_train
+from tidal.driver.loop import Driver, StopSignal
+from tidal.driver.supervisor import WorkerLost, join_weight_sync
 from tidal.runtime import (
     RunError,
     Stalled,
@@ -34,9 +32,11 @@ from tidal.runtime import (
     start_ray,
     wait_for,
 )
+from tidal.stages.check import check_train
+from tidal.stages.warm_start import resolve_policy_dir
+from tidal.telemetry.monitor import Monitor
 from tidal.trainer.group import TrainerGroup
 from tidal.types import Prompt
-from tidal.warm_start import resolve_policy_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,14 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     t0 = time.time()
     model_dir, warm = resolve_policy_dir(cfg.model)
     split["perf/warm_start_s"] = time.time() - t0
-    monitor = Monitor.for_run(cfg.monitor, run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps,
-                              wandb_id=resumed["wandb_id"] if resumed else None)  # fmt: skip
+    monitor = Monitor.for_run(
+        cfg.monitor,
+        run_dir,
+        cfg.name,
+        cfg.model_dump(mode="json"),
+        cfg.train.steps,
+        wandb_id=resumed["wandb_id"] if resumed else None,
+    )
     file_log = run_log(run_dir)
     t0 = time.time()
     start_ray(cfg, log_file=run_dir / "run.log")
@@ -118,8 +124,11 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
         _join_weight_sync(cfg, trainer, workers)
         if resumed:  # the trainer's DeepSpeed checkpoint, the buffer's groups and ledger
             path = str(resumed["path"] / checkpoint.TRAINER)
-            wait_for([*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])],
-                     "resuming from the checkpoint", cfg.ray.stall_timeout_s)  # fmt: skip
+            wait_for(
+                [*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])],
+                "resuming from the checkpoint",
+                cfg.ray.stall_timeout_s,
+            )
         split["perf/actors_start_s"] = time.time() - t_ray
         with StopSignal() as stop:
             summary = Driver(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, stop, resumed).run(warm)
@@ -160,8 +169,10 @@ def _failure(e: Exception, run_dir: Path) -> RunError:
 
 def _last_line(summary: dict[str, Any], steps: int, held_out: bool) -> str:
     if "stopped_at_step" in summary:
-        return (f"stopped by {summary['stopped_by']} at step {summary['stopped_at_step']} of {steps}: checkpoint in "
-                f"{summary['resumable_checkpoint']}; to continue, run the same command with train.resume=true")
+        return (
+            f"stopped by {summary['stopped_by']} at step {summary['stopped_at_step']} of {steps}: checkpoint in "
+            f"{summary['resumable_checkpoint']}; to continue, run the same command with train.resume=true"
+        )
     before, after = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
     saved = f"; checkpoint at {summary['checkpoint']}" if "checkpoint" in summary else ""
     accuracy = f"held-out accuracy {before:.1%} -> {after:.1%}" if held_out else "no held-out data to evaluate"
@@ -179,12 +190,17 @@ def _cut_back(cfg: RunConfig, resumed: dict[str, Any]) -> None:
 def _time_split(summary: dict[str, Any]) -> str:
     """The run's wall time by phase: the warm start (when trained now), start-up (Ray, the actors,
     the first held-out evaluation), the steps, the final evaluation and save."""
+
     def g(key: str) -> float:
         return summary.get(key, 0.0)
 
     start = g("perf/wall_time_s") - g("perf/warm_start_s") - g("perf/loop_s") - g("perf/final_s") - g("perf/save_s")
-    parts = [("warm start", g("perf/warm_start_s")), ("start-up", start), ("steps", g("perf/loop_s")),
-             ("final eval and save", g("perf/final_s") + g("perf/save_s"))]  # fmt: skip
+    parts = [
+        ("warm start", g("perf/warm_start_s")),
+        ("start-up", start),
+        ("steps", g("perf/loop_s")),
+        ("final eval and save", g("perf/final_s") + g("perf/save_s")),
+    ]
     return ", ".join(f"{name} {sec:.0f}s" for name, sec in parts if sec >= 0.5)
 
 
@@ -197,8 +213,11 @@ def _start_buffer(cfg: RunConfig, name: str) -> Any:
 
     r = cfg.rollout
     per_step = None if r.deterministic else r.prompts_per_step
-    return (ray.remote(max_concurrency=16)(TrajectoryBuffer).options(name=name)
-            .remote(cfg.filter, r.max_staleness, per_step))  # fmt: skip
+    return (
+        ray.remote(max_concurrency=16)(TrajectoryBuffer)
+        .options(name=name)
+        .remote(cfg.filter, r.max_staleness, per_step)
+    )
 
 
 def _start_workers(cfg: RunConfig, model_dir: str, buffer: str, worker_cls: type | None) -> list[Any]:
@@ -216,7 +235,7 @@ def _start_workers(cfg: RunConfig, model_dir: str, buffer: str, worker_cls: type
         .options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker, max_restarts=r.max_worker_restarts)
         .remote(WorkerConfig.of(cfg), model_dir, i, buffer)
         for i in range(r.num_workers)
-    ]  # fmt: skip
+    ]
 
 
 def _join_weight_sync(cfg: RunConfig, trainer: TrainerGroup, workers: list[Any]) -> None:

@@ -20,11 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tidal.config import MonitorConfig
+from tidal.telemetry.rows import SUMMARY_KEY
 
 log = logging.getLogger(__name__)
-
-SUMMARY_KEY = "ledger/taken_groups"
-"""A key only the run's final summary row has (that row repeats the last step's values)."""
 
 
 class Sink(Protocol):
@@ -52,15 +50,31 @@ class ConsoleSink:
     codes, every `log_every` steps and at the last."""
 
     KEYS = {
-        "reward/mean": "reward", "rollout/accuracy": "acc", "eval/accuracy": "eval_acc", "train/loss": "loss",
-        "train/grad_norm": "grad_norm", "train/entropy": "entropy", "offpolicy/is_weight_mean": "is_w",
-        "rollout/response_length": "len", "train/lr": "lr", "rollout/logp_mismatch_mean": "mismatch",
-        "perf/step_time_s": "step_s", "eval/accuracy_before": "eval_acc_before", "eval/probe_accuracy": "probe_acc",
-    }  # fmt: skip
-    SPLIT = {"perf/rollout_wall_s": "rollout wait", "perf/train_wall_s": "train", "perf/sync_wall_s": "publish",
-             "perf/eval_wall_s": "eval"}  # fmt: skip
-    COUNTS = {"async/dropped_stale_samples": "dropped as stale", "reward/failed": "failed reward calls",
-              "rollout/filtered_zero_variance_groups": "zero-variance groups"}  # fmt: skip
+        "reward/mean": "reward",
+        "rollout/accuracy": "acc",
+        "eval/accuracy": "eval_acc",
+        "train/loss": "loss",
+        "train/grad_norm": "grad_norm",
+        "train/entropy": "entropy",
+        "offpolicy/is_weight_mean": "is_w",
+        "rollout/response_length": "len",
+        "train/lr": "lr",
+        "rollout/logp_mismatch_mean": "mismatch",
+        "perf/step_time_s": "step_s",
+        "eval/accuracy_before": "eval_acc_before",
+        "eval/probe_accuracy": "probe_acc",
+    }
+    SPLIT = {
+        "perf/rollout_wall_s": "rollout wait",
+        "perf/train_wall_s": "train",
+        "perf/sync_wall_s": "publish",
+        "perf/eval_wall_s": "eval",
+    }
+    COUNTS = {
+        "async/dropped_stale_samples": "dropped as stale",
+        "reward/failed": "failed reward calls",
+        "rollout/filtered_zero_variance_groups": "zero-variance groups",
+    }
 
     def __init__(self, total_steps: int | None = None, log_every: int = 10, console: Console | None = None) -> None:
         self.total = total_steps
@@ -71,9 +85,16 @@ class ConsoleSink:
         self.counts: dict[str, float] = dict.fromkeys(self.COUNTS, 0.0)
         self.live: Live | None = None
         if self.console.is_terminal:
-            self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=self.console)  # fmt: skip
+            self.progress = Progress(
+                TextColumn("[bold]step"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("elapsed"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
             self.task = self.progress.add_task("run", total=total_steps)
             self.live = Live(self._view(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
@@ -135,16 +156,24 @@ class WandbSink:
 
     BY_TIME = {"reward/mean": "by_time/reward", "eval/accuracy": "by_time/eval_accuracy"}
 
-    def __init__(self, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any],
-                 run_id: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any], run_id: str | None = None
+    ) -> None:
         import wandb
 
         mode = wandb_mode(cfg.wandb)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        self.run = wandb.init(project=cfg.project, name=name, dir=str(run_dir), mode=mode, config=config,
-                              id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(console="off", silent=True))  # fmt: skip
+        self.run = wandb.init(
+            project=cfg.project,
+            name=name,
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", silent=True),
+        )
         self.run.define_metric("step", hidden=True)
         self.run.define_metric("perf/elapsed_s", hidden=True)
         self.run.define_metric("by_time/*", step_metric="perf/elapsed_s")
@@ -173,7 +202,7 @@ class WandbSink:
     def _log_charts(self) -> None:
         import wandb
 
-        from tidal.plots import read_rows, staleness_fractions, time_split
+        from tidal.telemetry.rows import read_rows, staleness_fractions, time_split
 
         if not (self.run_dir / "metrics.jsonl").is_file() or self.t0 is None:
             return
@@ -181,15 +210,22 @@ class WandbSink:
         charts = {}
         ages, fractions, trained = staleness_fractions(rows)
         if ages:
-            table = wandb.Table(columns=["staleness", "fraction of trained samples"],
-                                data=[[a, f] for a, f in zip(ages, fractions, strict=True)])  # fmt: skip
-            charts["charts/staleness"] = wandb.plot.bar(table, "staleness", "fraction of trained samples",
-                                                        title=f"staleness over {trained} trained steps")  # fmt: skip
+            table = wandb.Table(
+                columns=["staleness", "fraction of trained samples"],
+                data=[[a, f] for a, f in zip(ages, fractions, strict=True)],
+            )
+            charts["charts/staleness"] = wandb.plot.bar(
+                table, "staleness", "fraction of trained samples", title=f"staleness over {trained} trained steps"
+            )
         steps, parts = time_split(rows)
         if steps:
             charts["charts/time_split"] = wandb.plot.line_series(
-                xs=steps, ys=list(parts.values()), keys=list(parts), title="where each step's wall time went (s)",
-                xname="step")  # fmt: skip
+                xs=steps,
+                ys=list(parts.values()),
+                keys=list(parts),
+                title="where each step's wall time went (s)",
+                xname="step",
+            )
         if charts:
             self.run.log({**charts, "step": self.last_step})
 
@@ -202,8 +238,10 @@ def wandb_mode(requested: str) -> str:
     identity token file, the netrc entry `wandb login` writes, the api_key of the wandb settings."""
     if requested != "online" or _wandb_credential_found():
         return requested
-    log.warning("monitor.wandb=online but wandb finds no credential (run `wandb login` or set WANDB_API_KEY); "
-                "logging offline instead")  # fmt: skip
+    log.warning(
+        "monitor.wandb=online but wandb finds no credential (run `wandb login` or set WANDB_API_KEY); "
+        "logging offline instead"
+    )
     return "offline"
 
 
@@ -239,8 +277,15 @@ class Monitor:
         self.sinks = sinks
 
     @classmethod
-    def for_run(cls, cfg: MonitorConfig, run_dir: Path, name: str, config: dict[str, Any],
-                total_steps: int | None = None, wandb_id: str | None = None) -> Monitor:  # fmt: skip
+    def for_run(
+        cls,
+        cfg: MonitorConfig,
+        run_dir: Path,
+        name: str,
+        config: dict[str, Any],
+        total_steps: int | None = None,
+        wandb_id: str | None = None,
+    ) -> Monitor:
         """The run's sinks; `wandb_id` continues that wandb run (a resumed run)."""
         sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl"), ConsoleSink(total_steps, cfg.log_every)]
         if cfg.wandb != "disabled":

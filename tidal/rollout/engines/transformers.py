@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
 
-from tidal.modeling import pad_tokens, positions
-from tidal.routing import RoutingRecorder
+from tidal.model.forward import pad_tokens, positions
+from tidal.model.routing import RoutingRecorder
+from tidal.rollout.engines.base import Admit, row_limits
 from tidal.types import Completion, SamplingParams
 from tidal.weight_sync import Weights, as_buckets
 
@@ -36,50 +36,6 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
-
-
-Admit = Callable[[int], list[tuple[list[int], int]]]
-"""Continuous batching's hook: given the rows running, new (prompt token ids, max new tokens) rows."""
-
-
-def row_limits(n: int, params: SamplingParams, max_tokens: list[int] | None) -> list[int]:
-    """Each of `n` rows' cap on new tokens: `max_tokens` when given (one per row, replacing
-    `params.max_new_tokens`), else `params.max_new_tokens` for every row."""
-    if max_tokens is None:
-        return [params.max_new_tokens] * n
-    if len(max_tokens) != n or min(max_tokens) < 1:
-        raise ValueError(f"max_tokens must hold one limit >= 1 per prompt: got {max_tokens} for {n} prompts")
-    return list(max_tokens)
-
-
-class Engine(Protocol):
-    """What rollout needs of a generation engine (`transformers` here, `vllm` in vllm_engine.py)."""
-
-    tokenizer: PreTrainedTokenizerBase
-    version: int
-    """Policy version of the weights held."""
-
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams,
-        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
-        on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
-    ) -> list[Completion]:  # fmt: skip
-        """One completion per prompt. `max_tokens[i]` caps row i's new tokens (finish reason "length"
-        at the cap); None: `params.max_new_tokens` for every row. `on_finish(i, completion)` is called
-        for each prompt as soon as its completion ends (streaming rollout puts a group into the
-        buffer the moment its last sample ends). `admit(running)` is called every `chunk_tokens`
-        steps and returns new rows to generate in the same call (continuous batching); their
-        completions follow the prompts' in the list returned."""
-        ...
-
-    def weight_names(self) -> set[str]:
-        """HF names of the weights a snapshot must carry."""
-        ...
-
-    def load_weights(self, weights: Weights, version: int) -> None:
-        """Load a full snapshot of HF names between generations and hold `version`: one state dict,
-        or a stream of partial ones (buckets) loaded one at a time."""
-        ...
 
 
 class TransformersEngine:
@@ -115,11 +71,16 @@ class TransformersEngine:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams,
-        on_chunk: Callable[[], None] | None = None, chunk_tokens: int = 8, max_tokens: list[int] | None = None,
-        on_finish: Callable[[int, Completion], None] | None = None, admit: Admit | None = None,
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_chunk: Callable[[], None] | None = None,
+        chunk_tokens: int = 8,
+        max_tokens: list[int] | None = None,
+        on_finish: Callable[[int, Completion], None] | None = None,
+        admit: Admit | None = None,
         record_routing: bool = False,
-    ) -> list[Completion]:  # fmt: skip
+    ) -> list[Completion]:
         """One completion per prompt (repeat a prompt to get a group). Row i stops with finish reason
         "length" at `max_tokens[i]` new tokens (`params.max_new_tokens` for every row when None);
         decoding goes on until every row has stopped, and stopped rows leave the running batch.
@@ -133,7 +94,7 @@ class TransformersEngine:
         with the number of rows running and returns new (prompt, max tokens) rows to join the batch:
         they are prefilled and merged into its KV cache, numbered after the rows so far.
         `record_routing` fills each completion's `routing` with the experts its tokens were routed
-        to in every MoE layer, as generation routed them (`tidal.routing`).
+        to in every MoE layer, as generation routed them (`tidal.model.routing`).
         """
         if not prompts:
             return []
@@ -149,9 +110,14 @@ class TransformersEngine:
             return self._decode_loop(rows, prompts, limits, on_chunk, chunk_tokens, admit)
 
     def _decode_loop(
-        self, rows: _Rows, prompts: list[list[int]], limits: list[int], on_chunk: Callable[[], None] | None,
-        chunk_tokens: int, admit: Admit | None,
-    ) -> list[Completion]:  # fmt: skip
+        self,
+        rows: _Rows,
+        prompts: list[list[int]],
+        limits: list[int],
+        on_chunk: Callable[[], None] | None,
+        chunk_tokens: int,
+        admit: Admit | None,
+    ) -> list[Completion]:
         """`generate`'s loop: sample, call the chunk hook, admit new rows, decode."""
         batch: _Batch | None = rows.start(prompts, limits)
         if admit is not None and not batch.mergeable():  # type: ignore[union-attr]
@@ -172,13 +138,25 @@ class TransformersEngine:
                 batch.decode(self.model, rows)
         return [rows.completion(i) for i in range(len(rows.prompts))]
 
-    def _completion(self, prompt: list[int], tokens: list[int], logps: list[float], finish: str | None,
-                    versions: list[int], routing: torch.Tensor | None = None) -> Completion:  # fmt: skip
-        return Completion(prompt_ids=list(prompt), token_ids=tokens,
-                          text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                          finish_reason=finish or "length",  # type: ignore[arg-type]
-                          logprobs=logps, version=min(versions, default=self.version), versions=versions,
-                          routing=routing)  # fmt: skip
+    def _completion(
+        self,
+        prompt: list[int],
+        tokens: list[int],
+        logps: list[float],
+        finish: str | None,
+        versions: list[int],
+        routing: torch.Tensor | None = None,
+    ) -> Completion:
+        return Completion(
+            prompt_ids=list(prompt),
+            token_ids=tokens,
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+            finish_reason=finish or "length",  # type: ignore[arg-type]
+            logprobs=logps,
+            version=min(versions, default=self.version),
+            versions=versions,
+            routing=routing,
+        )
 
     @staticmethod
     def _sample(
@@ -207,8 +185,14 @@ class TransformersEngine:
 class _Rows:
     """Every row of one generate call: the completions so far, by row index in the order rows came."""
 
-    def __init__(self, engine: TransformersEngine, params: SamplingParams, gen: torch.Generator, stop_ids: set[int],
-                 on_finish: Callable[[int, Completion], None] | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: TransformersEngine,
+        params: SamplingParams,
+        gen: torch.Generator,
+        stop_ids: set[int],
+        on_finish: Callable[[int, Completion], None] | None,
+    ) -> None:
         self.engine, self.params, self.gen, self.stop_ids, self.on_finish = engine, params, gen, stop_ids, on_finish
         self.prompts: list[list[int]] = []
         self.limits: list[int] = []
@@ -235,8 +219,13 @@ class _Rows:
             self.finish.append(None)
         engine = self.engine
         ids, mask = pad_tokens(prompts, engine.pad_id, "left", engine.device)
-        batch = _Batch(DynamicCache(config=engine.model.config), ids, mask, positions(mask),
-                       list(range(first, first + len(prompts))))  # fmt: skip
+        batch = _Batch(
+            DynamicCache(config=engine.model.config),
+            ids,
+            mask,
+            positions(mask),
+            list(range(first, first + len(prompts))),
+        )
         batch.decode(engine.model, self, logits_to_keep=1)
         return batch
 
@@ -258,15 +247,17 @@ class _Rows:
         if i in self.ended:
             return self.ended[i]
         routing = torch.cat(self.routing[i]) if self.recorder is not None else None
-        return self.engine._completion(self.prompts[i], self.tokens[i], self.logps[i], self.finish[i], self.versions[i],
-                                       routing)  # fmt: skip
+        return self.engine._completion(
+            self.prompts[i], self.tokens[i], self.logps[i], self.finish[i], self.versions[i], routing
+        )
 
 
 class _Batch:
     """The running rows of a decode loop: their KV cache, attention mask, positions, next input tokens."""
 
-    def __init__(self, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                 rows: list[int]) -> None:  # fmt: skip
+    def __init__(
+        self, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: list[int]
+    ) -> None:
         self.cache, self.ids, self.mask, self.pos, self.rows = cache, ids, mask, pos, rows
         self.done = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)
         self.logits: torch.Tensor | None = None
@@ -274,8 +265,14 @@ class _Batch:
     def decode(self, model: PreTrainedModel, rows: _Rows, logits_to_keep: int = 0) -> None:
         """Forward `ids` over the cache; the last position's logits are kept for sampling, and with a
         routing recorder each running row's routing of the tokens it fed (not padding's)."""
-        out = model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, past_key_values=self.cache,
-                    use_cache=True, logits_to_keep=logits_to_keep)  # fmt: skip
+        out = model(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         self.logits = out.logits[:, -1, :].float()
         if rows.recorder is not None:
             fed = self.ids.shape[1]

@@ -19,14 +19,14 @@ from transformers import PreTrainedTokenizerBase
 
 from tidal.config import RunConfig, dump_config
 from tidal.data import encode_prompts
-from tidal.metrics import values
-from tidal.modeling import pad, pad_tokens
-from tidal.models import load_model, load_tokenizer, resolve_model_dir
-from tidal.monitor import Monitor
-from tidal.preflight import check_sft
-from tidal.rollout.engine import TransformersEngine
+from tidal.model.forward import pad, pad_tokens
+from tidal.model.loading import load_model, load_tokenizer, resolve_model_dir
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes
 from tidal.rollout.evaluate import evaluate
+from tidal.stages.check import check_sft
+from tidal.telemetry.metrics import values
+from tidal.telemetry.monitor import Monitor
 from tidal.types import Prompt, TokenBatch
 
 if TYPE_CHECKING:
@@ -71,8 +71,9 @@ class HeldOut:
 
     def evaluate_dir(self, model_dir: Path) -> dict[str, float]:
         # Evaluating a saved directory is what every later stage does, and sidesteps ZeRO-3 partitions.
-        engine = TransformersEngine(load_model(model_dir, attn_implementation=self.cfg.model.attn_implementation),
-                                    load_tokenizer(model_dir))  # fmt: skip
+        engine = TransformersEngine(
+            load_model(model_dir, attn_implementation=self.cfg.model.attn_implementation), load_tokenizer(model_dir)
+        )
         return self.evaluate(engine)
 
     def close(self) -> None:
@@ -115,15 +116,21 @@ def run_sft(cfg: RunConfig) -> dict[str, float]:
     monitor.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     acc_b, acc_a = summary.get("eval/accuracy_before", float("nan")), summary.get("eval/accuracy", float("nan"))
-    print(f"sft done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {acc_b:.1%} -> {acc_a:.1%}; "
-          f"checkpoint at {ckpt}")  # fmt: skip
+    print(
+        f"sft done in {summary['perf/wall_time_s']:.0f}s: held-out accuracy {acc_b:.1%} -> {acc_a:.1%}; "
+        f"checkpoint at {ckpt}"
+    )
     return summary
 
 
 def _train(
-    cfg: RunConfig, model_dir: Path, tokenizer: PreTrainedTokenizerBase, examples: list[tuple[list[int], list[int]]],
-    held_out: HeldOut, monitor: Monitor,
-) -> DeepSpeedTrainer:  # fmt: skip
+    cfg: RunConfig,
+    model_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[tuple[list[int], list[int]]],
+    held_out: HeldOut,
+    monitor: Monitor,
+) -> DeepSpeedTrainer:
     """`sft.steps` optimizer steps over reshuffled epochs, stopping early at `sft.stop_at_accuracy`."""
     from tidal.trainer.engine import DeepSpeedTrainer
 

@@ -1,7 +1,7 @@
-"""Generate the README's config reference from the config models' field docstrings.
+"""Generate the config reference page from the config models' field docstrings.
 
-`python -m tidal.docs` rewrites the section between the markers in README.md; a test checks that
-the README is current, so the reference is never written twice by hand.
+`python -m tidal.config.reference` rewrites the section between the markers in docs/config.md; a test checks
+that the page is current, so the reference is never written twice by hand.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pydantic_core import PydanticUndefined
 from tidal.config import RunConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+"""The page that holds the reference: docs/config.md of the repository."""
 
 
 def _submodels(annotation: Any) -> list[type[BaseModel]]:
@@ -43,8 +45,9 @@ def _default_instance(field: Any, instance: BaseModel | None, name: str) -> Base
     return value if isinstance(value, BaseModel) else None
 
 
-def reference_rows(model: type[BaseModel], prefix: str = "", seen: dict[type, str] | None = None,
-                   instance: BaseModel | None = None) -> list[str]:  # fmt: skip
+def reference_rows(
+    model: type[BaseModel], prefix: str = "", seen: dict[type, str] | None = None, instance: BaseModel | None = None
+) -> list[str]:
     """Rows of `model`'s fields with the defaults a user gets; a section model met again (e.g. an
     env's `data`) is one row that points to where its fields are listed; an optional section that is
     off by default is a row of its own before its fields. A tagged union (a field
@@ -88,8 +91,8 @@ def reference() -> str:
     return "\n".join([BEGIN, head, *reference_rows(RunConfig), END])
 
 
-def update_readme(path: Path) -> bool:
-    """Rewrite the reference section of `path`; True when the file changed."""
+def update_page(path: Path = PAGE) -> bool:
+    """Rewrite the reference section of `path` (between `BEGIN` and `END`); True when the file changed."""
     text = path.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     new = text[:start] + reference() + text[end:]
@@ -99,5 +102,7 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    changed = update_readme(Path(sys.argv[1] if len(sys.argv) > 1 else "README.md"))
-    print("README.md config reference " + ("updated" if changed else "already current"))
+    page = Path(sys.argv[1]) if len(sys.argv) > 1 else PAGE
+    changed = update_page(page)
+    name = sys.argv[1] if len(sys.argv) > 1 else "docs/config.md"
+    print(f"{name} config reference " + ("updated" if changed else "already current"))

@@ -34,8 +34,9 @@ CHUNK_BYTES = 64 * 2**20
 # ------------------------------------------------------------------------------------------- padding
 
 
-def pad(rows: Sequence[Sequence[float]], value: float = 0, side: Side = "right",
-        dtype: torch.dtype = torch.long) -> torch.Tensor:  # fmt: skip
+def pad(
+    rows: Sequence[Sequence[float]], value: float = 0, side: Side = "right", dtype: torch.dtype = torch.long
+) -> torch.Tensor:
     """(B, T) tensor of ragged rows padded with `value` on the `side` to the longest row."""
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), value, dtype=dtype)
@@ -46,8 +47,9 @@ def pad(rows: Sequence[Sequence[float]], value: float = 0, side: Side = "right",
     return out
 
 
-def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int, side: Side = "right",
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def pad_tokens(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: Side = "right", device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, T), padded on the `side`."""
     ids = pad(seqs, pad_id, side)
     mask = pad([[1] * len(s) for s in seqs], 0, side)
@@ -128,13 +130,19 @@ def to_device(batch: B, device: torch.device | str) -> B:
 # ------------------------------------------------------------------------------------------ forward
 
 
-def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            router_logits: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:  # fmt: skip
+def forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_logits: bool = False
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(logits (B, T, V), router logits per MoE layer or ()) of a causal LM (a HF model or a
     DeepSpeed engine around one), with position ids that skip each row's padding."""
     kwargs = {"output_router_logits": True} if router_logits else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                use_cache=False, **kwargs)  # fmt: skip
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
     return out.logits, tuple(getattr(out, "router_logits", None) or ())
 
 
@@ -194,9 +202,12 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float, micro_batch_size: int,
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    temperature: float,
+    micro_batch_size: int,
     around: Callable[[Any], AbstractContextManager[Any]] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(B, T) log-probs of the batch's tokens under `model` at `temperature`, micro-batch by
     micro-batch, on the CPU; `around(micro)`, when given, is entered around each micro-batch's
     forward (routing replay)."""
@@ -210,9 +221,13 @@ def batch_logprobs(
 
 
 def completion_logprobs(
-    model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-    temperature: float = 1.0, micro_batch_size: int = 64,
-) -> list[torch.Tensor]:  # fmt: skip
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    micro_batch_size: int = 64,
+) -> list[torch.Tensor]:
     """Teacher-forced log-probs of each completion's tokens after its prompt (one tensor per row)."""
     seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
     ids, mask = pad_tokens(seqs, pad_id)

@@ -9,10 +9,8 @@ Everything is read from the run's `metrics.jsonl`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -21,38 +19,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from tidal.config import ConfigError  # noqa: E402
-from tidal.monitor import SUMMARY_KEY  # noqa: E402
-
-Rows = list[dict[str, Any]]
-TIME_SPLIT = {"perf/rollout_wall_s": "waiting for rollout", "perf/train_wall_s": "training",
-              "perf/sync_wall_s": "publishing weights", "perf/eval_wall_s": "evaluating"}  # fmt: skip
-
-
-def read_rows(run_dir: Path) -> Rows:
-    """The rows of a run's metrics.jsonl, each with `wall_s`: seconds since the run's first row."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no metrics.jsonl; name a run directory (runs/<name>)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ConfigError(f"{path} is empty: the run logged nothing yet")
-    t0 = rows[0]["time"]
-    return [{**r, "wall_s": r["time"] - t0} for r in rows]
-
-
-def series(rows: Rows, key: str, x: str = "step") -> tuple[list[float], list[float]]:
-    """(x, y) of every row that has `key` (the run's final summary row, logged at the last step
-    again, is left out). Held-out metrics are placed at the policy version they measured
-    (`eval/version`): an evaluation runs beside training and is logged at the step it ends."""
-
-    def at(r: dict[str, Any]) -> float:
-        if x != "step":
-            return r["wall_s"]
-        return r.get("eval/version", r["step"]) if key.startswith("eval/") else r["step"]
-
-    points = {at(r): r[key] for r in rows if key in r and SUMMARY_KEY not in r}
-    return list(points), list(points.values())
+from tidal.telemetry.rows import Rows, read_rows, series, staleness_by_step, staleness_fractions, time_split  # noqa: E402
 
 
 def draw_curves(runs: dict[str, Rows]) -> Figure:
@@ -72,33 +39,6 @@ def draw_curves(runs: dict[str, Rows]) -> Figure:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def staleness_fractions(rows: Rows) -> tuple[list[int], list[float], int]:
-    """(ages, mean over trained steps of the fraction of samples of each age, trained steps); an
-    age is trainer version - sample version."""
-    ages = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("async/staleness_frac_")})
-    trained = [r for r in rows if "async/staleness_frac_0" in r]
-    means = [sum(r.get(f"async/staleness_frac_{a}", 0.0) for r in trained) / max(len(trained), 1) for a in ages]
-    return ages, means, len(trained)
-
-
-def time_split(rows: Rows) -> tuple[list[int], dict[str, list[float]]]:
-    """(steps, seconds of each step by where they went, keyed by the part's label)."""
-    steps = [r for r in rows if "perf/step_time_s" in r]
-    return [r["step"] for r in steps], {label: [r.get(key, 0.0) for r in steps] for key, label in TIME_SPLIT.items()}
-
-
-def staleness_by_step(rows: Rows) -> dict[str, tuple[list[int], list[float]]]:
-    """(steps, values) of the samples' mean and max age per trained step and of the bound the driver
-    dispatched under (`async/staleness_bound`, which the adaptive bound moves), keyed by label."""
-    keys = {"mean age": "async/staleness_mean", "max age": "async/staleness_max", "bound": "async/staleness_bound"}
-    out = {}
-    for label, key in keys.items():
-        logged = [r for r in rows if key in r and "async/staleness_frac_0" in r]
-        if logged:
-            out[label] = ([r["step"] for r in logged], [r[key] for r in logged])
-    return out
 
 
 def draw_staleness(rows: Rows) -> Figure:
@@ -146,8 +86,11 @@ def plot_runs(run_dirs: list[Path]) -> list[Path]:
     runs = {label: read_rows(Path(d)) for label, d in zip(labels, run_dirs, strict=True)}
     written = []
     for d, (label, rows) in zip(run_dirs, runs.items(), strict=True):
-        figs = {"curves": draw_curves({label: rows}), "staleness": draw_staleness(rows),
-                "time_split": draw_time_split(rows)}  # fmt: skip
+        figs = {
+            "curves": draw_curves({label: rows}),
+            "staleness": draw_staleness(rows),
+            "time_split": draw_time_split(rows),
+        }
         for name, fig in figs.items():
             written.append(_save(fig, Path(d) / f"{name}.png"))
     if len(run_dirs) > 1:
