@@ -13,7 +13,8 @@ from tidal.config import ConfigError, dump_config, load_config
 from tidal.runtime import terminal_log
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """tidal's command line (the docs' test parses their commands with it)."""
     parser = argparse.ArgumentParser(prog="tidal", description="Asynchronous RL post-training for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [
@@ -34,35 +35,18 @@ def main(argv: list[str] | None = None) -> int:
             )
     plot = sub.add_parser("plot", help="draw runs' curves, staleness and time split as PNGs in their directories")
     plot.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     # Read when transformers is imported: its weight-loading bars would cut through the progress display.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, handlers=[terminal_log()])
     if args.command == "plot":
         return _plot(args.runs)
     try:
-        # `checkpoint=PATH` names what `tidal eval` scores; it is not a config key.
-        checkpoints = [o.partition("=")[2] for o in args.overrides if o.startswith("checkpoint=")]
-        if checkpoints and args.command != "eval":
-            raise ConfigError("checkpoint=PATH is an argument of `tidal eval` only")
-        cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("checkpoint=")])
-        if args.command == "check":
-            from tidal.stages.check import check_sft, check_train
-
-            print(dump_config((check_sft if args.stage == "sft" else check_train)(cfg).cfg), end="")
-            return 0
-        if args.command == "sft":
-            from tidal.stages.sft import run_sft
-
-            run_sft(cfg)
-        elif args.command == "eval":
-            from tidal.stages.eval import run_eval
-
-            run_eval(cfg, checkpoints[-1] if checkpoints else None)
-        else:
-            from tidal.stages.train import run_train
-
-            run_train(cfg)
+        _run(args)
     except ConfigError as e:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 2
@@ -74,6 +58,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """`tidal check | sft | eval | train`; the heavy modules are imported only here."""
+    # `checkpoint=PATH` names what `tidal eval` scores; it is not a config key.
+    checkpoints = [o.partition("=")[2] for o in args.overrides if o.startswith("checkpoint=")]
+    if checkpoints and args.command != "eval":
+        raise ConfigError("checkpoint=PATH is an argument of `tidal eval` only")
+    cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("checkpoint=")])
+    if args.command == "check":
+        from tidal.stages.check import check_sft, check_train
+
+        print(dump_config((check_sft if args.stage == "sft" else check_train)(cfg).cfg), end="")
+    elif args.command == "sft":
+        from tidal.stages.sft import run_sft
+
+        run_sft(cfg)
+    elif args.command == "eval":
+        from tidal.stages.eval import run_eval
+
+        run_eval(cfg, checkpoints[-1] if checkpoints else None)
+    else:
+        from tidal.stages.train import run_train
+
+        run_train(cfg)
 
 
 def _plot(runs: list[str]) -> int:

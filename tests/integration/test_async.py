@@ -83,8 +83,8 @@ class PatientWorker(RolloutWorker):
     def _at_chunk_boundary(self) -> None:
         if self._wait_at_chunk:
             self._wait_at_chunk = False
-            with self._cv:
-                self._cv.wait_for(lambda: bool(self._staged), timeout=20.0)
+            with self.weights.cv:
+                self.weights.cv.wait_for(self.weights.pending, timeout=20.0)
         super()._at_chunk_boundary()
 
 

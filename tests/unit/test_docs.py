@@ -18,7 +18,6 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, get_args
 
@@ -200,12 +199,14 @@ def commands(block: Block) -> list[tuple[int, str]]:
 COMMANDS = [(b, n, c) for b in ALL_BLOCKS if b.lang in SHELLS for n, c in commands(b)]
 
 
-@cache
 def cli_has(sub: str) -> bool:
-    """Whether `tidal <sub>` is a subcommand: the parser is built inside `tidal.cli.main`, so ask it for
-    the subcommand's help in a process of its own."""
-    proc = subprocess.run([sys.executable, "-m", "tidal.cli", sub, "--help"], cwd=REPO, capture_output=True, timeout=60)
-    return proc.returncode == 0
+    """Whether `tidal <sub>` is a subcommand of tidal's parser."""
+    import argparse
+
+    from tidal.cli import parser
+
+    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub in subcommands.choices
 
 
 def placeholder(arg: str) -> bool:
@@ -218,7 +219,7 @@ def check_tidal(words: list[str]) -> list[str]:
         return ["`tidal` without a subcommand"]
     sub, args = words[0], words[1:]
     if not cli_has(sub):
-        return [f"`tidal {sub}` is not a subcommand (`python -m tidal.cli {sub} --help` fails)"]
+        return [f"`tidal {sub}` is not a subcommand of tidal.cli.parser()"]
     if sub == "plot":  # run directories: the outputs of runs, not files of the repository
         return []
     if "--stage" in args:

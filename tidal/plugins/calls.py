@@ -151,137 +151,34 @@ def is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
-class BoundedCalls:
-    """Runs user calls on one long-lived event loop (in a daemon thread), each bounded by `timeout_s`.
+class ThreadCalls:
+    """Sync calls in daemon threads, at most `max_threads` at once, each bounded by `timeout_s` from
+    when it gets a slot (so a long queue is not mistaken for a slow call): env calls (an env's `reset`
+    and `step` change state that lives in this process, so they must run here), and callables no
+    fresh process can load (a closure, an env's bound `score`). A timed-out thread cannot be killed,
+    so it is abandoned: it gives its slot back and, being a daemon, never holds up process exit.
+    Awaited on `loop`."""
 
-    Three ways to run a call, by what it is:
-
-    - Async calls run on the loop and are cancelled at the timeout (clients they keep stay bound to
-      one loop across batches).
-    - Sync plugins a fresh process can load (`in_process`, given a `PluginRef`) run in a pool of
-      processes, at most `max_threads` and the CPU count; a call past the timeout is killed with its
-      process, which is replaced. This is where sync rewards run: a pathological input (math_verify
-      on a huge expression, a regex that backtracks) stops burning a core at its timeout.
-    - Other sync calls run in daemon threads, at most `max_threads` at once: env calls (`run`: an
-      env's `reset` and `step` change state that lives in this process, so they must run here),
-      and callables no fresh process can load (a closure, an env's bound `score`). A timed-out
-      thread cannot be killed, so it is abandoned: it gives its slot back and, being a daemon, never
-      holds up process exit.
-
-    The pool is made on the first `in_process` call, from a forkserver (`start_forkserver`) rather
-    than by forking this process: the caller is typically a Ray actor with threads of its own (Ray's,
-    torch's, maybe CUDA), and a fork copies their locks in whatever state they are, which can
-    deadlock the child. The forkserver is a clean, single-threaded process that imports tidal once,
-    so a replacement process after a timeout starts in milliseconds; the price is that a process
-    loads plugins again by ref, which a closure or an object made at run time has none of (those run
-    in threads). A process runs in this process's working directory and import path as they were
-    when the pool was made, with `preload`'s plugins loaded ahead.
-    """
-
-    def __init__(self, timeout_s: float, max_threads: int = 16, preload: Sequence[PluginRef] = ()) -> None:
-        if max_threads < 1:
-            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float, max_threads: int) -> None:
+        self.loop = loop
         self.timeout_s = timeout_s
         self.max_threads = max_threads
-        self.preload = list(preload)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-calls", daemon=True)
-        self._thread.start()
-        # The timeout starts when a call gets a slot, so a long queue is not mistaken for a slow call.
         self._slots = asyncio.Semaphore(max_threads)
-        self._pool: ProcessPool | None = None
-        self._pool_lock = asyncio.Lock()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the loop from any other thread and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def run(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
-        """Run zero-argument calls (sync, or returning an awaitable) concurrently, each bounded and isolated."""
-        return self.submit(self._run_all(calls))
-
-    async def _run_all(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
-        return list(await asyncio.gather(*(self._run_one(c) for c in calls)))
-
-    async def _run_one(self, call: Callable[[], Any]) -> CallResult:
-        try:
-            if isinstance(call, partial) and call.func is pool_call:  # bounded in the pool
-                ok, value = await self._pool_call(call)
-            else:
-                ok, value = await self.bounded(call, getattr(call, "__name__", "call"), is_async(call))
-        except TimeoutError:
-            return CallResult(False, reason=f"timed out after {self.timeout_s}s")
-        return CallResult(True, value) if ok else CallResult(False, reason=f"raised {describe_exception(value)}")
-
-    @staticmethod
-    async def _pool_call(call: Callable[[], Any]) -> tuple[bool, Any]:
-        """(ok, value or the exception raised) of a `pool_call`; TimeoutError when the pool killed it."""
-        try:
-            return True, await call()
-        except TimeoutError:
-            raise
-        except Exception as e:
-            return False, e
-
-    async def bounded(self, fn: Callable[[], Any], name: str, async_fn: bool) -> tuple[bool, Any]:
-        """(ok, return value or the exception raised) of `fn()` on the loop, bounded by `timeout_s`
-        (TimeoutError past it). Async callables run on the loop and are cancelled at the timeout; sync
-        ones in a daemon thread (an awaitable they return is then awaited here)."""
-        if async_fn:
-            return await asyncio.wait_for(_run_async(fn), self.timeout_s)
+    async def one(self, fn: Callable[[], Any], name: str) -> tuple[bool, Any]:
+        """(ok, return value or the exception raised) of `fn()` in a thread (an awaitable it returns is
+        then awaited here); TimeoutError past the timeout."""
         t0 = time.monotonic()
         async with self._slots:
             ok, value = await asyncio.wait_for(self._run_in_thread([fn], name, threading.Event())[0], self.timeout_s)
         return await self._await_returned(ok, value, t0)
 
-    async def in_process(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in a process of the pool, bounded by `timeout_s` from when a process takes it.
-
-        `fn` is a module-level function (sent by name) that loads the plugin by its ref, calls it and
-        returns a small record: the user's own return value or exception may not survive pickling.
-        Raises TimeoutError past the timeout (the process is killed and replaced), and what the pool
-        raises when it could not run the call: `pebble.ProcessExpired` for a process that died (a
-        crash, `os._exit`), a pickling error for an argument that does not pickle.
-        """
-        pool = await self._process_pool(fn.__module__)
-        return await asyncio.wrap_future(pool.schedule(fn, args, timeout=self.timeout_s))
-
-    def start_pool(self, preload_module: str) -> None:
-        """Start the process pool now, if not running: outside any call's timeout, which an async call
-        into the pool (an isolated env's) would otherwise spend on the start."""
-        self.submit(self._process_pool(preload_module))
-
-    async def _process_pool(self, preload_module: str) -> ProcessPool:
-        if self._pool is not None and self._pool.active:
-            return self._pool
-        async with self._pool_lock:
-            if self._pool is None or not self._pool.active:  # not made yet, or broken (a process dying idle)
-                old, self._pool = self._pool, None
-                # Off the loop: the first start waits for the forkserver's imports (seconds), during
-                # which the loop's own timers would run late.
-                self._pool = await asyncio.to_thread(self._start_pool, preload_module, old)
-            return self._pool
-
-    def _start_pool(self, preload_module: str, old: ProcessPool | None) -> ProcessPool:
-        if old is not None:
-            _stop_pools([old])
-        start_forkserver([preload_module])  # a no-op if the caller started it ahead
-        pool = ProcessPool(
-            max_workers=min(self.max_threads, _cpu_count()),
-            initializer=_start_worker,
-            initargs=(os.getcwd(), list(sys.path), self.preload),
-            context=multiprocessing.get_context("forkserver"),
-        )
-        _live_pools.add(pool)
-        pool.schedule(os.getpid).result()  # starts the processes now, off the loop, not on the first call
-        return pool
-
-    async def bounded_each(self, fns: list[Callable[[], Any]], name: str) -> list[tuple[bool, Any] | None]:
-        """`bounded` for many sync calls at once, in a few threads: (ok, value or exception) per call,
-        None for one that timed out. The calls are dealt to up to `max_threads` lanes (a slot each);
-        a lane's thread runs its calls one after another, each bounded by `timeout_s` from its start;
-        past it the thread is abandoned and a new one takes the rest of the lane. A thread per call,
-        as `bounded` starts, costs more than a quick reward does (a third of the quickstart's scoring)."""
+    async def each(self, fns: list[Callable[[], Any]], name: str) -> list[tuple[bool, Any] | None]:
+        """`one` for many calls at once, in a few threads: (ok, value or exception) per call, None for
+        one that timed out. The calls are dealt to up to `max_threads` lanes (a slot each); a lane's
+        thread runs its calls one after another, each bounded by `timeout_s` from its start; past it
+        the thread is abandoned and a new one takes the rest of the lane. A thread per call, as `one`
+        starts, costs more than a quick reward does (a third of the quickstart's scoring)."""
         out: list[tuple[bool, Any] | None] = [None] * len(fns)
         n = min(self.max_threads, len(fns))
         await asyncio.gather(*(self._lane(fns, list(range(i, len(fns), n)), out, name) for i in range(n)))
@@ -333,6 +230,142 @@ class BoundedCalls:
         threading.Thread(target=run, name=f"call-{name}", daemon=True).start()
         return futures
 
+
+class ProcessCalls:
+    """Sync plugins a fresh process can load (given a `PluginRef`), in a pool of processes, at most
+    `max_workers`; a call past `timeout_s` is killed with its process, which is replaced. This is
+    where sync rewards run: a pathological input (math_verify on a huge expression, a regex that
+    backtracks) stops burning a core at its timeout.
+
+    The pool is made on the first call, from a forkserver (`start_forkserver`) rather than by forking
+    this process: the caller is typically a Ray actor with threads of its own (Ray's, torch's, maybe
+    CUDA), and a fork copies their locks in whatever state they are, which can deadlock the child. The
+    forkserver is a clean, single-threaded process that imports tidal once, so a replacement process
+    after a timeout starts in milliseconds; the price is that a process loads plugins again by ref,
+    which a closure or an object made at run time has none of (those run in threads). A process runs
+    in this process's working directory and import path as they were when the pool was made, with
+    `preload`'s plugins loaded ahead.
+    """
+
+    def __init__(self, timeout_s: float, max_workers: int, preload: Sequence[PluginRef] = ()) -> None:
+        self.timeout_s = timeout_s
+        self.max_workers = max_workers
+        self.preload = list(preload)
+        self._pool: ProcessPool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a process of the pool, bounded by `timeout_s` from when a process takes it.
+
+        `fn` is a module-level function (sent by name) that loads the plugin by its ref, calls it and
+        returns a small record: the user's own return value or exception may not survive pickling.
+        Raises TimeoutError past the timeout (the process is killed and replaced), and what the pool
+        raises when it could not run the call: `pebble.ProcessExpired` for a process that died (a
+        crash, `os._exit`), a pickling error for an argument that does not pickle.
+        """
+        pool = await self.pool(fn.__module__)
+        return await asyncio.wrap_future(pool.schedule(fn, args, timeout=self.timeout_s))
+
+    async def pool(self, preload_module: str) -> ProcessPool:
+        """The pool, made (or made again, when broken) now."""
+        if self._pool is not None and self._pool.active:
+            return self._pool
+        async with self._pool_lock:
+            if self._pool is None or not self._pool.active:  # not made yet, or broken (a process dying idle)
+                old, self._pool = self._pool, None
+                # Off the loop: the first start waits for the forkserver's imports (seconds), during
+                # which the loop's own timers would run late.
+                self._pool = await asyncio.to_thread(self._start_pool, preload_module, old)
+            return self._pool
+
+    def _start_pool(self, preload_module: str, old: ProcessPool | None) -> ProcessPool:
+        if old is not None:
+            _stop_pools([old])
+        start_forkserver([preload_module])  # a no-op if the caller started it ahead
+        pool = ProcessPool(
+            max_workers=self.max_workers,
+            initializer=_start_worker,
+            initargs=(os.getcwd(), list(sys.path), self.preload),
+            context=multiprocessing.get_context("forkserver"),
+        )
+        _live_pools.add(pool)
+        pool.schedule(os.getpid).result()  # starts the processes now, off the loop, not on the first call
+        return pool
+
+    def close(self) -> None:
+        """Stop the pool's processes (killing calls still running there)."""
+        if self._pool is not None:
+            _stop_pools([self._pool])
+
+
+class BoundedCalls:
+    """Runs user calls on one long-lived event loop (in a daemon thread), each bounded by `timeout_s`
+    and isolated, three ways by what the call is: async calls on the loop, cancelled at the timeout
+    (clients they keep stay bound to one loop across batches); sync plugins a fresh process can load
+    (`in_process`, given a `PluginRef`) in `ProcessCalls`, at most `max_threads` and the CPU count;
+    other sync calls in `ThreadCalls`, at most `max_threads` at once."""
+
+    def __init__(self, timeout_s: float, max_threads: int = 16, preload: Sequence[PluginRef] = ()) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, got {max_threads}")
+        self.timeout_s = timeout_s
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-calls", daemon=True)
+        self._thread.start()
+        self.threads = ThreadCalls(self.loop, timeout_s, max_threads)
+        self.processes = ProcessCalls(timeout_s, min(max_threads, _cpu_count()), preload)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop from any other thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def run(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
+        """Run zero-argument calls (sync, or returning an awaitable) concurrently, each bounded and isolated."""
+        return self.submit(self._run_all(calls))
+
+    async def _run_all(self, calls: list[Callable[[], Any]]) -> list[CallResult]:
+        return list(await asyncio.gather(*(self._run_one(c) for c in calls)))
+
+    async def _run_one(self, call: Callable[[], Any]) -> CallResult:
+        try:
+            if isinstance(call, partial) and call.func is pool_call:  # bounded in the pool
+                ok, value = await self._pool_call(call)
+            else:
+                ok, value = await self.bounded(call, getattr(call, "__name__", "call"), is_async(call))
+        except TimeoutError:
+            return CallResult(False, reason=f"timed out after {self.timeout_s}s")
+        return CallResult(True, value) if ok else CallResult(False, reason=f"raised {describe_exception(value)}")
+
+    @staticmethod
+    async def _pool_call(call: Callable[[], Any]) -> tuple[bool, Any]:
+        """(ok, value or the exception raised) of a `pool_call`; TimeoutError when the pool killed it."""
+        try:
+            return True, await call()
+        except TimeoutError:
+            raise
+        except Exception as e:
+            return False, e
+
+    async def bounded(self, fn: Callable[[], Any], name: str, async_fn: bool) -> tuple[bool, Any]:
+        """(ok, return value or the exception raised) of `fn()` on the loop, bounded by `timeout_s`
+        (TimeoutError past it): on the loop when `async_fn`, else in a thread (`ThreadCalls.one`)."""
+        if async_fn:
+            return await asyncio.wait_for(_run_async(fn), self.timeout_s)
+        return await self.threads.one(fn, name)
+
+    async def bounded_each(self, fns: list[Callable[[], Any]], name: str) -> list[tuple[bool, Any] | None]:
+        """Many sync calls at once, in a few threads (`ThreadCalls.each`)."""
+        return await self.threads.each(fns, name)
+
+    async def in_process(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a process of the pool (`ProcessCalls.call`)."""
+        return await self.processes.call(fn, *args)
+
+    def start_pool(self, preload_module: str) -> None:
+        """Start the process pool now, if not running: outside any call's timeout, which an async call
+        into the pool (an isolated env's) would otherwise spend on the start."""
+        self.submit(self.processes.pool(preload_module))
+
     @property
     def closed(self) -> bool:
         return self.loop.is_closed()
@@ -342,8 +375,7 @@ class BoundedCalls:
         still running in threads are abandoned (daemon threads)."""
         if self.loop.is_closed():
             return
-        if self._pool is not None:
-            _stop_pools([self._pool])
+        self.processes.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5.0)
         if not self._thread.is_alive():  # An async call blocking the loop would keep it running.

@@ -13,10 +13,9 @@ call per share of a batch, exactly as `rollout` generates it. Held-out evaluatio
 and run between two generate calls.
 
 Weights arrive on a second thread (the actor's `control` concurrency group): `offer_weights`
-receives a published snapshot, bucket by bucket, while a generation may be running and stages it
-in CPU memory (a GPU holds one received bucket at a time, never a second copy of the model); the
-generation thread loads it, bucket by bucket, before each generate call (`_apply_staged`), or at a
-chunk boundary inside one with `rollout.interruptible`. A sample never mixes two versions silently: every token
+receives a published snapshot while a generation may be running and stages it; the generation
+thread loads it before each generate call, or at a chunk boundary inside one with
+`rollout.interruptible` (`tidal.rollout.staging`). A sample never mixes two versions silently: every token
 records the version that sampled it.
 """
 
@@ -51,9 +50,10 @@ from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.queue import EvalRequest, Work, WorkQueue
+from tidal.rollout.staging import WeightStage
 from tidal.telemetry.metrics import Metrics, busy, largest, mean, merge, smallest, total
 from tidal.types import Group, Prompt, RolloutResult, Sample, SamplingParams, SyncStats, mix_seed
-from tidal.weight_sync import BroadcastReceiver, SyncAbandoned, WeightHandle, WeightReceiver, make_receiver
+from tidal.weight_sync import WeightHandle
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,8 @@ class RolloutWorker:
         self.engine = build_engine(cfg.model, cfg.rollout, model_dir, seed=mix_seed(cfg.seed, index))
         self._forward_model = own_forward(self.engine)  # for the held-out log-prob check
         self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
-        self._receiver: WeightReceiver | None = None
-        self._staged: dict[int, list[dict[str, torch.Tensor]]] = {}
-        """Snapshots received and not loaded yet, by version: the newest only, or with
-        `rollout.deterministic` every one a queued batch may still need (each is generated with
-        exactly the version it was dispatched for, so a run does not depend on timing)."""
         self._exact = cfg.rollout.deterministic
-        self._pinned = 0  # deterministic: the version the work being generated was dispatched for
-        self._cv = threading.Condition()
+        self.weights = WeightStage(self.engine, cfg.weight_sync, index, self._exact, cfg.timeout_s)
         self._last_end = time.perf_counter()
         self._queue = WorkQueue()
         self._serving = False
@@ -144,7 +138,7 @@ class RolloutWorker:
     @ray.method(concurrency_group="control")
     def join_weight_sync(self, group: tuple[str, int, int] | None) -> None:
         """Build this worker's receiving end (for `broadcast`: join the trainer's group as rank index + 1)."""
-        self._receiver = make_receiver(self.cfg.weight_sync, group, rank=self.index + 1)
+        self.weights.join(group)
 
     @ray.method(concurrency_group="control")
     def pid(self) -> int:
@@ -155,30 +149,12 @@ class RolloutWorker:
     def leave_weight_sync(self) -> None:
         """Give up the broadcast group for a new one (a member died): a receive in progress, which
         would wait for the dead member, ends at once. In the queue group, beside the receive."""
-        if isinstance(self._receiver, BroadcastReceiver):
-            self._receiver.abandon()
+        self.weights.leave()
 
     @ray.method(concurrency_group="control")
     def offer_weights(self, handle: WeightHandle) -> SyncStats | None:
-        """Receive a published snapshot and stage it for the generation thread; None when its
-        broadcast was abandoned (the group is re-formed, and the snapshot sent again)."""
-        t0 = time.perf_counter()
-        if self._receiver is None:
-            self._receiver = make_receiver(self.cfg.weight_sync)
-        try:
-            received = self._receiver.receive_buckets(handle)
-            buckets = [{name: t.cpu() for name, t in bucket.items()} for bucket in received]
-        except SyncAbandoned:
-            return None
-        seconds = time.perf_counter() - t0
-        self._check_fits(buckets, handle.version)
-        with self._cv:
-            if self._exact:
-                self._staged[handle.version] = buckets
-            elif handle.version > max(self._staged, default=-1):
-                self._staged = {handle.version: buckets}
-            self._cv.notify_all()
-        return SyncStats(handle.version, handle.nbytes, seconds)
+        """Receive a published snapshot and stage it for the generation thread (`WeightStage.offer`)."""
+        return self.weights.offer(handle)
 
     # ---------------------------------------------------------------------- generation thread
 
@@ -274,7 +250,7 @@ class RolloutWorker:
         def admit(label: str, running: int) -> list[Prompt]:
             # More queued groups of this env join the call while rows are free, unless they need newer
             # weights or newer ones wait to be loaded between calls (with interruptible, at chunks).
-            staged = bool(self._staged) and not r.interruptible
+            staged = self.weights.pending() and not r.interruptible
             more = [] if staged else self._queue.take_now((r.batch_size - running) // r.group_size, label, self.version)
             for w in more:
                 waiting[w.prompts[0].group_id] = (w, [])
@@ -398,62 +374,15 @@ class RolloutWorker:
         self._apply_staged()
 
     def _wait_for_version(self, min_version: int) -> float:
-        """Block until weights of version >= `min_version` (with `rollout.deterministic`: exactly
-        `min_version`) are held or staged, and apply them; seconds waited."""
-        t0 = time.perf_counter()
-        timeout = self.cfg.timeout_s
-        if self._exact and self.engine.version > min_version:
-            raise RuntimeError(
-                f"rollout worker {self.index} holds v{self.version}, past v{min_version} that its "
-                "next batch was dispatched for (rollout.deterministic)"
-            )
-
-        def ready() -> bool:
-            if self._exact:
-                return self.engine.version == min_version or min_version in self._staged
-            return max([*self._staged, self.engine.version]) >= min_version
-
-        with self._cv:
-            if not self._cv.wait_for(ready, timeout=timeout):
-                raise TimeoutError(
-                    f"rollout worker {self.index} waited {timeout:g}s (ray.stall_timeout_s) for weights "
-                    f"v{min_version} but holds v{self.version}; did a weight sync fail?"
-                )
-            self._pinned = min_version
-        self._apply_staged()
-        return time.perf_counter() - t0
+        return self.weights.wait_for(min_version)
 
     def _apply_staged(self) -> None:
-        """Load the newest staged snapshot newer than the weights held (with `rollout.deterministic`,
-        none past the version the current work was dispatched for) and drop older ones (generation
-        thread only)."""
-        with self._cv:
-            usable = [v for v in self._staged if v > self.engine.version and (not self._exact or v <= self._pinned)]
-            if not usable:
-                return
-            version = max(usable)
-            buckets = self._staged[version]
-            self._staged = {v: b for v, b in self._staged.items() if v > version}
-        self.engine.load_weights(buckets, version)
+        self.weights.apply()
 
     def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
         """Load a (state dict, version) snapshot now (in-process use); returns the version held."""
-        state, version = snapshot
-        self._check_fits([state], version)
-        with self._cv:
-            self._staged = {v: b for v, b in self._staged.items() if v > version}
-        self.engine.load_weights([state], version)
+        self.weights.load_now(*snapshot)
         return self.version
-
-    def _check_fits(self, buckets: list[dict[str, torch.Tensor]], version: int) -> None:
-        # Checked before staging: a snapshot that does not fit must leave the old weights intact.
-        names, got = self.engine.weight_names(), {name for bucket in buckets for name in bucket}
-        missing, unexpected = sorted(names - got), sorted(got - names)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"weight snapshot v{version} does not fit the rollout model: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
-            )
 
     @ray.method(concurrency_group="queue")
     def evaluate(self, prompts: list[Prompt], min_version: int = 0) -> Metrics:
