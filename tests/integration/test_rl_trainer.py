@@ -183,13 +183,13 @@ def grad_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> fl
     return max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "sequence-mean", "constant"])
 def mean_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int) -> torch.Tensor:
     """The loss of one full batch by `aggregate`'s numerator and denominator."""
     num, den = aggregate(per_token, mask, mode, max_len)
     return num / den
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "sequence-mean", "constant"])
 def test_rl_step_matches_plain_torch(preset: Path, mode: str) -> None:
     """The trainer's RL gradient, in uneven micro-batches, is plain torch's on the whole batch."""
     batch = hand_batch(preset)

@@ -6,9 +6,9 @@ max_staleness 0 rollout and training take turns (on-policy). Held-out evaluation
 between its generate calls, without stalling the loop.
 
 A checkpoint step (`train.checkpoint_every`, or the step a SIGTERM / SIGINT arrives in) publishes
-the trainer's weights, lets every group in flight land in the buffer, writes the driver's and the
-buffer's state, and has the trainer write DeepSpeed's checkpoint while the workers go on with the
-next batches; the checkpoint is sealed before the next train step (`tidal.checkpoint`).
+the trainer's weights, lets every group in flight land in the buffer, and writes the checkpoint
+beside the next batches (`checkpoints`). Publishing is `publishing`'s, the workers' health the
+supervisor's (`supervisor`), which prompts go where the dispatcher's (`dispatch`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ import signal
 import threading
 import time
 from functools import partial
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tidal import checkpoint
 from tidal.config import RunConfig
+from tidal.driver.checkpoints import Checkpoints
 from tidal.driver.dispatch import Dispatcher, may_dispatch
+from tidal.driver.publishing import Publishing
 from tidal.driver.staleness import StalenessBound
-from tidal.driver.supervisor import Supervisor, WorkerLost, join_weight_sync
-from tidal.driver.trackers import EvalTracker, SyncTracker
+from tidal.driver.supervisor import Supervisor, WorkerLost
+from tidal.driver.trackers import EvalTracker
 from tidal.runtime import RunError, wait_for
 from tidal.telemetry.metrics import largest, merge, values
 from tidal.telemetry.monitor import Monitor
@@ -66,6 +66,8 @@ class StopSignal:
 
 
 class Driver:
+    """The RL loop of one run (see the module doc). Building it starts nothing; `run` does."""
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -83,22 +85,27 @@ class Driver:
         self.get = partial(wait_for, timeout_s=cfg.ray.stall_timeout_s)
         self.bound = StalenessBound(cfg.rollout.max_staleness, cfg.rollout.adaptive_staleness)
         self.dispatch = Dispatcher(cfg, sampler, workers, buffer)
-        self.supervisor = Supervisor(cfg, self.dispatch, [w.serve.remote() for w in workers], self._reform_weight_sync)
+        self.publishing = Publishing(cfg, trainer, workers, self.get)
+        self.supervisor = Supervisor(cfg, self.dispatch, reform=self.publishing.reform)
+        self.offers = self.publishing.attach(self.supervisor)
         self.evals = EvalTracker(self.supervisor, eval_rows, cfg.ray.stall_timeout_s)
-        self.offers = SyncTracker(self.supervisor, broadcast=cfg.weight_sync.transport.type == "broadcast")
+        self.checkpoints = Checkpoints(cfg, trainer, self.get)
         self.step = 0  # the last step done
         self.trained = 0  # the last step the trainer took (a step fails after that, in its publish)
-        self.version = self.published = 0  # the trainer's version; the newest version offered to the workers
+        self.version = 0  # the trainer's
         self.next_batch = 1
         self.before: dict[str, float] = {}  # held-out metrics before training
-        self.saving: tuple[list[Any], Path, float] | None = None  # a checkpoint whose trainer part is being written
-        self.saved: Path | None = None
-        self.save_times: dict[str, float] = {}  # the last checkpoint's, logged with the next step
         self.save_due = False  # decided once per step, before its publish: the checkpoint needs that publish
+        self.resumed = resumed is not None
         if resumed is not None:
             self._restore(resumed)
-        # each step's groups as trained: group, batch, worker, generating versions
-        self.schedule = (cfg.run_dir / "schedule.jsonl").open("a" if resumed else "w", buffering=1)
+        self.schedule: Any = None
+        """Each step's groups as trained (group, batch, worker, generating versions): schedule.jsonl."""
+
+    @property
+    def published(self) -> int:
+        """The newest version offered to the workers."""
+        return self.publishing.published
 
     def state(self) -> dict[str, Any]:
         """The driver's part of a checkpoint (the buffer's and the trainer's are added to it)."""
@@ -116,7 +123,7 @@ class Driver:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.step, self.version, self.published = state["step"], state["version"], state["published"]
+        self.step, self.version, self.publishing.published = state["step"], state["version"], state["published"]
         self.trained = self.step
         self.next_batch, self.before = state["next_batch"], state["before"]
         self.sampler.load_state(state["sampler"])
@@ -126,37 +133,45 @@ class Driver:
 
     def run(self, warm: dict[str, Any]) -> dict[str, Any]:
         """Steps from the one after `self.step` to `train.steps` (or a stop signal); the summary."""
-        steps = self.cfg.train.steps
+        self.schedule = (self.cfg.run_dir / "schedule.jsonl").open("a" if self.resumed else "w", buffering=1)
+        self.supervisor.start()
         t_loop = t_prev = t_end = time.perf_counter()
         first_eval_s = 0.0
         if self.step == 0:
             self.evals.request(0)  # first in worker 0's queue: the weights it starts with
         else:  # resumed: the workers start from the initial policy
-            self._publish()
+            self.publishing.publish()
             self.dispatch.resubmit(self.published)
-        start = self.step + 1
         last: dict[str, float] = {}
         try:
-            for step in range(start, steps + 1):
+            for step in range(self.step + 1, self.cfg.train.steps + 1):
                 self.step = step
                 self._dispatch()
                 if step == 1:
                     self.before = values((self.evals.collect(wait=True) or [{}])[-1])
                     first_eval_s = time.perf_counter() - t_loop
-                    self.monitor.log(
-                        {**self.before, **{f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}},
-                        step=0,
-                    )
+                    warm_row = {f"warm_start/{k}": v for k, v in warm.items() if isinstance(v, float)}
+                    self.monitor.log({**self.before, **warm_row}, step=0)
                 last, t_end, t_prev = self._step(t_prev)
                 if self.save_due:
                     self._save()
                     if self.stop.name:
                         break
         except WorkerLost:
-            self._seal()
+            self.checkpoints.seal()
             self._save_lost()
             raise
-        self._seal()
+        times = {
+            "perf/first_eval_s": first_eval_s,
+            "perf/loop_s": t_end - t_loop - first_eval_s,  # the first step to the last step's publish
+            "perf/final_s": t_prev - t_end,  # the last step's wait for the final evaluation and weight offers
+        }
+        return self._finish(warm, last, times)
+
+    def _finish(self, warm: dict[str, Any], last: dict[str, float], times: dict[str, float]) -> dict[str, Any]:
+        """End the run (the last checkpoint sealed, restarts in, workers stopped, the ledger checked);
+        its summary."""
+        self.checkpoints.seal()
         self.supervisor.await_restarts()
         late = {k: v for k, v in values(self.supervisor.metrics()).items() if k.startswith("fault/") and v}
         if late:  # a restart that ended after the last step: a row of its own
@@ -174,19 +189,18 @@ class Driver:
                 f"{ledger['unique_trained_groups']} distinct ones: a group was trained twice (see "
                 f"fault/ in {self.cfg.run_dir / 'metrics.jsonl'}); please report it"
             )
+        saved = self.checkpoints.saved
         return {
             **{f"{k}_before": v for k, v in self.before.items() if k.startswith("eval/")},
             **{k: v for k, v in last.items() if k.startswith("eval/")},
             "warm_start/eval/accuracy": warm.get("eval/accuracy", float("nan")),
             **{f"ledger/{k}": float(v) for k, v in ledger.items()},
             "ledger/sampled_prompts": float(self.sampler.next_group_id),
-            "perf/first_eval_s": first_eval_s,
-            "perf/loop_s": t_end - t_loop - first_eval_s,  # the first step to the last step's publish
-            "perf/final_s": t_prev - t_end,  # the last step's wait for the final evaluation and weight offers
+            **times,
             "fault/worker_restarts": float(sum(self.supervisor.restarts)),
             **({"stopped_at_step": self.step, "stopped_by": self.stop.name} if self.stop.name else {}),
-            **({"resumable_checkpoint": str(self.saved)} if self.saved else {}),
-            **self.save_times,  # a checkpoint at the last step
+            **({"resumable_checkpoint": str(saved)} if saved else {}),
+            **self.checkpoints.times,  # a checkpoint at the last step
         }
 
     def _dispatch(self) -> None:
@@ -202,7 +216,7 @@ class Driver:
         cfg, step, steps = self.cfg, self.step, self.cfg.train.steps
         t0 = time.perf_counter()
         self.dispatch.wait(step, self.version, self.published)
-        self._seal()  # the last checkpoint's trainer part was written meanwhile
+        self.checkpoints.seal()  # the last checkpoint's trainer part was written meanwhile
         t1 = time.perf_counter()
         result: StepResult = self.get(self.trainer.call("step", batch_id=step), "trainer step")[0]
         self.schedule.write(json.dumps({"step": step, "version": self.version, "groups": result.groups}) + "\n")
@@ -216,15 +230,15 @@ class Driver:
             ]
         )
         metrics["async/staleness_bound"] = largest(float(self.bound.bound))  # what this step dispatched under
-        metrics.update({k: largest(v) for k, v in self.save_times.items()})
-        self.save_times = {}
+        metrics.update({k: largest(v) for k, v in self.checkpoints.take_times().items()})
         self.bound.update(values(metrics))
         t2 = time.perf_counter()
         evaluate = step == steps or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-        self.save_due = self._checkpoint_due()  # a signal arriving after this is taken at the next step
+        # A signal arriving after this is taken at the next step.
+        self.save_due = self.checkpoints.due(step, self.stop.name is not None)
         try:
             if step % cfg.weight_sync.every == 0 or evaluate or self.save_due:
-                metrics.update(self._publish())
+                metrics.update(self.publishing.publish())
                 if evaluate:
                     self.evals.request(self.published)
             t3 = time.perf_counter()
@@ -242,39 +256,6 @@ class Driver:
         self.monitor.log(row, step=step)
         return row, t3, t4
 
-    def _publish(self) -> dict[str, Any]:
-        import ray
-
-        restarts = sum(self.supervisor.restarts)
-        try:
-            handle, metrics = self.get(self.trainer.call("publish"), "weight publish")[0]
-        except ray.exceptions.RayTaskError:
-            # A dead worker fails a broadcast: then it is the cause to name, and its restart re-formed
-            # the group and sent these weights.
-            if self.supervisor.restarted_since(restarts) and self.cfg.weight_sync.transport.type == "broadcast":
-                return {}
-            raise
-        self.offers.add([w.offer_weights.remote(handle) for w in self.workers])
-        self.supervisor.published(handle)
-        self.published = handle.version
-        return metrics
-
-    def _reform_weight_sync(self) -> None:
-        """A worker was restarted under the broadcast transport: every member leaves the old group (a
-        receive waiting for the dead member ends), all join a new one, and the current weights go to
-        every worker again (the new process has none; the others may have missed the last send)."""
-        self.get([w.leave_weight_sync.remote() for w in self.workers], "leaving the weight-sync group")
-        group = self.get(self.trainer.rank0.reform_weight_sync.remote(len(self.workers)), "weight-sync group")
-        join_weight_sync(self.trainer.rank0, self.workers, group, self.cfg.ray.stall_timeout_s)
-        handle, _ = self.get(self.trainer.call("publish"), "weight publish")[0]
-        self.get([w.offer_weights.remote(handle) for w in self.workers], "weights over the re-formed group")
-        self.supervisor.published(handle)
-        self.published = handle.version
-
-    def _checkpoint_due(self) -> bool:
-        every = self.cfg.train.checkpoint_every
-        return self.stop.name is not None or bool(every and self.step % every == 0)
-
     def _save(self) -> None:
         """Start checkpoint `self.step`: no group left in flight, evaluations in, the driver's and the
         buffer's state written; the trainer writes its part while the next batches generate."""
@@ -282,13 +263,9 @@ class Driver:
         self.dispatch.drain(self.published)
         for m in self.evals.collect(wait=True):
             self.monitor.log(values(m), step=self.step)
-        t1 = time.perf_counter()
-        tmp = checkpoint.begin(self.cfg.run_dir, self.step)
-        buffer_state = self.get(self.buffer.state.remote(), "buffer")
-        checkpoint.write_driver_state(tmp, {**self.state(), "buffer": buffer_state})
-        self.saving = (self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), tmp, t0)
-        # Draining, the workers finish the groups in flight; then none is dispatched until the state is written.
-        self.save_times = {"perf/checkpoint_drain_s": t1 - t0, "perf/checkpoint_state_s": time.perf_counter() - t1}
+        self.checkpoints.begin(
+            self.step, {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")}, t0
+        )
 
     def _save_lost(self) -> None:
         """A worker was lost for good: a checkpoint of the last step trained, holding the groups still
@@ -297,37 +274,8 @@ class Driver:
             return
         self.step = self.trained
         self.supervisor.settle()
-        tmp = checkpoint.begin(self.cfg.run_dir, self.step)
-        checkpoint.write_driver_state(tmp, {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")})
-        shards = self.get(self.trainer.call("save_state", str(tmp / checkpoint.TRAINER)), "checkpoint save")
-        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints, shards)
-        log.warning(
-            "checkpoint of step %d, with %d groups in flight, in %s",
-            self.step,
-            len(self.dispatch.in_flight),
-            self.saved,
-        )
-
-    def _seal(self) -> None:
-        """Wait for the trainer's part of the checkpoint being written and seal it."""
-        if self.saving is None:
-            return
-        refs, tmp, t0 = self.saving
-        t_wait = time.perf_counter()
-        shards = self.get(refs, "checkpoint save")  # each rank's files, which the commit checks it sees
-        trainer_s = max(shard.seconds for shard in shards)
-        self.saving = None
-        self.saved = checkpoint.commit(tmp, self.cfg.train.keep_checkpoints, shards)
-        log.info(
-            "checkpoint of step %s in %s (%.1fs)",
-            self.saved.name.removeprefix("step_").lstrip("0"),
-            self.saved,
-            time.perf_counter() - t0,
-        )
-        # The trainer's write (it trains nothing meanwhile), and what of it the driver waited for.
-        self.save_times.update(
-            {"perf/checkpoint_trainer_s": trainer_s, "perf/checkpoint_wait_s": time.perf_counter() - t_wait}
-        )
+        state = {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")}
+        self.checkpoints.write_now(self.step, state, len(self.dispatch.in_flight))
 
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:

@@ -37,15 +37,13 @@ class Supervisor:
     """Watches the workers' serving loops; restarts a worker that failed and brings its new process in
     (see the module doc). The dispatcher asks it which workers are serving."""
 
-    def __init__(
-        self, cfg: RunConfig, dispatch: Dispatcher, serving: list[Any], reform: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, cfg: RunConfig, dispatch: Dispatcher, reform: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.dispatch = dispatch
         dispatch.health = self
         self.workers = dispatch.workers
-        self.serving = serving
-        """The workers' `serve` calls: one that ends before the run does carries the worker's error."""
+        self.serving: list[Any] = []
+        """The workers' `serve` calls (`start`): one that ends before the run does carries the worker's error."""
         self.reform = reform
         """Re-forms the broadcast group and sends the weights again (a restart over broadcast)."""
         self.handles: dict[int, WeightHandle] = {}
@@ -56,6 +54,10 @@ class Supervisor:
         self.restart_s: list[float] = []
         self.down: dict[int, _Restart] = {}
         """Workers being restarted: no work is handed to them until their new process is in."""
+
+    def start(self) -> None:
+        """Start every worker's serving loop."""
+        self.serving = [w.serve.remote() for w in self.workers]
 
     def live(self) -> list[int]:
         """The workers not being restarted (all of them when every one is: work then waits for them)."""

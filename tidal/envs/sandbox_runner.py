@@ -186,9 +186,9 @@ def _seccomp(libc):
 
 def _make_hook(root, read_roots, tokens, is_dir, denied_imports):
     """The audit hook. It may use only what is bound here: it keeps working after model code rebinds
-    builtins, os.path or this module's globals. Paths are normalized lexically: no symlink can exist in
-    the sandbox (creating one is denied), and paths that reach the sandbox through outside symlinks are
-    denied, which errs on the safe side."""
+    builtins, os.path or this module's globals (which is why it is one long closure, not helpers).
+    Paths are normalized lexically: no symlink can exist in the sandbox (creating one is denied), and
+    paths that reach the sandbox through outside symlinks are denied, which errs on the safe side."""
     str_, bytes_, int_, len_, repr_ = str, bytes, int, len, repr
     isinstance_, PermissionError_, ImportError_, ValueError_ = isinstance, PermissionError, ImportError, ValueError
     BlockingIOError_, OSError_ = BlockingIOError, OSError

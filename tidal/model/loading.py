@@ -82,7 +82,8 @@ def _moe_common(vocab_size: int, tok: PreTrainedTokenizerBase) -> dict:
 
 
 def preset_config(name: str, tok: PreTrainedTokenizerBase) -> PretrainedConfig:
-    """Model config of a tiny MoE preset (a few hundred thousand parameters, CPU friendly)."""
+    """Model config of a tiny MoE preset (a few hundred thousand parameters, CPU friendly). One branch
+    per preset, side by side, so that their architectures read as a table (hence its length)."""
     common = _moe_common(len(tok), tok)
     if name == "tiny-qwen3-moe":
         return AutoConfig.for_model(

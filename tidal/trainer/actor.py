@@ -200,53 +200,38 @@ class TrainerActor:
         batch.routing = self.trainer.gather_rows(local.view(rows, length, *local.shape[1:]), batch.input_ids.shape[0])
 
     def _train(self, groups: list[Group]) -> Metrics:
+        """One rollout batch: its advantages, pi_old (recomputed, or the update's own forward's), the
+        M2PO mask and the reference's log-probs as the step's plan asks, then the optimizer steps."""
         t0 = time.perf_counter()
         self.trained_groups += [g.group_id for g in groups]
         batch, metrics = build_batch(groups, self.cfg.algorithm.advantage, self.tokenizer.pad_token_id)
         metrics.update(_staleness(self.version, groups, batch, self.cfg.rollout.max_staleness))
         if batch.routing is not None:  # before the update: the routing of the weights pi_old is
             shard = self.trainer.shard(batch)
-            metrics.update(
-                self.trainer.all_reduce(routing_health(self.trainer.module, shard, self.cfg.trainer.micro_batch_size))
-            )
+            health = routing_health(self.trainer.module, shard, self.cfg.trainer.micro_batch_size)
+            metrics.update(self.trainer.all_reduce(health))
+        plan = self._plan()
+        tokens, version = float(batch.loss_mask.sum()), self.version  # pi_old's version
         t_prep = time.perf_counter()
-        cfg = self.cfg
-        tokens = float(batch.loss_mask.sum())
-        loss_cfg = cfg.algorithm.loss
-        version = self.version  # pi_old's
-        needs_pi_old = not isinstance(loss_cfg.correction, BehaviorCorrection)
-        reuse = needs_pi_old and self._update_gives_pi_old()
-        self.loss.pi_old_parts = [] if reuse else None
-        # R3 replays generation's routing in every forward. R2 replays pi_old's in the update: where
-        # the update's forward is pi_old's (`reuse`), it routes that way by itself.
-        self.loss.replay = self.replay == "r3" or (self.replay == "r2" and not reuse)
-        if needs_pi_old and not reuse:
+        if plan.recompute_pi_old:
             self._recompute_pi_old(batch)
             metrics.update(self._pi_old_metrics(batch, tokens, version))
-        if isinstance(loss_cfg.trust_region, M2POTrustRegion):
+        if plan.m2po_threshold is not None:
             # Before any optimizer step pi_theta = pi_old, so log(pi_old / mu) is the paper's log ratio;
             # the mask covers the whole rollout batch (every rank builds the same one from the gathered
             # pi_old) and every minibatch reuses its rows.
             assert batch.logp_old is not None  # the config rejects m2po with the behavior correction
-            threshold = loss_cfg.trust_region.threshold
-            batch.m2po_keep, m2po_metrics = m2po_mask(batch.logp_old, batch.logp_mu, batch.loss_mask, threshold)
+            batch.m2po_keep, m2po_metrics = m2po_mask(
+                batch.logp_old, batch.logp_mu, batch.loss_mask, plan.m2po_threshold
+            )
             metrics.update(m2po_metrics)
         if self.ref is not None:
             batch.logp_ref = self._logprobs(self.ref, batch)
         t_recompute = time.perf_counter()
-        steps = []
-        with RoutingRecorder(self.trainer.module) if self.bias_rate else contextlib.nullcontext() as recorder:
-            for minibatch in split_parts(batch, cfg.algorithm.minibatches):
-                norm = loss_denominator(minibatch, loss_cfg, cfg.rollout.max_new_tokens)
-                shard = self.trainer.shard(minibatch)
-                steps.append(self.trainer.train_step(shard, loss_fn=self.loss, normalizer=norm))
-        if recorder is not None:  # the step's expert load, over every rank, steers the biases
-            load = self.trainer.sum_over_ranks(expert_load(recorder.take(), recorder.num_experts))
-            metrics.update(update_router_bias(self.trainer.module, load, self.bias_rate))
-        if reuse:
-            assert self.loss.pi_old_parts is not None
-            local, self.loss.pi_old_parts = torch.cat(self.loss.pi_old_parts), None
-            batch.logp_old = self.trainer.gather_rows(local, batch.input_ids.shape[0])
+        loss = self.loss.for_step(replay=plan.replay, collect_pi_old=plan.reuse_pi_old)
+        steps = self._update(batch, loss, metrics)
+        if plan.reuse_pi_old:
+            batch.logp_old = self.trainer.gather_rows(loss.take_pi_old(), batch.input_ids.shape[0])
             metrics.update(self._pi_old_metrics(batch, tokens, version))
             metrics["perf/recompute_skipped"] = total(1.0)
         t_end = time.perf_counter()
@@ -263,6 +248,36 @@ class TrainerActor:
             }
         )
         return metrics
+
+    def _plan(self) -> StepPlan:
+        """What this run's steps do besides the update, from the config (see `StepPlan`)."""
+        loss_cfg = self.cfg.algorithm.loss
+        needs_pi_old = not isinstance(loss_cfg.correction, BehaviorCorrection)
+        reuse = needs_pi_old and self._update_gives_pi_old()
+        m2po = loss_cfg.trust_region.threshold if isinstance(loss_cfg.trust_region, M2POTrustRegion) else None
+        return StepPlan(
+            recompute_pi_old=needs_pi_old and not reuse,
+            reuse_pi_old=reuse,
+            # R3 replays generation's routing in every forward. R2 replays pi_old's in the update: where
+            # the update's forward is pi_old's (`reuse`), it routes that way by itself.
+            replay=self.replay == "r3" or (self.replay == "r2" and not reuse),
+            m2po_threshold=m2po,
+        )
+
+    def _update(self, batch: TrainBatch, loss: RLLoss, metrics: Metrics) -> list[Metrics]:
+        """`algorithm.minibatches` optimizer steps over `batch`, each rank on its share, with `loss`; a
+        bias update of GLM's routers from the step's expert load when configured (into `metrics`)."""
+        cfg = self.cfg
+        steps = []
+        with RoutingRecorder(self.trainer.module) if self.bias_rate else contextlib.nullcontext() as recorder:
+            for minibatch in split_parts(batch, cfg.algorithm.minibatches):
+                norm = loss_denominator(minibatch, cfg.algorithm.loss, cfg.rollout.max_new_tokens)
+                shard = self.trainer.shard(minibatch)
+                steps.append(self.trainer.train_step(shard, loss_fn=loss, normalizer=norm))
+        if recorder is not None:  # the step's expert load, over every rank, steers the biases
+            load = self.trainer.sum_over_ranks(expert_load(recorder.take(), recorder.num_experts))
+            metrics.update(update_router_bias(self.trainer.module, load, self.bias_rate))
+        return steps
 
     def _update_gives_pi_old(self) -> bool:
         """Whether the update's own forward runs on pi_old's weights, so that a separate recompute is
@@ -376,6 +391,21 @@ class TrainerActor:
 
     def save(self, out_dir: str) -> str:
         return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a step does besides the update, decided once from the config."""
+
+    recompute_pi_old: bool
+    """A forward of the weights held before the update gives pi_old's log-probs."""
+    reuse_pi_old: bool
+    """The update's own forward is pi_old's (one minibatch, `recompute_pi_old: auto`): its detached
+    log-probs are kept instead of a recompute."""
+    replay: bool
+    """The update's forwards route as recorded (R3: generation's routing; R2: pi_old's)."""
+    m2po_threshold: float | None
+    """M2PO's mask over the whole batch before the update, at this threshold; None: no mask."""
 
 
 def _staleness(version: int, groups: list[Group], batch: TrainBatch, max_staleness: int) -> Metrics:

@@ -9,6 +9,7 @@ passes the batch's aggregation denominator as the trainer's normalizer.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -80,6 +81,19 @@ class RLLoss:
         self.pi_old_parts: list[torch.Tensor] | None = None
         """When a list: pi_old is the weights of this very forward (one minibatch, `recompute_pi_old:
         auto`); each micro-batch's detached log-probs serve as pi_old and are appended here (CPU)."""
+
+    def for_step(self, replay: bool, collect_pi_old: bool) -> RLLoss:
+        """This loss for one step: routing replayed or not, and pi_old collected from the update's own
+        forward or not (the step's inputs, on a loss of its own rather than this shared one)."""
+        step = copy.copy(self)
+        step.replay = replay
+        step.pi_old_parts = [] if collect_pi_old else None
+        return step
+
+    def take_pi_old(self) -> torch.Tensor:
+        """The pi_old log-probs collected (`for_step(collect_pi_old=True)`), this rank's rows in order."""
+        assert self.pi_old_parts is not None
+        return torch.cat(self.pi_old_parts)
 
     def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
