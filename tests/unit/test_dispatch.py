@@ -69,7 +69,7 @@ def test_the_batch_about_to_train_always_goes_out() -> None:
 
 
 # A wait its caller bounds: the snapshot's buckets are in the object store already, and a receive
-# that hung would hold the worker's weights, whose wait (`_wait_for_version`) ends at
+# that hung would hold the worker's weights, whose wait (`WeightStage.wait_for`) ends at
 # ray.stall_timeout_s and fails the worker's serving loop.
 UNBOUNDED_BY_DESIGN = {("tidal/weight_sync/object_store.py", "receive_buckets")}
 

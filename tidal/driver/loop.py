@@ -263,9 +263,7 @@ class Driver:
         self.dispatch.drain(self.published)
         for m in self.evals.collect(wait=True):
             self.monitor.log(values(m), step=self.step)
-        self.checkpoints.begin(
-            self.step, {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")}, t0
-        )
+        self.checkpoints.begin(self.step, self._checkpoint_state(), t0)
 
     def _save_lost(self) -> None:
         """A worker was lost for good: a checkpoint of the last step trained, holding the groups still
@@ -274,8 +272,11 @@ class Driver:
             return
         self.step = self.trained
         self.supervisor.settle()
-        state = {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")}
-        self.checkpoints.write_now(self.step, state, len(self.dispatch.in_flight))
+        self.checkpoints.write_now(self.step, self._checkpoint_state(), len(self.dispatch.in_flight))
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the trainer's part: the driver's state and the buffer's."""
+        return {**self.state(), "buffer": self.get(self.buffer.state.remote(), "buffer")}
 
 
 def _perf(m: dict[str, float], times: tuple[float, ...]) -> dict[str, float]:

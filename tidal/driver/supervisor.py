@@ -122,7 +122,7 @@ class Supervisor:
                 ray.get(ref, timeout=0)  # done
                 why = "its serving loop ended"
             except ray.exceptions.RayError as e:
-                why = actor_error_line(e, logs=str(self.cfg.run_dir / "run.log"))
+                why = self._failure_line(e)
                 died = isinstance(e, ray.exceptions.RayActorError)
             self._restart(i, why, died)
         for i in list(self.down):
@@ -165,6 +165,10 @@ class Supervisor:
             if i in self.down:
                 time.sleep(0.2)
 
+    def _failure_line(self, e: Exception) -> str:
+        """One line for a worker's failure, pointing at the run's log for its output."""
+        return actor_error_line(e, logs=str(self.cfg.run_dir / "run.log"))
+
     def await_restarts(self) -> None:
         """Block until every worker being restarted is in again (the run ends with all serving)."""
         while self.down:
@@ -197,7 +201,7 @@ class Supervisor:
             pid = r.old_pid
         except ray.exceptions.RayActorError as e:
             self.down.pop(i)
-            self._restart(i, actor_error_line(e, logs=str(self.cfg.run_dir / "run.log")), died=True)
+            self._restart(i, self._failure_line(e), died=True)
             return
         if pid == r.old_pid:
             r.probe = self.workers[i].pid.remote()
@@ -220,7 +224,7 @@ class Supervisor:
                 wait_for(offers, f"weights for restarted rollout worker {i}", timeout)
         except ray.exceptions.RayActorError as e:  # the new process died too
             self.down.pop(i)
-            self._restart(i, actor_error_line(e, logs=str(self.cfg.run_dir / "run.log")), died=True)
+            self._restart(i, self._failure_line(e), died=True)
             return
         self.serving[i] = worker.serve.remote()
         for work in self.dispatch.works_of(i):

@@ -166,7 +166,7 @@ class RolloutWorker:
         """
         t0 = time.perf_counter()
         idle = t0 - self._last_end
-        weight_wait = self._wait_for_version(min_version)
+        weight_wait = self.weights.wait_for(min_version)
         t_gen0, start = time.perf_counter(), time.time()
         samples = self._generate(prompts, seed)
         t_gen = time.perf_counter() - t_gen0
@@ -237,7 +237,7 @@ class RolloutWorker:
         r = self.cfg.rollout
         t0 = time.perf_counter()
         idle = t0 - self._last_end
-        weight_wait = self._wait_for_version(max(w.min_version for w in works))
+        weight_wait = self.weights.wait_for(max(w.min_version for w in works))
         waiting = {w.prompts[0].group_id: (w, []) for w in works}
         first = [self._call_metrics(idle, weight_wait)]  # goes with the call's first group
 
@@ -269,7 +269,7 @@ class RolloutWorker:
                 params,
                 r,
                 on_chunk=on_chunk,
-                between_generations=self._apply_staged,
+                between_generations=self.weights.apply,
                 on_sample=on_sample,
                 admit=partial(admit, label),
             )
@@ -364,19 +364,13 @@ class RolloutWorker:
                 r.group_size,
                 params,
                 r,
-                between_generations=self._apply_staged,
+                between_generations=self.weights.apply,
                 on_chunk=on_chunk,
             )
         return samples
 
     def _at_chunk_boundary(self) -> None:
         """Interruptible generation's hook inside a generate call: newer weights go in between chunks."""
-        self._apply_staged()
-
-    def _wait_for_version(self, min_version: int) -> float:
-        return self.weights.wait_for(min_version)
-
-    def _apply_staged(self) -> None:
         self.weights.apply()
 
     def load_weights(self, snapshot: tuple[dict[str, torch.Tensor], int]) -> int:
@@ -403,7 +397,7 @@ class RolloutWorker:
         return request.result
 
     def _evaluate(self, prompts: list[Prompt], min_version: int) -> Metrics:
-        self._wait_for_version(min_version)
+        self.weights.wait_for(min_version)
         out, _ = evaluate(self.engine, self.envs, prompts, self.cfg.eval, self.cfg.rollout, self._forward_model)
         return {**out, "eval/version": largest(float(self.version))}
 
