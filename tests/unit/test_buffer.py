@@ -223,16 +223,16 @@ def test_work_queue_batches_streaming_groups_and_keeps_fixed_work_alone() -> Non
 
 
 def test_a_group_handed_out_twice_lands_once_whatever_the_order_of_its_copies() -> None:
-    """A worker's engine crashes: its scoring thread puts group 2 after the driver's last status
-    (the driver still counts it in flight), and group 3 after the driver handed it out again. Each
-    is trained once, and the buffer tells the driver which of the groups it is about to hand out
+    """A worker's engine crashes: its scoring thread puts group 2 after the driver last asked what
+    landed (the driver still counts it in flight), and group 3 after the driver handed it out again.
+    Each is trained once, and the buffer tells the driver which of the groups it is about to hand out
     again have landed already."""
     buf = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=2, per_step=4)
     buf.dispatched(1, 4)
     buf.put([Group(0, [sample(0, 1.0)]), Group(1, [sample(1, 1.0)])], batch_id=1, worker=0)
-    assert buf.wait_ready(1, 0, timeout_s=0.0).landed == (0, 1)  # the driver's last status
-    buf.put([Group(2, [sample(2, 1.0)])], batch_id=1, worker=1)  # the crashed worker's, after that status
-    landed = buf.redispatching([2, 3])  # the driver hands out again what it saw in flight
+    assert buf.landed_among([0, 1, 2, 3]) == [0, 1]  # the driver asks once a step
+    buf.put([Group(2, [sample(2, 1.0)])], batch_id=1, worker=1)  # the crashed worker's, after it asked
+    landed = buf.landed_among([2, 3])  # the driver asks again before handing 2 and 3 out again
     buf.put([Group(2, [sample(2, 0.0)])], batch_id=1, worker=0)  # a copy of 2 handed out all the same
     buf.put([Group(3, [sample(3, 1.0)])], batch_id=1, worker=1)  # the crashed worker's late copy of 3
     buf.put([Group(3, [sample(3, 0.0)])], batch_id=1, worker=0)  # the copy handed out again
@@ -252,7 +252,7 @@ def test_a_resumed_buffer_still_drops_a_second_copy() -> None:
     assert (buf.landed.below, buf.landed.above) == (2, {5})  # the ids kept stay few over a run
     resumed = TrajectoryBuffer(FilterConfig(zero_variance=False), max_staleness=2, per_step=2)
     resumed.load_state(buf.state())
-    assert resumed.redispatching([1, 2, 5, 6]) == [1, 5]
+    assert resumed.landed_among([1, 2, 5, 6]) == [1, 5]
     assert resumed.put([Group(5, [sample(5, 0.0)]), Group(6, [sample(6, 0.0)])], batch_id=1) == 1
     assert [g.group_id for g in resumed.take(1, 0)] == [0, 1]
     assert [g.group_id for g in resumed.take(2, 0)] == [5, 6]

@@ -6,9 +6,10 @@ the least loaded worker and starts a step as soon as the buffer holds enough rea
 filter drops are replaced by new ones (over-sampling). Deterministic mode (`rollout.deterministic`)
 splits each batch evenly into one seeded share per worker and starts step s when batch s is whole.
 
-The dispatcher keeps the groups in flight (handed out, not landed in the buffer), so that a worker's
-are handed out again when it fails; which workers are serving, and their restarts, are the
-supervisor's (`supervisor.py`), which the dispatcher asks through `Health`.
+The dispatcher keeps the groups it handed out, so that a worker's are handed out again when it fails;
+what landed only the buffer knows (the dispatcher asks it, once a step and before handing anything
+out again). Which workers are serving, and their restarts, are the supervisor's (`supervisor.py`),
+which the dispatcher asks through `Health`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Dispatcher:
         self.oversampled = 0
         self.max_replace = cfg.oversample_per_batch
         self.in_flight: dict[int, tuple[int, Work]] = {}
-        """Groups handed out and not landed yet, by group id: (worker, the work to hand out again)."""
+        """Groups handed out and not seen landed by the buffer when last asked, by group id: (worker,
+        the work to hand out again)."""
 
     def batch(self, batch: int, min_version: int) -> None:
         """Hand out rollout batch `batch`, to generate with weights >= `min_version`."""
@@ -121,13 +123,15 @@ class Dispatcher:
         deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
         while True:
             status: BufferStatus = wait_for(poll(), "buffer", self.cfg.ray.stall_timeout_s)
+            landed = sum(status.generated.values()) - sum(self.generated.values())
             self._account(status)
-            if status.landed:  # progress: the bound is on a wait that sees none
+            if landed:  # progress: the bound is on a wait that sees none
                 deadline = time.monotonic() + self.cfg.ray.stall_timeout_s
             self.health.check_workers()
             if self._replace_filtered(status.filtered, published):
                 continue
             if status.ready:
+                self._drop_landed(list(self.in_flight))
                 return
             if time.monotonic() > deadline:
                 raise Stalled(
@@ -148,12 +152,11 @@ class Dispatcher:
         """Account for the groups that landed once the workers stopped: those still in flight are the
         ones to hand out again."""
         self._account(wait_for(self.buffer.wait_drained.remote(0.0), "buffer", self.cfg.ray.stall_timeout_s))
+        self._drop_landed(list(self.in_flight))
 
     def _account(self, status: BufferStatus) -> None:
-        """What the buffer reports: groups generated per worker, and the groups landed (no longer in flight)."""
+        """What the buffer reports: the groups generated per worker."""
         self.generated = status.generated
-        for gid in status.landed:
-            self.in_flight.pop(gid, None)
 
     def resubmit(self, min_version: int) -> None:
         """Hand out again the groups a resumed checkpoint holds in flight, to the workers that had them,
@@ -224,6 +227,7 @@ class Dispatcher:
 
     def works_of(self, i: int) -> list[Work]:
         """The work in flight on worker i, each once (a deterministic share holds several groups)."""
+        self._drop_landed([gid for gid, (w, _) in self.in_flight.items() if w == i])
         return list({id(work): work for w, work in self.in_flight.values() if w == i}.values())
 
     def _hand(self, i: int, work: Work) -> None:
@@ -237,9 +241,9 @@ class Dispatcher:
 
     def hand_over(self, i: int) -> int:
         """Worker i's groups in flight, to the live workers (kept for i when there is none): the same
-        prompts, group ids and batches (a deterministic share with its seed), less those that landed
-        since the driver's last status of the buffer. A copy that still lands from the failed process
-        is dropped by the buffer. How many were handed over."""
+        prompts, group ids and batches (a deterministic share with its seed), less those the buffer
+        says landed. A copy that still lands from the failed process is dropped by the buffer. How
+        many were handed over."""
         lost = self._drop_landed([gid for gid, (w, _) in self.in_flight.items() if w == i])
         self.sent[i] -= len(lost)
         for work in self.works_of(i):
@@ -247,8 +251,9 @@ class Dispatcher:
         return len(lost)
 
     def _drop_landed(self, gids: list[int]) -> list[int]:
-        """Of `gids`, about to be handed out again, those still in flight: the ones the buffer says
-        landed meanwhile leave `in_flight`."""
-        for gid in wait_for(self.buffer.redispatching.remote(gids), "buffer", self.cfg.ray.stall_timeout_s):
+        """Of `gids`, those still in flight: the ones the buffer says landed leave `in_flight`."""
+        if not gids:
+            return []
+        for gid in wait_for(self.buffer.landed_among.remote(gids), "buffer", self.cfg.ray.stall_timeout_s):
             self.in_flight.pop(gid)
         return [gid for gid in gids if gid in self.in_flight]

@@ -27,6 +27,9 @@ from tidal.weight_sync import WeightHandle
 
 log = logging.getLogger(__name__)
 
+REPROBE_S = 0.05
+"""Shortest time between two probes of a worker being restarted."""
+
 
 class WorkerLost(RunError):
     """A rollout worker failed past `rollout.max_worker_restarts` (or, in deterministic mode over
@@ -163,7 +166,7 @@ class Supervisor:
         while broadcast and i in self.down:
             self._bring_in(i)
             if i in self.down:
-                time.sleep(0.2)
+                self._await_probes()
 
     def _failure_line(self, e: Exception) -> str:
         """One line for a worker's failure, pointing at the run's log for its output."""
@@ -173,7 +176,18 @@ class Supervisor:
         """Block until every worker being restarted is in again (the run ends with all serving)."""
         while self.down:
             self.check_workers()
-            time.sleep(0.2)
+            if self.down:
+                self._await_probes()
+
+    def _await_probes(self, timeout_s: float = 1.0) -> None:
+        """Block until the probe of a worker being restarted answers, or `timeout_s`. One that the old
+        process answers (a kill takes a moment to land) is asked again, and may answer at once: the
+        wait lasts at least `REPROBE_S`, a bound on how often a restarting worker is asked."""
+        import ray
+
+        t0 = time.monotonic()
+        ray.wait([r.probe for r in self.down.values()], num_returns=1, timeout=timeout_s)
+        time.sleep(max(0.0, REPROBE_S - (time.monotonic() - t0)))
 
     def _hand_over(self, i: int) -> None:
         """Worker i's groups in flight, to the live workers (`Dispatcher.hand_over`)."""

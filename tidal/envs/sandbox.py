@@ -74,7 +74,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+# One file, longer than our ~450 lines, importing nothing of tidal: it also runs loaded from its path by a
+# system python as another user (tests/integration/test_sandbox.py), with sandbox_runner.py beside it.
 log = logging.getLogger(__name__)
 
 _NOBODY = 65534
@@ -136,48 +139,8 @@ def run_tests(code: str, tests: list[str], limits: SandboxLimits = SandboxLimits
     result_r, result_w = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
     try:
-        if plan.uid is not None:
-            os.chown(workdir, plan.uid, plan.gid)
-        payload = os.path.join(workdir, ".payload.json")
-        with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump(
-                {
-                    "nonce": nonce,
-                    "fd": result_w,
-                    "code": code,
-                    "tests": list(tests),
-                    "cpu_s": limits.cpu_s,
-                    "memory_mb": limits.memory_mb,
-                    "max_file_mb": limits.max_file_mb,
-                    "max_processes": limits.max_processes,
-                    "inner_nproc": plan.inner_nproc,
-                    "nproc": _tasks_of(os.getuid() if plan.uid is None else plan.uid) + limits.max_processes + 2,
-                },
-                f,
-            )
-        if plan.uid is not None:
-            os.chown(payload, plan.uid, plan.gid)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": workdir,
-            "TMPDIR": workdir,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            _MARKER: run_id,
-        }
-        proc = subprocess.Popen(
-            [plan.python, "-I", "-S", "-B", "-c", _RUNNER, payload],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(result_w,),
-            start_new_session=True,
-            user=plan.uid,
-            group=plan.gid,
-            extra_groups=[] if plan.uid is not None else None,
-        )
+        payload = _write_payload(workdir, plan, limits, {"nonce": nonce, "fd": result_w, "code": code, "tests": tests})
+        proc = _spawn(plan, payload, workdir, run_id, result_w)
         os.close(result_w)
         result_w = -1
         assert proc.stdout is not None and proc.stderr is not None
@@ -269,6 +232,58 @@ def _plan() -> _Plan:
 
 
 _warned: set[str] = set()
+
+
+def _write_payload(workdir: str, plan: _Plan, limits: SandboxLimits, run: dict[str, Any]) -> str:
+    """The runner's instructions (`run`: nonce, result fd, code, tests; and the limits), written
+    where only the sandbox's user reads them; their path."""
+    if plan.uid is not None:
+        os.chown(workdir, plan.uid, plan.gid)
+    payload = os.path.join(workdir, ".payload.json")
+    tasks = _tasks_of(os.getuid() if plan.uid is None else plan.uid)
+    with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump(
+            {
+                **run,
+                "tests": list(run["tests"]),
+                "cpu_s": limits.cpu_s,
+                "memory_mb": limits.memory_mb,
+                "max_file_mb": limits.max_file_mb,
+                "max_processes": limits.max_processes,
+                "inner_nproc": plan.inner_nproc,
+                "nproc": tasks + limits.max_processes + 2,
+            },
+            f,
+        )
+    if plan.uid is not None:
+        os.chown(payload, plan.uid, plan.gid)
+    return payload
+
+
+def _spawn(plan: _Plan, payload: str, workdir: str, run_id: str, result_w: int) -> subprocess.Popen[bytes]:
+    """The runner, as the sandbox's user in a session of its own, with a bare environment marked
+    with `run_id` (what a sweep finds its processes by) and the result pipe's write end."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        _MARKER: run_id,
+    }
+    return subprocess.Popen(
+        [plan.python, "-I", "-S", "-B", "-c", _RUNNER, payload],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(result_w,),
+        start_new_session=True,
+        user=plan.uid,
+        group=plan.gid,
+        extra_groups=[] if plan.uid is not None else None,
+    )
 
 
 def _warn_missing(layers: dict[str, bool], plan: _Plan) -> None:
@@ -436,6 +451,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _sweep(marker: bytes, uid: int) -> None:
+    """Kill the processes of `uid` whose environment holds `marker` (those that left the group)."""
     for _ in range(10):  # a process may fork while we kill; NPROC bounds the rounds
         killed = False
         for name in os.listdir("/proc"):

@@ -11,6 +11,8 @@ import sys
 
 
 def _main():
+    # One function on purpose: the order of its steps is the sandbox (limits before namespaces, the
+    # reaper's fork before seccomp, ctypes gone before the audit hook), and it reads top to bottom.
     import json
     import resource
     import stat

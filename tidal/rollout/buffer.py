@@ -80,8 +80,6 @@ class BufferStatus:
     by the batch they were dispatched for: over-sampling replaces them."""
     generated: dict[int, int]
     """Groups put so far, by worker index."""
-    landed: tuple[int, ...] = ()
-    """Ids of the groups put since the previous status (the driver stops tracking them as in flight)."""
 
 
 class TrajectoryBuffer:
@@ -110,10 +108,10 @@ class TrajectoryBuffer:
         """Run totals of groups by fate: dispatched = generated + in flight; generated = filtered +
         dropped_stale + taken + still held."""
         self.landed = LandedIds()
-        """Every group put: a group handed out again after its worker failed lands once, whichever
-        copy comes first (a late one from the failed worker, or the new one); later copies are
-        dropped and counted (`fault/duplicate_groups`)."""
-        self._landed: list[int] = []
+        """Every group put, the one record of what landed (the driver asks it, `landed_among`): a
+        group handed out again after its worker failed lands once, whichever copy comes first (a late
+        one from the failed worker, or the new one); later copies are dropped and counted
+        (`fault/duplicate_groups`)."""
         self._cv = threading.Condition()
 
     def dispatched(self, batch_id: int, n: int) -> None:
@@ -127,7 +125,6 @@ class TrajectoryBuffer:
         them; returns the number of groups kept."""
         with self._cv:
             groups = self._first_copies(groups)
-            self._landed += [g.group_id for g in groups]
             counts: Counter[str] = Counter()
             kept = [g for g in (filter_group(g, self.cfg, counts) for g in groups) if g is not None]
             self.counts.update(counts)
@@ -145,9 +142,9 @@ class TrajectoryBuffer:
             self._cv.notify_all()
             return len(kept)
 
-    def redispatching(self, group_ids: list[int]) -> list[int]:
-        """Of `group_ids`, which the driver is about to hand out again (their worker failed and its
-        last status showed them in flight), those that landed meanwhile: not to be handed out."""
+    def landed_among(self, group_ids: list[int]) -> list[int]:
+        """Of `group_ids`, which the driver handed out, those that landed (the driver stops tracking
+        them as in flight, and does not hand them out again when their worker fails)."""
         with self._cv:
             return [gid for gid in group_ids if gid in self.landed]
 
@@ -163,8 +160,7 @@ class TrajectoryBuffer:
         return out
 
     def _status(self, ready: bool) -> BufferStatus:
-        landed, self._landed = tuple(self._landed), []
-        return BufferStatus(ready, dict(self.filtered), dict(self.generated_by_worker), landed)
+        return BufferStatus(ready, dict(self.filtered), dict(self.generated_by_worker))
 
     def ready(self, step: int, trainer_version: int) -> bool:
         """Whether step `step` may take its groups now: deterministic, when every group of batch

@@ -146,29 +146,7 @@ def generate_samples(
     flat = [(p, x) for p, x in zip(kept, ids, strict=True) for _ in range(n)]
     bs = rollout.batch_size
     if rt.env.multi_turn:
-        env = rt.env
-        assert isinstance(env, MultiTurnEnv)
-        episodes = []
-        reset = rt.method("reset")
-        for (_, x), state in zip(flat, rt.scorer.calls.run([partial(reset, p.row) for p, _ in flat]), strict=True):
-            ep = Episode(x, state.value)
-            if not state.ok:
-                ep.errors.append(f"reset: {state.reason}")
-                ep.done = True
-            episodes.append(ep)
-        run_episodes(
-            env,
-            rt.method("step"),
-            episodes,
-            engine,
-            params,
-            rt.scorer.calls.run,
-            rollout.max_context_tokens,
-            bs,
-            kwargs,
-            between_generations,
-        )
-        samples = [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
+        samples = _episodes(rt, engine, flat, params, rollout, kwargs, between_generations)
         for s in samples if on_sample is not None else []:
             on_sample(s)
         return samples
@@ -197,6 +175,42 @@ def generate_samples(
         outs = engine.generate([x for _, x in chunk], params.seeded(i), max_tokens=limits, **kwargs)  # type: ignore[arg-type]
         samples += [ended.get(j) or to_sample(c, p) for j, (c, (p, _)) in enumerate(zip(outs, chunk, strict=True))]
     return samples
+
+
+def _episodes(
+    rt: EnvRuntime,
+    engine: Engine,
+    flat: list[tuple[Prompt, list[int]]],
+    params: SamplingParams,
+    rollout: RolloutConfig,
+    kwargs: dict[str, Any],
+    between_generations: Callable[[], None] | None,
+) -> list[Sample]:
+    """A multi-turn env's samples: one episode per row of `flat`, reset in the env's bounded calls
+    (a reset that fails ends its episode at once, with the error recorded), then run together."""
+    env = rt.env
+    assert isinstance(env, MultiTurnEnv)
+    episodes = []
+    reset = rt.method("reset")
+    for (_, x), state in zip(flat, rt.scorer.calls.run([partial(reset, p.row) for p, _ in flat]), strict=True):
+        ep = Episode(x, state.value)
+        if not state.ok:
+            ep.errors.append(f"reset: {state.reason}")
+            ep.done = True
+        episodes.append(ep)
+    run_episodes(
+        env,
+        rt.method("step"),
+        episodes,
+        engine,
+        params,
+        rt.scorer.calls.run,
+        rollout.max_context_tokens,
+        rollout.batch_size,
+        kwargs,
+        between_generations,
+    )
+    return [episode_sample(e, p, engine) for e, (p, _) in zip(episodes, flat, strict=True)]
 
 
 def row_limit(p: Prompt, params: SamplingParams) -> int:

@@ -90,45 +90,25 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     start = check_train(cfg)  # every refusal of a config, before anything starts or is written
     cfg, resumed, eval_rows = start.cfg, start.resumed, start.held_out
     sampler = PromptSampler(start.sources, cfg.seed)
-    if resumed:
-        _cut_back(cfg, resumed)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    t0 = time.time()
-    model_dir, warm = resolve_policy_dir(cfg.model)
-    split["perf/warm_start_s"] = time.time() - t0
-    monitor = Monitor.for_run(
-        cfg.monitor,
-        run_dir,
-        cfg.name,
-        cfg.model_dump(mode="json"),
-        cfg.train.steps,
-        wandb_id=resumed["wandb_id"] if resumed else None,
-    )
-    file_log = run_log(run_dir)
+    model_dir, warm, monitor, file_log = _open_run(cfg, resumed, split)
     t0 = time.time()
     start_ray(cfg, log_file=run_dir / "run.log")
-    t_ray = time.time()
-    split["perf/ray_start_s"] = t_ray - t0
+    split["perf/ray_start_s"] = (t_ray := time.time()) - t0
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
     trainer = None
     try:
         buffer_name = f"tidal-buffer-{uuid.uuid4().hex}"  # unique on a cluster that runs several
         buffer = _start_buffer(cfg, buffer_name)
-        # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers
-        # take theirs.
+        # The trainer's placement group first: packed ranks get whole nodes' GPUs before the workers'.
         trainer_args = (TrainerActorConfig.of(cfg), str(model_dir), buffer)
         trainer = TrainerGroup(trainer_cls or TrainerActor, cfg.trainer, trainer_args, cfg.ray.stall_timeout_s)
         workers = _start_workers(cfg, str(model_dir), buffer_name, worker_cls)
         _join_weight_sync(cfg, trainer, workers)
         if resumed:  # the trainer's DeepSpeed checkpoint, the buffer's groups and ledger
             path = str(resumed["path"] / checkpoint.TRAINER)
-            wait_for(
-                [*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])],
-                "resuming from the checkpoint",
-                cfg.ray.stall_timeout_s,
-            )
+            loads = [*trainer.call("load_state", path), buffer.load_state.remote(resumed["buffer"])]
+            wait_for(loads, "resuming from the checkpoint", cfg.ray.stall_timeout_s)
         split["perf/actors_start_s"] = time.time() - t_ray
         with StopSignal() as stop:
             summary = Driver(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, stop, resumed).run(warm)
@@ -152,6 +132,26 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(_last_line(summary, cfg.train.steps, bool(eval_rows)))
     return summary
+
+
+def _open_run(
+    cfg: RunConfig, resumed: dict[str, Any] | None, split: dict[str, float]
+) -> tuple[Path, dict[str, Any], Monitor, logging.Handler]:
+    """The run directory (a resumed run's logs cut back to its checkpoint, the config written), the
+    policy's weights (warm-started when configured: the time in `split`), the monitor (a resumed run
+    goes on in its wandb run) and the run's log file."""
+    if resumed:
+        _cut_back(cfg, resumed)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    t0 = time.time()
+    model_dir, warm = resolve_policy_dir(cfg.model)
+    split["perf/warm_start_s"] = time.time() - t0
+    wandb_id = resumed["wandb_id"] if resumed else None
+    monitor = Monitor.for_run(
+        cfg.monitor, cfg.run_dir, cfg.name, cfg.model_dump(mode="json"), cfg.train.steps, wandb_id=wandb_id
+    )
+    return model_dir, warm, monitor, run_log(cfg.run_dir)
 
 
 def _failure(e: Exception, run_dir: Path) -> RunError:
