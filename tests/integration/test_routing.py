@@ -112,7 +112,9 @@ def test_routing_health_counts_each_flip(tmp_path: Path) -> None:
 def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -> None:
     """Routing replay through a real run: `algorithm.routing_replay=r3` turns on the records; workers
     record, the buffer and Ray carry the records, the DeepSpeed trainer compares its own routing
-    before each update (the health metrics), then replays the records in its forwards."""
+    before each update (the health metrics), then replays the records in its forwards, and in the
+    backward's recompute of its checkpointed layers (`trainer.activation_checkpointing`: a recompute
+    routed otherwise would stop the step, see test_memory_levers)."""
     import json
 
     from tidal.config import load_config
@@ -131,6 +133,7 @@ def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -
             "rollout.prompts_per_step=4",
             "rollout.max_staleness=0",
             "algorithm.routing_replay=r3",
+            "trainer.activation_checkpointing=true",
             "filter.zero_variance=false",
             "train.steps=3",
             "train.eval_every=0",
@@ -425,7 +428,7 @@ def test_the_logged_expert_load_is_that_of_the_experts_the_model_routes_to(prese
         for router in routers:
             router.e_score_correction_bias[:top_k] += 10.0
     loss = RLLoss(LossConfig(), temperature=1.0, max_len=12, replay=skew == "replay")
-    with RoutingRecorder(model) as recorder:
+    with RoutingRecorder(model) as recorder, loss.around(model, batch):
         _, metrics = loss(model, batch)
         picked = recorder.take()  # (B*T, layers, top-k)
     real = attn.flatten().bool()

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 import tidal.model.forward as modeling
-from tidal.model.forward import entropy, micro_batches, split_parts, token_logprobs
-from tidal.types import TokenBatch
+from tidal.model.forward import (
+    budget_micro_batches,
+    entropy,
+    filler_micro,
+    micro_batches,
+    scatter_rows,
+    split_parts,
+    token_logprobs,
+)
+from tidal.types import TokenBatch, TrainBatch
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +59,58 @@ def test_micro_batches_and_parts_keep_rows_whole() -> None:
     assert [m.input_ids[:, 0].tolist() for m in micro_batches(batch, 2)] == [[0, 1], [2, 3], [4]]
     assert [p.input_ids[:, 0].tolist() for p in split_parts(batch, 2)] == [[0, 1], [2, 3, 4]]
     assert [p.input_ids[:, 0].tolist() for p in split_parts(batch, 7)] == [[0], [1], [2], [3], [4]]
+
+
+def uneven_batch(lengths: list[int], width: int, left: bool = False) -> TrainBatch:
+    """Rows of the given real lengths (right-padded, or left-padded), tokens numbered by row and
+    column so that any row or column moved shows; per-token fields and a routing of their own."""
+    rows = len(lengths)
+    ids = torch.arange(rows * width).view(rows, width) + 10
+    attn = torch.zeros(rows, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        attn[i, width - n :] = 1 if left else 0
+        if not left:
+            attn[i, :n] = 1
+    mask = attn.clone()
+    mask[:, 0] = 0
+    per_token = ids.float() * attn
+    routing = torch.stack([ids, ids + 1], dim=-1)[:, :, None, :].expand(rows, width, 3, 2).to(torch.int64)
+    return TrainBatch(ids, attn, mask, logp_mu=per_token, advantages=per_token, versions=attn, routing=routing)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_token_budget_micro_batches_hold_each_row_once_within_the_budget(left: bool) -> None:
+
+    lengths = [3, 40, 5, 3, 12, 2, 3, 7]
+    batch = uneven_batch(lengths, 40, left)
+    plan = budget_micro_batches(batch, max_rows=4, max_tokens=24)
+    assert sorted(int(i) for m in plan for i in m.rows) == list(range(len(lengths)))  # each row once
+    for m in plan:
+        rows, width = m.batch.input_ids.shape
+        longest = max(lengths[int(i)] for i in m.rows)
+        assert width == longest  # trimmed to its own longest row
+        assert rows <= 4 and (rows * width <= 24 or rows == 1)  # the 40-token row alone
+        assert [lengths[int(i)] for i in m.rows] == sorted((lengths[int(i)] for i in m.rows), reverse=True)
+        for name in ("attention_mask", "loss_mask", "logp_mu", "advantages", "versions"):
+            assert getattr(m.batch, name).shape == (rows, width), name
+        assert m.batch.routing.shape == (rows, width, 3, 2)
+    # Longest first, packed greedily: rows x width 40, 24, 20 and 2: the plan holds the batch's 75
+    # tokens in 86 cells, against 8 x 40 = 320 at the batch's width.
+    assert [[lengths[int(i)] for i in m.rows] for m in plan] == [[40], [12, 7], [5, 3, 3, 3], [2]]
+    # Put back, every field is the batch's at its real tokens.
+    real = batch.attention_mask.bool()
+    for name in ("input_ids", "logp_mu", "loss_mask"):
+        back = scatter_rows([getattr(m.batch, name) for m in plan], plan, *batch.input_ids.shape)
+        assert torch.equal(back[real], getattr(batch, name)[real]), name
+    routing = scatter_rows([m.batch.routing for m in plan], plan, *batch.input_ids.shape)
+    assert torch.equal(routing[real], batch.routing[real])
+
+
+def test_a_filler_micro_batch_adds_nothing_and_is_dropped_when_put_back() -> None:
+
+    batch = uneven_batch([4, 2], 6)
+    filler = filler_micro(batch)
+    assert filler.batch.input_ids.shape == (1, 1) and int(filler.batch.loss_mask.sum()) == 0
+    plan = [*budget_micro_batches(batch, max_rows=8, max_tokens=64), filler]
+    back = scatter_rows([m.batch.logp_mu for m in plan], plan, 2, 6)
+    assert torch.equal(back, batch.logp_mu)

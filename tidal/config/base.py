@@ -301,6 +301,17 @@ class TrainerConfig(Strict):
     """Clip the global gradient norm to this value (null: no clipping)."""
     micro_batch_size: int = Field(16, ge=1)
     """Sequences per forward/backward on one rank."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Group a batch's rows by length into micro-batches whose rows x longest row stays within this
+    many tokens (and at most `micro_batch_size` rows), each trimmed to its own longest row, so that
+    activation memory and compute follow the tokens trained rather than rows x the batch's longest
+    row (null: consecutive micro-batches of `micro_batch_size` rows, padded to the batch's width).
+    The loss and its normalisation are those of the whole batch either way."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input in the forward and recompute the layer in the backward
+    (non-reentrant gradient checkpointing): the activations a micro-batch holds drop from every
+    layer's to about one layer's, for about one more forward of compute. Routing replay routes the
+    recompute as it routed the forward."""
     grad_accum: int = Field(1, ge=1)
     """`tidal sft`: micro-batches accumulated per optimizer step; the global batch is
     micro_batch_size x grad_accum x world size. (An RL step takes a whole mini-batch of the rollout

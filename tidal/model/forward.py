@@ -86,6 +86,96 @@ def micro_batches(batch: B, size: int) -> list[B]:
     return [row_slice(batch, i, i + size) for i in range(0, n, size)]
 
 
+@dataclasses.dataclass
+class Micro:
+    """A micro-batch of a token-budget plan: `batch`, rows `rows` of the batch it was cut from, columns
+    from `start` (all padding elsewhere in these rows); `rows` is empty for a filler (`filler`)."""
+
+    batch: Any
+    rows: torch.Tensor
+    start: int = 0
+
+
+def plan_micro_batches(batch: B, max_rows: int, max_tokens: int | None) -> list[Micro]:
+    """`budget_micro_batches` under a token budget; without one, consecutive micro-batches of
+    `max_rows` rows at the batch's width (`micro_batches`)."""
+    if max_tokens is not None:
+        return budget_micro_batches(batch, max_rows, max_tokens)
+    return [
+        Micro(m, torch.arange(i * max_rows, i * max_rows + num_rows(m)))
+        for i, m in enumerate(micro_batches(batch, max_rows))
+    ]
+
+
+def budget_micro_batches(batch: B, max_rows: int, max_tokens: int) -> list[Micro]:
+    """Micro-batches of at most `max_rows` rows whose rows x longest row stays within `max_tokens`
+    (`trainer.max_tokens_per_micro_batch`): rows sorted by length, longest first, each micro-batch
+    the next rows that fit, trimmed to the columns where its rows hold a real token. A row longer
+    than the budget is a micro-batch of its own. Memory then follows the tokens of the batch, not its
+    rows x its longest row; the loss, summed over tokens and divided by the whole batch's count, is
+    the same."""
+    mask = batch.attention_mask.bool()  # type: ignore[attr-defined]
+    lengths = mask.sum(-1)
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    out: list[Micro] = []
+    group: list[int] = []
+    for i in order:
+        if group and (len(group) == max_rows or (len(group) + 1) * int(lengths[group[0]]) > max_tokens):
+            out.append(_trimmed(batch, group))
+            group = []
+        group.append(i)
+    if group:
+        out.append(_trimmed(batch, group))
+    return out
+
+
+def _trimmed(batch: B, rows: list[int]) -> Micro:
+    index = torch.tensor(rows)
+    picked = _select(batch, index)
+    real = picked.attention_mask.bool().any(0).nonzero()  # type: ignore[attr-defined]
+    start, end = (int(real.min()), int(real.max()) + 1) if len(real) else (0, 1)
+    return Micro(_columns(picked, start, end), index, start)
+
+
+def filler_micro(batch: B) -> Micro:
+    """A micro-batch that adds nothing (one row, one column, no target): what a rank with fewer
+    micro-batches runs so that every rank makes the same collective calls (ZeRO-3 gathers)."""
+    one = _columns(_select(batch, torch.tensor([0])), 0, 1)
+    nothing = dataclasses.replace(one, loss_mask=torch.zeros_like(one.loss_mask))  # type: ignore[type-var, attr-defined]
+    return Micro(nothing, torch.tensor([], dtype=torch.long))
+
+
+def scatter_rows(parts: Sequence[torch.Tensor], micros: Sequence[Micro], rows: int, width: int) -> torch.Tensor:
+    """Per-micro-batch (rows, its width, ...) results back into one (rows, width, ...) tensor in the
+    batch's row and column order (zeros where a micro-batch was trimmed; fillers dropped)."""
+    out = parts[0].new_zeros(rows, width, *parts[0].shape[2:])
+    for part, m in zip(parts, micros, strict=True):
+        if len(m.rows):
+            out[m.rows, m.start : m.start + part.shape[1]] = part
+    return out
+
+
+def _select(batch: B, index: torch.Tensor) -> B:
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}  # type: ignore[arg-type]
+    return dataclasses.replace(  # type: ignore[type-var]
+        batch, **{k: v[index] for k, v in fields.items() if isinstance(v, torch.Tensor)}
+    )
+
+
+def _columns(batch: B, start: int, end: int) -> B:
+    """Columns [start, end) of every per-token field ((B, T, ...) with the width of `input_ids`)."""
+    width = batch.input_ids.shape[1]  # type: ignore[attr-defined]
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}  # type: ignore[arg-type]
+    return dataclasses.replace(  # type: ignore[type-var]
+        batch,
+        **{
+            k: v[:, start:end]
+            for k, v in fields.items()
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == width
+        },
+    )
+
+
 def split_parts(batch: B, parts: int) -> list[B]:
     """`parts` consecutive pieces of (nearly) equal row counts (empty pieces are left out)."""
     n = num_rows(batch)
@@ -207,17 +297,21 @@ def batch_logprobs(
     temperature: float,
     micro_batch_size: int,
     around: Callable[[Any], AbstractContextManager[Any]] | None = None,
+    plan: list[Micro] | None = None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the batch's tokens under `model` at `temperature`, micro-batch by
-    micro-batch, on the CPU; `around(micro)`, when given, is entered around each micro-batch's
-    forward (routing replay)."""
+    micro-batch (of `micro_batch_size` rows, or the micro-batches `plan` of the batch, as
+    `DeepSpeedTrainer.plan` makes them), on the CPU; `around(micro)`, when given, is entered around
+    each micro-batch's forward (routing replay)."""
     device = next(model.parameters()).device
+    plan = plan if plan is not None else plan_micro_batches(batch, micro_batch_size, None)
     parts = []
-    for micro in micro_batches(batch, micro_batch_size):
+    for m in plan:
+        micro = m.batch
         with around(micro) if around is not None else contextlib.nullcontext():
             logits, _ = forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
         parts.append(token_logprobs(logits, micro.input_ids.to(device), temperature).cpu())
-    return torch.cat(parts)
+    return scatter_rows(parts, plan, *batch.input_ids.shape)
 
 
 def completion_logprobs(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any
@@ -21,6 +22,26 @@ import torch
 from tidal.model.forward import forward, micro_batches
 from tidal.telemetry.metrics import Metrics, largest, mean
 from tidal.types import TrainBatch
+
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks a backward's recompute of checkpointed layers (`trainer.activation_checkpointing`): a
+    `RoutingRecorder` does not record the routers' second call on the same tokens."""
+    _recompute.on = True
+    try:
+        yield
+    finally:
+        _recompute.on = False
+
+
+def checkpoint_contexts() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+    """`context_fn` of `torch.utils.checkpoint`: nothing around the forward, `recomputing` around
+    the recompute."""
+    return contextlib.nullcontext(), recomputing()
+
 
 ROUTER_SUFFIX = "topkrouter"
 """How the routers' class names end (lower-cased), in every MoE architecture tidal supports."""
@@ -64,7 +85,7 @@ class RoutingRecorder:
         self._hooks = []
 
     def _keep(self, layer: int, module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread or getattr(_recompute, "on", False):
             return
         # Kept on the device until `take`: a copy to the host per layer would wait for the GPU each time.
         self._picked[layer].append(output[2].detach().to(self.dtype))

@@ -41,7 +41,7 @@ from tidal.config import (
     TrainerConfig,
     WeightSyncConfig,
 )
-from tidal.model.forward import batch_logprobs, logp_mismatch, split_parts
+from tidal.model.forward import Micro, batch_logprobs, logp_mismatch, scatter_rows, split_parts
 from tidal.model.loading import load_model, load_tokenizer
 from tidal.model.routing import (
     RoutingRecorder,
@@ -177,13 +177,17 @@ class TrainerActor:
             raise RuntimeError(f"trainer rank 0 could not take batch {batch_id}: {error}")
         return groups
 
-    def _logprobs(self, model: torch.nn.Module, batch: TrainBatch, replay: bool = False) -> torch.Tensor:
-        """(B, T) log-probs of the whole batch: each rank computes its share of the rows, then all
-        gather; with `replay`, routed as generation routed (R3)."""
+    def _logprobs(
+        self, model: torch.nn.Module, batch: TrainBatch, replay: bool = False, plan: list[Micro] | None = None
+    ) -> torch.Tensor:
+        """(B, T) log-probs of the whole batch: each rank computes its share of the rows (in the
+        micro-batches `plan` of its share, by default `DeepSpeedTrainer.plan`'s), then all gather;
+        with `replay`, routed as generation routed (R3)."""
         around = partial(replay_recorded, model) if replay else None
-        local = batch_logprobs(
-            model, self.trainer.shard(batch), self.cfg.rollout.temperature, self.cfg.trainer.micro_batch_size, around
-        )
+        shard = self.trainer.shard(batch)
+        plan = plan if plan is not None else self.trainer.plan(shard)  # every rank as many forwards (ZeRO-3)
+        size, temperature = self.cfg.trainer.micro_batch_size, self.cfg.rollout.temperature
+        local = batch_logprobs(model, shard, temperature, size, around, plan)
         return self.trainer.gather_rows(local, batch.input_ids.shape[0])
 
     def _recompute_pi_old(self, batch: TrainBatch) -> None:
@@ -193,11 +197,16 @@ class TrainerActor:
         if self.replay != "r2":
             batch.logp_old = self._logprobs(model, batch, replay=self.replay == "r3")
             return
+        shard = self.trainer.shard(batch)
+        plan = self.trainer.plan(shard)
         with RoutingRecorder(model) as recorder:
-            batch.logp_old = self._logprobs(model, batch)
-            local = recorder.take()  # this rank's rows, micro-batch after micro-batch, each (rows, T)
-        rows, length = self.trainer.shard(batch).input_ids.shape
-        batch.routing = self.trainer.gather_rows(local.view(rows, length, *local.shape[1:]), batch.input_ids.shape[0])
+            batch.logp_old = self._logprobs(model, batch, plan=plan)
+            picked = recorder.take()  # this rank's tokens, micro-batch after micro-batch
+        shapes = [m.batch.input_ids.shape for m in plan]
+        parts = picked.split([rows * width for rows, width in shapes])
+        parts = [part.view(*shape, *picked.shape[1:]) for part, shape in zip(parts, shapes, strict=True)]
+        local = scatter_rows(parts, plan, *shard.input_ids.shape)
+        batch.routing = self.trainer.gather_rows(local, batch.input_ids.shape[0])
 
     def _train(self, groups: list[Group]) -> Metrics:
         """One rollout batch: its advantages, pi_old (recomputed, or the update's own forward's), the
@@ -231,7 +240,9 @@ class TrainerActor:
         loss = self.loss.for_step(replay=plan.replay, collect_pi_old=plan.reuse_pi_old)
         steps = self._update(batch, loss, metrics)
         if plan.reuse_pi_old:
-            batch.logp_old = self.trainer.gather_rows(loss.take_pi_old(), batch.input_ids.shape[0])
+            rows, width = self.trainer.shard(batch).input_ids.shape  # this rank's, as the update took them
+            local = loss.take_pi_old(self.trainer.micros, rows, width)
+            batch.logp_old = self.trainer.gather_rows(local, batch.input_ids.shape[0])
             metrics.update(self._pi_old_metrics(batch, tokens, version))
             metrics["perf/recompute_skipped"] = total(1.0)
         t_end = time.perf_counter()
@@ -273,7 +284,8 @@ class TrainerActor:
             for minibatch in split_parts(batch, cfg.algorithm.minibatches):
                 norm = loss_denominator(minibatch, cfg.algorithm.loss, cfg.rollout.max_new_tokens)
                 shard = self.trainer.shard(minibatch)
-                steps.append(self.trainer.train_step(shard, loss_fn=loss, normalizer=norm))
+                around = partial(loss.around, self.trainer.module)
+                steps.append(self.trainer.train_step(shard, loss_fn=loss, normalizer=norm, around=around))
         if recorder is not None:  # the step's expert load, over every rank, steers the biases
             load = self.trainer.sum_over_ranks(expert_load(recorder.take(), recorder.num_experts))
             metrics.update(update_router_bias(self.trainer.module, load, self.bias_rate))

@@ -10,6 +10,7 @@ micro-batch split and the world size. The policy version is the number of optimi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -33,8 +34,9 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, set_z3
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
 from tidal.config import ScheduleConfig, TrainerConfig  # noqa: E402
-from tidal.model.forward import micro_batches, shard_rows, to_device
+from tidal.model.forward import Micro, filler_micro, plan_micro_batches, shard_rows, to_device
 from tidal.model.loading import load_model
+from tidal.model.routing import checkpoint_contexts
 from tidal.telemetry.metrics import Metrics, Stat, mean, merge, total  # noqa: E402
 from tidal.trainer.losses_sft import num_targets, sft_loss
 
@@ -143,6 +145,27 @@ def moe_block_classes(model: torch.nn.Module) -> list[type[torch.nn.Module]]:
     return sorted(found, key=lambda c: c.__name__)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """`trainer.activation_checkpointing`: each decoder layer recomputed in the backward (transformers'
+    gradient checkpointing, non-reentrant, which ZeRO-3 and torch.compile support), with the
+    recompute marked so that routing recorders skip it."""
+    if not model.supports_gradient_checkpointing:
+        raise ValueError(
+            f"trainer.activation_checkpointing: {type(model).__name__} does not support gradient checkpointing"
+        )
+    model.config.use_cache = False
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # A layer checkpoints only in training mode, and the trainer's model stays in eval mode (no
+    # dropout, so that it computes the log-probs the rollout did): the layers' own flag alone is set,
+    # their submodules stay in eval mode.
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    if not layers:
+        raise ValueError(f"trainer.activation_checkpointing: {type(model).__name__} has no layer to checkpoint")
+    for layer in layers:
+        layer.training = True
+
+
 def load_for_training(path: str | Path, cfg: TrainerConfig, attn_implementation: str | None = None) -> PreTrainedModel:
     """The model to train. At ZeRO-3 every rank loads only its partition of each parameter
     (transformers' loading under `deepspeed.zero.Init`), so no rank ever holds the whole model, on
@@ -192,6 +215,8 @@ class DeepSpeedTrainer:
             # up and the step hangs. A leaf block gathers all its parameters at once on entry, so
             # every rank makes the same calls whatever its routing (DeepSpeed's fix for MoE).
             set_z3_leaf_modules(model, blocks)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -201,6 +226,8 @@ class DeepSpeedTrainer:
             config=deepspeed_config(cfg),
         )
         self._grad_norm: float | None = None
+        self.micros: list[Micro] = []
+        """The last step's micro-batches (`plan`)."""
         if cfg.zero_stage == 0 and cfg.precision == "fp32":
             # Gradients are all-reduced by now; clip exactly as torch does and keep the norm.
             optimizer.register_step_pre_hook(self._clip_hook)
@@ -244,12 +271,16 @@ class DeepSpeedTrainer:
         loss_fn: LossFn = sft_loss,
         normalizer: float | None = None,
         on_grads: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        around: Callable[[Any], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> Metrics:
         """One optimizer step on this rank's share of the global batch; returns global metrics.
 
         `batch` is a dataclass of tensors with the batch dimension first and a (B, T) `loss_mask`;
-        it is split into micro-batches of `micro_batch_size` rows. Every rank must hold the same
-        number of micro-batches (their sizes and token counts may differ). `normalizer` replaces
+        it is split into micro-batches of `micro_batch_size` rows, or with
+        `trainer.max_tokens_per_micro_batch` into rows grouped by length (`budget_micro_batches`,
+        kept in `self.micros` for results to be put back in row order). Every rank must hold the same
+        number of micro-batches (their sizes and token counts may differ; under a token budget the
+        ranks with fewer run fillers that add nothing). `normalizer` replaces
         the global number of target tokens as the divisor of the summed loss (e.g. a constant,
         as in Dr. GRPO); the reported `loss` uses the same divisor. The loss function's metrics are
         merged over micro-batches and ranks by their own declared reductions.
@@ -258,9 +289,13 @@ class DeepSpeedTrainer:
         is about to apply, before clipping: {name: full fp32 gradient on the CPU} of every trainable
         parameter, the gradient of the loss summed over all ranks' micro-batches divided by the
         denominator. Gathering it is collective and copies every gradient; unused, it costs nothing.
+
+        `around(micro)`: a context each micro-batch's forward and backward run in (routing replay,
+        which the backward's recompute of checkpointed layers must see too).
         """
         t0 = time.perf_counter()
-        micros = micro_batches(batch, self.cfg.micro_batch_size)
+        self.micros = self.plan(batch)
+        micros = [m.batch for m in self.micros]
         tokens, n_micro = self._global_counts(batch, len(micros))
         # DeepSpeed averages gradients over data-parallel ranks; scaling by the dp size turns that
         # mean back into the sum over ranks, so the gradient is d(sum of losses)/d(theta) / norm.
@@ -269,9 +304,11 @@ class DeepSpeedTrainer:
         lr = self.lr
         rows: list[Metrics] = []
         for micro in micros:
-            loss_sum, metrics = loss_fn(self.engine, to_device(micro, self.engine.device))
-            # scale_wrt_gas=False: the division by the global count already accounts for accumulation.
-            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            micro = to_device(micro, self.engine.device)
+            with around(micro) if around is not None else contextlib.nullcontext():
+                loss_sum, metrics = loss_fn(self.engine, micro)
+                # scale_wrt_gas=False: the division by the global count already accounts for accumulation.
+                self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             rows.append({**metrics, "loss": total(loss_sum.detach().float())})
         if on_grads is None:
             self.engine.step()
@@ -365,6 +402,16 @@ class DeepSpeedTrainer:
             else:
                 out[k] = Stat(next(reduced[kind]), kind)
         return out
+
+    def plan(self, batch: B) -> list[Micro]:
+        """This rank's micro-batches of `batch` (see `train_step`). Collective under a token budget."""
+        size, budget = self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch
+        plan = plan_micro_batches(batch, size, budget)
+        if budget is None:
+            return plan
+        most = torch.tensor(float(len(plan)), device=self.engine.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return plan + [filler_micro(batch)] * (int(most) - len(plan))
 
     def _global_counts(self, batch: Any, n_micro: int) -> tuple[float, int]:
         """Global number of target tokens; checks that all ranks run the same number of micro-batches."""

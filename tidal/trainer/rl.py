@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
 from tidal.config import BehaviorCorrection, LossConfig
-from tidal.model.forward import entropy, forward, pad, pad_tokens, token_logprobs
+from tidal.model.forward import Micro, entropy, forward, pad, pad_tokens, scatter_rows, token_logprobs
 from tidal.model.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
 from tidal.telemetry.metrics import Metrics
 from tidal.trainer.advantages import compute_advantages
@@ -90,10 +92,16 @@ class RLLoss:
         step.pi_old_parts = [] if collect_pi_old else None
         return step
 
-    def take_pi_old(self) -> torch.Tensor:
-        """The pi_old log-probs collected (`for_step(collect_pi_old=True)`), this rank's rows in order."""
+    def around(self, model: torch.nn.Module, micro: TrainBatch) -> AbstractContextManager[Any]:
+        """The context a micro-batch's forward and backward run in (`DeepSpeedTrainer.train_step`'s
+        `around`): routing replayed, when this loss replays (`algorithm.routing_replay`)."""
+        return replay_recorded(model, micro) if self.replay else contextlib.nullcontext()
+
+    def take_pi_old(self, micros: list[Micro], rows: int, width: int) -> torch.Tensor:
+        """The pi_old log-probs collected (`for_step(collect_pi_old=True)`) over the step's `micros`
+        (`DeepSpeedTrainer.micros`), as (rows, width): this rank's rows in order."""
         assert self.pi_old_parts is not None
-        return torch.cat(self.pi_old_parts)
+        return scatter_rows(self.pi_old_parts, micros, rows, width)
 
     def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
@@ -101,8 +109,7 @@ class RLLoss:
         recorder = RoutingRecorder(model) if self.moe_metrics and moe_routers(model) else None
         if recorder is None and cfg.router_aux_coef > 0:
             raise ValueError(f"algorithm.loss.router_aux_coef > 0 but {type(model).__name__} has no MoE router")
-        replay = replay_recorded(model, micro) if self.replay else contextlib.nullcontext()
-        with recorder or contextlib.nullcontext(), replay:
+        with recorder or contextlib.nullcontext():
             logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=recorder is not None)
         logp = token_logprobs(logits, micro.input_ids, self.temperature)  # (B, T)
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
