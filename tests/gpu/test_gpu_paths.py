@@ -314,6 +314,58 @@ def test_zero3_bf16_step_on_cuda(cache: Path, tmp_path: Path) -> None:
     assert 5e-4 < r["moved"] < 1.5e-3
 
 
+# One row of 500 tokens among seven of 40: the uneven batch of long chains of thought.
+UNEVEN = [500] + [40] * 7
+
+
+def _lever_steps(_: int, preset: str, out: str) -> None:
+    """The same ZeRO-3 bf16 SFT step four ways (plain, activation checkpointing, a token budget,
+    both): loss, gradient norm and the step's peak CUDA memory over what the model held before."""
+    g = torch.Generator().manual_seed(0)
+    width = max(UNEVEN)
+    ids = torch.randint(6, 100, (len(UNEVEN), width), generator=g)
+    attention = torch.zeros_like(ids)
+    for i, n in enumerate(UNEVEN):
+        attention[i, :n] = 1
+    ids[attention == 0] = 0
+    loss_mask = attention.clone()
+    loss_mask[:, :8] = 0
+    batch = TokenBatch(ids, attention, loss_mask)
+    results = {}
+    for name, update in {
+        "plain": {},
+        "checkpointing": {"activation_checkpointing": True},
+        "budget": {"max_tokens_per_micro_batch": 512},
+        "both": {"activation_checkpointing": True, "max_tokens_per_micro_batch": 512},
+    }.items():
+        cfg = TrainerConfig(lr=1e-3, micro_batch_size=8, zero_stage=3, precision="bf16", **update)
+        trainer = DeepSpeedTrainer(load_model(preset), cfg)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        metrics = values(trainer.train_step(batch))
+        torch.cuda.synchronize()
+        results[name] = {**metrics, "peak": torch.cuda.max_memory_allocated() - before}
+        del trainer
+        torch.cuda.empty_cache()
+    torch.save(results, out)
+
+
+def test_memory_levers_on_cuda(cache: Path, tmp_path: Path) -> None:
+    """`trainer.activation_checkpointing` and `trainer.max_tokens_per_micro_batch` on the GPU, ZeRO-3
+    in bf16: the same step (loss and gradient norm to bf16 precision), in less peak memory."""
+    preset = materialize_preset("tiny-qwen3-moe", seed=0)
+    spawn(_lever_steps, (str(preset), str(tmp_path / "levers.pt")))
+    r = torch.load(tmp_path / "levers.pt")
+    for name, m in r.items():
+        print(f"\n{name}: loss {m['loss']:.4f}, grad norm {m['grad_norm']:.3f}, step peak {m['peak'] / 2**20:.1f} MiB")
+    plain = r["plain"]
+    for name in ("checkpointing", "budget", "both"):
+        assert r[name]["loss"] == pytest.approx(plain["loss"], rel=4 * BF16_U), name
+        assert r[name]["grad_norm"] == pytest.approx(plain["grad_norm"], rel=8 * BF16_U), name
+        assert r[name]["peak"] < plain["peak"], name
+
+
 # ------------------------------------------------------------------------------- tidal train on one GPU
 
 

@@ -296,9 +296,10 @@ def test_interruptible_run(cache: Path, tmp_path: Path, ledger_balances) -> None
     trained = [r for r in out["steps"] if "train/loss" in r]
     assert all(r["async/staleness_max"] <= 1 for r in trained)
     # Every generate call after the first took a snapshot mid-generation: longer samples span two versions...
-    # (which step's metrics count them is up to streaming; never the first, nothing is published before it).
+    # (which steps' metrics count them is up to streaming, which may admit several batches into one call:
+    # one step's, on a loaded machine; never the first's, nothing is published before it).
     interrupted = [r for r in out["steps"] if r.get("rollout/interrupted_samples", 0) > 0]
-    assert len(interrupted) >= 2 and interrupted[0]["step"] >= 2
+    assert interrupted and interrupted[0]["step"] >= 2
     # ...and tokens sampled after the swap are a version fresher than their sample's oldest token
     # (in the steps that train them, which streaming need not make the steps that generated them).
     assert any(r["async/token_staleness_mean"] < r["async/staleness_mean"] - 1e-3 for r in trained)

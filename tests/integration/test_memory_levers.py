@@ -106,7 +106,8 @@ def step(preset: Path, checkpointing: bool, stage: int, replay_in_backward: bool
     return {"metrics": metrics, "grads": grads, "calls": calls[0], "routed": routed, "saved": saved[0], "batch": batch}
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+# ZeRO-3 in the slow tier (and on the GPU: tests/gpu/test_gpu_paths.py::test_memory_levers_on_cuda).
+@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])
 def test_activation_checkpointing_takes_the_same_replayed_step(preset: Path, stage: int) -> None:
     plain, ckpt = step(preset, False, stage), step(preset, True, stage)
     # The recompute ran: each micro-batch's routers were called twice (forward, then backward).
@@ -181,7 +182,7 @@ def same_step(got: dict[str, Any], want: dict[str, Any]) -> None:
         assert (got["grads"][name] - g).norm() <= 1e-5 * g.norm() + 1e-12, name
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_token_budget_takes_the_same_step_in_far_less_memory(preset: Path, stage: int) -> None:
     plain, budget = budget_step(preset, None, stage), budget_step(preset, 48, stage)
     same_step(budget, plain)
@@ -209,6 +210,7 @@ def _two_ranks(rank: int, port: int, path: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_plans_of_different_lengths_take_the_same_step(preset: Path, tmp_path: Path) -> None:
     from tidal.trainer.engine import _free_port
 
