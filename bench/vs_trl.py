@@ -170,7 +170,7 @@ def build_optimizer(model: Any, cfg: Any, steps: int) -> tuple[Any, Any]:
     first step) and reach the floor one step after the run ends."""
     import torch
 
-    from tidal.trainer.engine import lr_factor
+    from tidal.trainer.prepare import lr_factor
 
     t = cfg.trainer
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)

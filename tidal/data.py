@@ -10,15 +10,15 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-from datasets import Dataset, Value, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from tidal.config import ArithmeticData, ConfigError, DataConfig, FileData
 
-datasets.disable_progress_bars()
+if TYPE_CHECKING:  # imported where data is loaded: a rollout worker, which only encodes texts, starts
+    # without `datasets` and the pandas it brings (about a second of its start-up on two cores).
+    from datasets import Dataset
 
 _INT = re.compile(r"\s*(-?\d+)")
 
@@ -72,6 +72,11 @@ def exact_match(completion: str, answer: str) -> bool:
 
 
 def _load_files(files: list[str], cfg: FileData, split: str) -> Dataset:
+    import datasets
+    from datasets import Value, load_dataset
+
+    datasets.disable_progress_bars()
+
     suffixes = {Path(f).suffix for f in files}
     builder = "parquet" if suffixes == {".parquet"} else "json"
     if builder == "json" and ".parquet" in suffixes:
@@ -101,6 +106,8 @@ def _load_files(files: list[str], cfg: FileData, split: str) -> Dataset:
 
 def load_splits(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
     """(train, held-out) HF datasets for the configured source; held-out is None when there is none."""
+    from datasets import Dataset
+
     src = cfg.source
     if isinstance(src, ArithmeticData):
         train, held = arithmetic_splits(src)

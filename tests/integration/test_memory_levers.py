@@ -212,7 +212,7 @@ def _two_ranks(rank: int, port: int, path: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_with_plans_of_different_lengths_take_the_same_step(preset: Path, tmp_path: Path) -> None:
-    from tidal.trainer.engine import _free_port
+    from tidal.trainer.prepare import free_port
 
-    mp.spawn(_two_ranks, args=(_free_port(), str(preset), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(free_port(), str(preset), str(tmp_path)), nprocs=2, join=True)
     same_step(torch.load(tmp_path / "two.pt"), budget_step(preset, None, 0))

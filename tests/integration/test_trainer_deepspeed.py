@@ -18,8 +18,9 @@ from tidal.config import ScheduleConfig, TrainerConfig
 from tidal.model.forward import forward
 from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.telemetry.metrics import values
-from tidal.trainer.engine import DeepSpeedTrainer, lr_factor
+from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.losses_sft import next_token_nll, num_targets
+from tidal.trainer.prepare import lr_factor
 from tidal.types import TokenBatch
 
 pytestmark = pytest.mark.integration
@@ -205,10 +206,10 @@ def _two_rank_worker(rank: int, port: int, path: str, out_dir: str, stages: list
 
 
 def test_two_ranks_match_plain_torch_full_batch(preset: Path, tmp_path: Path) -> None:
-    from tidal.trainer.engine import _free_port
+    from tidal.trainer.prepare import free_port
 
     stages = [0, 2, 3]
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(preset), str(tmp_path), stages), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(preset), str(tmp_path), stages), nprocs=2, join=True)
     # The wrong normaliser to rule out: the mean of the four one-row micro-batches' token means.
     ref = reference(preset, make_batch(), micro_batch_size=1)
     init = load_model(preset).state_dict()
@@ -321,11 +322,11 @@ def _disjoint_worker(rank: int, port: int, path: str, out_dir: str) -> None:
 @pytest.mark.parametrize("name, block", [("tiny-qwen3-moe", "Qwen3MoeSparseMoeBlock"), ("tiny-glm4-moe", "Glm4MoeMoE")])
 def test_zero3_moe_with_disjoint_experts_per_rank_finishes(preset: Path, tmp_path: Path, name: str, block: str) -> None:
     # DeepSpeed itself registers Qwen3's block as a leaf (its default list); GLM's only tidal does.
-    from tidal.trainer.engine import _free_port
+    from tidal.trainer.prepare import free_port
 
     path = materialize_preset(name, seed=0)
     ctx = mp.start_processes(
-        _disjoint_worker, args=(_free_port(), str(path), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _disjoint_worker, args=(free_port(), str(path), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 300  # a hang fails the test instead of stalling CI
     while not ctx.join(timeout=5):
@@ -355,7 +356,7 @@ def test_zero3_loads_each_rank_its_partition(preset: Path, stage: int) -> None:
     below ZeRO-3 the model loads whole."""
     import deepspeed
 
-    from tidal.trainer.engine import load_for_training
+    from tidal.trainer.prepare import load_for_training
 
     model = load_for_training(preset, TrainerConfig(zero_stage=stage, lr=1e-3))
     params = dict(model.named_parameters())

@@ -9,8 +9,8 @@ import torch
 
 from tidal.config import ScheduleConfig
 from tidal.model.forward import micro_batches, positions
-from tidal.trainer.engine import lr_factor
 from tidal.trainer.losses_sft import next_token_nll, num_targets
+from tidal.trainer.prepare import lr_factor
 from tidal.types import TokenBatch
 
 pytestmark = pytest.mark.unit

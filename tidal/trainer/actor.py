@@ -53,9 +53,10 @@ from tidal.model.routing import (
 )
 from tidal.runtime import RunError
 from tidal.telemetry.metrics import Metrics, PeakRSS, largest, mean, merge, total
-from tidal.trainer.engine import DeepSpeedTrainer, load_for_training
+from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
+from tidal.trainer.prepare import load_for_training
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import CheckpointShard, Group, StepResult, TrainBatch
 from tidal.weight_sync import (
