@@ -47,7 +47,8 @@ STEPS, PER_STEP = 6, 8
 
 def late_put_worker(flag: Path) -> type:
     """The real worker, whose worker 1 has its engine raise once (in one process of the run) right
-    after its first generate call of batch 3 or later: the call's groups have ended and wait on the
+    after the generate call in which its first group of batch 3 or later ends (begun with that batch,
+    or joined by it mid-call): from that group on, the call's groups have ended and wait on the
     scoring thread. They are put exactly when the driver asks the worker's pid, as it does once it
     has noticed the crash and before it hands the worker's groups in flight out again: after the
     driver's last status of the buffer. A worker that settles its scoring before its error reaches
@@ -59,13 +60,17 @@ def late_put_worker(flag: Path) -> type:
             self.crashing = False
             self.release = threading.Event()
 
-        def _stream(self, works: list) -> None:
-            if self.index == 1 and works[0].batch_id >= 3 and not flag.exists():
+        def _put_group(self, work: Any, samples: list, extra: Any) -> None:
+            # Which call that is depends on timing: streaming may admit batch 3 into a running call.
+            if self.index == 1 and work.batch_id >= 3 and not flag.exists():
                 flag.write_text(str(os.getpid()))
                 self.crashing = True
-                super()._stream(works)
-                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+            super()._put_group(work, samples, extra)
+
+        def _stream(self, works: list) -> None:
             super()._stream(works)
+            if self.crashing:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
         def _score_and_put(self) -> None:
             if self.crashing:

@@ -8,6 +8,9 @@ Token-budget micro-batches (`trainer.max_tokens_per_micro_batch`): rows grouped 
 micro-batch trimmed to its own longest row. The same step as micro-batches of the batch's width, on
 one rank or two whose plans differ in length (the shorter runs fillers), and pi_old read back from
 the update's forward in the batch's row order.
+
+The KL reference: in the training dtype and, at ZeRO-3, partitioned like the policy; the same
+log-probs as the whole checkpoint in that dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tidal.config import LossConfig, TrainerConfig
-from tidal.model.forward import row_slice
+from tidal.model.forward import batch_logprobs, row_slice
 from tidal.model.loading import load_model, materialize_preset
 from tidal.model.routing import RoutingRecorder, moe_routers, recorded_positions
 from tidal.telemetry.metrics import values
@@ -216,3 +219,59 @@ def test_two_ranks_with_plans_of_different_lengths_take_the_same_step(preset: Pa
 
     mp.spawn(_two_ranks, args=(free_port(), str(preset), str(tmp_path)), nprocs=2, join=True)
     same_step(torch.load(tmp_path / "two.pt"), budget_step(preset, None, 0))
+
+
+# The KL reference (`algorithm.loss.kl`): held as the policy is, never a whole fp32 copy per rank.
+
+
+def reference_logprobs(preset: Path, stage: int, precision: str) -> dict[str, Any]:
+    from tidal.trainer.prepare import init_distributed, load_reference
+
+    cfg = TrainerConfig(lr=1e-3, micro_batch_size=4, zero_stage=stage, precision=precision)
+    init_distributed(cfg.backend)
+    ref = load_reference(preset, cfg, torch.device("cpu"))
+    batch = uneven_batch(100)
+    params = list(ref.parameters())
+    return {
+        "logp": batch_logprobs(ref, batch, 1.0, 4),
+        "dtypes": {p.dtype for p in params},
+        "partitioned": all(hasattr(p, "ds_id") for p in params),
+        # What this rank holds (at ZeRO-3 its partition; the rest is gathered a block at a time).
+        "local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params),
+        "grad": any(p.requires_grad for p in params),
+    }
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(0, "bf16"), (3, "bf16"), (3, "fp32")])
+def test_the_kl_reference_is_held_as_the_policy_is(preset: Path, stage: int, precision: str) -> None:
+    got = reference_logprobs(preset, stage, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert got["dtypes"] == {dtype} and not got["grad"]
+    assert got["partitioned"] == (stage == 3)
+    # The same log-probs as the checkpoint's weights in that dtype, held whole: equal to the bit
+    # (measured, in both dtypes, partitioned or not).
+    want = batch_logprobs(load_model(preset).to(dtype).eval(), uneven_batch(100), 1.0, 4)
+    real = uneven_batch(100).loss_mask.bool()
+    assert torch.equal(got["logp"][real], want[real])
+
+
+def _reference_ranks(rank: int, port: int, path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    got = reference_logprobs(Path(path), 3, "bf16")
+    torch.save(got, Path(out) / f"ref{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_half_the_reference_each(preset: Path, tmp_path: Path) -> None:
+    from tidal.trainer.prepare import free_port
+
+    mp.spawn(_reference_ranks, args=(free_port(), str(preset), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"ref{r}.pt") for r in (0, 1)]
+    whole = sum(p.numel() for p in load_model(preset).parameters())
+    assert all(r["partitioned"] for r in ranks)
+    assert all(r["local"] <= whole / 2 + 1024 for r in ranks)  # each its half (partitions pad to alignment)
+    assert torch.equal(ranks[0]["logp"], ranks[1]["logp"])  # both gathered the same whole reference

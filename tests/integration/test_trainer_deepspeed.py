@@ -219,6 +219,23 @@ def test_two_ranks_match_plain_torch_full_batch(preset: Path, tmp_path: Path) ->
         check_step(out["metrics"], out["grads"], out["params"], ref, init, cfg)
 
 
+@pytest.mark.parametrize(("stage", "params"), [(2, False), (3, True)])
+def test_an_offloaded_optimizer_takes_the_same_step(preset: Path, stage: int, params: bool) -> None:
+    """`trainer.offload_optimizer` (and at ZeRO-3 `offload_params`): the masters and moments in host
+    memory, stepped there by the same torch AdamW; the step is the one plain torch takes."""
+    batch = make_batch()
+    ref = reference(preset, batch, CFG.micro_batch_size)
+    init = load_model(preset).state_dict()
+    cfg = CFG.model_copy(update={"zero_stage": stage, "offload_optimizer": True, "offload_params": params})
+    trainer = DeepSpeedTrainer(load_model(preset), cfg)
+    assert trainer.engine.zero_offload_optimizer() is not None  # DeepSpeed's offload config, when on
+    assert (trainer.engine.zero_offload_param() is not None) == params
+
+    grads: Grads = {}
+    metrics = values(trainer.train_step(batch, on_grads=grads.update))
+    check_step(metrics, grads, trainer.state_dict_for_export(), ref, init, cfg)
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_bf16_step_follows_fp32(preset: Path, stage: int) -> None:
     batch = make_batch()
@@ -277,6 +294,12 @@ def test_save_hf_round_trip(preset: Path, tmp_path: Path, stage: int, precision:
     with deepspeed.zero.GatheredParameters(list(engine_params.values()), enabled=stage == 3):
         for name, p in engine_params.items():
             assert torch.equal(loaded.get_parameter(name).to(p.dtype), p.detach()), name
+    # What a bf16 publish sends: each master cast where it was gathered, the same values as the
+    # fp32 export rounded, every entry in bf16.
+    published = dict(trainer.iter_export(torch.bfloat16))
+    assert published.keys() == exported.keys()
+    assert all(t.dtype == torch.bfloat16 for t in published.values())
+    assert all(torch.equal(published[k], v.to(torch.bfloat16)) for k, v in exported.items())
 
 
 # ------------------------------------------------------------------ MoE under ZeRO-3, disjoint experts

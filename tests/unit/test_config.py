@@ -60,6 +60,9 @@ def test_path_override_replaces_preset(tmp_path: Path) -> None:
         ("trainer.lr.x=1", "trainer.lr is a value, not a section"),
         ("rollout.engine=sglang", "config key 'rollout.engine'"),
         ("rollout.vllm.kv_cache_gb=0", "config key 'rollout.vllm.kv_cache_gb'"),
+        ("trainer.offload_optimizer=true", "trainer.offload_optimizer needs trainer.zero_stage >= 1"),
+        ("trainer.offload_params=true", "trainer.offload_params needs trainer.zero_stage=3"),
+        ("trainer.max_tokens_per_micro_batch=0", "config key 'trainer.max_tokens_per_micro_batch'"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, expected: str) -> None:

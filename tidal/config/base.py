@@ -331,6 +331,25 @@ class TrainerConfig(Strict):
     placement: Literal["pack", "spread"] = "pack"
     """How a Ray placement group lays out the trainer ranks: `pack` fills a node before the next
     (NVLink within a node), `spread` puts them on as many nodes as it can."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: the fp32 master weights and AdamW's moments (12 of the 16 bytes a parameter
+    costs in bf16) live in host memory, split over the ranks, and the optimizer steps on the CPU;
+    needs `zero_stage` >= 1. Frees most of a rank's GPU for activations, for a slower step."""
+    offload_params: bool = False
+    """ZeRO-3 only: parameters too live in host memory between uses, copied to the GPU a layer at a
+    time (with `offload_optimizer`, ZeRO-Infinity's CPU tier): for models whose bf16 weights do not
+    fit the ranks' GPUs even partitioned."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainerConfig:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("trainer.offload_optimizer needs trainer.zero_stage >= 1 (the states it moves are ZeRO's)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"trainer.offload_params needs trainer.zero_stage=3 (parameters are partitioned only there), "
+                f"not {self.zero_stage}"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------------ train, ray

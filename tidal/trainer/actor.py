@@ -42,7 +42,7 @@ from tidal.config import (
     WeightSyncConfig,
 )
 from tidal.model.forward import Micro, batch_logprobs, logp_mismatch, scatter_rows, split_parts
-from tidal.model.loading import load_model, load_tokenizer
+from tidal.model.loading import load_tokenizer
 from tidal.model.routing import (
     RoutingRecorder,
     biased_routers,
@@ -56,7 +56,7 @@ from tidal.telemetry.metrics import Metrics, PeakRSS, largest, mean, merge, tota
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
-from tidal.trainer.prepare import load_for_training
+from tidal.trainer.prepare import load_for_training, load_reference
 from tidal.trainer.rl import RLLoss, build_batch, loss_denominator
 from tidal.types import CheckpointShard, Group, StepResult, TrainBatch
 from tidal.weight_sync import (
@@ -120,8 +120,7 @@ class TrainerActor:
         # The reference is the frozen initial policy; loaded only when the KL penalty is on.
         self.ref = None
         if cfg.algorithm.loss.kl.coef > 0:
-            ref = load_model(model_dir, attn_implementation=attn)
-            self.ref = ref.eval().requires_grad_(False).to(self.trainer.engine.device)
+            self.ref = load_reference(model_dir, cfg.trainer, self.trainer.engine.device, attn)
         self.replay = cfg.algorithm.routing_replay
         self.bias_rate = cfg.algorithm.loss.router_bias_update_rate
         if self.bias_rate > 0 and not biased_routers(self.trainer.module):

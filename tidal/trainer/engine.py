@@ -290,13 +290,16 @@ class DeepSpeedTrainer:
 
     # -- export
 
-    def iter_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full fp32 tensor) of every parameter, one at a time, on the CPU on rank 0 (the other
-        ranks get it where it was gathered; collective under ZeRO: every rank must iterate to the end).
+    def iter_full_params(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) of every parameter, one at a time, in fp32 or `dtype`, on the CPU on
+        rank 0 (the other ranks get it where it was gathered; collective under ZeRO: every rank must
+        iterate to the end).
 
         Under bf16 or ZeRO these are the optimizer's fp32 master weights, gathered from their
-        partitions; tied parameters appear under each of their names. Only a tied parameter's tensor
-        is kept between two yields, so the caller holds at most what it keeps itself.
+        partitions; tied parameters appear under each of their names. Each is cast to `dtype` where
+        it was gathered, before the copy to the host: a bf16 publish copies 2 bytes per parameter, not
+        4. Only a tied parameter's tensor is kept between two yields, so the caller holds at most what
+        it keeps itself.
         """
         names = self.module.named_parameters(remove_duplicate=False)
         seen: dict[int, int] = {}
@@ -309,7 +312,9 @@ class DeepSpeedTrainer:
                 full = safe_get_full_fp32_param(p)
                 if full is None:  # no master copy: ZeRO 0 in fp32, or a frozen parameter
                     with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                        full = p.detach().float().clone()
+                        full = p.detach().to(torch.float32, copy=True)
+                if dtype is not None and dtype != full.dtype:
+                    full = full.to(dtype)
                 if self.rank == 0:
                     full = full.cpu()
                 if seen[id(p)] > 1:
@@ -321,9 +326,9 @@ class DeepSpeedTrainer:
         buffers), one at a time, cast to `dtype` (default fp32 masters); collective, like
         `iter_full_params`, so every rank must run it to the end."""
         persistent = set(self.module.state_dict().keys())
-        for name, t in self.iter_full_params():
+        for name, t in self.iter_full_params(dtype):
             if name in persistent:
-                yield name, t if dtype is None or dtype == t.dtype else t.to(dtype)
+                yield name, t
         for name, buf in self.module.named_buffers():
             if name in persistent:
                 yield name, buf.detach().to("cpu", dtype or torch.float32, copy=True)

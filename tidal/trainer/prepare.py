@@ -13,6 +13,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import set_z3_leaf_modules
 from transformers import PreTrainedModel
 
 from tidal.config import ScheduleConfig, TrainerConfig
@@ -92,6 +93,7 @@ def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
     ZeRO 0 in fp32 is done by the trainer (DeepSpeed's own does not report the norm).
     """
     own_clip = cfg.zero_stage == 0 and cfg.precision == "fp32"
+    pin = torch.cuda.is_available()  # page-locked host buffers speed the copies to and from a GPU
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -101,7 +103,12 @@ def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
             "stage": cfg.zero_stage,
             # Unmanaged accumulation supports overlap_comm at stage 2 only; on CPU it buys nothing.
             "overlap_comm": False,
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": pin}} if cfg.offload_optimizer else {}),
+            **({"offload_param": {"device": "cpu", "pin_memory": pin}} if cfg.offload_params else {}),
         },
+        # Offloaded states are stepped by the client torch AdamW (on the CPU, where they are), not by
+        # DeepSpeed's CPUAdam, which would compile an op at start-up.
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -152,3 +159,23 @@ def load_for_training(path: str | Path, cfg: TrainerConfig, attn_implementation:
         return load_model(path, attn_implementation=attn_implementation)
     finally:
         del ds_config
+
+
+def load_reference(
+    path: str | Path, cfg: TrainerConfig, device: torch.device, attn_implementation: str | None = None
+) -> torch.nn.Module:
+    """The frozen KL reference (`algorithm.loss.kl`), held as the policy is: in the training dtype
+    (bf16 with `trainer.precision: bf16`), and at ZeRO-3 partitioned over the ranks like the policy
+    (each rank loads and keeps its partition; a forward gathers one MoE block or layer at a time,
+    through a DeepSpeed engine without an optimizer): never a whole fp32 copy on every rank.
+    Collective at ZeRO-3."""
+    if cfg.zero_stage != 3:
+        model = load_model(path, attn_implementation=attn_implementation)
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        return model.to(device, dtype).eval().requires_grad_(False)
+    model = load_for_training(path, cfg, attn_implementation=attn_implementation).eval().requires_grad_(False)
+    if blocks := moe_block_classes(model):  # as for the policy: every rank gathers a block whole
+        set_z3_leaf_modules(model, blocks)
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(cfg))
+    engine.eval()  # (DeepSpeed's returns nothing)
+    return engine
