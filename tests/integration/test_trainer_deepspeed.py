@@ -4,6 +4,7 @@ ranks, and the optimizer applies it (clipped) as torch's AdamW would."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from tidal.config import ScheduleConfig, TrainerConfig
 from tidal.model.forward import forward
@@ -281,12 +283,26 @@ def test_save_hf_round_trip(preset: Path, tmp_path: Path, stage: int, precision:
     trainer.train_step(make_batch())
     exported = trainer.state_dict_for_export()
 
-    out = trainer.save_hf(tmp_path / "ckpt", load_tokenizer(preset))
+    # Shards of at most 256 kB (of a 7 MB model): written one gathered tensor at a time, with their index.
+    out = trainer.save_hf(tmp_path / "ckpt", load_tokenizer(preset), shard_bytes=2**18)
     loaded = load_model(out)
 
     err = max_diff(loaded.state_dict(), exported)
     assert err == 0.0
     assert load_tokenizer(out).get_vocab() == load_tokenizer(preset).get_vocab()
+    shards = sorted(out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 5 and set(index["weight_map"].values()) == {f.name for f in shards}
+    for f in shards:  # each within the bound, or one tensor larger than it alone
+        tensors = load_file(f)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 2**18 or len(tensors) == 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in exported.values())
+    # In the model's dtype (what a bf16 run's final checkpoint holds): the masters rounded.
+    half = trainer.save_hf(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    written = load_file(half / "model.safetensors")  # one shard: named as transformers names it
+    assert written.keys() == exported.keys()
+    assert all(torch.equal(written[k], v.to(torch.bfloat16)) for k, v in exported.items())
     # The engine's own (possibly partitioned, possibly bf16) weights are the rounded masters.
     import deepspeed
 

@@ -402,7 +402,10 @@ class TrainerActor:
         return self.version
 
     def save(self, out_dir: str) -> str:
-        return str(self.trainer.save_hf(Path(out_dir), self.tokenizer))
+        """The policy as a Hugging Face checkpoint in the model's dtype (`model.dtype`: what rollout
+        ran), sharded; the fp32 masters stay in the DeepSpeed checkpoints that resume a run."""
+        dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
+        return str(self.trainer.save_hf(Path(out_dir), self.tokenizer, dtype))
 
 
 @dataclass(frozen=True)

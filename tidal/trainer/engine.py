@@ -11,7 +11,9 @@ micro-batch split and the world size. The policy version is the number of optimi
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,10 @@ from tidal.trainer.prepare import (
 )
 
 log = logging.getLogger(__name__)
+
+SHARD_BYTES = 2 * 2**30
+"""Largest safetensors shard of a saved checkpoint (transformers' usual size is 5 GB; smaller shards
+keep the host memory a save needs small)."""
 
 B = TypeVar("B")
 T = TypeVar("T")
@@ -361,18 +367,77 @@ class DeepSpeedTrainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def save_hf(self, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-        """Save a Hugging Face checkpoint in fp32 (model + tokenizer) from rank 0; collective."""
+    def save_hf(
+        self,
+        out_dir: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: torch.dtype = torch.float32,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> Path:
+        """Save a Hugging Face checkpoint (model in `dtype`, by default the fp32 masters, and the
+        tokenizer) from rank 0; collective. The weights go out as safetensors shards of at most
+        `shard_bytes` (a tensor larger than that is a shard of its own), written one gathered tensor
+        at a time: no rank or host holds more than one shard of the model."""
         out = Path(out_dir)
-        state = self.state_dict_for_export()
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            config = self.module.config
-            dtype = getattr(config, "dtype", None)
-            config.dtype = torch.float32  # the weights written are the fp32 masters
-            self.module.save_pretrained(out, state_dict=state)
-            config.dtype = dtype
+            for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+                old.unlink(missing_ok=True)  # a shard left by an earlier save would be read as ours
+        first: dict[int, str] = {}  # a tied parameter is written under its first name only
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+        tied = {name for name, p in self.module.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        held, weight_map = 0, {}
+        for name, t in self.iter_export(dtype):
+            if self.rank != 0 or name in tied:
+                continue
+            size = t.numel() * t.element_size()
+            if shards[-1] and held + size > shard_bytes:
+                _write_shard(out, shards, weight_map)
+                held = 0
+            shards[-1][name] = t.contiguous()
+            held += size
+        if self.rank == 0:
+            _write_shard(out, shards, weight_map)
+            _name_shards(out, weight_map)
+            config = copy.deepcopy(self.module.config)
+            config.dtype = dtype  # the dtype of the weights written
+            config.save_pretrained(out)
+            if getattr(self.module, "_auto_class", None) is not None:  # a model with its own code
+                from transformers.dynamic_module_utils import custom_object_save
+
+                custom_object_save(self.module, out, config=config)
+            if getattr(self.module, "generation_config", None) is not None:
+                self.module.generation_config.save_pretrained(out)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out)
         dist.barrier()
         return out
+
+
+def _write_shard(out: Path, shards: list[dict[str, torch.Tensor]], weight_map: dict[str, tuple[int, int]]) -> None:
+    """Write the last of `shards` as part-<i> (named once all are written), then start a new one;
+    `weight_map` keeps (shard, bytes) per tensor name."""
+    from safetensors.torch import save_file
+
+    i = len(shards) - 1
+    save_file(shards[i], str(out / f"part-{i}.safetensors"), metadata={"format": "pt"})
+    weight_map.update({k: (i, t.numel() * t.element_size()) for k, t in shards[i].items()})
+    shards[i] = {}
+    shards.append({})
+
+
+def _name_shards(out: Path, weight_map: dict[str, tuple[int, int]]) -> None:
+    """Give the written parts the names transformers gives: `model.safetensors` alone, else
+    `model-00001-of-00003.safetensors` and so on, with their index."""
+    n = 1 + max((i for i, _ in weight_map.values()), default=0)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+        (out / f"part-{i}.safetensors").rename(out / name)
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(size for _, size in weight_map.values())},
+            "weight_map": {k: names[i] for k, (i, _) in weight_map.items()},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
