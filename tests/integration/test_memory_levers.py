@@ -199,18 +199,27 @@ def test_a_token_budget_takes_the_same_step_in_far_less_memory(preset: Path, sta
     assert budget["saved"] < 0.4 * plain["saved"]
 
 
-def _two_ranks(rank: int, port: int, path: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
-    )
+def _as_rank(rank: int, port: int) -> None:
+    """This spawned process as rank `rank` of a local world of two (init_distributed joins it)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _leave_together() -> None:
+    # A rank that exits while its peer still holds gloo connections can abort the peer.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _two_ranks(rank: int, port: int, path: str, out: str) -> None:
+    _as_rank(rank, port)
     # Rank 0 holds the long row (plan [48], [12, 9, 7]); rank 1 only short ones (one micro-batch),
     # so it runs a filler for the other: at ZeRO-3 a rank short of a forward would hang the step.
     got = budget_step(Path(path), 48, 3, (4 * rank, 4 * rank + 4))
     if rank == 0:
         torch.save({k: got[k] for k in ("metrics", "grads")}, Path(out) / "two.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    _leave_together()
 
 
 @pytest.mark.slow
@@ -256,13 +265,9 @@ def test_the_kl_reference_is_held_as_the_policy_is(preset: Path, stage: int, pre
 
 
 def _reference_ranks(rank: int, port: int, path: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    got = reference_logprobs(Path(path), 3, "bf16")
-    torch.save(got, Path(out) / f"ref{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    _as_rank(rank, port)
+    torch.save(reference_logprobs(Path(path), 3, "bf16"), Path(out) / f"ref{rank}.pt")
+    _leave_together()
 
 
 @pytest.mark.slow
