@@ -9,12 +9,16 @@ micro-batch trimmed to its own longest row. The same step as micro-batches of th
 one rank or two whose plans differ in length (the shorter runs fillers), and pi_old read back from
 the update's forward in the batch's row order.
 
+Log-probs from hidden states (always on): the output layer applied a chunk of tokens at a time, so no
+tensor of rows x width x vocabulary exists in a step, forward or backward.
+
 The KL reference: in the training dtype and, at ZeRO-3, partitioned like the policy; the same
 log-probs as the whole checkpoint in that dtype.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -23,9 +27,12 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import tidal.model.forward as forward_module
 from tidal.config import LossConfig, TrainerConfig
-from tidal.model.forward import batch_logprobs, row_slice
+from tidal.model.forward import batch_logprobs, forward, row_slice
 from tidal.model.loading import load_model, materialize_preset
 from tidal.model.routing import RoutingRecorder, moe_routers, recorded_positions
 from tidal.telemetry.metrics import values
@@ -197,6 +204,45 @@ def test_a_token_budget_takes_the_same_step_in_far_less_memory(preset: Path, sta
     # 27.4 MB against 8.4 MB (0.31; the cells' ratio is 0.31).
     assert (plain["micros"], budget["micros"]) == (2, 3)
     assert budget["saved"] < 0.4 * plain["saved"]
+
+
+class LargestLogits(TorchDispatchMode):
+    """The most elements of any tensor of logits (last dimension the vocabulary, not shaped like a
+    parameter or its transpose) an operator returns while the mode is on, forward or backward."""
+
+    def __init__(self, vocab: int, params: set[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.vocab, self.params, self.largest = vocab, params, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            logits = isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab
+            if logits and tuple(t.shape) not in self.params:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])
+def test_no_step_builds_the_logits_of_the_batch(preset: Path, stage: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a step's forward and backward, logits exist a chunk of tokens at a time (1,024 fp32 logits
+    here), never for the batch (what `forward` builds, as the control shows): the log-probs and the
+    entropy come from the hidden states through the output layer."""
+    monkeypatch.setattr(forward_module, "CHUNK_BYTES", 4 * 2**10)
+    model = load_model(preset)
+    vocab = model.config.vocab_size
+    params = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
+    batch = uneven_batch(vocab)
+    trainer = DeepSpeedTrainer(model, TrainerConfig(lr=1e-3, micro_batch_size=8, zero_stage=stage))
+    loss = RLLoss(LossConfig(entropy_coef=0.01), temperature=1.0, max_len=WIDTH)
+    seen = LargestLogits(vocab, params)
+    metrics = values(trainer.train_step(batch, loss_fn=loss, around=lambda micro: seen))
+    assert math.isfinite(metrics["loss"]) and metrics["tokens"] == sum(LENGTHS) - len(LENGTHS) * PROMPT_LEN
+    assert 0 < seen.largest <= 2**10, seen.largest
+    control = LargestLogits(vocab, params)
+    with control, torch.no_grad():
+        forward(trainer.module, batch.input_ids, batch.attention_mask)
+    assert control.largest == batch.input_ids.numel() * vocab
 
 
 def _as_rank(rank: int, port: int) -> None:

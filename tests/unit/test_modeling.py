@@ -1,5 +1,6 @@
 """The shared model math: chunked log-probs and entropy equal the whole-tensor formulas in value and
-gradient, micro-batch splitting keeps rows whole."""
+gradient, also when computed from hidden states through the output layer; micro-batch splitting keeps
+rows whole."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import torch
 
 import tidal.model.forward as modeling
 from tidal.model.forward import (
+    Hidden,
     budget_micro_batches,
     entropy,
     filler_micro,
+    head_token_stats,
     micro_batches,
     scatter_rows,
     split_parts,
@@ -45,6 +48,53 @@ def test_chunked_logprobs_and_entropy_match_the_formula(monkeypatch: pytest.Monk
     (ref_grad,) = torch.autograd.grad(((ref_lp + ref_h) * weights.double()).sum(), logits)
     torch.testing.assert_close(grad.double(), ref_grad.double(), atol=1e-5, rtol=0)
     assert grad[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 7 * 3, modeling.CHUNK_BYTES])
+@pytest.mark.parametrize("mode", ["none", "metric", "grad"])
+def test_log_probs_from_hidden_states_match_the_whole_logits(
+    monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, mode: str
+) -> None:
+    """`head_token_stats` (the output layer applied a few tokens at a time) gives the values and the
+    gradients, to the hidden states and to the output layer, of the formulas on whole logits; the
+    entropy has a gradient only when asked for one."""
+    monkeypatch.setattr(modeling, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(5, 7, bias=False)
+    torch.nn.init.normal_(head.weight, std=2.0, generator=g)
+    states = torch.randn(3, 9, 5, generator=g, requires_grad=True)
+    ids = torch.randint(0, 7, (3, 9), generator=g)
+    weights = torch.randn(3, 9, generator=g)
+    logits = head(states)
+    ref_lp, ref_h = reference(logits, ids, 0.7)
+    lp, h = head_token_stats(Hidden(states, head, ()), ids, 0.7, entropy=mode)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=1e-5, rtol=0)
+    if mode == "none":
+        assert h is None
+    else:
+        assert h is not None and h.requires_grad == (mode == "grad")
+        torch.testing.assert_close(h.double(), ref_h, atol=1e-5, rtol=0)
+    objective = lp + h if mode == "grad" else lp
+    ref_objective = ref_lp + ref_h if mode == "grad" else ref_lp
+    grads = torch.autograd.grad((objective * weights).sum(), [states, head.weight])
+    ref_grads = torch.autograd.grad((ref_objective * weights.double()).sum(), [states, head.weight])
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):  # fp32 against fp64: relative 2e-6 seen
+        torch.testing.assert_close(grad.double(), ref_grad.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_capped_head_is_capped_and_an_empty_input_stays_on_the_graph() -> None:
+    """Soft-capped logits (Gemma's `final_logit_softcapping`) are capped before the softmax; a
+    micro-batch of one column (a filler) gives an empty result that still has a gradient path."""
+    head = torch.nn.Linear(2, 3, bias=False)
+    states = torch.randn(1, 4, 2) * 50
+    ids = torch.randint(0, 3, (1, 4))
+    lp, _ = head_token_stats(Hidden(states, head, (), softcap=5.0), ids)
+    torch.testing.assert_close(lp, token_logprobs(torch.tanh(head(states) / 5.0) * 5.0, ids))
+    one = torch.randn(1, 1, 2, requires_grad=True)
+    lp, h = head_token_stats(Hidden(one, head, ()), torch.zeros(1, 1, dtype=torch.long), entropy="metric")
+    assert lp.shape == (1, 1) and h is not None and h.shape == (1, 1) and lp.requires_grad
+    lp.sum().backward()
+    assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) == 0.0
 
 
 def test_logprobs_without_grad_keep_no_graph() -> None:

@@ -5,15 +5,18 @@ Rollout (evaluation's teacher-forced check), SFT and the RL trainer all call the
 of any of them is a bug waiting to diverge. Per-token tensors are (B, T) and aligned with the token
 at position t, predicted from the logits at t - 1, so position 0 is never a target and holds 0.
 
-Log-probs and entropy are computed in fp32 chunk by chunk (`CHUNK_BYTES` of fp32 logits at a
-time), so a real vocabulary never materialises (B, T, V) in fp32; with grad, each chunk is
-recomputed in the backward pass (activation checkpointing) instead of being kept.
+The trainer's log-probs and entropy come from the final hidden states (`forward_hidden`) through the
+output layer a chunk of tokens at a time (`head_token_stats`: `CHUNK_BYTES` of fp32 logits at once),
+so no (B, T, V) tensor is ever built, in any dtype (a 150k vocabulary at 16k tokens is 10 GB a row in
+fp32); with grad, each chunk's logits are recomputed in the backward pass instead of kept. `forward`
+and `token_logprobs` / `entropy` on whole logits stay as the reference they are tested against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, TypeVar
@@ -236,6 +239,47 @@ def forward(
     return out.logits, tuple(getattr(out, "router_logits", None) or ())
 
 
+@dataclasses.dataclass
+class Hidden:
+    """A forward pass stopped before the output layer: the final (normed) hidden states (B, T, H),
+    the output layer that turns them into logits, and the router logits per MoE layer (or ())."""
+
+    states: torch.Tensor
+    head: torch.nn.Module
+    router: tuple[torch.Tensor, ...]
+    softcap: float | None = None
+    """The model's `final_logit_softcapping` (Gemma-style tanh capping of the logits), if any."""
+
+
+def forward_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_logits: bool = False
+) -> Hidden:
+    """`forward`, without its (B, T, V) logits: the model (or the DeepSpeed engine around one) runs
+    whole, so that engine hooks (ZeRO-3 gathers, routing replay) see the call they expect, asked for
+    the logits of the last position only, and its decoder's output is taken on the way."""
+    lm = getattr(model, "module", model)
+    seen: list[torch.Tensor] = []
+
+    def take(_module: torch.nn.Module, _args: Any, out: Any) -> None:
+        seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    hook = lm.get_decoder().register_forward_hook(take)
+    try:
+        kwargs = {"output_router_logits": True} if router_logits else {}
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask),
+            use_cache=False,
+            logits_to_keep=1,
+            **kwargs,
+        )
+    finally:
+        hook.remove()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    return Hidden(seen[-1], lm.get_output_embeddings(), tuple(getattr(out, "router_logits", None) or ()), softcap)
+
+
 def effective_temperature(temperature: float) -> float:
     # Greedy decoding (temperature 0) samples from the argmax; its log-probs are scored at temperature 1.
     return temperature if temperature > 0 else 1.0
@@ -290,6 +334,73 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return _chunked(fn, logits)
 
 
+EntropyMode = Literal["none", "metric", "grad"]
+
+
+def head_token_stats(
+    hidden: Hidden, input_ids: torch.Tensor, temperature: float = 1.0, entropy: EntropyMode = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropy or None), each (B, T) and aligned as `token_logprobs` and `entropy`, from
+    the hidden states through the output layer, `CHUNK_BYTES` of fp32 logits at a time: no (B, T, V)
+    tensor exists. The entropy is left out ("none"), computed without grad ("metric"), or with it
+    ("grad", for an entropy bonus). Under grad each chunk is recomputed in the backward pass.
+
+    The output layer is called once, its forward swapped for the chunked computation: a ZeRO-3
+    engine gathers its weight once for the forward and once for the backward, where the chunks are
+    recomputed, and every rank makes the same collective calls however many tokens it holds."""
+    b, t, width = hidden.states.shape
+    head = hidden.head
+    head.forward = functools.partial(  # type: ignore[method-assign]
+        _chunked_head_stats, head, tau=effective_temperature(temperature), entropy=entropy, softcap=hidden.softcap
+    )
+    try:
+        # (B * (T - 1), H) and (B * (T - 1),): token i predicts target i.
+        stats = head(hidden.states[:, :-1].reshape(-1, width), input_ids[:, 1:].reshape(-1))
+    finally:
+        del head.forward
+    stats = F.pad(stats.view(len(stats), b, max(t - 1, 0)), (1, 0))  # (1 or 2, B, T)
+    if entropy == "none":
+        return stats[0], None
+    return stats[0], (stats[1] if entropy == "grad" else stats[1].detach())
+
+
+def _chunked_head_stats(
+    head: torch.nn.Module,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    tau: float,
+    entropy: EntropyMode,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The output layer's forward while `head_token_stats` calls it: (1 or 2, N) log-probs (and
+    entropies) of `targets` (N,) under logits of `h` (N, H), a chunk of tokens at a time."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+
+    def fn(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        z = F.linear(h, weight, bias)
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        z = z.float() / tau  # (n, V): the only logits alive
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z.gather(-1, ids[:, None]).squeeze(-1) - lse
+        if entropy == "none":
+            return logp[None]
+        if entropy == "metric":
+            z, lse = z.detach(), lse.detach()
+        return torch.stack([logp, lse - (torch.softmax(z, dim=-1) * z).sum(-1)])
+
+    step = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    # An empty input still makes one (empty) chunk: its result hangs on the graph like any other.
+    parts = [
+        checkpoint(fn, h[s : s + step], targets[s : s + step], use_reentrant=False)
+        if grad
+        else fn(h[s : s + step], targets[s : s + step])
+        for s in range(0, max(len(h), 1), step)
+    ]
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def batch_logprobs(
     model: torch.nn.Module,
@@ -309,8 +420,8 @@ def batch_logprobs(
     for m in plan:
         micro = m.batch
         with around(micro) if around is not None else contextlib.nullcontext():
-            logits, _ = forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
-        parts.append(token_logprobs(logits, micro.input_ids.to(device), temperature).cpu())
+            hidden = forward_hidden(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+        parts.append(head_token_stats(hidden, micro.input_ids.to(device), temperature)[0].cpu())
     return scatter_rows(parts, plan, *batch.input_ids.shape)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tidal.model.forward import forward, micro_batches
+from tidal.model.forward import forward_hidden, micro_batches
 from tidal.telemetry.metrics import Metrics, largest, mean
 from tidal.types import TrainBatch
 
@@ -120,7 +120,7 @@ def routing_health(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: 
         num_experts = recorder.num_experts
         loads = {"rollout": torch.zeros(layers, num_experts), "train": torch.zeros(layers, num_experts)}
         for micro in micro_batches(batch, micro_batch_size):
-            forward(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+            forward_hidden(model, micro.input_ids.to(device), micro.attention_mask.to(device))
             mine = recorder.take().view(*micro.input_ids.shape, layers, top_k)[recorded_positions(micro)]
             theirs = micro.routing[recorded_positions(micro)]  # (tokens, layers, top-k)
             same = (mine.long().sort(-1).values == theirs.long().sort(-1).values).all(-1)  # (tokens, layers)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tidal.model.forward import forward, token_logprobs
+from tidal.model.forward import forward_hidden, head_token_stats, token_logprobs
 from tidal.telemetry.metrics import Metrics
 from tidal.types import TokenBatch
 
@@ -32,5 +32,5 @@ def num_targets(loss_mask: torch.Tensor) -> torch.Tensor:
 
 def sft_loss(model: torch.nn.Module, micro: TokenBatch) -> tuple[torch.Tensor, Metrics]:
     """Next-token cross-entropy summed over the micro-batch's target tokens (the default loss_fn)."""
-    logits, _ = forward(model, micro.input_ids, micro.attention_mask)
-    return next_token_nll(logits, micro.input_ids, micro.loss_mask), {}
+    logp, _ = head_token_stats(forward_hidden(model, micro.input_ids, micro.attention_mask), micro.input_ids)
+    return -(logp * micro.loss_mask.float()).sum(), {}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tidal.config import BehaviorCorrection, LossConfig
-from tidal.model.forward import Micro, entropy, forward, pad, pad_tokens, scatter_rows, token_logprobs
+from tidal.model.forward import Micro, forward_hidden, head_token_stats, pad, pad_tokens, scatter_rows
 from tidal.model.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
 from tidal.telemetry.metrics import Metrics
 from tidal.trainer.advantages import compute_advantages
@@ -110,11 +110,12 @@ class RLLoss:
         if recorder is None and cfg.router_aux_coef > 0:
             raise ValueError(f"algorithm.loss.router_aux_coef > 0 but {type(model).__name__} has no MoE router")
         with recorder or contextlib.nullcontext():
-            logits, router = forward(model, micro.input_ids, micro.attention_mask, router_logits=recorder is not None)
-        logp = token_logprobs(logits, micro.input_ids, self.temperature)  # (B, T)
+            hidden = forward_hidden(model, micro.input_ids, micro.attention_mask, router_logits=recorder is not None)
+        router = hidden.router
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
-        with torch.set_grad_enabled(cfg.entropy_coef > 0 and torch.is_grad_enabled()):
-            H = entropy(logits, self.temperature)  # (B, T)
+        logp, H = head_token_stats(  # (B, T) each
+            hidden, micro.input_ids, self.temperature, entropy="grad" if cfg.entropy_coef > 0 else "metric"
+        )
         if self.pi_old_parts is not None:
             logp_old = logp.detach()
             self.pi_old_parts.append(logp_old.cpu())
