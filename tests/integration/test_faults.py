@@ -218,7 +218,10 @@ def test_chaos_workers_killed_the_run_completes(
         assert last > first + 0.05, (seed, rewards)
 
 
-@pytest.mark.parametrize("transport", [pytest.param("disk", marks=pytest.mark.slow), "broadcast"])
+# In the slow tier: per commit, test_fault_accounting.py crashes an engine under the broadcast transport
+# (the group re-formed, the run goes on) and the chaos run kills workers under the object store.
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["disk", "broadcast"])
 def test_an_engine_crash_restarts_the_worker(tmp_path: Path, transport: str, ledger_balances) -> None:
     """Over disk the new process reads the newest version's files; over broadcast every member
     leaves the group (the dead one's absence would hold up every later send) and joins a new one,

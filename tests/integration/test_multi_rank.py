@@ -193,6 +193,9 @@ def test_publish_holds_a_bucket_not_the_model(cluster: None, wide_model: Path, t
     assert full > 0.6 * model_bytes  # the measurement does see a whole copy when there is one
 
 
+# In the slow tier: per commit, test_resume.py resumes a SIGTERM-stopped ZeRO-3 run and
+# test_checkpoint_shards.py checks every rank's shard of a two-rank checkpoint.
+@pytest.mark.slow
 def test_two_ranks_resume_from_a_checkpoint_exactly(
     cluster: None, preset: Path, groups: list[Group], tmp_path: Path
 ) -> None:

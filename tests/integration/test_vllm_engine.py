@@ -283,6 +283,7 @@ def test_partial_rollout_resumes_requests_with_the_new_weights(
     ray.get(host.load_weights.remote(reference.model.state_dict(), 8), timeout=WAIT_S)
 
 
+@pytest.mark.slow  # watches an upstream bug, not tidal's code: once per release is enough
 def test_cpu_moe_reload_needs_the_repack(preset: Path, reference: TransformersEngine) -> None:
     """The upstream bug the extension works around (see tidal/rollout/engines/vllm_ext.py): reloading the very
     same weights without re-running the CPU MoE repack changes the outputs. When this fails, vLLM has
@@ -305,6 +306,7 @@ def test_cpu_moe_reload_needs_the_repack(preset: Path, reference: TransformersEn
         ray.kill(h)
 
 
+@pytest.mark.slow  # why load_weights resets the cache; test_vllm_train's per-step mismatch would catch a stale one
 def test_prefix_cache_reset_is_needed(preset: Path, reference: TransformersEngine) -> None:
     """Without the reset after an update, the long prompt's cached KV blocks of the old weights are
     reused and its log-probs miss the new weights' forward: the reset in `load_weights` matters."""
@@ -369,6 +371,7 @@ def test_a_large_seeded_batch(host: Any, reference: TransformersEngine) -> None:
     assert max_gap(alone, [torch.tensor(outs[0].logprobs)]) < 1e-5
 
 
+@pytest.mark.slow  # watches an upstream bug, not tidal's code: once per release is enough
 def test_cpu_chunked_prefill_breaks_seeded_requests(preset: Path, reference: TransformersEngine) -> None:
     """The upstream bug behind `enable_chunked_prefill: False` on CPU (see VLLMEngine.__init__): with
     chunked prefill, a seeded batch larger than a step's token budget crashes vLLM 0.32 on CPU. When
@@ -400,10 +403,10 @@ TRANSPORTS = {
 }
 
 
-# Per commit the default transport; every transport delivers the same bits (test_weight_sync.py).
-@pytest.mark.parametrize(
-    "transport", [t if t == "object_store" else pytest.param(t, marks=pytest.mark.slow) for t in TRANSPORTS]
-)
+# In the slow tier: per commit, test_vllm_train's vLLM workers take every step's weights over the
+# default transport (object store), and every transport delivers the same bits (test_weight_sync.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_worker_applies_every_transport(
     preset: Path, reference: TransformersEngine, transport: str, tmp_path: Path
 ) -> None:
@@ -472,6 +475,7 @@ class Echo(MultiTurnEnv):
 '''
 
 
+@pytest.mark.slow  # per commit, multi-turn episodes run on the transformers engine (test_envs.py)
 def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine, tmp_path: Path) -> None:
     """A multi-turn env through a vLLM worker: each turn re-submits the whole conversation; the model's
     tokens keep vLLM's behavior log-probs (equal to a forward over the full episode), observations
