@@ -1,4 +1,4 @@
-"""`tidal check [--stage sft] | sft | train | eval CONFIG [key=value ...]`, `tidal plot RUN_DIR ...`: parse the
+"""`tidal check [--stage sft] | sft | train | eval | plan CONFIG [key=value ...]`, `tidal plot RUN_DIR ...`: parse the
 arguments, then import the heavy modules."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning"),
         ("train", "RL training (rollout workers, buffer and DeepSpeed trainer on Ray)"),
         ("eval", "score a checkpoint (checkpoint=PATH; default the config's policy) on the held-out data"),
+        ("plan", "print the memory each process of `tidal train` will need (trainer ranks, engines, host)"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config")
@@ -71,6 +72,14 @@ def _run(args: argparse.Namespace) -> None:
         from tidal.stages.check import check_sft, check_train
 
         print(dump_config((check_sft if args.stage == "sft" else check_train)(cfg).cfg), end="")
+    elif args.command == "plan":
+        from tidal.stages.check import check_train
+        from tidal.stages.plan import check_fits, describe, no_gpu
+
+        start = check_train(cfg, fit=False)  # the plan `tidal train` makes: rows as long as the data's longest
+        print("\n".join(describe(start.plan, start.cfg)))
+        check_fits(start.plan, start.cfg)  # a plan that does not fit is printed, then refused as train would
+        print("fits the memory this node has" + (" (GPU memory not checked: no GPU here)" if no_gpu() else ""))
     elif args.command == "sft":
         from tidal.stages.sft import run_sft
 

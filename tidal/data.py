@@ -160,10 +160,11 @@ class Room:
 
 def check_prompt_lengths(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig, split: str, room: Room | None = None
-) -> None:
+) -> int:
     """Fail, naming the file and row, on the first prompt text of `split` ("train" or "eval", one
     text per row of that split) longer than `data.max_prompt_tokens` after the chat template, or,
-    with `room`, too long to leave the model positions for its completion."""
+    with `room`, too long to leave the model positions for its completion. The longest prompt's
+    tokens (0 without any)."""
     formatted = [format_prompt(tokenizer, t, cfg.chat_template) for t in texts]
     lengths = [len(ids) for ids in tokenizer(formatted, add_special_tokens=False)["input_ids"]] if texts else []
     for i, n in enumerate(lengths):
@@ -179,6 +180,7 @@ def check_prompt_lengths(
                 f"{where}: the prompt has {n} tokens, and {key} more make {n + room.new_tokens} > "
                 f"{room.limit}={room.positions}; lower {room.key} or shorten the row"
             )
+    return max(lengths, default=0)
 
 
 def _row_origin(src: ArithmeticData | FileData, split: str, index: int) -> str:

@@ -302,6 +302,8 @@ def test_user_example_env_runs_from_its_yaml_and_the_terminal_shows_tidals_lines
     terminal = proc.stdout + proc.stderr
     assert "train done in" in proc.stdout and "[step 3/3]" in proc.stdout, terminal
     assert "core_worker.cc" not in terminal and "font_manager" not in terminal, terminal
+    # The memory plan's totals, logged as the run starts (`tidal plan` shows the parts).
+    assert "memory plan: " in terminal and " per trainer rank, " in terminal, terminal
 
 
 @pytest.mark.slow

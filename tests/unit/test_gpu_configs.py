@@ -1,9 +1,11 @@
 """The shipped GPU configs (configs/gpu/) pass `tidal check` once their placeholders (model path, data
-files) name things that exist, and ask for exactly the GPUs of the nodes they are written for."""
+files) name things that exist, ask for exactly the GPUs of the nodes they are written for, and fit
+them by `tidal plan`, whose figures their headers quote."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,57 +13,62 @@ import pytest
 import yaml
 
 from tidal.cli import main
+from tidal.config import load_config
 from tidal.model.loading import build_char_tokenizer
+from tidal.model.memory import GB, gb
+from tidal.stages.plan import plan_run
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_CONFIGS = REPO / "configs" / "gpu"
+MODELS = GPU_CONFIGS / "models"  # the real models' config.json (no weights): what `tidal plan` reads
 GPUS_PER_NODE = 8
-GPU_GB = 141.0  # NVIDIA H200
+H100, H200 = 79.6 * GB, 140.4 * GB  # what torch reports of an 80 GB and a 141 GB GPU
 
-# What each file is written for: nodes of 8 GPUs, trainer ranks, vLLM workers and their tensor
-# parallelism; the model's parameters (billions) and the activations per trainer rank at
-# micro_batch_size 1 and 4k tokens without activation checkpointing (the top of the header's
-# estimate, GB); whether the header says it fits (the header comment of each file says why).
+# What each file is written for: nodes of 8 GPUs of `gpu` memory, trainer ranks, vLLM workers and
+# their tensor parallelism, the model (its config.json under configs/gpu/models), and whether it
+# trains with a KL reference.
 LAYOUTS = {
     "qwen3-30b-a3b-1node.yaml": {
         "nodes": 1,
+        "gpu": H100,
         "ranks": 6,
-        "workers": 2,
-        "tp": 1,
-        "params_b": 30.5,
-        "act_gb": 45,
-        "fits": True,
+        "workers": 1,
+        "tp": 2,
+        "model": "qwen3-30b-a3b",
+        "kl": True,
     },
     "qwen3-30b-a3b-2nodes.yaml": {
         "nodes": 2,
-        "ranks": 8,
-        "workers": 4,
+        "gpu": H100,
+        "ranks": 12,
+        "workers": 2,
         "tp": 2,
-        "params_b": 30.5,
-        "act_gb": 45,
-        "fits": True,
+        "model": "qwen3-30b-a3b",
+        "kl": True,
     },
     "glm45-air-1node.yaml": {
         "nodes": 1,
+        "gpu": H200,
         "ranks": 4,
         "workers": 1,
         "tp": 4,
-        "params_b": 106,
-        "act_gb": 70,
-        "fits": False,
+        "model": "glm-4.5-air",
+        "kl": False,
     },
     "glm45-air-2nodes.yaml": {
         "nodes": 2,
-        "ranks": 8,
-        "workers": 2,
+        "gpu": H100,
+        "ranks": 12,
+        "workers": 1,
         "tp": 4,
-        "params_b": 106,
-        "act_gb": 70,
-        "fits": False,
+        "model": "glm-4.5-air",
+        "kl": True,
     },
 }
+# A rank's CUDA context, NCCL buffers and the allocator's slack, beyond what the plan counts.
+CUDA_OVERHEAD = 4 * GB
 
 
 def check(path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> tuple[int, dict[str, Any], str]:
@@ -71,12 +78,10 @@ def check(path: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> tu
     return code, (yaml.safe_load(out) if code == 0 else {}), err
 
 
-def placeholders(tmp_path: Path) -> list[str]:
-    """Overrides that point the placeholders at a model directory and data files that exist. The
-    check reads the model's config and tokenizer, never weights: the config holds the smaller of the
-    two models' position limits (Qwen3-30B-A3B's 40960; GLM-4.5-Air's is 131072)."""
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 40960}))
+def placeholders(tmp_path: Path, name: str) -> list[str]:
+    """Overrides that point the placeholders at a model directory and data files that exist: the
+    model's real config.json and a tokenizer (the check reads both, never weights)."""
+    shutil.copytree(MODELS / LAYOUTS[name]["model"], tmp_path / "model")
     build_char_tokenizer().save_pretrained(tmp_path / "model")
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
@@ -94,7 +99,7 @@ def test_every_gpu_config_has_a_layout_here() -> None:
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_gpu_config_checks_and_fills_its_nodes(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     layout = LAYOUTS[name]
-    code, cfg, err = check(GPU_CONFIGS / name, capsys, *placeholders(tmp_path))
+    code, cfg, err = check(GPU_CONFIGS / name, capsys, *placeholders(tmp_path, name))
     assert code == 0, err
     model, rollout, trainer = cfg["model"], cfg["rollout"], cfg["trainer"]
     assert model["path"] == str(tmp_path / "model") and model["dtype"] == "bfloat16"
@@ -120,16 +125,22 @@ def test_gpu_config_checks_and_fills_its_nodes(name: str, tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_gpu_config_header_says_whether_it_fits(name: str) -> None:
-    """The headers' arithmetic: a vLLM engine's share of the bf16 weights (2 bytes per parameter) fits
-    the share of its GPUs vLLM takes, and ZeRO-3's 16 bytes per parameter over the ranks plus the
-    activations fit a trainer GPU exactly where the header does not say IT DOES NOT FIT."""
+def test_gpu_config_fits_by_the_plan_its_header_quotes(name: str, tmp_path: Path) -> None:
+    """`tidal plan`'s figures are in the header, a trainer rank fits its GPU with room for the CUDA
+    context, a vLLM engine's weights fit its share of the GPU, and the KL reference is on where the
+    layout says so."""
     layout, text = LAYOUTS[name], (GPU_CONFIGS / name).read_text()
-    cfg = yaml.safe_load(text)
-    vllm = cfg["rollout"]["vllm"]
-    assert 2 * layout["params_b"] / vllm["tensor_parallel_size"] < GPU_GB * vllm["gpu_memory_utilization"]
-    trainer_gb = 16 * layout["params_b"] / layout["ranks"] + layout["act_gb"]
-    assert (trainer_gb <= GPU_GB) == layout["fits"] == ("IT DOES NOT FIT" not in text), trainer_gb
+    cfg = load_config(GPU_CONFIGS / name, placeholders(tmp_path, name)).for_rl()
+    plan = plan_run(cfg)
+    line = (
+        f"# PLAN: {gb(plan.trainer_total)} per trainer rank, {gb(plan.engine['weights'])} of vLLM weights per GPU, "
+        f"{gb(plan.host_total)} of host memory per node"
+    )
+    assert line in text.splitlines(), line
+    assert plan.trainer_total + CUDA_OVERHEAD <= layout["gpu"], gb(plan.trainer_total)
+    assert plan.engine["weights"] < cfg.rollout.vllm.gpu_memory_utilization * layout["gpu"]
+    assert ("KL reference" in plan.trainer) == layout["kl"] == (cfg.algorithm.loss.kl.coef > 0)
+    assert "IT DOES NOT FIT" not in text
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))

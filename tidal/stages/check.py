@@ -27,6 +27,7 @@ from tidal.data import Room, check_prompt_lengths, load_splits
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
 from tidal.model.loading import build_char_tokenizer, load_tokenizer, preset_config, tokenizer_dir, warm_start_dir
+from tidal.model.memory import Plan
 from tidal.rewards import resolve_rewards
 from tidal.runtime import absolute_plugin_paths
 from tidal.types import Prompt
@@ -48,6 +49,8 @@ class TrainStart:
     sources: Sources
     held_out: list[Prompt]
     """The held-out prompts of every env."""
+    plan: Plan
+    """The memory plan (`tidal plan`), checked against the memory this node has."""
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,15 @@ class SFTStart:
     eval_rows: list[dict[str, Any]]
 
 
-def check_train(cfg: RunConfig) -> TrainStart:
+def check_train(cfg: RunConfig, fit: bool = True) -> TrainStart:
     """`cfg` through every check `tidal train` makes before it starts anything: the RL rules of the
     config (`RunConfig.for_rl`), the plugins, vLLM when named, the token limits against the model's
     positions, the run directory's checkpoints, an SFT warm start that is still to train (by the rules
-    of `tidal sft`), then every prompt of the data. Plugin file paths come back absolute (actors may
+    of `tidal sft`), every prompt of the data, then (`fit`) the memory plan against this node's
+    memory (`tidal plan`). Plugin file paths come back absolute (actors may
     not share this process's working directory)."""
+    from tidal.stages.plan import check_fits, plan_run
+
     cfg = absolute_plugin_paths(cfg.for_rl())
     envs = resolve_plugins(cfg)
     positions = position_limit(cfg.model, cfg.rollout)
@@ -75,8 +81,11 @@ def check_train(cfg: RunConfig) -> TrainStart:
     warm = cfg.model.sft_warm_start
     if warm is not None and not (warm_start_dir(warm) / "summary.json").is_file():
         check_sft(load_config(warm))  # `tidal train` trains it first
-    sources, held_out = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)), rooms=rooms)
-    return TrainStart(cfg, resumed, sources, held_out)
+    sources, held_out, longest = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)), rooms=rooms)
+    plan = plan_run(cfg, longest, any(env.multi_turn for env in envs.values()))
+    if fit:
+        check_fits(plan, cfg)
+    return TrainStart(cfg, resumed, sources, held_out, plan)
 
 
 def check_sft(cfg: RunConfig) -> SFTStart:
@@ -126,14 +135,15 @@ def resolve_plugins(cfg: RunConfig) -> dict[str, Env]:
 
 def load_env_splits(
     cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, check_train: bool = True, rooms: dict[str, Room] | None = None
-) -> tuple[Sources, list[Prompt]]:
-    """Every env's train split with its weight, by label, and the held-out prompts of every env. A
+) -> tuple[Sources, list[Prompt], int]:
+    """Every env's train split with its weight, by label, the held-out prompts of every env, and the
+    longest prompt's tokens (the memory plan's rows are that plus the completion). A
     prompt over `data.max_prompt_tokens`, or with `rooms` (by split, "train" and "eval") too long for
     its single-turn completion, fails here with its file and row, before any actor starts;
     `check_train=False` checks the held-out split only (`tidal eval`, which uses nothing else)."""
     envs = resolve_envs(cfg.envs) if cfg.envs else {"": Env()}
     specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
-    sources, held_out = {}, []
+    sources, held_out, longest = {}, [], 0
     for label, weight, data in specs:
         train_ds, eval_ds = load_splits(data)
         eval_rows = eval_ds.to_list() if eval_ds is not None else []
@@ -142,10 +152,10 @@ def load_env_splits(
         env_rooms = {} if envs[label].multi_turn else rooms or {}
         for split, rows in (("train", train_rows), ("eval", eval_rows)):
             texts = [_prompt_text(envs[label], row) for row in rows]
-            check_prompt_lengths(tokenizer, texts, data, split, env_rooms.get(split))
+            longest = max(longest, check_prompt_lengths(tokenizer, texts, data, split, env_rooms.get(split)))
         sources[label] = (train_ds, weight)
         held_out += [Prompt(-1, row, label) for row in eval_rows]
-    return sources, held_out
+    return sources, held_out, longest
 
 
 def _prompt_text(env: Env, row: dict[str, Any]) -> str:

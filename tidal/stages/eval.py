@@ -34,7 +34,7 @@ def run_eval(cfg: RunConfig, checkpoint: str | None = None) -> dict[str, float]:
             "checkpoint/ folder or any save_pretrained directory"
         )
     model_dir = Path(checkpoint) if checkpoint is not None else resolve_policy_dir(cfg.model)[0]
-    _, prompts = load_env_splits(cfg, load_tokenizer(model_dir), check_train=False)
+    _, prompts, _ = load_env_splits(cfg, load_tokenizer(model_dir), check_train=False)
     if not prompts:
         raise ConfigError("the config has no held-out data: set data.source.eval_files (or an env's data)")
     # As many threads as a rollout worker: the same kernels, so the same greedy answers as in the run.

@@ -33,6 +33,7 @@ from tidal.runtime import (
     wait_for,
 )
 from tidal.stages.check import check_train
+from tidal.stages.plan import summary as plan_summary
 from tidal.stages.warm_start import resolve_policy_dir
 from tidal.telemetry.monitor import Monitor
 from tidal.trainer.group import TrainerGroup
@@ -96,6 +97,7 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
     start_ray(cfg, log_file=run_dir / "run.log")
     split["perf/ray_start_s"] = (t_ray := time.time()) - t0
     log.info("run %s: metrics, checkpoint and log (run.log, with the actors' output) in %s", cfg.name, run_dir)
+    log.info(plan_summary(start.plan))
     trainer = None
     try:
         buffer_name = f"tidal-buffer-{uuid.uuid4().hex}"  # unique on a cluster that runs several

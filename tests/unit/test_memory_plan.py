@@ -1,0 +1,140 @@
+"""The memory plan (`tidal plan`): parameters counted as the model has them, activations as autograd
+keeps them, DeepSpeed's partition rules, and a refusal in one line when a run cannot fit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tidal.cli import main
+from tidal.config import load_config
+from tidal.model.forward import forward_hidden
+from tidal.model.loading import build_char_tokenizer, preset_config
+from tidal.model.memory import Architecture, layer_activation_elements, plan_memory
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+QWEN3_30B = REPO / "configs" / "gpu" / "models" / "qwen3-30b-a3b"
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen3-moe", "tiny-glm4-moe", "tiny-glm5-moe"])
+def preset(request: pytest.FixtureRequest) -> tuple[str, AutoModelForCausalLM]:
+    torch.manual_seed(0)
+    return request.param, AutoModelForCausalLM.from_config(preset_config(request.param, build_char_tokenizer()))
+
+
+def test_parameters_are_counted_as_the_model_holds_them(preset: tuple[str, torch.nn.Module]) -> None:
+    _, model = preset
+    assert Architecture.of(model.config).params == sum(p.numel() for p in model.parameters())
+
+
+def saved_per_token_layer(model: torch.nn.Module, tokens: int) -> float:
+    """Elements autograd keeps for the backward of a forward, per token and decoder layer (each
+    storage once, parameters left out)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    ids = torch.randint(5, model.config.vocab_size, (2, tokens // 2))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_hidden(model, ids, torch.ones_like(ids))
+    return total[0] / tokens / model.config.num_hidden_layers
+
+
+def test_activations_are_what_autograd_keeps(preset: tuple[str, torch.nn.Module]) -> None:
+    """The per-layer count against autograd's saved tensors on the presets (each layer's share of a
+    whole forward, the embedding's and the final norm's included): within 12%. GLM-5's sparse
+    attention indexer keeps scores quadratic in the length, which the count leaves out: checked at
+    a short length, where they are small."""
+    name, model = preset
+    arch = Architecture.of(model.config)
+    moe_layers = arch.layers - arch.dense_layers
+    planned = (
+        moe_layers * layer_activation_elements(arch) + arch.dense_layers * layer_activation_elements(arch, moe=False)
+    ) / arch.layers
+    tokens = 64 if name == "tiny-glm5-moe" else 256
+    measured = saved_per_token_layer(model, tokens)
+    assert planned == pytest.approx(measured, rel=0.12), (planned, measured)
+
+
+def test_deepspeed_partitions_and_offload(tmp_path: Path) -> None:
+    """ZeRO's 16 bytes per parameter in bf16 (2 weights, 2 gradients, 12 optimizer: fp32 master and
+    two moments), each state split from its stage on; offload moves the optimizer to the host;
+    activation checkpointing keeps a layer's input per token; a token budget sets the tokens."""
+    arch = Architecture.of(AutoConfig.from_pretrained(QWEN3_30B))
+    assert arch.params == pytest.approx(30.5e9, rel=0.01) and (arch.experts, arch.top_k) == (128, 8)
+    p = arch.params
+
+    def plan(*overrides: str):
+        base = ["trainer.precision=bf16", "trainer.num_ranks=8", "trainer.num_gpus=1", "model.dtype=bfloat16"]
+        return plan_memory(load_config(None, [*base, *overrides]).for_rl(), arch, prompt_tokens=1024)
+
+    stage = {s: plan(f"trainer.zero_stage={s}").trainer for s in (0, 1, 2, 3)}
+    assert [stage[s]["weights"] for s in (0, 1, 2, 3)] == [2 * p] * 3 + [2 * p // 8]
+    assert [stage[s]["optimizer states"] for s in (0, 1, 2, 3)] == [12 * p] + [12 * p // 8] * 3
+    assert stage[3]["gradients"] == 2 * p // 8 and stage[0]["gradients"] == 2 * p
+    zero3 = stage[3]
+    assert zero3["weights"] + zero3["gradients"] + zero3["optimizer states"] == pytest.approx(16 * p / 8, rel=1e-6)
+
+    offloaded = plan("trainer.zero_stage=3", "trainer.offload_optimizer=true")
+    assert offloaded.trainer["optimizer states"] == 0
+    assert offloaded.host["trainer optimizer states (offloaded)"] == 12 * p // 8 * 8  # 8 ranks on the node
+
+    plain = plan("trainer.zero_stage=3", "trainer.micro_batch_size=2", "rollout.max_new_tokens=3072")
+    assert plain.micro_tokens == 2 * (1024 + 3072)
+    budget = plan("trainer.zero_stage=3", "trainer.max_tokens_per_micro_batch=16384", "rollout.max_new_tokens=3072")
+    assert budget.micro_tokens == 16384
+    ckpt = plan(
+        "trainer.zero_stage=3",
+        "trainer.micro_batch_size=2",
+        "rollout.max_new_tokens=3072",
+        "trainer.activation_checkpointing=true",
+    )
+    per_token = arch.layers * arch.hidden + layer_activation_elements(arch)
+    assert ckpt.trainer["activations"] == plain.micro_tokens * per_token * 2
+    assert ckpt.trainer["activations"] < plain.trainer["activations"] / 20
+    kl = plan("trainer.zero_stage=3", "algorithm.loss.kl.coef=0.01")
+    assert kl.trainer["KL reference"] == 2 * p // 8
+
+
+def test_a_run_that_cannot_fit_this_node_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Qwen3-30B-A3B trained on this machine's CPUs: `tidal plan` prints every part, then the one line
+    `tidal train` (and `tidal check`) refuses it with, naming the levers."""
+    model = tmp_path / "model"
+    shutil.copytree(QWEN3_30B, model)
+    build_char_tokenizer().save_pretrained(model)
+    args = [f"model.path={model}", "model.sft_warm_start=null", f"output_dir={tmp_path / 'runs'}"]
+    assert main(["plan", QUICKSTART, *args]) == 2
+    out, err = capsys.readouterr()
+    assert "policy: 30.5B parameters (48 layers, 128 experts, top-8" in out
+    assert "optimizer states" in out and "activations" in out and "KV cache" in out
+    (line,) = err.strip().splitlines()
+    assert line.startswith("tidal: error: the memory plan needs") and "of host memory per node" in line
+    assert "trainer.offload_optimizer=true" in line and "trainer.activation_checkpointing=true" in line
+    assert main(["check", QUICKSTART, *args]) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_the_quickstart_fits_and_says_so(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["plan", QUICKSTART, f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("fits the memory this node has (GPU memory not checked: no GPU here)") or (
+        torch.cuda.is_available() and out.strip().endswith("fits the memory this node has")
+    )
+    total = next(line for line in out.splitlines() if line.startswith("trainer rank"))
+    assert total.endswith(" MB") or float(total.split(": ")[1].removesuffix(" GB")) < 1.0, total

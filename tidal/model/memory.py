@@ -1,0 +1,246 @@
+"""The memory a run will need, planned from its config and the policy's model config (`tidal plan`).
+
+Per trainer rank, on its device: the weights, gradients and optimizer states of its ZeRO partition
+(DeepSpeed's rules, `zero_stage` and offload), the activations autograd keeps for the backward of
+one micro-batch (set by the token budget, or rows x the longest row without one; a decoder layer's
+inputs only with activation checkpointing, plus the one layer recomputed), the chunk of logits
+the log-probs take at once, and the KL reference. Per rollout engine: its weights and KV cache. Per
+node, in host memory: what is offloaded there, each worker's staged snapshot and the publish's
+buckets.
+
+Parameters are counted, not estimated: the model is built from its config on the meta device (no
+memory, any architecture transformers knows). Activations come from a count of the tensors a
+decoder layer saves for its backward per token (`layer_activation_elements`), checked against what
+autograd saves on the tiny presets (tests/unit/test_memory_plan.py) and against measured peaks
+(bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from tidal.config import RunConfig
+
+GB = 2**30
+
+LOGIT_CHUNK_BYTES = 64 * 2**20
+"""`tidal.model.forward.CHUNK_BYTES`: the fp32 logits the log-probs hold at once."""
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What the plan needs of a decoder-only (MoE) model, read from its config."""
+
+    params: int
+    """Every parameter, a tied one once."""
+    layers: int
+    hidden: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q_width: int
+    """Elements per token of the queries (heads x query head width)."""
+    kv_width: int
+    """Elements per token of the keys (and of the values: a width each)."""
+    latent_width: int
+    """Elements per token of multi-head latent attention's low-rank latents (0 without MLA)."""
+    kv_dim: int
+    """Elements per token per layer of the KV cache (keys and values; a latent for MLA)."""
+    experts: int
+    top_k: int
+    moe_intermediate: int
+    shared_intermediate: int
+    dense_intermediate: int
+    dense_layers: int
+    """Layers with a dense MLP instead of experts (GLM's `first_k_dense_replace`)."""
+    positions: int | None
+
+    @classmethod
+    def of(cls, config: Any) -> Architecture:
+        """The architecture of a transformers config; parameters counted on the meta device."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        get = lambda *names, default=0: next((getattr(text, n) for n in names if getattr(text, n, None)), default)  # noqa: E731
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        head_dim = get("head_dim", default=hidden // max(heads, 1))
+        kv_heads = get("num_key_value_heads", default=heads)
+        if getattr(text, "kv_lora_rank", None):  # MLA (GLM-5, DeepSeek): the cache is a latent and a rope key
+            q_head = get("qk_nope_head_dim") + get("qk_rope_head_dim")
+            q_width, kv_width = heads * q_head, heads * get("v_head_dim", default=q_head)
+            latent = get("q_lora_rank") + text.kv_lora_rank + get("qk_rope_head_dim")
+            kv_dim = text.kv_lora_rank + get("qk_rope_head_dim")
+        else:
+            q_width, kv_width, latent = heads * head_dim, kv_heads * head_dim, 0
+            kv_dim = 2 * kv_heads * head_dim
+        experts = get("num_experts", "n_routed_experts", "num_local_experts")
+        shared = get("n_shared_experts") * get("moe_intermediate_size") + get("shared_expert_intermediate_size")
+        return cls(
+            params=params,
+            layers=get("num_hidden_layers"),
+            hidden=hidden,
+            vocab=get("vocab_size"),
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            q_width=q_width,
+            kv_width=kv_width,
+            latent_width=latent,
+            kv_dim=kv_dim,
+            experts=experts,
+            top_k=get("num_experts_per_tok") if experts else 0,
+            moe_intermediate=get("moe_intermediate_size") if experts else 0,
+            shared_intermediate=shared if experts else 0,
+            dense_intermediate=get("intermediate_size"),
+            dense_layers=get("first_k_dense_replace") if experts else get("num_hidden_layers"),
+            positions=getattr(text, "max_position_embeddings", None),
+        )
+
+
+def layer_activation_elements(arch: Architecture, moe: bool = True) -> int:
+    """Elements one decoder layer saves for its backward per token (in the training dtype), counted
+    from the tensors its ops keep (measured op by op on the tiny presets: within 2%):
+    - attention, 5 h + 4 q + 5 kv + heads (q, kv: the query and key widths): two RMSNorms (input and
+      normalised input each), the projections' shared input, q and k norms (input and output), rotary
+      and attention (a fused kernel: q, k, v, output, log-sum-exp; nothing quadratic in the length);
+      with multi-head latent attention, its latents twice more (their projections and norms);
+    - a routed MoE, top-k (h + 5 i) + h + 2 experts: per expert a token takes, its copy of the input,
+      the fused gate-up output, the activation's input and output, the down projection's input; the
+      router's input and probabilities; a shared expert or a dense MLP of width i, 4 i."""
+    h, q, kv = arch.hidden, arch.q_width, arch.kv_width
+    attention = 5 * h + 4 * q + 5 * kv + arch.heads + 2 * arch.latent_width
+    if moe and arch.experts:
+        mlp = arch.top_k * (h + 5 * arch.moe_intermediate) + h + 2 * arch.experts + 4 * arch.shared_intermediate
+    else:
+        mlp = 4 * arch.dense_intermediate
+    return attention + mlp
+
+
+@dataclasses.dataclass
+class Plan:
+    """Bytes per process, by part; `tidal plan` prints it and `tidal train` checks it at start."""
+
+    arch: Architecture
+    trainer: dict[str, int]
+    """Per trainer rank on its device (the host when it has no GPU)."""
+    engine: dict[str, int]
+    """Per rollout engine, on its device(s) (per GPU with tensor parallelism)."""
+    host: dict[str, int]
+    """Per node in host memory, beyond each process's own (Python, CUDA context)."""
+    micro_tokens: int
+    """Token slots (rows x width) of the largest micro-batch the plan assumes."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def trainer_total(self) -> int:
+        return sum(self.trainer.values())
+
+    @property
+    def engine_total(self) -> int:
+        return sum(self.engine.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+
+def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = None, multi_turn: bool = False) -> Plan:
+    """The plan of `cfg` for a policy of architecture `arch` (`Architecture.of`), whose prompts are
+    at most `prompt_tokens` long (`data.max_prompt_tokens` when not given), its episodes multi-turn
+    or not."""
+    t, r = cfg.trainer, cfg.rollout
+    n = t.num_ranks
+    p = arch.params
+    weight_bytes = 2 if t.precision == "bf16" else 4
+    stage = t.zero_stage
+    # Bytes per parameter of each state, and over how many ranks it is split (DeepSpeed's rules):
+    # the model's weights (split at stage 3), gradients (from stage 2), and the optimizer's states:
+    # AdamW's two fp32 moments, and in bf16 an fp32 master copy (split from stage 1).
+    optimizer_bytes = 8 + (4 if t.precision == "bf16" else 0)
+    weights = p * weight_bytes // (n if stage == 3 else 1)
+    grads = p * (4 if t.precision == "bf16" and stage in (1, 2) else weight_bytes) // (n if stage >= 2 else 1)
+    optimizer = p * optimizer_bytes // (n if stage >= 1 else 1)
+    host: dict[str, int] = {}
+    ranks_per_node = _ranks_per_node(cfg)
+    if t.offload_optimizer:
+        host["trainer optimizer states (offloaded)"] = optimizer * ranks_per_node
+        host["trainer fp32 gradients (offloaded)"] = p * 4 // n * ranks_per_node
+        optimizer = 0
+        grads = p * weight_bytes // n if stage >= 2 else grads
+    if t.offload_params:
+        host["trainer weights (offloaded)"] = weights * ranks_per_node
+        weights = 0
+
+    prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
+    # A row is its prompt and completion; a multi-turn episode grows up to rollout.max_context_tokens.
+    width = r.max_context_tokens if multi_turn else prompt + r.max_new_tokens
+    tokens = t.max_tokens_per_micro_batch or t.micro_batch_size * width
+    moe_layers = arch.layers - arch.dense_layers
+    per_token_all = moe_layers * layer_activation_elements(arch) + arch.dense_layers * layer_activation_elements(
+        arch, moe=False
+    )
+    act_bytes = weight_bytes
+    if t.activation_checkpointing:
+        # Each layer's input, and the one layer being recomputed with everything it saves.
+        per_token = arch.layers * arch.hidden + layer_activation_elements(arch, moe=moe_layers > 0)
+    else:
+        per_token = per_token_all
+    activations = tokens * per_token * act_bytes
+    # The logits of one chunk, fp32, with their softmax and gradient in the backward.
+    logits = 3 * min(LOGIT_CHUNK_BYTES, tokens * arch.vocab * 4)
+    trainer = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer states": optimizer,
+        "activations": activations,
+        "log-prob chunk": logits,
+    }
+    if cfg.algorithm.loss.kl.coef > 0:
+        trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
+
+    rollout_bytes = DTYPE_BYTES[cfg.model.dtype]
+    tp = r.vllm.tensor_parallel_size if r.engine == "vllm" else 1
+    engine = {"weights": p * rollout_bytes // tp}
+    context = width
+    # The KV cache of every sequence an engine runs at once, at the longest context: vLLM's on a GPU
+    # (what its share of the GPU, rollout.vllm.gpu_memory_utilization, must leave room for); on the
+    # CPU the rollout.vllm.kv_cache_gb it reserves; the transformers engine's for a generate call.
+    rows = r.vllm.max_num_seqs if r.engine == "vllm" else r.batch_size
+    kv = rows * context * arch.layers * arch.kv_dim * rollout_bytes // tp
+    if r.engine == "vllm" and not _on_gpu(cfg):
+        kv = int(r.vllm.kv_cache_gb * GB)
+    engine["KV cache"] = kv
+    workers_per_node = r.num_workers if not _on_gpu(cfg) else max(1, min(r.num_workers, 8 // max(tp, 1)))
+    # A worker stages one received snapshot beyond its engine's weights; the publish holds a bucket.
+    host["staged snapshots"] = p * rollout_bytes * workers_per_node
+    if tp > 1:  # vLLM's worker processes take each update as safetensors files in /dev/shm
+        host["/dev/shm snapshot files (TP > 1)"] = p * rollout_bytes * workers_per_node
+    host["publish buckets"] = 2 * min(int(cfg.weight_sync.bucket_mb * 2**20), p * rollout_bytes)
+    if not _on_gpu(cfg):  # on CPU the trainer and the engines live in host memory too
+        host["trainer ranks"] = sum(trainer.values()) * ranks_per_node
+        host["rollout engines"] = sum(engine.values()) * workers_per_node
+    return Plan(arch, trainer, engine, host, tokens)
+
+
+def _on_gpu(cfg: RunConfig) -> bool:
+    return cfg.trainer.num_gpus > 0
+
+
+def _ranks_per_node(cfg: RunConfig) -> int:
+    if not _on_gpu(cfg):
+        return cfg.trainer.num_ranks
+    return min(cfg.trainer.num_ranks, max(1, int(8 // max(cfg.trainer.num_gpus, 1))))
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 2**20:.0f} MB"
