@@ -5,9 +5,9 @@ download), a `DeepSpeedTrainer` (ZeRO-0, fp32, torch AdamW, on the CPU) and an R
 steps on a batch of `rows` rows of `length` tokens (the optimizer's states appear at the first), and
 reports the growth of its resident memory's high-water mark (VmHWM) over its resident memory before
 the model was built, against the plan's trainer total for the same config (weights, gradients,
-optimizer states, activations, the log-prob chunk). Then the uneven batch of long chains of thought
-(1 row of 2,048 tokens and 7 of 128) with and without a token budget, against an even batch of
-8 x 512 (more tokens).
+optimizer states and the step's temporaries, activations, a layer's backward, the log-prob chunk).
+Then the uneven batch of long chains of thought (1 row of 2,048 tokens and 7 of 128, 2,944 tokens)
+against an even batch of 8 x 512 (4,096 tokens), without and with a token budget of 2,048.
 
     .venv/bin/python bench/memory.py [--cases small-256x8,...] [--quick]
 
@@ -43,7 +43,7 @@ DEFAULT_CASES = [
     "large-1024x2",
     "large-2048x2-ckpt",
 ]
-UNEVEN_CASES = ["small-even512x8", "small-uneven", "small-uneven-budget4096"]
+UNEVEN_CASES = ["small-even512x8", "small-uneven", "small-even512x8-budget2048", "small-uneven-budget2048"]
 
 
 def model_config(size: str) -> Any:
@@ -140,9 +140,14 @@ def child(case: str) -> dict[str, Any]:
         advantages=torch.randn(rows, 1, generator=g).expand(rows, width).contiguous() * mask,
         versions=torch.zeros_like(ids),
     )
-    baseline = status_kb("VmRSS")
+    # Everything a step imports, imported before the baseline: only the model and the step count.
+    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
     from transformers import AutoModelForCausalLM
 
+    from tidal.trainer.prepare import init_distributed
+
+    init_distributed()
+    baseline = status_kb("VmRSS")
     model = AutoModelForCausalLM.from_config(config)
     model.eval()
     trainer = DeepSpeedTrainer(model, cfg.trainer)

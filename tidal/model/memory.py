@@ -3,8 +3,9 @@
 Per trainer rank, on its device: the weights, gradients and optimizer states of its ZeRO partition
 (DeepSpeed's rules, `zero_stage` and offload), the activations autograd keeps for the backward of
 one micro-batch (set by the token budget, or rows x the longest row without one; a decoder layer's
-inputs only with activation checkpointing, plus the one layer recomputed), the chunk of logits
-the log-probs take at once, and the KL reference. Per rollout engine: its weights and KV cache. Per
+inputs only with activation checkpointing, plus the one layer recomputed), the gradients of one
+layer's activations while it runs its backward, the chunk of logits the log-probs take at once, and
+the KL reference. Per rollout engine: its weights and KV cache. Per
 node, in host memory: what is offloaded there, each worker's staged snapshot and the publish's
 buckets.
 
@@ -170,12 +171,15 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
     weights = p * weight_bytes // (n if stage == 3 else 1)
     grads = p * (4 if t.precision == "bf16" and stage in (1, 2) else weight_bytes) // (n if stage >= 2 else 1)
     optimizer = p * optimizer_bytes // (n if stage >= 1 else 1)
+    # torch's AdamW (foreach) steps with an fp32 temporary the size of its parameters.
+    step = p * 4 // (n if stage >= 1 else 1)
     host: dict[str, int] = {}
     ranks_per_node = _ranks_per_node(cfg)
     if t.offload_optimizer:
         host["trainer optimizer states (offloaded)"] = optimizer * ranks_per_node
         host["trainer fp32 gradients (offloaded)"] = p * 4 // n * ranks_per_node
-        optimizer = 0
+        host["trainer optimizer step temporaries"] = step * ranks_per_node
+        optimizer = step = 0
         grads = p * weight_bytes // n if stage >= 2 else grads
     if t.offload_params:
         host["trainer weights (offloaded)"] = weights * ranks_per_node
@@ -196,13 +200,17 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
     else:
         per_token = per_token_all
     activations = tokens * per_token * act_bytes
-    # The logits of one chunk, fp32, with their softmax and gradient in the backward.
-    logits = 3 * min(LOGIT_CHUNK_BYTES, tokens * arch.vocab * 4)
+    # While a layer runs its backward, the gradients of what it saved exist beside it.
+    working = tokens * layer_activation_elements(arch, moe=moe_layers > 0) * act_bytes
+    # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
+    logits = 4 * min(LOGIT_CHUNK_BYTES, tokens * arch.vocab * 4)
     trainer = {
         "weights": weights,
         "gradients": grads,
         "optimizer states": optimizer,
+        "optimizer step temporaries": step,
         "activations": activations,
+        "backward working set": working,
         "log-prob chunk": logits,
     }
     if cfg.algorithm.loss.kl.coef > 0:
