@@ -167,7 +167,12 @@ def test_async_metrics_are_logged(jittery: dict[str, Any]) -> None:
         "perf/publish_time_s",
         "async/published_version",
     ]
-    workers = ["async/worker_idle_s", "async/worker_weight_wait_s", "async/worker_version"]
+    workers = [
+        "async/worker_idle_s",
+        "async/worker_weight_wait_s",
+        "async/worker_version",
+        "async/worker_snapshots_held",
+    ]
     steps = jittery["steps"]
     for r in steps:
         assert all(k in r for k in driver), [k for k in driver if k not in r]
@@ -179,6 +184,10 @@ def test_async_metrics_are_logged(jittery: dict[str, Any]) -> None:
     # ...and runs ahead: some groups come from weights older than the newest published.
     assert any(r["async/worker_version"] < r["async/published_version"] for r in steps if "async/worker_version" in r)
     assert any("async/sync_bytes_per_s" in r and r["async/sync_bytes_per_s"] > 0 for r in steps)
+    # Beside its engine's weights a worker held one snapshot at most (a newer one replaces a staged one
+    # as it starts to arrive), and did hold one: the run published every step.
+    held = [r["async/worker_snapshots_held"] for r in steps if "async/worker_snapshots_held" in r]
+    assert max(held) == 1, held
 
 
 # Per commit over disk; broadcast runs per commit in test_faults (an engine crash) and test_resume (SIGTERM).

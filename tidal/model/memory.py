@@ -1,11 +1,12 @@
 """The memory a run will need, planned from its config and the policy's model config (`tidal plan`).
 
 Per trainer rank, on its device: the weights, gradients and optimizer states of its ZeRO partition
-(DeepSpeed's rules, `zero_stage` and offload), the activations autograd keeps for the backward of
-one micro-batch (set by the token budget, or rows x the longest row without one; a decoder layer's
-inputs only with activation checkpointing, plus the one layer recomputed), the gradients of one
-layer's activations while it runs its backward, the chunk of logits the log-probs take at once, and
-the KL reference. Per rollout engine: its weights and KV cache. Per
+(DeepSpeed's rules, `zero_stage` and offload) and torch AdamW's step temporaries, the activations
+autograd keeps for the backward of one micro-batch (set by the token budget, or rows x the longest
+row without one; a decoder layer's inputs only with activation checkpointing), a layer's backward
+(the gradients of what it saved; recomputed first with checkpointing), the chunk of logits the
+log-probs take at once, and the KL reference. A rank's peak is the larger of its backward and its
+optimizer step, which never coincide. Per rollout engine: its weights and KV cache. Per
 node, in host memory: what is offloaded there, each worker's staged snapshot and the publish's
 buckets.
 
@@ -129,7 +130,8 @@ def layer_activation_elements(arch: Architecture, moe: bool = True) -> int:
 
 @dataclasses.dataclass
 class Plan:
-    """Bytes per process, by part; `tidal plan` prints it and `tidal train` checks it at start."""
+    """Bytes per process, by part, and the peaks they make; `tidal plan` prints it and `tidal train`
+    checks it at start."""
 
     arch: Architecture
     trainer: dict[str, int]
@@ -140,11 +142,31 @@ class Plan:
     """Per node in host memory, beyond each process's own (Python, CUDA context)."""
     micro_tokens: int
     """Token slots (rows x width) of the largest micro-batch the plan assumes."""
-    notes: list[str] = dataclasses.field(default_factory=list)
+    # What exists at once in each phase of a step; a rank's peak is the larger. In the backward the
+    # log-prob chunk is recomputed first, then the layers one by one: the larger of the two counts.
+    BACKWARD = ("weights", "gradients", "optimizer states", "activations", "KL reference")
+    STEP = ("weights", "gradients", "optimizer states", "optimizer step temporaries", "KL reference")
+
+    def phase(self, parts: tuple[str, ...]) -> int:
+        return sum(self.trainer.get(k, 0) for k in parts)
+
+    @property
+    def trainer_backward(self) -> int:
+        """A rank's memory in a micro-batch's backward: the weights, the gradients of earlier
+        micro-batches, the optimizer states, every activation kept, and the larger of the logits
+        chunk and a layer's backward."""
+        working = max(self.trainer.get("backward working set", 0), self.trainer.get("log-prob chunk", 0))
+        return self.phase(self.BACKWARD) + working
+
+    @property
+    def trainer_step(self) -> int:
+        """A rank's memory in the optimizer step: weights, gradients, states and the step's temporaries."""
+        return self.phase(self.STEP)
 
     @property
     def trainer_total(self) -> int:
-        return sum(self.trainer.values())
+        """A rank's peak: the larger of the backward and the optimizer step."""
+        return max(self.trainer_backward, self.trainer_step)
 
     @property
     def engine_total(self) -> int:
@@ -194,14 +216,16 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
         arch, moe=False
     )
     act_bytes = weight_bytes
+    layer = tokens * layer_activation_elements(arch, moe=moe_layers > 0) * act_bytes
     if t.activation_checkpointing:
-        # Each layer's input, and the one layer being recomputed with everything it saves.
-        per_token = arch.layers * arch.hidden + layer_activation_elements(arch, moe=moe_layers > 0)
+        # Each layer's input is kept; in the backward a layer is recomputed (its activations) and
+        # runs its own backward (their gradients) at once.
+        activations = tokens * arch.layers * arch.hidden * act_bytes
+        working = 2 * layer
     else:
-        per_token = per_token_all
-    activations = tokens * per_token * act_bytes
-    # While a layer runs its backward, the gradients of what it saved exist beside it.
-    working = tokens * layer_activation_elements(arch, moe=moe_layers > 0) * act_bytes
+        # While a layer runs its backward, the gradients of what it saved exist beside it.
+        activations = tokens * per_token_all * act_bytes
+        working = layer
     # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
     logits = 4 * min(LOGIT_CHUNK_BYTES, tokens * arch.vocab * 4)
     trainer = {
@@ -235,7 +259,8 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
         host["/dev/shm snapshot files (TP > 1)"] = p * rollout_bytes * workers_per_node
     host["publish buckets"] = 2 * min(int(cfg.weight_sync.bucket_mb * 2**20), p * rollout_bytes)
     if not _on_gpu(cfg):  # on CPU the trainer and the engines live in host memory too
-        host["trainer ranks"] = sum(trainer.values()) * ranks_per_node
+        plan = Plan(arch, trainer, engine, host, tokens)
+        host["trainer ranks"] = plan.trainer_total * ranks_per_node
         host["rollout engines"] = sum(engine.values()) * workers_per_node
     return Plan(arch, trainer, engine, host, tokens)
 

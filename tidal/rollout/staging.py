@@ -6,7 +6,10 @@ newest staged one between generate calls, or at a chunk boundary inside one with
 
 With `rollout.deterministic` every staged version a queued batch may still need is kept, and a batch
 is generated with exactly the version it was dispatched for (`wait_for`), so a run does not depend
-on timing; otherwise only the newest is kept.
+on timing; otherwise only the newest is kept, and a staged snapshot is dropped as soon as a newer
+one starts to arrive: beside the engine's weights a worker holds at most one snapshot in host
+memory, staged or being received. `most_held` counts the most it held at once (the
+`async/worker_snapshots_held` metric).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class WeightStage:
         one a queued batch may still need."""
         self.pinned = 0  # exact: the version the work being generated was dispatched for
         self.cv = threading.Condition()
+        self.most_held = 0
+        """The most snapshots held at once, staged or being received, since `take_most_held`."""
 
     # ------------------------------------------------------------------------- control thread
 
@@ -57,6 +62,10 @@ class WeightStage:
         t0 = time.perf_counter()
         if self.receiver is None:
             self.receiver = make_receiver(self.sync)
+        with self.cv:
+            if not self.exact:  # the newest wins: an older staged snapshot would never be loaded
+                self.staged = {v: b for v, b in self.staged.items() if v > handle.version}
+            self.most_held = max(self.most_held, len(self.staged) + 1)
         try:
             received = self.receiver.receive_buckets(handle)
             buckets = [{name: t.cpu() for name, t in bucket.items()} for bucket in received]
@@ -71,6 +80,12 @@ class WeightStage:
                 self.staged = {handle.version: buckets}
             self.cv.notify_all()
         return SyncStats(handle.version, handle.nbytes, seconds)
+
+    def take_most_held(self) -> int:
+        """The most snapshots held at once since the last call (at least those staged now)."""
+        with self.cv:
+            most, self.most_held = max(self.most_held, len(self.staged)), len(self.staged)
+            return most
 
     def check_fits(self, buckets: Buckets, version: int) -> None:
         """Checked before staging: a snapshot that does not fit must leave the old weights intact."""

@@ -190,6 +190,8 @@ class RolloutWorker:
             "async/worker_version": smallest(float(self.version)),  # the furthest behind
             "async/worker_idle_s": largest(idle),
             "async/worker_weight_wait_s": largest(weight_wait),
+            # Snapshots in host memory beside the engine's weights: 1 at most, unless deterministic.
+            "async/worker_snapshots_held": largest(float(self.weights.take_most_held())),
         }
 
     # ------------------------------------------------------------------------------ serving

@@ -61,7 +61,8 @@ def describe(plan: Plan, cfg: RunConfig) -> list[str]:
         f"policy: {size} parameters ({a.layers} layers{experts}, vocabulary {a.vocab})",
         f"trainer: {t.num_ranks} rank(s), ZeRO-{t.zero_stage}, {t.precision}, micro-batches of {plan.micro_tokens:,} "
         f"token slots{', activation checkpointing' if t.activation_checkpointing else ''}",
-        f"trainer rank, on its {where}: {gb(plan.trainer_total)}",
+        f"trainer rank, on its {where}: {gb(plan.trainer_total)} at its peak (the backward "
+        f"{gb(plan.trainer_backward)}, the optimizer step {gb(plan.trainer_step)})",
         *(f"  {name:<38} {gb(n)}" for name, n in plan.trainer.items()),
         f"rollout engine ({r.engine}, {r.num_workers} worker(s)), per {'GPU' if r.num_gpus_per_worker else 'engine'}: "
         f"{gb(plan.engine_total)}",

@@ -33,6 +33,40 @@ from tidal.weight_sync import Weights, as_buckets
 log = logging.getLogger(__name__)
 
 EXTENSION = "tidal.rollout.engines.vllm_ext.TidalWorkerExtension"
+SHM_PREFIX = "tidal-vllm-"
+"""Snapshot files for vLLM's worker processes live in `shared_memory_dir()/tidal-vllm-<pid>-*`."""
+
+
+def shared_memory_dir() -> str | None:
+    """/dev/shm where it is writable (RAM-backed), else None (the system's temporary directory)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def remove_stale_snapshot_files(root: str | None) -> list[Path]:
+    """Remove the snapshot directories of rollout workers that no longer run (a worker killed while
+    it wrote or loaded one leaves its directory behind, in RAM): those whose process id is dead.
+    Called by every engine before it writes a snapshot, so a restarted worker cleans up after the
+    one it replaces. Returns what it removed."""
+    import shutil
+
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(f"{SHM_PREFIX}*"):
+        pid = d.name.removeprefix(SHM_PREFIX).split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def vllm_available() -> bool:
@@ -76,6 +110,8 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.version = version
         self.shapes = state_dict_shapes(Path(model_dir))
+        if not (cfg.in_process and cfg.tensor_parallel_size == 1):  # updates go through files
+            remove_stale_snapshot_files(shared_memory_dir())  # a restarted worker's predecessor's
         if torch.cuda.is_available():
             kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
         else:
@@ -277,8 +313,9 @@ class VLLMEngine:
 
         from tidal.weight_sync import unshared
 
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        with tempfile.TemporaryDirectory(dir=shm, prefix="tidal-vllm-") as d:
+        shm = shared_memory_dir()
+        remove_stale_snapshot_files(shm)
+        with tempfile.TemporaryDirectory(dir=shm, prefix=f"{SHM_PREFIX}{os.getpid()}-") as d:
             paths = []
             for i, bucket in enumerate(buckets):
                 paths.append(os.path.join(d, f"part-{i:05d}.safetensors"))
