@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tidal.model.forward import filler_micro, plan_micro_batches
 from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.model.routing import RoutingRecorder, moe_routers
 from tidal.rollout.engines.transformers import TransformersEngine
@@ -91,14 +92,14 @@ def test_routing_health_counts_each_flip(tmp_path: Path) -> None:
     groups = [Group(g, [s.for_training() for s in samples if s.group_id == g]) for g in range(2)]
     batch, _ = build_batch(groups, "grpo", tok.pad_token_id)
     fed = sum(len(c.routing) for c in outs)
-    clean = values(routing_health(model, batch, micro_batch_size=3))
+    clean = values(routing_health(model, batch, plan_micro_batches(batch, 3, None)))
     assert clean["moe/routing_agreement"] == 1.0 and clean["moe/routing_any_flip"] == 0.0
     # Plant flips: layer 0 of the first 3 tokens of row 0, and layer 1 of token 2 of row 1.
     experts = model.config.n_routed_experts
     batch.routing[0, :3, 0, 0] = (batch.routing[0, :3, 0, :].max(-1).values + 1) % experts
     batch.routing[0, :3, 0, 1] = batch.routing[0, :3, 0, 0]  # a set of one expert twice: not the same set
     batch.routing[1, 2, 1] = torch.tensor([experts - 1, experts - 1], dtype=torch.uint8)
-    got = values(routing_health(model, batch, micro_batch_size=3))
+    got = values(routing_health(model, batch, plan_micro_batches(batch, 3, None)))
     layers = len(moe_routers(model))
     assert got["moe/routing_agreement"] == pytest.approx(1 - 4 / (fed * layers))
     assert got["moe/routing_agreement_layer0"] == pytest.approx(1 - 3 / fed)
@@ -107,6 +108,11 @@ def test_routing_health_counts_each_flip(tmp_path: Path) -> None:
     assert got["moe/rollout_load_violation"] != clean["moe/rollout_load_violation"] >= 0.0  # the flips moved load
     assert got["moe/train_load_violation"] == clean["moe/train_load_violation"]  # the trainer's routing did not
     assert got["moe/routing_bytes_per_token"] == layers * 2
+    # Under a token budget (rows grouped by length, each micro-batch trimmed; a filler counts nothing)
+    # the same tokens are compared: the same figures.
+    budget = plan_micro_batches(batch, 3, int(batch.attention_mask.sum(-1).max()))
+    assert len(budget) > len(plan_micro_batches(batch, 3, None))
+    assert values(routing_health(model, batch, [*budget, filler_micro(batch)])) == pytest.approx(got)
 
 
 def test_a_run_logs_routing_health_every_step(tmp_path: Path, ledger_balances) -> None:

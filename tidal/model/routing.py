@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any
 
 import torch
 
-from tidal.model.forward import forward_hidden, micro_batches
+from tidal.model.forward import Micro, forward_hidden
 from tidal.telemetry.metrics import Metrics, largest, mean
 from tidal.types import TrainBatch
 
@@ -105,12 +105,16 @@ def recorded_positions(batch: TrainBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routing_health(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: int) -> Metrics:
+def routing_health(model: torch.nn.Module, batch: TrainBatch, plan: Sequence[Micro]) -> Metrics:
     """How `model` routes the batch's tokens against how generation routed them (`batch.routing`):
     per MoE layer and overall, the share of (token, layer) whose top-k expert set is the same
     (`moe/routing_agreement*`), the share of tokens routed differently in any layer
     (`moe/routing_any_flip`), and the most overloaded expert in rollout and in training (load over
-    the balanced load, minus 1, the largest over layers: `moe/*_load_violation`)."""
+    the balanced load, minus 1, the largest over layers: `moe/*_load_violation`).
+
+    The forwards run over `plan`, the batch's micro-batches as the trainer cuts them
+    (`DeepSpeedTrainer.plan`: under a token budget, rows grouped by length; fillers, which every
+    rank runs alike for ZeRO-3's gathers, forward and count nothing)."""
     assert batch.routing is not None
     device = next(model.parameters()).device
     layers, top_k = batch.routing.shape[2:]
@@ -119,8 +123,12 @@ def routing_health(model: torch.nn.Module, batch: TrainBatch, micro_batch_size: 
     with RoutingRecorder(model) as recorder:
         num_experts = recorder.num_experts
         loads = {"rollout": torch.zeros(layers, num_experts), "train": torch.zeros(layers, num_experts)}
-        for micro in micro_batches(batch, micro_batch_size):
+        for m in plan:
+            micro = m.batch
             forward_hidden(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+            if not len(m.rows):  # a filler
+                recorder.take()
+                continue
             mine = recorder.take().view(*micro.input_ids.shape, layers, top_k)[recorded_positions(micro)]
             theirs = micro.routing[recorded_positions(micro)]  # (tokens, layers, top-k)
             same = (mine.long().sort(-1).values == theirs.long().sort(-1).values).all(-1)  # (tokens, layers)

@@ -217,7 +217,7 @@ class TrainerActor:
         metrics.update(_staleness(self.version, groups, batch, self.cfg.rollout.max_staleness))
         if batch.routing is not None:  # before the update: the routing of the weights pi_old is
             shard = self.trainer.shard(batch)
-            health = routing_health(self.trainer.module, shard, self.cfg.trainer.micro_batch_size)
+            health = routing_health(self.trainer.module, shard, self.trainer.plan(shard))
             metrics.update(self.trainer.all_reduce(health))
         plan = self._plan()
         tokens, version = float(batch.loss_mask.sum()), self.version  # pi_old's version
