@@ -366,6 +366,112 @@ def test_memory_levers_on_cuda(cache: Path, tmp_path: Path) -> None:
         assert r[name]["peak"] < plain["peak"], name
 
 
+def _plan_config(layers: int) -> Any:
+    """A Qwen3-MoE of Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts of 768, top-8) and
+    `layers` layers, with a 32k vocabulary: the size `test_the_memory_plan_matches_the_cuda_peak`
+    grows until the plan fills most of the GPU."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "qwen3_moe",
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
+
+
+PLAN_RUN = [
+    "trainer.zero_stage=3",
+    "trainer.precision=bf16",
+    "trainer.lr=1e-5",
+    "trainer.micro_batch_size=4",
+    "trainer.max_tokens_per_micro_batch=8192",
+    "trainer.activation_checkpointing=true",
+    "rollout.max_new_tokens=1024",
+]
+
+
+def _plan_steps(_: int, layers: int, out: str) -> None:
+    """Two RL steps of the DeepSpeed trainer (ZeRO-3, bf16, checkpointing, a token budget) on a
+    batch of 4 rows of 2,048 tokens: the peak CUDA memory allocated over what was allocated before
+    the model was built, and the plan's peak for the same config."""
+    from transformers import AutoModelForCausalLM
+
+    from tidal.config import LossConfig
+    from tidal.model.memory import Architecture, plan_memory
+    from tidal.trainer.rl import RLLoss
+    from tidal.types import TrainBatch
+
+    config = _plan_config(layers)
+    cfg = load_config(None, PLAN_RUN).for_rl()
+    plan = plan_memory(cfg, Architecture.of(config), prompt_tokens=1024)
+    rows, width = 4, 2048
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 32000, (rows, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, :64] = 0
+    batch = TrainBatch(
+        ids,
+        torch.ones_like(ids),
+        mask,
+        logp_mu=torch.where(mask.bool(), -3.0, 0.0),
+        advantages=torch.randn(rows, 1, generator=g).expand(rows, width).contiguous() * mask,
+        versions=torch.zeros_like(ids),
+    )
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    trainer = DeepSpeedTrainer(model, cfg.trainer)
+    loss = RLLoss(LossConfig(), temperature=1.0, max_len=width)
+    for _ in range(2):
+        metrics = values(trainer.train_step(batch, loss_fn=loss))
+    torch.cuda.synchronize()
+    torch.save(
+        {
+            "params": plan.arch.params,
+            "planned": plan.trainer_total,
+            "parts": plan.trainer,
+            "measured": torch.cuda.max_memory_allocated() - before,
+            "loss": metrics["loss"],
+        },
+        out,
+    )
+
+
+def test_the_memory_plan_matches_the_cuda_peak(tmp_path: Path) -> None:
+    """The largest Qwen3-30B-A3B-shaped MoE whose plan fills at most 60% of this GPU: its measured
+    peak (torch.cuda.max_memory_allocated) within 20% of `tidal plan`'s."""
+    from tidal.model.memory import Architecture, plan_memory
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    cfg = load_config(None, PLAN_RUN).for_rl()
+    layers = 1
+    while layers < 48 and plan_memory(cfg, Architecture.of(_plan_config(layers + 1)), 1024).trainer_total < 0.6 * total:
+        layers += 1
+    spawn(_plan_steps, (layers, str(tmp_path / "plan.pt")))
+    r = torch.load(tmp_path / "plan.pt")
+    print(
+        f"\nplan vs CUDA peak on {torch.cuda.get_device_name()}: {r['params'] / 1e9:.2f}B parameters "
+        f"({layers} layers), planned {r['planned'] / 2**30:.2f} GiB, measured {r['measured'] / 2**30:.2f} GiB "
+        f"({r['measured'] / r['planned']:.2f}); parts "
+        + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r["parts"].items())
+    )
+    assert math.isfinite(r["loss"])
+    assert 0.8 <= r["measured"] / r["planned"] <= 1.2
+
+
 # ------------------------------------------------------------------------------- tidal train on one GPU
 
 
