@@ -228,15 +228,23 @@ def forward(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(logits (B, T, V), router logits per MoE layer or ()) of a causal LM (a HF model or a
     DeepSpeed engine around one), with position ids that skip each row's padding."""
+    out = _call(model, input_ids, attention_mask, router_logits)
+    return out.logits, tuple(getattr(out, "router_logits", None) or ())
+
+
+def _call(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_logits: bool, **extra: Any
+) -> Any:
+    """The model's output for a padded batch: position ids that skip each row's padding, no cache."""
     kwargs = {"output_router_logits": True} if router_logits else {}
-    out = model(
+    return model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions(attention_mask),
         use_cache=False,
         **kwargs,
+        **extra,
     )
-    return out.logits, tuple(getattr(out, "router_logits", None) or ())
 
 
 @dataclasses.dataclass
@@ -265,15 +273,7 @@ def forward_hidden(
 
     hook = lm.get_decoder().register_forward_hook(take)
     try:
-        kwargs = {"output_router_logits": True} if router_logits else {}
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions(attention_mask),
-            use_cache=False,
-            logits_to_keep=1,
-            **kwargs,
-        )
+        out = _call(model, input_ids, attention_mask, router_logits, logits_to_keep=1)
     finally:
         hook.remove()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
