@@ -123,10 +123,6 @@ def test_groups_scored_when_an_engine_crashes_are_trained_once(tmp_path: Path, l
     assert summary["fault/worker_restarts"] == 1
     rows = [json.loads(r) for r in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     ledger_balances(summary, rows, STEPS, PER_STEP)
-    # The new process joined the new group: every later batch comes from a recent version.
-    back = next(r["step"] for r in rows if r.get("fault/worker_restart_s"))
-    later = [r for r in rows if r["step"] > back and "async/worker_version" in r]
-    assert all(r["async/worker_version"] >= r["step"] - 1 - 2 for r in later), later
 
 
 # ---------------------------------------------------------------------------- every wait is bounded
