@@ -25,13 +25,15 @@ from typing import Any
 import torch
 
 from tidal.config import RunConfig
+from tidal.model.forward import CHUNK_BYTES
 
 GB = 2**30
 
-LOGIT_CHUNK_BYTES = 64 * 2**20
-"""`tidal.model.forward.CHUNK_BYTES`: the fp32 logits the log-probs hold at once."""
-
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
+"""Bytes per element of `model.dtype` and of `trainer.precision`."""
+
+GPUS_PER_NODE = 8
+"""What a node holds, for the ranks and engines the plan puts on one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +184,24 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
     at most `prompt_tokens` long (`data.max_prompt_tokens` when not given), its episodes multi-turn
     or not."""
     t, r = cfg.trainer, cfg.rollout
-    n = t.num_ranks
-    p = arch.params
-    weight_bytes = 2 if t.precision == "bf16" else 4
-    stage = t.zero_stage
+    prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
+    # A row is its prompt and completion; a multi-turn episode grows up to rollout.max_context_tokens.
+    width = r.max_context_tokens if multi_turn else prompt + r.max_new_tokens
+    tokens = t.max_tokens_per_micro_batch or t.micro_batch_size * width
+    host: dict[str, int] = {}
+    trainer = _trainer_parts(cfg, arch, tokens, host)
+    engine, workers_per_node = _engine_parts(cfg, arch, width, host)
+    plan = Plan(arch, trainer, engine, host, tokens)
+    if not _on_gpu(cfg):  # on CPU the trainer and the engines live in host memory too
+        host["trainer ranks"] = plan.trainer_total * _ranks_per_node(cfg)
+        host["rollout engines"] = plan.engine_total * workers_per_node
+    return plan
+
+
+def _trainer_parts(cfg: RunConfig, arch: Architecture, tokens: int, host: dict[str, int]) -> dict[str, int]:
+    """A trainer rank's parts for micro-batches of `tokens` token slots; what it offloads goes to `host`."""
+    t, n, p, stage = cfg.trainer, cfg.trainer.num_ranks, arch.params, cfg.trainer.zero_stage
+    weight_bytes = DTYPE_BYTES[t.precision]
     # Bytes per parameter of each state, and over how many ranks it is split (DeepSpeed's rules):
     # the model's weights (split at stage 3), gradients (from stage 2), and the optimizer's states:
     # AdamW's two fp32 moments, and in bf16 an fp32 master copy (split from stage 1).
@@ -195,7 +211,6 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
     optimizer = p * optimizer_bytes // (n if stage >= 1 else 1)
     # torch's AdamW (foreach) steps with an fp32 temporary the size of its parameters.
     step = p * 4 // (n if stage >= 1 else 1)
-    host: dict[str, int] = {}
     ranks_per_node = _ranks_per_node(cfg)
     if t.offload_optimizer:
         host["trainer optimizer states (offloaded)"] = optimizer * ranks_per_node
@@ -207,27 +222,20 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
         host["trainer weights (offloaded)"] = weights * ranks_per_node
         weights = 0
 
-    prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
-    # A row is its prompt and completion; a multi-turn episode grows up to rollout.max_context_tokens.
-    width = r.max_context_tokens if multi_turn else prompt + r.max_new_tokens
-    tokens = t.max_tokens_per_micro_batch or t.micro_batch_size * width
     moe_layers = arch.layers - arch.dense_layers
-    per_token_all = moe_layers * layer_activation_elements(arch) + arch.dense_layers * layer_activation_elements(
-        arch, moe=False
-    )
-    act_bytes = weight_bytes
-    layer = tokens * layer_activation_elements(arch, moe=moe_layers > 0) * act_bytes
+    layer = tokens * layer_activation_elements(arch, moe=moe_layers > 0) * weight_bytes
     if t.activation_checkpointing:
         # Each layer's input is kept; in the backward a layer is recomputed (its activations) and
         # runs its own backward (their gradients) at once.
-        activations = tokens * arch.layers * arch.hidden * act_bytes
+        activations = tokens * arch.layers * arch.hidden * weight_bytes
         working = 2 * layer
     else:
-        # While a layer runs its backward, the gradients of what it saved exist beside it.
-        activations = tokens * per_token_all * act_bytes
+        # Every layer's saved tensors; while a layer runs its backward, their gradients beside them.
+        per_token = moe_layers * layer_activation_elements(arch) + arch.dense_layers * layer_activation_elements(
+            arch, moe=False
+        )
+        activations = tokens * per_token * weight_bytes
         working = layer
-    # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
-    logits = 4 * min(LOGIT_CHUNK_BYTES, tokens * arch.vocab * 4)
     trainer = {
         "weights": weights,
         "gradients": grads,
@@ -235,15 +243,20 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
         "optimizer step temporaries": step,
         "activations": activations,
         "backward working set": working,
-        "log-prob chunk": logits,
+        # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
+        "log-prob chunk": 4 * min(CHUNK_BYTES, tokens * arch.vocab * 4),
     }
     if cfg.algorithm.loss.kl.coef > 0:
         trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
+    return trainer
 
+
+def _engine_parts(cfg: RunConfig, arch: Architecture, context: int, host: dict[str, int]) -> tuple[dict[str, int], int]:
+    """A rollout engine's parts (per GPU with tensor parallelism) at `context` tokens a sequence, and
+    the workers on a node; what the workers and the publish hold in host memory goes to `host`."""
+    r, p = cfg.rollout, arch.params
     rollout_bytes = DTYPE_BYTES[cfg.model.dtype]
     tp = r.vllm.tensor_parallel_size if r.engine == "vllm" else 1
-    engine = {"weights": p * rollout_bytes // tp}
-    context = width
     # The KV cache of every sequence an engine runs at once, at the longest context: vLLM's on a GPU
     # (what its share of the GPU, rollout.vllm.gpu_memory_utilization, must leave room for); on the
     # CPU the rollout.vllm.kv_cache_gb it reserves; the transformers engine's for a generate call.
@@ -251,18 +264,14 @@ def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = 
     kv = rows * context * arch.layers * arch.kv_dim * rollout_bytes // tp
     if r.engine == "vllm" and not _on_gpu(cfg):
         kv = int(r.vllm.kv_cache_gb * GB)
-    engine["KV cache"] = kv
-    workers_per_node = r.num_workers if not _on_gpu(cfg) else max(1, min(r.num_workers, 8 // max(tp, 1)))
+    engine = {"weights": p * rollout_bytes // tp, "KV cache": kv}
+    workers_per_node = r.num_workers if not _on_gpu(cfg) else max(1, min(r.num_workers, GPUS_PER_NODE // tp))
     # A worker stages one received snapshot beyond its engine's weights; the publish holds a bucket.
     host["staged snapshots"] = p * rollout_bytes * workers_per_node
     if tp > 1:  # vLLM's worker processes take each update as safetensors files in /dev/shm
         host["/dev/shm snapshot files (TP > 1)"] = p * rollout_bytes * workers_per_node
     host["publish buckets"] = 2 * min(int(cfg.weight_sync.bucket_mb * 2**20), p * rollout_bytes)
-    if not _on_gpu(cfg):  # on CPU the trainer and the engines live in host memory too
-        plan = Plan(arch, trainer, engine, host, tokens)
-        host["trainer ranks"] = plan.trainer_total * ranks_per_node
-        host["rollout engines"] = sum(engine.values()) * workers_per_node
-    return Plan(arch, trainer, engine, host, tokens)
+    return engine, workers_per_node
 
 
 def _on_gpu(cfg: RunConfig) -> bool:
@@ -272,7 +281,7 @@ def _on_gpu(cfg: RunConfig) -> bool:
 def _ranks_per_node(cfg: RunConfig) -> int:
     if not _on_gpu(cfg):
         return cfg.trainer.num_ranks
-    return min(cfg.trainer.num_ranks, max(1, int(8 // max(cfg.trainer.num_gpus, 1))))
+    return min(cfg.trainer.num_ranks, max(1, int(GPUS_PER_NODE // max(cfg.trainer.num_gpus, 1))))
 
 
 def gb(n: float) -> str:
