@@ -50,8 +50,15 @@ What differs and could not be removed:
   `rollout.batch_size` (256) rows per call.
 - TRL logs its metrics every step (kept in results.json); tidal logs every step to metrics.jsonl.
 
-    .venv/bin/python bench/vs_trl.py [--steps 300] [--eval-size 1000] [--tidal-variants k1,k0]
-        [--seed 0] [--trl-threads 1,2] [--tidal-first] [--out runs/bench-vs-trl] [key=value ...]
+The long task (`--task long`, configs/long.yaml: counting, answers of a few to over a thousand
+tokens) adds one difference: each of its rows caps its own new tokens (its answer's length + 8; a
+longer answer cannot be right), which tidal's engines honour and TRL's generation cannot (one
+`max_completion_length` for all, the config's `rollout.max_new_tokens`). A completion that runs past
+its row's cap scores 0 in both (the exact match fails); TRL only spends longer generating it.
+
+    .venv/bin/python bench/vs_trl.py [--task quickstart|long] [--steps 300] [--eval-size 1000]
+        [--tidal-variants k1,k0] [--seed 0] [--trl-threads 1,2] [--tidal-first] [--out runs/bench-vs-trl]
+        [key=value ...]
 
 Needs the `bench` extra (`scripts/setup.sh --bench`, or `pip install -e '.[bench]'`).
 """
@@ -79,6 +86,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # TRL checks the installed vLLM (tidal's `vllm` extra) against its own range; it generates without vLLM here.
 warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 
+TASKS = {"quickstart": "configs/quickstart.yaml", "long": "configs/long.yaml"}
 TIDAL_VARIANTS = {
     "k1": [],  # the quickstart as shipped: max_staleness 1, truncated IS
     "k0": ["rollout.max_staleness=0"],
@@ -453,7 +461,8 @@ def in_own_process(args: argparse.Namespace, system: str) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--task", choices=sorted(TASKS), default=None, help="a shipped task's config (sets --config)")
+    ap.add_argument("--config", default=TASKS["quickstart"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-size", type=int, default=1000, help="held-out problems (data.source.eval_size)")
     ap.add_argument("--tidal-variants", default="k1,k0", help=f"of {', '.join(TIDAL_VARIANTS)}; empty: none")
@@ -469,6 +478,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system, in the child process
     ap.add_argument("overrides", nargs="*", help="further key=value overrides of the tidal config (both systems)")
     args = ap.parse_args()
+    if args.task is not None:
+        args.config = TASKS[args.task]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.only is not None:

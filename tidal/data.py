@@ -6,6 +6,7 @@ ride along for reward functions.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tidal.config import ArithmeticData, ConfigError, DataConfig, FileData
+from tidal.config import ArithmeticData, ConfigError, CountingData, DataConfig, FileData
 
 if TYPE_CHECKING:  # imported where data is loaded: a rollout worker, which only encodes texts, starts
     # without `datasets` and the pandas it brings (about a second of its start-up on two cores).
@@ -54,6 +55,35 @@ def arithmetic_splits(cfg: ArithmeticData) -> tuple[list[dict[str, str]], list[d
         if p not in held:
             train.append({"prompt": p, "answer": a})
     return train, [{"prompt": p, "answer": a} for p, a in held.items()]
+
+
+# ------------------------------------------------------------------------------------------ counting
+
+
+def _count(rng: random.Random, cfg: CountingData) -> dict[str, Any]:
+    n = max(1, min(cfg.max_count, round(rng.lognormvariate(math.log(cfg.median_count), cfg.sigma))))
+    a = rng.randint(0, cfg.max_value + 1 - n)
+    answer = " ".join(str(x) for x in range(a, a + n))
+    return {"prompt": f"count {a} to {a + n - 1}:", "answer": answer, "max_new_tokens": len(answer) + cfg.slack}
+
+
+def counting_splits(cfg: CountingData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and held-out counting problems; held-out problems never appear in train."""
+    rng = random.Random(cfg.seed)
+    held: dict[str, dict[str, Any]] = {}
+    for _ in range(100 * cfg.eval_size):
+        if len(held) == cfg.eval_size:
+            break
+        row = _count(rng, cfg)
+        held[row["prompt"]] = row
+    else:
+        raise ConfigError(f"data.source: fewer than eval_size={cfg.eval_size} distinct counting problems; lower it")
+    train = []
+    while len(train) < cfg.train_size:
+        row = _count(rng, cfg)
+        if row["prompt"] not in held:
+            train.append(row)
+    return train, list(held.values())
 
 
 def parse_int_answer(completion: str) -> int | None:
@@ -109,8 +139,8 @@ def load_splits(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
     from datasets import Dataset
 
     src = cfg.source
-    if isinstance(src, ArithmeticData):
-        train, held = arithmetic_splits(src)
+    if isinstance(src, ArithmeticData | CountingData):
+        train, held = arithmetic_splits(src) if isinstance(src, ArithmeticData) else counting_splits(src)
         return Dataset.from_list(train), Dataset.from_list(held)
     train_ds = _load_files(src.train_files, src, "train")
     eval_ds = _load_files(src.eval_files, src, "eval") if src.eval_files else None
@@ -183,10 +213,10 @@ def check_prompt_lengths(
     return max(lengths, default=0)
 
 
-def _row_origin(src: ArithmeticData | FileData, split: str, index: int) -> str:
+def _row_origin(src: ArithmeticData | CountingData | FileData, split: str, index: int) -> str:
     """Where row `index` of a split comes from: its file and 1-based row (found only on an error)."""
-    if isinstance(src, ArithmeticData):
-        return f"arithmetic {split} problem {index}"
+    if not isinstance(src, FileData):
+        return f"{src.type} {split} problem {index}"
     files = src.train_files if split == "train" else src.eval_files
     for f in files:
         n = len(_load_files([f], src, split))

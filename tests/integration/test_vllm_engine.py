@@ -53,6 +53,11 @@ class VLLMHost:
         self.engine.load_weights(state, version)
         return self.engine.version
 
+    def load_buckets(self, buckets: list[dict[str, torch.Tensor]], version: int) -> int:
+        """Load a snapshot in `buckets`; the most of them in shared memory at once (through files)."""
+        self.engine.load_weights(buckets, version)
+        return self.engine.shm_parts_peak
+
     def generate_admitting(
         self, prompts: list[list[int]], params: SamplingParams, later: list[list[int]], chunk_tokens: int
     ) -> list[Completion]:
@@ -331,14 +336,17 @@ def test_prefix_cache_reset_is_needed(preset: Path, reference: TransformersEngin
 @pytest.mark.slow  # the path of tensor-parallel engines on GPUs; per commit vLLM runs in process
 def test_engine_subprocess_takes_weights_through_a_file(preset: Path, reference: TransformersEngine) -> None:
     """vLLM's default engine subprocess (`in_process: false`): tensors do not survive its RPC, so the
-    update travels as a safetensors file in shared memory; the outputs match the new weights' forward
-    and the file is gone after."""
+    update travels as safetensors parts in shared memory, streamed a bucket at a time (never the whole
+    snapshot there: at most two of its six buckets at once); the outputs match the new weights' forward
+    and the files are gone after."""
     if preset.name.startswith("tiny-glm4"):
         pytest.skip("one architecture is enough for the out-of-process path")
     h = VLLMHost.remote(str(preset), in_process=False)
     try:
         state = perturbed(reference.model, seed=5)
-        assert ray.get(h.load_weights.remote(state, 1), timeout=WAIT_S) == 1
+        names = list(state)
+        buckets = [{k: state[k] for k in names[i::6]} for i in range(6)]
+        assert ray.get(h.load_buckets.remote(buckets, 1), timeout=WAIT_S) == 2
         new = load_model(preset)
         new.load_state_dict(state)
         outs = gen(h, encode(reference), SamplingParams(temperature=0.0, max_new_tokens=6))

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from tidal.config import ArithmeticData, ConfigError, DataConfig, FileData
-from tidal.data import arithmetic_splits, encode_prompts, exact_match, format_prompt, load_splits
+from tidal.config import ArithmeticData, ConfigError, CountingData, DataConfig, FileData
+from tidal.data import arithmetic_splits, counting_splits, encode_prompts, exact_match, format_prompt, load_splits
 from tidal.model.loading import build_char_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -33,6 +33,34 @@ def test_arithmetic_is_deterministic_and_difficulty_changes_problems() -> None:
 def test_eval_split_too_large_for_problem_space() -> None:
     with pytest.raises(ConfigError, match="eval_size"):
         arithmetic_splits(ArithmeticData(digits=1, num_operands=2, ops=["+"], eval_size=80))
+
+
+def test_counting_answers_are_long_uneven_and_correct() -> None:
+    """The long task's defaults: answers of tens of tokens at the median (one character is one token of
+    the presets' tokenizer), p99 over 8x the median, the longest past 1,000; each row's own cap on new
+    tokens leaves room for its answer and the end of sequence."""
+    train, held = counting_splits(CountingData())
+    assert len(train) == 20000 and len(held) == 200
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    tok = build_char_tokenizer()
+    lengths = sorted(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in train)
+    median, p99 = lengths[len(lengths) // 2], lengths[int(0.99 * len(lengths))]
+    assert 10 <= median < 100 and p99 >= 8 * median and lengths[-1] > 1000, (median, p99, lengths[-1])
+    for r in train[:200] + held:
+        a, b = (int(x) for x in r["prompt"].removeprefix("count ").removesuffix(":").split(" to "))
+        assert 0 <= a <= b <= 999
+        assert r["answer"].split(" ") == [str(x) for x in range(a, b + 1)]
+        assert r["max_new_tokens"] == len(r["answer"]) + 8
+    assert counting_splits(CountingData(train_size=10, eval_size=5)) == counting_splits(
+        CountingData(train_size=10, eval_size=5)
+    )
+
+
+def test_counting_refuses_what_cannot_be_drawn() -> None:
+    with pytest.raises(ValueError, match="max_count=50 numbers do not fit"):
+        CountingData(max_count=50, max_value=20)
+    with pytest.raises(ConfigError, match="eval_size=30 distinct"):
+        counting_splits(CountingData(max_count=2, max_value=3, eval_size=30))
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,39 @@ class ArithmeticData(Strict):
     """Seed of the generator; the same seed gives the same splits."""
 
 
+class CountingData(Strict):
+    type: Literal["counting"] = "counting"
+    """Built-in long, uneven answers: prompts like `count 37 to 52:`, answered `37 38 ... 52`, checked
+    exactly. The count of numbers per answer is log-normal, so answers run from a few tokens to past
+    a thousand (median tens, p99 over ten times the median); each row carries its own
+    `max_new_tokens` (its answer's characters + `slack`: an answer that runs past it cannot be right)."""
+    median_count: float = Field(8.0, gt=0.0)
+    """Median count of numbers an answer writes out."""
+    sigma: float = Field(1.1, ge=0.0)
+    """Spread of the log-normal count (log scale): p99 / median = exp(2.33 sigma), 13 at 1.1."""
+    max_count: int = Field(300, ge=1)
+    """Longest answer, in numbers (counts drawn above it are cut to it)."""
+    max_value: int = Field(999, ge=1)
+    """Largest number in an answer (and a prompt)."""
+    slack: int = Field(8, ge=1)
+    """Tokens a row allows beyond its answer's characters (the end-of-sequence token included)."""
+    train_size: int = Field(20000, ge=1)
+    """Problems in the train split."""
+    eval_size: int = Field(200, ge=1)
+    """Problems in the held-out split (disjoint from train)."""
+    seed: int = 1234
+    """Seed of the generator; the same seed gives the same splits."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> CountingData:
+        if self.max_count > self.max_value + 1:
+            raise ValueError(
+                f"max_count={self.max_count} numbers do not fit in 0..max_value={self.max_value}; "
+                "raise max_value or lower max_count"
+            )
+        return self
+
+
 class FileData(Strict):
     type: Literal["files"] = "files"
     """Prompts from local json / jsonl / parquet files, read through HF `datasets`."""
@@ -113,8 +146,8 @@ class FileData(Strict):
 
 
 class DataConfig(Strict):
-    source: Annotated[ArithmeticData | FileData, Field(discriminator="type")] = ArithmeticData()
-    """Where prompts come from; `type` picks the variant (`arithmetic` or `files`)."""
+    source: Annotated[ArithmeticData | CountingData | FileData, Field(discriminator="type")] = ArithmeticData()
+    """Where prompts come from; `type` picks the variant (`arithmetic`, `counting` or `files`)."""
     chat_template: bool = False
     """Wrap each prompt in the tokenizer's chat template (user turn + generation prompt)."""
     max_prompt_tokens: int = Field(1024, ge=1)

@@ -416,6 +416,14 @@ def sample_metrics(samples: list[Sample]) -> Metrics:
     n = float(len(samples))
     return {
         "rollout/response_length": mean(sum(len(s.response_ids) for s in samples) / max(n, 1.0), n),
+        **(
+            {
+                "rollout/response_length_max": largest(float(max(len(s.response_ids) for s in samples))),
+                "rollout/response_length_min": smallest(float(min(len(s.response_ids) for s in samples))),
+            }
+            if samples
+            else {}
+        ),
         "rollout/truncated_frac": mean(sum(s.finish_reason == "length" for s in samples) / max(n, 1.0), n),
         "rollout/samples": total(n),
         "rollout/interrupted_samples": total(float(sum(len(set(s.versions)) > 1 for s in samples))),

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,15 @@ from transformers import PreTrainedTokenizerBase
 
 from tidal.config import ConfigError, VLLMConfig
 from tidal.rollout.engines.base import Admit, row_limits
+from tidal.rollout.engines.vllm_ext import ERROR, PARTS_AHEAD, part_path, read_marker
 from tidal.types import Completion, SamplingParams, mix_seed
 from tidal.weight_sync import Weights, as_buckets
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "tidal.rollout.engines.vllm_ext.TidalWorkerExtension"
+PART_TIMEOUT_S = 600.0
+"""How long an engine process waits for the next part of a snapshot before the load fails."""
 SHM_PREFIX = "tidal-vllm-"
 """Snapshot files for vLLM's worker processes live in `shared_memory_dir()/tidal-vllm-<pid>-*`."""
 
@@ -110,6 +114,8 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.version = version
         self.shapes = state_dict_shapes(Path(model_dir))
+        self.shm_parts_peak = 0
+        """The most snapshot parts in shared memory at once during the last load through files."""
         if not (cfg.in_process and cfg.tensor_parallel_size == 1):  # updates go through files
             remove_stale_snapshot_files(shared_memory_dir())  # a restarted worker's predecessor's
         if torch.cuda.is_available():
@@ -308,19 +314,54 @@ class VLLMEngine:
     def _load_through_files(self, buckets: list[dict[str, torch.Tensor]]) -> None:
         """Out of process, tensors do not survive vLLM's RPC serialization (they arrive as lists): the
         engine's processes read safetensors files in shared memory instead, one per bucket (10x faster
-        than sending the file's bytes through the RPC, measured in bench/vllm_engine.py)."""
-        from safetensors.torch import save_file
-
-        from tidal.weight_sync import unshared
-
+        than sending the file's bytes through the RPC, measured in bench/vllm_engine.py), streamed: a
+        thread writes the parts while the engine's processes read them, and removes each once every
+        tensor-parallel rank has read it, so shared memory holds at most `PARTS_AHEAD` buckets
+        (`shm_parts_peak`: the most it held during the last load)."""
         shm = shared_memory_dir()
         remove_stale_snapshot_files(shm)
         with tempfile.TemporaryDirectory(dir=shm, prefix=f"{SHM_PREFIX}{os.getpid()}-") as d:
-            paths = []
-            for i, bucket in enumerate(buckets):
-                paths.append(os.path.join(d, f"part-{i:05d}.safetensors"))
-                save_file(unshared({k: v.cpu() for k, v in bucket.items()}), paths[-1])
-            self.llm.collective_rpc("tidal_load_weights", args=(paths,))
+            stop, peak = threading.Event(), [0]
+            writer = threading.Thread(
+                target=write_parts, args=(d, buckets, self.cfg.tensor_parallel_size, stop, peak), daemon=True
+            )
+            writer.start()
+            try:
+                stream = {"dir": d, "parts": len(buckets), "timeout_s": PART_TIMEOUT_S}
+                self.llm.collective_rpc("tidal_load_weights", args=(stream,))
+            finally:
+                stop.set()
+                writer.join()
+            self.shm_parts_peak = peak[0]
+
+
+def write_parts(
+    d: str, buckets: list[dict[str, torch.Tensor]], readers: int, stop: threading.Event, peak: list[int]
+) -> None:
+    """Write each bucket as part i of `d` (`vllm_ext`'s hand-off), first removing part i - PARTS_AHEAD
+    once all `readers` marked it read; `peak[0]`: the most parts present at once. Stops when `stop` is
+    set (the load ended or failed); an error is left in `d` for the readers."""
+    from safetensors.torch import save_file
+
+    from tidal.weight_sync import unshared
+
+    try:
+        for i, bucket in enumerate(buckets):
+            if i >= PARTS_AHEAD:
+                done = i - PARTS_AHEAD
+                markers = [read_marker(d, done, r) for r in range(readers)]
+                while not all(os.path.exists(m) for m in markers):
+                    if stop.wait(0.001):
+                        return
+                for f in [part_path(d, done), *markers]:
+                    os.remove(f)
+            tmp = part_path(d, i) + ".tmp"
+            save_file(unshared({k: v.cpu() for k, v in bucket.items()}), tmp)
+            os.replace(tmp, part_path(d, i))
+            peak[0] = max(peak[0], sum(1 for f in os.listdir(d) if f.endswith(".safetensors")))
+    except Exception as e:  # the engine's readers raise it (the load fails) instead of waiting for a part
+        with open(os.path.join(d, ERROR), "w") as f:
+            f.write(repr(e))
 
 
 @dataclass
