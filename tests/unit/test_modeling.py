@@ -164,3 +164,20 @@ def test_a_filler_micro_batch_adds_nothing_and_is_dropped_when_put_back() -> Non
     plan = [*budget_micro_batches(batch, max_rows=8, max_tokens=64), filler]
     back = scatter_rows([m.batch.logp_mu for m in plan], plan, 2, 6)
     assert torch.equal(back, batch.logp_mu)
+
+
+def test_completion_logprobs_of_uneven_rows_match_one_row_at_a_time() -> None:
+    """Teacher-forced log-probs of rows of very different lengths, micro-batched by length under a
+    token budget, equal each row's alone (no padding)."""
+    from tidal.model.forward import completion_logprobs
+    from tidal.model.loading import load_model, materialize_preset
+
+    model = load_model(materialize_preset("tiny-qwen3-moe")).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 60, (n,), generator=g).tolist() for n in (3, 7, 4, 5)]
+    completions = [torch.randint(5, 60, (n,), generator=g).tolist() for n in (40, 2, 9, 1)]
+    together = completion_logprobs(model, prompts, completions, pad_id=0, max_tokens=48)
+    for p, c, got in zip(prompts, completions, together, strict=True):
+        (alone,) = completion_logprobs(model, [p], [c], pad_id=0)
+        assert got.shape == (len(c),)
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
