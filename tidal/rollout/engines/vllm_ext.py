@@ -70,7 +70,9 @@ def _streamed(d: str, parts: int, timeout_s: float, rank: int) -> Iterator[tuple
     for i in range(parts):
         path, deadline = part_path(d, i), time.monotonic() + timeout_s
         while not os.path.exists(path):
-            if os.path.exists(os.path.join(d, ERROR)):
+            # The writer leaves its error after every part it wrote: the part is not coming only if
+            # it is still missing once the error is there.
+            if os.path.exists(os.path.join(d, ERROR)) and not os.path.exists(path):
                 with open(os.path.join(d, ERROR)) as f:
                     raise RuntimeError(f"the rollout worker could not write weight part {i}: {f.read()}")
             if time.monotonic() > deadline:
