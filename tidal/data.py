@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,16 +46,33 @@ def arithmetic_splits(cfg: ArithmeticData) -> tuple[list[dict[str, str]], list[d
             f"data.source.eval_size={cfg.eval_size} is more than half of the {space} distinct problems; "
             "raise data.source.digits or lower eval_size"
         )
-    held: dict[str, str] = {}
-    while len(held) < cfg.eval_size:
+
+    def draw() -> dict[str, str]:
         p, a = _problem(rng, cfg)
-        held[p] = a
-    train: list[dict[str, str]] = []
-    while len(train) < cfg.train_size:
-        p, a = _problem(rng, cfg)
-        if p not in held:
-            train.append({"prompt": p, "answer": a})
-    return train, [{"prompt": p, "answer": a} for p, a in held.items()]
+        return {"prompt": p, "answer": a}
+
+    return disjoint_splits(draw, cfg.train_size, cfg.eval_size, "arithmetic")
+
+
+def disjoint_splits(
+    draw: Callable[[], dict[str, Any]], train_size: int, eval_size: int, task: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`eval_size` distinct held-out rows (by prompt), then `train_size` train rows whose prompts are
+    not held out, in the order `draw` makes them; fails in one line when too few distinct prompts come."""
+    held: dict[str, dict[str, Any]] = {}
+    for _ in range(100 * eval_size):
+        if len(held) == eval_size:
+            break
+        row = draw()
+        held.setdefault(row["prompt"], row)
+    else:
+        raise ConfigError(f"data.source: fewer than eval_size={eval_size} distinct {task} problems; lower it")
+    train = []
+    while len(train) < train_size:
+        row = draw()
+        if row["prompt"] not in held:
+            train.append(row)
+    return train, list(held.values())
 
 
 # ------------------------------------------------------------------------------------------ counting
@@ -70,20 +88,7 @@ def _count(rng: random.Random, cfg: CountingData) -> dict[str, Any]:
 def counting_splits(cfg: CountingData) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and held-out counting problems; held-out problems never appear in train."""
     rng = random.Random(cfg.seed)
-    held: dict[str, dict[str, Any]] = {}
-    for _ in range(100 * cfg.eval_size):
-        if len(held) == cfg.eval_size:
-            break
-        row = _count(rng, cfg)
-        held[row["prompt"]] = row
-    else:
-        raise ConfigError(f"data.source: fewer than eval_size={cfg.eval_size} distinct counting problems; lower it")
-    train = []
-    while len(train) < cfg.train_size:
-        row = _count(rng, cfg)
-        if row["prompt"] not in held:
-            train.append(row)
-    return train, list(held.values())
+    return disjoint_splits(lambda: _count(rng, cfg), cfg.train_size, cfg.eval_size, "counting")
 
 
 def parse_int_answer(completion: str) -> int | None:
@@ -139,8 +144,11 @@ def load_splits(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
     from datasets import Dataset
 
     src = cfg.source
-    if isinstance(src, ArithmeticData | CountingData):
-        train, held = arithmetic_splits(src) if isinstance(src, ArithmeticData) else counting_splits(src)
+    if isinstance(src, ArithmeticData):
+        train, held = arithmetic_splits(src)
+        return Dataset.from_list(train), Dataset.from_list(held)
+    if isinstance(src, CountingData):
+        train, held = counting_splits(src)
         return Dataset.from_list(train), Dataset.from_list(held)
     train_ds = _load_files(src.train_files, src, "train")
     eval_ds = _load_files(src.eval_files, src, "eval") if src.eval_files else None
