@@ -414,14 +414,15 @@ def generate_timing(start: float, seconds: float) -> Metrics:
 def sample_metrics(samples: list[Sample]) -> Metrics:
     """Length, truncation and token counts of a rollout call's (or a group's) samples."""
     n = float(len(samples))
+    lengths = [len(s.response_ids) for s in samples]
     return {
-        "rollout/response_length": mean(sum(len(s.response_ids) for s in samples) / max(n, 1.0), n),
+        "rollout/response_length": mean(sum(lengths) / max(n, 1.0), n),
         **(
             {
-                "rollout/response_length_max": largest(float(max(len(s.response_ids) for s in samples))),
-                "rollout/response_length_min": smallest(float(min(len(s.response_ids) for s in samples))),
+                "rollout/response_length_max": largest(float(max(lengths))),
+                "rollout/response_length_min": smallest(float(min(lengths))),
             }
-            if samples
+            if lengths
             else {}
         ),
         "rollout/truncated_frac": mean(sum(s.finish_reason == "length" for s in samples) / max(n, 1.0), n),
