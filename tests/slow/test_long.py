@@ -2,39 +2,18 @@
 must raise held-out accuracy from the task's own SFT warm start."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_long_task_raises_held_out_accuracy_by_ten_points(tmp_path: Path) -> None:
+def test_long_task_raises_held_out_accuracy_by_ten_points(train_run) -> None:
     """`tidal train configs/long.yaml`: the counting task's SFT warm start (trained on first use, or
     reused from the user's cache) to 100 steps of streaming, asynchronous GRPO under a token budget.
     Ten points is far outside the noise of a 200-problem eval (about 3.5 points). The steps must have
     trained long, uneven answers: rows past 300 tokens beside rows of a few."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidal.cli",
-            "train",
-            "configs/long.yaml",
-            f"output_dir={tmp_path}",
-            "monitor.wandb=disabled",
-            "train.save_checkpoint=false",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "long"
+    run = train_run("configs/long.yaml", "long", 3600)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval/num_samples"] == 200
     gain = summary["eval/accuracy"] - summary["eval/accuracy_before"]
