@@ -63,6 +63,7 @@ def test_path_override_replaces_preset(tmp_path: Path) -> None:
         ("trainer.offload_optimizer=true", "trainer.offload_optimizer needs trainer.zero_stage >= 1"),
         ("trainer.offload_params=true", "trainer.offload_params needs trainer.zero_stage=3"),
         ("trainer.max_tokens_per_micro_batch=0", "config key 'trainer.max_tokens_per_micro_batch'"),
+        ("trainer.packing=true", "trainer.packing needs trainer.max_tokens_per_micro_batch"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, expected: str) -> None:
@@ -176,3 +177,19 @@ def test_over_sampling_needs_streaming() -> None:
         load_config(None, ["rollout.deterministic=true", "filter.max_oversample=0.5"])
     cfg = load_config(None, ["filter.max_oversample=0.5", "rollout.prompts_per_step=10"])
     assert cfg.oversample_per_batch == 5 and load_config(None, []).oversample_per_batch == 0
+
+
+def test_a_warm_start_is_named_by_the_settings_set_away_from_their_defaults(tmp_path: Path) -> None:
+    """A key written at its default (as every key tidal adds later is) keeps a cached warm start's
+    name; a setting that changes the weights gives another."""
+    from tidal.model.loading import warm_start_dir
+
+    base = (REPO / "configs/sft_arithmetic.yaml").read_text()
+    same, other = tmp_path / "a" / "sft_arithmetic.yaml", tmp_path / "b" / "sft_arithmetic.yaml"
+    same.parent.mkdir()
+    other.parent.mkdir()
+    same.write_text(base + "\nseed: 0\n")
+    other.write_text(base + "\nseed: 1\n")
+    assert load_config(same).seed == 0  # the default, written out
+    assert warm_start_dir(same) == warm_start_dir(REPO / "configs/sft_arithmetic.yaml")
+    assert warm_start_dir(other) != warm_start_dir(REPO / "configs/sft_arithmetic.yaml")

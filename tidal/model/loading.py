@@ -225,10 +225,14 @@ _WEIGHT_KEYS = ("seed", "model", "data", "trainer", "sft")
 
 
 def warm_start_dir(sft_config: str | Path) -> Path:
-    """The cached SFT run directory of `sft_config` (it may not exist yet)."""
+    """The cached SFT run directory of `sft_config` (it may not exist yet): named by a digest of the
+    settings that shape its weights, as set away from their defaults, so that a key added to tidal
+    later (at its default) leaves every cached warm start in place; changing a default does not
+    retrain one either (`tidal sft` it again, or clear the cache, to have it follow)."""
     cfg = load_config(sft_config)
-    tree = cfg.model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps({k: tree[k] for k in _WEIGHT_KEYS}, sort_keys=True).encode()).hexdigest()
+    tree = cfg.model_dump(mode="json", exclude_defaults=True)
+    chosen = {k: tree.get(k, {}) for k in _WEIGHT_KEYS}
+    digest = hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
     return cache_root() / "warm_start" / f"{Path(sft_config).stem}-{digest[:10]}"
 
 
