@@ -7,11 +7,13 @@ reports the growth of its resident memory's high-water mark (VmHWM) over its res
 the model was built, against the plan's trainer total for the same config (weights, gradients,
 optimizer states and the step's temporaries, activations, a layer's backward, the log-prob chunk).
 Then the uneven batch of long chains of thought (1 row of 2,048 tokens and 7 of 128, 2,944 tokens)
-against an even batch of 8 x 512 (4,096 tokens), without and with a token budget of 2,048.
+against an even batch of 8 x 512 (4,096 tokens), without and with a token budget of 2,048, and
+packed under that budget.
 
     .venv/bin/python bench/memory.py [--cases small-256x8,...] [--quick]
 
-A case is SIZE-LENGTHxROWS[-ckpt][-budgetN]; SIZE is small (~20M parameters), medium (~140M) or
+A case is SIZE-LENGTHxROWS[-ckpt][-budgetN][-packed] (packed: `trainer.packing`, the budget's rows
+run as one sequence of their tokens); SIZE is small (~20M parameters), medium (~140M) or
 large (~390M).
 """
 
@@ -43,7 +45,13 @@ DEFAULT_CASES = [
     "large-1024x2",
     "large-2048x2-ckpt",
 ]
-UNEVEN_CASES = ["small-even512x8", "small-uneven", "small-even512x8-budget2048", "small-uneven-budget2048"]
+UNEVEN_CASES = [
+    "small-even512x8",
+    "small-uneven",
+    "small-even512x8-budget2048",
+    "small-uneven-budget2048",
+    "small-uneven-budget2048-packed",
+]
 
 
 def model_config(size: str) -> Any:
@@ -69,7 +77,7 @@ def model_config(size: str) -> Any:
 
 def parse(case: str) -> dict[str, Any]:
     size, shape, *flags = case.split("-")
-    out: dict[str, Any] = {"size": size, "ckpt": "ckpt" in flags, "budget": None}
+    out: dict[str, Any] = {"size": size, "ckpt": "ckpt" in flags, "packed": "packed" in flags, "budget": None}
     for f in flags:
         if f.startswith("budget"):
             out["budget"] = int(f.removeprefix("budget"))
@@ -116,6 +124,8 @@ def child(case: str) -> dict[str, Any]:
     ]
     if spec["budget"]:
         overrides.append(f"trainer.max_tokens_per_micro_batch={spec['budget']}")
+    if spec["packed"]:
+        overrides.append("trainer.packing=true")
     cfg = load_config(None, overrides).for_rl()
     plan = plan_memory(cfg, arch, prompt_tokens=width - width // 2)
     if spec["budget"] is None:

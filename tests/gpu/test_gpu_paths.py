@@ -319,8 +319,9 @@ UNEVEN = [500] + [40] * 7
 
 
 def _lever_steps(_: int, preset: str, out: str) -> None:
-    """The same ZeRO-3 bf16 SFT step four ways (plain, activation checkpointing, a token budget,
-    both): loss, gradient norm and the step's peak CUDA memory over what the model held before."""
+    """The same ZeRO-3 bf16 SFT step five ways (plain, activation checkpointing, a token budget,
+    both, packed micro-batches): loss, gradient norm and the step's peak CUDA memory over what the
+    model held before."""
     g = torch.Generator().manual_seed(0)
     width = max(UNEVEN)
     ids = torch.randint(6, 100, (len(UNEVEN), width), generator=g)
@@ -337,6 +338,7 @@ def _lever_steps(_: int, preset: str, out: str) -> None:
         "checkpointing": {"activation_checkpointing": True},
         "budget": {"max_tokens_per_micro_batch": 512},
         "both": {"activation_checkpointing": True, "max_tokens_per_micro_batch": 512},
+        "packed": {"max_tokens_per_micro_batch": 512, "packing": True},
     }.items():
         cfg = TrainerConfig(lr=1e-3, micro_batch_size=8, zero_stage=3, precision="bf16", **update)
         trainer = DeepSpeedTrainer(load_model(preset), cfg)
@@ -352,15 +354,16 @@ def _lever_steps(_: int, preset: str, out: str) -> None:
 
 
 def test_memory_levers_on_cuda(cache: Path, tmp_path: Path) -> None:
-    """`trainer.activation_checkpointing` and `trainer.max_tokens_per_micro_batch` on the GPU, ZeRO-3
-    in bf16: the same step (loss and gradient norm to bf16 precision), in less peak memory."""
+    """`trainer.activation_checkpointing`, `trainer.max_tokens_per_micro_batch` and `trainer.packing`
+    (sdpa with transformers' block-diagonal mask) on the GPU, ZeRO-3 in bf16: the same step (loss and
+    gradient norm to bf16 precision), in less peak memory."""
     preset = materialize_preset("tiny-qwen3-moe", seed=0)
     spawn(_lever_steps, (str(preset), str(tmp_path / "levers.pt")))
     r = torch.load(tmp_path / "levers.pt")
     for name, m in r.items():
         print(f"\n{name}: loss {m['loss']:.4f}, grad norm {m['grad_norm']:.3f}, step peak {m['peak'] / 2**20:.1f} MiB")
     plain = r["plain"]
-    for name in ("checkpointing", "budget", "both"):
+    for name in ("checkpointing", "budget", "both", "packed"):
         assert r[name]["loss"] == pytest.approx(plain["loss"], rel=4 * BF16_U), name
         assert r[name]["grad_norm"] == pytest.approx(plain["grad_norm"], rel=8 * BF16_U), name
         assert r[name]["peak"] < plain["peak"], name

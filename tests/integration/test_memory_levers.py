@@ -101,9 +101,9 @@ def step(preset: Path, checkpointing: bool, stage: int, replay_in_backward: bool
         loss_fn, around = loss, partial(loss.around, trainer.module)
     else:  # the replay around the forward alone, as the loss applied it before checkpointing existed
 
-        def loss_fn(engine: Any, micro: TrainBatch) -> Any:
+        def loss_fn(engine: Any, micro: TrainBatch, packed: bool) -> Any:
             with loss.around(trainer.module, micro):
-                return loss(engine, micro)
+                return loss(engine, micro, packed)
 
         around = None
     saved, pack = activation_bytes(model)
@@ -165,14 +165,25 @@ def uneven_batch(vocab: int) -> TrainBatch:
     return TrainBatch(ids, attn, mask, logp_mu=logp_mu, advantages=advantages, versions=torch.zeros_like(ids))
 
 
-def budget_step(preset: Path, budget: int | None, stage: int, rows: tuple[int, int] = (0, 8)) -> dict[str, Any]:
+def budget_step(
+    preset: Path,
+    budget: int | None,
+    stage: int,
+    rows: tuple[int, int] = (0, 8),
+    micro: int = 4,
+    packed: bool = False,
+    loss_cfg: LossConfig | None = None,
+) -> dict[str, Any]:
     """One RL step on `uneven_batch` (rows [start, end) of it on this rank), pi_old collected from the
     update's forward: metrics, gradients, pi_old in row order, and the bytes saved for the backward."""
     model = load_model(preset)
-    cfg = TrainerConfig(lr=1e-3, micro_batch_size=4, zero_stage=stage, max_tokens_per_micro_batch=budget)
+    cfg = TrainerConfig(
+        lr=1e-3, micro_batch_size=micro, zero_stage=stage, max_tokens_per_micro_batch=budget, packing=packed
+    )
     trainer = DeepSpeedTrainer(model, cfg)
     batch = row_slice(uneven_batch(model.config.vocab_size), *rows)
-    loss = RLLoss(LossConfig(), temperature=1.0, max_len=WIDTH).for_step(replay=False, collect_pi_old=True)
+    loss = RLLoss(loss_cfg or LossConfig(), temperature=1.0, max_len=WIDTH)
+    loss = loss.for_step(replay=False, collect_pi_old=True)
     saved, pack = activation_bytes(model)
 
     grads: dict[str, torch.Tensor] = {}
@@ -204,6 +215,33 @@ def test_a_token_budget_takes_the_same_step_in_far_less_memory(preset: Path, sta
     # 27.4 MB against 8.4 MB (0.31; the cells' ratio is 0.31).
     assert (plain["micros"], budget["micros"]) == (2, 3)
     assert budget["saved"] < 0.4 * plain["saved"]
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"),
+    [("tiny-qwen3-moe", 0), ("tiny-glm4-moe", 0), pytest.param("tiny-glm4-moe", 3, marks=pytest.mark.slow)],
+)
+def test_packed_micro_batches_take_the_same_step_without_padding(name: str, stage: int) -> None:
+    """`trainer.packing`: each micro-batch's rows run as one sequence of their real tokens. The same
+    step as one padded micro-batch of the whole batch, the routers' balance loss included (Switch's
+    for Qwen3, the sequence-wise one for GLM: a mean over a micro-batch's tokens, so the same only
+    over the same rows), with the activations of the tokens alone."""
+    preset = materialize_preset(name, seed=0)
+    aux = LossConfig(router_aux_coef=0.01)
+    plain = budget_step(preset, None, stage, micro=8, loss_cfg=aux)
+    packed = budget_step(preset, 128, stage, micro=8, packed=True, loss_cfg=aux)
+    same_step(packed, plain)
+    real = uneven_batch(100).loss_mask.bool()
+    assert torch.allclose(packed["pi_old"][real], plain["pi_old"][real], atol=1e-5)
+    for key in ("moe/aux_loss", "moe/expert_load_max", "moe/expert_load_min"):
+        assert packed["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-4, abs=1e-6), key
+    # The batch's 111 tokens as one sequence, against 8 x 48 = 384 cells.
+    assert (plain["micros"], packed["micros"]) == (1, 1)
+    assert packed["saved"] < 0.4 * plain["saved"]
+    # Split over packed micro-batches ([48, 12] and [11, 10, 9, 8, 7, 6]), the policy loss is the same.
+    split = budget_step(preset, 64, stage, micro=8, packed=True)
+    assert split["micros"] == 2
+    same_step(split, budget_step(preset, None, stage, micro=8))
 
 
 class LargestLogits(TorchDispatchMode):
@@ -258,21 +296,24 @@ def _leave_together() -> None:
     torch.distributed.destroy_process_group()
 
 
-def _two_ranks(rank: int, port: int, path: str, out: str) -> None:
+def _two_ranks(rank: int, port: int, path: str, out: str, packed: bool) -> None:
     _as_rank(rank, port)
     # Rank 0 holds the long row (plan [48], [12, 9, 7]); rank 1 only short ones (one micro-batch),
     # so it runs a filler for the other: at ZeRO-3 a rank short of a forward would hang the step.
-    got = budget_step(Path(path), 48, 3, (4 * rank, 4 * rank + 4))
+    got = budget_step(Path(path), 48, 3, (4 * rank, 4 * rank + 4), packed=packed)
     if rank == 0:
         torch.save({k: got[k] for k in ("metrics", "grads")}, Path(out) / "two.pt")
     _leave_together()
 
 
 @pytest.mark.slow
-def test_two_ranks_with_plans_of_different_lengths_take_the_same_step(preset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_two_ranks_with_plans_of_different_lengths_take_the_same_step(
+    preset: Path, tmp_path: Path, packed: bool
+) -> None:
     from tidal.trainer.prepare import free_port
 
-    mp.spawn(_two_ranks, args=(free_port(), str(preset), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(free_port(), str(preset), str(tmp_path), packed), nprocs=2, join=True)
     same_step(torch.load(tmp_path / "two.pt"), budget_step(preset, None, 0))
 
 

@@ -164,6 +164,9 @@ def test_record_routing_is_refused_where_it_is_not_built_yet() -> None:
 
     with pytest.raises(ConfigError, match="rollout.record_routing needs rollout.engine=transformers for now"):
         load_config(None, ["rollout.engine=vllm", "rollout.record_routing=true"])
+    budget = "trainer.max_tokens_per_micro_batch=512"
+    with pytest.raises(ConfigError, match="trainer.packing does not keep routing records yet .*routing_replay=r3"):
+        load_config(None, ["algorithm.routing_replay=r3", "trainer.packing=true", budget])
 
 
 def plain_routing(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,26 @@ def test_deepspeed_partitions_and_offload(tmp_path: Path) -> None:
     assert plain.trainer_total == plain.trainer_backward > plain.trainer_step
     kl = plan("trainer.zero_stage=3", "algorithm.loss.kl.coef=0.01")
     assert kl.trainer["KL reference"] == 2 * p // 8
+    # Packed micro-batches: sdpa keeps the rows apart with a (tokens x tokens) boolean mask; flash
+    # attention's varlen kernel needs none.
+    packed = plan("trainer.zero_stage=3", "trainer.max_tokens_per_micro_batch=16384", "trainer.packing=true")
+    assert packed.trainer["packed attention mask"] == 16384**2
+    assert packed.trainer_backward == budget.trainer_backward + 16384**2
+    flash = plan(
+        "trainer.zero_stage=3",
+        "trainer.max_tokens_per_micro_batch=16384",
+        "trainer.packing=true",
+        "model.attn_implementation=flash_attention_2",
+    )
+    assert "packed attention mask" not in flash.trainer
+    # vLLM at TP 2 reads each update from /dev/shm two buckets at a time, not as a whole snapshot.
+    tp2 = plan(
+        "rollout.engine=vllm",
+        "rollout.vllm.tensor_parallel_size=2",
+        "rollout.num_gpus_per_worker=2",
+        "weight_sync.bucket_mb=512",
+    )
+    assert tp2.host["/dev/shm snapshot parts (TP > 1)"] == 2 * 512 * 2**20  # one worker
 
 
 def test_a_run_that_cannot_fit_this_node_is_refused_in_one_line(

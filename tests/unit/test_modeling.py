@@ -181,3 +181,66 @@ def test_completion_logprobs_of_uneven_rows_match_one_row_at_a_time() -> None:
         (alone,) = completion_logprobs(model, [p], [c], pad_id=0)
         assert got.shape == (len(c),)
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+def test_packed_micro_batches_bound_the_real_tokens() -> None:
+    """Packed, the budget counts the rows' real tokens (they run as one sequence), and each row,
+    longest first, joins the first micro-batch it fits: short rows fill the room beside long ones."""
+    lengths = [3, 40, 5, 3, 12, 2, 3, 7]
+    batch = uneven_batch(lengths, 40)
+    plan = budget_micro_batches(batch, max_rows=4, max_tokens=48, packed=True)
+    assert all(m.packed for m in plan)
+    assert sorted(int(i) for m in plan for i in m.rows) == list(range(len(lengths)))
+    assert [[lengths[int(i)] for i in m.rows] for m in plan] == [[40, 7], [12, 5, 3, 3], [3, 2]]
+    for m in plan:
+        assert len(m.rows) <= 4 and sum(lengths[int(i)] for i in m.rows) <= 48
+    # Padded, the same budget holds [40], [12, 7, 5, 3] (48 cells for 27 tokens) and [3, 3, 2].
+    padded = budget_micro_batches(batch, max_rows=4, max_tokens=48)
+    assert [[lengths[int(i)] for i in m.rows] for m in padded] == [[40], [12, 7, 5, 3], [3, 3, 2]]
+    assert not any(m.packed for m in padded)
+    assert filler_micro(batch, packed=True).packed
+    with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
+        modeling.plan_micro_batches(batch, 4, None, packed=True)
+
+
+@pytest.mark.parametrize(
+    ("preset", "attn"),
+    [("tiny-qwen3-moe", "sdpa"), ("tiny-qwen3-moe", "eager"), ("tiny-glm4-moe", "sdpa"), ("tiny-glm5-moe", None)],
+)
+@pytest.mark.parametrize("left", [False, True])
+def test_a_packed_forward_gives_each_row_what_its_padded_forward_gives(
+    preset: str, attn: str | None, left: bool
+) -> None:
+    """Rows of 2 to 30 tokens run as one packed sequence (position ids from 0 per row, no attention
+    mask) give the padded forward's log-probs, entropies and router logits at every real token: no
+    token attends across rows. The gradient to the hidden states' producer agrees too."""
+    from tidal.model.forward import forward_hidden
+    from tidal.model.loading import load_model, materialize_preset
+
+    model = load_model(materialize_preset(preset), attn_implementation=attn).eval()
+    lengths = [30, 2, 17, 9, 5]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.zeros(len(lengths), 30, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        cols = slice(30 - n, 30) if left else slice(0, n)
+        ids[i, cols] = torch.randint(5, 60, (n,), generator=g)
+        mask[i, cols] = 1
+    targets = mask.bool() & torch.roll(mask.bool(), 1, 1)  # a real token after a real token of its row
+    targets[:, 0] = False
+    weights = torch.randn(ids.shape, generator=g) * targets
+    got = {}
+    for packed in (False, True):
+        model.zero_grad()
+        hidden = forward_hidden(model, ids, mask, router_logits=True, packed=packed)
+        logp, h = head_token_stats(hidden, ids, 0.8, entropy="grad")
+        assert h is not None
+        ((logp + h) * weights).sum().backward()
+        grad = model.get_input_embeddings().weight.grad.clone()
+        router = torch.stack(hidden.router)[:, mask.flatten().bool()]  # (layers, real tokens, experts)
+        got[packed] = (logp[targets], h[targets], router, grad)
+        if packed:
+            assert hidden.states.shape[:2] == (1, sum(lengths))  # one sequence of the real tokens
+            assert (logp[~targets] == 0).all()
+    for name, a, b in zip(("logp", "entropy", "router", "embedding grad"), got[False], got[True], strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)

@@ -340,6 +340,14 @@ class TrainerConfig(Strict):
     activation memory and compute follow the tokens trained rather than rows x the batch's longest
     row (null: consecutive micro-batches of `micro_batch_size` rows, padded to the batch's width).
     The loss and its normalisation are those of the whole batch either way."""
+    packing: bool = False
+    """Padding-free micro-batches: each micro-batch's rows run as one sequence of their real tokens,
+    each row's position ids from 0 and attention kept within the row (transformers' packed format: a
+    block-diagonal causal mask for sdpa and eager, flash-attention's varlen kernel for
+    flash_attention_2), so a micro-batch computes its tokens and no padding, and
+    `max_tokens_per_micro_batch` (required) bounds its real tokens. Same loss and gradients as padded
+    micro-batches within float error. Not with routing records (`rollout.record_routing`, routing
+    replay) yet."""
     activation_checkpointing: bool = False
     """Keep only each decoder layer's input in the forward and recompute the layer in the backward
     (non-reentrant gradient checkpointing): the activations a micro-batch holds drop from every
@@ -372,6 +380,14 @@ class TrainerConfig(Strict):
     """ZeRO-3 only: parameters too live in host memory between uses, copied to the GPU a layer at a
     time (with `offload_optimizer`, ZeRO-Infinity's CPU tier): for models whose bf16 weights do not
     fit the ranks' GPUs even partitioned."""
+
+    @model_validator(mode="after")
+    def _packing_needs_a_budget(self) -> TrainerConfig:
+        if self.packing and self.max_tokens_per_micro_batch is None:
+            raise ValueError(
+                "trainer.packing needs trainer.max_tokens_per_micro_batch (the tokens one packed micro-batch holds)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainerConfig:

@@ -115,6 +115,11 @@ class RunConfig(Strict):
                 "routed experts only from its V2 model runner (it needs Triton, so not on CPU), which "
                 "tidal does not drive yet"
             )
+        if self.rollout.record_routing and self.trainer.packing:
+            raise ValueError(
+                "trainer.packing does not keep routing records yet (rollout.record_routing, "
+                f"algorithm.routing_replay={self.algorithm.routing_replay}): turn one of them off"
+            )
         return self
 
     @model_validator(mode="after")

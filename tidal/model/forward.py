@@ -92,60 +92,78 @@ def micro_batches(batch: B, size: int) -> list[B]:
 @dataclasses.dataclass
 class Micro:
     """A micro-batch of a token-budget plan: `batch`, rows `rows` of the batch it was cut from, columns
-    from `start` (all padding elsewhere in these rows); `rows` is empty for a filler (`filler`)."""
+    from `start` (all padding elsewhere in these rows); `rows` is empty for a filler (`filler`).
+    `packed`: its forward runs its rows' real tokens as one sequence (`forward_hidden(packed=True)`)."""
 
     batch: Any
     rows: torch.Tensor
     start: int = 0
+    packed: bool = False
 
 
-def plan_micro_batches(batch: B, max_rows: int, max_tokens: int | None) -> list[Micro]:
+def plan_micro_batches(batch: B, max_rows: int, max_tokens: int | None, packed: bool = False) -> list[Micro]:
     """`budget_micro_batches` under a token budget; without one, consecutive micro-batches of
-    `max_rows` rows at the batch's width (`micro_batches`)."""
+    `max_rows` rows at the batch's width (`micro_batches`). `packed` needs a budget."""
     if max_tokens is not None:
-        return budget_micro_batches(batch, max_rows, max_tokens)
+        return budget_micro_batches(batch, max_rows, max_tokens, packed)
+    if packed:
+        raise ValueError("packed micro-batches need a token budget (trainer.max_tokens_per_micro_batch)")
     return [
         Micro(m, torch.arange(i * max_rows, i * max_rows + num_rows(m)))
         for i, m in enumerate(micro_batches(batch, max_rows))
     ]
 
 
-def budget_micro_batches(batch: B, max_rows: int, max_tokens: int) -> list[Micro]:
+def budget_micro_batches(batch: B, max_rows: int, max_tokens: int, packed: bool = False) -> list[Micro]:
     """Micro-batches of at most `max_rows` rows whose rows x longest row stays within `max_tokens`
     (`trainer.max_tokens_per_micro_batch`): rows sorted by length, longest first, each micro-batch
     the next rows that fit, trimmed to the columns where its rows hold a real token. A row longer
     than the budget is a micro-batch of its own. Memory then follows the tokens of the batch, not its
     rows x its longest row; the loss, summed over tokens and divided by the whole batch's count, is
-    the same."""
+    the same.
+
+    `packed`: the budget bounds the rows' real tokens (their forward runs them as one sequence, no
+    padding), and rows of any lengths share a micro-batch: each row, longest first, goes to the first
+    micro-batch it fits in (first-fit decreasing), so short rows fill the room long ones leave."""
     mask = batch.attention_mask.bool()  # type: ignore[attr-defined]
-    lengths = mask.sum(-1)
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    out: list[Micro] = []
-    group: list[int] = []
-    for i in order:
-        if group and (len(group) == max_rows or (len(group) + 1) * int(lengths[group[0]]) > max_tokens):
-            out.append(_trimmed(batch, group))
-            group = []
-        group.append(i)
-    if group:
-        out.append(_trimmed(batch, group))
-    return out
+    lengths = [int(n) for n in mask.sum(-1)]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    if packed:
+        used: list[int] = []
+        for i in order:
+            fits = (k for k, g in enumerate(groups) if len(g) < max_rows and used[k] + lengths[i] <= max_tokens)
+            k = next(fits, None)
+            if k is None:
+                groups.append([])
+                used.append(0)
+                k = -1
+            groups[k].append(i)
+            used[k] += lengths[i]
+    else:
+        for i in order:
+            group = groups[-1] if groups else []
+            if not group or len(group) == max_rows or (len(group) + 1) * lengths[group[0]] > max_tokens:
+                groups.append([i])
+            else:
+                group.append(i)
+    return [_trimmed(batch, g, packed) for g in groups]
 
 
-def _trimmed(batch: B, rows: list[int]) -> Micro:
+def _trimmed(batch: B, rows: list[int], packed: bool = False) -> Micro:
     index = torch.tensor(rows)
     picked = _select(batch, index)
     real = picked.attention_mask.bool().any(0).nonzero()  # type: ignore[attr-defined]
     start, end = (int(real.min()), int(real.max()) + 1) if len(real) else (0, 1)
-    return Micro(_columns(picked, start, end), index, start)
+    return Micro(_columns(picked, start, end), index, start, packed)
 
 
-def filler_micro(batch: B) -> Micro:
+def filler_micro(batch: B, packed: bool = False) -> Micro:
     """A micro-batch that adds nothing (one row, one column, no target): what a rank with fewer
     micro-batches runs so that every rank makes the same collective calls (ZeRO-3 gathers)."""
     one = _columns(_select(batch, torch.tensor([0])), 0, 1)
     nothing = dataclasses.replace(one, loss_mask=torch.zeros_like(one.loss_mask))  # type: ignore[type-var, attr-defined]
-    return Micro(nothing, torch.tensor([], dtype=torch.long))
+    return Micro(nothing, torch.tensor([], dtype=torch.long), packed=packed)
 
 
 def scatter_rows(parts: Sequence[torch.Tensor], micros: Sequence[Micro], rows: int, width: int) -> torch.Tensor:
@@ -250,34 +268,67 @@ def _call(
 @dataclasses.dataclass
 class Hidden:
     """A forward pass stopped before the output layer: the final (normed) hidden states (B, T, H),
-    the output layer that turns them into logits, and the router logits per MoE layer (or ())."""
+    the output layer that turns them into logits, and the router logits per MoE layer (or ()),
+    (B * T, E) each. Packed (`real` set): the states are (1, N, H), the N real tokens of the
+    (B, T) mask `real` in row-major order; the router logits are put back at (B * T, E), 0 at padding."""
 
     states: torch.Tensor
     head: torch.nn.Module
     router: tuple[torch.Tensor, ...]
     softcap: float | None = None
     """The model's `final_logit_softcapping` (Gemma-style tanh capping of the logits), if any."""
+    real: torch.Tensor | None = None
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token values of a packed forward, (N, ...) in its token order, as (B * T, ...): 0 at padding."""
+        if self.real is None:
+            return x
+        index = self.real.flatten().nonzero().squeeze(-1).to(x.device)
+        return x.new_zeros(self.real.numel(), *x.shape[1:]).index_copy(0, index, x)
 
 
 def forward_hidden(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_logits: bool = False
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    router_logits: bool = False,
+    packed: bool = False,
 ) -> Hidden:
     """`forward`, without its (B, T, V) logits: the model (or the DeepSpeed engine around one) runs
     whole, so that engine hooks (ZeRO-3 gathers, routing replay) see the call they expect, asked for
-    the logits of the last position only, and its decoder's output is taken on the way."""
+    the logits of the last position only, and its decoder's output is taken on the way.
+
+    `packed`: the rows' real tokens run as one sequence (1, N), no padding, each row's position ids
+    from 0 and no attention mask: transformers then keeps attention within each row (a block-diagonal
+    causal mask for sdpa and eager, flash-attention's varlen kernel for flash_attention_2), so every
+    token sees what it sees padded, and the compute is the tokens', not rows x the longest row's.
+    Rows must hold their real tokens contiguously (padding on one side)."""
     lm = getattr(model, "module", model)
     seen: list[torch.Tensor] = []
 
     def take(_module: torch.nn.Module, _args: Any, out: Any) -> None:
         seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
+    real = attention_mask.bool() if packed else None
     hook = lm.get_decoder().register_forward_hook(take)
     try:
-        out = _call(model, input_ids, attention_mask, router_logits, logits_to_keep=1)
+        if real is None:
+            out = _call(model, input_ids, attention_mask, router_logits, logits_to_keep=1)
+        else:
+            kwargs = {"output_router_logits": True} if router_logits else {}
+            out = model(
+                input_ids=input_ids[real][None],
+                position_ids=positions(attention_mask)[real][None],
+                use_cache=False,
+                logits_to_keep=1,
+                **kwargs,
+            )
     finally:
         hook.remove()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    return Hidden(seen[-1], lm.get_output_embeddings(), tuple(getattr(out, "router_logits", None) or ()), softcap)
+    hidden = Hidden(seen[-1], lm.get_output_embeddings(), (), softcap, real)
+    hidden.router = tuple(hidden.unpack(z) for z in getattr(out, "router_logits", None) or ())
+    return hidden
 
 
 def effective_temperature(temperature: float) -> float:
@@ -343,22 +394,36 @@ def head_token_stats(
     """(log-probs, entropy or None), each (B, T) and aligned as `token_logprobs` and `entropy`, from
     the hidden states through the output layer, `CHUNK_BYTES` of fp32 logits at a time: no (B, T, V)
     tensor exists. The entropy is left out ("none"), computed without grad ("metric"), or with it
-    ("grad", for an entropy bonus). Under grad each chunk is recomputed in the backward pass.
+    ("grad", for an entropy bonus). Under grad each chunk is recomputed in the backward pass. A
+    packed `hidden` computes them for the real tokens that have a real token of their row before them
+    only, 0 elsewhere.
 
     The output layer is called once, its forward swapped for the chunked computation: a ZeRO-3
     engine gathers its weight once for the forward and once for the backward, where the chunks are
     recomputed, and every rank makes the same collective calls however many tokens it holds."""
-    b, t, width = hidden.states.shape
+    b, t = input_ids.shape
+    width = hidden.states.shape[-1]
+    if hidden.real is None:
+        # (B * (T - 1), H) and (B * (T - 1),): token i predicts target i.
+        states, targets = hidden.states[:, :-1].reshape(-1, width), input_ids[:, 1:].reshape(-1)
+    else:
+        # The packed tokens whose next token is of the same row predict it.
+        row = hidden.real.nonzero()[:, 0]  # (N,): each packed token's row
+        same = row[1:] == row[:-1]
+        states, targets = hidden.states[0, :-1][same], input_ids[hidden.real][1:][same]
     head = hidden.head
     head.forward = functools.partial(  # type: ignore[method-assign]
         _chunked_head_stats, head, tau=effective_temperature(temperature), entropy=entropy, softcap=hidden.softcap
     )
     try:
-        # (B * (T - 1), H) and (B * (T - 1),): token i predicts target i.
-        stats = head(hidden.states[:, :-1].reshape(-1, width), input_ids[:, 1:].reshape(-1))
+        stats = head(states, targets)
     finally:
         del head.forward
-    stats = F.pad(stats.view(len(stats), b, max(t - 1, 0)), (1, 0))  # (1 or 2, B, T)
+    if hidden.real is None:
+        stats = F.pad(stats.view(len(stats), b, max(t - 1, 0)), (1, 0))  # (1 or 2, B, T)
+    else:  # back to the targets' places in (B, T)
+        where = hidden.real.flatten().nonzero().squeeze(-1)[1:][same]
+        stats = stats.new_zeros(len(stats), b * t).index_copy(1, where, stats).view(len(stats), b, t)
     if entropy == "none":
         return stats[0], None
     return stats[0], (stats[1] if entropy == "grad" else stats[1].detach())
@@ -420,7 +485,7 @@ def batch_logprobs(
     for m in plan:
         micro = m.batch
         with around(micro) if around is not None else contextlib.nullcontext():
-            hidden = forward_hidden(model, micro.input_ids.to(device), micro.attention_mask.to(device))
+            hidden = forward_hidden(model, micro.input_ids.to(device), micro.attention_mask.to(device), packed=m.packed)
         parts.append(head_token_stats(hidden, micro.input_ids.to(device), temperature)[0].cpu())
     return scatter_rows(parts, plan, *batch.input_ids.shape)
 

@@ -146,7 +146,7 @@ class Plan:
     """Token slots (rows x width) of the largest micro-batch the plan assumes."""
     # What exists at once in each phase of a step; a rank's peak is the larger. In the backward the
     # log-prob chunk is recomputed first, then the layers one by one: the larger of the two counts.
-    BACKWARD = ("weights", "gradients", "optimizer states", "activations", "KL reference")
+    BACKWARD = ("weights", "gradients", "optimizer states", "activations", "packed attention mask", "KL reference")
     STEP = ("weights", "gradients", "optimizer states", "optimizer step temporaries", "KL reference")
 
     def phase(self, parts: tuple[str, ...]) -> int:
@@ -246,6 +246,9 @@ def _trainer_parts(cfg: RunConfig, arch: Architecture, tokens: int, host: dict[s
         # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
         "log-prob chunk": 4 * min(CHUNK_BYTES, tokens * arch.vocab * 4),
     }
+    if t.packing and cfg.model.attn_implementation != "flash_attention_2":
+        # sdpa and eager keep a packed micro-batch's rows apart with a (tokens x tokens) boolean mask.
+        trainer["packed attention mask"] = tokens * tokens
     if cfg.algorithm.loss.kl.coef > 0:
         trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
     return trainer
@@ -268,9 +271,10 @@ def _engine_parts(cfg: RunConfig, arch: Architecture, context: int, host: dict[s
     workers_per_node = r.num_workers if not _on_gpu(cfg) else max(1, min(r.num_workers, GPUS_PER_NODE // tp))
     # A worker stages one received snapshot beyond its engine's weights; the publish holds a bucket.
     host["staged snapshots"] = p * rollout_bytes * workers_per_node
-    if tp > 1:  # vLLM's worker processes take each update as safetensors files in /dev/shm
-        host["/dev/shm snapshot files (TP > 1)"] = p * rollout_bytes * workers_per_node
-    host["publish buckets"] = 2 * min(int(cfg.weight_sync.bucket_mb * 2**20), p * rollout_bytes)
+    bucket = min(int(cfg.weight_sync.bucket_mb * 2**20), p * rollout_bytes)
+    if tp > 1:  # vLLM's worker processes read each update as safetensors parts in /dev/shm, 2 at a time
+        host["/dev/shm snapshot parts (TP > 1)"] = 2 * bucket * workers_per_node
+    host["publish buckets"] = 2 * bucket
     return engine, workers_per_node
 
 

@@ -46,9 +46,10 @@ keep the host memory a save needs small)."""
 
 B = TypeVar("B")
 T = TypeVar("T")
-LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
-"""`loss_fn(model, micro_batch) -> (loss_sum, metrics)`: the loss summed over the micro-batch's
-target tokens (a scalar with grad), and metrics that declare how they merge (`tidal.telemetry.metrics`)."""
+LossFn = Callable[[torch.nn.Module, Any, bool], tuple[torch.Tensor, Metrics]]
+"""`loss_fn(model, micro_batch, packed) -> (loss_sum, metrics)`: the loss summed over the micro-batch's
+target tokens (a scalar with grad), and metrics that declare how they merge (`tidal.telemetry.metrics`);
+`packed`: the forward runs the micro-batch packed (`forward_hidden(packed=True)`, `trainer.packing`)."""
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -162,18 +163,17 @@ class DeepSpeedTrainer:
         """
         t0 = time.perf_counter()
         self.micros = self.plan(batch)
-        micros = [m.batch for m in self.micros]
-        tokens, n_micro = self._global_counts(batch, len(micros))
+        tokens, n_micro = self._global_counts(batch, len(self.micros))
         # DeepSpeed averages gradients over data-parallel ranks; scaling by the dp size turns that
         # mean back into the sum over ranks, so the gradient is d(sum of losses)/d(theta) / norm.
         denominator = max(normalizer if normalizer is not None else tokens, 1.0)  # all-masked: loss 0, not NaN
         scale = self.engine.dp_world_size / denominator
         lr = self.lr
         rows: list[Metrics] = []
-        for micro in micros:
-            micro = to_device(micro, self.engine.device)
+        for m in self.micros:
+            micro = to_device(m.batch, self.engine.device)
             with around(micro) if around is not None else contextlib.nullcontext():
-                loss_sum, metrics = loss_fn(self.engine, micro)
+                loss_sum, metrics = loss_fn(self.engine, micro, m.packed)
                 # scale_wrt_gas=False: the division by the global count already accounts for accumulation.
                 self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             rows.append({**metrics, "loss": total(loss_sum.detach().float())})
@@ -272,13 +272,13 @@ class DeepSpeedTrainer:
 
     def plan(self, batch: B) -> list[Micro]:
         """This rank's micro-batches of `batch` (see `train_step`). Collective under a token budget."""
-        size, budget = self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch
-        plan = plan_micro_batches(batch, size, budget)
+        size, budget, packed = self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch, self.cfg.packing
+        plan = plan_micro_batches(batch, size, budget, packed)
         if budget is None:
             return plan
         most = torch.tensor(float(len(plan)), device=self.engine.device)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        return plan + [filler_micro(batch)] * (int(most) - len(plan))
+        return plan + [filler_micro(batch, packed)] * (int(most) - len(plan))
 
     def _global_counts(self, batch: Any, n_micro: int) -> tuple[float, int]:
         """Global number of target tokens; checks that all ranks run the same number of micro-batches."""

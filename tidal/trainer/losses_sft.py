@@ -1,7 +1,7 @@
 """Supervised fine-tuning loss over a `tidal.types.TokenBatch`.
 
-Loss functions plugged into `DeepSpeedTrainer.train_step` share one shape: `loss_fn(model, micro)
--> (loss_sum, metrics)`, where `loss_sum` is a *sum* over the micro-batch's target tokens (the
+Loss functions plugged into `DeepSpeedTrainer.train_step` share one shape: `loss_fn(model, micro,
+packed) -> (loss_sum, metrics)`, where `loss_sum` is a *sum* over the micro-batch's target tokens (the
 trainer divides by the global number of target tokens, so the step is a token mean over the whole
 global batch whatever the micro-batch split and world size) and `metrics` are `tidal.telemetry.metrics`
 values that declare how they merge over micro-batches and ranks.
@@ -30,7 +30,8 @@ def num_targets(loss_mask: torch.Tensor) -> torch.Tensor:
     return loss_mask[:, 1:].sum()
 
 
-def sft_loss(model: torch.nn.Module, micro: TokenBatch) -> tuple[torch.Tensor, Metrics]:
+def sft_loss(model: torch.nn.Module, micro: TokenBatch, packed: bool = False) -> tuple[torch.Tensor, Metrics]:
     """Next-token cross-entropy summed over the micro-batch's target tokens (the default loss_fn)."""
-    logp, _ = head_token_stats(forward_hidden(model, micro.input_ids, micro.attention_mask), micro.input_ids)
+    hidden = forward_hidden(model, micro.input_ids, micro.attention_mask, packed=packed)
+    logp, _ = head_token_stats(hidden, micro.input_ids)
     return -(logp * micro.loss_mask.float()).sum(), {}

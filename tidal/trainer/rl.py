@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tidal.config import BehaviorCorrection, LossConfig
-from tidal.model.forward import Micro, forward_hidden, head_token_stats, pad, pad_tokens, scatter_rows
+from tidal.model.forward import Hidden, Micro, forward_hidden, head_token_stats, pad, pad_tokens, scatter_rows
 from tidal.model.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
 from tidal.telemetry.metrics import Metrics
 from tidal.trainer.advantages import compute_advantages
@@ -69,7 +69,7 @@ def loss_denominator(batch: TrainBatch, cfg: LossConfig, max_len: int) -> float:
 
 
 class RLLoss:
-    """`loss_fn(model, micro) -> (numerator, metrics)` for `DeepSpeedTrainer.train_step`."""
+    """`loss_fn(model, micro, packed) -> (numerator, metrics)` for `DeepSpeedTrainer.train_step`."""
 
     def __init__(
         self, cfg: LossConfig, temperature: float, max_len: int, moe_metrics: bool = True, replay: bool = False
@@ -103,15 +103,16 @@ class RLLoss:
         assert self.pi_old_parts is not None
         return scatter_rows(self.pi_old_parts, micros, rows, width)
 
-    def __call__(self, model: torch.nn.Module, micro: TrainBatch) -> tuple[torch.Tensor, Metrics]:
+    def __call__(self, model: torch.nn.Module, micro: TrainBatch, packed: bool = False) -> tuple[torch.Tensor, Metrics]:
         cfg = self.cfg
         mask = micro.loss_mask.float()  # (B, T)
         recorder = RoutingRecorder(model) if self.moe_metrics and moe_routers(model) else None
         if recorder is None and cfg.router_aux_coef > 0:
             raise ValueError(f"algorithm.loss.router_aux_coef > 0 but {type(model).__name__} has no MoE router")
         with recorder or contextlib.nullcontext():
-            hidden = forward_hidden(model, micro.input_ids, micro.attention_mask, router_logits=recorder is not None)
-        router = hidden.router
+            hidden = forward_hidden(
+                model, micro.input_ids, micro.attention_mask, router_logits=recorder is not None, packed=packed
+            )
         # The bonus needs the entropy with grad; otherwise it is a metric, computed without one.
         logp, H = head_token_stats(  # (B, T) each
             hidden, micro.input_ids, self.temperature, entropy="grad" if cfg.entropy_coef > 0 else "metric"
@@ -136,7 +137,7 @@ class RLLoss:
         )
         numerator, _ = aggregate(per_token, mask, cfg.aggregation, self.max_len)
         if recorder is not None:
-            aux, moe = _balance(recorder, router, micro.attention_mask.bool())
+            aux, moe = _balance(recorder, hidden, micro.attention_mask.bool())
             metrics.update(moe)
             if cfg.router_aux_coef > 0:
                 # The aux loss is a mean over this micro-batch's tokens (or sequences); weighting it by
@@ -146,13 +147,11 @@ class RLLoss:
         return numerator, metrics
 
 
-def _balance(
-    recorder: RoutingRecorder, router_logits: tuple[torch.Tensor, ...], real: torch.Tensor
-) -> tuple[torch.Tensor, Metrics]:
+def _balance(recorder: RoutingRecorder, hidden: Hidden, real: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
     """(aux loss, `moe/` metrics) of one forward's routing: the expert load of the experts the real
     tokens (B, T) went to, as `recorder` saw them, and the architecture's own balance loss: DeepSeek-V3's
     sequence-wise one for sigmoid-scored routers with a correction bias (GLM), Switch's otherwise."""
-    picked = recorder.take()  # (B*T, MoE layers, top-k)
+    picked, router_logits = hidden.unpack(recorder.take()), hidden.router  # (B*T, MoE layers, top-k), (B*T, E)s
     metrics = expert_load_stats(picked, real.flatten(), recorder.num_experts)
     balance = sequence_aux_loss if any(has_correction_bias(r) for r in recorder.routers) else switch_aux_loss
     aux, moe = balance(router_logits, picked, real)
