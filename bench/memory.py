@@ -7,8 +7,8 @@ reports the growth of its resident memory's high-water mark (VmHWM) over its res
 the model was built, against the plan's trainer total for the same config (weights, gradients,
 optimizer states and the step's temporaries, activations, a layer's backward, the log-prob chunk).
 Then the uneven batch of long chains of thought (1 row of 2,048 tokens and 7 of 128, 2,944 tokens)
-against an even batch of 8 x 512 (4,096 tokens), without and with a token budget of 2,048, and
-packed under that budget.
+against an even batch of 8 x 512 (4,096 tokens), without and with a token budget of 2,048; and
+long-tailed lengths (1,024 down to 20 tokens, 2,256 in all) under that budget, padded and packed.
 
     .venv/bin/python bench/memory.py [--cases small-256x8,...] [--quick]
 
@@ -50,7 +50,8 @@ UNEVEN_CASES = [
     "small-uneven",
     "small-even512x8-budget2048",
     "small-uneven-budget2048",
-    "small-uneven-budget2048-packed",
+    "small-tail-budget2048",
+    "small-tail-budget2048-packed",
 ]
 
 
@@ -83,6 +84,8 @@ def parse(case: str) -> dict[str, Any]:
             out["budget"] = int(f.removeprefix("budget"))
     if shape == "uneven":
         out["lengths"] = [2048] + [128] * 7
+    elif shape == "tail":  # long-tailed lengths, as the long task's answers
+        out["lengths"] = [1024, 512, 300, 200, 100, 60, 40, 20]
     elif shape.startswith("even"):
         length, rows = shape.removeprefix("even").split("x")
         out["lengths"] = [int(length)] * int(rows)

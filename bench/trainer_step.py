@@ -40,7 +40,7 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def plain_torch_step_fn(model: torch.nn.Module, cfg, batch) -> Callable[[], None]:
-    from tidal.model.forward import micro_batches
+    from tidal.model.batching import micro_batches
     from tidal.trainer.losses_sft import num_targets, sft_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)

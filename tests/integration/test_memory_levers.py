@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_leaves
 
 import tidal.model.forward as forward_module
 from tidal.config import LossConfig, TrainerConfig
-from tidal.model.forward import batch_logprobs, forward, row_slice
+from tidal.model.batching import row_slice
+from tidal.model.forward import batch_logprobs, forward
 from tidal.model.loading import load_model, materialize_preset
 from tidal.model.routing import RoutingRecorder, moe_routers, recorded_positions
 from tidal.telemetry.metrics import values

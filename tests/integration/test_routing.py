@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidal.model.forward import filler_micro, plan_micro_batches
+from tidal.model.batching import filler_micro, plan_micro_batches
 from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.model.routing import RoutingRecorder, moe_routers
 from tidal.rollout.engines.transformers import TransformersEngine

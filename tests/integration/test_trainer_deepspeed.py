@@ -170,6 +170,22 @@ def test_one_step_matches_plain_torch(preset: Path, stage: int) -> None:
     check_step(metrics, grads, trainer.state_dict_for_export(), ref, init, cfg)
 
 
+def test_a_packed_step_matches_plain_torch(preset: Path) -> None:
+    """`trainer.packing` (left-padded rows here): each micro-batch's rows as one sequence of their
+    tokens under a budget of 24, the same SFT step as plain torch on the padded batch."""
+    batch = make_batch()
+    ref = reference(preset, batch, CFG.micro_batch_size)
+    init = load_model(preset).state_dict()
+    cfg = CFG.model_copy(update={"max_tokens_per_micro_batch": 24, "packing": True})
+    trainer = DeepSpeedTrainer(load_model(preset), cfg)
+
+    grads: Grads = {}
+    metrics = values(trainer.train_step(batch, on_grads=grads.update))
+
+    assert all(m.packed for m in trainer.micros)
+    check_step(metrics, grads, trainer.state_dict_for_export(), ref, init, cfg)
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_unclipped_step_matches_plain_torch(preset: Path, stage: int) -> None:
     """Without clipping: the norm comes from the trainer's own hook at ZeRO 0, from DeepSpeed's at 2."""

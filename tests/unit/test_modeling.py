@@ -8,17 +8,15 @@ import pytest
 import torch
 
 import tidal.model.forward as modeling
-from tidal.model.forward import (
-    Hidden,
+from tidal.model.batching import (
     budget_micro_batches,
-    entropy,
     filler_micro,
-    head_token_stats,
     micro_batches,
+    plan_micro_batches,
     scatter_rows,
     split_parts,
-    token_logprobs,
 )
+from tidal.model.forward import Hidden, entropy, head_token_stats, token_logprobs
 from tidal.types import TokenBatch, TrainBatch
 
 pytestmark = pytest.mark.unit
@@ -200,7 +198,7 @@ def test_packed_micro_batches_bound_the_real_tokens() -> None:
     assert not any(m.packed for m in padded)
     assert filler_micro(batch, packed=True).packed
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
-        modeling.plan_micro_batches(batch, 4, None, packed=True)
+        plan_micro_batches(batch, 4, None, packed=True)
 
 
 @pytest.mark.parametrize(

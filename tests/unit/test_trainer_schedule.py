@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tidal.config import ScheduleConfig
-from tidal.model.forward import micro_batches, positions
+from tidal.model.batching import micro_batches
+from tidal.model.forward import positions
 from tidal.trainer.losses_sft import next_token_nll, num_targets
 from tidal.trainer.prepare import lr_factor
 from tidal.types import TokenBatch

@@ -166,8 +166,8 @@ class DataConfig(Strict):
 class VLLMConfig(Strict):
     in_process: bool = True
     """Run vLLM's engine core inside the rollout worker (no engine subprocess; starts in seconds and
-    takes state dicts without a copy). False: vLLM's default subprocess; weights go through a
-    safetensors file in /dev/shm."""
+    takes state dicts without a copy). False: vLLM's default subprocess; weights go through
+    safetensors parts in /dev/shm, at most two buckets at a time."""
     enforce_eager: bool = True
     """No CUDA graphs / torch.compile: fast start-up; turn off on GPUs for long rollouts."""
     kv_cache_gb: float = Field(1.0, gt=0.0)
@@ -181,7 +181,8 @@ class VLLMConfig(Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one vLLM engine shards the model over (tensor parallel); each rollout worker then
     declares that many GPUs (`rollout.num_gpus_per_worker`). Above 1 the model lives in vLLM's
-    worker processes, so new weights reach them through a safetensors file in /dev/shm."""
+    worker processes, so new weights reach them as safetensors parts in /dev/shm, at most two
+    buckets at a time."""
 
 
 class AdaptiveStaleness(Strict):

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from tidal.model.forward import Micro, forward_hidden
+from tidal.model.batching import Micro
+from tidal.model.forward import forward_hidden
 from tidal.telemetry.metrics import Metrics, largest, mean
 from tidal.types import TrainBatch
 

@@ -41,7 +41,8 @@ from tidal.config import (
     TrainerConfig,
     WeightSyncConfig,
 )
-from tidal.model.forward import Micro, batch_logprobs, logp_mismatch, scatter_rows, split_parts
+from tidal.model.batching import Micro, scatter_rows, split_parts
+from tidal.model.forward import batch_logprobs, logp_mismatch
 from tidal.model.loading import load_tokenizer
 from tidal.model.routing import (
     RoutingRecorder,

@@ -27,7 +27,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, set_z3
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tidal.config import TrainerConfig
-from tidal.model.forward import Micro, filler_micro, plan_micro_batches, shard_rows, to_device
+from tidal.model.batching import Micro, filler_micro, plan_micro_batches, shard_rows, to_device
 from tidal.telemetry.metrics import Metrics, Stat, mean, merge, total
 from tidal.trainer.losses_sft import num_targets, sft_loss
 from tidal.trainer.prepare import (

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from tidal.config import BehaviorCorrection, LossConfig
-from tidal.model.forward import Hidden, Micro, forward_hidden, head_token_stats, pad, pad_tokens, scatter_rows
+from tidal.model.batching import Micro, scatter_rows
+from tidal.model.forward import Hidden, forward_hidden, head_token_stats, pad, pad_tokens
 from tidal.model.routing import RoutingRecorder, has_correction_bias, moe_routers, replay_recorded
 from tidal.telemetry.metrics import Metrics
 from tidal.trainer.advantages import compute_advantages
