@@ -1,0 +1,178 @@
+"""Token in, token out: an agent's chat requests become samples of exactly the tokens the model saw
+and generated, never a re-tokenization of the conversation (issue 31).
+
+An agent talks to the model through an OpenAI-style chat API: each request sends the whole
+conversation as messages, the model's earlier answers included, as the agent got them back. Training
+on a fresh rendering of those messages is the bug peers' users keep hitting (verl #6719, #6854,
+#6501; NeMo-RL #2821; TRL RFC #5974): the chat template re-renders an answer (tool calls
+re-serialized, whitespace, reasoning dropped) and the tokenizer cuts the text differently than the
+model generated it, so the trainer learns log-probs of tokens that were never sampled.
+
+A `Session` keeps an episode's model calls as chains. A request extends a chain when its messages
+are the chain's last request, then the answer tidal returned for it (unedited), then new messages,
+and when the chat template renders that history as a prefix of the new conversation (it does not
+rewrite it). Then the model's prompt is the chain's tokens so far (prompts and generated ids as they
+were) followed by the tokens of what is new: the template's text after the answer (its end-of-turn
+trailer, the tool results or user turn, the next generation prompt). Anything else starts a new
+chain from a fresh rendering: a template that drops earlier reasoning, an agent that edits an answer
+or forks the conversation. Each chain becomes one sample whose generated tokens have loss mask 1,
+with their behavior log-probs and versions, and whose inserted tokens have loss mask 0; the
+episode's samples share its reward, and `splits` counts the chains past the first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidal.types import Completion
+
+Message = dict[str, Any]
+
+_SENTINEL = "\x00tidal-sentinel\x00"
+
+
+class Renderer:
+    """Text and tokens of conversations: the tokenizer's own chat template (tools passed to it as
+    the OpenAI request has them), and its encoding without added special tokens."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def render(self, messages: list[Message], tools: list[dict] | None, generation_prompt: bool) -> str:
+        kwargs = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def same_message(sent: Message, returned: Message) -> bool:
+    """The agent sent back the answer tidal returned: same role, content and tool calls (by name and
+    arguments, compared as parsed JSON; call ids and absent or empty fields are not compared)."""
+
+    def calls(m: Message) -> list[tuple[str, Any]]:
+        out = []
+        for c in m.get("tool_calls") or []:
+            fn = c.get("function", c)
+            args = fn.get("arguments")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                pass
+            out.append((fn.get("name"), args))
+        return out
+
+    return (
+        sent.get("role") == returned.get("role")
+        and (sent.get("content") or "") == (returned.get("content") or "")
+        and calls(sent) == calls(returned)
+    )
+
+
+@dataclass
+class Chain:
+    """Model calls of which each extends the one before: one sample."""
+
+    messages: list[Message]
+    """The last request's messages followed by the answer returned for it."""
+    tools: list[dict] | None
+    prompt_ids: list[int]
+    """The first request's prompt, as the model saw it."""
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logp_mu: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    """The latest answer's generated ids."""
+    turns: int = 0
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+
+@dataclass
+class Prompt:
+    """What the model is to continue for one request, and where its answer is to be recorded."""
+
+    ids: list[int]
+    chain: Chain | None
+    """The chain the request extends (None: a new one starts with `ids`)."""
+    inserted: list[int]
+    """The ids appended to the chain's tokens (loss mask 0); empty for a new chain."""
+    tools: list[dict] | None = None
+
+
+class Session:
+    """One episode's model calls, merged into token-exact samples (see the module docstring)."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.renderer = renderer
+        self.chains: list[Chain] = []
+
+    @property
+    def splits(self) -> int:
+        """Chains past the first: where the conversation could not be kept as one sample."""
+        return max(len(self.chains) - 1, 0)
+
+    def prompt(self, messages: list[Message], tools: list[dict] | None = None) -> Prompt:
+        """The model's prompt for a request of `messages` (and `tools`)."""
+        full = self.renderer.render(messages, tools, generation_prompt=True)
+        for chain in reversed(self.chains):
+            inserted = self._continuation(chain, messages, tools, full)
+            if inserted is not None:
+                return Prompt(chain.context + inserted, chain, inserted, tools)
+        return Prompt(self.renderer.encode(full), None, [], tools)
+
+    def _continuation(
+        self, chain: Chain, messages: list[Message], tools: list[dict] | None, full: str
+    ) -> list[int] | None:
+        """The ids to append to `chain` for `messages` to extend it, or None when they do not."""
+        k = len(chain.messages)
+        if tools != chain.tools or len(messages) <= k:
+            return None
+        if messages[: k - 1] != chain.messages[: k - 1] or not same_message(messages[k - 1], chain.messages[k - 1]):
+            return None  # another history, or the answer edited
+        history = self.renderer.render(messages[:k], tools, generation_prompt=False)
+        if not full.startswith(history):
+            return None  # the template rewrites the history once more follows it
+        return self.renderer.encode(self._trailer(chain, messages[: k - 1], tools) + full[len(history) :])
+
+    def _trailer(self, chain: Chain, before: list[Message], tools: list[dict] | None) -> str:
+        """What the template puts after an answer's text that the model did not generate (Qwen's
+        newline after `<|im_end|>`): the text after a sentinel answer, less its longest prefix that
+        the generated text already ends with (the end-of-turn token the model sampled)."""
+        rendered = self.renderer.render([*before, {"role": "assistant", "content": _SENTINEL}], tools, False)
+        after = rendered[rendered.index(_SENTINEL) + len(_SENTINEL) :]
+        generated = self.renderer.decode(chain.generated)
+        overlap = next((n for n in range(len(after), 0, -1) if generated.endswith(after[:n])), 0)
+        return after[overlap:]
+
+    def record(self, prompt: Prompt, messages: list[Message], completion: Completion, answer: Message) -> None:
+        """The model's `completion` of `prompt` (made for a request of `messages`), returned to the
+        agent as `answer` (an assistant message)."""
+        chain = prompt.chain
+        if chain is None:
+            chain = Chain([], prompt.tools, list(prompt.ids))
+            self.chains.append(chain)
+        else:
+            version = completion.versions[0] if completion.versions else completion.version
+            chain.response_ids += prompt.inserted
+            chain.loss_mask += [0] * len(prompt.inserted)
+            chain.logp_mu += [0.0] * len(prompt.inserted)
+            chain.versions += [version] * len(prompt.inserted)
+        ids = completion.token_ids
+        chain.response_ids += ids
+        chain.loss_mask += [1] * len(ids)
+        chain.logp_mu += completion.logprobs
+        chain.versions += completion.versions or [completion.version] * len(ids)
+        chain.generated = list(ids)
+        chain.messages = [*messages, answer]
+        chain.turns += 1
