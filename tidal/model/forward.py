@@ -77,40 +77,44 @@ def forward(
 
 
 def _call(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, router_logits: bool, **extra: Any
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    router_logits: bool,
+    packed: torch.Tensor | None = None,
+    **extra: Any,
 ) -> Any:
-    """The model's output for a padded batch: position ids that skip each row's padding, no cache."""
+    """The model's output for a padded batch: position ids that skip each row's padding, no cache.
+    `packed`: the places of the real tokens in the flattened batch, run as one sequence (1, N) without
+    an attention mask (`forward_hidden`)."""
     kwargs = {"output_router_logits": True} if router_logits else {}
-    return model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-        **kwargs,
-        **extra,
-    )
+    ids, mask, pos = input_ids, attention_mask, positions(attention_mask)
+    if packed is not None:
+        ids, mask, pos = ids.flatten()[packed][None], None, pos.flatten()[packed][None]
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs, **extra)
 
 
 @dataclasses.dataclass
 class Hidden:
     """A forward pass stopped before the output layer: the final (normed) hidden states (B, T, H),
     the output layer that turns them into logits, and the router logits per MoE layer (or ()),
-    (B * T, E) each. Packed (`real` set): the states are (1, N, H), the N real tokens of the
-    (B, T) mask `real` in row-major order; the router logits are put back at (B * T, E), 0 at padding."""
+    (B * T, E) each. Packed (`index` set): the states are (1, N, H), the batch's N real tokens in
+    row-major order, the i-th at place `index[i]` of the flattened (B, T) batch of `slots` places; the
+    router logits are put back at (B * T, E), 0 at padding."""
 
     states: torch.Tensor
     head: torch.nn.Module
     router: tuple[torch.Tensor, ...]
     softcap: float | None = None
     """The model's `final_logit_softcapping` (Gemma-style tanh capping of the logits), if any."""
-    real: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    slots: int = 0
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token values of a packed forward, (N, ...) in its token order, as (B * T, ...): 0 at padding."""
-        if self.real is None:
+        if self.index is None:
             return x
-        index = self.real.flatten().nonzero().squeeze(-1).to(x.device)
-        return x.new_zeros(self.real.numel(), *x.shape[1:]).index_copy(0, index, x)
+        return x.new_zeros(self.slots, *x.shape[1:]).index_copy(0, self.index.to(x.device), x)
 
 
 def forward_hidden(
@@ -135,24 +139,14 @@ def forward_hidden(
     def take(_module: torch.nn.Module, _args: Any, out: Any) -> None:
         seen.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
-    real = attention_mask.bool() if packed else None
+    index = attention_mask.flatten().nonzero().squeeze(-1) if packed else None
     hook = lm.get_decoder().register_forward_hook(take)
     try:
-        if real is None:
-            out = _call(model, input_ids, attention_mask, router_logits, logits_to_keep=1)
-        else:
-            kwargs = {"output_router_logits": True} if router_logits else {}
-            out = model(
-                input_ids=input_ids[real][None],
-                position_ids=positions(attention_mask)[real][None],
-                use_cache=False,
-                logits_to_keep=1,
-                **kwargs,
-            )
+        out = _call(model, input_ids, attention_mask, router_logits, index, logits_to_keep=1)
     finally:
         hook.remove()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    hidden = Hidden(seen[-1], lm.get_output_embeddings(), (), softcap, real)
+    hidden = Hidden(seen[-1], lm.get_output_embeddings(), (), softcap, index, attention_mask.numel())
     hidden.router = tuple(hidden.unpack(z) for z in getattr(out, "router_logits", None) or ())
     return hidden
 
@@ -229,14 +223,15 @@ def head_token_stats(
     recomputed, and every rank makes the same collective calls however many tokens it holds."""
     b, t = input_ids.shape
     width = hidden.states.shape[-1]
-    if hidden.real is None:
+    if hidden.index is None:
         # (B * (T - 1), H) and (B * (T - 1),): token i predicts target i.
         states, targets = hidden.states[:, :-1].reshape(-1, width), input_ids[:, 1:].reshape(-1)
     else:
         # The packed tokens whose next token is of the same row predict it.
-        row = hidden.real.nonzero()[:, 0]  # (N,): each packed token's row
+        row = hidden.index // t  # (N,): each packed token's row
         same = row[1:] == row[:-1]
-        states, targets = hidden.states[0, :-1][same], input_ids[hidden.real][1:][same]
+        where = hidden.index[1:][same]  # the targets' places in (B * T)
+        states, targets = hidden.states[0, :-1][same], input_ids.flatten()[where]
     head = hidden.head
     head.forward = functools.partial(  # type: ignore[method-assign]
         _chunked_head_stats, head, tau=effective_temperature(temperature), entropy=entropy, softcap=hidden.softcap
@@ -245,10 +240,9 @@ def head_token_stats(
         stats = head(states, targets)
     finally:
         del head.forward
-    if hidden.real is None:
+    if hidden.index is None:
         stats = F.pad(stats.view(len(stats), b, max(t - 1, 0)), (1, 0))  # (1 or 2, B, T)
     else:  # back to the targets' places in (B, T)
-        where = hidden.real.flatten().nonzero().squeeze(-1)[1:][same]
         stats = stats.new_zeros(len(stats), b * t).index_copy(1, where, stats).view(len(stats), b, t)
     if entropy == "none":
         return stats[0], None
