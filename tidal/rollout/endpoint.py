@@ -135,14 +135,9 @@ class Endpoint:
         return f"{self.base_url}/s/{session}/v1"
 
     def start(self) -> Endpoint:
-        import socket
-
+        """Serve in a thread; port 0 binds a free port (the one the OS gives, read back once bound)."""
         import uvicorn
 
-        if self.port == 0:
-            with socket.socket() as s:
-                s.bind((self.host, 0))
-                self.port = s.getsockname()[1]
         config = uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="tidal-endpoint", daemon=True)
@@ -152,6 +147,7 @@ class Endpoint:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the agent endpoint did not start on {self.base_url}")
             time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:

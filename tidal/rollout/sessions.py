@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidal.rollout.episodes import Episode
 from tidal.types import Completion
 
 Message = dict[str, Any]
@@ -77,25 +78,14 @@ def same_message(sent: Message, returned: Message) -> bool:
 
 
 @dataclass
-class Chain:
-    """Model calls of which each extends the one before: one sample."""
+class Chain(Episode):
+    """Model calls of which each extends the one before: one sample, kept as a multi-turn `Episode`
+    keeps its tokens (`prompt_ids`: the first request's prompt, as the model saw it; the inserted
+    tokens as observations)."""
 
-    messages: list[Message]
+    messages: list[Message] = field(default_factory=list)
     """The last request's messages followed by the answer returned for it."""
-    tools: list[dict] | None
-    prompt_ids: list[int]
-    """The first request's prompt, as the model saw it."""
-    response_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logp_mu: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    generated: list[int] = field(default_factory=list)
-    """The latest answer's generated ids."""
-    turns: int = 0
-
-    @property
-    def context(self) -> list[int]:
-        return self.prompt_ids + self.response_ids
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -151,7 +141,7 @@ class Session:
         the generated text already ends with (the end-of-turn token the model sampled)."""
         rendered = self.renderer.render([*before, {"role": "assistant", "content": _SENTINEL}], tools, False)
         after = rendered[rendered.index(_SENTINEL) + len(_SENTINEL) :]
-        generated = self.renderer.decode(chain.generated)
+        generated = self.renderer.decode(chain.response_ids[chain.turn_start :])
         overlap = next((n for n in range(len(after), 0, -1) if generated.endswith(after[:n])), 0)
         return after[overlap:]
 
@@ -160,19 +150,9 @@ class Session:
         agent as `answer` (an assistant message)."""
         chain = prompt.chain
         if chain is None:
-            chain = Chain([], prompt.tools, list(prompt.ids))
+            chain = Chain(list(prompt.ids), tools=prompt.tools)
             self.chains.append(chain)
         else:
-            version = completion.versions[0] if completion.versions else completion.version
-            chain.response_ids += prompt.inserted
-            chain.loss_mask += [0] * len(prompt.inserted)
-            chain.logp_mu += [0.0] * len(prompt.inserted)
-            chain.versions += [version] * len(prompt.inserted)
-        ids = completion.token_ids
-        chain.response_ids += ids
-        chain.loss_mask += [1] * len(ids)
-        chain.logp_mu += completion.logprobs
-        chain.versions += completion.versions or [completion.version] * len(ids)
-        chain.generated = list(ids)
+            chain.add_observation(prompt.inserted, completion.version)
+        chain.add_turn(completion)
         chain.messages = [*messages, answer]
-        chain.turns += 1
