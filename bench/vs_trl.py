@@ -245,8 +245,9 @@ def trl_reward(cfg: Any, eos_id: int, columns: list[str]) -> tuple[Any, Any]:
 
 def step_timer(steps: int, stop: int, snapshot_every: int, out: Path) -> Any:
     """A TrainerCallback that records when each optimizer step begins and ends, and the logs; saves the
-    model to out/step-N every `snapshot_every` steps and at step `stop`, where it ends the run (TRL's
-    held-out curve, scored after the run). Its clock (`now`) leaves out the time those saves take."""
+    model to out/step-N every `snapshot_every` steps before step `stop`, where it ends the run (TRL's
+    held-out curve, scored after the run; the final save is its last point). Its clock (`now`) leaves
+    out the time those saves take."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -266,7 +267,7 @@ def step_timer(steps: int, stop: int, snapshot_every: int, out: Path) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.end.append(self.now())
             n = state.global_step
-            if n % snapshot_every == 0 or n >= stop:
+            if n % snapshot_every == 0 and n < stop:
                 t = time.perf_counter()
                 path = out / f"step-{n}"
                 kwargs["model"].save_pretrained(path)
@@ -340,7 +341,8 @@ def run_trl(cfg: Any, model_dir: Path, steps: int, stop: int, seed: int, threads
         "step_s": step_s,
         "step_s_median": statistics.median(step_s),
         # (seconds since the start, step, path): scored after the run into `evals`, as tidal's in-run ones.
-        "snapshots": [(t - t_start, n, path) for t, n, path in timer.snapshots],
+        "snapshots": [(t - t_start, n, path) for t, n, path in timer.snapshots]
+        + [(ends[-1] - t_start, len(ends), str(final))],
         "reward": [row["reward"] for row in timer.logs if "reward" in row],
         "frac_reward_zero_std": [row["frac_reward_zero_std"] for row in timer.logs if "frac_reward_zero_std" in row],
         "logs": timer.logs,
@@ -540,7 +542,10 @@ def main() -> None:
         r = in_own_process(args, system)
         r["after"] = held_out_accuracy(cfg, r["checkpoint"])
         if "snapshots" in r:  # TRL's held-out curve, scored now (tidal's is scored during its run)
-            r["evals"] = [(t, n, held_out_accuracy(cfg, path)) for t, n, path in r["snapshots"]]
+            r["evals"] = [  # its last point is the final model, scored above
+                (t, n, r["after"] if path == r["checkpoint"] else held_out_accuracy(cfg, path))
+                for t, n, path in r["snapshots"]
+            ]
         print(f"{system}: held-out accuracy {before:.1%} -> {r['after']:.1%}", flush=True)
         results.append(r)
         path.write_text(
