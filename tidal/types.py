@@ -135,6 +135,14 @@ class Sample:
     routing: torch.Tensor | None = None
     """With `rollout.record_routing`: the experts generation routed each token fed to the model to
     (see `Completion.routing`)."""
+    episode: int = -1
+    """An agent episode's index in its group, shared by the samples it was split into (a chat
+    template that rewrites history, an agent that edits or forks the conversation): advantages count
+    the episode once. -1: the sample is an episode of its own."""
+    episode_end: bool = True
+    """The last sample of its episode: a group is complete when `group_size` episodes ended."""
+    agent_reward: Any = None
+    """What an agent env's `run` returned for the episode (its reward), scored by `AgentEnv.score`."""
 
     @property
     def num_tokens(self) -> int:
@@ -159,6 +167,7 @@ class Sample:
             self.reward,
             self.failed,
             self.routing,
+            self.episode,
         )
 
 
@@ -180,6 +189,7 @@ class TrainSample:
     failed: bool
     """A reward or env call failed on the sample (`filter.drop_failed_rewards` drops it)."""
     routing: torch.Tensor | None = None
+    episode: int = -1
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 
 from tidal.model.forward import completion_logprobs
 from tidal.model.loading import load_model, load_tokenizer, materialize_preset
-from tidal.rollout.endpoint import Batcher, Endpoint
+from tidal.rollout.endpoint import Batcher, Endpoint, Serving
 from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.types import SamplingParams
 
@@ -27,7 +27,8 @@ KEY = "run-key"
 def served() -> Iterator[tuple[Endpoint, torch.nn.Module]]:
     path = materialize_preset("tiny-qwen3-moe", seed=0)
     model, tok = load_model(path), load_tokenizer(path)
-    batcher = Batcher(TransformersEngine(model, tok), SamplingParams(temperature=1.0, max_new_tokens=12, seed=3))
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)
+    batcher = Batcher(TransformersEngine(model, tok)).start(Serving(params))
     endpoint = Endpoint(batcher, tok, "tiny", KEY, max_new_tokens=12, max_context_tokens=96).start()
     yield endpoint, model
     endpoint.stop()
@@ -86,3 +87,32 @@ def test_the_key_the_models_and_the_context_limit(served: tuple[Endpoint, torch.
 
     asyncio.run(calls())
     assert "x" not in endpoint.sessions  # refused before any session state
+
+
+def test_streaming_text_completions_and_ended_episodes(served: tuple[Endpoint, torch.nn.Module]) -> None:
+    endpoint, _ = served
+
+    async def calls() -> None:
+        client = openai.AsyncOpenAI(base_url=endpoint.session_url("s"), api_key=KEY)
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [c async for c in stream]
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        (chain,) = endpoint.sessions["s"].chains
+        assert streamed == endpoint.tokenizer.decode(chain.response_ids, skip_special_tokens=True)
+        text = await client.completions.create(model="tiny", prompt="1+1=", max_tokens=3)
+        assert text.choices[0].text == endpoint.tokenizer.decode(
+            endpoint.sessions["s"].chains[1].response_ids, skip_special_tokens=True
+        )
+        endpoint.open_sessions = False
+        try:
+            with pytest.raises(openai.NotFoundError, match="not running"):
+                await openai.AsyncOpenAI(base_url=endpoint.session_url("gone"), api_key=KEY).completions.create(
+                    model="tiny", prompt="1"
+                )
+        finally:
+            endpoint.open_sessions = True
+
+    asyncio.run(calls())

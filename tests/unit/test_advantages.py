@@ -90,3 +90,30 @@ def test_reinforce_pp_group_baseline_then_token_whitening() -> None:
 def test_unknown_estimator_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="grpo.*reinforce_pp|drgrpo"):
         compute_advantages(REWARDS, IDS, "ppo")
+
+
+def test_an_episode_split_into_samples_counts_once_in_its_group() -> None:
+    """An agent episode split into two samples (`episode` shared) weighs as one episode: its reward
+    once in the group's mean and std, each of its samples with the episode's advantage."""
+    from tidal.trainer.rl import episode_advantages
+    from tidal.types import TrainSample
+
+    def s(reward: float, episode: int, tokens: int = 2) -> TrainSample:
+        return TrainSample(
+            0, [1], [2] * tokens, [1] * tokens, [0.0] * tokens, "stop", 0, [0] * tokens, reward, False, None, episode
+        )
+
+    split = [s(1.0, 0), s(1.0, 0), s(0.0, 1), s(0.0, 2)]
+    adv, _ = episode_advantages(split, "grpo")
+    whole, _ = compute_advantages(torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3, dtype=torch.long), "grpo")
+    torch.testing.assert_close(adv, whole[[0, 0, 1, 2]])
+    # Counted per sample instead, the split episode would pull the group mean to 0.5.
+    assert (
+        adv[2] != compute_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long), "grpo")[0][2]
+    )
+    # Samples of their own (episode -1) are each an episode, as before.
+    alone = [s(1.0, -1), s(1.0, -1), s(0.0, -1), s(0.0, -1)]
+    torch.testing.assert_close(
+        episode_advantages(alone, "rloo")[0],
+        compute_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long), "rloo")[0],
+    )

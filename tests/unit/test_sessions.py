@@ -67,7 +67,7 @@ class Agent:
             versions=[self.turn] * len(ids),
         )
         answer = parse(text)
-        self.session.record(prompt, copy.deepcopy(messages), completion, answer)
+        self.session.record(prompt, completion, copy.deepcopy(messages), answer)
         self.prompts.append(prompt)
         self.generated.append(ids)
         self.turn += 1

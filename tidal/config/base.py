@@ -204,6 +204,25 @@ class AdaptiveStaleness(Strict):
     """Floor of the bound (1 keeps rollout of the next batch overlapping the current step)."""
 
 
+class EndpointConfig(Strict):
+    """The OpenAI-compatible endpoint a rollout worker serves to agent envs (`envs: [{agent: ...}]`)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind: 127.0.0.1 serves agents on the worker's node; 0.0.0.0 also serves agents
+    in other machines or sandboxes (they get the URL and key from `client.base_url` and
+    `client.api_key`)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port of worker 0, worker i binding `port + i`; 0: a free port each."""
+    key: str | None = None
+    """The key every request must carry (`Authorization: Bearer KEY`); default: a random key made
+    for each worker when it starts, handed to its agents' clients."""
+    tool_parser: str = "auto"
+    """How the model's tool calls are read back into OpenAI `tool_calls`: `hermes` (Qwen3's and
+    the presets' `<tool_call>{...}</tool_call>`), `template` (the tokenizer's own
+    `response_template`), or a vLLM tool parser by name (`glm45` for GLM-4.5 / GLM-5; needs vLLM);
+    `auto`: `template` when the tokenizer has one, else `hermes`."""
+
+
 class RolloutConfig(Strict):
     engine: Literal["transformers", "vllm"] = "transformers"
     """Generation engine. `transformers` (embedded, CPU or GPU) or `vllm` (the optional extra
@@ -270,7 +289,10 @@ class RolloutConfig(Strict):
     """With `interruptible`: decode steps (vLLM: engine steps) between two checks for a new snapshot."""
     max_context_tokens: int = Field(4096, ge=2)
     """Multi-turn envs: an episode ends when prompt + turns + observations reach this many tokens
-    (at most the model's `max_position_embeddings`, checked when the config loads)."""
+    (at most the model's `max_position_embeddings`, checked when the config loads); an agent's
+    request past it gets the OpenAI API's `context_length_exceeded` error."""
+    endpoint: EndpointConfig = EndpointConfig()
+    """The OpenAI-compatible endpoint served to agent envs."""
     deterministic: bool = False
     """Keep a fixed assignment of prompts to training steps: step s trains the prompts dispatched as
     batch s (split evenly among the workers, each share generated as one seeded call), once the

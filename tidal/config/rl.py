@@ -283,6 +283,15 @@ class EnvSpec(Strict):
     path: str | None = None
     """A user environment class by import path (`my_pkg.envs:MyEnv`) or file path (`./my_env.py:MyEnv`),
     a subclass of `tidal.envs.Env` or `tidal.envs.MultiTurnEnv`."""
+    agent: str | None = None
+    """An agent by import or file path (`./my_agent.py:run`): the user's own agent loop, written
+    against the OpenAI API, trained through the rollout worker's OpenAI-compatible endpoint
+    (`rollout.endpoint`). An `async def run(client, row, **kwargs)` gets an `openai.AsyncOpenAI`
+    client for the episode (a plain `def` gets an `openai.OpenAI` one; a class is built with `kwargs`
+    and its `run` method called) and returns the episode's reward (a float or a `RewardResult`).
+    Every model call the agent makes is recorded token for token (`tidal.rollout.sessions`); an agent
+    that raises, is idle past `rewards.timeout_s` between model calls, or never calls the model is
+    recorded on its samples and counted."""
     label: str | None = None
     """The env's name in metrics (`env/<label>/...`); default: `name`, or the class name."""
     weight: float = Field(1.0, gt=0.0)
@@ -305,6 +314,13 @@ class EnvSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvSpec:
-        if (self.name is None) == (self.path is None):
-            raise ValueError("an env needs exactly one of `name` (a built-in) or `path` (module:Class)")
+        if sum(x is not None for x in (self.name, self.path, self.agent)) != 1:
+            raise ValueError(
+                "an env needs exactly one of `name` (a built-in), `path` (module:Class) or `agent` (module:function)"
+            )
+        if self.agent is not None and self.isolation == "process":
+            raise ValueError(
+                "an agent runs on the rollout worker's event loop (isolation: thread); to run it in another "
+                "process or a sandbox, start that from `run` and hand it `client.base_url` and `client.api_key`"
+            )
         return self

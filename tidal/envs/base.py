@@ -45,6 +45,8 @@ class Env:
     `prompt` column is not the prompt text as is). Built once per worker with the YAML kwargs."""
 
     multi_turn: ClassVar[bool] = False
+    agent: ClassVar[bool] = False
+    """The model is called by the user's agent through the endpoint (`tidal.envs.agent.AgentEnv`)."""
     stop: ClassVar[list[str]] = []
     """Stop strings of a model turn, added to `rollout.stop`."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 
 from tidal.config import ConfigError, EnvSpec
+from tidal.envs.agent import AgentEnv
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.builtins import BUILTIN_ENVS
 from tidal.plugins import describe_exception, import_object, plugin_ref
@@ -20,12 +21,16 @@ def env_label(spec: EnvSpec) -> str:
         return spec.label
     if spec.name is not None:
         return spec.name
-    assert spec.path is not None
-    return spec.path.rpartition(":")[2]
+    path = spec.path or spec.agent
+    assert path is not None
+    return path.rpartition(":")[2]
 
 
 def resolve_env(spec: EnvSpec, index: int) -> Env:
-    """The env instance of `envs[index]`: its class built with the spec's kwargs."""
+    """The env instance of `envs[index]`: its class built with the spec's kwargs (an agent: an
+    `AgentEnv` of its function)."""
+    if spec.agent is not None:
+        return AgentEnv.load(spec.agent, spec.kwargs, f"envs[{index}].agent {spec.agent!r}")
     if spec.name is not None:
         where = f"envs[{index}].name {spec.name!r}"
         if spec.name not in BUILTIN_ENVS:

@@ -34,9 +34,18 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, USER, ASSISTANT]
 CHAT_TEMPLATE = (
+    # Tools as Qwen3's template renders them, in plain text (the presets' vocabulary has no token for
+    # them): each function's JSON schema on a line, calls as <tool_call>{"name", "arguments"}</tool_call>
+    # (`tidal.rollout.tools.HermesParser` reads them back), results as <tool_response>...</tool_response>.
+    "{% if tools %}# Tools\n{% for t in tools %}{{ (t['function'] if t['function'] is defined else t) | tojson }}\n"
+    "{% endfor %}{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<eos>"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] or [] %}{% set f = c['function'] if c['function'] is defined else c %}"
+    '<tool_call>{"name": "{{ f[\'name\'] }}", "arguments": '
+    "{{ f['arguments'] if f['arguments'] is string else f['arguments'] | tojson }}}</tool_call>{% endfor %}<eos>"
+    "{% elif m['role'] == 'tool' %}<tool_response>{{ m['content'] }}</tool_response>"
     "{% else %}{{ m['content'] }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -18,11 +18,14 @@ from typing import Any
 
 from tidal.config import DataConfig, EnvSpec, RewardsConfig, RolloutConfig
 from tidal.data import encode_texts
+from tidal.envs.agent import AgentEnv
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.loading import resolve_envs
 from tidal.plugins import PluginRef, call_plugin, is_async, plugin_ref, pool_call
 from tidal.rewards import RewardScorer, resolve_rewards
 from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
+from tidal.rollout.agents import AgentServer
+from tidal.rollout.endpoint import Serving
 from tidal.rollout.engines.base import Engine
 from tidal.rollout.episodes import Episode, run_episodes
 from tidal.telemetry.metrics import Metrics, mean, total
@@ -50,6 +53,8 @@ class EnvRuntime:
     data: DataConfig
     ref: PluginRef | None = None
     """With `isolation: process`, how a pool process builds the env: its sync calls run there."""
+    agents: AgentServer | None = None
+    """An agent env's: the worker's endpoint its agents call (`attach_agents`)."""
 
     def method(self, name: str) -> Callable[..., Any]:
         """The env's `reset` or `step` as the worker calls it: the env's own, or (isolated, sync) an
@@ -76,6 +81,21 @@ def build_runtimes(envs: list[EnvSpec], rewards: RewardsConfig, data: DataConfig
         scorer = RewardScorer(rewards, rewards=scored, refs=[score] + [None] * len(extra))
         out[label] = EnvRuntime(label, env, scorer, spec.data or data, ref)
     return out
+
+
+def attach_agents(
+    runtimes: dict[str, EnvRuntime], engine: Engine, rollout: RolloutConfig, model_name: str, index: int = 0
+) -> AgentServer | None:
+    """Start the worker's agent endpoint over `engine` when an env is an agent, and hand it to them."""
+    agent_rts = [rt for rt in runtimes.values() if rt.env.agent]
+    if not agent_rts:
+        return None
+    server = AgentServer(
+        engine, rollout.endpoint, model_name, rollout.max_new_tokens, rollout.max_context_tokens, index
+    )
+    for rt in agent_rts:
+        rt.agents = server
+    return server
 
 
 def to_sample(c: Completion, prompt: Prompt) -> Sample:
@@ -138,8 +158,13 @@ def generate_samples(
     chunk boundary; their samples come through `on_sample` and in the returned list. A prompt whose
     env fails to make its text yields no samples (its group is then dropped and counted).
     """
-    kept, ids = _encode(rt, engine, prompts)
     params = replace(params, stop=list(dict.fromkeys([*rollout.stop, *rt.env.stop])))
+    if rt.env.agent:
+        samples = _agent_samples(rt, prompts, n, params, rollout, between_generations, on_chunk)
+        for s in samples if on_sample is not None else []:
+            on_sample(s)
+        return samples
+    kept, ids = _encode(rt, engine, prompts)
     kwargs = {"on_chunk": on_chunk, "chunk_tokens": rollout.chunk_tokens}
     if rollout.record_routing:  # the transformers engine's (the config refuses it with vLLM)
         kwargs["record_routing"] = True
@@ -175,6 +200,25 @@ def generate_samples(
         outs = engine.generate([x for _, x in chunk], params.seeded(i), max_tokens=limits, **kwargs)  # type: ignore[arg-type]
         samples += [ended.get(j) or to_sample(c, p) for j, (c, (p, _)) in enumerate(zip(outs, chunk, strict=True))]
     return samples
+
+
+def _agent_samples(
+    rt: EnvRuntime,
+    prompts: list[Prompt],
+    n: int,
+    params: SamplingParams,
+    rollout: RolloutConfig,
+    between_generations: Callable[[], None] | None,
+    on_chunk: Callable[[], None] | None,
+) -> list[Sample]:
+    """An agent env's samples: `n` episodes per prompt, the agents calling the engine through the
+    worker's endpoint while this thread serves it (`AgentServer.run_agents`)."""
+    if rt.agents is None:
+        raise RuntimeError(f"env {rt.label!r} is an agent, and no endpoint was attached (attach_agents)")
+    assert isinstance(rt.env, AgentEnv)
+    how = Serving(params, rollout.batch_size, rollout.chunk_tokens, between_generations, on_chunk)
+    flat = [p for p in prompts for _ in range(n)]
+    return rt.agents.run_agents(rt.env, flat, how, rt.scorer.cfg.timeout_s)
 
 
 def _episodes(

@@ -23,6 +23,7 @@ episode's samples share its reward, and `splits` counts the chains past the firs
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,8 @@ class Chain(Episode):
     messages: list[Message] = field(default_factory=list)
     """The last request's messages followed by the answer returned for it."""
     tools: list[dict] | None = None
+    text: str | None = None
+    """A chain of `/v1/completions` requests: the last prompt's text followed by the answer's."""
 
 
 @dataclass
@@ -106,6 +109,16 @@ class Session:
     def __init__(self, renderer: Renderer) -> None:
         self.renderer = renderer
         self.chains: list[Chain] = []
+        self.calls = 0
+        """Model calls answered."""
+        self.refused = 0
+        """Requests refused (malformed, past the context): the agent got an error."""
+        self.tool_parse_errors = 0
+        """Answers whose tool calls could not be parsed (returned as plain content)."""
+        self.in_flight = 0
+        """Model calls being answered now."""
+        self.last_active = time.monotonic()
+        """When the latest model call was answered (or the session opened): the agent is idle since."""
 
     @property
     def splits(self) -> int:
@@ -120,6 +133,17 @@ class Session:
             if inserted is not None:
                 return Prompt(chain.context + inserted, chain, inserted, tools)
         return Prompt(self.renderer.encode(full), None, [], tools)
+
+    def text_prompt(self, text: str) -> Prompt:
+        """The model's prompt for a `/v1/completions` request of `text`: a chain's tokens followed by
+        the tokens of the rest when `text` begins with that chain's last prompt and answer (the
+        answer's text as returned; the tokens the model generated for it are kept, its end-of-text
+        token included), else the tokens of `text`."""
+        for chain in reversed(self.chains):
+            if chain.text is not None and text.startswith(chain.text) and len(text) > len(chain.text):
+                inserted = self.renderer.encode(text[len(chain.text) :])
+                return Prompt(chain.context + inserted, chain, inserted)
+        return Prompt(self.renderer.encode(text), None, [])
 
     def _continuation(
         self, chain: Chain, messages: list[Message], tools: list[dict] | None, full: str
@@ -145,9 +169,17 @@ class Session:
         overlap = next((n for n in range(len(after), 0, -1) if generated.endswith(after[:n])), 0)
         return after[overlap:]
 
-    def record(self, prompt: Prompt, messages: list[Message], completion: Completion, answer: Message) -> None:
-        """The model's `completion` of `prompt` (made for a request of `messages`), returned to the
-        agent as `answer` (an assistant message)."""
+    def record(
+        self,
+        prompt: Prompt,
+        completion: Completion,
+        messages: list[Message] | None = None,
+        answer: Message | None = None,
+        text: str | None = None,
+    ) -> None:
+        """The model's `completion` of `prompt`: made for a chat request of `messages` and returned
+        to the agent as `answer` (an assistant message), or for a completions request whose prompt
+        and answer are `text`."""
         chain = prompt.chain
         if chain is None:
             chain = Chain(list(prompt.ids), tools=prompt.tools)
@@ -155,4 +187,9 @@ class Session:
         else:
             chain.add_observation(prompt.inserted, completion.version)
         chain.add_turn(completion)
-        chain.messages = [*messages, answer]
+        self.calls += 1
+        if text is not None:
+            chain.text = text
+        else:
+            assert messages is not None and answer is not None
+            chain.messages = [*messages, answer]

@@ -29,6 +29,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -47,7 +48,7 @@ from tidal.config import (
 from tidal.model.loading import load_model, load_tokenizer
 from tidal.rollout.engines.base import Engine
 from tidal.rollout.engines.transformers import TransformersEngine
-from tidal.rollout.env_runtime import build_runtimes, generate_samples, group_by_env, score_samples
+from tidal.rollout.env_runtime import attach_agents, build_runtimes, generate_samples, group_by_env, score_samples
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.queue import EvalRequest, Work, WorkQueue
 from tidal.rollout.staging import WeightStage
@@ -115,6 +116,8 @@ class RolloutWorker:
         self.engine = build_engine(cfg.model, cfg.rollout, model_dir, seed=mix_seed(cfg.seed, index))
         self._forward_model = own_forward(self.engine)  # for the held-out log-prob check
         self.envs = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
+        name = cfg.model.preset or Path(str(cfg.model.path)).name
+        self.agents = attach_agents(self.envs, self.engine, cfg.rollout, name, index)
         self._exact = cfg.rollout.deterministic
         self.weights = WeightStage(self.engine, cfg.weight_sync, index, self._exact, cfg.timeout_s)
         self._last_end = time.perf_counter()
@@ -246,7 +249,7 @@ class RolloutWorker:
         def on_sample(s: Sample) -> None:
             work, samples = waiting[s.group_id]
             samples.append(s)
-            if len(samples) == r.group_size:
+            if sum(x.episode_end for x in samples) == r.group_size:  # (an agent's episode may split)
                 self._put_group(work, waiting.pop(s.group_id)[1], first.pop() if first else {})
 
         def admit(label: str, running: int) -> list[Prompt]:

@@ -28,10 +28,7 @@ from tidal.types import Group, TrainBatch, TrainSample
 def build_batch(groups: list[Group], estimator: str, pad_id: int) -> tuple[TrainBatch, Metrics]:
     """Advantages per group, then prompt + response rows, right-padded, with per-token fields."""
     samples = [s for g in groups for s in g.samples]
-    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-    gids = torch.tensor([s.group_id for s in samples], dtype=torch.long)
-    lengths = torch.tensor([sum(s.loss_mask) for s in samples], dtype=torch.float32)
-    adv, metrics = compute_advantages(rewards, gids, estimator, token_counts=lengths)
+    adv, metrics = episode_advantages(samples, estimator)
     ids, attn = pad_tokens([s.prompt_ids + s.response_ids for s in samples], pad_id)
 
     def per_token(values: list[list[float]], dtype: torch.dtype) -> torch.Tensor:
@@ -50,6 +47,22 @@ def build_batch(groups: list[Group], estimator: str, pad_id: int) -> tuple[Train
         routing=_routing(samples, ids.shape[1]),
     )
     return batch, metrics
+
+
+def episode_advantages(samples: list[TrainSample], estimator: str) -> tuple[torch.Tensor, Metrics]:
+    """Advantages (N,) of the samples, one per episode: an agent episode split into several samples
+    (`TrainSample.episode`) counts once in its group, with its reward once and its trained tokens
+    summed, and each of its samples gets the episode's advantage."""
+    keys = [(s.group_id, s.episode if s.episode >= 0 else -1 - i) for i, s in enumerate(samples)]
+    pos = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+    at = torch.tensor([pos[k] for k in keys], dtype=torch.long)  # (N,) the sample's episode
+    zeros = torch.zeros(len(pos), dtype=torch.float32)  # (E,)
+    rewards = zeros.scatter(0, at, torch.tensor([s.reward for s in samples], dtype=torch.float32))
+    group_ids = torch.tensor([s.group_id for s in samples], dtype=torch.long)
+    gids = torch.zeros(len(pos), dtype=torch.long).scatter(0, at, group_ids)
+    lengths = zeros.index_add(0, at, torch.tensor([float(sum(s.loss_mask)) for s in samples]))
+    adv, metrics = compute_advantages(rewards, gids, estimator, token_counts=lengths)
+    return adv[at], metrics
 
 
 def _routing(samples: list[TrainSample], length: int) -> torch.Tensor | None:
