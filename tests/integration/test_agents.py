@@ -7,6 +7,9 @@ lists are recorded and counted, and the rollout goes on."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from tidal.telemetry.metrics import values
 from tidal.types import Prompt, Sample
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 AGENTS = '''
 import asyncio, json, time
@@ -217,3 +222,51 @@ def test_agent_config_errors_are_one_line(agents: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="isolation: thread"):
         config(f"[{{agent: '{agents}:calculator', isolation: process}}]")
     assert json.dumps(config(f"[{{agent: '{agents}:calculator'}}]").envs[0].agent).endswith(':calculator"')
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def example_agent_run(tmp_path: Path, *overrides: str) -> tuple[list[dict], dict]:
+    """`tidal train examples/agent/config.yaml` from the repository root, as the README says."""
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
+    cmd = [sys.executable, "-m", "tidal.cli", "train", "examples/agent/config.yaml", f"output_dir={tmp_path / 'runs'}"]
+    proc = subprocess.run([*cmd, *overrides], cwd=REPO, capture_output=True, text=True, timeout=3000, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs/agent/metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((tmp_path / "runs/agent/summary.json").read_text())
+
+
+def test_the_example_agent_runs_through_ray_workers(tmp_path: Path) -> None:
+    """The example's YAML on the random-init preset, a few steps: the agents' episodes flow from the
+    workers' endpoints through the buffer to the trainer (the learning is the slow test's)."""
+    rows, summary = example_agent_run(
+        tmp_path,
+        "model.sft_warm_start=null",
+        "model.preset=tiny-qwen3-moe",
+        "train.steps=2",
+        "train.eval_every=0",
+        "eval.num_samples=4",
+        "rollout.prompts_per_step=4",
+        "rollout.max_new_tokens=8",
+        "filter.zero_variance=false",
+        "monitor.wandb=disabled",
+    )
+    steps = [r for r in rows if "env/calc/samples" in r]
+    assert [r["step"] for r in rows if "train/version" in r] == [1, 2]
+    assert sum(r["env/calc/samples"] for r in steps) >= 2 * 4 * 8
+    assert all(r["env/calc/agent_model_calls"] >= 1 and r["env/calc/agent_failed"] == 0 for r in steps), steps
+    assert summary["ledger/unique_trained_groups"] == summary["ledger/taken_groups"] == 8
+
+
+@pytest.mark.slow
+def test_the_example_agent_learns_to_use_its_calculator(tmp_path: Path) -> None:
+    """The example as the README runs it (fewer steps; its SFT warm start is trained on first use):
+    the reward of the agent's episodes rises, and held-out accuracy with it."""
+    steps = 30
+    rows, summary = example_agent_run(tmp_path, f"train.steps={steps}", "monitor.wandb=disabled")
+    reward = [r["env/calc/reward"] for r in rows if "env/calc/reward" in r]
+    assert len(reward) >= steps // 2
+    first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
+    assert last > first + 0.1, reward
+    assert summary["eval/accuracy"] > summary["eval/accuracy_before"] + 0.05, summary

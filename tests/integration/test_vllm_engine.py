@@ -521,3 +521,52 @@ def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine
         ref = completion_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
         mine = torch.tensor(s.loss_mask, dtype=torch.bool)  # the model's tokens; observations are 0
         assert float((torch.tensor(s.logp_mu)[mine] - ref[mine]).abs().max()) < 1e-4
+
+
+AGENT = '''
+async def run(client, row):
+    """Three chat turns, the agent's own message between them; every request joins vLLM's batch."""
+    messages = [{"role": "user", "content": row["prompt"]}]
+    for turn in range(3):
+        reply = await client.chat.completions.create(model="policy", messages=messages)
+        messages += [reply.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": f"ok{turn}"}]
+    return 1.0
+'''
+
+
+def test_an_openai_agent_on_vllm(preset: Path, reference: TransformersEngine, tmp_path: Path) -> None:
+    """An agent env through a vLLM worker's endpoint: concurrent agents' requests join vLLM's running
+    batch; each episode is one sample whose model tokens keep vLLM's behavior log-probs (equal to a
+    forward over the whole trajectory) and whose agent turns are masked out."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("agents are the same for every architecture")
+    (tmp_path / "agent.py").write_text(AGENT)
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            f"model.path={preset}",
+            "rollout.engine=vllm",
+            "rollout.vllm.kv_cache_gb=0.25",
+            "rollout.temperature=0.7",
+            "rollout.max_new_tokens=5",
+            "rollout.group_size=2",
+            f"envs=[{{agent: '{tmp_path / 'agent.py'}:run', label: chat}}]",
+        ],
+    )
+    worker = (
+        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
+        .options(num_cpus=1)
+        .remote(WorkerConfig.of(cfg), str(preset))
+    )
+    try:
+        prompts = [Prompt(i, {"prompt": f"{i}+{i}="}, env="chat") for i in range(3)]
+        groups = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S).groups
+    finally:
+        ray.kill(worker)
+    samples = [s for g in groups for s in g.samples]
+    assert len(samples) == 6 and all(s.turns == 3 and not s.failed and s.reward == 1.0 for s in samples)
+    for s in samples:
+        ref = completion_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
+        mine = torch.tensor(s.loss_mask, dtype=torch.bool)
+        assert 0 in s.loss_mask and float((torch.tensor(s.logp_mu)[mine] - ref[mine]).abs().max()) < 1e-4

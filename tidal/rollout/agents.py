@@ -33,6 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 
 from tidal.config import EndpointConfig
@@ -84,10 +85,16 @@ class AgentServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="tidal-agents", daemon=True)
         self._thread.start()
+        # One connection pool for every episode's client: a client of its own (an SSL context and a
+        # pool each) costs tens of milliseconds, which 128 agents starting together would wait for.
+        self._http = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None))
+        self._http_sync = httpx.Client(timeout=None, limits=httpx.Limits(max_connections=None))
 
     def close(self) -> None:
         self.endpoint.stop()
         self.batcher.close()
+        asyncio.run_coroutine_threadsafe(self._http.aclose(), self.loop).result(timeout=5.0)
+        self._http_sync.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5.0)
 
@@ -118,26 +125,22 @@ class AgentServer:
         """Run the agent of one episode to its end, or cut it off when idle past `idle_s`."""
         url, row = self.endpoint.session_url(name), dict(row)
         if env.is_async:
-            client: Any = openai.AsyncOpenAI(base_url=url, api_key=self.key, max_retries=0, timeout=3600.0)
+            client: Any = openai.AsyncOpenAI(base_url=url, api_key=self.key, max_retries=0, http_client=self._http)
             task = asyncio.ensure_future(env.run(client, row, **env.kwargs))
         else:
-            client = openai.OpenAI(base_url=url, api_key=self.key, max_retries=0, timeout=3600.0)
+            client = openai.OpenAI(base_url=url, api_key=self.key, max_retries=0, http_client=self._http_sync)
             task = asyncio.ensure_future(asyncio.to_thread(env.run, client, row, **env.kwargs))
+        session.last_active = time.monotonic()  # idle from when the agent starts, not from when it was queued
+        while not task.done():
+            await asyncio.wait({task}, timeout=min(idle_s, 0.5))
+            if not task.done() and session.in_flight == 0 and time.monotonic() - session.last_active > idle_s:
+                self.endpoint.close(name)  # a request it sends later is refused
+                task.cancel()
+                return Outcome(error=f"cut off: idle for {idle_s:g}s (rewards.timeout_s) between model calls")
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=min(idle_s, 0.5))
-                if not task.done() and session.in_flight == 0 and time.monotonic() - session.last_active > idle_s:
-                    self.endpoint.close(name)  # a request it sends later is refused
-                    task.cancel()
-                    return Outcome(error=f"cut off: idle for {idle_s:g}s (rewards.timeout_s) between model calls")
-            try:
-                return Outcome(reward=task.result())
-            except BaseException as e:  # the user's agent: contained, recorded on its samples
-                return Outcome(error=f"raised {describe_exception(e)}")
-        finally:
-            close = client.close()
-            if asyncio.iscoroutine(close):
-                await close
+            return Outcome(reward=task.result())
+        except BaseException as e:  # the user's agent: contained, recorded on its samples
+            return Outcome(error=f"raised {describe_exception(e)}")
 
 
 def _episode_indices(prompts: list[Prompt]) -> list[int]:

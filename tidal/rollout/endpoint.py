@@ -205,7 +205,11 @@ class Endpoint:
         """Serve in a thread; port 0 binds a free port (the one the OS gives, read back once bound)."""
         import uvicorn
 
-        config = uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off")
+        # Idle connections are closed by the client (httpx: after 5 s) before the server would: a
+        # server that closes one as a request is sent on it fails that request ("connection error").
+        config = uvicorn.Config(
+            self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off", timeout_keep_alive=3600
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="tidal-endpoint", daemon=True)
         self._thread.start()

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from tidal.config import ConfigError, RunConfig
 from tidal.model.loading import load_tokenizer
-from tidal.rollout.env_runtime import build_runtimes
+from tidal.rollout.env_runtime import attach_agents, build_runtimes
 from tidal.rollout.evaluate import evaluate, own_forward
 from tidal.rollout.worker import build_engine
 from tidal.stages.check import load_env_splits
@@ -41,11 +41,14 @@ def run_eval(cfg: RunConfig, checkpoint: str | None = None) -> dict[str, float]:
     torch.set_num_threads(max(1, math.ceil(cfg.rollout.num_cpus_per_worker)))
     engine = build_engine(cfg.model, cfg.rollout, str(model_dir))
     runtimes = build_runtimes(cfg.envs, cfg.rewards, cfg.data)
+    agents = attach_agents(runtimes, engine, cfg.rollout, model_dir.name)
     try:
         metrics, _ = evaluate(engine, runtimes, prompts, cfg.eval, cfg.rollout, own_forward(engine))
     finally:
         for rt in runtimes.values():
             rt.scorer.close()
+        if agents is not None:
+            agents.close()
     out = values(metrics)
     table = Table(title=f"held-out evaluation of {model_dir}")
     table.add_column("metric")
