@@ -267,6 +267,7 @@ def test_the_example_agent_learns_to_use_its_calculator(tmp_path: Path) -> None:
     rows, summary = example_agent_run(tmp_path, f"train.steps={steps}", "monitor.wandb=disabled")
     reward = [r["env/calc/reward"] for r in rows if "env/calc/reward" in r]
     assert len(reward) >= steps // 2
-    first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
-    assert last > first + 0.1, reward
-    assert summary["eval/accuracy"] > summary["eval/accuracy_before"] + 0.05, summary
+    first, last = sum(reward[:8]) / 8, sum(reward[-8:]) / 8
+    assert last > first + 0.05, reward
+    # Measured 2026-12-07 (the warm start given as model.path): held-out 40.5% -> 59.0% in 30 steps.
+    assert summary["eval/accuracy"] > summary["eval/accuracy_before"] + 0.08, summary

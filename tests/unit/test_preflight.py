@@ -138,6 +138,12 @@ def test_a_generation_longer_than_the_model_is_refused_naming_the_keys(
     line = refused(capsys, SFT, model, *calc)
     assert "rollout.max_context_tokens=4096 is more than the model's max_position_embeddings=64" in line
     assert check(capsys, SFT, model, *calc, "rollout.max_context_tokens=64")[0] == 0
+    # So do an agent's (examples/agent's), and their turns' routing is not recorded.
+    agent = [f"envs=[{{agent: {REPO}/examples/agent/calculator_agent.py:run}}]", "rollout.max_new_tokens=8"]
+    line = refused(capsys, SFT, model, *agent)
+    assert "rollout.max_context_tokens=4096 is more than the model's max_position_embeddings=64" in line
+    line = refused(capsys, SFT, model, *agent, "rollout.max_context_tokens=64", "rollout.record_routing=true")
+    assert "record_routing works with single-turn envs for now (a multi-turn or agent episode's" in line
     # vLLM's context is its own limit.
     line = refused(capsys, SFT, model, "rollout.engine=vllm", "rollout.vllm.max_model_len=128")
     assert "rollout.vllm.max_model_len=128 is more than the model's max_position_embeddings=64" in line

@@ -76,13 +76,13 @@ def check_train(cfg: RunConfig, fit: bool = True) -> TrainStart:
     cfg = absolute_plugin_paths(cfg.for_rl())
     envs = resolve_plugins(cfg)
     positions = position_limit(cfg.model, cfg.rollout)
-    rooms = generation_rooms(cfg, positions, [env.multi_turn for env in envs.values()])
+    rooms = generation_rooms(cfg, positions, [env.multi_turn or env.agent for env in envs.values()])
     cfg, resumed = checkpoint.resume_point(cfg)
     warm = cfg.model.sft_warm_start
     if warm is not None and not (warm_start_dir(warm) / "summary.json").is_file():
         check_sft(load_config(warm))  # `tidal train` trains it first
     sources, held_out, longest = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)), rooms=rooms)
-    plan = plan_run(cfg, longest, any(env.multi_turn for env in envs.values()))
+    plan = plan_run(cfg, longest, any(env.multi_turn or env.agent for env in envs.values()))
     if fit:
         check_fits(plan, cfg)
     return TrainStart(cfg, resumed, sources, held_out, plan)
@@ -116,10 +116,10 @@ def resolve_plugins(cfg: RunConfig) -> dict[str, Env]:
         envs = {"": Env()}
     else:
         envs = resolve_envs(cfg.envs)
-        if cfg.rollout.record_routing and any(env.multi_turn for env in envs.values()):
+        if cfg.rollout.record_routing and any(env.multi_turn or env.agent for env in envs.values()):
             raise ConfigError(
-                "rollout.record_routing works with single-turn envs for now (a multi-turn episode's "
-                "turns would need their routing stitched together)"
+                "rollout.record_routing works with single-turn envs for now (a multi-turn or agent "
+                "episode's turns would need their routing stitched together)"
             )
         for spec in cfg.envs:
             resolve_rewards(RewardsConfig(functions=spec.rewards))

@@ -297,10 +297,25 @@ class _Batch:
             self.cache.batch_select_indices(keep)
             self.rows = [self.rows[j] for j in keep.tolist()]
             tok, self.mask, self.pos, self.done = tok[keep], self.mask[keep], self.pos[keep], self.done[keep]
+            self._trim()
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.pos = self.pos[:, -1:] + 1
         self.ids = tok.masked_fill(self.done, rows.engine.pad_id)[:, None]
         return self
+
+    def _trim(self) -> None:
+        """Drop the leading positions no row attends to (the rows that were longer have left): a
+        batch that rows keep joining (continuous batching) is as wide as its longest running row,
+        not as the longest it ever held, and every decode step attends over that width."""
+        unused = int(self.mask.cumsum(1).eq(0).all(0).sum())  # leading columns that are padding in every row
+        if unused == 0:
+            return
+        self.mask = self.mask[:, unused:]
+        for layer in self.cache.layers:  # the cache holds one position less than the mask: the same start
+            for name, dim in (("keys", 2), ("values", 2), ("indexer_keys", 1)):
+                t = getattr(layer, name, None)
+                if t is not None and t.numel():
+                    setattr(layer, name, t.narrow(dim, unused, t.shape[dim] - unused).contiguous())
 
     @property
     def running(self) -> int:
