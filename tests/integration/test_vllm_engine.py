@@ -483,14 +483,10 @@ class Echo(MultiTurnEnv):
 '''
 
 
-@pytest.mark.slow  # per commit, multi-turn episodes run on the transformers engine (test_envs.py)
-def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine, tmp_path: Path) -> None:
-    """A multi-turn env through a vLLM worker: each turn re-submits the whole conversation; the model's
-    tokens keep vLLM's behavior log-probs (equal to a forward over the full episode), observations
-    are masked out."""
-    if preset.name.startswith("tiny-glm4"):
-        pytest.skip("episodes are the same for every architecture")
-    (tmp_path / "echo.py").write_text(ECHO_ENV)
+def episodes_on_vllm(preset: Path, tmp_path: Path, env: str, label: str, reference: TransformersEngine) -> list[Any]:
+    """The samples of 3 prompts x 2 episodes of `env` (an `envs` entry) on a vLLM rollout worker
+    actor, at temperature 0.7; each checked: its model tokens (loss mask 1) keep vLLM's behavior
+    log-probs, equal to a forward over the whole episode, and something sits between the turns."""
     cfg = load_config(
         None,
         [
@@ -501,7 +497,7 @@ def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine
             "rollout.temperature=0.7",
             "rollout.max_new_tokens=5",
             "rollout.group_size=2",
-            f"envs=[{{path: '{tmp_path / 'echo.py'}:Echo'}}]",
+            f"envs=[{env}]",
         ],
     )
     worker = (
@@ -510,17 +506,29 @@ def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine
         .remote(WorkerConfig.of(cfg), str(preset))
     )
     try:
-        prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}, env="Echo") for i in range(3)]
+        prompts = [Prompt(i, {"prompt": f"{i}+{i}=", "answer": str(2 * i)}, env=label) for i in range(3)]
         groups = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S).groups
     finally:
         ray.kill(worker)
     samples = [s for g in groups for s in g.samples]
-    assert len(samples) == 6 and all(s.turns == 3 for s in samples)
     for s in samples:
         assert 0 in s.loss_mask and len(s.loss_mask) == len(s.logp_mu) == len(s.response_ids)
         ref = completion_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
         mine = torch.tensor(s.loss_mask, dtype=torch.bool)  # the model's tokens; observations are 0
         assert float((torch.tensor(s.logp_mu)[mine] - ref[mine]).abs().max()) < 1e-4
+    return samples
+
+
+@pytest.mark.slow  # per commit, multi-turn episodes run on the transformers engine (test_envs.py)
+def test_multi_turn_episodes_on_vllm(preset: Path, reference: TransformersEngine, tmp_path: Path) -> None:
+    """A multi-turn env through a vLLM worker: each turn re-submits the whole conversation; the model's
+    tokens keep vLLM's behavior log-probs (equal to a forward over the full episode), observations
+    are masked out."""
+    if preset.name.startswith("tiny-glm4"):
+        pytest.skip("episodes are the same for every architecture")
+    (tmp_path / "echo.py").write_text(ECHO_ENV)
+    samples = episodes_on_vllm(preset, tmp_path, f"{{path: '{tmp_path / 'echo.py'}:Echo'}}", "Echo", reference)
+    assert len(samples) == 6 and all(s.turns == 3 for s in samples)
 
 
 AGENT = '''
@@ -541,32 +549,6 @@ def test_an_openai_agent_on_vllm(preset: Path, reference: TransformersEngine, tm
     if preset.name.startswith("tiny-glm4"):
         pytest.skip("agents are the same for every architecture")
     (tmp_path / "agent.py").write_text(AGENT)
-    cfg = load_config(
-        None,
-        [
-            f"output_dir={tmp_path}",
-            f"model.path={preset}",
-            "rollout.engine=vllm",
-            "rollout.vllm.kv_cache_gb=0.25",
-            "rollout.temperature=0.7",
-            "rollout.max_new_tokens=5",
-            "rollout.group_size=2",
-            f"envs=[{{agent: '{tmp_path / 'agent.py'}:run', label: chat}}]",
-        ],
-    )
-    worker = (
-        ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(RolloutWorker)
-        .options(num_cpus=1)
-        .remote(WorkerConfig.of(cfg), str(preset))
-    )
-    try:
-        prompts = [Prompt(i, {"prompt": f"{i}+{i}="}, env="chat") for i in range(3)]
-        groups = ray.get(worker.rollout.remote(prompts, seed=0), timeout=WAIT_S).groups
-    finally:
-        ray.kill(worker)
-    samples = [s for g in groups for s in g.samples]
+    env = f"{{agent: '{tmp_path / 'agent.py'}:run', label: chat}}"
+    samples = episodes_on_vllm(preset, tmp_path, env, "chat", reference)
     assert len(samples) == 6 and all(s.turns == 3 and not s.failed and s.reward == 1.0 for s in samples)
-    for s in samples:
-        ref = completion_logprobs(reference.model, [s.prompt_ids], [s.response_ids], reference.pad_id, 0.7)[0]
-        mine = torch.tensor(s.loss_mask, dtype=torch.bool)
-        assert 0 in s.loss_mask and float((torch.tensor(s.logp_mu)[mine] - ref[mine]).abs().max()) < 1e-4
