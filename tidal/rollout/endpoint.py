@@ -232,11 +232,7 @@ class Endpoint:
     def app(self) -> FastAPI:
         app = FastAPI()
 
-        @app.middleware("http")
-        async def authorize(request: Request, call_next: Any) -> Any:
-            if request.headers.get("authorization") != f"Bearer {self.key}":
-                return _error(401, "this tidal run's endpoint needs its key", "invalid_api_key")
-            return await call_next(request)
+        app.add_middleware(_Authorize, key=self.key)
 
         @app.get("/v1/models")
         @app.get("/s/{session}/v1/models")
@@ -336,7 +332,7 @@ class Endpoint:
             "usage": usage,
         }
         if not body.get("stream"):
-            return reply
+            return JSONResponse(reply)  # as it is: no pass through FastAPI's encoder
         if kind == "chat.completion":
             delta = {k: v for k, v in choice["message"].items() if v is not None}
             if "tool_calls" in delta:
@@ -351,6 +347,20 @@ class Endpoint:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class _Authorize:
+    """Refuses a request without the run's key (`Authorization: Bearer KEY`) with a 401: plain ASGI,
+    as FastAPI's `@app.middleware` wraps every request in a task of its own."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.expected:
+            await _error(401, "this tidal run's endpoint needs its key", "invalid_api_key")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
