@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tidal.model.loading import build_char_tokenizer
-from tidal.rollout.tools import HermesParser, tool_parser
+from tidal.rollout.tools import HermesParser, parse_answer, tool_parser
 
 pytestmark = pytest.mark.unit
 
@@ -37,7 +37,7 @@ def test_hermes_calls_become_openai_tool_calls() -> None:
     ],
 )
 def test_a_malformed_call_is_returned_as_content_and_reported(text: str, why: str) -> None:
-    parsed = HermesParser().parse(text, TOOLS)
+    parsed = parse_answer(HermesParser(), text, TOOLS)
     assert parsed.content == text and parsed.tool_calls == [] and why in (parsed.error or "")
 
 
@@ -72,9 +72,9 @@ def test_vllms_glm45_parser_reads_glm_calls() -> None:
 
     parser = tool_parser("glm45", build_char_tokenizer())
     text = "<tool_call>calc\n<arg_key>expr</arg_key>\n<arg_value>2+3</arg_value>\n</tool_call>"
-    parsed = parser.parse(text, TOOLS)
+    parsed = parse_answer(parser, text, TOOLS)
     assert parsed.error is None, parsed.error
     (call,) = parsed.tool_calls
     assert call["function"]["name"] == "calc" and json.loads(call["function"]["arguments"]) == {"expr": "2+3"}
-    unknown = parser.parse(text.replace("calc", "shell"), TOOLS)
+    unknown = parse_answer(parser, text.replace("calc", "shell"), TOOLS)
     assert unknown.tool_calls == [] and "does not offer" in (unknown.error or "")

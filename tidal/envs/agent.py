@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from tidal.config import ConfigError
 from tidal.envs.base import Env
-from tidal.plugins import describe_exception, import_object
+from tidal.plugins import build_plugin, import_object
 from tidal.rewards.base import RewardValue
 from tidal.types import Sample
 
@@ -48,12 +48,7 @@ class AgentEnv(Env):
         """The agent `path` names: a function (called with `kwargs`) or a class (built with them)."""
         obj = import_object(path, where)
         if isinstance(obj, type):
-            try:
-                owner = obj(**kwargs)
-            except Exception as e:
-                raise ConfigError(
-                    f"{where}: building {obj.__name__} with kwargs {kwargs} raised {describe_exception(e)}"
-                ) from None
+            owner = build_plugin(obj, kwargs, where)
             run = getattr(owner, "run", None)
             if not callable(run):
                 raise ConfigError(f"{where}: {obj.__name__} has no run(client, row) method")
@@ -61,7 +56,11 @@ class AgentEnv(Env):
         if not callable(obj):
             raise ConfigError(f"{where}: {obj!r} is not a function or class; an agent is run(client, row)")
         try:
-            inspect.signature(obj).bind(None, {}, **kwargs)
+            signature = inspect.signature(obj)
+        except (TypeError, ValueError):  # some C callables have none (as for rewards); the first call tells
+            return cls(obj, kwargs)
+        try:
+            signature.bind(None, {}, **kwargs)
         except TypeError as e:
             raise ConfigError(f"{where}: {obj.__name__}(client, row, **kwargs) cannot take {kwargs}: {e}") from None
         return cls(obj, kwargs)

@@ -12,7 +12,7 @@ from tidal.config import ConfigError, EnvSpec
 from tidal.envs.agent import AgentEnv
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.builtins import BUILTIN_ENVS
-from tidal.plugins import describe_exception, import_object, plugin_ref
+from tidal.plugins import build_plugin, describe_exception, import_object, plugin_ref
 
 
 def env_label(spec: EnvSpec) -> str:
@@ -45,12 +45,7 @@ def resolve_env(spec: EnvSpec, index: int) -> Env:
             f"{where}: {getattr(cls, '__name__', cls)!r} is not a tidal.envs.Env subclass; subclass "
             "Env (single turn: prompt, score) or MultiTurnEnv (reset, step)"
         )
-    try:
-        env = cls(**spec.kwargs)
-    except Exception as e:
-        raise ConfigError(
-            f"{where}: building {cls.__name__} with kwargs {spec.kwargs} raised {describe_exception(e)}"
-        ) from None
+    env = build_plugin(cls, spec.kwargs, where)
     if isinstance(env, MultiTurnEnv) and (not isinstance(env.max_turns, int) or env.max_turns < 1):
         raise ConfigError(f"{where}: max_turns must be a positive int, got {env.max_turns!r}")
     if spec.isolation == "process":

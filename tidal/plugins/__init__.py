@@ -11,10 +11,18 @@ A plugin a fresh process can load again (`plugin_ref`) can be called in a proces
 from __future__ import annotations
 
 from tidal.plugins.calls import BoundedCalls, CallResult, call_plugin, is_async, pool_call, start_forkserver
-from tidal.plugins.loading import PluginRef, describe_exception, import_object, load_plugin, plugin_ref
+from tidal.plugins.loading import (
+    PluginRef,
+    build_plugin,
+    describe_exception,
+    import_object,
+    load_plugin,
+    plugin_ref,
+)
 
 __all__ = [
     "BoundedCalls",
+    "build_plugin",
     "call_plugin",
     "CallResult",
     "describe_exception",

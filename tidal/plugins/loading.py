@@ -32,6 +32,17 @@ def describe_exception(e: BaseException, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------------------- loading
 
 
+def build_plugin(cls: type, kwargs: dict[str, Any], where: str) -> Any:
+    """The user's class `cls` built with `kwargs` from the YAML; what it raises is one `ConfigError`
+    line naming `where` (`envs[0].path '...'`)."""
+    try:
+        return cls(**kwargs)
+    except Exception as e:
+        raise ConfigError(
+            f"{where}: building {cls.__name__} with kwargs {kwargs} raised {describe_exception(e)}"
+        ) from None
+
+
 def import_object(path: str, where: str) -> Any:
     """The object named by `pkg.mod:attr` (imported) or `./dir/file.py:attr` / `/abs/file.py:attr` (loaded).
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tidal.config import ConfigError, RewardsConfig, RewardSpec
-from tidal.plugins import describe_exception, import_object
+from tidal.plugins import build_plugin, import_object
 from tidal.rewards.base import is_trl_style
 from tidal.rewards.builtins import BUILTINS
 
@@ -55,12 +55,7 @@ def resolve_rewards(cfg: RewardsConfig) -> list[tuple[str, Callable[..., Any], d
 def _finish(name: str, obj: Any, kwargs: dict[str, Any], where: str) -> tuple[str, Callable[..., Any], dict[str, Any]]:
     kwargs = dict(kwargs)
     if isinstance(obj, type):
-        try:
-            fn = obj(**kwargs)
-        except Exception as e:
-            raise ConfigError(
-                f"{where}: building {obj.__name__} with kwargs {kwargs} raised {describe_exception(e)}"
-            ) from None
+        fn = build_plugin(obj, kwargs, where)
         if not callable(fn):
             raise ConfigError(
                 f"{where}: instances of class {obj.__name__} are not callable (define __call__(sample, row))"

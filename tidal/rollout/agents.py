@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -41,6 +41,7 @@ from tidal.envs.agent import AgentEnv
 from tidal.plugins import describe_exception
 from tidal.rollout.endpoint import Batcher, Endpoint, Serving
 from tidal.rollout.engines.base import Engine
+from tidal.rollout.episodes import Episode, episode_sample
 from tidal.rollout.sessions import Session
 from tidal.rollout.tools import tool_parser
 from tidal.types import Prompt, Sample
@@ -169,43 +170,19 @@ def episode_samples(
         "agent_splits": float(session.splits),
     }
     reward = outcome.reward if outcome.error is None and session.chains else None
-    common = {"group_id": prompt.group_id, "row": prompt.row, "env": prompt.env, "env_info": info}
-    if not session.chains:
+    episodes: list[Episode] = list(session.chains)
+    if not episodes:  # no model call: an empty episode of the row's prompt text stands for it
         tok = engine.tokenizer
-        ids = tok.encode(env.prompt(prompt.row), add_special_tokens=False) or [tok.eos_token_id]
-        return [
-            Sample(
-                prompt_ids=ids,
-                response_ids=[],
-                loss_mask=[],
-                logp_mu=[],
-                finish_reason="stop",
-                version=engine.version,
-                versions=[],
-                reward_errors=errors,
-                turns=0,
-                episode=episode,
-                agent_reward=reward,
-                **common,
-            )
-        ]
-    last = len(session.chains) - 1
+        episodes = [Episode(tok.encode(env.prompt(prompt.row), add_special_tokens=False) or [tok.eos_token_id])]
+    last = len(episodes) - 1
     return [
-        Sample(
-            prompt_ids=chain.prompt_ids,
-            response_ids=chain.response_ids,
-            loss_mask=chain.loss_mask,
-            logp_mu=chain.logp_mu,
-            finish_reason=chain.finish_reason,
-            version=min(chain.versions, default=engine.version),
-            versions=chain.versions,
-            text=engine.tokenizer.decode(chain.response_ids, skip_special_tokens=True),
+        replace(
+            episode_sample(e, prompt, engine),
             reward_errors=list(errors),
-            turns=chain.turns,
+            env_info=info,
             episode=episode,
             episode_end=k == last,
             agent_reward=reward,
-            **common,
         )
-        for k, chain in enumerate(session.chains)
+        for k, e in enumerate(episodes)
     ]

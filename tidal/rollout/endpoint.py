@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tidal.rollout.engines.base import Engine
 from tidal.rollout.sessions import Prompt, Renderer, Session
-from tidal.rollout.tools import HermesParser, ToolParser
+from tidal.rollout.tools import HermesParser, ToolParser, parse_answer
 from tidal.types import Completion, SamplingParams
 
 
@@ -49,8 +49,7 @@ class _Request:
 class Serving:
     """How the engine generates while `Batcher.serve` runs: the run's sampling, and the worker's
     hooks (`between_generations` before each generate call: newer weights go in there; `on_chunk`
-    inside one, with `rollout.interruptible`; `stop` for an episode's turns: `rollout.stop` and the
-    env's)."""
+    inside one, with `rollout.interruptible`). `params.stop` holds `rollout.stop` and the env's."""
 
     params: SamplingParams
     batch_size: int = 64
@@ -280,7 +279,7 @@ class Endpoint:
             session.last_active = time.monotonic()
         if self.sessions.get(name) is not session:  # the episode ended while the model answered
             return _error(404, f"episode {name!r} ended while the model answered", "not_running")
-        answer_text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        answer_text = completion.text
         usage = {
             "prompt_tokens": len(prompt.ids),
             "completion_tokens": len(completion.token_ids),
@@ -291,7 +290,7 @@ class Endpoint:
             session.record(prompt, completion, text=text + answer_text)
             choice = {"index": 0, "text": answer_text, "finish_reason": finish, "logprobs": None}
             return self._reply(body, "text_completion", choice, usage)
-        parsed = self.parser.parse(answer_text, prompt.tools)
+        parsed = parse_answer(self.parser, answer_text, prompt.tools)
         session.tool_parse_errors += parsed.error is not None
         answer = parsed.message()
         session.record(prompt, completion, messages, answer)

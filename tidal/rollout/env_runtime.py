@@ -27,7 +27,7 @@ from tidal.rewards.scoring import FAILURE_KINDS, reward_metrics
 from tidal.rollout.agents import AgentServer
 from tidal.rollout.endpoint import Serving
 from tidal.rollout.engines.base import Engine
-from tidal.rollout.episodes import Episode, run_episodes
+from tidal.rollout.episodes import Episode, episode_sample, run_episodes
 from tidal.telemetry.metrics import Metrics, mean, total
 from tidal.types import Completion, Prompt, Sample, SamplingParams
 
@@ -115,26 +115,6 @@ def to_sample(c: Completion, prompt: Prompt) -> Sample:
     )
 
 
-def episode_sample(e: Episode, prompt: Prompt, engine: Engine) -> Sample:
-    return Sample(
-        group_id=prompt.group_id,
-        prompt_ids=e.prompt_ids,
-        response_ids=e.response_ids,
-        loss_mask=e.loss_mask,
-        logp_mu=e.logp_mu,
-        finish_reason=e.finish_reason,
-        version=min(e.versions, default=engine.version),
-        versions=e.versions,
-        text=engine.tokenizer.decode(e.response_ids, skip_special_tokens=True),
-        row=prompt.row,
-        reward_errors=list(e.errors),
-        env=prompt.env,
-        turns=e.turns,
-        step_rewards=e.step_rewards,
-        env_info=e.info,
-    )
-
-
 def generate_samples(
     rt: EnvRuntime,
     engine: Engine,
@@ -160,10 +140,7 @@ def generate_samples(
     """
     params = replace(params, stop=list(dict.fromkeys([*rollout.stop, *rt.env.stop])))
     if rt.env.agent:
-        samples = _agent_samples(rt, prompts, n, params, rollout, between_generations, on_chunk)
-        for s in samples if on_sample is not None else []:
-            on_sample(s)
-        return samples
+        return _delivered(_agent_samples(rt, prompts, n, params, rollout, between_generations, on_chunk), on_sample)
     kept, ids = _encode(rt, engine, prompts)
     kwargs = {"on_chunk": on_chunk, "chunk_tokens": rollout.chunk_tokens}
     if rollout.record_routing:  # the transformers engine's (the config refuses it with vLLM)
@@ -171,10 +148,7 @@ def generate_samples(
     flat = [(p, x) for p, x in zip(kept, ids, strict=True) for _ in range(n)]
     bs = rollout.batch_size
     if rt.env.multi_turn:
-        samples = _episodes(rt, engine, flat, params, rollout, kwargs, between_generations)
-        for s in samples if on_sample is not None else []:
-            on_sample(s)
-        return samples
+        return _delivered(_episodes(rt, engine, flat, params, rollout, kwargs, between_generations), on_sample)
     samples = []
     for i, start in enumerate(range(0, len(flat), bs)):
         chunk = flat[start : start + bs]
@@ -199,6 +173,13 @@ def generate_samples(
         limits = [row_limit(p, params) for p, _ in chunk]
         outs = engine.generate([x for _, x in chunk], params.seeded(i), max_tokens=limits, **kwargs)  # type: ignore[arg-type]
         samples += [ended.get(j) or to_sample(c, p) for j, (c, (p, _)) in enumerate(zip(outs, chunk, strict=True))]
+    return samples
+
+
+def _delivered(samples: list[Sample], on_sample: Callable[[Sample], None] | None) -> list[Sample]:
+    """`samples`, each also handed to `on_sample`: episodes (multi-turn, agents) end together."""
+    for s in samples if on_sample is not None else []:
+        on_sample(s)
     return samples
 
 

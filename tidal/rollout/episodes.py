@@ -17,7 +17,7 @@ from typing import Any
 from tidal.envs.base import MultiTurnEnv, Step
 from tidal.plugins import CallResult
 from tidal.rollout.engines.base import Engine
-from tidal.types import Completion, FinishReason, SamplingParams
+from tidal.types import Completion, FinishReason, Prompt, Sample, SamplingParams
 
 Caller = Callable[[list[Callable[[], Any]]], list[CallResult]]
 """Runs zero-argument calls concurrently, each bounded by a timeout and isolated (`BoundedCalls.run`)."""
@@ -66,6 +66,27 @@ class Episode:
         """Mean of each `Step.info` key over the steps that reported it."""
         keys = dict.fromkeys(k for i in self.infos for k in i)
         return {k: sum(i[k] for i in self.infos if k in i) / sum(k in i for i in self.infos) for k in keys}
+
+
+def episode_sample(e: Episode, prompt: Prompt, engine: Engine) -> Sample:
+    """The sample of a finished episode (a multi-turn env's, or an agent's chain) of `prompt`."""
+    return Sample(
+        group_id=prompt.group_id,
+        prompt_ids=e.prompt_ids,
+        response_ids=e.response_ids,
+        loss_mask=e.loss_mask,
+        logp_mu=e.logp_mu,
+        finish_reason=e.finish_reason,
+        version=min(e.versions, default=engine.version),
+        versions=e.versions,
+        text=engine.tokenizer.decode(e.response_ids, skip_special_tokens=True),
+        row=prompt.row,
+        reward_errors=list(e.errors),
+        env=prompt.env,
+        turns=e.turns,
+        step_rewards=e.step_rewards,
+        env_info=e.info,
+    )
 
 
 def run_episodes(

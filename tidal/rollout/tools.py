@@ -7,7 +7,8 @@ the assistant message the OpenAI API returns: `content` (the text before the cal
 
 A call the parser cannot read (broken JSON, no name, a tool the request did not offer) is an error
 of the model's: the answer is returned as plain content, as vLLM's server and the OpenAI API return a
-malformed call, and the error is counted on the episode (`tool_parse_errors`).
+malformed call, and the error is counted on the episode (`tool_parse_errors`). Each parser reads
+its format; `parse_answer` checks the names against the request's tools for all of them.
 
 Parsers, by `rollout.endpoint.tool_parser`:
 - `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the format of Qwen3's chat
@@ -80,8 +81,6 @@ class HermesParser:
                 return _unparsed(text, f"a tool call is not JSON ({e.msg})")
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 return _unparsed(text, "a tool call has no name")
-            if call["name"] not in offered(tools):
-                return _unparsed(text, f"a tool call names {call['name']!r}, which the request does not offer")
             calls.append(openai_call(call["name"], call.get("arguments", {})))
         return Parsed(text[:start].strip() or None, calls)
 
@@ -97,13 +96,9 @@ class TemplateParser:
             message = self.tokenizer.parse_response(text, tools=tools)
         except Exception as e:  # the model's text, not the user's code: counted, returned unparsed
             return _unparsed(text, f"the response template could not parse it ({type(e).__name__}: {e})")
-        calls = []
-        for c in message.get("tool_calls") or []:
-            fn = c.get("function", c)
-            if fn.get("name") not in offered(tools):
-                return _unparsed(text, f"a tool call names {fn.get('name')!r}, which the request does not offer")
-            calls.append(openai_call(fn["name"], fn.get("arguments", {})))
-        return Parsed(message.get("content") or None, calls)
+        calls = [c.get("function", c) for c in message.get("tool_calls") or []]
+        content = message.get("content") or None
+        return Parsed(content, [openai_call(f.get("name"), f.get("arguments", {})) for f in calls])
 
 
 class VLLMParser:
@@ -132,9 +127,16 @@ class VLLMParser:
                 return _unparsed(text, "a tool call could not be parsed, or names a tool the request does not offer")
             return Parsed(info.content if info.content is not None else text)
         calls = [openai_call(c.function.name, c.function.arguments) for c in info.tool_calls]
-        if unknown := [c["function"]["name"] for c in calls if c["function"]["name"] not in offered(tools)]:
-            return _unparsed(text, f"a tool call names {unknown[0]!r}, which the request does not offer")
         return Parsed(info.content or None, calls)
+
+
+def parse_answer(parser: ToolParser, text: str, tools: list[dict[str, Any]] | None) -> Parsed:
+    """An answer's text as the assistant message returned to the agent: `parser`'s reading of it,
+    unless a call names a tool the request did not offer (then the text, unparsed, with the error)."""
+    parsed = parser.parse(text, tools)
+    if unknown := [c["function"]["name"] for c in parsed.tool_calls if c["function"]["name"] not in offered(tools)]:
+        return _unparsed(text, f"a tool call names {unknown[0]!r}, which the request does not offer")
+    return parsed
 
 
 def tool_parser(name: str, tokenizer: Any) -> ToolParser:
