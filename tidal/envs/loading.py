@@ -7,11 +7,13 @@ and where; the class is built with its kwargs here, so a bad kwarg fails before 
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 from tidal.config import ConfigError, EnvSpec
 from tidal.envs.agent import AgentEnv
 from tidal.envs.base import Env, MultiTurnEnv
 from tidal.envs.builtins import BUILTIN_ENVS
+from tidal.envs.verifiers_env import VerifiersAgent
 from tidal.plugins import build_plugin, describe_exception, import_object, plugin_ref
 
 
@@ -21,6 +23,8 @@ def env_label(spec: EnvSpec) -> str:
         return spec.label
     if spec.name is not None:
         return spec.name
+    if spec.verifiers is not None:
+        return Path(spec.verifiers).stem if spec.verifiers.endswith(".py") else spec.verifiers
     path = spec.path or spec.agent
     assert path is not None
     return path.rpartition(":")[2]
@@ -31,6 +35,9 @@ def resolve_env(spec: EnvSpec, index: int) -> Env:
     `AgentEnv` of its function)."""
     if spec.agent is not None:
         return AgentEnv.load(spec.agent, spec.kwargs, f"envs[{index}].agent {spec.agent!r}")
+    if spec.verifiers is not None:
+        agent = VerifiersAgent(spec.verifiers, spec.kwargs, f"envs[{index}].verifiers {spec.verifiers!r}")
+        return AgentEnv(agent.run, {}, agent)
     if spec.name is not None:
         where = f"envs[{index}].name {spec.name!r}"
         if spec.name not in BUILTIN_ENVS:

@@ -102,10 +102,15 @@ class AgentServer:
     def run_agents(self, env: AgentEnv, prompts: list[Prompt], serving: Serving, idle_s: float) -> list[Sample]:
         """One episode of `env`'s agent per prompt (a prompt repeated for each episode of its group,
         consecutive), the engine served on this thread meanwhile; the episodes' samples, unscored."""
+        try:
+            asyncio.run_coroutine_threadsafe(env.start(), self.loop).result()
+            failed_start = None
+        except Exception as e:  # the agent's own start(): every episode of this batch fails with it
+            failed_start = f"start() raised {describe_exception(e)}"
         names = [f"{p.group_id}-{uuid.uuid4().hex[:12]}" for p in prompts]
         sessions = [self.endpoint.open(n) for n in names]
         futures = [
-            asyncio.run_coroutine_threadsafe(self._episode(env, n, s, p.row, idle_s), self.loop)
+            asyncio.run_coroutine_threadsafe(self._episode(env, n, s, p.row, idle_s, failed_start), self.loop)
             for n, s, p in zip(names, sessions, prompts, strict=True)
         ]
         try:
@@ -122,8 +127,12 @@ class AgentServer:
             for s in episode_samples(session, outcome, p, i, env, self.engine)
         ]
 
-    async def _episode(self, env: AgentEnv, name: str, session: Session, row: dict, idle_s: float) -> Outcome:
+    async def _episode(
+        self, env: AgentEnv, name: str, session: Session, row: dict, idle_s: float, failed_start: str | None
+    ) -> Outcome:
         """Run the agent of one episode to its end, or cut it off when idle past `idle_s`."""
+        if failed_start is not None:
+            return Outcome(error=failed_start)
         url, row = self.endpoint.session_url(name), dict(row)
         if env.is_async:
             client: Any = openai.AsyncOpenAI(base_url=url, api_key=self.key, max_retries=0, http_client=self._http)

@@ -22,8 +22,9 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tidal import checkpoint
-from tidal.config import ConfigError, ModelConfig, RewardsConfig, RolloutConfig, RunConfig, load_config
+from tidal.config import ConfigError, DataConfig, ModelConfig, RewardsConfig, RolloutConfig, RunConfig, load_config
 from tidal.data import Room, check_prompt_lengths, load_splits
+from tidal.envs.agent import AgentEnv
 from tidal.envs.base import Env
 from tidal.envs.loading import env_label, resolve_envs
 from tidal.model.loading import build_char_tokenizer, load_tokenizer, preset_config, tokenizer_dir, warm_start_dir
@@ -145,7 +146,7 @@ def load_env_splits(
     specs = [(env_label(spec), spec.weight, spec.data or cfg.data) for spec in cfg.envs] or [("", 1.0, cfg.data)]
     sources, held_out, longest = {}, [], 0
     for label, weight, data in specs:
-        train_ds, eval_ds = load_splits(data)
+        train_ds, eval_ds = _env_splits(envs[label], data)
         eval_rows = eval_ds.to_list() if eval_ds is not None else []
         train_rows = train_ds.to_list() if check_train else []
         # A multi-turn episode ends at rollout.max_context_tokens, which the config check holds to the positions.
@@ -156,6 +157,16 @@ def load_env_splits(
         sources[label] = (train_ds, weight)
         held_out += [Prompt(-1, row, label) for row in eval_rows]
     return sources, held_out, longest
+
+
+def _env_splits(env: Env, data: DataConfig) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out) of an env: its own rows where it brings them (an agent's `splits()`, a
+    verifiers environment's dataset), else its data section's."""
+    own = env.splits() if isinstance(env, AgentEnv) else None
+    if own is None:
+        return load_splits(data)
+    train, held = own
+    return Dataset.from_list(train), Dataset.from_list(held) if held else None
 
 
 def _prompt_text(env: Env, row: dict[str, Any]) -> str:
