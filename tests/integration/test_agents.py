@@ -66,6 +66,19 @@ async def completions(client, row):
     return 0.5
 
 
+async def sdk_in_a_process(client, row, script, python_path):
+    """An OpenAI Agents SDK agent in a process of its own, handed only the endpoint's URL and key."""
+    import os, sys
+    env = {**os.environ, "PYTHONPATH": python_path}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, script, str(client.base_url), client.api_key, row["prompt"], env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, proc.returncode
+    return float(row["answer"] in out.decode())
+
+
 async def faulty(client, row, mode):
     messages = [{"role": "user", "content": row["prompt"]}]
     if mode == "raise":
@@ -100,6 +113,33 @@ async def faulty(client, row, mode):
         return 1.0
     raise AssertionError(mode)
 '''
+
+
+SDK_AGENT = """
+import asyncio, sys
+
+from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+from openai import AsyncOpenAI
+
+set_tracing_disabled(True)  # no OpenAI account: nothing leaves the machine
+
+
+@function_tool
+def calc(expr: str) -> str:
+    \"\"\"Evaluates arithmetic.\"\"\"
+    return str(eval(expr))
+
+
+async def main(base_url, key, question):
+    client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+    model = OpenAIChatCompletionsModel(model="policy", openai_client=client)
+    agent = Agent(name="calc", instructions="Use the calc tool.", tools=[calc], model=model)
+    result = await Runner.run(agent, question, max_turns=3)
+    print(result.final_output)
+
+
+asyncio.run(main(*sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +216,36 @@ def test_sync_agents_and_text_completions(preset: Path, agents: Path) -> None:
         assert s.turns == 2 and s.reward == 0.5 and not s.reward_errors
         assert s.prompt_ids == load_tokenizer(preset).encode("2+2=", add_special_tokens=False)
         trained_logprobs_match(worker, s)
+
+
+def _agents_sdk_path() -> str | None:
+    """Where the OpenAI Agents SDK is importable from: the directory `scripts/setup.sh --verifiers`
+    installs (verifiers needs it; it pins websockets<17, which uvicorn's newer one clashes with)."""
+    from tidal.envs.verifiers_env import runner_env
+
+    env = runner_env()
+    found = subprocess.run([sys.executable, "-c", "import agents.run"], env=env, capture_output=True)
+    return env["PYTHONPATH"] if found.returncode == 0 else None
+
+
+@pytest.mark.skipif(_agents_sdk_path() is None, reason="the OpenAI Agents SDK is not installed")
+def test_an_agents_sdk_agent_in_another_process(preset: Path, agents: Path, tmp_path: Path) -> None:
+    """An agent written with the OpenAI Agents SDK, run in a process of its own that knows only the
+    endpoint's URL and key: its model calls are recorded token for token like any agent's."""
+    script = tmp_path / "sdk_agent.py"
+    script.write_text(SDK_AGENT)
+    kwargs = f"{{script: '{script}', python_path: '{_agents_sdk_path()}'}}"
+    envs = f"[{{agent: '{agents}:sdk_in_a_process', label: sdk, kwargs: {kwargs}}}]"
+    worker = RolloutWorker(WorkerConfig.of(config(envs, "rewards.timeout_s=120")), str(preset))
+    result = worker.rollout([Prompt(0, {"prompt": "12+7=", "answer": "19"}, "sdk")], seed=0)
+    samples = result.groups[0].samples
+    assert len(samples) == 2 and all(not s.reward_errors and s.turns >= 1 for s in samples), samples[0].reward_errors
+    tok = load_tokenizer(preset)
+    for s in samples:
+        seen = tok.decode(s.prompt_ids)  # the SDK's instructions and tool, rendered by the template
+        assert "Use the calc tool." in seen and '"calc"' in seen and "12+7=" in seen
+        trained_logprobs_match(worker, s)
+    assert values(result.metrics)["env/sdk/agent_failed"] == 0.0
 
 
 def test_failing_agents_are_recorded_and_counted(preset: Path, agents: Path) -> None:
