@@ -9,6 +9,7 @@ trainer, loop), `rl` (weight sync, algorithm, filters, rewards, envs) and `run` 
 
 from tidal.config.base import (
     DEFAULT_PRESET,
+    EXPERT_PARAMETERS,
     AdaptiveStaleness,
     ArithmeticData,
     ConfigError,
@@ -17,6 +18,7 @@ from tidal.config.base import (
     EndpointConfig,
     EvalConfig,
     FileData,
+    LoRAConfig,
     ModelConfig,
     MonitorConfig,
     RayConfig,
@@ -53,6 +55,7 @@ from tidal.config.rl import (
 from tidal.config.run import RunConfig
 
 __all__ = [
+    "EXPERT_PARAMETERS",
     "DEFAULT_PRESET",
     "AdaptiveStaleness",
     "AlgorithmConfig",
@@ -74,6 +77,7 @@ __all__ = [
     "LossConfig",
     "M2POTrustRegion",
     "MaskCorrection",
+    "LoRAConfig",
     "ModelConfig",
     "MonitorConfig",
     "NoCorrection",

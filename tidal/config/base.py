@@ -29,6 +29,48 @@ def _with_default_tag(data: Any, key: str, default: str) -> Any:
 DEFAULT_PRESET = "tiny-qwen3-moe"
 
 
+ATTENTION_PROJECTIONS = [
+    *("q_proj", "k_proj", "v_proj", "o_proj"),
+    *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+]
+"""The attention projections of Qwen3-MoE and GLM-4.5 (q, k, v, o) and of GLM-5's multi-head latent
+attention (q_a, q_b, kv_a, kv_b, o); a model has some of them."""
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+"""The fused 3-D expert weights (experts, out, in) of every layer, in transformers' MoE models."""
+
+
+class LoRAConfig(Strict):
+    """LoRA adapters trained in place of the policy's weights (through `peft`): the base stays frozen
+    in the model's dtype, only the adapters get gradients and optimizer states."""
+
+    r: int = Field(16, ge=1)
+    """Rank of each adapter."""
+    alpha: float = Field(32.0, gt=0.0)
+    """Scale numerator: an adapter adds (alpha / r) * B @ A to its weight."""
+    dropout: float = 0.0
+    """Must be 0: the trainer computes the policy's log-probs without dropout, as the rollout sampled
+    them (so pi / mu is 1 on-policy), and peft has none on expert weights. Accepted for configs
+    written for peers, whose default it often is not."""
+    target_modules: list[str] = ATTENTION_PROJECTIONS
+    """Linear layers to adapt, by name suffix (peft's `target_modules`); names the model lacks are
+    skipped, but at least one must match. The default is every attention projection of the supported
+    architectures. Never the router (`mlp.gate`): routing would drift from the recorded experts."""
+    experts: bool = True
+    """Adapt the MoE experts' fused weights too (`gate_up_proj`, `down_proj` of every MoE layer, as
+    peft's `target_parameters`): each expert gets its own rank-r adapter."""
+
+    @model_validator(mode="after")
+    def _no_dropout_no_router(self) -> LoRAConfig:
+        if self.dropout != 0:
+            raise ValueError(
+                "model.lora.dropout must be 0: the trainer's log-probs are computed without dropout, as the "
+                "rollout sampled them"
+            )
+        if any(t == "gate" or t.endswith(".gate") for t in self.target_modules):
+            raise ValueError("model.lora.target_modules: the router (`gate`) is not adapted; drop it")
+        return self
+
+
 class ModelConfig(Strict):
     path: str | None = None
     """A Hugging Face causal-LM directory (save_pretrained format, with its tokenizer). Exclusive with `preset`."""
@@ -49,6 +91,9 @@ class ModelConfig(Strict):
     """An SFT run config (YAML path): the policy starts from that SFT run's checkpoint. The SFT run
     (with its own `model` section) is trained on first use and cached by its config's hash, so later
     runs reuse it. Exclusive with `path` and `preset`."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters instead of the whole policy (`{r: 16, alpha: 32}`; attention and experts by
+    default). None: full fine-tuning."""
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from tidal.telemetry.monitor import Monitor
 from tidal.types import Prompt, TokenBatch
 
 if TYPE_CHECKING:
+    from tidal.model.lora import apply_lora
     from tidal.trainer.engine import DeepSpeedTrainer
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,10 @@ def _train(
     from tidal.trainer.engine import DeepSpeedTrainer
 
     attn = cfg.model.attn_implementation
-    trainer = DeepSpeedTrainer(load_model(model_dir, attn_implementation=attn), cfg.trainer, total_steps=cfg.sft.steps)
+    model = load_model(model_dir, attn_implementation=attn)
+    if cfg.model.lora is not None:  # the checkpoint saved is the merged model
+        model = apply_lora(model, cfg.model.lora)
+    trainer = DeepSpeedTrainer(model, cfg.trainer, total_steps=cfg.sft.steps)
     stop_at = cfg.sft.stop_at_accuracy if held_out else None
     probe = TransformersEngine(load_model(model_dir, attn_implementation=attn), tokenizer) if stop_at else None
     per_step = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum

@@ -44,6 +44,7 @@ from tidal.config import (
 from tidal.model.batching import Micro, scatter_rows, split_parts
 from tidal.model.forward import batch_logprobs, logp_mismatch
 from tidal.model.loading import load_tokenizer
+from tidal.model.lora import apply_lora
 from tidal.model.routing import (
     RoutingRecorder,
     biased_routers,
@@ -117,6 +118,8 @@ class TrainerActor:
         steps = cfg.steps * cfg.algorithm.minibatches
         attn = cfg.model.attn_implementation
         model = load_for_training(model_dir, cfg.trainer, attn_implementation=attn)
+        if cfg.model.lora is not None:
+            model = apply_lora(model, cfg.model.lora)
         self.trainer = DeepSpeedTrainer(model, cfg.trainer, total_steps=steps)
         # The reference is the frozen initial policy; loaded only when the KL penalty is on.
         self.ref = None

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tidal.config import TrainerConfig
 from tidal.model.batching import Micro, filler_micro, plan_micro_batches, shard_rows, to_device
+from tidal.model.lora import adapted, base_name, delta, is_adapter, is_lora
 from tidal.telemetry.metrics import Metrics, Stat, mean, merge, total
 from tidal.trainer.losses_sft import num_targets, sft_loss
 from tidal.trainer.prepare import (
@@ -73,9 +74,8 @@ class DeepSpeedTrainer:
         lr_factor(0, cfg.schedule, self.total_steps)  # fail fast on a decay without a length
         # A client torch optimizer avoids compiling DeepSpeed's FusedAdam / CPUAdam; the ZeRO
         # optimizers wrap it and step it on their fp32 (partitioned) master weights.
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         if cfg.zero_stage == 3 and (blocks := moe_block_classes(model)):
             # ZeRO-3 gathers a module's parameters when it runs. Ranks route tokens to different
             # experts, so with experts as modules of their own (per-expert MLPs in many checkpoints'
@@ -93,6 +93,8 @@ class DeepSpeedTrainer:
             ),
             config=deepspeed_config(cfg),
         )
+        self.adapted = adapted(self.module) if is_lora(self.module) else {}
+        """LoRA: the layer adapting each adapted weight, by name (empty for full fine-tuning)."""
         self._grad_norm: float | None = None
         self.micros: list[Micro] = []
         """The last step's micro-batches (`plan`)."""
@@ -296,7 +298,9 @@ class DeepSpeedTrainer:
 
     # -- export
 
-    def iter_full_params(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_full_params(
+        self, dtype: torch.dtype | None = None, skip: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of every parameter, one at a time, in fp32 or `dtype`, on the CPU on
         rank 0 (the other ranks get it where it was gathered; collective under ZeRO: every rank must
         iterate to the end).
@@ -305,7 +309,7 @@ class DeepSpeedTrainer:
         partitions; tied parameters appear under each of their names. Each is cast to `dtype` where
         it was gathered, before the copy to the host: a bf16 publish copies 2 bytes per parameter, not
         4. Only a tied parameter's tensor is kept between two yields, so the caller holds at most what
-        it keeps itself.
+        it keeps itself. `skip` names parameters left out (on every rank alike).
         """
         names = self.module.named_parameters(remove_duplicate=False)
         seen: dict[int, int] = {}
@@ -313,6 +317,8 @@ class DeepSpeedTrainer:
             seen[id(p)] = seen.get(id(p), 0) + 1
         tied: dict[int, torch.Tensor] = {}
         for name, p in self.module.named_parameters(remove_duplicate=False):
+            if skip is not None and skip(name):
+                continue
             full = tied.get(id(p))
             if full is None:
                 full = safe_get_full_fp32_param(p)
@@ -332,12 +338,22 @@ class DeepSpeedTrainer:
         buffers), one at a time, cast to `dtype` (default fp32 masters); collective, like
         `iter_full_params`, so every rank must run it to the end."""
         persistent = set(self.module.state_dict().keys())
-        for name, t in self.iter_full_params(dtype):
-            if name in persistent:
-                yield name, t
+        if self.adapted:  # LoRA: the merged model under its own names, the adapters folded in
+            for name, t in self.iter_full_params(skip=is_adapter):
+                if name not in persistent:
+                    continue
+                layer = self.adapted.get(name)
+                if layer is not None:
+                    d = delta(layer)  # collective: every rank computes it
+                    t = t + d.to(t.device) if self.rank == 0 else t
+                yield base_name(name), t if dtype is None else t.to(dtype)
+        else:
+            for name, t in self.iter_full_params(dtype):
+                if name in persistent:
+                    yield name, t
         for name, buf in self.module.named_buffers():
             if name in persistent:
-                yield name, buf.detach().to("cpu", dtype or torch.float32, copy=True)
+                yield base_name(name), buf.detach().to("cpu", dtype or torch.float32, copy=True)
 
     def state_dict_for_export(self) -> dict[str, torch.Tensor]:
         """Full fp32 state dict (parameters and persistent buffers) on rank 0, `{}` elsewhere."""
@@ -386,7 +402,9 @@ class DeepSpeedTrainer:
         first: dict[int, str] = {}  # a tied parameter is written under its first name only
         for name, p in self.module.named_parameters(remove_duplicate=False):
             first.setdefault(id(p), name)
-        tied = {name for name, p in self.module.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+        tied = {
+            base_name(name) for name, p in self.module.named_parameters(remove_duplicate=False) if first[id(p)] != name
+        }
         shards: list[dict[str, torch.Tensor]] = [{}]
         held, weight_map = 0, {}
         for name, t in self.iter_export(dtype):

@@ -1,0 +1,90 @@
+"""LoRA on the policy (`model.lora`, issue 32), through peft: adapters on the attention projections
+and on the MoE experts' fused 3-D weights (peft's `target_parameters`: each expert its own rank-r
+pair), the base frozen.
+
+The trainer wraps the policy with `apply_lora` before DeepSpeed takes it (under ZeRO-3 the base is
+already partitioned; peft reads the full shapes from `ds_shape`). Only the adapters get gradients
+and optimizer states. What leaves the trainer (a publish, a saved checkpoint) is the model the
+rollout engines and Hugging Face know: each adapted weight merged, W + (alpha / r) * B @ A, under its
+own name (`base_name`), computed out of place so the frozen base stays bit for bit what it was.
+
+Covered: Qwen3-MoE and GLM-4.5 (q, k, v, o and the experts) and GLM-5 (its latent-attention
+projections q_a, q_b, kv_a, kv_b, o and the experts); the router and the shared experts are not
+adapted by default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from tidal.config import EXPERT_PARAMETERS, LoRAConfig
+
+_WRAPPER = re.compile(r"\.base_layer(?=\.)")
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """`model` with peft LoRA adapters per `cfg`; a target the model lacks is skipped, none at all
+    is an error naming what the model has."""
+    from peft import LoraConfig, get_peft_model
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    modules = [t for t in cfg.target_modules if any(n == t or n.endswith("." + t) for n in linear)]
+    params = [n for n, _ in model.named_parameters()]
+    experts = [t for t in EXPERT_PARAMETERS if cfg.experts and any(n.endswith("." + t) for n in params)]
+    if cfg.experts and not experts:
+        raise ValueError(
+            f"model.lora.experts: {type(model).__name__} has no fused expert weights ({', '.join(EXPERT_PARAMETERS)}); "
+            "set model.lora.experts: false"
+        )
+    if not modules and not experts:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(f"model.lora.target_modules {cfg.target_modules} match no layer; the model has {names}")
+    peft_cfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        target_modules=modules or None,
+        target_parameters=experts or None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_lora(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("Peft")
+
+
+def is_adapter(name: str) -> bool:
+    """A parameter of an adapter (peft's `lora_A` / `lora_B`)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def base_name(name: str) -> str:
+    """The Hugging Face name of a wrapped model's parameter or buffer: peft's prefix and its
+    `base_layer` wrappers dropped."""
+    return _WRAPPER.sub("", name.removeprefix("base_model.model."))
+
+
+def adapted(model: nn.Module) -> dict[str, Any]:
+    """The LoRA layer that adapts each weight, by the weight's name in the wrapped model."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            param = getattr(module, "parameter_name", None) or "weight"  # a ParamWrapper names its parameter
+            inner = module.get_base_layer()
+            out[next(n for n, p in model.named_parameters() if p is getattr(inner, param))] = module
+    return out
+
+
+def delta(layer: Any) -> torch.Tensor:
+    """The adapter's update to its weight, (alpha / r) * B @ A in the weight's shape, fp32; collective
+    under ZeRO-3 (the adapter's parameters are gathered on every rank)."""
+    params = [*layer.lora_A.parameters(), *layer.lora_B.parameters()]
+    with deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params)):
+        return layer.get_delta_weight("default").detach().to(torch.float32)
