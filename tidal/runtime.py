@@ -28,8 +28,8 @@ class Stalled(RunError):
 
 
 def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
-    """Plugin file paths (rewards, envs, agents, verifiers environments, envs' rewards) made absolute:
-    actors may not share the driver's working directory."""
+    """Plugin file paths (rewards, envs, agents, verifiers environments, envs' rewards) and the
+    distillation teacher's path made absolute: actors may not share the driver's working directory."""
 
     def fix(spec: T) -> T:
         update = {}
@@ -44,7 +44,11 @@ def absolute_plugin_paths(cfg: RunConfig) -> RunConfig:
 
     rewards = cfg.rewards.model_copy(update={"functions": [fix(s) for s in cfg.rewards.functions]})
     envs = [fix(e).model_copy(update={"rewards": [fix(r) for r in e.rewards]}) for e in cfg.envs]
-    return cfg.model_copy(update={"rewards": rewards, "envs": envs})
+    algorithm, distill = cfg.algorithm, cfg.algorithm.distill
+    if distill is not None:
+        teacher = distill.model_copy(update={"teacher": str(Path(distill.teacher).resolve())})
+        algorithm = algorithm.model_copy(update={"distill": teacher})
+    return cfg.model_copy(update={"rewards": rewards, "envs": envs, "algorithm": algorithm})
 
 
 ACTOR_LOG_ENV = "TIDAL_ACTOR_LOG"

@@ -5,19 +5,25 @@ bit for bit what it was, and what leaves the trainer is the merged model under i
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 import torch
 
-from tidal.config import LoRAConfig, TrainerConfig
-from tidal.model.forward import forward
-from tidal.model.loading import load_model, materialize_preset
+from tidal.config import LoRAConfig, TrainerConfig, WeightSyncConfig
+from tidal.model.forward import completion_logprobs, forward
+from tidal.model.loading import load_model, load_tokenizer, materialize_preset
 from tidal.model.lora import apply_lora, base_name, is_adapter
+from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.telemetry.metrics import values
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.losses_sft import next_token_nll, num_targets
-from tidal.types import TokenBatch
+from tidal.types import SamplingParams, TokenBatch
+from tidal.weight_sync import buckets, make_publisher, make_receiver, sync_group_address
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +39,8 @@ def preset(request: pytest.FixtureRequest) -> Path:
     return materialize_preset(request.param, seed=0)
 
 
-def batch() -> TokenBatch:
-    g = torch.Generator().manual_seed(0)
+def batch(seed: int = 0) -> TokenBatch:
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(6, 100, (4, 12), generator=g)
     loss_mask = torch.zeros(4, 12, dtype=torch.long)
     loss_mask[:, 4:] = 1
@@ -103,3 +109,129 @@ def test_a_lora_step(preset: Path, stage: int) -> None:
     changed = {n for n in base if not torch.equal(exported[n], base[n])}
     assert any(".experts.gate_up_proj" in n for n in changed) and any("self_attn" in n for n in changed)
     assert all(("self_attn" in n or ".experts." in n) for n in changed), changed - {""}
+
+
+# --------------------------------------------------------------------------------- adapter-only sync
+
+TRANSPORTS = {
+    "object_store": {"type": "object_store"},
+    "broadcast": {"type": "broadcast", "backend": "gloo", "timeout_s": 30},
+    "disk": {"type": "disk", "keep": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    ray.init()  # the session's runtime (tests/conftest.py); the object store transport needs it
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Path, DeepSpeedTrainer]:
+    """A LoRA trainer on the Qwen3-MoE preset after two steps (so both A and B have moved)."""
+    path = materialize_preset("tiny-qwen3-moe", seed=0)
+    trainer = DeepSpeedTrainer(lora_model(path), CFG)
+    for _ in range(2):
+        trainer.train_step(batch())
+    return path, trainer
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_adapters_alone_reach_the_engine(
+    ray_session: None, trained: tuple[Path, DeepSpeedTrainer], transport: str, tmp_path: Path
+) -> None:
+    """A publish of the adapters alone (`model.lora.publish: adapters`) crosses every transport bit
+    for bit, is a small part of the model's bytes, and the transformers engine running those
+    adapters over its own base generates what the merged model would (its log-probs, to the engine
+    tests' tolerance)."""
+    path, trainer = trained
+    cfg = WeightSyncConfig.model_validate({"transport": TRANSPORTS[transport]})
+    if transport == "broadcast":
+        address, port = sync_group_address()
+        group = (address, port, 2)
+        box: dict[str, Any] = {}
+        joining = threading.Thread(target=lambda: box.setdefault("r", make_receiver(cfg, group, 1)))
+        joining.start()
+        publisher = make_publisher(cfg, tmp_path, group)
+        joining.join(timeout=60)
+        receiver = box["r"]
+    else:
+        publisher, receiver = make_publisher(cfg, tmp_path), make_receiver(cfg)
+    adapters = dict(trainer.iter_adapters())
+    handle = publisher.publish(buckets(adapters.items(), 10_000), version=2)
+    model_bytes = sum(t.numel() * t.element_size() for t in trainer.state_dict_for_export().values())
+    assert handle.nbytes == sum(t.numel() * t.element_size() for t in adapters.values()) < model_bytes / 5
+
+    torch.manual_seed(1)  # the engine's own adapters start elsewhere: only the publish makes them equal
+    engine = TransformersEngine(apply_lora(load_model(path), LORA), load_tokenizer(path))
+    assert engine.weight_names() == set(adapters)
+    engine.load_weights(receiver.receive_buckets(handle), 2)
+    held = engine.model.state_dict()
+    assert all(torch.equal(held[n], t) for n, t in adapters.items())
+
+    prompts = [[7, 12, 30, 9], [40, 41, 42]]
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6, seed=0, ignore_eos=True))
+    merged = load_model(path)
+    merged.load_state_dict(trainer.state_dict_for_export())
+    forward = completion_logprobs(merged, [c.prompt_ids for c in out], [c.token_ids for c in out], 0, 1.0)
+    for c, f in zip(out, forward, strict=True):
+        assert c.version == 2
+        torch.testing.assert_close(torch.tensor(c.logprobs), f, atol=1e-4, rtol=0)
+    publisher.close()
+    receiver.close()
+
+
+# ------------------------------------------------------------------------------- resume, save, config
+
+
+def test_resume_is_exact_and_the_adapter_loads_with_peft(tmp_path: Path) -> None:
+    """A LoRA run's DeepSpeed checkpoint (ZeRO-3) continues bit for bit; the adapter saved in peft's
+    format loads with `PeftModel.from_pretrained` into the model the trainer holds."""
+    from peft import PeftModel
+
+    from tidal.model.lora import save_adapter
+
+    path = materialize_preset("tiny-qwen3-moe", seed=0)
+    cfg = CFG.model_copy(update={"zero_stage": 3})
+    first = DeepSpeedTrainer(lora_model(path), cfg)
+    first.train_step(batch(0))
+    first.engine.save_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    first.train_step(batch(1))
+    expected = dict(first.iter_adapters())
+
+    second = DeepSpeedTrainer(lora_model(path), cfg)
+    second.engine.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    second.train_step(batch(1))
+    got = dict(second.iter_adapters())
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
+
+    save_adapter(tmp_path / "adapter", got, LORA, str(path))
+    loaded = PeftModel.from_pretrained(load_model(path), str(tmp_path / "adapter"))
+    held = dict(loaded.named_parameters())
+    assert all(torch.equal(held[n], t) for n, t in got.items())
+    merged = loaded.merge_and_unload().state_dict()
+    exported = second.state_dict_for_export()
+    assert all(torch.allclose(merged[n], t, atol=1e-6) for n, t in exported.items())
+
+
+def test_lora_config_errors_are_one_line() -> None:
+    from tidal.config import ConfigError, load_config
+    from tidal.model.lora import adapter_names
+
+    with pytest.raises(ConfigError, match="needs GPU workers"):
+        load_config(None, ["rollout.engine=vllm", "model.lora={r: 8}"])
+    load_config(None, ["rollout.engine=vllm", "model.lora={r: 8, publish: merged}"])  # vLLM on CPU: merged
+    with pytest.raises(ConfigError, match="dropout must be 0"):
+        load_config(None, ["model.lora={dropout: 0.05}"])
+    with pytest.raises(ConfigError, match="router"):
+        load_config(None, ["model.lora={target_modules: [q_proj, gate]}"])
+    path = materialize_preset("tiny-glm4-moe", seed=0)
+    with pytest.raises(ValueError, match="match no layer; the policy has"):
+        apply_lora(load_model(path), LoRAConfig(target_modules=["nope"], experts=False))
+    # What vLLM expects of a snapshot, from the config alone, is what peft gives the model.
+    from transformers import AutoConfig
+
+    lora = LoRAConfig(r=4)
+    real = {n for n, _ in apply_lora(load_model(path), lora).named_parameters() if is_adapter(n)}
+    assert adapter_names(AutoConfig.from_pretrained(path), lora) == real

@@ -77,19 +77,40 @@ def config(envs: str, *extra: str) -> RunConfig:
     )
 
 
-def test_a_verifiers_tool_env_runs_through_the_endpoint(preset: Path) -> None:
-    cfg = config(f"[{{verifiers: '{EXAMPLE}', label: vf, kwargs: {{num_train: 6, num_eval: 3, max_turns: 2}}}}]")
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vf") / "broken_env.py"
+    path.write_text(BROKEN)
+    return path
+
+
+def test_verifiers_envs_on_a_worker(preset: Path, broken: Path) -> None:
+    """The example's ToolEnv through a real worker's endpoint, beside an environment whose runner
+    fails to start and one whose rubric raises, in one rollout."""
+    envs = (
+        f"[{{verifiers: '{EXAMPLE}', label: vf, kwargs: {{num_train: 6, num_eval: 3, max_turns: 2}}}}, "
+        f"{{verifiers: '{broken}', label: start, kwargs: {{fail_in: serve}}}}, "
+        f"{{verifiers: '{broken}', label: rubric, kwargs: {{fail_in: rubric}}}}]"
+    )
+    cfg = config(envs)
     # Its prompts are its own dataset, train and held-out, read through the runner.
     sources, held_out, _ = load_env_splits(cfg, build_char_tokenizer())
     train = sources["vf"][0].to_list()
-    assert len(train) == 6 and len(held_out) == 3
+    assert len(train) == 6 and len([p for p in held_out if p.env == "vf"]) == 3
     assert train[0]["prompt"].endswith("=") and train[0]["split"] == "train" and train[0]["example_id"] == 0
-    assert {p.row["split"] for p in held_out} == {"eval"}
+    assert {p.row["split"] for p in held_out if p.env == "vf"} == {"eval"}
 
     worker = RolloutWorker(WorkerConfig.of(cfg), str(preset))
-    prompts = [Prompt(0, train[0], "vf"), Prompt(1, held_out[1].row, "vf")]
+    row = {"prompt": "1+1=", "example_id": 0, "split": "train"}
+    prompts = [
+        Prompt(0, train[0], "vf"),
+        Prompt(1, held_out[1].row, "vf"),
+        Prompt(2, row, "start"),
+        Prompt(3, row, "rubric"),
+    ]
     result = worker.rollout(prompts, seed=0)
-    samples, metrics = [s for g in result.groups for s in g.samples], values(result.metrics)
+    by_group = {g.group_id: g.samples for g in result.groups}
+    samples, metrics = by_group[0] + by_group[1], values(result.metrics)
     assert [(s.group_id, s.episode_end) for s in samples if s.episode_end] == [(0, True)] * 2 + [(1, True)] * 2
     for s in samples:
         assert s.reward_errors == [], s.reward_errors
@@ -103,12 +124,18 @@ def test_a_verifiers_tool_env_runs_through_the_endpoint(preset: Path) -> None:
     tok = worker.engine.tokenizer
     assert '"calc"' in tok.decode(samples[0].prompt_ids) and "12+30" in tok.decode(samples[0].prompt_ids)
     assert metrics["env/vf/agent_failed"] == 0 and metrics["env/vf/samples"] == len(samples)
+
+    # A runner that fails to start, and a rubric that raises (verifiers logs that and scores 0.0):
+    # every episode is recorded as failed, with why, and the rollout goes on.
+    assert all(len(by_group[g]) == 2 and all(s.failed for s in by_group[g]) for g in (2, 3))
+    assert all("start() raised RunnerFailed" in s.reward_errors[0] for s in by_group[2]), by_group[2][0].reward_errors
+    assert all("no such split" in s.reward_errors[0] for s in by_group[2])
+    assert all("the rubric's boom raised KeyError" in s.reward_errors[0] for s in by_group[3])
+    assert metrics["env/start/agent_failed"] == metrics["env/rubric/agent_failed"] == 1.0
     assert worker.agents is not None and worker.agents.endpoint.sessions == {}
 
 
-def test_verifiers_failures_are_one_line_or_recorded(preset: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "broken_env.py"
-    broken.write_text(BROKEN)
+def test_verifiers_config_errors_are_one_line(broken: Path, tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"envs\[0\].verifiers .*cannot load the environment: ValueError: no such split"
     ):
@@ -120,23 +147,6 @@ def test_verifiers_failures_are_one_line_or_recorded(preset: Path, tmp_path: Pat
     with pytest.raises(ConfigError, match="as JSON"):
         VerifiersAgent(str(EXAMPLE), {"when": datetime.date(2026, 12, 7)}, "envs[0]")
     assert list(resolve_envs(config(f"[{{verifiers: '{EXAMPLE}'}}]").envs)) == ["calculator_env"]
-
-    # An environment that loads in `rows` but not in the worker's runner, and one whose rubric raises
-    # (verifiers logs that and scores 0.0): every episode is recorded as failed, with why, and the
-    # rollout goes on.
-    envs = f"[{{verifiers: '{broken}', label: start, kwargs: {{fail_in: serve}}}}, " + (
-        f"{{verifiers: '{broken}', label: rubric, kwargs: {{fail_in: rubric}}}}]"
-    )
-    worker = RolloutWorker(WorkerConfig.of(config(envs)), str(preset))
-    row = {"prompt": "1+1=", "example_id": 0, "split": "train"}
-    result = worker.rollout([Prompt(0, row, "start"), Prompt(1, row, "rubric")], seed=0)
-    by_env = {g.group_id: g.samples for g in result.groups}
-    assert all(len(samples) == 2 and all(s.failed for s in samples) for samples in by_env.values())
-    assert all("start() raised RunnerFailed" in s.reward_errors[0] for s in by_env[0]), by_env[0][0].reward_errors
-    assert all("no such split" in s.reward_errors[0] for s in by_env[0])
-    assert all("the rubric's boom raised KeyError" in s.reward_errors[0] for s in by_env[1]), by_env[1][0].reward_errors
-    metrics = values(result.metrics)
-    assert metrics["env/start/agent_failed"] == metrics["env/rubric/agent_failed"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -152,9 +162,11 @@ def example_run(tmp_path: Path, *overrides: str) -> tuple[list[dict], dict]:
     return rows, json.loads((tmp_path / "verifiers/summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_example_runs_through_ray_workers(tmp_path: Path) -> None:
     """The example's YAML, a few steps on the random-init preset: the environment's rollouts flow
-    from the workers' runners and endpoints through the buffer to the trainer."""
+    from the workers' runners and endpoints through the buffer to the trainer. (Slow tier: the
+    per-commit tier runs agents through Ray workers with examples/agent, and verifiers on a worker.)"""
     rows, summary = example_run(
         tmp_path,
         "model.sft_warm_start=null",

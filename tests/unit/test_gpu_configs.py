@@ -144,6 +144,22 @@ def test_gpu_config_fits_by_the_plan_its_header_quotes(name: str, tmp_path: Path
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_gpu_config_with_lora_trains_a_fraction_and_fits(name: str, tmp_path: Path) -> None:
+    """With `model.lora={r: 16}` (attention and experts) a config trains 1-2.5% of the policy: a rank
+    keeps the base's weights, its gradients and its optimizer states (on the GPU or offloaded to the
+    host) shrink as much, and its peak stays under full fine-tuning's, within its GPU."""
+    overrides = placeholders(tmp_path, name)
+    full = plan_run(load_config(GPU_CONFIGS / name, overrides).for_rl())
+    lora = plan_run(load_config(GPU_CONFIGS / name, [*overrides, "model.lora={r: 16}"]).for_rl())
+    assert lora.adapters is not None and 0.01 < lora.adapters.params / lora.arch.params < 0.025
+    assert lora.trainer["weights"] == full.trainer["weights"]
+    assert lora.trainer["gradients"] < full.trainer["gradients"] / 40
+    states = lambda plan: plan.trainer["optimizer states"] + plan.host.get("trainer optimizer states (offloaded)", 0)  # noqa: E731
+    assert states(lora) < states(full) / 40
+    assert lora.trainer_total < full.trainer_total and lora.trainer_total + CUDA_OVERHEAD <= LAYOUTS[name]["gpu"]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_unedited_placeholders_fail_with_one_line_naming_them(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = yaml.safe_load((GPU_CONFIGS / name).read_text())["model"]["path"]
     if Path(path).is_dir():

@@ -11,10 +11,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tidal.cli import main
-from tidal.config import load_config
+from tidal.config import EXPERT_PARAMETERS, ConfigError, LoRAConfig, RunConfig, load_config
 from tidal.model.forward import forward_hidden
-from tidal.model.loading import build_char_tokenizer, preset_config
-from tidal.model.memory import Architecture, layer_activation_elements, plan_memory
+from tidal.model.loading import build_char_tokenizer, load_model, materialize_preset, preset_config
+from tidal.model.lora import apply_lora, is_adapter
+from tidal.model.memory import GB, Adapters, Architecture, Plan, layer_activation_elements, plan_memory
+from tidal.stages.plan import describe
 
 pytestmark = pytest.mark.unit
 
@@ -161,3 +163,128 @@ def test_the_quickstart_fits_and_says_so(capsys: pytest.CaptureFixture[str], tmp
     )
     total = next(line for line in out.splitlines() if line.startswith("trainer rank")).split(": ")[1].split()
     assert total[1] == "MB" or float(total[0]) < 1.0, total
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_model(name: str, lora: LoRAConfig) -> torch.nn.Module:
+    """Preset `name` wrapped with LoRA as the trainer wraps it."""
+    torch.manual_seed(0)
+    return apply_lora(load_model(materialize_preset(name)), lora)
+
+
+LORAS = {
+    "default": LoRAConfig(r=8),
+    "some linears": LoRAConfig(r=4, alpha=8, target_modules=["o_proj", "self_attn.q_b_proj"], experts=False),
+    "experts alone": LoRAConfig(r=2, target_modules=["no_such_layer"]),
+}
+
+
+@pytest.mark.parametrize("lora", sorted(LORAS))
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-glm4-moe", "tiny-glm5-moe"])
+def test_lora_counts_the_adapters_peft_creates(name: str, lora: str) -> None:
+    """The plan's adapters, counted from the architecture, are the parameters peft trains (the base
+    frozen), its r-wide intermediates one per adapted linear, its merged expert weights the size of
+    the adapted ones."""
+    from peft.tuners.lora import Linear, ParamWrapper
+
+    cfg = LORAS[lora]
+    model = lora_model(name, cfg)
+    adapters = Adapters.of(Architecture.of(model.config), cfg)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter(n) for n in trainable)
+    assert adapters.params == sum(trainable.values())
+    layers = [m for m in model.modules() if isinstance(m, Linear | ParamWrapper)]
+    linears = [m for m in layers if not isinstance(m, ParamWrapper)]
+    assert adapters.intermediate == cfg.r * len(linears)
+    assert adapters.expert_elements == sum(m.get_param().numel() for m in layers if isinstance(m, ParamWrapper))
+    assert bool(adapters.expert_elements) == cfg.experts
+    # Adapted linears per layer: q, k, v, o; GLM-5's q_a, q_b, kv_a, kv_b, o (its indexer's left alone).
+    per_layer = {"default": 5 if name == "tiny-glm5-moe" else 4, "some linears": 2 if name == "tiny-glm5-moe" else 1}
+    assert len(linears) == model.config.num_hidden_layers * per_layer.get(lora, 0)
+
+
+def test_lora_adapters_the_config_cannot_match_are_refused() -> None:
+    arch = Architecture.of(preset_config("tiny-qwen3-moe", build_char_tokenizer()))
+    with pytest.raises(ConfigError, match=r"match no layer; the policy has \[.*'q_proj'"):
+        Adapters.of(arch, LoRAConfig(target_modules=["q_a_proj"], experts=False))
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-glm5-moe"])
+def test_lora_activations_bound_what_autograd_keeps(name: str) -> None:
+    """LoRA's backward keeps the frozen layers' activations (the plan counts full fine-tuning's, an
+    upper bound), each adapter's r-wide intermediate, and every MoE layer's merged expert weights:
+    the plan is at least autograd's count, and within 30% of it."""
+    lora = LoRAConfig(r=8)
+    model = lora_model(name, lora)
+    arch = Architecture.of(model.config)
+    adapters = Adapters.of(arch, lora)
+    tokens = 64 if name == "tiny-glm5-moe" else 256
+    moe_layers = arch.layers - arch.dense_layers
+    per_token = moe_layers * layer_activation_elements(arch) + arch.dense_layers * layer_activation_elements(
+        arch, moe=False
+    )
+    planned = tokens * (per_token + adapters.intermediate) + adapters.expert_elements
+    measured = saved_per_token_layer(model, tokens) * tokens * arch.layers
+    assert measured <= planned <= 1.3 * measured, (planned, measured)
+    assert planned - adapters.expert_elements < measured  # the merged weights are kept
+
+
+def test_lora_on_qwen3_30b_trains_a_fraction_of_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """Qwen3-30B-A3B, r 8 on q, k, v, o and the experts, ZeRO-3 over 8 ranks in bf16: the base's
+    weights as before, gradients, fp32 masters and moments for the adapters alone (1% of the
+    policy), and peft's merged expert weights: one layer's with checkpointing, every layer's without."""
+    arch = Architecture.of(AutoConfig.from_pretrained(QWEN3_30B))
+    p = arch.params
+    # Per layer: q (2048 -> 4096), k and v (2048 -> 512), o (4096 -> 2048); 128 experts' gate-up
+    # (2048 -> 2 x 768) and down (768 -> 2048), each expert its own rank-8 pair.
+    attention = 8 * ((2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048))
+    experts = 8 * 128 * ((2048 + 1536) + (768 + 2048))
+    a = 48 * (attention + experts)
+    assert a == 321_257_472
+    layer_experts = 128 * (1536 * 2048 + 2048 * 768)
+
+    def config(*overrides: str) -> RunConfig:
+        base = ["trainer.precision=bf16", "trainer.num_ranks=8", "trainer.num_gpus=1", "model.dtype=bfloat16"]
+        base += ["trainer.zero_stage=3", "trainer.max_tokens_per_micro_batch=16384"]
+        return load_config(None, [*base, *overrides]).for_rl()
+
+    def plan(*overrides: str) -> Plan:
+        return plan_memory(config(*overrides), arch, prompt_tokens=1024)
+
+    full, lora = plan(), plan("model.lora={r: 8}")
+    assert lora.adapters is not None and lora.adapters.params == a
+    assert lora.adapters.targets == ("q_proj", "k_proj", "v_proj", "o_proj", *EXPERT_PARAMETERS)
+    assert lora.trainer["weights"] == full.trainer["weights"] == 2 * p // 8  # the base, bf16, partitioned
+    assert lora.trainer["LoRA adapters"] == 2 * a // 8
+    assert lora.trainer["gradients"] == 2 * a // 8
+    assert lora.trainer["optimizer states"] == 12 * a // 8  # fp32 master and two moments
+    assert lora.trainer["optimizer step temporaries"] == 4 * a // 8
+    states = lambda plan: plan.trainer["gradients"] + plan.trainer["optimizer states"]  # noqa: E731
+    assert states(full) > 50 * states(lora) and states(full) - states(lora) > 40 * GB
+    assert lora.trainer_step < full.trainer_step / 4
+    # Without checkpointing, every MoE layer keeps its merged experts for the backward (48 x 1.2 GB).
+    assert lora.trainer["LoRA merged expert weights"] == 48 * 2 * layer_experts
+    assert lora.trainer["activations"] == full.trainer["activations"] + 16384 * 48 * 4 * 8 * 2
+    ckpt, ckpt_full = (plan(*o, "trainer.activation_checkpointing=true") for o in (["model.lora={r: 8}"], []))
+    assert ckpt.trainer["LoRA merged expert weights"] == 2 * layer_experts
+    # A layer's backward: twice its activations (an r-wide intermediate more per adapted linear and
+    # token) and the gradient of its merged experts.
+    lora_layer = 2 * 16384 * 4 * 8 * 2
+    assert (
+        ckpt.trainer["backward working set"]
+        == ckpt_full.trainer["backward working set"] + lora_layer + 2 * layer_experts
+    )
+    assert ckpt.trainer_total < ckpt_full.trainer_total - 40 * GB
+    offloaded = plan("model.lora={r: 8}", "trainer.offload_optimizer=true")
+    assert offloaded.host["trainer optimizer states (offloaded)"] == 12 * a // 8 * 8  # 8 ranks on the node
+    no_experts = plan("model.lora={r: 8, experts: false}")
+    assert no_experts.adapters is not None and no_experts.adapters.params == 48 * attention
+    assert "LoRA merged expert weights" not in no_experts.trainer
+
+    lines = describe(lora, config("model.lora={r: 8}"))
+    assert lines[2].startswith("LoRA: r 8 on q_proj, k_proj, v_proj, o_proj, mlp.experts.gate_up_proj")
+    assert lines[2].endswith("321.3M adapter parameters (1.05% of the policy)")
+    # 14 bytes an adapter parameter (bf16 gradient, fp32 master and moments) over 8 ranks, against 14 a parameter.
+    assert lines[3].endswith("0.5 GB per rank (training every parameter: 49.8 GB)"), lines[3]

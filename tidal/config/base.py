@@ -55,6 +55,11 @@ class LoRAConfig(Strict):
     """Linear layers to adapt, by name suffix (peft's `target_modules`); names the model lacks are
     skipped, but at least one must match. The default is every attention projection of the supported
     architectures. Never the router (`mlp.gate`): routing would drift from the recorded experts."""
+    publish: Literal["adapters", "merged"] = "adapters"
+    """What the trainer sends the rollout engines each version. `adapters`: the adapter tensors alone
+    (bytes in proportion to the adapters; the `transformers` engine runs the same adapters over its
+    base, vLLM loads them as a LoRA adapter, GPU only). `merged`: the whole model with the adapters
+    merged, for any engine (vLLM on CPU, whose fused-MoE kernels have no LoRA)."""
     experts: bool = True
     """Adapt the MoE experts' fused weights too (`gate_up_proj`, `down_proj` of every MoE layer, as
     peft's `target_parameters`): each expert gets its own rank-r adapter."""
@@ -479,6 +484,10 @@ class TrainConfig(Strict):
     """Evaluate on the held-out split every this many steps (0: only before and after)."""
     save_checkpoint: bool = True
     """Save the final policy as a HF checkpoint under the run directory."""
+    save_merged: bool = True
+    """With `model.lora`: the final checkpoint holds the merged model (a HF checkpoint `tidal eval`,
+    `model.path` and vLLM load) beside the adapter (`checkpoint/adapter/`, peft's format, always
+    written). False: the adapter alone, a fraction of the bytes (load it with peft over the base)."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every this many steps under `runs/<name>/checkpoints/step_<k>/`, from which
     `train.resume=true` continues exactly (0: only when stopped by SIGTERM or SIGINT)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tidal.config.base import DataConfig, Strict, _with_default_tag
+from tidal.config.base import DataConfig, ModelConfig, Strict, _with_default_tag
 
 # -------------------------------------------------------------------------------------- weight sync
 
@@ -178,6 +179,45 @@ class LossConfig(Strict):
         return self
 
 
+class DistillConfig(Strict):
+    """On-policy distillation: a frozen teacher scores every token the policy samples, and
+    coef * (log p_teacher - log mu) joins each token's advantage (the negative reverse-KL estimate at
+    the sampled token, as in Thinking Machines' on-policy distillation)."""
+
+    teacher: str
+    """The teacher: a Hugging Face causal-LM directory (save_pretrained format, e.g. a run's
+    `checkpoint/`), a run directory (its `checkpoint/` is taken), or an SFT run config (`.yaml`:
+    that SFT run's checkpoint, trained on first use and cached, as `model.sft_warm_start`). It must
+    share the policy's tokenizer and vocabulary size; it runs frozen in the trainer, held as the KL
+    reference is (in the training dtype, partitioned over the ranks at ZeRO-3)."""
+    coef: float = Field(1.0, gt=0.0)
+    """Weight of the teacher's per-token signal log p_teacher - log mu in the advantage."""
+    reward_coef: float = Field(1.0, ge=0.0)
+    """Weight of the reward's advantage beside it. 0: distillation alone; the rewards still score every
+    sample (for `reward/`, accuracy and the held-out evaluation) but train nothing. Without any reward
+    to score (`rewards.functions: []`, no envs) the advantage is the teacher's alone as well."""
+
+    @model_validator(mode="after")
+    def _teacher_exists(self) -> DistillConfig:
+        path = Path(self.teacher)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise ValueError(f"algorithm.distill.teacher {self.teacher!r} is not a file; name an SFT run config")
+        elif not (path / "config.json").is_file() and not (path / "checkpoint" / "config.json").is_file():
+            raise ValueError(
+                f"algorithm.distill.teacher {self.teacher!r} is neither a save_pretrained directory (with "
+                "config.json), a run directory (with checkpoint/) nor an SFT run config (.yaml)"
+            )
+        return self
+
+    def teacher_model(self) -> ModelConfig:
+        """The teacher as a model section: `path` (a run directory's `checkpoint/`) or `sft_warm_start`."""
+        path = Path(self.teacher)
+        if path.suffix in (".yaml", ".yml"):
+            return ModelConfig(sft_warm_start=self.teacher)
+        return ModelConfig(path=str(path if (path / "config.json").is_file() else path / "checkpoint"))
+
+
 class AlgorithmConfig(Strict):
     advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp"] = "grpo"
     """Advantage estimator: GRPO (group mean / std), Dr. GRPO (group mean only), RLOO (leave-one-out
@@ -205,6 +245,9 @@ class AlgorithmConfig(Strict):
     generation)."""
     loss: LossConfig = LossConfig()
     """Policy loss, off-policy correction and regularisers."""
+    distill: DistillConfig | None = None
+    """On-policy distillation from a frozen teacher (`{teacher: PATH, coef: 1.0}`), beside the reward
+    or alone (`reward_coef: 0`). None: off."""
 
     @model_validator(mode="after")
     def _r2_needs_pi_old(self) -> AlgorithmConfig:
@@ -218,7 +261,8 @@ class AlgorithmConfig(Strict):
 
 class FilterConfig(Strict):
     zero_variance: bool = True
-    """Dynamic sampling: drop groups whose rewards are all equal (no learning signal), counted."""
+    """Dynamic sampling: drop groups whose rewards are all equal (no learning signal), counted. Off
+    unless set with `algorithm.distill`: such a group still carries the teacher's signal."""
     drop_truncated: bool = False
     """Drop completions cut by rollout.max_new_tokens before advantages are computed, counted."""
     drop_failed_rewards: bool = False

@@ -81,6 +81,21 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _distill_filters(self) -> RunConfig:
+        if self.algorithm.distill is None:
+            return self
+        # A group whose rewards are all equal still carries the teacher's per-token signal: the
+        # zero-variance filter is off unless the config turns it on.
+        if "zero_variance" not in self.filter.model_fields_set:
+            self.filter.zero_variance = False
+        if self.filter.zero_variance and not self.envs and not self.rewards.functions:
+            raise ValueError(
+                "filter.zero_variance drops groups of equal rewards, and with rewards.functions: [] every "
+                "reward is 0, so every group would be dropped; set filter.zero_variance=false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sync_fits_staleness(self) -> RunConfig:
         # Between two publishes the trainer takes (every - 1) x minibatches optimizer steps that the
         # workers do not see; samples they generate meanwhile would be dropped as too stale. An
@@ -103,6 +118,18 @@ class RunConfig(Strict):
                 "rollout.adaptive_staleness measures log(pi_old/mu) on the recomputed pi_old, which "
                 "correction type behavior skips; use correction tis, mask or none"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_adapters_on_vllm_need_gpus(self) -> RunConfig:
+        lora = self.model.lora
+        if lora is not None and lora.publish == "adapters" and self.rollout.engine == "vllm":
+            if self.rollout.num_gpus_per_worker == 0:
+                raise ValueError(
+                    "model.lora.publish: adapters on rollout.engine: vllm needs GPU workers: vLLM's CPU backend "
+                    "has no LoRA for MoE models (its fused-MoE LoRA kernels are Triton); set "
+                    "model.lora.publish: merged, or rollout.engine: transformers"
+                )
         return self
 
     @model_validator(mode="after")
@@ -151,7 +178,12 @@ class RunConfig(Strict):
                 "one mini-batch (rollout.prompts_per_step x rollout.group_size / algorithm.minibatches samples) in "
                 "micro-batches of trainer.micro_batch_size; set algorithm.minibatches to change the step size"
             )
-        if r.group_size == 1 and self.algorithm.advantage in GROUP_RELATIVE:
+        if not self.envs and not self.rewards.functions and self.algorithm.distill is None:
+            raise ConfigError(
+                "rewards.functions is empty: every reward is 0 and nothing is learned; name a reward "
+                "function, or distil from a teacher (algorithm.distill)"
+            )
+        if r.group_size == 1 and self.algorithm.advantage in GROUP_RELATIVE and self.algorithm.distill is None:
             raise ConfigError(
                 f"rollout.group_size=1 with algorithm.advantage={self.algorithm.advantage}: the baseline is the "
                 "group's own reward, so every advantage is 0 and nothing is learned; use rollout.group_size >= 2"

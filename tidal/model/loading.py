@@ -195,9 +195,12 @@ def materialize_preset(name: str, seed: int = 0, root: Path | None = None) -> Pa
 
 
 def resolve_model_dir(cfg: ModelConfig) -> Path:
-    """The save_pretrained directory that `cfg` names (materialising a preset if needed)."""
+    """The save_pretrained directory that `cfg` names (materialising a preset if needed); of an SFT
+    warm start, its cached checkpoint, which `tidal.stages.warm_start.resolve_policy_dir` trains."""
     if cfg.path is not None:
         return Path(cfg.path)
+    if cfg.sft_warm_start is not None:
+        return warm_start_dir(cfg.sft_warm_start) / "checkpoint"
     assert cfg.preset is not None
     return materialize_preset(cfg.preset, cfg.init_seed)
 

@@ -5,10 +5,16 @@ Per trainer rank, on its device: the weights, gradients and optimizer states of 
 autograd keeps for the backward of one micro-batch (set by the token budget, or rows x the longest
 row without one; a decoder layer's inputs only with activation checkpointing), a layer's backward
 (the gradients of what it saved; recomputed first with checkpointing), the chunk of logits the
-log-probs take at once, and the KL reference. A rank's peak is the larger of its backward and its
-optimizer step, which never coincide. Per rollout engine: its weights and KV cache. Per
-node, in host memory: what is offloaded there, each worker's staged snapshot and the publish's
-buckets.
+log-probs take at once, and the frozen models (the KL reference, a distillation teacher). A rank's
+peak is the larger of its backward and its optimizer step, which never coincide. Per rollout engine:
+its weights and KV cache. Per node, in host memory: what is offloaded there, each worker's staged
+snapshot and the publish's buckets.
+
+With LoRA (`model.lora`) the base is frozen in the trainer's dtype: gradients, masters and moments
+are the adapters' alone (`Adapters`, counted as peft builds them); the backward keeps the frozen
+layers' activations (counted as full fine-tuning's, an upper bound: on tiny-qwen3-moe a frozen layer
+keeps ~20% less per token), each adapted linear's r-wide intermediate, and the merged weight
+W + scale * B @ A peft builds for each adapted expert weight in the forward.
 
 Parameters are counted, not estimated: the model is built from its config on the meta device (no
 memory, any architecture transformers knows). Activations come from a count of the tensors a
@@ -20,12 +26,15 @@ autograd saves on the tiny presets (tests/unit/test_memory_plan.py) and against 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Any
 
 import torch
+from torch import nn
 
-from tidal.config import RunConfig
+from tidal.config import EXPERT_PARAMETERS, LoRAConfig, RunConfig
 from tidal.model.forward import CHUNK_BYTES
+from tidal.model.lora import targets
 
 GB = 2**30
 
@@ -64,6 +73,11 @@ class Architecture:
     dense_layers: int
     """Layers with a dense MLP instead of experts (GLM's `first_k_dense_replace`)."""
     positions: int | None
+    linears: tuple[tuple[str, int, int], ...] = dataclasses.field(default=(), repr=False)
+    """(name, in, out) of every linear layer: what LoRA's `target_modules` can adapt."""
+    expert_weights: tuple[tuple[str, int, int, int], ...] = dataclasses.field(default=(), repr=False)
+    """(name, experts, out, in) of every fused 3-D expert weight (`EXPERT_PARAMETERS`): what LoRA's
+    `experts` adapts."""
 
     @classmethod
     def of(cls, config: Any) -> Architecture:
@@ -108,6 +122,55 @@ class Architecture:
             dense_intermediate=get("intermediate_size"),
             dense_layers=get("first_k_dense_replace") if experts else get("num_hidden_layers"),
             positions=getattr(text, "max_position_embeddings", None),
+            linears=tuple(
+                (n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            ),
+            expert_weights=tuple(
+                (n, *w.shape)
+                for n, w in model.named_parameters()
+                if w.dim() == 3 and any(n.endswith("." + t) for t in EXPERT_PARAMETERS)
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """What `model.lora` adds to a policy, as `tidal.model.lora.apply_lora` (peft) builds it: a linear
+    (in, out) gets A (r, in) and B (out, r); a fused expert weight (experts, out, in) gets A
+    (r * experts, in) and B (out, r * experts)."""
+
+    targets: tuple[str, ...]
+    """The targets the policy has: of `target_modules`, and with `experts` the expert weights."""
+    params: int
+    """Elements of every A and B: the only trainable parameters."""
+    intermediate: int
+    """Elements per token of the adapted linears' r-wide intermediates (A x), all layers together:
+    each keeps its own for B's gradient."""
+    expert_elements: int
+    """Elements of every adapted expert weight, all layers: peft builds each merged in the forward."""
+    layer_expert_elements: int
+    """The same, of one MoE layer (the largest)."""
+
+    @classmethod
+    def of(cls, arch: Architecture, lora: LoRAConfig) -> Adapters:
+        """The adapters `lora` puts on `arch`, chosen as `apply_lora` chooses them: the linears whose
+        name is a target or ends with "." and one (peft's rule), and with `lora.experts` every fused
+        expert weight."""
+        shapes = {f"{n}.weight": (o, i) for n, i, o in arch.linears}
+        shapes |= {n: (e, o, i) for n, e, o, i in arch.expert_weights}
+        modules, expert_targets = targets(lora, shapes)  # the choice apply_lora makes, and its errors
+        hits = lambda name, target: name == target or name.endswith("." + target)  # noqa: E731
+        linears = [(i, o) for n, i, o in arch.linears if any(hits(n, t) for t in modules)]
+        experts = [w for w in arch.expert_weights if any(hits(w[0], t) for t in expert_targets)]
+        per_layer = Counter[str]()
+        for name, e, o, i in experts:
+            per_layer[name.rsplit(".", 1)[0]] += e * o * i  # the experts module holds its layer's weights
+        return cls(
+            targets=(*modules, *expert_targets),
+            params=lora.r * (sum(i + o for i, o in linears) + sum(e * (o + i) for _, e, o, i in experts)),
+            intermediate=lora.r * len(linears),
+            expert_elements=sum(per_layer.values()),
+            layer_expert_elements=max(per_layer.values(), default=0),
         )
 
 
@@ -144,10 +207,18 @@ class Plan:
     """Per node in host memory, beyond each process's own (Python, CUDA context)."""
     micro_tokens: int
     """Token slots (rows x width) of the largest micro-batch the plan assumes."""
+    adapters: Adapters | None = None
+    """LoRA's adapters, the only parameters trained (None: full fine-tuning)."""
     # What exists at once in each phase of a step; a rank's peak is the larger. In the backward the
     # log-prob chunk is recomputed first, then the layers one by one: the larger of the two counts.
-    BACKWARD = ("weights", "gradients", "optimizer states", "activations", "packed attention mask", "KL reference")
-    STEP = ("weights", "gradients", "optimizer states", "optimizer step temporaries", "KL reference")
+    BACKWARD = (
+        *("weights", "LoRA adapters", "gradients", "optimizer states", "activations", "LoRA merged expert weights"),
+        *("packed attention mask", "KL reference", "distillation teacher"),
+    )
+    STEP = (
+        *("weights", "LoRA adapters", "gradients", "optimizer states", "optimizer step temporaries"),
+        *("KL reference", "distillation teacher"),
+    )
 
     def phase(self, parts: tuple[str, ...]) -> int:
         return sum(self.trainer.get(k, 0) for k in parts)
@@ -179,51 +250,95 @@ class Plan:
         return sum(self.host.values())
 
 
-def plan_memory(cfg: RunConfig, arch: Architecture, prompt_tokens: int | None = None, multi_turn: bool = False) -> Plan:
+def plan_memory(
+    cfg: RunConfig,
+    arch: Architecture,
+    prompt_tokens: int | None = None,
+    multi_turn: bool = False,
+    teacher: Architecture | None = None,
+) -> Plan:
     """The plan of `cfg` for a policy of architecture `arch` (`Architecture.of`), whose prompts are
     at most `prompt_tokens` long (`data.max_prompt_tokens` when not given), its episodes multi-turn
-    or not."""
+    or not, and with `algorithm.distill` a teacher of architecture `teacher`."""
     t, r = cfg.trainer, cfg.rollout
     prompt = prompt_tokens if prompt_tokens is not None else cfg.data.max_prompt_tokens
     # A row is its prompt and completion; a multi-turn episode grows up to rollout.max_context_tokens.
     width = r.max_context_tokens if multi_turn else prompt + r.max_new_tokens
     tokens = t.max_tokens_per_micro_batch or t.micro_batch_size * width
     host: dict[str, int] = {}
-    trainer = _trainer_parts(cfg, arch, tokens, host)
+    adapters = Adapters.of(arch, cfg.model.lora) if cfg.model.lora is not None else None
+    trainer = _trainer_parts(cfg, arch, tokens, host, adapters)
+    if teacher is not None:  # frozen, held as the KL reference is: the training dtype, split at ZeRO-3
+        trainer["distillation teacher"] = (
+            teacher.params * DTYPE_BYTES[t.precision] // (t.num_ranks if t.zero_stage == 3 else 1)
+        )
     engine, workers_per_node = _engine_parts(cfg, arch, width, host)
-    plan = Plan(arch, trainer, engine, host, tokens)
+    plan = Plan(arch, trainer, engine, host, tokens, adapters)
     if not _on_gpu(cfg):  # on CPU the trainer and the engines live in host memory too
         host["trainer ranks"] = plan.trainer_total * _ranks_per_node(cfg)
         host["rollout engines"] = plan.engine_total * workers_per_node
     return plan
 
 
-def _trainer_parts(cfg: RunConfig, arch: Architecture, tokens: int, host: dict[str, int]) -> dict[str, int]:
-    """A trainer rank's parts for micro-batches of `tokens` token slots; what it offloads goes to `host`."""
+def training_states(cfg: RunConfig, trainable: int) -> dict[str, int]:
+    """A rank's gradients, optimizer states and optimizer step temporaries for `trainable` parameters
+    (all of them, or LoRA's adapters), offload aside."""
+    t, n, stage = cfg.trainer, cfg.trainer.num_ranks, cfg.trainer.zero_stage
+    # Bytes per parameter of each state, and over how many ranks it is split (DeepSpeed's rules):
+    # gradients (split from stage 2), and the optimizer's states: AdamW's two fp32 moments, and in
+    # bf16 an fp32 master copy (split from stage 1).
+    grad_bytes = 4 if t.precision == "bf16" and stage in (1, 2) else DTYPE_BYTES[t.precision]
+    optimizer_bytes = 8 + (4 if t.precision == "bf16" else 0)
+    return {
+        "gradients": trainable * grad_bytes // (n if stage >= 2 else 1),
+        "optimizer states": trainable * optimizer_bytes // (n if stage >= 1 else 1),
+        # torch's AdamW (foreach) steps with an fp32 temporary the size of its parameters.
+        "optimizer step temporaries": trainable * 4 // (n if stage >= 1 else 1),
+    }
+
+
+def _trainer_parts(
+    cfg: RunConfig, arch: Architecture, tokens: int, host: dict[str, int], adapters: Adapters | None
+) -> dict[str, int]:
+    """A trainer rank's parts for micro-batches of `tokens` token slots, training every parameter or
+    LoRA's `adapters` alone; what it offloads goes to `host`."""
     t, n, p, stage = cfg.trainer, cfg.trainer.num_ranks, arch.params, cfg.trainer.zero_stage
     weight_bytes = DTYPE_BYTES[t.precision]
-    # Bytes per parameter of each state, and over how many ranks it is split (DeepSpeed's rules):
-    # the model's weights (split at stage 3), gradients (from stage 2), and the optimizer's states:
-    # AdamW's two fp32 moments, and in bf16 an fp32 master copy (split from stage 1).
-    optimizer_bytes = 8 + (4 if t.precision == "bf16" else 0)
-    weights = p * weight_bytes // (n if stage == 3 else 1)
-    grads = p * (4 if t.precision == "bf16" and stage in (1, 2) else weight_bytes) // (n if stage >= 2 else 1)
-    optimizer = p * optimizer_bytes // (n if stage >= 1 else 1)
-    # torch's AdamW (foreach) steps with an fp32 temporary the size of its parameters.
-    step = p * 4 // (n if stage >= 1 else 1)
+    trainable = adapters.params if adapters is not None else p
+    # The model's weights (LoRA's frozen base too, in the same dtype) are split at stage 3.
+    weights = {"weights": p * weight_bytes // (n if stage == 3 else 1)}
+    if adapters is not None:
+        weights["LoRA adapters"] = adapters.params * weight_bytes // (n if stage == 3 else 1)
+    states = training_states(cfg, trainable)
     ranks_per_node = _ranks_per_node(cfg)
     if t.offload_optimizer:
-        host["trainer optimizer states (offloaded)"] = optimizer * ranks_per_node
-        host["trainer fp32 gradients (offloaded)"] = p * 4 // n * ranks_per_node
-        host["trainer optimizer step temporaries"] = step * ranks_per_node
-        optimizer = step = 0
-        grads = p * weight_bytes // n if stage >= 2 else grads
+        host["trainer optimizer states (offloaded)"] = states["optimizer states"] * ranks_per_node
+        host["trainer fp32 gradients (offloaded)"] = trainable * 4 // n * ranks_per_node
+        host["trainer optimizer step temporaries"] = states["optimizer step temporaries"] * ranks_per_node
+        states["optimizer states"] = states["optimizer step temporaries"] = 0
+        if stage >= 2:
+            states["gradients"] = trainable * weight_bytes // n
     if t.offload_params:
-        host["trainer weights (offloaded)"] = weights * ranks_per_node
-        weights = 0
+        host["trainer weights (offloaded)"] = sum(weights.values()) * ranks_per_node
+        weights = dict.fromkeys(weights, 0)
 
+    trainer = {**weights, **states, **_activation_parts(cfg, arch, tokens, adapters)}
+    # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
+    trainer["log-prob chunk"] = 4 * min(CHUNK_BYTES, tokens * arch.vocab * 4)
+    if t.packing and cfg.model.attn_implementation != "flash_attention_2":
+        # sdpa and eager keep a packed micro-batch's rows apart with a (tokens x tokens) boolean mask.
+        trainer["packed attention mask"] = tokens * tokens
+    if cfg.algorithm.loss.kl.coef > 0:
+        trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
+    return trainer
+
+
+def _activation_parts(cfg: RunConfig, arch: Architecture, tokens: int, adapters: Adapters | None) -> dict[str, int]:
+    """What a micro-batch of `tokens` token slots keeps for its backward, and a layer's backward beside it."""
+    t, weight_bytes = cfg.trainer, DTYPE_BYTES[cfg.trainer.precision]
     moe_layers = arch.layers - arch.dense_layers
-    layer = tokens * layer_activation_elements(arch, moe=moe_layers > 0) * weight_bytes
+    lora_width = adapters.intermediate if adapters is not None else 0
+    layer = tokens * (layer_activation_elements(arch, moe=moe_layers > 0) + lora_width // arch.layers) * weight_bytes
     if t.activation_checkpointing:
         # Each layer's input is kept; in the backward a layer is recomputed (its activations) and
         # runs its own backward (their gradients) at once.
@@ -234,24 +349,18 @@ def _trainer_parts(cfg: RunConfig, arch: Architecture, tokens: int, host: dict[s
         per_token = moe_layers * layer_activation_elements(arch) + arch.dense_layers * layer_activation_elements(
             arch, moe=False
         )
-        activations = tokens * per_token * weight_bytes
+        activations = tokens * (per_token + lora_width) * weight_bytes
         working = layer
-    trainer = {
-        "weights": weights,
-        "gradients": grads,
-        "optimizer states": optimizer,
-        "optimizer step temporaries": step,
-        "activations": activations,
-        "backward working set": working,
-        # The logits of one chunk, fp32, with their softmax, the entropy's product and the gradient.
-        "log-prob chunk": 4 * min(CHUNK_BYTES, tokens * arch.vocab * 4),
-    }
-    if t.packing and cfg.model.attn_implementation != "flash_attention_2":
-        # sdpa and eager keep a packed micro-batch's rows apart with a (tokens x tokens) boolean mask.
-        trainer["packed attention mask"] = tokens * tokens
-    if cfg.algorithm.loss.kl.coef > 0:
-        trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
-    return trainer
+    parts = {"activations": activations, "backward working set": working}
+    if adapters is not None and adapters.expert_elements:
+        # peft runs the experts on W + scale * B @ A, built whole in the forward (one tensor the size
+        # of the layer's expert weights) and kept for the backward: every MoE layer's, or with
+        # checkpointing the one layer being recomputed. The layer's backward makes its gradient
+        # (a tensor as large) before B's and A's.
+        merged = adapters.layer_expert_elements if t.activation_checkpointing else adapters.expert_elements
+        parts["LoRA merged expert weights"] = merged * weight_bytes
+        parts["backward working set"] += adapters.layer_expert_elements * weight_bytes
+    return parts
 
 
 def _engine_parts(cfg: RunConfig, arch: Architecture, context: int, host: dict[str, int]) -> tuple[dict[str, int], int]:

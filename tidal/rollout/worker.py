@@ -46,6 +46,7 @@ from tidal.config import (
     WeightSyncConfig,
 )
 from tidal.model.loading import load_model, load_tokenizer
+from tidal.model.lora import apply_lora
 from tidal.rollout.engines.base import Engine
 from tidal.rollout.engines.transformers import TransformersEngine
 from tidal.rollout.env_runtime import attach_agents, build_runtimes, generate_samples, group_by_env, score_samples
@@ -445,9 +446,13 @@ def build_engine(model: ModelConfig, rollout: RolloutConfig, model_dir: str, see
     if rollout.engine == "vllm":
         from tidal.rollout.engines.vllm import VLLMEngine
 
-        return VLLMEngine(model_dir, load_tokenizer(model_dir), rollout.vllm, dtype=model.dtype, seed=seed)
+        tok = load_tokenizer(model_dir)
+        return VLLMEngine(model_dir, tok, rollout.vllm, dtype=model.dtype, seed=seed, lora=model.lora)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
     policy = load_model(model_dir, dtype, model.attn_implementation)
+    if model.lora is not None and model.lora.publish == "adapters":
+        # The trainer publishes its adapters alone: the engine runs the same ones over its base.
+        policy = apply_lora(policy, model.lora)
     if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available():
         policy.to("cuda")  # Ray made the worker's GPU the only visible one
     return TransformersEngine(policy, load_tokenizer(model_dir), version=0)

@@ -82,7 +82,9 @@ def check_train(cfg: RunConfig, fit: bool = True) -> TrainStart:
     warm = cfg.model.sft_warm_start
     if warm is not None and not (warm_start_dir(warm) / "summary.json").is_file():
         check_sft(load_config(warm))  # `tidal train` trains it first
-    sources, held_out, longest = load_env_splits(cfg, load_tokenizer(tokenizer_dir(cfg.model)), rooms=rooms)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.model))
+    check_teacher(cfg, tokenizer)
+    sources, held_out, longest = load_env_splits(cfg, tokenizer, rooms=rooms)
     plan = plan_run(cfg, longest, any(env.multi_turn or env.agent for env in envs.values()))
     if fit:
         check_fits(plan, cfg)
@@ -104,6 +106,48 @@ def check_sft(cfg: RunConfig) -> SFTStart:
     check_prompt_lengths(tokenizer, [r["prompt"] for r in train_rows], cfg.data, "train")
     check_prompt_lengths(tokenizer, [r["prompt"] for r in eval_rows], cfg.data, "eval", room)
     return SFTStart(cfg, tokenizer, train_rows, eval_rows)
+
+
+# ------------------------------------------------------------------------------------------- teacher
+
+
+def check_teacher(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A distillation teacher (`algorithm.distill.teacher`) scores the policy's own token ids, so it
+    needs the policy's `tokenizer`: every token at the same id, the same end-of-sequence token, and
+    logits over as many ids (`vocab_size`). Read from the teacher's tokenizer and config alone (an SFT
+    teacher not trained yet: its base model's, and its SFT run through `check_sft`); a mismatch is
+    refused in one line."""
+    distill = cfg.algorithm.distill
+    if distill is None:
+        return
+    teacher = distill.teacher_model()
+    warm = teacher.sft_warm_start
+    if warm is not None and not (warm_start_dir(warm) / "summary.json").is_file():
+        check_sft(load_config(warm))  # `tidal train` trains it first
+    key = f"algorithm.distill.teacher {distill.teacher!r}"
+    teacher_tokenizer = load_tokenizer(tokenizer_dir(teacher))
+    theirs, ours = teacher_tokenizer.get_vocab(), tokenizer.get_vocab()
+    differ = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))
+    if differ:
+        t = differ[0]
+        raise ConfigError(
+            f"{key} has another tokenizer than the policy: {len(differ)} tokens have other ids or are missing "
+            f"(e.g. {t!r}: policy {ours.get(t)}, teacher {theirs.get(t)}); the teacher scores the policy's "
+            "token ids, so distil from a teacher with the policy's tokenizer"
+        )
+    eos = teacher_tokenizer.eos_token_id
+    if eos != tokenizer.eos_token_id:
+        raise ConfigError(
+            f"{key} ends sequences with token {eos}, the policy with {tokenizer.eos_token_id}; the teacher "
+            "would score the policy's end of sequence as an ordinary token"
+        )
+    vocab = _config_value(model_config(teacher), "vocab_size")
+    own = _config_value(model_config(cfg.model), "vocab_size")
+    if vocab != own:
+        raise ConfigError(
+            f"{key} has vocab_size {vocab} and the policy {own}: their logits are over different ids; "
+            "distil from a teacher with the policy's vocabulary"
+        )
 
 
 # ------------------------------------------------------------------------------------------- plugins
@@ -205,23 +249,30 @@ def position_limit(model: ModelConfig, rollout: RolloutConfig | None) -> Positio
 
 
 def model_positions(model: ModelConfig) -> int | None:
-    """`max_position_embeddings` of the policy, read from its config alone: a preset's, a model
-    directory's config.json, an SFT warm start's (its cached checkpoint, else its base model)."""
+    """`max_position_embeddings` of the policy, read from its config alone (`model_config`)."""
+    return _config_value(model_config(model), "max_position_embeddings")
+
+
+def model_config(model: ModelConfig) -> dict[str, Any]:
+    """The config of a model section, read without its weights: a preset's, a model directory's
+    config.json, an SFT warm start's (its cached checkpoint, else its base model's)."""
     if model.sft_warm_start is not None:
         cached = warm_start_dir(model.sft_warm_start) / "checkpoint" / "config.json"
-        return _json_positions(cached) if cached.is_file() else model_positions(load_config(model.sft_warm_start).model)
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        return model_config(load_config(model.sft_warm_start).model)
     if model.preset is not None:
-        return preset_config(model.preset, build_char_tokenizer()).max_position_embeddings
+        return preset_config(model.preset, build_char_tokenizer()).to_dict()
     assert model.path is not None
     file = Path(model.path) / "config.json"
     if not file.is_file():
         raise ConfigError(f"model.path {model.path!r} has no config.json; point it at a save_pretrained folder")
-    return _json_positions(file)
+    return json.loads(file.read_text())
 
 
-def _json_positions(file: Path) -> int | None:
-    config = json.loads(file.read_text())
-    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    """`key` of a model config, or of its `text_config` (multimodal models keep the language model's there)."""
+    return config.get(key) or config.get("text_config", {}).get(key)
 
 
 def generation_rooms(cfg: RunConfig, positions: Positions | None, multi_turn: list[bool]) -> dict[str, Room]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tidal.config import ConfigError, ModelConfig, RunConfig, load_config
 from tidal.model.loading import build_char_tokenizer, preset_config, warm_start_dir
-from tidal.model.memory import Architecture, Plan, gb, plan_memory
+from tidal.model.memory import Architecture, Plan, gb, plan_memory, training_states
 
 LEVERS = (
     "trainer.zero_stage=3, trainer.activation_checkpointing=true, trainer.max_tokens_per_micro_batch, "
@@ -48,7 +48,9 @@ def plan_run(cfg: RunConfig, prompt_tokens: int | None = None, multi_turn: bool 
     """The memory plan of `cfg` (as `tidal train` runs it), its rows `prompt_tokens` (the data's
     longest prompt; `data.max_prompt_tokens` without it) plus the completion long, or with
     `multi_turn` episodes `rollout.max_context_tokens`."""
-    return plan_memory(cfg, Architecture.of(policy_config(cfg.model)), prompt_tokens, multi_turn)
+    distill = cfg.algorithm.distill
+    teacher = Architecture.of(policy_config(distill.teacher_model())) if distill is not None else None
+    return plan_memory(cfg, Architecture.of(policy_config(cfg.model)), prompt_tokens, multi_turn, teacher)
 
 
 def describe(plan: Plan, cfg: RunConfig) -> list[str]:
@@ -56,11 +58,11 @@ def describe(plan: Plan, cfg: RunConfig) -> list[str]:
     a, t, r = plan.arch, cfg.trainer, cfg.rollout
     experts = f", {a.experts} experts, top-{a.top_k}" if a.experts else ""
     where = "GPU" if t.num_gpus > 0 else "host (no GPU)"
-    size = f"{a.params / 1e9:.1f}B" if a.params >= 1e9 else f"{a.params / 1e6:.1f}M"
     lines = [
-        f"policy: {size} parameters ({a.layers} layers{experts}, vocabulary {a.vocab})",
+        f"policy: {_count(a.params)} parameters ({a.layers} layers{experts}, vocabulary {a.vocab})",
         f"trainer: {t.num_ranks} rank(s), ZeRO-{t.zero_stage}, {t.precision}, micro-batches of {plan.micro_tokens:,} "
         f"token slots{', activation checkpointing' if t.activation_checkpointing else ''}",
+        *_lora_lines(plan, cfg),
         f"trainer rank, on its {where}: {gb(plan.trainer_total)} at its peak (the backward "
         f"{gb(plan.trainer_backward)}, the optimizer step {gb(plan.trainer_step)})",
         *(f"  {name:<38} {gb(n)}" for name, n in plan.trainer.items()),
@@ -71,6 +73,25 @@ def describe(plan: Plan, cfg: RunConfig) -> list[str]:
         *(f"  {name:<38} {gb(n)}" for name, n in plan.host.items()),
     ]
     return lines
+
+
+def _lora_lines(plan: Plan, cfg: RunConfig) -> list[str]:
+    """What LoRA trains, and what its gradients and optimizer states take per rank (on the device or
+    offloaded) against training every parameter."""
+    lora, adapters = cfg.model.lora, plan.adapters
+    if lora is None or adapters is None:
+        return []
+    states = lambda n: sum(v for k, v in training_states(cfg, n).items() if k != "optimizer step temporaries")  # noqa: E731
+    return [
+        f"LoRA: r {lora.r} on {', '.join(adapters.targets)}, the base frozen: {_count(adapters.params)} adapter "
+        f"parameters ({adapters.params / plan.arch.params:.2%} of the policy)",
+        f"  {'their gradients and optimizer states':<38} {gb(states(adapters.params))} per rank "
+        f"(training every parameter: {gb(states(plan.arch.params))})",
+    ]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def summary(plan: Plan) -> str:

@@ -116,7 +116,7 @@ def run_train(cfg: RunConfig, worker_cls: type | None = None, trainer_cls: type 
             summary = Driver(cfg, sampler, eval_rows, workers, buffer, trainer, monitor, stop, resumed).run(warm)
         t0 = time.time()
         if cfg.train.save_checkpoint and "stopped_at_step" not in summary:
-            saved = trainer.call("save", str(run_dir / "checkpoint"))
+            saved = trainer.call("save", str(run_dir / "checkpoint"), cfg.train.save_merged)
             summary["checkpoint"] = wait_for(saved, "checkpoint save", cfg.ray.stall_timeout_s)[0]
         summary["perf/save_s"] = time.time() - t0
         summary["perf/wall_time_s"] = time.time() - t_start
@@ -148,6 +148,8 @@ def _open_run(
     (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     model_dir, warm = resolve_policy_dir(cfg.model)
+    if cfg.algorithm.distill is not None:  # a teacher named by its SFT config is trained on first use too
+        resolve_policy_dir(cfg.algorithm.distill.teacher_model())
     split["perf/warm_start_s"] = time.time() - t0
     wandb_id = resumed["wandb_id"] if resumed else None
     monitor = Monitor.for_run(

@@ -60,6 +60,7 @@ class ConsoleSink:
         "rollout/response_length": "len",
         "train/lr": "lr",
         "rollout/logp_mismatch_mean": "mismatch",
+        "distill/reverse_kl": "rev_kl",
         "perf/step_time_s": "step_s",
         "eval/accuracy_before": "eval_acc_before",
         "eval/probe_accuracy": "probe_acc",

@@ -2,7 +2,8 @@
 
 A plain class the driver turns into Ray actors (`tidal.trainer.group.TrainerGroup`), one per rank
 of the DeepSpeed world. One `step()` is one rollout batch: advantages, the proximal log-probs
-recomputed with the weights held before the update (and the reference's, with a KL penalty), then
+recomputed with the weights held before the update (the reference's, with a KL penalty, and the
+teacher's, with on-policy distillation, whose signal joins the advantages per token), then
 `algorithm.minibatches` optimizer steps. With one minibatch the update's own forward runs on those
 weights, so its detached log-probs are pi_old and the separate recompute is skipped
 (`algorithm.recompute_pi_old`).
@@ -43,8 +44,8 @@ from tidal.config import (
 )
 from tidal.model.batching import Micro, scatter_rows, split_parts
 from tidal.model.forward import batch_logprobs, logp_mismatch
-from tidal.model.loading import load_tokenizer
-from tidal.model.lora import apply_lora
+from tidal.model.loading import load_tokenizer, resolve_model_dir
+from tidal.model.lora import apply_lora, save_adapter
 from tidal.model.routing import (
     RoutingRecorder,
     biased_routers,
@@ -55,6 +56,7 @@ from tidal.model.routing import (
 )
 from tidal.runtime import RunError
 from tidal.telemetry.metrics import Metrics, PeakRSS, largest, mean, merge, total
+from tidal.trainer.distill import distill_advantages
 from tidal.trainer.engine import DeepSpeedTrainer
 from tidal.trainer.group import RankInfo
 from tidal.trainer.offpolicy import m2po_mask, offpolicy_stats
@@ -113,6 +115,7 @@ class TrainerActor:
             os.environ.update(rank.environ())
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
+        self.model_dir = model_dir
         self.buffer = buffer
         self.tokenizer = load_tokenizer(model_dir)
         steps = cfg.steps * cfg.algorithm.minibatches
@@ -125,6 +128,11 @@ class TrainerActor:
         self.ref = None
         if cfg.algorithm.loss.kl.coef > 0:
             self.ref = load_reference(model_dir, cfg.trainer, self.trainer.engine.device, attn)
+        # The distillation teacher: frozen, held and partitioned as the reference is.
+        self.teacher = None
+        if cfg.algorithm.distill is not None:
+            teacher_dir = resolve_model_dir(cfg.algorithm.distill.teacher_model())
+            self.teacher = load_reference(teacher_dir, cfg.trainer, self.trainer.engine.device, attn)
         self.replay = cfg.algorithm.routing_replay
         self.bias_rate = cfg.algorithm.loss.router_bias_update_rate
         if self.bias_rate > 0 and not biased_routers(self.trainer.module):
@@ -240,6 +248,8 @@ class TrainerActor:
             metrics.update(m2po_metrics)
         if self.ref is not None:
             batch.logp_ref = self._logprobs(self.ref, batch)
+        if self.teacher is not None:
+            metrics.update(self._distill(batch))
         t_recompute = time.perf_counter()
         loss = self.loss.for_step(replay=plan.replay, collect_pi_old=plan.reuse_pi_old)
         steps = self._update(batch, loss, metrics)
@@ -262,6 +272,20 @@ class TrainerActor:
                 "perf/train_time_s": total(t_end - t0),
             }
         )
+        return metrics
+
+    def _distill(self, batch: TrainBatch) -> Metrics:
+        """The teacher's log-probs of the batch's sampled tokens (in the micro-batches of the policy's
+        own recompute, each rank its share), and its signal added to `batch.advantages` per token
+        (`tidal.trainer.distill`), before the batch is split into minibatches."""
+        assert self.teacher is not None and self.cfg.algorithm.distill is not None
+        t0 = time.perf_counter()
+        d = self.cfg.algorithm.distill
+        logp_teacher = self._logprobs(self.teacher, batch)
+        batch.advantages, metrics = distill_advantages(
+            batch.advantages, logp_teacher, batch.logp_mu, batch.loss_mask, d.coef, d.reward_coef
+        )
+        metrics["perf/teacher_time_s"] = total(time.perf_counter() - t0)
         return metrics
 
     def _plan(self) -> StepPlan:
@@ -339,7 +363,7 @@ class TrainerActor:
         rank 0, (None, {}) on the others. Collective: every rank takes part in gathering the weights."""
         t0 = time.perf_counter()
         if self.trainer.rank != 0:
-            for _ in self.trainer.iter_export():
+            for _ in self._published(None):
                 pass
             self._last_end = time.perf_counter()
             return None, {}
@@ -352,6 +376,7 @@ class TrainerActor:
         metrics = {
             "perf/publish_time_s": total(self._last_end - t0),
             "async/published_version": largest(float(self.version)),
+            "perf/publish_mb": largest(handle.nbytes / 2**20),
         }
         if peak.growth is not None:
             metrics["perf/publish_peak_mem_mb"] = largest(peak.growth / 2**20)
@@ -368,7 +393,15 @@ class TrainerActor:
         bf16 rollout model gets bf16 weights, half the bytes to send; the cast rounds to nearest even
         exactly as the worker's own copy into its bf16 parameters would. Collective (see publish)."""
         dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else None
-        yield from buckets(self.trainer.iter_export(dtype), int(self.cfg.weight_sync.bucket_mb * 2**20))
+        yield from buckets(self._published(dtype), int(self.cfg.weight_sync.bucket_mb * 2**20))
+
+    def _published(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """What a publish sends, tensor by tensor: the adapters alone with `model.lora.publish:
+        adapters`, else the (merged) model. Collective."""
+        lora = self.cfg.model.lora
+        if lora is not None and lora.publish == "adapters":
+            return self.trainer.iter_adapters(dtype)
+        return self.trainer.iter_export(dtype)
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], int]:
         """(the state dict published to the workers, version) of the current policy, in-process."""
@@ -405,11 +438,23 @@ class TrainerActor:
         torch.set_rng_state(client["rng"])
         return self.version
 
-    def save(self, out_dir: str) -> str:
+    def save(self, out_dir: str, merged: bool = True) -> str:
         """The policy as a Hugging Face checkpoint in the model's dtype (`model.dtype`: what rollout
-        ran), sharded; the fp32 masters stay in the DeepSpeed checkpoints that resume a run."""
+        ran), sharded; the fp32 masters stay in the DeepSpeed checkpoints that resume a run. With
+        LoRA, the adapter in peft's format under `adapter/` too (fp32), and the merged model only when
+        `merged`. Collective."""
         dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else torch.float32
-        return str(self.trainer.save_hf(Path(out_dir), self.tokenizer, dtype))
+        out = Path(out_dir)
+        lora = self.cfg.model.lora
+        if lora is not None:
+            adapters = dict(self.trainer.iter_adapters())
+            if self.trainer.rank == 0:
+                save_adapter(out / "adapter", adapters, lora, self.model_dir)
+            if not merged:
+                if self.trainer.rank == 0:
+                    self.tokenizer.save_pretrained(out)
+                return str(out)
+        return str(self.trainer.save_hf(out, self.tokenizer, dtype))
 
 
 @dataclass(frozen=True)

@@ -355,6 +355,11 @@ class DeepSpeedTrainer:
             if name in persistent:
                 yield base_name(name), buf.detach().to("cpu", dtype or torch.float32, copy=True)
 
+    def iter_adapters(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """LoRA: (name, full tensor) of every adapter parameter, under the wrapped model's names, as
+        `iter_full_params` gives them (collective)."""
+        yield from self.iter_full_params(dtype, skip=lambda name: not is_adapter(name))
+
     def state_dict_for_export(self) -> dict[str, torch.Tensor]:
         """Full fp32 state dict (parameters and persistent buffers) on rank 0, `{}` elsewhere."""
         state = dict(self.iter_export())

@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer
 
 from tidal.model.forward import pad_tokens, positions
+from tidal.model.lora import is_adapter, is_lora
 from tidal.model.routing import RoutingRecorder
 from tidal.rollout.engines.base import Admit, row_limits
 from tidal.types import Completion, SamplingParams
@@ -52,7 +53,9 @@ class TransformersEngine:
         return next(self.model.parameters()).device
 
     def weight_names(self) -> set[str]:
-        return set(self.model.state_dict())
+        """What a published snapshot holds: the state dict, or a LoRA model's adapters alone."""
+        names = set(self.model.state_dict())
+        return {n for n in names if is_adapter(n)} if is_lora(self.model) else names
 
     def load_weights(self, weights: Weights, version: int) -> None:
         dtype = next(self.model.parameters()).dtype

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from tidal.config import ConfigError, VLLMConfig
+from tidal.config import ConfigError, LoRAConfig, VLLMConfig
+from tidal.model.lora import adapter_names, peft_config, peft_state_dict, targets
 from tidal.rollout.engines.base import Admit, row_limits
 from tidal.rollout.engines.vllm_ext import ERROR, PARTS_AHEAD, part_path, read_marker
 from tidal.types import Completion, SamplingParams, mix_seed
@@ -101,9 +102,11 @@ class VLLMEngine:
         dtype: str = "float32",
         version: int = 0,
         seed: int = 0,
+        lora: LoRAConfig | None = None,
         **llm_kwargs: Any,
     ) -> None:
-        """`llm_kwargs` go to `vllm.LLM` as they are, over tidal's choices."""
+        """`llm_kwargs` go to `vllm.LLM` as they are, over tidal's choices. With `lora` (publishing
+        adapters) the engine serves the base with the policy's LoRA adapter, GPU only (`_load_adapter`)."""
         require_vllm()
         # Read by vLLM when the engine starts: in-process keeps the model in this process (no engine
         # subprocess; state dicts are handed over without a copy).
@@ -127,6 +130,24 @@ class VLLMEngine:
             # offset"): any batch of seeded requests larger than one step's token budget crashed.
             # test_vllm_engine.py::test_cpu_chunked_prefill_breaks_seeded_requests watches the bug.
             kwargs = {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2**30), "enable_chunked_prefill": False}
+        self.lora = lora if lora is not None and lora.publish == "adapters" else None
+        self.lora_request: Any = None
+        """The adapter every request runs with, once one is loaded (before: the base, which is what
+        the trainer's adapters are at first, B = 0)."""
+        if self.lora is not None:
+            if not torch.cuda.is_available():
+                raise ValueError("vLLM's CPU backend has no LoRA for MoE models; publish merged weights instead")
+            modules, experts = targets(self.lora, self.shapes)
+            self.peft_config = peft_config(self.lora, modules, experts)
+            self.adapter_names = adapter_names(AutoConfig.from_pretrained(str(model_dir)), self.lora)
+            self.lora_dir = tempfile.mkdtemp(dir=shared_memory_dir(), prefix=f"{SHM_PREFIX}{os.getpid()}-lora-")
+            kwargs.update(
+                enable_lora=True,
+                max_loras=1,
+                max_lora_rank=vllm_lora_rank(self.lora.r),
+                # peft's layout of expert adapters (A: (r * E, in), B: (out, r * E)), as vLLM reads it
+                enable_mixed_moe_lora_format=bool(experts),
+            )
         kwargs.update(llm_kwargs)
         self.llm = LLM(
             model=str(model_dir),
@@ -209,7 +230,8 @@ class VLLMEngine:
             params = self._params(run.params, i, row.limit - len(row.tokens), resumed=row.resumes)
             # Tokens as they come when the call may pause (to resume from), else the whole completion once.
             params.output_kind = RequestOutputKind.DELTA if run.streaming else RequestOutputKind.FINAL_ONLY
-            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": row.prompt + row.tokens}, params)
+            prompt = {"prompt_token_ids": row.prompt + row.tokens}
+            self.llm.llm_engine.add_request(request_id, prompt, params, lora_request=self.lora_request)
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
         if any(len(p) == 0 for p in prompts):
@@ -281,8 +303,9 @@ class VLLMEngine:
         )
 
     def weight_names(self) -> set[str]:
-        """HF names of the weights a snapshot must carry (the transformers model's state dict)."""
-        return set(self.shapes)
+        """HF names of the weights a snapshot must carry (the transformers model's state dict), or
+        with LoRA the adapters' (peft's names in the wrapped model)."""
+        return set(self.adapter_names) if self.lora is not None else set(self.shapes)
 
     def load_weights(self, weights: Weights, version: int) -> None:
         """Load a snapshot of HF names in place (one state dict, or buckets of one), reset the prefix
@@ -299,7 +322,9 @@ class VLLMEngine:
             )
         resume = self._pause()  # requests in flight (partial rollouts) go on after the load
         try:
-            if self.cfg.in_process and self.cfg.tensor_parallel_size == 1:
+            if self.lora is not None:
+                self._load_adapter({k: v for b in buckets for k, v in b.items()})
+            elif self.cfg.in_process and self.cfg.tensor_parallel_size == 1:
                 self.llm.collective_rpc("tidal_load_weights", args=(buckets,))
             else:
                 self._load_through_files(buckets)
@@ -310,6 +335,28 @@ class VLLMEngine:
         self.version = version
         if resume:
             self._add(resume)
+
+    def _load_adapter(self, adapters: dict[str, torch.Tensor]) -> None:
+        """The adapters as a peft checkpoint in shared memory, loaded in place of the last version's
+        under one id: vLLM's `add_lora` with `load_inplace` replaces it; the requests carry the same
+        request without `load_inplace` (with it, every engine step would load it again)."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        save_file(
+            {k: v.contiguous() for k, v in peft_state_dict(adapters).items()},
+            str(Path(self.lora_dir) / "adapter_model.safetensors"),
+        )
+        self.peft_config.save_pretrained(self.lora_dir)
+        experts = bool(self.peft_config.target_parameters)
+        request = {
+            "lora_name": "tidal-policy",
+            "lora_int_id": 1,
+            "lora_path": self.lora_dir,
+            "is_3d_lora_weight": experts,
+        }
+        self.llm.llm_engine.add_lora(LoRARequest(**request, load_inplace=True))
+        self.lora_request = LoRARequest(**request)
 
     def _load_through_files(self, buckets: list[dict[str, torch.Tensor]]) -> None:
         """Out of process, tensors do not survive vLLM's RPC serialization (they arrive as lists): the
@@ -333,6 +380,18 @@ class VLLMEngine:
                 stop.set()
                 writer.join()
             self.shm_parts_peak = peak[0]
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The `max_lora_rank` values vLLM 0.32 accepts."""
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The least `max_lora_rank` vLLM accepts that holds rank `r`."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"model.lora.r={r} is above vLLM's largest LoRA rank, {VLLM_LORA_RANKS[-1]}")
 
 
 def write_parts(
