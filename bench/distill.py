@@ -16,7 +16,8 @@ quickstart's 300, the teacher's own recipe) and a held-out evaluation every `--e
 The teacher is scored on the same held-out problems (`tidal eval`, greedy, as in a run). For each run
 the table gives the held-out accuracy at the end, the best one, and the first step whose accuracy is
 within `--within` of the teacher's ("-" when none is). Results are appended to OUT/results.json
-after every run; rerunning the same command skips the runs already there.
+after every run; rerunning the same command skips the runs already there and resumes one that was
+stopped midway.
 
     .venv/bin/python bench/distill.py [--steps 150] [--rl-steps 300] [--seeds 1,2,3] [--cells distill,rl]
         [--eval-every 10] [--eval-size 1000] [--within 0.02] [--teacher-dir /tmp/teacher]
@@ -60,6 +61,7 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, checkpoint: Path) -
     from tidal.telemetry.rows import SUMMARY_KEY
 
     name = f"{cell}-s{seed}"
+    resume = (args.out / name / "checkpoints").is_dir()  # a run stopped midway (SIGTERM) goes on
     distill = [f"algorithm.distill.teacher={checkpoint}"] if cell.startswith("distill") else []
     cfg = load_config(
         CONFIG,
@@ -75,10 +77,13 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, checkpoint: Path) -
             f"name={name}",
             f"output_dir={args.out}",
             "monitor.wandb=disabled",
+            f"train.resume={str(resume).lower()}",
         ],
     )
     start = time.perf_counter()
     summary = run_train(cfg)
+    if "stopped_at_step" in summary:
+        raise SystemExit(f"{name} stopped at step {summary['stopped_at_step']}; rerun the command to go on")
     rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     kl = [r["distill/reverse_kl"] for r in rows if "distill/reverse_kl" in r and SUMMARY_KEY not in r]
     return {
