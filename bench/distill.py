@@ -8,7 +8,7 @@ configs/quickstart.yaml` with `seed=S`, `train.steps=--steps` (`--rl-steps` for 
 quickstart's 300, the teacher's own recipe) and a held-out evaluation every `--eval-every` steps on
 `--eval-size` problems, run one after the other on this machine:
 
-- `distill`: `algorithm.distill={teacher: <teacher>, coef: 1, reward_coef: 0}`, the teacher's
+- `distill`: `algorithm.distill={teacher: <teacher>, coef: --coef, reward_coef: 0}`, the teacher's
   per-token signal alone (the arithmetic reward still scores every sample, for the accuracy);
 - `distill+reward`: the same with `reward_coef: 1`, the teacher's signal added to GRPO's advantage;
 - `rl`: the quickstart as it is (GRPO on the reward).
@@ -20,7 +20,7 @@ after every run; rerunning the same command skips the runs already there and res
 stopped midway.
 
     .venv/bin/python bench/distill.py [--steps 150] [--rl-steps 300] [--seeds 1,2,3] [--cells distill,rl]
-        [--eval-every 10] [--eval-size 1000] [--within 0.02] [--teacher-dir /tmp/teacher]
+        [--eval-every 10] [--eval-size 1000] [--within 0.02] [--coef 1] [--teacher-dir /tmp/teacher]
         [--out runs/bench-distill] [key=value ...]
 """
 
@@ -34,8 +34,8 @@ from pathlib import Path
 
 CONFIG = "configs/quickstart.yaml"
 CELLS = {
-    "distill": ["algorithm.distill.coef=1.0", "algorithm.distill.reward_coef=0.0"],
-    "distill+reward": ["algorithm.distill.coef=1.0", "algorithm.distill.reward_coef=1.0"],
+    "distill": ["algorithm.distill.reward_coef=0.0"],
+    "distill+reward": ["algorithm.distill.reward_coef=1.0"],
     "rl": [],
 }
 
@@ -60,9 +60,10 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, checkpoint: Path) -
     from tidal.stages.train import run_train
     from tidal.telemetry.rows import SUMMARY_KEY
 
-    name = f"{cell}-s{seed}"
+    name = run_name(cell, seed, args.coef)
     resume = (args.out / name / "checkpoints").is_dir()  # a run stopped midway (SIGTERM) goes on
-    distill = [f"algorithm.distill.teacher={checkpoint}"] if cell.startswith("distill") else []
+    distill = [f"algorithm.distill.teacher={checkpoint}", f"algorithm.distill.coef={args.coef}"]
+    distill = distill if cell.startswith("distill") else []
     cfg = load_config(
         CONFIG,
         [
@@ -88,7 +89,7 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, checkpoint: Path) -
     kl = [r["distill/reverse_kl"] for r in rows if "distill/reverse_kl" in r and SUMMARY_KEY not in r]
     return {
         "run": name,
-        "cell": cell,
+        "cell": name.rsplit("-s", 1)[0],  # with its coefficient
         "seed": seed,
         "wall_s": time.perf_counter() - start,
         "loop_s": summary.get("perf/loop_s", 0.0),
@@ -97,6 +98,12 @@ def run_cell(args: argparse.Namespace, cell: str, seed: int, checkpoint: Path) -
         "evals": [[r["step"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r and SUMMARY_KEY not in r],
         "reverse_kl_first_last": [statistics.fmean(kl[:10]), statistics.fmean(kl[-10:])] if kl else None,
     }
+
+
+def run_name(cell: str, seed: int, coef: float) -> str:
+    """`distill-s1`, or `distill-c3-s1` for a coefficient other than 1 (RL's runs have none)."""
+    tag = f"-c{coef:g}" if cell.startswith("distill") and coef != 1.0 else ""
+    return f"{cell}{tag}-s{seed}"
 
 
 def first_within(evals: list[list[float]], target: float) -> int | None:
@@ -139,6 +146,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-size", type=int, default=1000)
     p.add_argument("--within", type=float, default=0.02)
+    p.add_argument("--coef", type=float, default=1.0, help="algorithm.distill.coef of the distill cells")
     p.add_argument("--teacher-dir", default="/tmp/teacher")
     p.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
     p.add_argument("overrides", nargs="*")
@@ -153,7 +161,7 @@ def main() -> None:
     done = {r["run"] for r in state["runs"]}
     for seed in (int(s) for s in args.seeds.split(",")):
         for cell in args.cells.split(","):
-            if f"{cell}-s{seed}" in done:
+            if run_name(cell, seed, args.coef) in done:
                 continue
             state["runs"].append(run_cell(args, cell, seed, Path(state["teacher"])))
             saved.write_text(json.dumps(state, indent=1))

@@ -72,6 +72,40 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def preset() -> Iterator[Path]:
+    """The tiny Qwen3-MoE preset (seed 0), for a module that does not define its own. In-process
+    rollout workers and trainer actors set torch to their one thread: the count is restored after."""
+    import torch
+
+    from tidal.model.loading import materialize_preset
+
+    threads = torch.get_num_threads()
+    yield materialize_preset("tiny-qwen3-moe", seed=0)
+    torch.set_num_threads(threads)
+
+
+def _example_run(tmp_path: Path, config: str, *overrides: str) -> tuple[list[dict], dict]:
+    """`tidal train config` from the repository root, as the README says, into tmp_path/runs: the
+    run's metric rows and summary (its exit status asserted 0)."""
+    import json
+
+    out = tmp_path / "runs"
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
+    cmd = [sys.executable, "-m", "tidal.cli", "train", config, f"output_dir={out}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [d for d in out.iterdir() if (d / "summary.json").is_file()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture
+def example_run(tmp_path: Path):
+    """`example_run(config, *overrides)`: `tidal train config` in a subprocess (see `_example_run`)."""
+    return lambda config, *overrides: _example_run(tmp_path, config, *overrides)
+
+
 def _check_ledger(summary: dict, rows: list[dict], batches: int, per_batch: int) -> None:
     """A run's ledger balances: every prompt sampled was dispatched once (a batch's prompts plus one
     per filtered group replaced), then generated or still in flight at the end; every generated

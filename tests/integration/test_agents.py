@@ -7,10 +7,9 @@ lists are recorded and counted, and the rollout goes on."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 
 from tidal.config import RunConfig, load_config
 from tidal.model.forward import completion_logprobs
-from tidal.model.loading import load_tokenizer, materialize_preset
+from tidal.model.loading import load_tokenizer
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.telemetry.metrics import values
 from tidal.types import Prompt, Sample
@@ -140,13 +139,6 @@ async def main(base_url, key, question):
 
 asyncio.run(main(*sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def preset() -> Iterator[Path]:
-    threads = torch.get_num_threads()
-    yield materialize_preset("tiny-qwen3-moe", seed=0)
-    torch.set_num_threads(threads)  # the worker sets one thread
 
 
 @pytest.fixture(scope="module")
@@ -297,21 +289,11 @@ def test_agent_config_errors_are_one_line(agents: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- runs
 
 
-def example_agent_run(tmp_path: Path, *overrides: str) -> tuple[list[dict], dict]:
-    """`tidal train examples/agent/config.yaml` from the repository root, as the README says."""
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
-    cmd = [sys.executable, "-m", "tidal.cli", "train", "examples/agent/config.yaml", f"output_dir={tmp_path / 'runs'}"]
-    proc = subprocess.run([*cmd, *overrides], cwd=REPO, capture_output=True, text=True, timeout=3000, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "runs/agent/metrics.jsonl").read_text().splitlines()]
-    return rows, json.loads((tmp_path / "runs/agent/summary.json").read_text())
-
-
-def test_the_example_agent_runs_through_ray_workers(tmp_path: Path) -> None:
+def test_the_example_agent_runs_through_ray_workers(example_run: Callable[..., tuple[list[dict], dict]]) -> None:
     """The example's YAML on the random-init preset, a few steps: the agents' episodes flow from the
     workers' endpoints through the buffer to the trainer (the learning is the slow test's)."""
-    rows, summary = example_agent_run(
-        tmp_path,
+    rows, summary = example_run(
+        "examples/agent/config.yaml",
         "model.sft_warm_start=null",
         "model.preset=tiny-qwen3-moe",
         "train.steps=2",
@@ -330,11 +312,11 @@ def test_the_example_agent_runs_through_ray_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_example_agent_learns_to_use_its_calculator(tmp_path: Path) -> None:
+def test_the_example_agent_learns_to_use_its_calculator(example_run: Callable[..., tuple[list[dict], dict]]) -> None:
     """The example as the README runs it (fewer steps; its SFT warm start is trained on first use):
     the reward of the agent's episodes rises, and held-out accuracy with it."""
     steps = 30
-    rows, summary = example_agent_run(tmp_path, f"train.steps={steps}", "monitor.wandb=disabled")
+    rows, summary = example_run("examples/agent/config.yaml", f"train.steps={steps}", "monitor.wandb=disabled")
     reward = [r["env/calc/reward"] for r in rows if "env/calc/reward" in r]
     assert len(reward) >= steps // 2
     first, last = sum(reward[:8]) / 8, sum(reward[-8:]) / 8

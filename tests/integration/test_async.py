@@ -291,6 +291,8 @@ def test_generation_swaps_weights_at_chunk_boundaries(cache: Path) -> None:
     assert calls  # called at the boundaries while rows were running
 
 
+# In the slow tier; per commit test_generation_swaps_weights_at_chunk_boundaries swaps weights mid-generation.
+@pytest.mark.slow
 def test_interruptible_run(cache: Path, tmp_path: Path, ledger_balances) -> None:
     out = run(
         tmp_path,

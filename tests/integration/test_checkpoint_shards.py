@@ -74,6 +74,8 @@ class NodeLocalTrainer(TrainerActor):
         return super().load_state(self._view(path))
 
 
+# In the slow tier; per commit tests/unit/test_checkpoint.py checks the same rule on one process's files.
+@pytest.mark.slow
 def test_a_rank_writing_where_the_driver_cannot_see_fails_the_save_in_one_line(tmp_path: Path) -> None:
     cfg = load_config(None, [*OVERRIDES, "name=local", f"output_dir={tmp_path}", "train.steps=2"])
     with pytest.raises(RunError) as err:

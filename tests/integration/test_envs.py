@@ -10,16 +10,14 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from tidal.config import RunConfig, load_config
 from tidal.model.forward import completion_logprobs
-from tidal.model.loading import load_tokenizer, materialize_preset
+from tidal.model.loading import load_tokenizer
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.telemetry.metrics import values
 from tidal.types import Prompt, Sample
@@ -70,13 +68,6 @@ class Hostile(MultiTurnEnv):
     def score(self, sample, row):
         return math.nan if int(row["kind"]) == 3 else sum(sample.step_rewards)
 '''
-
-
-@pytest.fixture(scope="module")
-def preset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    threads = torch.get_num_threads()
-    yield materialize_preset("tiny-qwen3-moe", seed=0)
-    torch.set_num_threads(threads)  # the worker sets one thread
 
 
 @pytest.fixture(scope="module")

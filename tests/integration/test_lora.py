@@ -182,6 +182,29 @@ def test_adapters_alone_reach_the_engine(
     receiver.close()
 
 
+def test_the_kl_reference_under_lora_is_the_base_with_adapters_off() -> None:
+    """With LoRA and the KL penalty on, the trainer holds no second copy of the model: the reference's
+    log-probs are its own frozen base's, adapters switched off (peft's `disable_adapter`), equal to a
+    freshly loaded base's, while the same module with its adapters on gives other log-probs."""
+    from tidal.config import load_config
+    from tidal.model.forward import batch_logprobs
+    from tidal.trainer.actor import TrainerActor, TrainerActorConfig
+
+    path = materialize_preset("tiny-qwen3-moe", seed=0)
+    threads = torch.get_num_threads()
+    cfg = load_config(None, ["model.lora={r: 4}", "algorithm.loss.kl.coef=0.01", "monitor.wandb=disabled"]).for_rl()
+    actor = TrainerActor(TrainerActorConfig.of(cfg), str(path))
+    torch.set_num_threads(threads)
+    assert actor.ref is None
+    policy = with_b(actor.trainer.module, 1)  # adapters that change the model
+    b = batch(0)
+    reference = actor._logprobs(policy, b, adapters_off=True)
+    base = batch_logprobs(load_model(path).eval(), b, temperature=cfg.rollout.temperature, micro_batch_size=4)
+    adapted = actor._logprobs(policy, b)
+    torch.testing.assert_close(reference, base, atol=1e-5, rtol=0)
+    assert (adapted - base).abs().max() > 1e-2
+
+
 # ------------------------------------------------------------------------------- resume, save, config
 
 

@@ -14,6 +14,7 @@ import torch
 
 from tidal.config import RunConfig, load_config
 from tidal.model.loading import load_model, materialize_preset
+from tidal.model.lora import is_adapter
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.telemetry.metrics import PeakRSS, values
 from tidal.trainer.actor import TrainerActor, TrainerActorConfig
@@ -113,6 +114,26 @@ def test_two_ranks_train_like_one(cluster: None, preset: Path, groups: list[Grou
         # The loss and gradient norm scale with the denominator (AdamW's update barely does).
         for key in ("train/loss", "train/grad_norm", "offpolicy/m2", "offpolicy/ess", "train/kl"):
             assert m[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+
+
+# In the slow tier; per commit test_lora.py trains LoRA at ZeRO-3 on one rank, and test_two_ranks_train_like_one
+# trains two.
+@pytest.mark.slow
+def test_two_ranks_train_lora_like_one(cluster: None, preset: Path, groups: list[Group]) -> None:
+    """LoRA on attention and the experts at ZeRO-3 (the frozen base partitioned, the adapters trained,
+    the KL reference the base with its adapters off): two ranks reach one rank's adapters."""
+    extra = ("trainer.zero_stage=3", "model.lora={r: 4}")
+    reference, ref_metrics = train(preset, groups, *extra)
+    state, metrics = train(preset, groups, "trainer.num_ranks=2", *extra)
+    assert state.keys() == reference.keys() and all(is_adapter(k) for k in state)
+    diff = max((state[k] - reference[k]).abs().max().item() for k in reference)
+    moved = max(t.abs().max().item() for k, t in reference.items() if ".lora_B." in k)  # lora_B starts at 0
+    print(f"LoRA at ZeRO-3, 2 ranks vs 1: largest adapter difference {diff:.2e} (lora_B moved {moved:.2e})")
+    assert diff < TOLERANCE and moved > 100 * TOLERANCE
+    for m, ref in zip(metrics, ref_metrics, strict=True):
+        for key in ("train/loss", "train/grad_norm", "train/kl"):
+            assert m[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    assert metrics[-1]["train/kl"] > 0  # the adapters moved the policy off its base
 
 
 def test_a_group_that_cannot_be_placed_fails_with_one_line(cluster: None, preset: Path) -> None:
@@ -229,6 +250,9 @@ def test_two_ranks_resume_from_a_checkpoint_exactly(
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+# In the slow tier; per commit test_routing.py replays routing on one rank, and test_two_ranks_train_like_one
+# trains two.
+@pytest.mark.slow
 def test_two_ranks_replay_routing_and_measure_it_like_one(cluster: None, preset: Path) -> None:
     """R3 at ZeRO-3: each rank replays its share's recorded routing; the routing-health metrics,
     summed over ranks, are the whole batch's."""

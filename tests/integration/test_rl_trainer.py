@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 import tidal.trainer.actor as actor_module
 from tidal.config import LossConfig, RunConfig, TISCorrection, TrainerConfig, load_config
 from tidal.model.forward import batch_logprobs, token_logprobs
-from tidal.model.loading import load_model, load_tokenizer, materialize_preset
+from tidal.model.loading import load_model, load_tokenizer
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.telemetry.metrics import values
 from tidal.trainer.actor import TrainerActor, TrainerActorConfig
@@ -40,13 +39,6 @@ OVERRIDES = [
     # exact_match at weight 0.5 beside arithmetic: a reward of 0.5 shows the weighted sum and sub-scores.
     "rewards.functions=[{name: arithmetic}, {name: exact_match, weight: 0.5}]",
 ]
-
-
-@pytest.fixture(scope="module")
-def preset(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    threads = torch.get_num_threads()
-    yield materialize_preset("tiny-qwen3-moe", seed=0)
-    torch.set_num_threads(threads)  # the worker and the actor set one thread
 
 
 def config(*extra: str) -> RunConfig:

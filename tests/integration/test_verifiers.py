@@ -6,11 +6,9 @@ episodes' reward, and every model call is recorded token for token as for any ag
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from tidal.config import ConfigError, RunConfig, load_config
 from tidal.envs.loading import resolve_envs
 from tidal.envs.verifiers_env import VerifiersAgent, runner_env
 from tidal.model.forward import completion_logprobs
-from tidal.model.loading import build_char_tokenizer, materialize_preset
+from tidal.model.loading import build_char_tokenizer
 from tidal.rollout.worker import RolloutWorker, WorkerConfig
 from tidal.stages.check import load_env_splits
 from tidal.telemetry.metrics import values
@@ -52,13 +50,6 @@ def load_environment(fail_in="rows"):
     rubric = vf.Rubric(funcs=[boom]) if fail_in == "rubric" else vf.Rubric()
     return vf.SingleTurnEnv(dataset=Dataset.from_list([{"question": "1+1=", "answer": "2"}]), rubric=rubric)
 """
-
-
-@pytest.fixture(scope="module")
-def preset() -> Iterator[Path]:
-    threads = torch.get_num_threads()
-    yield materialize_preset("tiny-qwen3-moe", seed=0)
-    torch.set_num_threads(threads)  # the worker sets one thread
 
 
 def config(envs: str, *extra: str) -> RunConfig:
@@ -152,23 +143,13 @@ def test_verifiers_config_errors_are_one_line(broken: Path, tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------- runs
 
 
-def example_run(tmp_path: Path, *overrides: str) -> tuple[list[dict], dict]:
-    """`tidal train examples/verifiers/config.yaml` from the repository root, as the README says."""
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
-    cmd = [sys.executable, "-m", "tidal.cli", "train", "examples/verifiers/config.yaml", f"output_dir={tmp_path}"]
-    proc = subprocess.run([*cmd, *overrides], cwd=REPO, capture_output=True, text=True, timeout=3000, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "verifiers/metrics.jsonl").read_text().splitlines()]
-    return rows, json.loads((tmp_path / "verifiers/summary.json").read_text())
-
-
 @pytest.mark.slow
-def test_the_example_runs_through_ray_workers(tmp_path: Path) -> None:
+def test_the_example_runs_through_ray_workers(example_run: Callable[..., tuple[list[dict], dict]]) -> None:
     """The example's YAML, a few steps on the random-init preset: the environment's rollouts flow
     from the workers' runners and endpoints through the buffer to the trainer. (Slow tier: the
     per-commit tier runs agents through Ray workers with examples/agent, and verifiers on a worker.)"""
     rows, summary = example_run(
-        tmp_path,
+        "examples/verifiers/config.yaml",
         "model.sft_warm_start=null",
         "model.preset=tiny-qwen3-moe",
         "train.steps=2",
@@ -188,10 +169,10 @@ def test_the_example_runs_through_ray_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_example_learns(tmp_path: Path) -> None:
+def test_the_example_learns(example_run: Callable[..., tuple[list[dict], dict]]) -> None:
     """The example as the README runs it: from the quickstart's warm start, the reward of the
     environment's rubric rises, and held-out accuracy with it."""
-    rows, summary = example_run(tmp_path, "monitor.wandb=disabled")
+    rows, summary = example_run("examples/verifiers/config.yaml", "monitor.wandb=disabled")
     reward = [r["env/arith/reward"] for r in rows if "env/arith/reward" in r]
     first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
     # Measured 2026-12-07: reward 0.314 -> 0.437 (first and last 10 steps), held-out 34.0% -> 45.5%.

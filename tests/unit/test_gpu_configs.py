@@ -147,7 +147,8 @@ def test_gpu_config_fits_by_the_plan_its_header_quotes(name: str, tmp_path: Path
 def test_gpu_config_with_lora_trains_a_fraction_and_fits(name: str, tmp_path: Path) -> None:
     """With `model.lora={r: 16}` (attention and experts) a config trains 1-2.5% of the policy: a rank
     keeps the base's weights, its gradients and its optimizer states (on the GPU or offloaded to the
-    host) shrink as much, and its peak stays under full fine-tuning's, within its GPU."""
+    host) shrink as much, its KL reference is the base it holds anyway, and its peak stays under full
+    fine-tuning's, within its GPU."""
     overrides = placeholders(tmp_path, name)
     full = plan_run(load_config(GPU_CONFIGS / name, overrides).for_rl())
     lora = plan_run(load_config(GPU_CONFIGS / name, [*overrides, "model.lora={r: 16}"]).for_rl())
@@ -157,6 +158,7 @@ def test_gpu_config_with_lora_trains_a_fraction_and_fits(name: str, tmp_path: Pa
     states = lambda plan: plan.trainer["optimizer states"] + plan.host.get("trainer optimizer states (offloaded)", 0)  # noqa: E731
     assert states(lora) < states(full) / 40
     assert lora.trainer_total < full.trainer_total and lora.trainer_total + CUDA_OVERHEAD <= LAYOUTS[name]["gpu"]
+    assert "KL reference" not in lora.trainer  # the frozen base is the reference, adapters off
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))

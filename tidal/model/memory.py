@@ -328,7 +328,7 @@ def _trainer_parts(
     if t.packing and cfg.model.attn_implementation != "flash_attention_2":
         # sdpa and eager keep a packed micro-batch's rows apart with a (tokens x tokens) boolean mask.
         trainer["packed attention mask"] = tokens * tokens
-    if cfg.algorithm.loss.kl.coef > 0:
+    if cfg.algorithm.loss.kl.coef > 0 and adapters is None:  # under LoRA the reference is the frozen base
         trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
     return trainer
 

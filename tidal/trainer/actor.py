@@ -124,9 +124,10 @@ class TrainerActor:
         if cfg.model.lora is not None:
             model = apply_lora(model, cfg.model.lora)
         self.trainer = DeepSpeedTrainer(model, cfg.trainer, total_steps=steps)
-        # The reference is the frozen initial policy; loaded only when the KL penalty is on.
+        # The reference is the frozen initial policy, loaded only when the KL penalty is on; under LoRA
+        # it is the policy's own frozen base with the adapters switched off (no second copy).
         self.ref = None
-        if cfg.algorithm.loss.kl.coef > 0:
+        if cfg.algorithm.loss.kl.coef > 0 and cfg.model.lora is None:
             self.ref = load_reference(model_dir, cfg.trainer, self.trainer.engine.device, attn)
         # The distillation teacher: frozen, held and partitioned as the reference is.
         self.teacher = None
@@ -190,12 +191,19 @@ class TrainerActor:
         return groups
 
     def _logprobs(
-        self, model: torch.nn.Module, batch: TrainBatch, replay: bool = False, plan: list[Micro] | None = None
+        self,
+        model: torch.nn.Module,
+        batch: TrainBatch,
+        replay: bool = False,
+        plan: list[Micro] | None = None,
+        adapters_off: bool = False,
     ) -> torch.Tensor:
         """(B, T) log-probs of the whole batch: each rank computes its share of the rows (in the
         micro-batches `plan` of its share, by default `DeepSpeedTrainer.plan`'s), then all gather;
-        with `replay`, routed as generation routed (R3)."""
+        with `replay`, routed as generation routed (R3); with `adapters_off`, by LoRA's frozen base."""
         around = partial(replay_recorded, model) if replay else None
+        if adapters_off:
+            around = lambda _micro: model.disable_adapter()  # noqa: E731 (peft's context manager)
         shard = self.trainer.shard(batch)
         plan = plan if plan is not None else self.trainer.plan(shard)  # every rank as many forwards (ZeRO-3)
         size, temperature = self.cfg.trainer.micro_batch_size, self.cfg.rollout.temperature
@@ -248,6 +256,8 @@ class TrainerActor:
             metrics.update(m2po_metrics)
         if self.ref is not None:
             batch.logp_ref = self._logprobs(self.ref, batch)
+        elif self.cfg.algorithm.loss.kl.coef > 0:  # LoRA: the base, adapters off
+            batch.logp_ref = self._logprobs(self.trainer.module, batch, adapters_off=True)
         if self.teacher is not None:
             metrics.update(self._distill(batch))
         t_recompute = time.perf_counter()

@@ -91,6 +91,18 @@ def require_vllm() -> None:
         )
 
 
+def _device_kwargs(cfg: VLLMConfig) -> dict[str, Any]:
+    """`vllm.LLM`'s memory arguments on a GPU, or on vLLM's CPU backend."""
+    if torch.cuda.is_available():
+        return {"gpu_memory_utilization": cfg.gpu_memory_utilization}
+    # Chunked prefill off on CPU: vLLM 0.32 rewinds a seeded request's generator after a partial
+    # prefill (`gen.set_offset`, `_bookkeeping_sync` in vllm/v1/worker/gpu_model_runner.py), which CPU
+    # generators do not support ("CPU Generator does not use offset"): any batch of seeded requests
+    # larger than one step's token budget crashed.
+    # test_vllm_engine.py::test_cpu_chunked_prefill_breaks_seeded_requests watches the bug.
+    return {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2**30), "enable_chunked_prefill": False}
+
+
 class VLLMEngine:
     """Generates completions for batches of tokenized prompts with vLLM; loads new weights in place."""
 
@@ -121,33 +133,13 @@ class VLLMEngine:
         """The most snapshot parts in shared memory at once during the last load through files."""
         if not (cfg.in_process and cfg.tensor_parallel_size == 1):  # updates go through files
             remove_stale_snapshot_files(shared_memory_dir())  # a restarted worker's predecessor's
-        if torch.cuda.is_available():
-            kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
-        else:
-            # Chunked prefill off on CPU: vLLM 0.32 rewinds a seeded request's generator after a
-            # partial prefill (`gen.set_offset`, `_bookkeeping_sync` in vllm/v1/worker/
-            # gpu_model_runner.py), which CPU generators do not support ("CPU Generator does not use
-            # offset"): any batch of seeded requests larger than one step's token budget crashed.
-            # test_vllm_engine.py::test_cpu_chunked_prefill_breaks_seeded_requests watches the bug.
-            kwargs = {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2**30), "enable_chunked_prefill": False}
         self.lora = lora if lora is not None and lora.publish == "adapters" else None
         self.lora_request: Any = None
         """The adapter every request runs with, once one is loaded (before: the base, which is what
         the trainer's adapters are at first, B = 0)."""
+        kwargs = _device_kwargs(cfg)
         if self.lora is not None:
-            if not torch.cuda.is_available():
-                raise ValueError("vLLM's CPU backend has no LoRA for MoE models; publish merged weights instead")
-            modules, experts = targets(self.lora, self.shapes)
-            self.peft_config = peft_config(self.lora, modules, experts)
-            self.adapter_names = adapter_names(AutoConfig.from_pretrained(str(model_dir)), self.lora)
-            self.lora_dir = tempfile.mkdtemp(dir=shared_memory_dir(), prefix=f"{SHM_PREFIX}{os.getpid()}-lora-")
-            kwargs.update(
-                enable_lora=True,
-                max_loras=1,
-                max_lora_rank=vllm_lora_rank(self.lora.r),
-                # peft's layout of expert adapters (A: (r * E, in), B: (out, r * E)), as vLLM reads it
-                enable_mixed_moe_lora_format=bool(experts),
-            )
+            kwargs.update(self._lora_kwargs(model_dir, self.lora))
         kwargs.update(llm_kwargs)
         self.llm = LLM(
             model=str(model_dir),
@@ -166,6 +158,23 @@ class VLLMEngine:
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self._running: _Running | None = None
         self._request_ids = itertools.count()
+
+    def _lora_kwargs(self, model_dir: str | Path, lora: LoRAConfig) -> dict[str, Any]:
+        """`vllm.LLM`'s arguments for serving the base with the policy's adapter (GPU only), and what
+        `_load_adapter` needs to write each version's adapter in peft's format."""
+        if not torch.cuda.is_available():
+            raise ValueError("vLLM's CPU backend has no LoRA for MoE models; publish merged weights instead")
+        modules, experts = targets(lora, self.shapes)
+        self.peft_config = peft_config(lora, modules, experts)
+        self.adapter_names = adapter_names(AutoConfig.from_pretrained(str(model_dir)), lora)
+        self.lora_dir = tempfile.mkdtemp(dir=shared_memory_dir(), prefix=f"{SHM_PREFIX}{os.getpid()}-lora-")
+        return {
+            "enable_lora": True,
+            "max_loras": 1,
+            "max_lora_rank": vllm_lora_rank(lora.r),
+            # peft's layout of expert adapters (A: (r * E, in), B: (out, r * E)), as vLLM reads it
+            "enable_mixed_moe_lora_format": bool(experts),
+        }
 
     def generate(
         self,
