@@ -15,7 +15,8 @@ quickstart's 300, the teacher's own recipe) and a held-out evaluation every `--e
 
 The teacher is scored on the same held-out problems (`tidal eval`, greedy, as in a run). For each run
 the table gives the held-out accuracy at the end, the best one, and the first step whose accuracy is
-within `--within` of the teacher's ("-" when none is). Results are appended to OUT/results.json
+within `--within` of the teacher's ("-" when none is); OUT/distill_curves.png draws the held-out
+accuracy against the step. Results are appended to OUT/results.json
 after every run; rerunning the same command skips the runs already there and resumes one that was
 stopped midway.
 
@@ -137,6 +138,34 @@ def table(results: list[dict], teacher_acc: float, within: float) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], teacher_acc: float, within: float, path: Path) -> None:
+    """Held-out accuracy against the step, each cell's mean over its seeds (their range shaded),
+    with the teacher's accuracy and the target below it."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for cell in dict.fromkeys(r["cell"] for r in results):
+        runs = [np.array(r["evals"]).T for r in results if r["cell"] == cell]
+        # An evaluation is logged at the step it lands, which differs between runs: each run's curve
+        # is interpolated onto one grid of steps.
+        grid = np.arange(0, min(int(steps[-1]) for steps, _ in runs) + 1, 5)
+        accs = np.stack([np.interp(grid, steps, acc) for steps, acc in runs])
+        ax.plot(grid, accs.mean(0), label=f"{cell} ({len(runs)} seeds)")
+        ax.fill_between(grid, accs.min(0), accs.max(0), alpha=0.2)
+    ax.axhline(teacher_acc, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher_acc:.1%}")
+    ax.axhline(teacher_acc - within, color="grey", linestyle=":", linewidth=1, label=f"teacher - {within:.0%}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
@@ -166,6 +195,8 @@ def main() -> None:
             state["runs"].append(run_cell(args, cell, seed, Path(state["teacher"])))
             saved.write_text(json.dumps(state, indent=1))
     print(table(state["runs"], state["teacher_accuracy"], args.within))
+    plot(state["runs"], state["teacher_accuracy"], args.within, args.out / "distill_curves.png")
+    print(f"plot: {args.out / 'distill_curves.png'}")
 
 
 if __name__ == "__main__":
