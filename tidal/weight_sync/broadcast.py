@@ -147,6 +147,10 @@ def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str, abandon
         if flat.is_cuda:  # NCCL's wait only orders the current stream; the caller needs the bytes
             torch.cuda.current_stream(flat.device).synchronize()
     except RuntimeError as e:
+        # Abandoning aborts the group, which can complete the work with an error before the loop
+        # sees the flag; either way the collective ended because the group was given up.
+        if abandoned.is_set():
+            raise SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed") from e
         raise RuntimeError(
             f"broadcast weight sync: {what} did not complete within timeout_s={timeout_s:g} "
             f"(every worker must receive every published version): {e}"
