@@ -27,12 +27,18 @@ from tidal.config import EXPERT_PARAMETERS, ConfigError, LoRAConfig
 _WRAPPER = re.compile(r"\.base_layer(?=\.)")
 
 
+def matches(name: str, target: str) -> bool:
+    """Whether module or parameter `name` is `target` by peft's rule: the name itself, or ending with
+    "." and the target."""
+    return name == target or name.endswith("." + target)
+
+
 def targets(cfg: LoRAConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) of `cfg` that a model with these weights (name: shape)
     has; one with none at all, or without the experts `cfg.experts` asks for, is an error naming
     what the model has."""
     linear = [n.removesuffix(".weight") for n, shape in shapes.items() if n.endswith(".weight") and len(shape) == 2]
-    modules = [t for t in cfg.target_modules if any(n == t or n.endswith("." + t) for n in linear)]
+    modules = [t for t in cfg.target_modules if any(matches(n, t) for n in linear)]
     experts = [t for t in EXPERT_PARAMETERS if cfg.experts and any(n.endswith("." + t) for n in shapes)]
     if cfg.experts and not experts:
         raise ConfigError(
@@ -122,12 +128,17 @@ def delta(layer: Any) -> torch.Tensor:
 def save_adapter(out: Path, adapters: dict[str, torch.Tensor], cfg: LoRAConfig, base: str) -> None:
     """The adapters as peft saves them (`adapter_model.safetensors`, `adapter_config.json` naming
     `base`), so `PeftModel.from_pretrained(base_model, out)` loads them."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in peft_state_dict(adapters).items()}, str(out / "adapter_model.safetensors"))
     modules = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapters if ".experts." not in n})
     experts = [t for t in EXPERT_PARAMETERS if any(".experts." in n for n in adapters)]
     config = peft_config(cfg, modules, experts)
     config.base_model_name_or_path = base
+    write_adapter(out, adapters, config)
+
+
+def write_adapter(out: Path, adapters: dict[str, torch.Tensor], config: Any) -> None:
+    """`adapter_model.safetensors` (peft's names) and `adapter_config.json` (peft's `config`) in `out`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in peft_state_dict(adapters).items()}, str(out / "adapter_model.safetensors"))
     config.save_pretrained(str(out))

@@ -34,7 +34,7 @@ from torch import nn
 
 from tidal.config import EXPERT_PARAMETERS, LoRAConfig, RunConfig
 from tidal.model.forward import CHUNK_BYTES
-from tidal.model.lora import targets
+from tidal.model.lora import matches, targets
 
 GB = 2**30
 
@@ -159,9 +159,8 @@ class Adapters:
         shapes = {f"{n}.weight": (o, i) for n, i, o in arch.linears}
         shapes |= {n: (e, o, i) for n, e, o, i in arch.expert_weights}
         modules, expert_targets = targets(lora, shapes)  # the choice apply_lora makes, and its errors
-        hits = lambda name, target: name == target or name.endswith("." + target)  # noqa: E731
-        linears = [(i, o) for n, i, o in arch.linears if any(hits(n, t) for t in modules)]
-        experts = [w for w in arch.expert_weights if any(hits(w[0], t) for t in expert_targets)]
+        linears = [(i, o) for n, i, o in arch.linears if any(matches(n, t) for t in modules)]
+        experts = [w for w in arch.expert_weights if any(matches(w[0], t) for t in expert_targets)]
         per_layer = Counter[str]()
         for name, e, o, i in experts:
             per_layer[name.rsplit(".", 1)[0]] += e * o * i  # the experts module holds its layer's weights
@@ -268,16 +267,21 @@ def plan_memory(
     host: dict[str, int] = {}
     adapters = Adapters.of(arch, cfg.model.lora) if cfg.model.lora is not None else None
     trainer = _trainer_parts(cfg, arch, tokens, host, adapters)
-    if teacher is not None:  # frozen, held as the KL reference is: the training dtype, split at ZeRO-3
-        trainer["distillation teacher"] = (
-            teacher.params * DTYPE_BYTES[t.precision] // (t.num_ranks if t.zero_stage == 3 else 1)
-        )
+    if teacher is not None:
+        trainer["distillation teacher"] = weight_share(cfg, teacher.params)
     engine, workers_per_node = _engine_parts(cfg, arch, width, host)
     plan = Plan(arch, trainer, engine, host, tokens, adapters)
     if not _on_gpu(cfg):  # on CPU the trainer and the engines live in host memory too
         host["trainer ranks"] = plan.trainer_total * _ranks_per_node(cfg)
         host["rollout engines"] = plan.engine_total * workers_per_node
     return plan
+
+
+def weight_share(cfg: RunConfig, params: int) -> int:
+    """A rank's bytes of `params` weights held as the policy's are: in the training dtype, split over
+    the ranks at ZeRO-3 (the policy, LoRA's adapters, the KL reference, a distillation teacher)."""
+    t = cfg.trainer
+    return params * DTYPE_BYTES[t.precision] // (t.num_ranks if t.zero_stage == 3 else 1)
 
 
 def training_states(cfg: RunConfig, trainable: int) -> dict[str, int]:
@@ -306,9 +310,9 @@ def _trainer_parts(
     weight_bytes = DTYPE_BYTES[t.precision]
     trainable = adapters.params if adapters is not None else p
     # The model's weights (LoRA's frozen base too, in the same dtype) are split at stage 3.
-    weights = {"weights": p * weight_bytes // (n if stage == 3 else 1)}
+    weights = {"weights": weight_share(cfg, p)}
     if adapters is not None:
-        weights["LoRA adapters"] = adapters.params * weight_bytes // (n if stage == 3 else 1)
+        weights["LoRA adapters"] = weight_share(cfg, adapters.params)
     states = training_states(cfg, trainable)
     ranks_per_node = _ranks_per_node(cfg)
     if t.offload_optimizer:
@@ -329,7 +333,7 @@ def _trainer_parts(
         # sdpa and eager keep a packed micro-batch's rows apart with a (tokens x tokens) boolean mask.
         trainer["packed attention mask"] = tokens * tokens
     if cfg.algorithm.loss.kl.coef > 0 and adapters is None:  # under LoRA the reference is the frozen base
-        trainer["KL reference"] = p * weight_bytes // (n if stage == 3 else 1)
+        trainer["KL reference"] = weight_share(cfg, p)
     return trainer
 
 

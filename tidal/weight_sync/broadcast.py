@@ -124,6 +124,10 @@ class SyncAbandoned(Exception):
     """A broadcast given up because its group is being re-formed (a member died)."""
 
 
+def _abandoned_error(what: str) -> SyncAbandoned:
+    return SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed")
+
+
 def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str, abandoned: threading.Event) -> None:
     """Broadcast `flat` from rank 0, bit for bit: sent as bytes, so any dtype goes through.
 
@@ -134,12 +138,12 @@ def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str, abandon
     opts.rootRank = 0
     deadline = time.monotonic() + timeout_s
     if abandoned.is_set():
-        raise SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed")
+        raise _abandoned_error(what)
     try:
         work = pg.broadcast([flat.view(torch.uint8)], opts)
         while not work.is_completed():
             if abandoned.is_set():
-                raise SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed")
+                raise _abandoned_error(what)
             if time.monotonic() > deadline:
                 raise RuntimeError("timed out")
             time.sleep(0.001)
@@ -150,7 +154,7 @@ def _broadcast(pg: Any, flat: torch.Tensor, timeout_s: float, what: str, abandon
         # Abandoning aborts the group, which can complete the work with an error before the loop
         # sees the flag; either way the collective ended because the group was given up.
         if abandoned.is_set():
-            raise SyncAbandoned(f"broadcast weight sync: {what} abandoned, the group is being re-formed") from e
+            raise _abandoned_error(what) from e
         raise RuntimeError(
             f"broadcast weight sync: {what} did not complete within timeout_s={timeout_s:g} "
             f"(every worker must receive every published version): {e}"

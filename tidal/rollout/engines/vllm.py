@@ -27,7 +27,7 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from tidal.config import ConfigError, LoRAConfig, VLLMConfig
-from tidal.model.lora import adapter_names, peft_config, peft_state_dict, targets
+from tidal.model.lora import adapter_names, peft_config, targets, write_adapter
 from tidal.rollout.engines.base import Admit, row_limits
 from tidal.rollout.engines.vllm_ext import ERROR, PARTS_AHEAD, part_path, read_marker
 from tidal.types import Completion, SamplingParams, mix_seed
@@ -349,14 +349,9 @@ class VLLMEngine:
         """The adapters as a peft checkpoint in shared memory, loaded in place of the last version's
         under one id: vLLM's `add_lora` with `load_inplace` replaces it; the requests carry the same
         request without `load_inplace` (with it, every engine step would load it again)."""
-        from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        save_file(
-            {k: v.contiguous() for k, v in peft_state_dict(adapters).items()},
-            str(Path(self.lora_dir) / "adapter_model.safetensors"),
-        )
-        self.peft_config.save_pretrained(self.lora_dir)
+        write_adapter(Path(self.lora_dir), adapters, self.peft_config)
         experts = bool(self.peft_config.target_parameters)
         request = {
             "lora_name": "tidal-policy",
